@@ -1,0 +1,34 @@
+# Code generation tools are fetched through the Go module proxy at pinned
+# versions and installed into ./bin; nothing else is downloaded.
+BUF_VERSION              := v1.75.0
+PROTOC_GEN_GO_VERSION    := v1.36.12
+PROTOC_GEN_GO_GRPC_VERSION := v1.6.0
+GRPC_GATEWAY_VERSION     := v2.33.0
+
+BIN := $(CURDIR)/bin
+
+.PHONY: generate lint tools test build check-generated
+
+build:
+	go build -o $(BIN)/posthaste ./cmd/posthaste
+
+tools:
+	GOBIN=$(BIN) go install github.com/bufbuild/buf/cmd/buf@$(BUF_VERSION)
+	GOBIN=$(BIN) go install google.golang.org/protobuf/cmd/protoc-gen-go@$(PROTOC_GEN_GO_VERSION)
+	GOBIN=$(BIN) go install google.golang.org/grpc/cmd/protoc-gen-go-grpc@$(PROTOC_GEN_GO_GRPC_VERSION)
+	GOBIN=$(BIN) go install github.com/grpc-ecosystem/grpc-gateway/v2/protoc-gen-grpc-gateway@$(GRPC_GATEWAY_VERSION)
+	GOBIN=$(BIN) go install github.com/grpc-ecosystem/grpc-gateway/v2/protoc-gen-openapiv2@$(GRPC_GATEWAY_VERSION)
+
+generate: tools
+	$(BIN)/buf generate
+
+lint: tools
+	$(BIN)/buf lint
+
+# Fails when the committed generated code differs from a fresh generation.
+check-generated: generate
+	git diff --exit-code -- proto
+	test -z "$$(git status --porcelain -- proto)"
+
+test:
+	go test -race -count=1 ./...
