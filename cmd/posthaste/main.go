@@ -1,0 +1,74 @@
+// Command posthaste runs the Posthaste transactional email service and its
+// administration commands.
+//
+//	posthaste serve [flags]          run the REST + gRPC API and the delivery workers
+//	posthaste migrate [flags]        apply database migrations and exit
+//	posthaste keys create --name N   create an API key (shown once)
+//	posthaste keys list              list API keys
+//	posthaste keys revoke ID         revoke an API key
+//
+// Every flag can also be set through an environment variable: --database-url
+// is POSTHASTE_DATABASE_URL, --http-addr is POSTHASTE_HTTP_ADDR, and so on.
+// A flag given on the command line wins over the environment.
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"os"
+	"os/signal"
+	"syscall"
+)
+
+func main() {
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	err := run(ctx, os.Args[1:], os.Stdout, os.Stderr)
+	stop()
+	if err != nil {
+		if !errors.Is(err, flag.ErrHelp) {
+			fmt.Fprintln(os.Stderr, "posthaste:", err)
+		}
+		os.Exit(1)
+	}
+}
+
+const usage = `Usage: posthaste <command> [flags]
+
+Commands:
+  serve     run the REST and gRPC API and the delivery workers
+  migrate   apply database migrations and exit
+  keys      create, list and revoke API keys
+  version   print the version
+
+Run "posthaste <command> -h" for the flags of a command.
+`
+
+// version is set at build time with -ldflags "-X main.version=...".
+var version = "dev"
+
+func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
+	if len(args) == 0 {
+		fmt.Fprint(stderr, usage)
+		return errors.New("no command given")
+	}
+	switch args[0] {
+	case "serve":
+		return runServe(ctx, args[1:], stdout, stderr)
+	case "migrate":
+		return runMigrate(ctx, args[1:], stdout, stderr)
+	case "keys":
+		return runKeys(ctx, args[1:], stdout, stderr)
+	case "version", "--version", "-version":
+		fmt.Fprintln(stdout, "posthaste", version)
+		return nil
+	case "help", "-h", "--help":
+		fmt.Fprint(stdout, usage)
+		return nil
+	default:
+		fmt.Fprint(stderr, usage)
+		return fmt.Errorf("unknown command %q", args[0])
+	}
+}

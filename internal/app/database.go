@@ -1,0 +1,104 @@
+package app
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"os"
+	"os/user"
+	"path/filepath"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+
+	"github.com/posthaste/posthaste/internal/pgserver"
+)
+
+// embeddedURLFile is written next to the embedded cluster while serve runs, so
+// that `posthaste keys` and `posthaste migrate` reach the running server
+// instead of trying to start a second one on the same data directory.
+const embeddedURLFile = "embedded-database.url"
+
+// DefaultDataDir is where the embedded database lives when --data-dir is not
+// given: /var/lib/posthaste for root (a directory other system users can
+// traverse, which the unprivileged database user needs), else the user's data
+// directory.
+func DefaultDataDir() string {
+	if os.Geteuid() == 0 {
+		return "/var/lib/posthaste"
+	}
+	if dir := os.Getenv("XDG_DATA_HOME"); dir != "" {
+		return filepath.Join(dir, "posthaste")
+	}
+	if u, err := user.Current(); err == nil && u.HomeDir != "" {
+		return filepath.Join(u.HomeDir, ".local", "share", "posthaste")
+	}
+	return "posthaste-data"
+}
+
+// Database is the PostgreSQL the process uses: a configured one, or an
+// embedded one that it started and must stop.
+type Database struct {
+	URL      string
+	embedded *pgserver.Server
+	urlFile  string
+}
+
+// OpenDatabase returns url when it is set. Otherwise it reuses an embedded
+// server another posthaste process runs on dataDir, or starts one.
+func OpenDatabase(ctx context.Context, url, dataDir string, logger *slog.Logger) (*Database, error) {
+	if url != "" {
+		return &Database{URL: url}, nil
+	}
+	if dataDir == "" {
+		dataDir = DefaultDataDir()
+	}
+	urlFile := filepath.Join(dataDir, embeddedURLFile)
+	if b, err := os.ReadFile(urlFile); err == nil && reachable(ctx, string(b)) {
+		return &Database{URL: string(b)}, nil
+	}
+	if err := os.MkdirAll(dataDir, 0o755); err != nil {
+		return nil, fmt.Errorf("create data directory %s: %w", dataDir, err)
+	}
+	logger.Info("no database configured: starting the embedded PostgreSQL", "data_dir", dataDir)
+	srv, err := pgserver.Start(ctx, pgserver.Config{
+		DataDir: filepath.Join(dataDir, "postgres"),
+		Logger:  logger,
+	})
+	if err != nil {
+		return nil, fmt.Errorf("start embedded database: %w", err)
+	}
+	if err := os.WriteFile(urlFile, []byte(srv.URL()), 0o600); err != nil {
+		stopCtx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 30*time.Second)
+		defer cancel()
+		return nil, errors.Join(fmt.Errorf("write %s: %w", urlFile, err), srv.Stop(stopCtx))
+	}
+	return &Database{URL: srv.URL(), embedded: srv, urlFile: urlFile}, nil
+}
+
+// Embedded reports whether this process started the database.
+func (d *Database) Embedded() bool { return d.embedded != nil }
+
+// Close stops the embedded server if this process started it.
+func (d *Database) Close(ctx context.Context) error {
+	if d.embedded == nil {
+		return nil
+	}
+	_ = os.Remove(d.urlFile)
+	if err := d.embedded.Stop(ctx); err != nil {
+		return fmt.Errorf("stop embedded database: %w", err)
+	}
+	return nil
+}
+
+func reachable(ctx context.Context, url string) bool {
+	ctx, cancel := context.WithTimeout(ctx, 2*time.Second)
+	defer cancel()
+	conn, err := pgx.Connect(ctx, url)
+	if err != nil {
+		return false
+	}
+	_ = conn.Close(ctx)
+	return true
+}

@@ -1,0 +1,313 @@
+package app_test
+
+import (
+	"bytes"
+	"context"
+	"encoding/base64"
+	"encoding/json"
+	"io"
+	"mime"
+	"net/http"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/emersion/go-message/mail"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials/insecure"
+	"google.golang.org/grpc/metadata"
+
+	"github.com/posthaste/posthaste/delivery"
+	"github.com/posthaste/posthaste/internal/app"
+	"github.com/posthaste/posthaste/internal/testenv"
+	posthastev1 "github.com/posthaste/posthaste/proto/posthaste/v1"
+)
+
+const testKey = "ph_test_key_0123456789abcdef"
+
+// bundle is one running Posthaste wired to a loopback DNS server that names
+// a go-smtp server as the MX of example.test.
+type bundle struct {
+	app  *app.App
+	smtp *testenv.SMTPServer
+	dns  *testenv.DNSServer
+	base string
+}
+
+func setup(t *testing.T, opts ...testenv.SMTPOption) *bundle {
+	t.Helper()
+	dns := testenv.StartDNS(t)
+	smtpSrv := testenv.StartSMTP(t, opts...)
+	dns.AddMX("example.test", "mx.example.test", 10)
+	dns.AddA("mx.example.test", "127.0.0.1")
+
+	cfg := app.Config{
+		HTTPAddr:        "127.0.0.1:0",
+		GRPCAddr:        "127.0.0.1:0",
+		DatabaseURL:     testenv.Database(t),
+		BootstrapAPIKey: testKey,
+		Delivery: delivery.Config{
+			DNSServer:    dns.Addr,
+			PollInterval: 100 * time.Millisecond,
+		},
+	}
+	cfg.Delivery.SMTP.Port = smtpSrv.Port
+	cfg.Delivery.SMTP.Hostname = "posthaste.test"
+	cfg.Delivery.Retry.InitialInterval = 200 * time.Millisecond
+	cfg.Delivery.Retry.MaxInterval = time.Second
+	a, err := app.New(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	if err := a.Start(ctx); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+		defer cancel()
+		if err := a.Stop(ctx); err != nil {
+			t.Errorf("stop: %v", err)
+		}
+	})
+	return &bundle{app: a, smtp: smtpSrv, dns: dns, base: "http://" + a.HTTPAddr()}
+}
+
+func (b *bundle) do(t *testing.T, method, path string, body any) (int, map[string]any) {
+	t.Helper()
+	var rd io.Reader
+	if body != nil {
+		buf, err := json.Marshal(body)
+		if err != nil {
+			t.Fatal(err)
+		}
+		rd = bytes.NewReader(buf)
+	}
+	req, err := http.NewRequest(method, b.base+path, rd)
+	if err != nil {
+		t.Fatal(err)
+	}
+	req.Header.Set("Authorization", "Bearer "+testKey)
+	req.Header.Set("Content-Type", "application/json")
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	var out map[string]any
+	raw, _ := io.ReadAll(resp.Body)
+	if len(raw) > 0 {
+		if err := json.Unmarshal(raw, &out); err != nil {
+			t.Fatalf("%s %s: status %d, body not JSON: %s", method, path, resp.StatusCode, raw)
+		}
+	}
+	return resp.StatusCode, out
+}
+
+// waitStatus polls GET /v1/messages/{id} until the message has the status.
+func (b *bundle) waitStatus(t *testing.T, id, status string) map[string]any {
+	t.Helper()
+	deadline := time.Now().Add(20 * time.Second)
+	var last map[string]any
+	for time.Now().Before(deadline) {
+		code, msg := b.do(t, http.MethodGet, "/v1/messages/"+id, nil)
+		if code != http.StatusOK {
+			t.Fatalf("get: status %d: %v", code, msg)
+		}
+		if msg["status"] == status {
+			return msg
+		}
+		last = msg
+		time.Sleep(50 * time.Millisecond)
+	}
+	t.Fatalf("message %s never reached %q; last: %v", id, status, last)
+	return nil
+}
+
+func TestSendOverRESTIsDeliveredToTheMX(t *testing.T) {
+	t.Parallel()
+	b := setup(t)
+	attachment := []byte("%PDF-1.4\x00\x01\x02 binary \xff\xfe bytes")
+	code, resp := b.do(t, http.MethodPost, "/v1/messages", map[string]any{
+		"from":    map[string]any{"address": "sender@posthaste.test", "name": "Zoë Sender"},
+		"to":      []any{map[string]any{"address": "alice@example.test", "name": "Alice"}},
+		"bcc":     []any{map[string]any{"address": "hidden@example.test"}},
+		"subject": "Grüße aus Köln ✉",
+		"text":    "Hello Alice, plain.",
+		"html":    "<p>Hello <b>Alice</b></p>",
+		"attachments": []any{map[string]any{
+			"filename":     "report.pdf",
+			"content_type": "application/pdf",
+			"content":      base64.StdEncoding.EncodeToString(attachment),
+		}},
+		"tags":     []any{"welcome"},
+		"metadata": map[string]any{"user_id": "42"},
+	})
+	if code != http.StatusAccepted {
+		t.Fatalf("send: status %d: %v", code, resp)
+	}
+	id, _ := resp["id"].(string)
+	if id == "" || resp["message_id_header"] == "" {
+		t.Fatalf("send: missing id or message_id_header: %v", resp)
+	}
+	if n := len(resp["recipients"].([]any)); n != 2 {
+		t.Fatalf("send: %d recipients in answer, want 2", n)
+	}
+
+	msg := b.waitStatus(t, id, "delivered")
+	attempts, _ := msg["attempts"].([]any)
+	if len(attempts) == 0 {
+		t.Fatalf("no attempt recorded: %v", msg)
+	}
+	first := attempts[0].(map[string]any)
+	if first["mx_host"] != "mx.example.test" || first["ip"] != "127.0.0.1" {
+		t.Errorf("attempt host/ip = %v/%v, want mx.example.test/127.0.0.1", first["mx_host"], first["ip"])
+	}
+	for _, r := range msg["recipients"].([]any) {
+		rec := r.(map[string]any)
+		if rec["status"] != "delivered" || rec["delivered_at"] == nil {
+			t.Errorf("recipient %v not delivered: %v", rec["address"], rec)
+		}
+		reply, _ := rec["last_reply"].(map[string]any)
+		if reply == nil || reply["code"] != float64(250) {
+			t.Errorf("recipient %v last_reply = %v, want code 250", rec["address"], reply)
+		}
+	}
+
+	got := b.smtp.WaitMessages(t, 1, 10*time.Second)
+	if len(got) != 1 {
+		t.Fatalf("MX received %d transactions, want 1 (both recipients in one)", len(got))
+	}
+	if strings.Join(got[0].To, ",") != "alice@example.test,hidden@example.test" {
+		t.Errorf("RCPT TO = %v", got[0].To)
+	}
+	if got[0].From != "sender@posthaste.test" {
+		t.Errorf("MAIL FROM = %q", got[0].From)
+	}
+	checkReceived(t, got[0].Data, attachment)
+}
+
+// checkReceived parses the bytes the MX got back into the intended structure.
+func checkReceived(t *testing.T, data, attachment []byte) {
+	t.Helper()
+	if bytes.Contains(bytes.ToLower(data), []byte("\nbcc:")) || bytes.Contains(data, []byte("hidden@example.test")) {
+		t.Errorf("Bcc leaked into the message:\n%s", data)
+	}
+	mr, err := mail.CreateReader(bytes.NewReader(data))
+	if err != nil {
+		t.Fatalf("parse received message: %v", err)
+	}
+	subject, err := mr.Header.Subject()
+	if err != nil || subject != "Grüße aus Köln ✉" {
+		t.Errorf("subject = %q (%v)", subject, err)
+	}
+	from, err := mr.Header.AddressList("From")
+	if err != nil || len(from) != 1 || from[0].Name != "Zoë Sender" {
+		t.Errorf("from = %v (%v)", from, err)
+	}
+	var text, html string
+	var gotAttachment []byte
+	for {
+		p, err := mr.NextPart()
+		if err == io.EOF {
+			break
+		}
+		if err != nil {
+			t.Fatalf("next part: %v", err)
+		}
+		body, _ := io.ReadAll(p.Body)
+		switch h := p.Header.(type) {
+		case *mail.InlineHeader:
+			ct, _, _ := mime.ParseMediaType(h.Get("Content-Type"))
+			switch ct {
+			case "text/plain":
+				text = string(body)
+			case "text/html":
+				html = string(body)
+			}
+		case *mail.AttachmentHeader:
+			name, _ := h.Filename()
+			if name != "report.pdf" {
+				t.Errorf("attachment filename = %q", name)
+			}
+			gotAttachment = body
+		}
+	}
+	if strings.TrimSpace(text) != "Hello Alice, plain." {
+		t.Errorf("text = %q", text)
+	}
+	if !strings.Contains(html, "<b>Alice</b>") {
+		t.Errorf("html = %q", html)
+	}
+	if !bytes.Equal(gotAttachment, attachment) {
+		t.Errorf("attachment = %q, want %q", gotAttachment, attachment)
+	}
+}
+
+func TestSendOverGRPCIsDelivered(t *testing.T) {
+	t.Parallel()
+	b := setup(t)
+	conn, err := grpc.NewClient(b.app.GRPCAddr(), grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	client := posthastev1.NewMailServiceClient(conn)
+	ctx := metadata.AppendToOutgoingContext(context.Background(), "authorization", "Bearer "+testKey)
+	resp, err := client.SendMessage(ctx, &posthastev1.SendMessageRequest{
+		From:    &posthastev1.Address{Address: "sender@posthaste.test"},
+		To:      []*posthastev1.Address{{Address: "bob@example.test"}},
+		Subject: "over gRPC",
+		Text:    "hi",
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	deadline := time.Now().Add(20 * time.Second)
+	for {
+		msg, err := client.GetMessage(ctx, &posthastev1.GetMessageRequest{Id: resp.GetId()})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if msg.GetStatus() == "delivered" {
+			if len(msg.GetAttempts()) != 1 || msg.GetAttempts()[0].GetReply().GetCode() != 250 {
+				t.Errorf("attempts = %v", msg.GetAttempts())
+			}
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("not delivered: %v", msg)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	got := b.smtp.Messages()
+	if len(got) != 1 || got[0].To[0] != "bob@example.test" {
+		t.Fatalf("MX received %v", got)
+	}
+}
+
+func TestCRLFInSubjectIsRefusedAndNothingStored(t *testing.T) {
+	t.Parallel()
+	b := setup(t)
+	code, resp := b.do(t, http.MethodPost, "/v1/messages", map[string]any{
+		"from":    map[string]any{"address": "sender@posthaste.test"},
+		"to":      []any{map[string]any{"address": "alice@example.test"}},
+		"subject": "hi\r\nBcc: victim@example.test",
+		"text":    "x",
+	})
+	if code != http.StatusBadRequest {
+		t.Fatalf("status %d, want 400: %v", code, resp)
+	}
+	body, _ := json.Marshal(resp)
+	if !strings.Contains(string(body), `"subject"`) {
+		t.Errorf("error does not name subject: %s", body)
+	}
+	code, list := b.do(t, http.MethodGet, "/v1/messages", nil)
+	if code != http.StatusOK {
+		t.Fatalf("list: %d %v", code, list)
+	}
+	if msgs, _ := list["messages"].([]any); len(msgs) != 0 {
+		t.Errorf("a message was stored: %v", msgs)
+	}
+}
