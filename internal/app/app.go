@@ -106,8 +106,8 @@ type App struct {
 // New validates cfg and returns an App that is not started yet.
 func New(cfg Config) (*App, error) {
 	cfg = cfg.WithDefaults()
-	if cfg.BootstrapAPIKey != "" && len(cfg.BootstrapAPIKey) < 16 {
-		return nil, errors.New("BootstrapAPIKey: must be at least 16 characters")
+	if cfg.BootstrapAPIKey != "" && len(cfg.BootstrapAPIKey) < service.MinAPIKeyLength {
+		return nil, fmt.Errorf("BootstrapAPIKey: must be at least %d characters", service.MinAPIKeyLength)
 	}
 	return &App{cfg: cfg, log: cfg.Logger}, nil
 }
@@ -193,7 +193,10 @@ func (a *App) Start(ctx context.Context) (err error) {
 		}
 	}()
 
-	handler, gwClose, err := gateway.New(runCtx, dialAddr(a.grpcLis.Addr()), svcCfg.Logger)
+	maxMessage := svcCfg.WithDefaults().MaxMessageBytes
+	// Base64 in JSON grows a message by a third; the gateway's bound only
+	// stops absurd bodies early, the service enforces the real limit.
+	handler, gwClose, err := gateway.New(runCtx, dialAddr(a.grpcLis.Addr()), svcCfg.Logger, gateway.WithMaxBodyBytes(2*maxMessage))
 	if err != nil {
 		return fmt.Errorf("gateway: %w", err)
 	}
@@ -340,14 +343,18 @@ func (a *App) maintain(ctx context.Context) {
 func (a *App) bootstrapAPIKey(ctx context.Context) error {
 	key := a.cfg.BootstrapAPIKey
 	generated := key == ""
+	prefix := ""
 	if generated {
 		var err error
-		key, _, _, err = service.NewAPIKey()
+		key, prefix, _, err = service.NewAPIKey()
 		if err != nil {
 			return fmt.Errorf("generate first api key: %w", err)
 		}
+	} else {
+		// Only a short head of an operator-chosen key is kept in clear.
+		prefix = key[:min(len(key), 6)]
 	}
-	_, created, err := a.store.CreateAPIKeyIfNone(ctx, "bootstrap", service.APIKeyPrefix(key), service.HashAPIKey(key))
+	_, created, err := a.store.CreateAPIKeyIfNone(ctx, "bootstrap", prefix, service.HashAPIKey(key))
 	if err != nil {
 		return fmt.Errorf("create first api key: %w", err)
 	}

@@ -36,7 +36,7 @@ func TestSandboxOutcomes(t *testing.T) {
 	})
 	b := &bundle{app: a, base: "http://" + a.HTTPAddr()}
 
-	send := func(to string) string {
+	send := func(t *testing.T, to string) string {
 		code, resp := b.do(t, "POST", "/v1/messages", map[string]any{
 			"from":    map[string]any{"address": "sender@posthaste.test"},
 			"to":      []any{map[string]any{"address": to}},
@@ -61,7 +61,7 @@ func TestSandboxOutcomes(t *testing.T) {
 	for _, c := range cases {
 		t.Run(c.to, func(t *testing.T) {
 			t.Parallel()
-			msg := b.waitStatus(t, send(c.to), c.status)
+			msg := b.waitStatus(t, send(t, c.to), c.status)
 			rec := msg["recipients"].([]any)[0].(map[string]any)
 			reply := rec["last_reply"].(map[string]any)
 			if reply["code"] != c.code {

@@ -1,0 +1,56 @@
+package db
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"syscall"
+	"testing"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
+)
+
+func TestMapError(t *testing.T) {
+	t.Parallel()
+	tests := []struct {
+		name        string
+		err         error
+		notFound    bool
+		unavailable bool
+	}{
+		{"nil", nil, false, false},
+		{"no rows", fmt.Errorf("scan: %w", pgx.ErrNoRows), true, false},
+		{"admin shutdown", &pgconn.PgError{Code: "57P01"}, false, true},
+		{"cannot connect now", &pgconn.PgError{Code: "57P03"}, false, true},
+		{"connection failure", &pgconn.PgError{Code: "08006"}, false, true},
+		{"too many connections", &pgconn.PgError{Code: "53300"}, false, true},
+		{"unique violation", &pgconn.PgError{Code: "23505"}, false, false},
+		{"serialization failure", &pgconn.PgError{Code: "40001"}, false, false},
+		{"refused", &net.OpError{Op: "dial", Net: "tcp", Err: syscall.ECONNREFUSED}, false, true},
+		{"eof", fmt.Errorf("read: %w", io.ErrUnexpectedEOF), false, true},
+		{"conn closed", fmt.Errorf("query: %w", pgconn.ErrConnClosed), false, true},
+		{"canceled", fmt.Errorf("query: %w", context.Canceled), false, false},
+		{"deadline", context.DeadlineExceeded, false, false},
+		{"other", errors.New("boom"), false, false},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			got := mapError(tt.err)
+			if (got == nil) != (tt.err == nil) {
+				t.Fatalf("mapError(%v) = %v", tt.err, got)
+			}
+			if errors.Is(got, ErrNotFound) != tt.notFound {
+				t.Errorf("mapError(%v) = %v; ErrNotFound: %v, want %v", tt.err, got, !tt.notFound, tt.notFound)
+			}
+			if errors.Is(got, ErrUnavailable) != tt.unavailable {
+				t.Errorf("mapError(%v) = %v; ErrUnavailable: %v, want %v", tt.err, got, !tt.unavailable, tt.unavailable)
+			}
+			if tt.err != nil && !tt.notFound && !errors.Is(got, tt.err) {
+				t.Errorf("mapError(%v) = %v lost the cause", tt.err, got)
+			}
+		})
+	}
+}

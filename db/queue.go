@@ -1,0 +1,432 @@
+package db
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"time"
+
+	"github.com/google/uuid"
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgtype"
+)
+
+// ClaimParams says what ClaimRecipients takes and for how long.
+type ClaimParams struct {
+	// Owner names this claim in the lease; it must be unique per call.
+	Owner string
+	// Limit is the most rows to claim.
+	Limit int
+	// LeaseFor is how long the rows stay leased before the rescuer may take
+	// them back.
+	LeaseFor time.Duration
+	// Now is the time the claim runs at; zero means the database's clock.
+	// Tests pin it.
+	Now time.Time
+}
+
+// ClaimedRecipient is a recipient leased for one delivery attempt.
+type ClaimedRecipient struct {
+	ID        uuid.UUID
+	MessageID uuid.UUID
+	Address   string
+	Domain    string
+	// Attempts counts the attempts made before this one.
+	Attempts int
+	// MessageCreatedAt lets the caller give up on messages that are too old.
+	MessageCreatedAt time.Time
+	LeaseOwner       string
+	LeaseUntil       time.Time
+}
+
+// MessageContent is what delivery needs of a message to send it.
+type MessageContent struct {
+	ID           uuid.UUID
+	EnvelopeFrom string
+	Raw          []byte
+}
+
+// NewAttempt describes the SMTP attempt behind an Outcome.
+type NewAttempt struct {
+	StartedAt  time.Time
+	Duration   time.Duration
+	MXHost     string
+	IP         string
+	TLS        bool
+	TLSVersion string
+}
+
+// Outcome is the result of delivering one claimed recipient.
+type Outcome struct {
+	RecipientID uuid.UUID
+	// LeaseOwner is the owner the recipient was claimed with.
+	LeaseOwner string
+	// Status is delivered, deferred, bounced or failed.
+	Status string
+	// NextAttemptAt is when a deferred recipient is due again.
+	NextAttemptAt time.Time
+	// The reply, or one made up for a failure without one (DNS, network).
+	Code         int
+	EnhancedCode string
+	Text         string
+	// Attempt is nil when no SMTP attempt was made (null MX, NXDOMAIN): no
+	// attempt row is written, but the recipient's attempt count still grows.
+	Attempt *NewAttempt
+}
+
+// nowParam is NULL for the zero time, so that SQL falls back to now().
+func nowParam(t time.Time) pgtype.Timestamptz {
+	return pgtype.Timestamptz{Time: t, Valid: !t.IsZero()}
+}
+
+// claimSQL leases due rows oldest-due first. SKIP LOCKED lets claimers run
+// side by side without waiting for or taking each other's rows.
+//
+// $1 owner, $2 limit, $3 lease length in microseconds, $4 now or NULL.
+const claimSQL = `
+WITH due AS (
+    SELECT id FROM recipients
+    WHERE status IN ('queued', 'scheduled', 'deferred')
+      AND next_attempt_at <= coalesce($4::timestamptz, now())
+    ORDER BY next_attempt_at
+    LIMIT $2
+    FOR NO KEY UPDATE SKIP LOCKED
+)
+UPDATE recipients r
+SET status = 'sending',
+    lease_owner = $1,
+    lease_until = coalesce($4::timestamptz, now()) + $3::bigint * interval '1 microsecond',
+    updated_at = now()
+FROM due, messages m
+WHERE r.id = due.id AND m.id = r.message_id
+RETURNING r.id, r.message_id, r.address, r.domain, r.attempts, m.created_at, r.lease_owner, r.lease_until`
+
+// ClaimRecipients leases up to p.Limit due recipients (queued, scheduled or
+// deferred, with next_attempt_at passed) to p.Owner for p.LeaseFor, and
+// marks their messages as sending. Rows another claimer holds are skipped.
+func (d *DB) ClaimRecipients(ctx context.Context, p ClaimParams) ([]ClaimedRecipient, error) {
+	switch {
+	case p.Owner == "":
+		return nil, errors.New("claim recipients: Owner is required")
+	case p.Limit <= 0:
+		return nil, errors.New("claim recipients: Limit must be positive")
+	case p.LeaseFor <= 0:
+		return nil, errors.New("claim recipients: LeaseFor must be positive")
+	}
+	b := &pgx.Batch{}
+	b.Queue(claimSQL, p.Owner, p.Limit, p.LeaseFor.Microseconds(), nowParam(p.Now))
+	b.Queue(lockMessagesLeasedBy, p.Owner)
+	b.Queue(deriveStatusLeasedBy, p.Owner)
+	claimed, err := func() ([]ClaimedRecipient, error) {
+		br := d.pool.SendBatch(ctx, b)
+		defer br.Close()
+		rows, _ := br.Query()
+		claimed, err := pgx.CollectRows(rows, func(row pgx.CollectableRow) (ClaimedRecipient, error) {
+			var c ClaimedRecipient
+			err := row.Scan(&c.ID, &c.MessageID, &c.Address, &c.Domain, &c.Attempts,
+				&c.MessageCreatedAt, &c.LeaseOwner, &c.LeaseUntil)
+			return c, err
+		})
+		if err != nil {
+			return nil, err
+		}
+		return claimed, br.Close()
+	}()
+	if err != nil {
+		return nil, fmt.Errorf("claim recipients: %w", mapError(err))
+	}
+	return claimed, nil
+}
+
+// rescueSQL gives expired leases back. Rows locked right now are skipped:
+// whoever holds them is changing them, and the next run sees the result.
+//
+// $1 now or NULL.
+const rescueSQL = `
+WITH expired AS (
+    SELECT id FROM recipients
+    WHERE status = 'sending' AND lease_until < coalesce($1::timestamptz, now())
+    FOR NO KEY UPDATE SKIP LOCKED
+), upd AS (
+    UPDATE recipients r
+    SET status = CASE WHEN r.cancel_requested_at IS NULL THEN 'queued' ELSE 'canceled' END,
+        next_attempt_at = CASE WHEN r.cancel_requested_at IS NULL THEN r.next_attempt_at END,
+        lease_owner = NULL,
+        lease_until = NULL,
+        updated_at = now()
+    FROM expired e
+    WHERE r.id = e.id
+    RETURNING r.id, r.message_id, r.status
+), ev AS (
+    INSERT INTO events (message_id, recipient_id, type)
+    SELECT message_id, id, 'canceled' FROM upd WHERE status = 'canceled'
+)
+SELECT message_id, count(*) FROM upd GROUP BY message_id`
+
+// RescueExpiredLeases returns recipients whose lease ran out before now
+// (zero means the database's clock) to queued, or to canceled when a cancel
+// was requested meanwhile, and reports how many it returned. Their attempt
+// count is left alone: whether the lost worker got as far as an attempt is
+// unknown.
+func (d *DB) RescueExpiredLeases(ctx context.Context, now time.Time) (int, error) {
+	var total int
+	err := d.inTx(ctx, func(tx pgx.Tx) error {
+		rows, _ := tx.Query(ctx, rescueSQL, nowParam(now))
+		var ids []uuid.UUID
+		var id uuid.UUID
+		var n int
+		_, err := pgx.ForEachRow(rows, []any{&id, &n}, func() error {
+			ids = append(ids, id)
+			total += n
+			return nil
+		})
+		if err != nil || len(ids) == 0 {
+			return err
+		}
+		b := &pgx.Batch{}
+		b.Queue(lockMessagesByID, ids)
+		b.Queue(deriveStatusByID, ids)
+		return tx.SendBatch(ctx, b).Close()
+	})
+	if err != nil {
+		return 0, fmt.Errorf("rescue expired leases: %w", mapError(err))
+	}
+	return total, nil
+}
+
+const loadMessageContentsSQL = `
+SELECT id, envelope_from, raw FROM messages WHERE id = ANY($1::uuid[])`
+
+// LoadMessageContents returns the envelope sender and raw bytes of the
+// messages with the given ids. Ids that do not exist are left out of the map.
+func (d *DB) LoadMessageContents(ctx context.Context, ids []uuid.UUID) (map[uuid.UUID]MessageContent, error) {
+	out := make(map[uuid.UUID]MessageContent, len(ids))
+	if len(ids) == 0 {
+		return out, nil
+	}
+	rows, _ := d.pool.Query(ctx, loadMessageContentsSQL, ids)
+	var c MessageContent
+	_, err := pgx.ForEachRow(rows, []any{&c.ID, &c.EnvelopeFrom, &c.Raw}, func() error {
+		out[c.ID] = c
+		c = MessageContent{}
+		return nil
+	})
+	if err != nil {
+		return nil, fmt.Errorf("load message contents: %w", mapError(err))
+	}
+	return out, nil
+}
+
+// lockRecipientsSQL locks recipient rows in id order, so transactions that
+// lock several of them never wait on each other in a circle.
+//
+// $1 recipient ids.
+const lockRecipientsSQL = `
+SELECT id FROM recipients
+WHERE id = ANY($1::uuid[])
+ORDER BY id
+FOR NO KEY UPDATE`
+
+// recordOutcomesSQL applies a batch of outcomes in one statement. A row is
+// applied only while it is still sending under the lease it was claimed
+// with; anything else (rescued, re-claimed) is skipped.
+//
+// $1 recipient ids, $2 lease owners, $3 outcomes, $4 next attempt times,
+// $5 codes, $6 enhanced codes, $7 texts, then the attempt: $8 id (NULL when
+// there was none), $9 start, $10 duration in microseconds, $11 MX host,
+// $12 IP, $13 TLS, $14 TLS version.
+const recordOutcomesSQL = `
+WITH input AS (
+    SELECT * FROM unnest(
+        $1::uuid[], $2::text[], $3::text[], $4::timestamptz[], $5::integer[], $6::text[], $7::text[],
+        $8::uuid[], $9::timestamptz[], $10::bigint[], $11::text[], $12::text[], $13::boolean[], $14::text[]
+    ) AS i(id, owner, outcome, next_attempt_at, code, enhanced_code, text,
+           attempt_id, started_at, duration_us, mx_host, ip, tls, tls_version)
+), upd AS (
+    UPDATE recipients r
+    SET status = CASE
+            WHEN r.cancel_requested_at IS NOT NULL AND i.outcome IN ('deferred', 'failed') THEN 'canceled'
+            ELSE i.outcome
+        END,
+        attempts = r.attempts + 1,
+        next_attempt_at = CASE
+            WHEN i.outcome = 'deferred' AND r.cancel_requested_at IS NULL THEN i.next_attempt_at
+        END,
+        lease_owner = NULL,
+        lease_until = NULL,
+        last_code = i.code,
+        last_enhanced_code = i.enhanced_code,
+        last_text = i.text,
+        delivered_at = CASE WHEN i.outcome = 'delivered' THEN now() ELSE r.delivered_at END,
+        updated_at = now()
+    FROM input i
+    WHERE r.id = i.id AND r.lease_owner = i.owner AND r.status = 'sending'
+    RETURNING r.id, r.message_id, r.status, r.attempts, r.next_attempt_at
+), att AS (
+    INSERT INTO attempts (id, recipient_id, message_id, started_at, duration, mx_host, ip, tls,
+        tls_version, code, enhanced_code, text, outcome)
+    SELECT i.attempt_id, u.id, u.message_id, i.started_at, i.duration_us * interval '1 microsecond',
+        i.mx_host, i.ip, i.tls, i.tls_version, i.code, i.enhanced_code, i.text, i.outcome
+    FROM upd u JOIN input i ON i.id = u.id
+    WHERE i.attempt_id IS NOT NULL
+), ev AS (
+    INSERT INTO events (message_id, recipient_id, type, details)
+    SELECT u.message_id, u.id, u.status, jsonb_strip_nulls(jsonb_build_object(
+        'outcome', i.outcome,
+        'code', i.code,
+        'enhanced_code', nullif(i.enhanced_code, ''),
+        'text', nullif(i.text, ''),
+        'mx_host', nullif(i.mx_host, ''),
+        'attempt', u.attempts,
+        'next_attempt_at', u.next_attempt_at))
+    FROM upd u JOIN input i ON i.id = u.id
+)
+SELECT id FROM upd`
+
+func validateOutcome(o Outcome) error {
+	switch {
+	case o.RecipientID == uuid.Nil:
+		return errors.New("RecipientID is required")
+	case o.LeaseOwner == "":
+		return errors.New("LeaseOwner is required")
+	}
+	switch o.Status {
+	case StatusDelivered, StatusBounced, StatusFailed:
+	case StatusDeferred:
+		if o.NextAttemptAt.IsZero() {
+			return errors.New("NextAttemptAt is required for a deferred outcome")
+		}
+	default:
+		return fmt.Errorf("Status %q is not delivered, deferred, bounced or failed", o.Status)
+	}
+	if o.Attempt != nil {
+		switch {
+		case o.Attempt.StartedAt.IsZero():
+			return errors.New("Attempt.StartedAt is required")
+		case o.Attempt.Duration < 0:
+			return errors.New("Attempt.Duration must not be negative")
+		}
+	}
+	return nil
+}
+
+// RecordOutcomes applies delivery outcomes in one transaction and returns
+// the recipient ids it applied.
+//
+// Each row is fenced on its lease: it is applied only while it is still
+// sending and leased to o.LeaseOwner; rows that were rescued or claimed by
+// someone else since are skipped. An applied row counts one more attempt,
+// keeps the reply, clears its lease, gets an attempt row (when o.Attempt is
+// set) and an event of its new status. A row whose message was canceled
+// while it was in flight ends canceled unless it was delivered or bounced.
+// Finally the status of the affected messages is brought up to date.
+func (d *DB) RecordOutcomes(ctx context.Context, outcomes []Outcome) ([]uuid.UUID, error) {
+	if len(outcomes) == 0 {
+		return nil, nil
+	}
+	n := len(outcomes)
+	var (
+		ids          = make([]uuid.UUID, n)
+		owners       = make([]string, n)
+		statuses     = make([]string, n)
+		nextAttempts = make([]pgtype.Timestamptz, n)
+		codes        = make([]int32, n)
+		enhanced     = make([]string, n)
+		texts        = make([]string, n)
+		attemptIDs   = make([]pgtype.UUID, n)
+		startedAt    = make([]pgtype.Timestamptz, n)
+		durations    = make([]int64, n)
+		mxHosts      = make([]string, n)
+		ips          = make([]string, n)
+		tls          = make([]bool, n)
+		tlsVersions  = make([]string, n)
+		seen         = make(map[uuid.UUID]struct{}, n)
+	)
+	for i, o := range outcomes {
+		if err := validateOutcome(o); err != nil {
+			return nil, fmt.Errorf("record outcomes: outcomes[%d]: %w", i, err)
+		}
+		if _, dup := seen[o.RecipientID]; dup {
+			return nil, fmt.Errorf("record outcomes: outcomes[%d]: recipient %s appears twice", i, o.RecipientID)
+		}
+		seen[o.RecipientID] = struct{}{}
+		ids[i], owners[i], statuses[i] = o.RecipientID, o.LeaseOwner, o.Status
+		if o.Status == StatusDeferred {
+			nextAttempts[i] = pgtype.Timestamptz{Time: o.NextAttemptAt, Valid: true}
+		}
+		codes[i], enhanced[i], texts[i] = int32(o.Code), o.EnhancedCode, o.Text
+		if a := o.Attempt; a != nil {
+			id, err := uuid.NewV7()
+			if err != nil {
+				return nil, fmt.Errorf("record outcomes: attempt id: %w", err)
+			}
+			attemptIDs[i] = pgtype.UUID{Bytes: id, Valid: true}
+			startedAt[i] = pgtype.Timestamptz{Time: a.StartedAt, Valid: true}
+			durations[i] = a.Duration.Microseconds()
+			mxHosts[i], ips[i], tls[i], tlsVersions[i] = a.MXHost, a.IP, a.TLS, a.TLSVersion
+		}
+	}
+
+	b := &pgx.Batch{}
+	b.Queue(lockRecipientsSQL, ids)
+	b.Queue(recordOutcomesSQL, ids, owners, statuses, nextAttempts, codes, enhanced, texts,
+		attemptIDs, startedAt, durations, mxHosts, ips, tls, tlsVersions)
+	b.Queue(lockMessagesOfRecipients, ids)
+	b.Queue(deriveStatusOfRecipients, ids)
+	applied, err := func() ([]uuid.UUID, error) {
+		br := d.pool.SendBatch(ctx, b)
+		defer br.Close()
+		if _, err := br.Exec(); err != nil {
+			return nil, err
+		}
+		rows, _ := br.Query()
+		applied, err := pgx.CollectRows(rows, pgx.RowTo[uuid.UUID])
+		if err != nil {
+			return nil, err
+		}
+		return applied, br.Close()
+	}()
+	if err != nil {
+		return nil, fmt.Errorf("record outcomes: %w", mapError(err))
+	}
+	return applied, nil
+}
+
+// releaseSQL gives leases back without counting an attempt.
+//
+// $1 owner, $2 recipient ids.
+const releaseSQL = `
+WITH upd AS (
+    UPDATE recipients r
+    SET status = CASE WHEN r.cancel_requested_at IS NULL THEN 'queued' ELSE 'canceled' END,
+        next_attempt_at = CASE WHEN r.cancel_requested_at IS NULL THEN r.next_attempt_at END,
+        lease_owner = NULL,
+        lease_until = NULL,
+        updated_at = now()
+    WHERE r.id = ANY($2::uuid[]) AND r.lease_owner = $1 AND r.status = 'sending'
+    RETURNING r.id, r.message_id, r.status
+)
+INSERT INTO events (message_id, recipient_id, type)
+SELECT message_id, id, 'canceled' FROM upd WHERE status = 'canceled'`
+
+// ReleaseLeases gives back the leases owner holds on the given recipients
+// without an attempt, as on shutdown: they become queued again (canceled if
+// a cancel was requested), due as before, their attempt count unchanged.
+// Rows no longer leased to owner are left alone.
+func (d *DB) ReleaseLeases(ctx context.Context, owner string, ids []uuid.UUID) error {
+	if len(ids) == 0 {
+		return nil
+	}
+	if owner == "" {
+		return errors.New("release leases: owner is required")
+	}
+	b := &pgx.Batch{}
+	b.Queue(lockRecipientsSQL, ids)
+	b.Queue(releaseSQL, owner, ids)
+	b.Queue(lockMessagesOfRecipients, ids)
+	b.Queue(deriveStatusOfRecipients, ids)
+	if err := d.pool.SendBatch(ctx, b).Close(); err != nil {
+		return fmt.Errorf("release leases of %s: %w", owner, mapError(err))
+	}
+	return nil
+}

@@ -1,0 +1,132 @@
+package delivery
+
+import (
+	"context"
+	"time"
+)
+
+// sender makes delivery attempts: it resolves the domain, then tries its
+// addresses in order until one takes the transaction.
+type sender struct {
+	router     *router
+	connector  *connector
+	pool       *pool
+	dnsTimeout time.Duration
+}
+
+// envelope is one SMTP transaction to make: a message for recipients of one
+// domain.
+type envelope struct {
+	Domain string
+	From   string
+	To     []string
+	Data   []byte
+}
+
+// attemptResult is what an attempt did: one result per recipient, in order,
+// and where it happened (nil when no connection was tried, as with a null
+// MX or NXDOMAIN).
+type attemptResult struct {
+	Rcpts   []rcptResult
+	Started time.Time
+	Elapsed time.Duration
+	Host    *hostInfo
+}
+
+// hostInfo records the server an attempt talked to, or last tried.
+type hostInfo struct {
+	MXHost     string
+	IP         string
+	TLS        bool
+	TLSVersion string
+}
+
+// attempt delivers env. Within ctx's deadline it spends at most dnsTimeout on
+// DNS and hostTimeout on each address.
+func (s *sender) attempt(ctx context.Context, env envelope) attemptResult {
+	res := attemptResult{Started: time.Now()}
+	defer func() { res.Elapsed = time.Since(res.Started) }()
+
+	dctx, cancel := context.WithTimeout(ctx, s.dnsTimeout)
+	targets, serr := s.router.targets(dctx, env.Domain)
+	cancel()
+	if serr != nil {
+		res.Rcpts = failAll(len(env.To), serr)
+		return res
+	}
+	targets = s.preferPooled(targets)
+
+	var lastErr *SMTPError
+	for _, t := range targets {
+		if ctx.Err() != nil {
+			break
+		}
+		res.Host = &hostInfo{MXHost: t.Host, IP: t.IP.String()}
+		hctx, cancel := context.WithTimeout(ctx, s.connector.cfg.hostTimeout())
+		sc, err := s.connect(hctx, t)
+		if err != nil {
+			cancel()
+			// RFC 5321 section 5.1: on a connection failure or a
+			// greeting that is not 220, go on to the next address.
+			lastErr = asSMTPError(err)
+			continue
+		}
+		res.Host.TLS, res.Host.TLSVersion = sc.tls, sc.tlsVersion
+		res.Rcpts = sc.transaction(hctx, env.From, env.To, env.Data)
+		cancel()
+		s.pool.put(sc)
+		return res
+	}
+	if lastErr == nil {
+		lastErr = asSMTPError(context.Cause(ctx))
+	}
+	res.Rcpts = failAll(len(env.To), lastErr)
+	return res
+}
+
+// connect returns a pooled connection to t that still answers RSET, or a new
+// one.
+func (s *sender) connect(ctx context.Context, t target) (*smtpConn, error) {
+	for {
+		sc := s.pool.get(keyOf(t))
+		if sc == nil {
+			break
+		}
+		if err := sc.reset(ctx); err == nil {
+			return sc, nil
+		}
+		// The server dropped the idle connection; try the next one.
+		sc.raw.Close()
+	}
+	return s.connector.dial(ctx, t)
+}
+
+// preferPooled moves an address that has an idle connection to the front,
+// choosing only among the most preferred hosts, where the order was random
+// anyway.
+func (s *sender) preferPooled(targets []target) []target {
+	for i, t := range targets {
+		if t.Pref != targets[0].Pref {
+			break
+		}
+		if !s.pool.has(keyOf(t)) {
+			continue
+		}
+		if i == 0 {
+			return targets
+		}
+		out := make([]target, 0, len(targets))
+		out = append(out, t)
+		out = append(out, targets[:i]...)
+		return append(out, targets[i+1:]...)
+	}
+	return targets
+}
+
+func failAll(n int, err *SMTPError) []rcptResult {
+	out := make([]rcptResult, n)
+	for i := range out {
+		out[i].Err = err
+	}
+	return out
+}

@@ -1,0 +1,257 @@
+package delivery
+
+import (
+	"crypto/rand"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"log/slog"
+	"os"
+	"strings"
+	"time"
+)
+
+// Config configures a Dispatcher.
+type Config struct {
+	// InstanceID names this process in lease owners; it must differ between
+	// processes sharing a database. Defaults to the host name and a random
+	// suffix.
+	InstanceID string
+	// BatchSize is the most recipients claimed per query. Defaults to 100.
+	BatchSize int
+	// PollInterval is how often the outbox is checked without a wake-up, which
+	// is what picks up scheduled messages and retries. Defaults to 5s.
+	PollInterval time.Duration
+	// RescueInterval is how often leases that expired (their holder died)
+	// are returned to the queue. Defaults to 30s.
+	RescueInterval time.Duration
+	// LeaseDuration is how long claimed recipients stay reserved. It must
+	// outlast the longest possible attempt (see AttemptTimeout) plus the
+	// time to record the outcome, or another instance could take over
+	// recipients still being delivered. Defaults to AttemptTimeout plus 5m.
+	LeaseDuration time.Duration
+	// Concurrency is the most SMTP transactions in flight at once.
+	// Defaults to 100.
+	Concurrency int
+	// PerDomainConcurrency is the most transactions in flight to one
+	// recipient domain. Defaults to 10.
+	PerDomainConcurrency int
+	// MaxRecipientsPerTransaction is the most RCPT commands in one
+	// transaction; RFC 5321 section 4.5.3.1.8 requires servers to take at
+	// least 100. Defaults to 100.
+	MaxRecipientsPerTransaction int
+	// Retry is the retry policy for temporary failures. Defaults to the
+	// RetryConfig defaults.
+	Retry RetryConfig
+	// SMTP configures the SMTP client. Defaults to the SMTPConfig defaults.
+	SMTP SMTPConfig
+	// DNSServer is the DNS server ("host" or "host:port") asked for MX and
+	// address records. Defaults to "", the nameservers of /etc/resolv.conf.
+	DNSServer string
+	// DNSTimeout bounds all DNS lookups for one domain. Defaults to 20s.
+	DNSTimeout time.Duration
+	// Routes maps recipient domains, or "*" for all, to "host" or
+	// "host:port"; a route replaces the MX lookup. Defaults to none.
+	Routes map[string]string
+	// ShutdownTimeout is how long Stop lets transactions in flight finish
+	// before it interrupts them. Defaults to 30s.
+	ShutdownTimeout time.Duration
+	// Dialer opens SMTP connections. Defaults to a *net.Dialer.
+	Dialer Dialer
+	// Logger receives the dispatcher's logs. Defaults to discarding them.
+	Logger *slog.Logger
+}
+
+// SMTPConfig configures the SMTP client.
+type SMTPConfig struct {
+	// Hostname is sent in EHLO (RFC 5321 section 4.1.1.1); receivers
+	// compare it with the reverse DNS of the sending address. Defaults to
+	// the machine's host name.
+	Hostname string
+	// Port is the port of MX hosts. Defaults to 25.
+	Port int
+	// ConnectTimeout bounds the TCP connect. Defaults to 30s.
+	ConnectTimeout time.Duration
+	// CommandTimeout bounds the wait for each reply, the greeting included
+	// (RFC 5321 section 4.5.3.2 suggests 5 minutes). Defaults to 5m.
+	CommandTimeout time.Duration
+	// DataTimeout bounds writing the message body and, separately, the wait
+	// for the reply to its end (RFC 5321 section 4.5.3.2.6). Defaults to 10m.
+	DataTimeout time.Duration
+	// IdleTimeout is how long a connection waits for another transaction
+	// before QUIT. Defaults to 5s.
+	IdleTimeout time.Duration
+	// MaxReuse is the most transactions on one connection. Defaults to 100.
+	MaxReuse int
+	// MaxHosts is the most addresses (MX hosts times their IPs) tried in
+	// one attempt, like Postfix's smtp_mx_address_limit. Defaults to 5.
+	MaxHosts int
+	// VerifyTLS makes STARTTLS check the server's certificate; a check that
+	// fails fails the host. Servers without STARTTLS still get plain text.
+	// Defaults to false, as is usual between MTAs (RFC 7435).
+	VerifyTLS bool
+}
+
+// leaseQueueAllowance is how long, in the default lease, a claimed job may
+// wait for a free slot before it would be released.
+const leaseQueueAllowance = 5 * time.Minute
+
+// commitReserve is the part of a lease kept for writing the outcome after
+// the attempt: the database may be slow, and a lease lost before the commit
+// means the recipient is delivered twice.
+const commitReserve = 10 * time.Second
+
+// WithDefaults returns the config with zero fields set to their defaults.
+func (c SMTPConfig) WithDefaults() SMTPConfig {
+	if c.Hostname == "" {
+		if h, err := os.Hostname(); err == nil && h != "" {
+			c.Hostname = h
+		} else {
+			c.Hostname = "localhost"
+		}
+	}
+	if c.Port == 0 {
+		c.Port = 25
+	}
+	if c.ConnectTimeout == 0 {
+		c.ConnectTimeout = 30 * time.Second
+	}
+	if c.CommandTimeout == 0 {
+		c.CommandTimeout = 5 * time.Minute
+	}
+	if c.DataTimeout == 0 {
+		c.DataTimeout = 10 * time.Minute
+	}
+	if c.IdleTimeout == 0 {
+		c.IdleTimeout = 5 * time.Second
+	}
+	if c.MaxReuse == 0 {
+		c.MaxReuse = 100
+	}
+	if c.MaxHosts == 0 {
+		c.MaxHosts = 5
+	}
+	return c
+}
+
+func (c SMTPConfig) validate() error {
+	switch {
+	case c.Hostname == "" || strings.ContainsAny(c.Hostname, " \r\n\t"):
+		return fmt.Errorf("Hostname: %q is not a host name", c.Hostname)
+	case c.Port < 1 || c.Port > 65535:
+		return fmt.Errorf("Port: %d is out of range", c.Port)
+	case c.ConnectTimeout <= 0:
+		return errors.New("ConnectTimeout: must be positive")
+	case c.CommandTimeout <= 0:
+		return errors.New("CommandTimeout: must be positive")
+	case c.DataTimeout <= 0:
+		return errors.New("DataTimeout: must be positive")
+	case c.IdleTimeout <= 0:
+		return errors.New("IdleTimeout: must be positive")
+	case c.MaxReuse < 1:
+		return errors.New("MaxReuse: must be at least 1")
+	case c.MaxHosts < 1:
+		return errors.New("MaxHosts: must be at least 1")
+	}
+	return nil
+}
+
+// hostTimeout bounds the work on one address: connect, the commands, the
+// body and its reply.
+func (c SMTPConfig) hostTimeout() time.Duration {
+	return c.ConnectTimeout + c.CommandTimeout + c.DataTimeout
+}
+
+// WithDefaults returns the config with zero fields set to their defaults.
+func (c Config) WithDefaults() Config {
+	if c.InstanceID == "" {
+		host, _ := os.Hostname()
+		if host == "" {
+			host = "posthaste"
+		}
+		var b [4]byte
+		rand.Read(b[:])
+		c.InstanceID = host + "-" + hex.EncodeToString(b[:])
+	}
+	if c.BatchSize == 0 {
+		c.BatchSize = 100
+	}
+	if c.PollInterval == 0 {
+		c.PollInterval = 5 * time.Second
+	}
+	if c.RescueInterval == 0 {
+		c.RescueInterval = 30 * time.Second
+	}
+	if c.Concurrency == 0 {
+		c.Concurrency = 100
+	}
+	if c.PerDomainConcurrency == 0 {
+		c.PerDomainConcurrency = 10
+	}
+	if c.MaxRecipientsPerTransaction == 0 {
+		c.MaxRecipientsPerTransaction = 100
+	}
+	c.Retry = c.Retry.WithDefaults()
+	c.SMTP = c.SMTP.WithDefaults()
+	if c.DNSTimeout == 0 {
+		c.DNSTimeout = 20 * time.Second
+	}
+	if c.LeaseDuration == 0 {
+		c.LeaseDuration = c.AttemptTimeout() + commitReserve + leaseQueueAllowance
+	}
+	if c.ShutdownTimeout == 0 {
+		c.ShutdownTimeout = 30 * time.Second
+	}
+	if c.Logger == nil {
+		c.Logger = slog.New(slog.DiscardHandler)
+	}
+	return c
+}
+
+// AttemptTimeout is the longest one delivery attempt can take: the DNS
+// lookups plus, for each address tried, connect, commands and data. Every
+// attempt runs under this deadline, which is what lets a lease be sized to
+// outlast it.
+func (c Config) AttemptTimeout() time.Duration {
+	return c.DNSTimeout + time.Duration(c.SMTP.MaxHosts)*c.SMTP.hostTimeout()
+}
+
+// minLease is the shortest lease that covers an attempt and its commit.
+func (c Config) minLease() time.Duration { return c.AttemptTimeout() + commitReserve }
+
+func (c Config) validate() error {
+	switch {
+	case c.InstanceID == "" || strings.ContainsAny(c.InstanceID, " \r\n\t"):
+		return fmt.Errorf("InstanceID: %q is not usable", c.InstanceID)
+	case c.BatchSize < 1:
+		return errors.New("BatchSize: must be at least 1")
+	case c.PollInterval <= 0:
+		return errors.New("PollInterval: must be positive")
+	case c.RescueInterval <= 0:
+		return errors.New("RescueInterval: must be positive")
+	case c.Concurrency < 1:
+		return errors.New("Concurrency: must be at least 1")
+	case c.PerDomainConcurrency < 1:
+		return errors.New("PerDomainConcurrency: must be at least 1")
+	case c.MaxRecipientsPerTransaction < 1:
+		return errors.New("MaxRecipientsPerTransaction: must be at least 1")
+	case c.DNSTimeout <= 0:
+		return errors.New("DNSTimeout: must be positive")
+	case c.ShutdownTimeout <= 0:
+		return errors.New("ShutdownTimeout: must be positive")
+	}
+	if err := c.Retry.validate(); err != nil {
+		return fmt.Errorf("Retry.%w", err)
+	}
+	if err := c.SMTP.validate(); err != nil {
+		return fmt.Errorf("SMTP.%w", err)
+	}
+	if c.LeaseDuration < c.minLease() {
+		return fmt.Errorf("LeaseDuration: %s is shorter than the longest attempt plus its commit (%s)",
+			c.LeaseDuration, c.minLease())
+	}
+	if _, err := parseRoutes(c.Routes); err != nil {
+		return err
+	}
+	return nil
+}

@@ -1,0 +1,103 @@
+package delivery
+
+import (
+	"strings"
+	"testing"
+	"time"
+)
+
+func TestConfigDefaults(t *testing.T) {
+	t.Parallel()
+	c := Config{}.WithDefaults()
+	if c.InstanceID == "" || c.BatchSize != 100 || c.PollInterval != 5*time.Second || c.Concurrency != 100 ||
+		c.PerDomainConcurrency != 10 || c.MaxRecipientsPerTransaction != 100 || c.ShutdownTimeout != 30*time.Second ||
+		c.Logger == nil {
+		t.Fatalf("defaults: %+v", c)
+	}
+	s := c.SMTP
+	if s.Port != 25 || s.ConnectTimeout != 30*time.Second || s.CommandTimeout != 5*time.Minute ||
+		s.DataTimeout != 10*time.Minute || s.IdleTimeout != 5*time.Second || s.MaxReuse != 100 || s.VerifyTLS ||
+		s.Hostname == "" || s.MaxHosts != 5 {
+		t.Fatalf("SMTP defaults: %+v", s)
+	}
+	r := c.Retry
+	if r.InitialInterval != time.Minute || r.Multiplier != 2 || r.MaxInterval != time.Hour || r.Jitter != 0.2 || r.MaxAge != 48*time.Hour {
+		t.Fatalf("Retry defaults: %+v", r)
+	}
+	// The lease outlasts the longest attempt: DNS plus every host's
+	// connect, commands and data, plus the commit.
+	wantAttempt := c.DNSTimeout + 5*(30*time.Second+5*time.Minute+10*time.Minute)
+	if c.AttemptTimeout() != wantAttempt {
+		t.Fatalf("AttemptTimeout = %s, want %s", c.AttemptTimeout(), wantAttempt)
+	}
+	if c.LeaseDuration <= wantAttempt+commitReserve {
+		t.Fatalf("LeaseDuration %s does not outlast an attempt of %s", c.LeaseDuration, wantAttempt)
+	}
+	if err := c.validate(); err != nil {
+		t.Fatal(err)
+	}
+	if Config.WithDefaults(Config{}).InstanceID == c.InstanceID {
+		t.Fatal("two default InstanceIDs are equal")
+	}
+	// The default lease follows shorter timeouts.
+	short := Config{SMTP: SMTPConfig{ConnectTimeout: time.Second, CommandTimeout: time.Second, DataTimeout: time.Second, MaxHosts: 1}, DNSTimeout: time.Second}.WithDefaults()
+	if short.LeaseDuration != 4*time.Second+commitReserve+leaseQueueAllowance {
+		t.Fatalf("derived lease %s", short.LeaseDuration)
+	}
+}
+
+func TestConfigValidate(t *testing.T) {
+	t.Parallel()
+	tests := []struct {
+		name    string
+		mod     func(*Config)
+		wantErr string
+	}{
+		{"defaults", func(*Config) {}, ""},
+		{"instance id with space", func(c *Config) { c.InstanceID = "a b" }, "InstanceID:"},
+		{"batch size", func(c *Config) { c.BatchSize = -1 }, "BatchSize:"},
+		{"poll interval", func(c *Config) { c.PollInterval = -time.Second }, "PollInterval:"},
+		{"rescue interval", func(c *Config) { c.RescueInterval = -time.Second }, "RescueInterval:"},
+		{"concurrency", func(c *Config) { c.Concurrency = -1 }, "Concurrency:"},
+		{"per domain", func(c *Config) { c.PerDomainConcurrency = -1 }, "PerDomainConcurrency:"},
+		{"recipients per transaction", func(c *Config) { c.MaxRecipientsPerTransaction = -5 }, "MaxRecipientsPerTransaction:"},
+		{"dns timeout", func(c *Config) { c.DNSTimeout = -1 }, "DNSTimeout:"},
+		{"shutdown timeout", func(c *Config) { c.ShutdownTimeout = -1 }, "ShutdownTimeout:"},
+		{"retry", func(c *Config) { c.Retry.Jitter = 2 }, "Retry.Jitter:"},
+		{"smtp port", func(c *Config) { c.SMTP.Port = 70000 }, "SMTP.Port:"},
+		{"smtp hostname", func(c *Config) { c.SMTP.Hostname = "two words" }, "SMTP.Hostname:"},
+		{"smtp max reuse", func(c *Config) { c.SMTP.MaxReuse = -1 }, "SMTP.MaxReuse:"},
+		{"smtp max hosts", func(c *Config) { c.SMTP.MaxHosts = -1 }, "SMTP.MaxHosts:"},
+		{"smtp timeouts", func(c *Config) { c.SMTP.DataTimeout = -1 }, "SMTP.DataTimeout:"},
+		{"lease shorter than an attempt", func(c *Config) { c.LeaseDuration = c.AttemptTimeout() }, "LeaseDuration:"},
+		{"lease just long enough", func(c *Config) { c.LeaseDuration = c.AttemptTimeout() + commitReserve }, ""},
+		{"bad route", func(c *Config) { c.Routes = map[string]string{"a.test": "mx.test:x"} }, "Routes:"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			c := Config{}.WithDefaults()
+			tt.mod(&c)
+			err := c.validate()
+			if tt.wantErr == "" {
+				if err != nil {
+					t.Fatal(err)
+				}
+				return
+			}
+			if err == nil || !strings.HasPrefix(err.Error(), tt.wantErr) {
+				t.Fatalf("err = %v, want prefix %q", err, tt.wantErr)
+			}
+		})
+	}
+}
+
+func TestNewDispatcherRejectsBadConfig(t *testing.T) {
+	t.Parallel()
+	_, err := NewDispatcher(Config{LeaseDuration: time.Minute}, nil)
+	if err == nil || !strings.Contains(err.Error(), "LeaseDuration:") {
+		t.Fatalf("err = %v", err)
+	}
+	if _, err := NewDispatcher(Config{}, nil); err == nil || !strings.Contains(err.Error(), "store") {
+		t.Fatalf("nil store: err = %v", err)
+	}
+}

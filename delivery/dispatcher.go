@@ -1,0 +1,598 @@
+package delivery
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/google/uuid"
+
+	"github.com/posthaste/posthaste/db"
+)
+
+// dbTimeout bounds one database call made by the dispatcher.
+const dbTimeout = 30 * time.Second
+
+// Dispatcher delivers due recipients: it claims them from the database,
+// sends them over SMTP under global and per-domain limits, and records the
+// outcomes. Several dispatchers, in one process or many, can share a
+// database; SKIP LOCKED claims keep them apart and lease fencing keeps a
+// dispatcher that lost its lease from overwriting another's outcome.
+//
+// Delivery is at least once; see the package documentation for the window
+// in which a crash causes a duplicate.
+type Dispatcher struct {
+	cfg    Config
+	store  *db.DB
+	log    *slog.Logger
+	sender *sender
+	pool   *pool
+	retry  retryPolicy
+	limits *limiter
+
+	wake   chan struct{}
+	freed  chan struct{}
+	owners atomic.Uint64
+
+	// pending counts claimed jobs not finished; waiting counts those still
+	// waiting for their domain's slot.
+	pending atomic.Int64
+	waiting atomic.Int64
+
+	mu             sync.Mutex
+	started        bool
+	stopping       chan struct{} // closed when Stop begins
+	stopOnce       sync.Once
+	cancelClaims   context.CancelFunc
+	cancelSessions context.CancelFunc
+	loops          sync.WaitGroup // claim loop, listener, rescuer
+	jobs           sync.WaitGroup
+}
+
+// NewDispatcher checks cfg (after WithDefaults) and returns a dispatcher
+// that is not running yet.
+func NewDispatcher(cfg Config, store *db.DB) (*Dispatcher, error) {
+	cfg = cfg.WithDefaults()
+	if err := cfg.validate(); err != nil {
+		return nil, fmt.Errorf("delivery config: %w", err)
+	}
+	if store == nil {
+		return nil, errors.New("delivery config: store must not be nil")
+	}
+	routes, err := parseRoutes(cfg.Routes)
+	if err != nil {
+		return nil, fmt.Errorf("delivery config: %w", err)
+	}
+	res, err := newDNSResolver(cfg.DNSServer, min(cfg.DNSTimeout, 5*time.Second))
+	if err != nil {
+		return nil, fmt.Errorf("delivery config: DNSServer: %w", err)
+	}
+	dialer := cfg.Dialer
+	if dialer == nil {
+		dialer = &net.Dialer{}
+	}
+	smtpCfg := cfg.SMTP
+	p := newPool(smtpCfg.IdleTimeout, smtpCfg.MaxReuse)
+	d := &Dispatcher{
+		cfg:   cfg,
+		store: store,
+		log:   cfg.Logger,
+		pool:  p,
+		sender: &sender{
+			router:     newRouter(res, routes, smtpCfg.Port, smtpCfg.MaxHosts),
+			connector:  &connector{dialer: dialer, cfg: &smtpCfg},
+			pool:       p,
+			dnsTimeout: cfg.DNSTimeout,
+		},
+		retry:    newRetryPolicy(cfg.Retry),
+		limits:   newLimiter(cfg.Concurrency, cfg.PerDomainConcurrency),
+		wake:     make(chan struct{}, 1),
+		freed:    make(chan struct{}, 1),
+		stopping: make(chan struct{}),
+	}
+	return d, nil
+}
+
+// Start begins claiming and delivering in the background and returns at
+// once. When ctx ends the dispatcher stops claiming; Stop must still be
+// called to wait for it. Start after Stop does nothing.
+func (d *Dispatcher) Start(ctx context.Context) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	select {
+	case <-d.stopping:
+		return
+	default:
+	}
+	if d.started {
+		return
+	}
+	d.started = true
+	claimCtx, cancelClaims := context.WithCancel(ctx)
+	// Transactions in flight outlive ctx: they are given ShutdownTimeout by
+	// Stop rather than cut off when claiming stops.
+	sessionCtx, cancelSessions := context.WithCancel(context.WithoutCancel(ctx))
+	d.cancelClaims, d.cancelSessions = cancelClaims, cancelSessions
+	d.loops.Go(func() { d.claimLoop(claimCtx, sessionCtx) })
+	d.loops.Go(func() { d.listen(claimCtx) })
+	d.loops.Go(func() { d.rescue(claimCtx) })
+}
+
+// Stop stops claiming, lets transactions in flight finish for up to
+// ShutdownTimeout (then interrupts them, and their recipients are deferred),
+// gives back the leases of claimed recipients that were not attempted,
+// closes pooled connections, and returns when all of that is done. It may be
+// called more than once.
+func (d *Dispatcher) Stop() {
+	d.stopOnce.Do(func() {
+		d.mu.Lock()
+		close(d.stopping)
+		started := d.started
+		d.mu.Unlock()
+		if !started {
+			d.pool.close()
+			return
+		}
+		d.cancelClaims()
+		d.loops.Wait()
+
+		done := make(chan struct{})
+		go func() {
+			d.jobs.Wait()
+			close(done)
+		}()
+		timer := time.NewTimer(d.cfg.ShutdownTimeout)
+		select {
+		case <-done:
+			timer.Stop()
+		case <-timer.C:
+			d.log.Warn("delivery: shutdown timeout, interrupting transactions in flight")
+			d.cancelSessions()
+			<-done
+		}
+		d.cancelSessions()
+		d.pool.close()
+	})
+}
+
+// Wake makes the dispatcher look for due recipients now. It never blocks;
+// wake-ups that arrive while one is pending are merged.
+func (d *Dispatcher) Wake() {
+	select {
+	case d.wake <- struct{}{}:
+	default:
+	}
+}
+
+// claimLoop claims whenever woken, on every PollInterval (which is what
+// finds scheduled messages and retries coming due), and when a job finishes
+// while the dispatcher was full.
+func (d *Dispatcher) claimLoop(ctx, sessionCtx context.Context) {
+	ticker := time.NewTicker(d.cfg.PollInterval)
+	defer ticker.Stop()
+	for {
+		full := false
+		for ctx.Err() == nil {
+			if !d.hasRoom() {
+				full = true
+				break
+			}
+			n, err := d.claim(ctx, sessionCtx)
+			if err != nil {
+				d.log.Error("delivery: claim", "err", err)
+				break
+			}
+			if n < d.cfg.BatchSize {
+				break
+			}
+		}
+		var freed <-chan struct{}
+		if full {
+			freed = d.freed
+		}
+		select {
+		case <-ctx.Done():
+			return
+		case <-d.wake:
+		case <-ticker.C:
+		case <-freed:
+		}
+	}
+}
+
+// hasRoom reports whether another batch may be claimed: while fewer jobs
+// than Concurrency are running or waiting for a global slot. Jobs waiting
+// for a busy domain do not hold up other domains, but the backlog as a
+// whole is bounded so that a blocked domain cannot pull the queue into
+// memory.
+func (d *Dispatcher) hasRoom() bool {
+	pending := d.pending.Load()
+	active := pending - d.waiting.Load()
+	return active < int64(d.cfg.Concurrency) && pending < int64(4*d.cfg.Concurrency)
+}
+
+// job is one SMTP transaction to make: recipients of one message and one
+// domain, all claimed under one lease owner.
+type job struct {
+	owner    string
+	leaseEnd time.Time // by the local clock, measured from before the claim
+	domain   string
+	msg      db.MessageContent
+	rcpts    []db.ClaimedRecipient
+}
+
+func (j *job) ids() []uuid.UUID {
+	ids := make([]uuid.UUID, len(j.rcpts))
+	for i, r := range j.rcpts {
+		ids[i] = r.ID
+	}
+	return ids
+}
+
+// claim claims one batch, loads each message once, and starts its jobs. It
+// returns how many recipients it claimed.
+func (d *Dispatcher) claim(ctx, sessionCtx context.Context) (int, error) {
+	owner := fmt.Sprintf("%s-%d", d.cfg.InstanceID, d.owners.Add(1))
+	// The queries are not cancelled when claiming stops: a claim whose
+	// reply was lost would leave rows leased to nobody until the rescuer.
+	qctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), dbTimeout)
+	defer cancel()
+	// The lease is measured on the local clock from before the query, so
+	// it ends no later than the database's, whatever the clocks say.
+	leaseEnd := time.Now().Add(d.cfg.LeaseDuration)
+	claimed, err := d.store.ClaimRecipients(qctx, db.ClaimParams{
+		Owner: owner, Limit: d.cfg.BatchSize, LeaseFor: d.cfg.LeaseDuration,
+	})
+	if err != nil {
+		return 0, err
+	}
+	if len(claimed) == 0 {
+		return 0, nil
+	}
+	ids := make([]uuid.UUID, 0, len(claimed))
+	seen := make(map[uuid.UUID]bool)
+	for _, r := range claimed {
+		if !seen[r.MessageID] {
+			seen[r.MessageID] = true
+			ids = append(ids, r.MessageID)
+		}
+	}
+	contents, err := d.store.LoadMessageContents(qctx, ids)
+	if err != nil {
+		all := &job{owner: owner, rcpts: claimed}
+		d.releaseLeases(all)
+		return 0, err
+	}
+
+	jobs, missing := groupJobs(claimed, contents, owner, leaseEnd, d.cfg.MaxRecipientsPerTransaction)
+	if len(missing) > 0 {
+		d.failMissing(owner, missing)
+	}
+	for _, j := range jobs {
+		d.pending.Add(1)
+		d.waiting.Add(1)
+		d.jobs.Add(1)
+		go d.run(sessionCtx, j)
+	}
+	d.log.Debug("delivery: claimed", "owner", owner, "recipients", len(claimed), "jobs", len(jobs))
+	return len(claimed), nil
+}
+
+// groupJobs puts the recipients of one message and domain into one job,
+// at most maxRcpt per job, keeping the claim order.
+func groupJobs(claimed []db.ClaimedRecipient, contents map[uuid.UUID]db.MessageContent,
+	owner string, leaseEnd time.Time, maxRcpt int) (jobs []*job, missing []db.ClaimedRecipient) {
+	type key struct {
+		msg    uuid.UUID
+		domain string
+	}
+	open := make(map[key]*job)
+	for _, r := range claimed {
+		msg, ok := contents[r.MessageID]
+		if !ok {
+			missing = append(missing, r)
+			continue
+		}
+		k := key{r.MessageID, strings.ToLower(r.Domain)}
+		j := open[k]
+		if j == nil || len(j.rcpts) >= maxRcpt {
+			j = &job{owner: owner, leaseEnd: leaseEnd, domain: k.domain, msg: msg}
+			open[k] = j
+			jobs = append(jobs, j)
+		}
+		j.rcpts = append(j.rcpts, r)
+	}
+	return jobs, missing
+}
+
+// run waits for a slot, makes the attempt and records the outcomes. A job
+// that cannot start early enough for the attempt and its commit to fit in
+// the lease, or that is still waiting when Stop begins, gives its lease back
+// without an attempt.
+func (d *Dispatcher) run(sessionCtx context.Context, j *job) {
+	defer func() {
+		d.pending.Add(-1)
+		d.jobs.Done()
+		select {
+		case d.freed <- struct{}{}:
+		default:
+		}
+	}()
+	latestStart := j.leaseEnd.Add(-d.cfg.minLease())
+	ok := d.limits.acquireDomain(j.domain, latestStart, d.stopping)
+	d.waiting.Add(-1)
+	if !ok {
+		d.releaseLeases(j)
+		return
+	}
+	defer d.limits.releaseDomain(j.domain)
+	if !d.limits.acquireGlobal(latestStart, d.stopping) {
+		d.releaseLeases(j)
+		return
+	}
+	defer d.limits.releaseGlobal()
+	select {
+	case <-d.stopping:
+		d.releaseLeases(j)
+		return
+	default:
+	}
+
+	rcpts := make([]string, len(j.rcpts))
+	for i, r := range j.rcpts {
+		rcpts[i] = r.Address
+	}
+	actx, cancel := context.WithTimeout(sessionCtx, d.cfg.AttemptTimeout())
+	res := d.sender.attempt(actx, envelope{Domain: j.domain, From: j.msg.EnvelopeFrom, To: rcpts, Data: j.msg.Raw})
+	cancel()
+	d.recordOutcomes(j, d.outcomes(j, res, time.Now()))
+}
+
+// outcomes turns an attempt's results into the rows to record.
+func (d *Dispatcher) outcomes(j *job, res attemptResult, now time.Time) []db.Outcome {
+	var att *db.NewAttempt
+	if res.Host != nil {
+		att = &db.NewAttempt{
+			StartedAt: res.Started, Duration: res.Elapsed,
+			MXHost: res.Host.MXHost, IP: res.Host.IP, TLS: res.Host.TLS, TLSVersion: res.Host.TLSVersion,
+		}
+	}
+	out := make([]db.Outcome, len(j.rcpts))
+	for i, r := range j.rcpts {
+		o := db.Outcome{RecipientID: r.ID, LeaseOwner: j.owner, Attempt: att}
+		rr := res.Rcpts[i]
+		switch {
+		case rr.Err == nil:
+			o.Status = db.StatusDelivered
+			o.Code, o.EnhancedCode, o.Text = rr.Reply.Code, rr.Reply.EnhancedCode, rr.Reply.Text
+		case !rr.Err.Temporary():
+			o.Status = db.StatusBounced
+			o.Code, o.EnhancedCode, o.Text = errorReply(rr.Err)
+		default:
+			o.Code, o.EnhancedCode, o.Text = errorReply(rr.Err)
+			next, expired := d.retry.next(now, r.Attempts+1, r.MessageCreatedAt)
+			if expired {
+				o.Status = db.StatusFailed
+			} else {
+				o.Status, o.NextAttemptAt = db.StatusDeferred, next
+			}
+		}
+		out[i] = o
+	}
+	return out
+}
+
+// errorReply is what is stored of an error: the reply, with the cause of a
+// failure that was not a reply appended to the text.
+func errorReply(e *SMTPError) (int, string, string) {
+	text := e.Message
+	if e.Err != nil {
+		text += ": " + e.Err.Error()
+	}
+	return e.Code, e.EnhancedCode, text
+}
+
+// recordOutcomes writes the outcomes right after the reply, retrying for a
+// few seconds: an outcome that never gets written means the recipient is
+// attempted again once its lease expires.
+func (d *Dispatcher) recordOutcomes(j *job, outs []db.Outcome) {
+	deadline := time.Now().Add(commitReserve)
+	if j.leaseEnd.Before(deadline) {
+		deadline = j.leaseEnd
+	}
+	wait := 50 * time.Millisecond
+	for {
+		ctx, cancel := context.WithDeadline(context.Background(), deadline)
+		applied, err := d.store.RecordOutcomes(ctx, outs)
+		cancel()
+		if err == nil {
+			if len(applied) < len(outs) {
+				// The lease was lost (rescued and claimed elsewhere):
+				// that dispatcher will attempt these recipients again.
+				d.log.Warn("delivery: outcomes skipped, lease lost", "owner", j.owner,
+					"skipped", len(outs)-len(applied))
+			}
+			d.logOutcomes(j, outs)
+			return
+		}
+		if time.Now().Add(wait).After(deadline) {
+			d.log.Error("delivery: record outcomes", "owner", j.owner, "recipients", len(outs), "err", err)
+			return
+		}
+		time.Sleep(wait)
+		wait *= 2
+	}
+}
+
+func (d *Dispatcher) logOutcomes(j *job, outs []db.Outcome) {
+	if !d.log.Enabled(context.Background(), slog.LevelDebug) {
+		return
+	}
+	for i, o := range outs {
+		d.log.Debug("delivery: outcome", "recipient", j.rcpts[i].Address, "status", o.Status,
+			"code", o.Code, "enhanced_code", o.EnhancedCode, "text", o.Text)
+	}
+}
+
+// releaseLeases gives back a job's leases without an attempt.
+func (d *Dispatcher) releaseLeases(j *job) {
+	ctx, cancel := context.WithTimeout(context.Background(), dbTimeout)
+	defer cancel()
+	if err := d.store.ReleaseLeases(ctx, j.owner, j.ids()); err != nil {
+		// The rescuer returns them once the lease runs out.
+		d.log.Error("delivery: release leases", "owner", j.owner, "err", err)
+	}
+}
+
+// failMissing fails recipients whose message could not be loaded, which
+// only happens if the message row is gone.
+func (d *Dispatcher) failMissing(owner string, rcpts []db.ClaimedRecipient) {
+	outs := make([]db.Outcome, len(rcpts))
+	for i, r := range rcpts {
+		outs[i] = db.Outcome{RecipientID: r.ID, LeaseOwner: owner, Status: db.StatusFailed,
+			Code: codePermFailure, EnhancedCode: "5.3.0", Text: "message content missing"}
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), dbTimeout)
+	defer cancel()
+	if _, err := d.store.RecordOutcomes(ctx, outs); err != nil {
+		d.log.Error("delivery: record outcomes", "owner", owner, "err", err)
+	}
+}
+
+// listen wakes the claim loop on every outbox notification, reconnecting
+// with a backoff when the listening connection fails.
+func (d *Dispatcher) listen(ctx context.Context) {
+	const minWait, maxWait = 100 * time.Millisecond, 30 * time.Second
+	wait := minWait
+	for {
+		began := time.Now()
+		err := d.store.ListenOutbox(ctx, d.Wake)
+		if ctx.Err() != nil {
+			return
+		}
+		if time.Since(began) > time.Minute {
+			wait = minWait
+		}
+		d.log.Warn("delivery: outbox listener failed, reconnecting", "err", err, "in", wait)
+		timer := time.NewTimer(wait)
+		select {
+		case <-ctx.Done():
+			timer.Stop()
+			return
+		case <-timer.C:
+		}
+		wait = min(wait*2, maxWait)
+		// Notifications sent while disconnected are lost; look now.
+		d.Wake()
+	}
+}
+
+// rescue returns expired leases to the queue at start and every
+// RescueInterval. Many dispatchers may run it; the statement skips rows
+// another one is handling.
+func (d *Dispatcher) rescue(ctx context.Context) {
+	ticker := time.NewTicker(d.cfg.RescueInterval)
+	defer ticker.Stop()
+	for {
+		qctx, cancel := context.WithTimeout(ctx, dbTimeout)
+		n, err := d.store.RescueExpiredLeases(qctx, time.Time{})
+		cancel()
+		switch {
+		case err != nil && ctx.Err() == nil:
+			d.log.Error("delivery: rescue expired leases", "err", err)
+		case n > 0:
+			d.log.Warn("delivery: rescued expired leases", "recipients", n)
+			d.Wake()
+		}
+		select {
+		case <-ctx.Done():
+			return
+		case <-ticker.C:
+		}
+	}
+}
+
+// limiter bounds transactions in flight, overall and per domain.
+type limiter struct {
+	global    chan struct{}
+	perDomain int
+
+	mu      sync.Mutex
+	domains map[string]*domainSlots
+}
+
+type domainSlots struct {
+	ch   chan struct{}
+	refs int // holders and waiters
+}
+
+func newLimiter(global, perDomain int) *limiter {
+	return &limiter{global: make(chan struct{}, global), perDomain: perDomain, domains: make(map[string]*domainSlots)}
+}
+
+// acquire takes a slot of ch unless deadline passes or stop closes first.
+func acquire(ch chan struct{}, deadline time.Time, stop <-chan struct{}) bool {
+	if !time.Now().Before(deadline) {
+		return false
+	}
+	select {
+	case ch <- struct{}{}:
+		return true
+	default:
+	}
+	timer := time.NewTimer(time.Until(deadline))
+	defer timer.Stop()
+	select {
+	case ch <- struct{}{}:
+		return true
+	case <-timer.C:
+		return false
+	case <-stop:
+		return false
+	}
+}
+
+func (l *limiter) acquireGlobal(deadline time.Time, stop <-chan struct{}) bool {
+	return acquire(l.global, deadline, stop)
+}
+
+func (l *limiter) releaseGlobal() { <-l.global }
+
+func (l *limiter) acquireDomain(domain string, deadline time.Time, stop <-chan struct{}) bool {
+	l.mu.Lock()
+	s := l.domains[domain]
+	if s == nil {
+		s = &domainSlots{ch: make(chan struct{}, l.perDomain)}
+		l.domains[domain] = s
+	}
+	s.refs++
+	l.mu.Unlock()
+	if acquire(s.ch, deadline, stop) {
+		return true
+	}
+	l.unref(domain, s)
+	return false
+}
+
+func (l *limiter) releaseDomain(domain string) {
+	l.mu.Lock()
+	s := l.domains[domain]
+	l.mu.Unlock()
+	<-s.ch
+	l.unref(domain, s)
+}
+
+func (l *limiter) unref(domain string, s *domainSlots) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	s.refs--
+	if s.refs == 0 {
+		delete(l.domains, domain)
+	}
+}

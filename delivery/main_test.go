@@ -1,0 +1,165 @@
+package delivery
+
+import (
+	"context"
+	"fmt"
+	"net"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"go.uber.org/goleak"
+
+	"github.com/posthaste/posthaste/internal/testenv"
+)
+
+func TestMain(m *testing.M) {
+	goleak.VerifyTestMain(m)
+}
+
+// mapDialer connects "ip:port" addresses to the loopback servers standing in
+// for them, so that several MX hosts can share the configured port. Any
+// address without a server dials a closed loopback port and is refused;
+// nothing leaves the machine.
+type mapDialer struct {
+	t      testing.TB
+	closed string
+
+	mu    sync.Mutex
+	addrs map[string]string
+	dials []string
+}
+
+func newMapDialer(t testing.TB) *mapDialer {
+	return &mapDialer{t: t, closed: closedAddr(t), addrs: make(map[string]string)}
+}
+
+// route sends connections for ip:port to the server at real.
+func (d *mapDialer) route(ip string, port int, real string) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	d.addrs[net.JoinHostPort(ip, fmt.Sprint(port))] = real
+}
+
+func (d *mapDialer) DialContext(ctx context.Context, network, addr string) (net.Conn, error) {
+	d.mu.Lock()
+	d.dials = append(d.dials, addr)
+	real, ok := d.addrs[addr]
+	d.mu.Unlock()
+	if !ok {
+		real = d.closed
+	}
+	var nd net.Dialer
+	return nd.DialContext(ctx, network, real)
+}
+
+func (d *mapDialer) dialed() []string {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	return append([]string(nil), d.dials...)
+}
+
+// closedAddr returns a loopback address nothing listens on.
+func closedAddr(t testing.TB) string {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	addr := ln.Addr().String()
+	ln.Close()
+	return addr
+}
+
+// testSMTPConfig is an SMTPConfig with timeouts short enough for tests.
+func testSMTPConfig() SMTPConfig {
+	return SMTPConfig{
+		Hostname:       "sender.test",
+		Port:           25,
+		ConnectTimeout: 2 * time.Second,
+		CommandTimeout: 5 * time.Second,
+		DataTimeout:    5 * time.Second,
+		IdleTimeout:    5 * time.Second,
+		MaxReuse:       100,
+		MaxHosts:       5,
+	}.WithDefaults()
+}
+
+// senderEnv is a sender wired to a loopback DNS server and a mapDialer.
+type senderEnv struct {
+	dns    *testenv.DNSServer
+	dialer *mapDialer
+	cfg    *SMTPConfig
+	pool   *pool
+	sender *sender
+}
+
+func newSenderEnv(t *testing.T, cfg SMTPConfig, routes map[string]string) *senderEnv {
+	t.Helper()
+	dns := testenv.StartDNS(t)
+	res, err := newDNSResolver(dns.Addr, time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	rt, err := parseRoutes(routes)
+	if err != nil {
+		t.Fatal(err)
+	}
+	dialer := newMapDialer(t)
+	p := newPool(cfg.IdleTimeout, cfg.MaxReuse)
+	t.Cleanup(p.close)
+	return &senderEnv{
+		dns:    dns,
+		dialer: dialer,
+		cfg:    &cfg,
+		pool:   p,
+		sender: &sender{
+			router:     newRouter(res, rt, cfg.Port, cfg.MaxHosts),
+			connector:  &connector{dialer: dialer, cfg: &cfg},
+			pool:       p,
+			dnsTimeout: 2 * time.Second,
+		},
+	}
+}
+
+// addMX publishes host as an MX of domain at ip and connects ip to srv.
+func (e *senderEnv) addMX(domain, host, ip string, pref uint16, srv *testenv.SMTPServer) {
+	e.dns.AddMX(domain, host, pref)
+	e.dns.AddA(host, ip)
+	if srv != nil {
+		e.dialer.route(ip, e.cfg.Port, srv.Addr)
+	}
+}
+
+func (e *senderEnv) attempt(t *testing.T, domain string, to ...string) attemptResult {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(t.Context(), 20*time.Second)
+	defer cancel()
+	return e.sender.attempt(ctx, envelope{Domain: domain, From: "bounce@sender.test", To: to, Data: testMessage("hello")})
+}
+
+// testMessage is a small RFC 5322 message with CRLF line ends.
+func testMessage(body string) []byte {
+	return []byte(strings.Join([]string{
+		"From: sender@sender.test",
+		"To: someone@example.test",
+		"Subject: test",
+		"Message-ID: <" + body + "@sender.test>",
+		"",
+		body,
+		"",
+	}, "\r\n"))
+}
+
+// waitFor polls cond until it holds or timeout passes.
+func waitFor(t testing.TB, timeout time.Duration, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(timeout)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out after %s waiting for %s", timeout, what)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}

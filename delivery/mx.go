@@ -1,0 +1,314 @@
+package delivery
+
+import (
+	"cmp"
+	"context"
+	"errors"
+	"fmt"
+	"math/rand/v2"
+	"net"
+	"net/netip"
+	"slices"
+	"strings"
+	"time"
+
+	"github.com/miekg/dns"
+)
+
+// resolver answers the DNS questions delivery asks. It is an interface so the
+// dispatcher gets it injected; the one implementation is dnsResolver.
+type resolver interface {
+	// lookupMX returns the MX records of domain. A domain that exists but
+	// has no MX records yields an empty slice and no error.
+	lookupMX(ctx context.Context, domain string) ([]mxRecord, error)
+	// lookupAddrs returns the IPv4 then IPv6 addresses of host. A host that
+	// exists without addresses yields an empty slice and no error.
+	lookupAddrs(ctx context.Context, host string) ([]netip.Addr, error)
+}
+
+// mxRecord is one MX record: exchange host (without the trailing dot) and
+// preference.
+type mxRecord struct {
+	Host string
+	Pref uint16
+}
+
+// dnsError is a failed lookup: an error rcode or no answer at all.
+type dnsError struct {
+	Name  string
+	Type  string
+	Rcode int   // dns.RcodeSuccess when Err is set
+	Err   error // transport error (timeout, refused), nil for an rcode
+}
+
+func (e *dnsError) Error() string {
+	if e.Err != nil {
+		return fmt.Sprintf("lookup %s %s: %v", e.Type, e.Name, e.Err)
+	}
+	return fmt.Sprintf("lookup %s %s: %s", e.Type, e.Name, dns.RcodeToString[e.Rcode])
+}
+
+func (e *dnsError) Unwrap() error { return e.Err }
+
+// notFound reports NXDOMAIN: the name does not exist, an answer that will not
+// change on retry.
+func (e *dnsError) notFound() bool { return e.Err == nil && e.Rcode == dns.RcodeNameError }
+
+func isNotFound(err error) bool {
+	de, ok := errors.AsType[*dnsError](err)
+	return ok && de.notFound()
+}
+
+// dnsResolver queries DNS servers with github.com/miekg/dns instead of the
+// system resolver, so that null MX, NXDOMAIN and SERVFAIL stay distinguishable
+// (net.Resolver folds them together) and the server is configurable.
+type dnsResolver struct {
+	servers []string
+	udp     *dns.Client
+	tcp     *dns.Client
+}
+
+// newDNSResolver returns a resolver that asks server ("host" or "host:port");
+// "" means the nameservers of /etc/resolv.conf. timeout bounds each exchange.
+func newDNSResolver(server string, timeout time.Duration) (*dnsResolver, error) {
+	var servers []string
+	if server == "" {
+		cc, err := dns.ClientConfigFromFile("/etc/resolv.conf")
+		if err != nil {
+			return nil, fmt.Errorf("read resolv.conf: %w", err)
+		}
+		for _, s := range cc.Servers {
+			servers = append(servers, net.JoinHostPort(s, cc.Port))
+		}
+		if len(servers) == 0 {
+			return nil, errors.New("resolv.conf lists no nameserver")
+		}
+	} else {
+		if _, _, err := net.SplitHostPort(server); err != nil {
+			server = net.JoinHostPort(strings.Trim(server, "[]"), "53")
+		}
+		servers = []string{server}
+	}
+	return &dnsResolver{
+		servers: servers,
+		udp:     &dns.Client{Net: "udp", Timeout: timeout, UDPSize: dns.DefaultMsgSize},
+		tcp:     &dns.Client{Net: "tcp", Timeout: timeout},
+	}, nil
+}
+
+// ednsSize is the EDNS0 buffer size the DNS flag day 2020 settled on: large
+// enough for MX answers, small enough to avoid IP fragmentation.
+const ednsSize = 1232
+
+// exchange asks each server in turn until one gives an answer that is not
+// SERVFAIL or REFUSED; a truncated UDP answer is repeated over TCP
+// (RFC 7766 section 5).
+func (r *dnsResolver) exchange(ctx context.Context, name string, qtype uint16) (*dns.Msg, error) {
+	m := new(dns.Msg)
+	m.SetQuestion(dns.Fqdn(name), qtype)
+	m.RecursionDesired = true
+	m.SetEdns0(ednsSize, false)
+	typ := dns.TypeToString[qtype]
+	var lastErr error
+	for _, server := range r.servers {
+		in, _, err := r.udp.ExchangeContext(ctx, m, server)
+		if err == nil && in.Truncated {
+			in, _, err = r.tcp.ExchangeContext(ctx, m, server)
+		}
+		if err != nil {
+			lastErr = &dnsError{Name: name, Type: typ, Err: err}
+			if ctx.Err() != nil {
+				break
+			}
+			continue
+		}
+		switch in.Rcode {
+		case dns.RcodeSuccess:
+			return in, nil
+		case dns.RcodeNameError:
+			return nil, &dnsError{Name: name, Type: typ, Rcode: in.Rcode}
+		default:
+			lastErr = &dnsError{Name: name, Type: typ, Rcode: in.Rcode}
+		}
+	}
+	return nil, lastErr
+}
+
+func (r *dnsResolver) lookupMX(ctx context.Context, domain string) ([]mxRecord, error) {
+	in, err := r.exchange(ctx, domain, dns.TypeMX)
+	if err != nil {
+		return nil, err
+	}
+	var out []mxRecord
+	for _, rr := range in.Answer {
+		// A recursive server puts the CNAME chain before the MX records,
+		// so the owner names are not checked against domain.
+		if mx, ok := rr.(*dns.MX); ok {
+			out = append(out, mxRecord{Host: strings.TrimSuffix(mx.Mx, "."), Pref: mx.Preference})
+		}
+	}
+	return out, nil
+}
+
+func (r *dnsResolver) lookupAddrs(ctx context.Context, host string) ([]netip.Addr, error) {
+	// IPv4 first: a sender's IPv4 addresses are the ones most likely to have
+	// the reverse DNS and reputation that receivers check.
+	var out []netip.Addr
+	for _, qtype := range []uint16{dns.TypeA, dns.TypeAAAA} {
+		in, err := r.exchange(ctx, host, qtype)
+		if err != nil {
+			if isNotFound(err) || len(out) == 0 {
+				return out, err
+			}
+			// The other family already answered; a failing AAAA lookup
+			// must not stop delivery over IPv4.
+			return out, nil
+		}
+		for _, rr := range in.Answer {
+			switch a := rr.(type) {
+			case *dns.A:
+				if ip, ok := netip.AddrFromSlice(a.A.To4()); ok {
+					out = append(out, ip)
+				}
+			case *dns.AAAA:
+				if ip, ok := netip.AddrFromSlice(a.AAAA.To16()); ok {
+					out = append(out, ip)
+				}
+			}
+		}
+	}
+	return out, nil
+}
+
+// target is one address to try for a domain.
+type target struct {
+	Host string // MX host name, or the route's host
+	Pref int    // MX preference; 0 for implicit MX and routes
+	IP   netip.Addr
+	Port int
+}
+
+func (t target) addr() string { return netip.AddrPortFrom(t.IP, uint16(t.Port)).String() }
+
+// router turns a recipient domain into the addresses to try, in order.
+type router struct {
+	res      resolver
+	routes   routeTable
+	port     int
+	maxHosts int
+	// shuffle reorders equal-preference hosts; injected so tests can pin it.
+	shuffle func(n int, swap func(i, j int))
+}
+
+func newRouter(res resolver, routes routeTable, port, maxHosts int) *router {
+	return &router{res: res, routes: routes, port: port, maxHosts: maxHosts, shuffle: rand.Shuffle}
+}
+
+// targets returns up to maxHosts addresses for domain. The error is an
+// *SMTPError that decides the outcome of every recipient when no address is
+// left to try.
+func (r *router) targets(ctx context.Context, domain string) ([]target, *SMTPError) {
+	domain = strings.ToLower(strings.TrimSuffix(domain, "."))
+	if rt, ok := r.routes.lookup(domain); ok {
+		return r.routeTargets(ctx, rt)
+	}
+
+	mxs, err := r.res.lookupMX(ctx, domain)
+	if err != nil {
+		if isNotFound(err) {
+			// RFC 3463 X.1.2: bad destination system address.
+			return nil, &SMTPError{Code: codePermFailure, EnhancedCode: "5.1.2",
+				Message: fmt.Sprintf("domain %s does not exist", domain), Err: err}
+		}
+		return nil, &SMTPError{Code: codeTempFailure, EnhancedCode: "4.4.3",
+			Message: fmt.Sprintf("MX lookup for %s failed", domain), Err: err}
+	}
+	// RFC 7505 section 3: a single MX record with an empty exchange ("."),
+	// preference 0, says the domain accepts no mail; section 4.1 asks for
+	// 5.1.10 without any connection attempt.
+	if len(mxs) == 1 && mxs[0].Host == "" && mxs[0].Pref == 0 {
+		return nil, &SMTPError{Code: codeNullMX, EnhancedCode: "5.1.10",
+			Message: fmt.Sprintf("domain %s does not accept mail (null MX)", domain)}
+	}
+	mxs = slices.DeleteFunc(mxs, func(m mxRecord) bool { return m.Host == "" })
+	if len(mxs) == 0 {
+		// RFC 5321 section 5.1: no MX records means the domain itself is
+		// the implicit MX, with preference 0.
+		mxs = []mxRecord{{Host: domain, Pref: 0}}
+	}
+	r.order(mxs)
+
+	var out []target
+	var tempErr error
+	for _, mx := range mxs {
+		if len(out) >= r.maxHosts {
+			break
+		}
+		ips, err := r.res.lookupAddrs(ctx, mx.Host)
+		if err != nil && !isNotFound(err) {
+			tempErr = err
+		}
+		for _, ip := range ips {
+			if len(out) >= r.maxHosts {
+				break
+			}
+			out = append(out, target{Host: mx.Host, Pref: int(mx.Pref), IP: ip, Port: r.port})
+		}
+		if ctx.Err() != nil {
+			break
+		}
+	}
+	if len(out) > 0 {
+		return out, nil
+	}
+	if tempErr != nil {
+		return nil, &SMTPError{Code: codeTempFailure, EnhancedCode: "4.4.3",
+			Message: fmt.Sprintf("address lookup for the MX hosts of %s failed", domain), Err: tempErr}
+	}
+	// RFC 3463 X.4.4: unable to route, every host lacks an address.
+	return nil, &SMTPError{Code: codePermFailure, EnhancedCode: "5.4.4",
+		Message: fmt.Sprintf("no address for the mail hosts of %s", domain)}
+}
+
+// order sorts by preference and shuffles hosts of equal preference: RFC 5321
+// section 5.1 asks senders to spread load randomly across them.
+func (r *router) order(mxs []mxRecord) {
+	slices.SortStableFunc(mxs, func(a, b mxRecord) int { return cmp.Compare(a.Pref, b.Pref) })
+	for i := 0; i < len(mxs); {
+		j := i + 1
+		for j < len(mxs) && mxs[j].Pref == mxs[i].Pref {
+			j++
+		}
+		group := mxs[i:j]
+		r.shuffle(len(group), func(a, b int) { group[a], group[b] = group[b], group[a] })
+		i = j
+	}
+}
+
+// routeTargets resolves a static route. Failures are temporary: the route is
+// the operator's configuration, not something the recipient can fix.
+func (r *router) routeTargets(ctx context.Context, rt route) ([]target, *SMTPError) {
+	port := rt.Port
+	if port == 0 {
+		port = r.port
+	}
+	if ip, err := netip.ParseAddr(rt.Host); err == nil {
+		return []target{{Host: rt.Host, IP: ip.Unmap(), Port: port}}, nil
+	}
+	ips, err := r.res.lookupAddrs(ctx, rt.Host)
+	if err == nil && len(ips) == 0 {
+		err = errors.New("no addresses")
+	}
+	if err != nil {
+		return nil, &SMTPError{Code: codeTempFailure, EnhancedCode: "4.4.3",
+			Message: fmt.Sprintf("route host %s cannot be resolved", rt.Host), Err: err}
+	}
+	var out []target
+	for _, ip := range ips {
+		if len(out) >= r.maxHosts {
+			break
+		}
+		out = append(out, target{Host: rt.Host, IP: ip, Port: port})
+	}
+	return out, nil
+}

@@ -1,0 +1,310 @@
+package delivery
+
+import (
+	"bufio"
+	"context"
+	"crypto/tls"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/textproto"
+	"strings"
+	"time"
+
+	"github.com/emersion/go-smtp"
+)
+
+// Dialer opens network connections. *net.Dialer implements it; another
+// implementation can bind a source address or route through a proxy.
+type Dialer interface {
+	DialContext(ctx context.Context, network, address string) (net.Conn, error)
+}
+
+// smtpConn is one SMTP connection, past the greeting, EHLO and (when the
+// server offered it) STARTTLS, ready for transactions.
+type smtpConn struct {
+	target     target
+	raw        net.Conn // the TCP connection; deadlines set here reach through TLS
+	conn       net.Conn // what the client talks to: raw, or TLS over raw
+	client     *smtp.Client
+	tls        bool
+	tlsVersion string // "TLS 1.3"; "" without TLS
+	uses       int    // transactions started on this connection
+	broken     bool   // unusable for another transaction
+	cfg        *SMTPConfig
+
+	idle *time.Timer // set while the connection waits in the pool
+}
+
+// connector opens SMTP connections. The dialer is injected.
+type connector struct {
+	dialer Dialer
+	cfg    *SMTPConfig
+}
+
+// errTLSHandshake marks a failed TLS handshake, after which a connection in
+// plain text may still be possible.
+type errTLSHandshake struct{ err error }
+
+func (e *errTLSHandshake) Error() string { return "TLS handshake: " + e.err.Error() }
+func (e *errTLSHandshake) Unwrap() error { return e.err }
+
+// dial connects to t. TLS is opportunistic, as RFC 3207 section 4 and
+// RFC 7435 describe for server-to-server mail: STARTTLS is used when offered,
+// and when the handshake fails with certificate checks off the connection is
+// retried in plain text (a server that fails TLS would otherwise defer our
+// mail forever). With VerifyTLS a failed handshake fails the host: falling
+// back would let anyone who can break the handshake disable verification.
+func (c *connector) dial(ctx context.Context, t target) (*smtpConn, error) {
+	sc, err := c.open(ctx, t, true)
+	if err != nil && !c.cfg.VerifyTLS {
+		if _, ok := errors.AsType[*errTLSHandshake](err); ok && ctx.Err() == nil {
+			return c.open(ctx, t, false)
+		}
+	}
+	return sc, err
+}
+
+func (c *connector) open(ctx context.Context, t target, useTLS bool) (sc *smtpConn, err error) {
+	dctx, cancel := context.WithTimeout(ctx, c.cfg.ConnectTimeout)
+	raw, err := c.dialer.DialContext(dctx, "tcp", t.addr())
+	cancel()
+	if err != nil {
+		return nil, fmt.Errorf("connect to %s [%s]: %w", t.Host, t.addr(), err)
+	}
+	// go-smtp's client takes no context: closing the connection is how a
+	// cancelled context interrupts a blocked read or write.
+	stop := context.AfterFunc(ctx, func() { raw.Close() })
+	defer func() {
+		if !stop() && err == nil {
+			err = fmt.Errorf("connect to %s [%s]: %w", t.Host, t.addr(), context.Cause(ctx))
+		}
+		if err != nil {
+			raw.Close()
+			sc = nil
+		}
+	}()
+
+	sc = &smtpConn{target: t, raw: raw, conn: raw, cfg: c.cfg}
+	sc.client = c.newClient(raw)
+	// Hello reads the greeting, then sends EHLO; any reply but 220 to the
+	// greeting is an error here, and the caller moves on to the next host.
+	if err := sc.client.Hello(c.cfg.Hostname); err != nil {
+		return nil, fmt.Errorf("greeting from %s [%s]: %w", t.Host, t.addr(), err)
+	}
+	if !useTLS {
+		return sc, nil
+	}
+	if ok, _ := sc.client.Extension("STARTTLS"); !ok {
+		return sc, nil
+	}
+	tlsConn, err := c.startTLS(ctx, sc)
+	if err != nil {
+		if _, ok := errors.AsType[*textproto.Error](err); ok && !brokenConnection(err) {
+			// The server refused STARTTLS; the session goes on in plain
+			// text (RFC 3207 section 4).
+			return sc, nil
+		}
+		return nil, fmt.Errorf("STARTTLS with %s [%s]: %w", t.Host, t.addr(), err)
+	}
+	// The SMTP session restarts after STARTTLS (RFC 3207 section 4.2) but
+	// the server sends no new greeting; go-smtp's client reads one before
+	// its EHLO, so it is given a stand-in.
+	sc.conn = &greetedConn{Conn: tlsConn, r: io.MultiReader(strings.NewReader("220 TLS session\r\n"), tlsConn)}
+	sc.client = c.newClient(sc.conn)
+	if err := sc.client.Hello(c.cfg.Hostname); err != nil {
+		return nil, fmt.Errorf("EHLO over TLS with %s [%s]: %w", t.Host, t.addr(), err)
+	}
+	state := tlsConn.ConnectionState()
+	sc.tls = true
+	sc.tlsVersion = tls.VersionName(state.Version)
+	return sc, nil
+}
+
+func (c *connector) newClient(conn net.Conn) *smtp.Client {
+	cl := smtp.NewClient(conn)
+	cl.CommandTimeout = c.cfg.CommandTimeout
+	cl.SubmissionTimeout = c.cfg.DataTimeout
+	return cl
+}
+
+// startTLS sends STARTTLS and runs the handshake. go-smtp v0.25's client can
+// only start TLS right after its own EHLO as "localhost", so the command is
+// written here, on the connection the client has finished reading from.
+func (c *connector) startTLS(ctx context.Context, sc *smtpConn) (*tls.Conn, error) {
+	if _, err := sc.command("STARTTLS", 220); err != nil {
+		return nil, err
+	}
+	cfg := &tls.Config{
+		ServerName: sc.target.Host,
+		// Most MX hosts present certificates that do not verify (RFC 7435
+		// section 1.2), and a failed check would only push the mail back to
+		// plain text: encryption without verification is still better.
+		InsecureSkipVerify: !c.cfg.VerifyTLS,
+		MinVersion:         tls.VersionTLS12,
+	}
+	tlsConn := tls.Client(sc.raw, cfg)
+	hctx, cancel := context.WithTimeout(ctx, c.cfg.CommandTimeout)
+	defer cancel()
+	if err := tlsConn.HandshakeContext(hctx); err != nil {
+		return nil, &errTLSHandshake{err: err}
+	}
+	return tlsConn, nil
+}
+
+// command writes one command line directly and reads its reply, bypassing
+// the client; it is only used between replies, when the client has nothing
+// buffered.
+func (sc *smtpConn) command(line string, expect int) (string, error) {
+	sc.conn.SetDeadline(time.Now().Add(sc.cfg.CommandTimeout))
+	defer sc.conn.SetDeadline(time.Time{})
+	if _, err := io.WriteString(sc.conn, line+"\r\n"); err != nil {
+		return "", err
+	}
+	_, msg, err := textproto.NewReader(bufio.NewReaderSize(sc.conn, 512)).ReadResponse(expect)
+	return msg, err
+}
+
+// reset sends RSET. go-smtp's Client.Reset also forgets the EHLO and repeats
+// it before the next MAIL; RSET alone keeps the session (RFC 5321 section
+// 4.1.1.5), so reuse costs one round trip rather than two.
+func (sc *smtpConn) reset(ctx context.Context) error {
+	stop := context.AfterFunc(ctx, func() { sc.raw.Close() })
+	defer stop()
+	if _, err := sc.command("RSET", 250); err != nil {
+		sc.broken = true
+		return err
+	}
+	return nil
+}
+
+// quit ends the session politely (RFC 5321 section 4.1.1.10) and closes the
+// connection.
+func (sc *smtpConn) quit() {
+	if !sc.broken {
+		// A server that has gone quiet should not hold up shutdown.
+		sc.client.CommandTimeout = min(sc.cfg.CommandTimeout, 10*time.Second)
+		if err := sc.client.Quit(); err == nil {
+			return
+		}
+	}
+	sc.raw.Close()
+}
+
+// greetedConn replays a greeting before the bytes of the wrapped connection.
+type greetedConn struct {
+	net.Conn
+	r io.Reader
+}
+
+func (g *greetedConn) Read(p []byte) (int, error) { return g.r.Read(p) }
+
+// reply is a server reply that accepted the message.
+type reply struct {
+	Code         int
+	EnhancedCode string
+	Text         string
+}
+
+// rcptResult is what one transaction did for one recipient.
+type rcptResult struct {
+	Err   *SMTPError // nil: the server took responsibility for the message
+	Reply reply      // the reply to the end of DATA, when Err is nil
+}
+
+// transaction runs MAIL, RCPT for each recipient, DATA. A 5yz reply to RCPT
+// fails only that recipient; a reply to DATA applies to every recipient the
+// server accepted (RFC 5321 section 3.3). Errors that are not replies leave
+// the connection broken and every undecided recipient with that error.
+func (sc *smtpConn) transaction(ctx context.Context, from string, rcpts []string, data []byte) []rcptResult {
+	sc.uses++
+	stop := context.AfterFunc(ctx, func() { sc.raw.Close() })
+	defer func() {
+		if !stop() {
+			sc.broken = true
+		}
+	}()
+
+	results := make([]rcptResult, len(rcpts))
+	decided := make([]bool, len(rcpts))
+	failRest := func(err error) []rcptResult {
+		se := asSMTPError(err)
+		if ctx.Err() != nil && !isReply(err) {
+			// The connection was closed under the client because the
+			// context ended; say so rather than "use of closed connection".
+			se = asSMTPError(fmt.Errorf("%w: %w", context.Cause(ctx), err))
+		}
+		for i := range results {
+			if !decided[i] {
+				results[i].Err = se
+				decided[i] = true
+			}
+		}
+		if brokenConnection(err) {
+			sc.broken = true
+		}
+		return results
+	}
+
+	// SIZE (RFC 1870) is sent only when the server advertised it; go-smtp
+	// checks the EHLO keywords.
+	if err := sc.client.Mail(from, &smtp.MailOptions{Size: int64(len(data))}); err != nil {
+		return failRest(err)
+	}
+	accepted := 0
+	for i, rcpt := range rcpts {
+		err := sc.client.Rcpt(rcpt, nil)
+		if err == nil {
+			accepted++
+			continue
+		}
+		if brokenConnection(err) {
+			return failRest(err)
+		}
+		results[i].Err = asSMTPError(err)
+		decided[i] = true
+	}
+	if accepted == 0 {
+		// No recipient left: end the transaction instead of sending DATA
+		// that the server would refuse (RFC 5321 section 3.3).
+		if err := sc.reset(ctx); err != nil {
+			sc.broken = true
+		}
+		return results
+	}
+
+	w, err := sc.client.Data()
+	if err != nil {
+		return failRest(err)
+	}
+	// go-smtp sets no deadline while the body is written: without one, a
+	// server that stops reading would block this write for good.
+	sc.raw.SetWriteDeadline(time.Now().Add(sc.cfg.DataTimeout))
+	if _, err := w.Write(data); err != nil {
+		sc.broken = true
+		return failRest(err)
+	}
+	resp, err := w.CloseWithResponse()
+	if err != nil {
+		return failRest(err)
+	}
+	code, text := splitEnhancedCode(resp.StatusText)
+	for i := range results {
+		if !decided[i] {
+			results[i].Reply = reply{Code: 250, EnhancedCode: code, Text: text}
+			decided[i] = true
+		}
+	}
+	return results
+}
+
+// isReply reports whether err is a reply from the server, as opposed to a
+// failure to get one.
+func isReply(err error) bool {
+	if _, ok := errors.AsType[*smtp.SMTPError](err); ok {
+		return true
+	}
+	_, ok := errors.AsType[*textproto.Error](err)
+	return ok
+}

@@ -1,0 +1,363 @@
+package testenv
+
+import (
+	"bytes"
+	"context"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/tls"
+	"crypto/x509"
+	"crypto/x509/pkix"
+	"errors"
+	"fmt"
+	"io"
+	"log"
+	"math/big"
+	"net"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/emersion/go-smtp"
+)
+
+// SMTPServer is a go-smtp server on loopback that records the messages it
+// accepts and answers RCPT and DATA by the rules a test gives.
+type SMTPServer struct {
+	// Addr is "127.0.0.1:port".
+	Addr string
+	// Host is "127.0.0.1".
+	Host string
+	// Port is the listening port.
+	Port int
+
+	opts smtpOptions
+	srv  *smtp.Server
+	ln   *trackingListener
+	done chan struct{} // closed at cleanup; releases stalled sessions
+	wg   sync.WaitGroup
+
+	mu       sync.Mutex
+	msgs     []ReceivedMessage
+	changed  chan struct{} // closed and replaced when msgs grows
+	commands map[string]int
+}
+
+// ReceivedMessage is a message the server accepted (250 to DATA).
+type ReceivedMessage struct {
+	From string
+	To   []string
+	Data []byte
+	// Size is the SIZE parameter of MAIL FROM (RFC 1870), 0 when the client
+	// sent none.
+	Size int
+	// Helo is the name the client gave in EHLO.
+	Helo string
+	// TLS reports whether the message came over STARTTLS.
+	TLS bool
+}
+
+// SMTPOption configures StartSMTP.
+type SMTPOption func(*smtpOptions)
+
+type smtpOptions struct {
+	rcptReply func(to string) *smtp.SMTPError
+	dataReply func(from string, to []string, data []byte) *smtp.SMTPError
+	tls       bool
+	brokenTLS bool
+	greeting  *smtp.SMTPError
+	stall     bool
+}
+
+// WithRcptReply answers RCPT TO with f(to); a nil result accepts.
+func WithRcptReply(f func(to string) *smtp.SMTPError) SMTPOption {
+	return func(o *smtpOptions) { o.rcptReply = f }
+}
+
+// WithDataReply answers the end of DATA with f(from, to, data); a nil result
+// accepts and records the message.
+func WithDataReply(f func(from string, to []string, data []byte) *smtp.SMTPError) SMTPOption {
+	return func(o *smtpOptions) { o.dataReply = f }
+}
+
+// WithTLS offers STARTTLS with a self-signed certificate for 127.0.0.1 and
+// localhost, generated in the process.
+func WithTLS() SMTPOption { return func(o *smtpOptions) { o.tls = true } }
+
+// WithBrokenTLS offers STARTTLS but fails every handshake.
+func WithBrokenTLS() SMTPOption { return func(o *smtpOptions) { o.brokenTLS = true } }
+
+// WithGreeting answers every connection with reply instead of a 220
+// greeting, then closes it, like a server that is busy or refuses mail.
+func WithGreeting(reply *smtp.SMTPError) SMTPOption {
+	return func(o *smtpOptions) { o.greeting = reply }
+}
+
+// WithStalledData makes the server stop reading once DATA is accepted, as a
+// hung server would; the session is released when the server stops.
+func WithStalledData() SMTPOption { return func(o *smtpOptions) { o.stall = true } }
+
+// StartSMTP starts an SMTP server on 127.0.0.1:0 that advertises SIZE and
+// stops it in t.Cleanup.
+func StartSMTP(t testing.TB, opts ...SMTPOption) *SMTPServer {
+	t.Helper()
+	s := &SMTPServer{
+		done:     make(chan struct{}),
+		changed:  make(chan struct{}),
+		commands: make(map[string]int),
+	}
+	for _, o := range opts {
+		o(&s.opts)
+	}
+
+	srv := smtp.NewServer(smtpBackend{s})
+	srv.Domain = "mx.test"
+	srv.AllowInsecureAuth = true
+	// A limit makes go-smtp advertise it as "SIZE n" (RFC 1870).
+	srv.MaxMessageBytes = 64 << 20
+	srv.MaxRecipients = 1000
+	srv.ErrorLog = log.New(io.Discard, "", 0)
+	srv.Debug = commandCounter{s}
+	switch {
+	case s.opts.brokenTLS:
+		srv.TLSConfig = &tls.Config{GetCertificate: func(*tls.ClientHelloInfo) (*tls.Certificate, error) {
+			return nil, errors.New("no certificate")
+		}}
+	case s.opts.tls:
+		cert, err := selfSignedCert()
+		if err != nil {
+			t.Fatalf("testenv: certificate: %v", err)
+		}
+		srv.TLSConfig = &tls.Config{Certificates: []tls.Certificate{cert}}
+	}
+	s.srv = srv
+
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatalf("testenv: SMTP listen: %v", err)
+	}
+	s.ln = &trackingListener{Listener: ln, greeting: s.opts.greeting, conns: make(map[net.Conn]struct{})}
+	addr := ln.Addr().(*net.TCPAddr)
+	s.Addr, s.Host, s.Port = addr.String(), addr.IP.String(), addr.Port
+
+	s.wg.Go(func() { srv.Serve(s.ln) })
+	t.Cleanup(s.close)
+	return s
+}
+
+func (s *SMTPServer) close() {
+	close(s.done)
+	s.ln.Close()
+	s.ln.closeConns()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	// Shutdown waits for the connection goroutines, which end now that
+	// their connections are closed.
+	if err := s.srv.Shutdown(ctx); err != nil {
+		s.srv.Close()
+	}
+	s.wg.Wait()
+}
+
+// Messages returns the messages accepted so far.
+func (s *SMTPServer) Messages() []ReceivedMessage {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return append([]ReceivedMessage(nil), s.msgs...)
+}
+
+// WaitMessages waits until at least n messages were accepted and returns
+// them; it fails the test after timeout. Call it from the test goroutine.
+func (s *SMTPServer) WaitMessages(t testing.TB, n int, timeout time.Duration) []ReceivedMessage {
+	t.Helper()
+	timer := time.NewTimer(timeout)
+	defer timer.Stop()
+	for {
+		s.mu.Lock()
+		msgs, changed := s.msgs, s.changed
+		s.mu.Unlock()
+		if len(msgs) >= n {
+			return append([]ReceivedMessage(nil), msgs...)
+		}
+		select {
+		case <-changed:
+		case <-timer.C:
+			t.Fatalf("testenv: %s received %d messages, want %d within %s", s.Addr, len(msgs), n, timeout)
+			return nil
+		}
+	}
+}
+
+// Connections returns the number of connections accepted so far.
+func (s *SMTPServer) Connections() int {
+	s.ln.mu.Lock()
+	defer s.ln.mu.Unlock()
+	return s.ln.accepted
+}
+
+// Commands returns how many times clients sent the command verb ("RSET",
+// "QUIT", "EHLO", "STARTTLS"...). Lines of message bodies that start with a
+// verb are counted too.
+func (s *SMTPServer) Commands(verb string) int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.commands[strings.ToUpper(verb)]
+}
+
+func (s *SMTPServer) record(m ReceivedMessage) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.msgs = append(s.msgs, m)
+	close(s.changed)
+	s.changed = make(chan struct{})
+}
+
+// commandCounter reads go-smtp's debug stream, which carries both
+// directions; client commands are the lines that start with a letter, server
+// replies start with digits.
+type commandCounter struct{ s *SMTPServer }
+
+func (c commandCounter) Write(p []byte) (int, error) {
+	c.s.mu.Lock()
+	defer c.s.mu.Unlock()
+	for line := range strings.SplitSeq(string(p), "\r\n") {
+		verb, _, _ := strings.Cut(line, " ")
+		if verb == "" || verb[0] < 'A' || verb[0] > 'z' {
+			continue
+		}
+		c.s.commands[strings.ToUpper(verb)]++
+	}
+	return len(p), nil
+}
+
+// trackingListener counts connections, keeps them for closing at cleanup,
+// and answers them with a fixed greeting when one is set.
+type trackingListener struct {
+	net.Listener
+	greeting *smtp.SMTPError
+
+	mu       sync.Mutex
+	accepted int
+	conns    map[net.Conn]struct{}
+}
+
+func (l *trackingListener) Accept() (net.Conn, error) {
+	for {
+		c, err := l.Listener.Accept()
+		if err != nil {
+			return nil, err
+		}
+		l.mu.Lock()
+		l.accepted++
+		l.conns[c] = struct{}{}
+		l.mu.Unlock()
+		if l.greeting == nil {
+			return c, nil
+		}
+		ec := l.greeting.EnhancedCode
+		fmt.Fprintf(c, "%d %d.%d.%d %s\r\n", l.greeting.Code, ec[0], ec[1], ec[2], l.greeting.Message)
+		c.Close()
+	}
+}
+
+// DropConnections closes the server's side of every open connection, as a
+// server that restarts or drops idle clients would.
+func (s *SMTPServer) DropConnections() { s.ln.closeConns() }
+
+func (l *trackingListener) closeConns() {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	for c := range l.conns {
+		c.Close()
+	}
+}
+
+type smtpBackend struct{ s *SMTPServer }
+
+func (b smtpBackend) NewSession(c *smtp.Conn) (smtp.Session, error) {
+	_, isTLS := c.TLSConnectionState()
+	return &smtpSession{s: b.s, helo: c.Hostname(), tls: isTLS}, nil
+}
+
+type smtpSession struct {
+	s    *SMTPServer
+	helo string
+	tls  bool
+	from string
+	size int
+	to   []string
+}
+
+func (ss *smtpSession) Reset() {
+	ss.from, ss.size, ss.to = "", 0, nil
+}
+
+func (ss *smtpSession) Logout() error { return nil }
+
+func (ss *smtpSession) Mail(from string, opts *smtp.MailOptions) error {
+	ss.from = from
+	ss.size = 0
+	if opts != nil {
+		ss.size = int(opts.Size)
+	}
+	return nil
+}
+
+func (ss *smtpSession) Rcpt(to string, _ *smtp.RcptOptions) error {
+	if f := ss.s.opts.rcptReply; f != nil {
+		// A nil *SMTPError must not become a non-nil error.
+		if reply := f(to); reply != nil {
+			return reply
+		}
+	}
+	ss.to = append(ss.to, to)
+	return nil
+}
+
+func (ss *smtpSession) Data(r io.Reader) error {
+	if ss.s.opts.stall {
+		<-ss.s.done
+		return &smtp.SMTPError{Code: 421, EnhancedCode: smtp.EnhancedCode{4, 3, 2}, Message: "shutting down"}
+	}
+	data, err := io.ReadAll(r)
+	if err != nil {
+		return err
+	}
+	to := append([]string(nil), ss.to...)
+	if f := ss.s.opts.dataReply; f != nil {
+		if reply := f(ss.from, to, data); reply != nil {
+			return reply
+		}
+	}
+	ss.s.record(ReceivedMessage{From: ss.from, To: to, Data: bytes.Clone(data), Size: ss.size, Helo: ss.helo, TLS: ss.tls})
+	return nil
+}
+
+// selfSignedCert makes a certificate for 127.0.0.1, ::1 and localhost.
+func selfSignedCert() (tls.Certificate, error) {
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		return tls.Certificate{}, err
+	}
+	serial, err := rand.Int(rand.Reader, new(big.Int).Lsh(big.NewInt(1), 62))
+	if err != nil {
+		return tls.Certificate{}, err
+	}
+	tmpl := &x509.Certificate{
+		SerialNumber: serial,
+		Subject:      pkix.Name{CommonName: "localhost"},
+		NotBefore:    time.Now().Add(-time.Hour),
+		NotAfter:     time.Now().Add(24 * time.Hour),
+		KeyUsage:     x509.KeyUsageDigitalSignature,
+		ExtKeyUsage:  []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
+		DNSNames:     []string{"localhost"},
+		IPAddresses:  []net.IP{net.IPv4(127, 0, 0, 1), net.IPv6loopback},
+	}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
+	if err != nil {
+		return tls.Certificate{}, err
+	}
+	return tls.Certificate{Certificate: [][]byte{der}, PrivateKey: key}, nil
+}

@@ -1,0 +1,88 @@
+package service
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"strings"
+
+	"github.com/google/uuid"
+	"google.golang.org/grpc/metadata"
+
+	"github.com/posthaste/posthaste/db"
+)
+
+// authMetadataKey carries the API key. The REST gateway forwards the HTTP
+// Authorization header under the same name.
+const authMetadataKey = "authorization"
+
+// apiKeyIDKey is the context key under which an authenticated call carries
+// the id of its API key.
+type apiKeyIDKey struct{}
+
+// withAPIKeyID returns ctx carrying the id of the caller's API key.
+func withAPIKeyID(ctx context.Context, id uuid.UUID) context.Context {
+	return context.WithValue(ctx, apiKeyIDKey{}, id)
+}
+
+// apiKeyIDFrom returns the id put in ctx by authentication.
+func apiKeyIDFrom(ctx context.Context) (uuid.UUID, bool) {
+	id, ok := ctx.Value(apiKeyIDKey{}).(uuid.UUID)
+	return id, ok
+}
+
+// requireAPIKeyID returns the caller's key id, failing closed when a handler
+// is reached without authentication (a wiring mistake, not a caller's).
+func requireAPIKeyID(ctx context.Context) (uuid.UUID, error) {
+	id, ok := apiKeyIDFrom(ctx)
+	if !ok {
+		return uuid.Nil, &unauthenticatedError{reason: "missing API key"}
+	}
+	return id, nil
+}
+
+// authenticator checks the bearer key in incoming metadata against the
+// database.
+type authenticator struct {
+	store *db.DB
+}
+
+// authenticate returns ctx carrying the caller's key id.
+func (a authenticator) authenticate(ctx context.Context) (context.Context, error) {
+	md, _ := metadata.FromIncomingContext(ctx)
+	values := md.Get(authMetadataKey)
+	if len(values) == 0 {
+		return nil, &unauthenticatedError{reason: "missing API key (authorization: Bearer <key>)"}
+	}
+	if len(values) > 1 {
+		return nil, &unauthenticatedError{reason: "more than one authorization value"}
+	}
+	key, ok := bearerToken(values[0])
+	if !ok {
+		return nil, &unauthenticatedError{reason: "authorization must use the Bearer scheme"}
+	}
+	if !plausibleAPIKey(key) {
+		return nil, &unauthenticatedError{reason: "invalid API key"}
+	}
+	k, err := a.store.LookupAPIKey(ctx, HashAPIKey(key))
+	if errors.Is(err, db.ErrNotFound) {
+		// Unknown and revoked keys get the same answer so a caller cannot
+		// tell which keys once existed.
+		return nil, &unauthenticatedError{reason: "invalid API key"}
+	}
+	if err != nil {
+		return nil, fmt.Errorf("look up api key: %w", err)
+	}
+	return withAPIKeyID(ctx, k.ID), nil
+}
+
+// bearerToken extracts the token of an RFC 6750 section 2.1 credential.
+// The scheme name is case-insensitive (RFC 9110 section 11.1).
+func bearerToken(v string) (string, bool) {
+	scheme, token, ok := strings.Cut(strings.TrimSpace(v), " ")
+	if !ok || !strings.EqualFold(scheme, "Bearer") {
+		return "", false
+	}
+	token = strings.TrimSpace(token)
+	return token, token != ""
+}

@@ -1,0 +1,119 @@
+package service
+
+import (
+	"errors"
+	"fmt"
+	"log/slog"
+	"os"
+	"strings"
+	"time"
+
+	"github.com/posthaste/posthaste/delivery/message"
+)
+
+// Defaults for Config.
+const (
+	// DefaultMaxRecipients is the default limit on to, cc and bcc entries of one message.
+	DefaultMaxRecipients = 50
+	// DefaultMaxMessageBytes is the default limit on a message's encoded size.
+	DefaultMaxMessageBytes int64 = 10 << 20
+	// DefaultIdempotencyTTL is how long an idempotency key is remembered by default.
+	DefaultIdempotencyTTL = 24 * time.Hour
+)
+
+// fallbackHostname is the Message-ID domain of last resort, as in sendmail.
+const fallbackHostname = "localhost.localdomain"
+
+// Config configures a Server.
+type Config struct {
+	// MaxRecipients limits the entries in to, cc and bcc together (and the
+	// recipients of a raw message). Defaults to 50.
+	MaxRecipients int
+	// MaxMessageBytes limits the size of the message as stored and sent: the
+	// encoded MIME, attachments in base64 included. Defaults to 10 MiB.
+	MaxMessageBytes int64
+	// Hostname names this host in a Message-ID when the sender's domain cannot
+	// be used, such as an address literal. It must be a fully qualified
+	// domain name. Defaults to os.Hostname() when that is fully qualified,
+	// else localhost.localdomain.
+	Hostname string
+	// IdempotencyTTL is how long an idempotency key and its answer are kept.
+	// Defaults to 24h.
+	IdempotencyTTL time.Duration
+	// Logger receives errors that are not the caller's fault. Defaults to a
+	// logger that discards everything.
+	Logger *slog.Logger
+}
+
+// WithDefaults returns c with zero fields set to their defaults.
+func (c Config) WithDefaults() Config {
+	if c.MaxRecipients == 0 {
+		c.MaxRecipients = DefaultMaxRecipients
+	}
+	if c.MaxMessageBytes == 0 {
+		c.MaxMessageBytes = DefaultMaxMessageBytes
+	}
+	if c.Hostname == "" {
+		c.Hostname = fallbackHostname
+		// A Message-ID's id-right should be a fully qualified domain
+		// (RFC 5322 section 3.6.4); container host names often are not.
+		if h, err := os.Hostname(); err == nil && strings.Contains(strings.Trim(h, "."), ".") {
+			c.Hostname = strings.ToLower(strings.TrimSuffix(h, "."))
+		}
+	}
+	if c.IdempotencyTTL == 0 {
+		c.IdempotencyTTL = DefaultIdempotencyTTL
+	}
+	if c.Logger == nil {
+		c.Logger = slog.New(slog.DiscardHandler)
+	}
+	return c
+}
+
+func (c Config) validate() error {
+	if c.MaxRecipients < 1 {
+		return fmt.Errorf("MaxRecipients must be at least 1, got %d", c.MaxRecipients)
+	}
+	// Below a few KiB not even the headers of an ordinary message fit.
+	if c.MaxMessageBytes < 4<<10 {
+		return fmt.Errorf("MaxMessageBytes must be at least 4096, got %d", c.MaxMessageBytes)
+	}
+	// gRPC message sizes are int32 on the wire side of the library; the
+	// server accepts requests up to twice this limit.
+	if c.MaxMessageBytes > 512<<20 {
+		return fmt.Errorf("MaxMessageBytes must be at most 512 MiB, got %d", c.MaxMessageBytes)
+	}
+	if c.Hostname == "" {
+		return errors.New("Hostname is required (os.Hostname gave none)")
+	}
+	if !isHostname(c.Hostname) || !strings.Contains(c.Hostname, ".") {
+		return fmt.Errorf("Hostname %q is not a fully qualified host name", c.Hostname)
+	}
+	if _, _, err := message.NormalizeMailbox("postmaster@" + c.Hostname); err != nil {
+		return fmt.Errorf("Hostname %q cannot be a Message-ID domain: %w", c.Hostname, err)
+	}
+	if c.IdempotencyTTL <= 0 {
+		return fmt.Errorf("IdempotencyTTL must be positive, got %s", c.IdempotencyTTL)
+	}
+	return nil
+}
+
+// isHostname reports whether h is made of LDH labels (RFC 1123 section
+// 2.1), which is what a Message-ID's id-right may safely hold.
+func isHostname(h string) bool {
+	if len(h) > 253 {
+		return false
+	}
+	for label := range strings.SplitSeq(h, ".") {
+		if label == "" || len(label) > 63 || label[0] == '-' || label[len(label)-1] == '-' {
+			return false
+		}
+		for i := 0; i < len(label); i++ {
+			c := label[i]
+			if !(c >= 'a' && c <= 'z' || c >= 'A' && c <= 'Z' || c >= '0' && c <= '9' || c == '-') {
+				return false
+			}
+		}
+	}
+	return true
+}

@@ -1,0 +1,168 @@
+package gateway
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net/http"
+	"regexp"
+	"strconv"
+	"strings"
+	"unicode"
+
+	"github.com/grpc-ecosystem/grpc-gateway/v2/runtime"
+	"google.golang.org/grpc/codes"
+)
+
+// requestBody wraps a request body to remember what went wrong with it, so
+// the error handler can answer 413 or name the bad JSON field: grpc-gateway
+// flattens decoding errors into a status string before the handler sees
+// them.
+type requestBody struct {
+	io.ReadCloser
+	tooLarge  bool
+	decodeErr *errorDetail
+}
+
+func (b *requestBody) Read(p []byte) (int, error) {
+	n, err := b.ReadCloser.Read(p)
+	var mbe *http.MaxBytesError
+	if errors.As(err, &mbe) {
+		b.tooLarge = true
+	}
+	return n, err
+}
+
+type bodyKey struct{}
+
+func bodyFrom(ctx context.Context) *requestBody {
+	b, _ := ctx.Value(bodyKey{}).(*requestBody)
+	return b
+}
+
+// limitBody refuses bodies over the limit: at once when Content-Length
+// says so, else when reading crosses it.
+func (g *gateway) limitBody(next http.Handler) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.ContentLength > g.maxBodyBytes {
+			g.writeError(w, r, g.bodyTooLarge())
+			return
+		}
+		b := &requestBody{ReadCloser: http.MaxBytesReader(w, r.Body, g.maxBodyBytes)}
+		r.Body = b
+		next.ServeHTTP(w, r.WithContext(context.WithValue(r.Context(), bodyKey{}, b)))
+	})
+}
+
+func (g *gateway) bodyTooLarge() errorDetail {
+	return errorDetail{
+		Code:    http.StatusRequestEntityTooLarge,
+		Status:  statusName(codes.ResourceExhausted),
+		Message: "request body larger than " + strconv.FormatInt(g.maxBodyBytes, 10) + " bytes",
+	}
+}
+
+// jsonMarshaler is grpc-gateway's protojson marshaler with a stricter
+// decoder: exactly one JSON value per body, and errors recorded in a form
+// the error handler can show.
+type jsonMarshaler struct {
+	runtime.JSONPb
+}
+
+// NewDecoder returns a decoder for a request body.
+func (m *jsonMarshaler) NewDecoder(r io.Reader) runtime.Decoder {
+	return runtime.DecoderFunc(func(v any) error {
+		err := m.decode(r, v)
+		if err == nil || errors.Is(err, io.EOF) {
+			// io.EOF (empty body) is how the generated code learns there is
+			// nothing to decode; it must pass through unchanged.
+			return err
+		}
+		d := decodeErrorDetail(err)
+		if b, ok := r.(*requestBody); ok {
+			b.decodeErr = &d
+		}
+		return errors.New(d.Message)
+	})
+}
+
+func (m *jsonMarshaler) decode(r io.Reader, v any) error {
+	dec := json.NewDecoder(r)
+	var raw json.RawMessage
+	if err := dec.Decode(&raw); err != nil {
+		return err
+	}
+	// A second value or trailing garbage is a malformed body, not something
+	// to ignore; reading to the end also makes the size limit apply to it.
+	if _, err := dec.Token(); !errors.Is(err, io.EOF) {
+		var mbe *http.MaxBytesError
+		if errors.As(err, &mbe) {
+			return err
+		}
+		return errTrailingData
+	}
+	if len(bytes.TrimSpace(raw)) > 0 && raw[0] != '{' {
+		return errNotObject
+	}
+	return m.JSONPb.Unmarshal(raw, v)
+}
+
+var (
+	errTrailingData = errors.New("unexpected data after the JSON object")
+	errNotObject    = errors.New("the request body must be a JSON object")
+)
+
+var (
+	// protojson's messages (after a "proto:" prefix whose spacing varies on
+	// purpose) name the field in these two forms.
+	unknownFieldRE = regexp.MustCompile(`unknown field "([^"]+)"`)
+	badValueRE     = regexp.MustCompile(`invalid value for [a-z0-9 ]+ field ([A-Za-z0-9_]+):`)
+)
+
+// decodeErrorDetail describes a malformed body, naming the field when the
+// decoder said which it was.
+func decodeErrorDetail(err error) errorDetail {
+	d := errorDetail{Code: http.StatusBadRequest, Status: statusName(codes.InvalidArgument)}
+	var mbe *http.MaxBytesError
+	var syn *json.SyntaxError
+	var typ *json.UnmarshalTypeError
+	switch {
+	case errors.As(err, &mbe):
+		d.Code, d.Status = http.StatusRequestEntityTooLarge, statusName(codes.ResourceExhausted)
+		d.Message = "request body larger than " + strconv.FormatInt(mbe.Limit, 10) + " bytes"
+		return d
+	case errors.As(err, &syn):
+		d.Message = fmt.Sprintf("malformed JSON body at byte %d: %v", syn.Offset, syn)
+		return d
+	case errors.As(err, &typ), errors.Is(err, errTrailingData), errors.Is(err, errNotObject), errors.Is(err, io.ErrUnexpectedEOF):
+		d.Message = "malformed JSON body: " + err.Error()
+		return d
+	}
+	msg := strings.TrimLeftFunc(strings.TrimPrefix(err.Error(), "proto:"), unicode.IsSpace)
+	d.Message = "malformed JSON body: " + msg
+	if m := unknownFieldRE.FindStringSubmatch(msg); m != nil {
+		d.FieldViolations = []fieldViolation{{Field: m[1], Description: "unknown field"}}
+	} else if m := badValueRE.FindStringSubmatch(msg); m != nil {
+		d.FieldViolations = []fieldViolation{{Field: snakeCase(m[1]), Description: "invalid value for this field's type"}}
+	}
+	return d
+}
+
+// snakeCase turns protojson's JSON names (contentType) back into the proto
+// names the API uses (content_type).
+func snakeCase(s string) string {
+	var b strings.Builder
+	for i, r := range s {
+		if unicode.IsUpper(r) {
+			if i > 0 {
+				b.WriteByte('_')
+			}
+			r = unicode.ToLower(r)
+		}
+		b.WriteRune(r)
+	}
+	return b.String()
+}

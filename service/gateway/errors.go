@@ -1,0 +1,183 @@
+package gateway
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"net/http"
+
+	"github.com/grpc-ecosystem/grpc-gateway/v2/runtime"
+	"google.golang.org/genproto/googleapis/rpc/errdetails"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+
+	"github.com/posthaste/posthaste/service"
+)
+
+// errorBody is the one shape of every REST error:
+//
+//	{"error":{"code":400,"status":"INVALID_ARGUMENT","message":"...",
+//	  "field_violations":[{"field":"subject","description":"..."}]}}
+//
+// code is the HTTP status, status the gRPC code name, reason the
+// google.rpc.ErrorInfo reason when there is one (e.g. MESSAGE_TOO_LARGE).
+type errorBody struct {
+	Error errorDetail `json:"error"`
+}
+
+type errorDetail struct {
+	Code            int              `json:"code"`
+	Status          string           `json:"status"`
+	Message         string           `json:"message"`
+	Reason          string           `json:"reason,omitempty"`
+	FieldViolations []fieldViolation `json:"field_violations,omitempty"`
+}
+
+type fieldViolation struct {
+	Field       string `json:"field"`
+	Description string `json:"description"`
+}
+
+// statusName is the google.rpc.Code name of c, e.g. INVALID_ARGUMENT.
+func statusName(c codes.Code) string {
+	switch c {
+	case codes.OK:
+		return "OK"
+	case codes.Canceled:
+		return "CANCELLED" // google.rpc.Code spells it so
+	case codes.Unknown:
+		return "UNKNOWN"
+	case codes.InvalidArgument:
+		return "INVALID_ARGUMENT"
+	case codes.DeadlineExceeded:
+		return "DEADLINE_EXCEEDED"
+	case codes.NotFound:
+		return "NOT_FOUND"
+	case codes.AlreadyExists:
+		return "ALREADY_EXISTS"
+	case codes.PermissionDenied:
+		return "PERMISSION_DENIED"
+	case codes.ResourceExhausted:
+		return "RESOURCE_EXHAUSTED"
+	case codes.FailedPrecondition:
+		return "FAILED_PRECONDITION"
+	case codes.Aborted:
+		return "ABORTED"
+	case codes.OutOfRange:
+		return "OUT_OF_RANGE"
+	case codes.Unimplemented:
+		return "UNIMPLEMENTED"
+	case codes.Internal:
+		return "INTERNAL"
+	case codes.Unavailable:
+		return "UNAVAILABLE"
+	case codes.DataLoss:
+		return "DATA_LOSS"
+	case codes.Unauthenticated:
+		return "UNAUTHENTICATED"
+	default:
+		return "UNKNOWN"
+	}
+}
+
+// httpStatus maps a gRPC status to HTTP. It follows grpc-gateway's table
+// except that a too-large message is 413 (retrying cannot help), while
+// other exhausted resources stay 429 (retrying later can).
+func httpStatus(st *status.Status) int {
+	if st.Code() == codes.ResourceExhausted && reasonOf(st) == service.ReasonMessageTooLarge {
+		return http.StatusRequestEntityTooLarge
+	}
+	return runtime.HTTPStatusFromCode(st.Code())
+}
+
+func reasonOf(st *status.Status) string {
+	for _, d := range st.Details() {
+		if info, ok := d.(*errdetails.ErrorInfo); ok {
+			return info.GetReason()
+		}
+	}
+	return ""
+}
+
+// handleError writes every error the mux meets (from the gRPC server, from
+// decoding the request, from the gateway itself) in the one REST shape.
+func (g *gateway) handleError(ctx context.Context, _ *runtime.ServeMux, _ runtime.Marshaler, w http.ResponseWriter, r *http.Request, err error) {
+	if b := bodyFrom(r.Context()); b != nil {
+		if b.tooLarge {
+			g.writeError(w, r, g.bodyTooLarge())
+			return
+		}
+		if b.decodeErr != nil {
+			g.writeError(w, r, *b.decodeErr)
+			return
+		}
+	}
+	var httpErr *runtime.HTTPStatusError
+	if errors.As(err, &httpErr) {
+		st := status.Convert(httpErr.Err)
+		g.writeError(w, r, errorDetail{
+			Code:    httpErr.HTTPStatus,
+			Status:  statusName(st.Code()),
+			Message: st.Message(),
+		})
+		return
+	}
+	st := status.Convert(err)
+	d := errorDetail{
+		Code:    httpStatus(st),
+		Status:  statusName(st.Code()),
+		Message: st.Message(),
+		Reason:  reasonOf(st),
+	}
+	for _, detail := range st.Details() {
+		if br, ok := detail.(*errdetails.BadRequest); ok {
+			for _, v := range br.GetFieldViolations() {
+				d.FieldViolations = append(d.FieldViolations, fieldViolation{Field: v.GetField(), Description: v.GetDescription()})
+			}
+		}
+	}
+	if st.Code() == codes.Unavailable && ctx.Err() == nil {
+		// The connection to our own server failed; its text names internal
+		// addresses.
+		g.log.WarnContext(ctx, "grpc backend unavailable", "error", st.Message())
+		d.Message = "service temporarily unavailable, retry later"
+	}
+	g.writeError(w, r, d)
+}
+
+// handleRoutingError answers requests that match no route (404) or match
+// one with another method (405).
+func (g *gateway) handleRoutingError(_ context.Context, _ *runtime.ServeMux, _ runtime.Marshaler, w http.ResponseWriter, r *http.Request, code int) {
+	d := errorDetail{Code: code, Message: http.StatusText(code)}
+	switch code {
+	case http.StatusNotFound:
+		d.Status = statusName(codes.NotFound)
+		d.Message = "no such resource: " + r.URL.Path
+	case http.StatusMethodNotAllowed:
+		d.Status = statusName(codes.Unimplemented)
+		d.Message = "method " + r.Method + " is not allowed on " + r.URL.Path
+	case http.StatusBadRequest:
+		d.Status = statusName(codes.InvalidArgument)
+	default:
+		d.Status = statusName(codes.Internal)
+	}
+	g.writeError(w, r, d)
+}
+
+func (g *gateway) writeError(w http.ResponseWriter, r *http.Request, d errorDetail) {
+	h := w.Header()
+	h.Del("Trailer")
+	h.Del("Transfer-Encoding")
+	h.Set("Content-Type", "application/json")
+	h.Set("Cache-Control", "no-store")
+	if d.Code == http.StatusUnauthorized {
+		// RFC 6750 section 3.
+		h.Set("WWW-Authenticate", `Bearer realm="posthaste"`)
+	}
+	w.WriteHeader(d.Code)
+	enc := json.NewEncoder(w)
+	enc.SetEscapeHTML(false) // messages quote <key> and the like; this is not HTML
+	if err := enc.Encode(errorBody{Error: d}); err != nil {
+		g.log.DebugContext(r.Context(), "write error response", "error", err)
+	}
+}

@@ -1,0 +1,136 @@
+// Package gateway serves MailService over REST/JSON. It is a grpc-gateway
+// reverse proxy that calls the in-process gRPC server over a loopback
+// connection, so REST requests pass the same authentication, logging and
+// validation as gRPC ones. It also owns the REST error shape, /healthz and
+// /openapi.json.
+package gateway
+
+import (
+	"context"
+	"fmt"
+	"log/slog"
+	"net/http"
+	"net/textproto"
+
+	"github.com/grpc-ecosystem/grpc-gateway/v2/runtime"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials/insecure"
+	healthpb "google.golang.org/grpc/health/grpc_health_v1"
+	"google.golang.org/protobuf/encoding/protojson"
+	"google.golang.org/protobuf/proto"
+
+	posthastev1 "github.com/posthaste/posthaste/proto/posthaste/v1"
+	"github.com/posthaste/posthaste/service"
+)
+
+// Option changes how New builds the handler.
+type Option func(*options)
+
+type options struct {
+	maxBodyBytes int64
+}
+
+// WithMaxBodyBytes sets the largest request body accepted; larger ones are
+// answered 413 before they are read. Set it from the service's
+// MaxMessageBytes: a JSON request is about as large as the encoded message
+// it describes, so twice that leaves room for JSON escaping. Defaults to
+// twice service.DefaultMaxMessageBytes.
+func WithMaxBodyBytes(n int64) Option {
+	return func(o *options) { o.maxBodyBytes = n }
+}
+
+// forwardedHeaders are the HTTP headers passed to the gRPC server, under
+// their lowercase names as metadata. Nothing else is forwarded, so a caller
+// cannot smuggle metadata the server would trust. Authorization is missing
+// on purpose: grpc-gateway always forwards it as "authorization" itself, and
+// forwarding it again would send the key twice.
+var forwardedHeaders = map[string]string{
+	"Idempotency-Key": "idempotency-key",
+}
+
+// New returns an HTTP handler serving the REST mapping of the MailService
+// listening at grpcAddr (host:port of the in-process server), plus /healthz
+// and /openapi.json, and a function that closes its gRPC connection.
+func New(ctx context.Context, grpcAddr string, logger *slog.Logger, opts ...Option) (http.Handler, func() error, error) {
+	if logger == nil {
+		logger = slog.New(slog.DiscardHandler)
+	}
+	o := options{maxBodyBytes: 2 * service.DefaultMaxMessageBytes}
+	for _, opt := range opts {
+		opt(&o)
+	}
+	if o.maxBodyBytes <= 0 {
+		return nil, nil, fmt.Errorf("gateway: max body bytes must be positive, got %d", o.maxBodyBytes)
+	}
+
+	conn, err := grpc.NewClient(grpcAddr,
+		// The server is this process, over loopback: there is nothing for
+		// TLS to protect.
+		grpc.WithTransportCredentials(insecure.NewCredentials()),
+		grpc.WithDefaultCallOptions(
+			grpc.MaxCallSendMsgSize(int(2*o.maxBodyBytes)),
+			grpc.MaxCallRecvMsgSize(64<<20),
+		),
+	)
+	if err != nil {
+		return nil, nil, fmt.Errorf("gateway: connect to grpc server %s: %w", grpcAddr, err)
+	}
+
+	g := &gateway{log: logger, maxBodyBytes: o.maxBodyBytes}
+	marshaler := &jsonMarshaler{JSONPb: runtime.JSONPb{
+		MarshalOptions:   protojson.MarshalOptions{UseProtoNames: true, EmitUnpopulated: false},
+		UnmarshalOptions: protojson.UnmarshalOptions{DiscardUnknown: false},
+	}}
+	mux := runtime.NewServeMux(
+		runtime.WithMarshalerOption(runtime.MIMEWildcard, marshaler),
+		runtime.WithIncomingHeaderMatcher(matchIncomingHeader),
+		// Response headers come from our own server; none are meant for
+		// HTTP clients.
+		runtime.WithOutgoingHeaderMatcher(func(string) (string, bool) { return "", false }),
+		runtime.WithOutgoingTrailerMatcher(func(string) (string, bool) { return "", false }),
+		runtime.WithErrorHandler(g.handleError),
+		runtime.WithRoutingErrorHandler(g.handleRoutingError),
+		runtime.WithForwardResponseOption(setSuccessStatus),
+		runtime.WithDisableHTTPMethodOverride(),
+		runtime.WithDisablePathLengthFallback(),
+	)
+	if err := posthastev1.RegisterMailServiceHandler(ctx, mux, conn); err != nil {
+		conn.Close()
+		return nil, nil, fmt.Errorf("gateway: register mail service: %w", err)
+	}
+	health := healthpb.NewHealthClient(conn)
+	if err := mux.HandlePath(http.MethodGet, "/healthz", g.healthz(health)); err != nil {
+		conn.Close()
+		return nil, nil, fmt.Errorf("gateway: register /healthz: %w", err)
+	}
+	if err := mux.HandlePath(http.MethodGet, "/openapi.json", serveOpenAPI); err != nil {
+		conn.Close()
+		return nil, nil, fmt.Errorf("gateway: register /openapi.json: %w", err)
+	}
+	return g.limitBody(mux), conn.Close, nil
+}
+
+type gateway struct {
+	log          *slog.Logger
+	maxBodyBytes int64
+}
+
+func matchIncomingHeader(key string) (string, bool) {
+	md, ok := forwardedHeaders[textproto.CanonicalMIMEHeaderKey(key)]
+	return md, ok
+}
+
+// setSuccessStatus answers 202 Accepted to the send methods: the message is
+// committed for delivery, not delivered. Both return a SendMessageResponse
+// and nothing else does.
+func setSuccessStatus(_ context.Context, w http.ResponseWriter, resp proto.Message) error {
+	if _, ok := resp.(*posthastev1.SendMessageResponse); ok {
+		w.WriteHeader(http.StatusAccepted)
+	}
+	return nil
+}
+
+func serveOpenAPI(w http.ResponseWriter, _ *http.Request, _ map[string]string) {
+	w.Header().Set("Content-Type", "application/json")
+	_, _ = w.Write(posthastev1.OpenAPI)
+}

@@ -1,0 +1,164 @@
+package service
+
+import (
+	"context"
+	"fmt"
+	"log/slog"
+	"runtime/debug"
+	"strings"
+	"time"
+
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/health"
+	healthpb "google.golang.org/grpc/health/grpc_health_v1"
+	"google.golang.org/grpc/reflection"
+	"google.golang.org/grpc/status"
+
+	"github.com/posthaste/posthaste/db"
+	posthastev1 "github.com/posthaste/posthaste/proto/posthaste/v1"
+)
+
+// publicServices need no API key: probes and tooling must work without one.
+var publicServices = []string{
+	"/" + healthpb.Health_ServiceDesc.ServiceName + "/",
+	"/grpc.reflection.v1.ServerReflection/",
+	"/grpc.reflection.v1alpha.ServerReflection/",
+}
+
+func isPublic(fullMethod string) bool {
+	for _, p := range publicServices {
+		if strings.HasPrefix(fullMethod, p) {
+			return true
+		}
+	}
+	return false
+}
+
+// NewGRPCServer returns a gRPC server with MailService, the standard health
+// service (reporting SERVING) and server reflection registered. Every call
+// passes through panic recovery, logging and, except for health and
+// reflection, API key authentication. The caller owns Serve and Stop.
+//
+// Requests up to twice srv's MaxMessageBytes are received, which leaves room
+// for request framing; the message's encoded size is checked by srv itself
+// so that the caller gets MESSAGE_TOO_LARGE rather than a transport error.
+func NewGRPCServer(srv *Server, store *db.DB, logger *slog.Logger) *grpc.Server {
+	if logger == nil {
+		logger = slog.New(slog.DiscardHandler)
+	}
+	ic := interceptors{logger: logger, auth: authenticator{store: store}}
+	gs := grpc.NewServer(
+		grpc.MaxRecvMsgSize(int(2*srv.cfg.MaxMessageBytes)),
+		grpc.ChainUnaryInterceptor(ic.logUnary, ic.recoverUnary, ic.authUnary),
+		grpc.ChainStreamInterceptor(ic.logStream, ic.recoverStream, ic.authStream),
+	)
+	posthastev1.RegisterMailServiceServer(gs, srv)
+	hs := health.NewServer()
+	hs.SetServingStatus("", healthpb.HealthCheckResponse_SERVING)
+	hs.SetServingStatus(posthastev1.MailService_ServiceDesc.ServiceName, healthpb.HealthCheckResponse_SERVING)
+	healthpb.RegisterHealthServer(gs, hs)
+	reflection.Register(gs)
+	return gs
+}
+
+type interceptors struct {
+	logger *slog.Logger
+	auth   authenticator
+}
+
+func (ic interceptors) logUnary(ctx context.Context, req any, info *grpc.UnaryServerInfo, handler grpc.UnaryHandler) (any, error) {
+	start := time.Now()
+	resp, err := handler(ctx, req)
+	ic.logCall(ctx, info.FullMethod, start, err)
+	return resp, err
+}
+
+func (ic interceptors) logStream(srv any, ss grpc.ServerStream, info *grpc.StreamServerInfo, handler grpc.StreamHandler) error {
+	start := time.Now()
+	err := handler(srv, ss)
+	ic.logCall(ss.Context(), info.FullMethod, start, err)
+	return err
+}
+
+func (ic interceptors) logCall(ctx context.Context, method string, start time.Time, err error) {
+	level := slog.LevelInfo
+	if isPublic(method) {
+		// Probes call every few seconds; they would drown the useful lines.
+		level = slog.LevelDebug
+	}
+	code := status.Code(err)
+	if code == codes.Internal || code == codes.Unknown {
+		level = slog.LevelError
+	}
+	attrs := []slog.Attr{
+		slog.String("method", method),
+		slog.String("code", code.String()),
+		slog.Duration("duration", time.Since(start)),
+	}
+	if id, ok := apiKeyIDFrom(ctx); ok {
+		attrs = append(attrs, slog.String("api_key_id", id.String()))
+	}
+	if err != nil && code != codes.Internal {
+		// Internal errors were logged with their cause where they were mapped;
+		// their status text is generic.
+		attrs = append(attrs, slog.String("error", status.Convert(err).Message()))
+	}
+	ic.logger.LogAttrs(ctx, level, "grpc call", attrs...)
+}
+
+func (ic interceptors) recoverUnary(ctx context.Context, req any, info *grpc.UnaryServerInfo, handler grpc.UnaryHandler) (resp any, err error) {
+	defer func() {
+		if r := recover(); r != nil {
+			resp, err = nil, ic.panicked(ctx, info.FullMethod, r)
+		}
+	}()
+	return handler(ctx, req)
+}
+
+func (ic interceptors) recoverStream(srv any, ss grpc.ServerStream, info *grpc.StreamServerInfo, handler grpc.StreamHandler) (err error) {
+	defer func() {
+		if r := recover(); r != nil {
+			err = ic.panicked(ss.Context(), info.FullMethod, r)
+		}
+	}()
+	return handler(srv, ss)
+}
+
+// panicked turns a recovered panic into an Internal error; a bug in one
+// handler must not take the whole process down with it.
+func (ic interceptors) panicked(ctx context.Context, method string, r any) error {
+	ic.logger.ErrorContext(ctx, "panic in grpc handler", "method", method,
+		"panic", fmt.Sprint(r), "stack", string(debug.Stack()))
+	return status.Error(codes.Internal, "internal error")
+}
+
+func (ic interceptors) authUnary(ctx context.Context, req any, info *grpc.UnaryServerInfo, handler grpc.UnaryHandler) (any, error) {
+	if isPublic(info.FullMethod) {
+		return handler(ctx, req)
+	}
+	authed, err := ic.auth.authenticate(ctx)
+	if err != nil {
+		return nil, toStatus(ctx, ic.logger, err)
+	}
+	return handler(authed, req)
+}
+
+func (ic interceptors) authStream(srv any, ss grpc.ServerStream, info *grpc.StreamServerInfo, handler grpc.StreamHandler) error {
+	if isPublic(info.FullMethod) {
+		return handler(srv, ss)
+	}
+	authed, err := ic.auth.authenticate(ss.Context())
+	if err != nil {
+		return toStatus(ss.Context(), ic.logger, err)
+	}
+	return handler(srv, &authedStream{ServerStream: ss, ctx: authed})
+}
+
+// authedStream hands the authenticated context to a stream handler.
+type authedStream struct {
+	grpc.ServerStream
+	ctx context.Context
+}
+
+func (s *authedStream) Context() context.Context { return s.ctx }

@@ -1,0 +1,271 @@
+package service
+
+import (
+	"context"
+	"encoding/base64"
+	"encoding/binary"
+	"fmt"
+	"time"
+
+	"github.com/google/uuid"
+	"google.golang.org/protobuf/types/known/durationpb"
+	"google.golang.org/protobuf/types/known/timestamppb"
+
+	"github.com/posthaste/posthaste/db"
+	posthastev1 "github.com/posthaste/posthaste/proto/posthaste/v1"
+)
+
+const (
+	defaultPageSize = 20
+	maxPageSize     = 100
+)
+
+// messageStatuses are the derived statuses ListMessages can filter on.
+var messageStatuses = map[string]bool{
+	db.StatusScheduled: true, db.StatusQueued: true, db.StatusSending: true,
+	db.StatusDeferred: true, db.StatusDelivered: true, db.StatusBounced: true,
+	db.StatusFailed: true, db.StatusCanceled: true, db.MessagePartiallyDelivered: true,
+}
+
+// finalStatuses are recipient states nothing more happens to.
+var finalStatuses = map[string]bool{
+	db.StatusDelivered: true, db.StatusBounced: true, db.StatusFailed: true, db.StatusCanceled: true,
+}
+
+// GetMessage returns one message with its recipients and attempts.
+func (s *Server) GetMessage(ctx context.Context, req *posthastev1.GetMessageRequest) (*posthastev1.Message, error) {
+	m, err := s.getMessage(ctx, req.GetId())
+	if err != nil {
+		return nil, toStatus(ctx, s.log, err)
+	}
+	return m, nil
+}
+
+func (s *Server) getMessage(ctx context.Context, rawID string) (*posthastev1.Message, error) {
+	if _, err := requireAPIKeyID(ctx); err != nil {
+		return nil, err
+	}
+	id, err := parseID(rawID)
+	if err != nil {
+		return nil, err
+	}
+	m, err := s.store.GetMessage(ctx, id)
+	if err != nil {
+		return nil, fmt.Errorf("get message %s: %w", id, err)
+	}
+	return messageToProto(m), nil
+}
+
+// CancelMessage cancels every recipient of a message that is not final yet
+// and returns the message as it stands afterwards.
+func (s *Server) CancelMessage(ctx context.Context, req *posthastev1.CancelMessageRequest) (*posthastev1.Message, error) {
+	m, err := s.cancelMessage(ctx, req.GetId())
+	if err != nil {
+		return nil, toStatus(ctx, s.log, err)
+	}
+	return m, nil
+}
+
+func (s *Server) cancelMessage(ctx context.Context, rawID string) (*posthastev1.Message, error) {
+	if _, err := requireAPIKeyID(ctx); err != nil {
+		return nil, err
+	}
+	id, err := parseID(rawID)
+	if err != nil {
+		return nil, err
+	}
+	m, err := s.store.CancelMessage(ctx, id)
+	if err != nil {
+		return nil, fmt.Errorf("cancel message %s: %w", id, err)
+	}
+	return messageToProto(m), nil
+}
+
+// ListMessages returns a page of messages, newest first.
+func (s *Server) ListMessages(ctx context.Context, req *posthastev1.ListMessagesRequest) (*posthastev1.ListMessagesResponse, error) {
+	resp, err := s.listMessages(ctx, req)
+	if err != nil {
+		return nil, toStatus(ctx, s.log, err)
+	}
+	return resp, nil
+}
+
+func (s *Server) listMessages(ctx context.Context, req *posthastev1.ListMessagesRequest) (*posthastev1.ListMessagesResponse, error) {
+	if _, err := requireAPIKeyID(ctx); err != nil {
+		return nil, err
+	}
+	var v violations
+	p := db.ListMessagesParams{Limit: defaultPageSize}
+	switch n := req.GetPageSize(); {
+	case n < 0 || n > maxPageSize:
+		v.add("page_size", "must be between 1 and %d", maxPageSize)
+	case n > 0:
+		p.Limit = int(n)
+	}
+	if st := req.GetStatus(); st != "" {
+		if !messageStatuses[st] {
+			v.add("status", "must be one of scheduled, queued, sending, deferred, delivered, bounced, failed, canceled, partially_delivered")
+		}
+		p.Status = st
+	}
+	if r := req.GetRecipient(); r != "" {
+		// Stored addresses are in envelope form; compare like with like.
+		if addr, _, ok := v.mailbox("recipient", r); ok {
+			p.Recipient = addr
+		}
+	}
+	if t := req.GetTag(); t != "" {
+		v.line("tag", t, maxTagLen)
+		p.Tag = t
+	}
+	p.CreatedAfter = optionalTime(&v, "created_after", req.GetCreatedAfter())
+	p.CreatedBefore = optionalTime(&v, "created_before", req.GetCreatedBefore())
+	if tok := req.GetPageToken(); tok != "" {
+		c, err := decodePageToken(tok)
+		if err != nil {
+			v.add("page_token", "is not a page token from this API")
+		}
+		p.After = c
+	}
+	if err := v.err(); err != nil {
+		return nil, err
+	}
+
+	// One row more than asked tells whether another page follows, without a
+	// count query.
+	want := p.Limit
+	p.Limit++
+	ms, err := s.store.ListMessages(ctx, p)
+	if err != nil {
+		return nil, fmt.Errorf("list messages: %w", err)
+	}
+	resp := &posthastev1.ListMessagesResponse{}
+	if len(ms) > want {
+		ms = ms[:want]
+		last := ms[len(ms)-1]
+		resp.NextPageToken = encodePageToken(db.Cursor{CreatedAt: last.CreatedAt, ID: last.ID})
+	}
+	for _, m := range ms {
+		resp.Messages = append(resp.Messages, messageToProto(m))
+	}
+	return resp, nil
+}
+
+func optionalTime(v *violations, field string, ts *timestamppb.Timestamp) *time.Time {
+	if ts == nil {
+		return nil
+	}
+	if err := ts.CheckValid(); err != nil {
+		v.add(field, "is not a valid timestamp")
+		return nil
+	}
+	t := ts.AsTime()
+	return &t
+}
+
+func parseID(s string) (uuid.UUID, error) {
+	if s == "" {
+		return uuid.Nil, invalidField("id", "is required")
+	}
+	id, err := uuid.Parse(s)
+	if err != nil {
+		return uuid.Nil, invalidField("id", "must be a UUID")
+	}
+	return id, nil
+}
+
+// Page tokens are opaque to callers: a version byte, the creation time in
+// Unix nanoseconds and the id of the last message of the previous page, in
+// unpadded base64url. The version lets the format change without old
+// tokens being misread.
+const (
+	pageTokenV1  = 1
+	pageTokenLen = 1 + 8 + 16
+)
+
+func encodePageToken(c db.Cursor) string {
+	b := make([]byte, 0, pageTokenLen)
+	b = append(b, pageTokenV1)
+	b = binary.BigEndian.AppendUint64(b, uint64(c.CreatedAt.UnixNano()))
+	b = append(b, c.ID[:]...)
+	return base64.RawURLEncoding.EncodeToString(b)
+}
+
+func decodePageToken(s string) (*db.Cursor, error) {
+	b, err := base64.RawURLEncoding.DecodeString(s)
+	if err != nil {
+		return nil, fmt.Errorf("decode page token: %w", err)
+	}
+	if len(b) != pageTokenLen || b[0] != pageTokenV1 {
+		return nil, fmt.Errorf("page token: unknown format")
+	}
+	id, err := uuid.FromBytes(b[9:])
+	if err != nil {
+		return nil, fmt.Errorf("page token id: %w", err)
+	}
+	return &db.Cursor{
+		CreatedAt: time.Unix(0, int64(binary.BigEndian.Uint64(b[1:9]))).UTC(),
+		ID:        id,
+	}, nil
+}
+
+func messageToProto(m db.Message) *posthastev1.Message {
+	out := &posthastev1.Message{
+		Id:              m.ID.String(),
+		MessageIdHeader: m.MessageIDHeader,
+		Status:          m.Status,
+		EnvelopeFrom:    m.EnvelopeFrom,
+		From:            m.FromHeader,
+		Subject:         m.Subject,
+		SizeBytes:       m.Size,
+		Tags:            m.Tags,
+		Metadata:        m.Metadata,
+		SendAt:          optionalTimestamp(m.SendAt),
+		CreatedAt:       timestamppb.New(m.CreatedAt),
+		UpdatedAt:       timestamppb.New(m.UpdatedAt),
+	}
+	for _, r := range m.Recipients {
+		out.Recipients = append(out.Recipients, recipientToProto(r))
+	}
+	for _, a := range m.Attempts {
+		out.Attempts = append(out.Attempts, &posthastev1.Attempt{
+			Id:          a.ID.String(),
+			RecipientId: a.RecipientID.String(),
+			StartedAt:   timestamppb.New(a.StartedAt),
+			Duration:    durationpb.New(a.Duration),
+			MxHost:      a.MXHost,
+			Ip:          a.IP,
+			Tls:         a.TLS,
+			TlsVersion:  a.TLSVersion,
+			Reply:       &posthastev1.SmtpReply{Code: int32(a.Code), EnhancedCode: a.EnhancedCode, Text: a.Text},
+			Outcome:     a.Outcome,
+		})
+	}
+	return out
+}
+
+func recipientToProto(r db.Recipient) *posthastev1.Recipient {
+	out := &posthastev1.Recipient{
+		Id:           r.ID.String(),
+		Address:      r.Address,
+		Kind:         r.Kind,
+		Status:       r.Status,
+		AttemptCount: int32(r.Attempts),
+		DeliveredAt:  optionalTimestamp(r.DeliveredAt),
+		UpdatedAt:    timestamppb.New(r.UpdatedAt),
+	}
+	if !finalStatuses[r.Status] {
+		out.NextAttemptAt = optionalTimestamp(r.NextAttemptAt)
+	}
+	if r.LastCode != 0 || r.LastEnhancedCode != "" || r.LastText != "" {
+		out.LastReply = &posthastev1.SmtpReply{Code: int32(r.LastCode), EnhancedCode: r.LastEnhancedCode, Text: r.LastText}
+	}
+	return out
+}
+
+func optionalTimestamp(t *time.Time) *timestamppb.Timestamp {
+	if t == nil {
+		return nil
+	}
+	return timestamppb.New(*t)
+}

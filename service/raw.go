@@ -1,0 +1,108 @@
+package service
+
+import (
+	"context"
+	"encoding/base64"
+	"errors"
+	"fmt"
+	"strings"
+	"time"
+
+	"github.com/posthaste/posthaste/db"
+	"github.com/posthaste/posthaste/delivery/message"
+	posthastev1 "github.com/posthaste/posthaste/proto/posthaste/v1"
+)
+
+// SendRawMessage stores a complete RFC 5322 message with an explicit
+// envelope. The message is checked (From present, line lengths, CRLF line
+// endings) and a Date (and Message-ID) added when missing; otherwise it is
+// sent as given.
+func (s *Server) SendRawMessage(ctx context.Context, req *posthastev1.SendRawMessageRequest) (*posthastev1.SendMessageResponse, error) {
+	resp, err := s.sendRawMessage(ctx, req)
+	if err != nil {
+		return nil, toStatus(ctx, s.log, err)
+	}
+	return resp, nil
+}
+
+func (s *Server) sendRawMessage(ctx context.Context, req *posthastev1.SendRawMessageRequest) (*posthastev1.SendMessageResponse, error) {
+	keyID, err := requireAPIKeyID(ctx)
+	if err != nil {
+		return nil, err
+	}
+	raw, err := base64.StdEncoding.DecodeString(req.GetRaw())
+	if err == nil && int64(len(raw)) > s.cfg.MaxMessageBytes {
+		// Checking adds headers, never removes bytes: refuse before parsing.
+		return nil, &messageTooLargeError{size: int64(len(raw)), limit: s.cfg.MaxMessageBytes, estimate: true}
+	}
+	now := time.Now()
+	var (
+		v violations
+		p pending
+	)
+	switch {
+	case err != nil:
+		v.add("raw", "is not valid standard base64: %v", err)
+	case len(raw) == 0:
+		v.add("raw", "is required")
+	}
+
+	envFrom, fromDomain, fromOK := v.mailbox("envelope_from", req.GetEnvelopeFrom())
+	p.envelopeFrom = envFrom
+
+	var rcpts envelopeRecipients
+	switch n := len(req.GetRecipients()); {
+	case n == 0:
+		v.add("recipients", "at least one recipient is required")
+	case n > s.cfg.MaxRecipients:
+		v.add("recipients", "too many recipients: at most %d", s.cfg.MaxRecipients)
+	default:
+		for i, r := range req.GetRecipients() {
+			if addr, domain, ok := v.mailbox(fmt.Sprintf("recipients[%d]", i), r); ok {
+				rcpts.add(addr, domain, db.KindEnvelope)
+			}
+		}
+	}
+	p.recipients = rcpts.list
+
+	v.tags(req.GetTags())
+	p.tags = req.GetTags()
+	v.metadata(req.GetMetadata())
+	p.metadata = req.GetMetadata()
+	p.sendAt = v.sendAt(req.GetSendAt(), now)
+	p.idempotencyKey = v.idempotencyKey(req.GetIdempotencyKey(), idempotencyKeyFromMetadata(ctx))
+
+	// The raw message is only checked when the envelope is usable, since
+	// the Message-ID domain comes from it; its problems are reported with
+	// the others.
+	if len(raw) > 0 && fromOK {
+		idDomain := fromDomain
+		if strings.HasPrefix(idDomain, "[") {
+			idDomain = s.cfg.Hostname // see checkSendMessage
+		}
+		date := now
+		if p.sendAt.After(now) {
+			date = p.sendAt
+		}
+		out, info, err := message.CheckRaw(raw, date, idDomain)
+		var fe *message.FieldError
+		switch {
+		case errors.As(err, &fe):
+			v.add(fe.Field, "%s", fe.Reason)
+		case err != nil:
+			return nil, fmt.Errorf("check raw message: %w", err)
+		default:
+			p.raw = out
+			p.messageIDHeader = info.MessageID
+			p.fromHeader = info.From
+			p.subject = info.Subject
+		}
+	}
+	if err := v.err(); err != nil {
+		return nil, err
+	}
+	if size := int64(len(p.raw)); size > s.cfg.MaxMessageBytes {
+		return nil, &messageTooLargeError{size: size, limit: s.cfg.MaxMessageBytes}
+	}
+	return s.commit(ctx, keyID, req, p, now)
+}

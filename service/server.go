@@ -1,0 +1,50 @@
+// Package service implements MailService, the gRPC API through which mail
+// enters Posthaste: it authenticates callers by API key, validates requests
+// (refusing bad input before anything is stored), builds the MIME message
+// once, honours idempotency keys and maps the stored state back to the API.
+// It never talks SMTP; delivery picks committed messages up from the
+// database.
+package service
+
+import (
+	"errors"
+	"fmt"
+	"log/slog"
+
+	"github.com/posthaste/posthaste/db"
+	posthastev1 "github.com/posthaste/posthaste/proto/posthaste/v1"
+)
+
+// Server implements posthastev1.MailServiceServer on top of the database.
+// Serve it with NewGRPCServer, which supplies the authentication the
+// methods rely on.
+type Server struct {
+	posthastev1.UnimplementedMailServiceServer
+
+	cfg      Config
+	log      *slog.Logger
+	store    *db.DB
+	onCommit func()
+}
+
+// New returns a Server storing into store. onCommit, if not nil, is called
+// after each newly committed message (not for idempotent replays) so
+// delivery can start without waiting for its poll; it must not block.
+func New(cfg Config, store *db.DB, onCommit func()) (*Server, error) {
+	cfg = cfg.WithDefaults()
+	if err := cfg.validate(); err != nil {
+		return nil, fmt.Errorf("service config: %w", err)
+	}
+	if store == nil {
+		return nil, errors.New("service: store is required")
+	}
+	if onCommit == nil {
+		onCommit = func() {}
+	}
+	return &Server{
+		cfg:      cfg,
+		log:      cfg.Logger,
+		store:    store,
+		onCommit: onCommit,
+	}, nil
+}

@@ -1,0 +1,579 @@
+package service_test
+
+import (
+	"context"
+	"encoding/base64"
+	"log/slog"
+	"net"
+	"strings"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/google/uuid"
+	"go.uber.org/goleak"
+	"google.golang.org/genproto/googleapis/rpc/errdetails"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/credentials/insecure"
+	healthpb "google.golang.org/grpc/health/grpc_health_v1"
+	"google.golang.org/grpc/metadata"
+	reflectionpb "google.golang.org/grpc/reflection/grpc_reflection_v1"
+	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/proto"
+	"google.golang.org/protobuf/types/known/timestamppb"
+
+	"github.com/posthaste/posthaste/db"
+	"github.com/posthaste/posthaste/internal/testenv"
+	posthastev1 "github.com/posthaste/posthaste/proto/posthaste/v1"
+	"github.com/posthaste/posthaste/service"
+)
+
+func TestMain(m *testing.M) {
+	goleak.VerifyTestMain(m)
+}
+
+// env is a MailService on a real gRPC server on loopback, backed by a fresh
+// database, with a client and an API key.
+type env struct {
+	store   *db.DB
+	client  posthastev1.MailServiceClient
+	conn    *grpc.ClientConn
+	key     string
+	keyID   uuid.UUID
+	commits atomic.Int64
+}
+
+func setup(t *testing.T, cfg service.Config) *env {
+	t.Helper()
+	e := &env{store: testenv.DB(t)}
+	if cfg.Hostname == "" {
+		cfg.Hostname = "mta.posthaste.test"
+	}
+	cfg.Logger = slog.New(slog.NewTextHandler(t.Output(), &slog.HandlerOptions{Level: slog.LevelWarn}))
+	srv, err := service.New(cfg, e.store, func() { e.commits.Add(1) })
+	if err != nil {
+		t.Fatal(err)
+	}
+	gs := service.NewGRPCServer(srv, e.store, cfg.Logger)
+	lis, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	served := make(chan struct{})
+	go func() {
+		defer close(served)
+		_ = gs.Serve(lis)
+	}()
+	t.Cleanup(func() {
+		gs.Stop()
+		<-served
+	})
+	e.conn, err = grpc.NewClient(lis.Addr().String(), grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { e.conn.Close() })
+	e.client = posthastev1.NewMailServiceClient(e.conn)
+	e.key, e.keyID = createKey(t, e.store, "test")
+	return e
+}
+
+func createKey(t *testing.T, store *db.DB, name string) (string, uuid.UUID) {
+	t.Helper()
+	key, prefix, hash, err := service.NewAPIKey()
+	if err != nil {
+		t.Fatal(err)
+	}
+	k, err := store.CreateAPIKey(t.Context(), name, prefix, hash)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return key, k.ID
+}
+
+func (e *env) ctx(t *testing.T) context.Context {
+	return withKey(t.Context(), e.key)
+}
+
+func withKey(ctx context.Context, key string) context.Context {
+	return metadata.AppendToOutgoingContext(ctx, "authorization", "Bearer "+key)
+}
+
+// counts returns how many messages and recipients are stored.
+func (e *env) counts(t *testing.T) (messages, recipients int) {
+	t.Helper()
+	ms, err := e.store.ListMessages(t.Context(), db.ListMessagesParams{Limit: 10000})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, m := range ms {
+		recipients += len(m.Recipients)
+	}
+	return len(ms), recipients
+}
+
+func validRequest() *posthastev1.SendMessageRequest {
+	return &posthastev1.SendMessageRequest{
+		From:    &posthastev1.Address{Address: "ada@example.test", Name: "Ada Lovelace"},
+		To:      []*posthastev1.Address{{Address: "bob@example.test"}, {Address: "carol@example.test", Name: "Carol"}},
+		Subject: "Hello",
+		Text:    "Hello there.",
+	}
+}
+
+func violations(err error) []string {
+	var out []string
+	for _, d := range status.Convert(err).Details() {
+		if br, ok := d.(*errdetails.BadRequest); ok {
+			for _, v := range br.GetFieldViolations() {
+				out = append(out, v.GetField())
+			}
+		}
+	}
+	return out
+}
+
+func TestSendMessageStoresMessage(t *testing.T) {
+	t.Parallel()
+	e := setup(t, service.Config{})
+	req := validRequest()
+	req.Cc = []*posthastev1.Address{{Address: "dave@EXAMPLE.test"}}
+	// Duplicates collapse to one envelope recipient; the domain compares
+	// case-insensitively and the first kind wins.
+	req.Bcc = []*posthastev1.Address{{Address: "eve@example.test"}, {Address: "bob@Example.TEST"}, {Address: "dave@example.test"}}
+	req.Tags = []string{"welcome"}
+	req.Metadata = map[string]string{"user": "42"}
+	req.Attachments = []*posthastev1.Attachment{{Filename: "a.txt", ContentType: "text/plain", Content: "aGVsbG8="}}
+	req.Headers = []*posthastev1.Header{{Name: "X-Campaign", Value: "spring"}}
+
+	resp, err := e.client.SendMessage(e.ctx(t), req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if e.commits.Load() != 1 {
+		t.Errorf("onCommit called %d times, want 1", e.commits.Load())
+	}
+	if !strings.HasPrefix(resp.GetMessageIdHeader(), "<") || !strings.HasSuffix(resp.GetMessageIdHeader(), "@example.test>") {
+		t.Errorf("message_id_header %q: want <...@example.test>", resp.GetMessageIdHeader())
+	}
+	var got []string
+	for _, r := range resp.GetRecipients() {
+		got = append(got, r.GetAddress()+"/"+r.GetStatus())
+	}
+	want := "bob@example.test/queued carol@example.test/queued dave@example.test/queued eve@example.test/queued"
+	if strings.Join(got, " ") != want {
+		t.Errorf("recipients %v, want %s", got, want)
+	}
+
+	id := uuid.MustParse(resp.GetId())
+	m, err := e.store.GetMessage(t.Context(), id)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if m.APIKeyID != e.keyID || m.EnvelopeFrom != "ada@example.test" || m.Subject != "Hello" || m.MessageIDHeader != resp.GetMessageIdHeader() {
+		t.Errorf("stored message %+v", m)
+	}
+	var kinds []string
+	for _, r := range m.Recipients {
+		kinds = append(kinds, r.Address+"/"+r.Kind)
+	}
+	if strings.Join(kinds, " ") != "bob@example.test/to carol@example.test/to dave@example.test/cc eve@example.test/bcc" {
+		t.Errorf("stored recipients %v", kinds)
+	}
+	content, err := e.store.LoadMessageContents(t.Context(), []uuid.UUID{id})
+	if err != nil {
+		t.Fatal(err)
+	}
+	raw := string(content[id].Raw)
+	for _, s := range []string{"Subject: Hello\r\n", "X-Campaign: spring\r\n", "Message-Id: " + resp.GetMessageIdHeader(), "a.txt"} {
+		if !strings.Contains(strings.ToLower(raw), strings.ToLower(s)) {
+			t.Errorf("raw message lacks %q:\n%s", s, raw)
+		}
+	}
+	if strings.Contains(raw, "eve@") {
+		t.Error("a bcc recipient appears in the message")
+	}
+}
+
+func TestSendMessageValidationStoresNothing(t *testing.T) {
+	t.Parallel()
+	e := setup(t, service.Config{})
+	req := validRequest()
+	req.Subject = "Hi\r\nBcc: victim@example.test"
+	req.To[1].Address = "not an address"
+	req.Tags = []string{strings.Repeat("t", 65)}
+	_, err := e.client.SendMessage(e.ctx(t), req)
+	if status.Code(err) != codes.InvalidArgument {
+		t.Fatalf("got %v, want InvalidArgument", err)
+	}
+	if got := strings.Join(violations(err), ","); got != "to[1].address,subject,tags[0]" {
+		t.Errorf("violations %s: want every problem reported", got)
+	}
+	if !strings.Contains(status.Convert(err).Message(), "to[1].address") {
+		t.Errorf("message %q does not name the first field", status.Convert(err).Message())
+	}
+	if m, r := e.counts(t); m != 0 || r != 0 {
+		t.Errorf("stored %d messages, %d recipients after a refused request", m, r)
+	}
+	if e.commits.Load() != 0 {
+		t.Error("onCommit called for a refused request")
+	}
+}
+
+func TestSendMessageTooLarge(t *testing.T) {
+	t.Parallel()
+	e := setup(t, service.Config{MaxMessageBytes: 8 << 10})
+	for name, req := range map[string]*posthastev1.SendMessageRequest{
+		// Refused on the estimate, before building.
+		"estimate": func() *posthastev1.SendMessageRequest {
+			r := validRequest()
+			r.Text = strings.Repeat("a", 9<<10)
+			return r
+		}(),
+		// Under the limit until encoded: quoted-printable triples "=".
+		"encoded": func() *posthastev1.SendMessageRequest {
+			r := validRequest()
+			r.Text = strings.Repeat("=", 4<<10)
+			return r
+		}(),
+	} {
+		_, err := e.client.SendMessage(e.ctx(t), req)
+		st := status.Convert(err)
+		var reason string
+		for _, d := range st.Details() {
+			if info, ok := d.(*errdetails.ErrorInfo); ok {
+				reason = info.GetReason()
+			}
+		}
+		if st.Code() != codes.ResourceExhausted || reason != service.ReasonMessageTooLarge {
+			t.Errorf("%s: got %v reason %q, want ResourceExhausted MESSAGE_TOO_LARGE", name, err, reason)
+		}
+	}
+	raw := "From: a@example.test\r\nSubject: big\r\n\r\n" + strings.Repeat(strings.Repeat("x", 70)+"\r\n", 200)
+	_, err := e.client.SendRawMessage(e.ctx(t), &posthastev1.SendRawMessageRequest{
+		Raw: b64(raw), EnvelopeFrom: "a@example.test", Recipients: []string{"b@example.test"},
+	})
+	if status.Code(err) != codes.ResourceExhausted {
+		t.Errorf("raw: got %v, want ResourceExhausted", err)
+	}
+	if m, _ := e.counts(t); m != 0 {
+		t.Errorf("stored %d messages", m)
+	}
+}
+
+func TestAuth(t *testing.T) {
+	t.Parallel()
+	e := setup(t, service.Config{})
+	revoked, revokedID := createKey(t, e.store, "old")
+	if err := e.store.RevokeAPIKey(t.Context(), revokedID); err != nil {
+		t.Fatal(err)
+	}
+	unknown, _, _, err := service.NewAPIKey()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for name, ctx := range map[string]context.Context{
+		"no key":      t.Context(),
+		"wrong key":   withKey(t.Context(), unknown),
+		"revoked key": withKey(t.Context(), revoked),
+		"malformed":   withKey(t.Context(), "hunter2"),
+		"basic auth":  metadata.AppendToOutgoingContext(t.Context(), "authorization", "Basic "+e.key),
+	} {
+		_, err := e.client.SendMessage(ctx, validRequest())
+		if status.Code(err) != codes.Unauthenticated {
+			t.Errorf("%s: SendMessage got %v, want Unauthenticated", name, err)
+		}
+		_, err = e.client.ListMessages(ctx, &posthastev1.ListMessagesRequest{})
+		if status.Code(err) != codes.Unauthenticated {
+			t.Errorf("%s: ListMessages got %v, want Unauthenticated", name, err)
+		}
+	}
+	if m, _ := e.counts(t); m != 0 {
+		t.Errorf("stored %d messages without a valid key", m)
+	}
+	if _, err := e.client.ListMessages(e.ctx(t), &posthastev1.ListMessagesRequest{}); err != nil {
+		t.Errorf("valid key: %v", err)
+	}
+}
+
+func TestHealthAndReflectionNeedNoKey(t *testing.T) {
+	t.Parallel()
+	e := setup(t, service.Config{})
+	resp, err := healthpb.NewHealthClient(e.conn).Check(t.Context(), &healthpb.HealthCheckRequest{})
+	if err != nil || resp.GetStatus() != healthpb.HealthCheckResponse_SERVING {
+		t.Fatalf("health: %v %v", resp, err)
+	}
+	resp, err = healthpb.NewHealthClient(e.conn).Check(t.Context(), &healthpb.HealthCheckRequest{Service: "posthaste.v1.MailService"})
+	if err != nil || resp.GetStatus() != healthpb.HealthCheckResponse_SERVING {
+		t.Fatalf("health of MailService: %v %v", resp, err)
+	}
+
+	stream, err := reflectionpb.NewServerReflectionClient(e.conn).ServerReflectionInfo(t.Context())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := stream.Send(&reflectionpb.ServerReflectionRequest{
+		MessageRequest: &reflectionpb.ServerReflectionRequest_ListServices{},
+	}); err != nil {
+		t.Fatal(err)
+	}
+	r, err := stream.Recv()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := stream.CloseSend(); err != nil {
+		t.Fatal(err)
+	}
+	var names []string
+	for _, s := range r.GetListServicesResponse().GetService() {
+		names = append(names, s.GetName())
+	}
+	if !strings.Contains(strings.Join(names, " "), "posthaste.v1.MailService") {
+		t.Errorf("reflection lists %v", names)
+	}
+}
+
+func TestIdempotency(t *testing.T) {
+	t.Parallel()
+	e := setup(t, service.Config{})
+
+	req := validRequest()
+	req.IdempotencyKey = "order-1234"
+	first, err := e.client.SendMessage(e.ctx(t), req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// The same request with the key as metadata instead of in the body is
+	// the same request.
+	again := validRequest()
+	second, err := e.client.SendMessage(metadata.AppendToOutgoingContext(e.ctx(t), "idempotency-key", "order-1234"), again)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !proto.Equal(first, second) {
+		t.Errorf("replay answered %v, first call %v", second, first)
+	}
+	if m, r := e.counts(t); m != 1 || r != 2 {
+		t.Errorf("stored %d messages, %d recipients; want 1, 2", m, r)
+	}
+	if e.commits.Load() != 1 {
+		t.Errorf("onCommit called %d times, want 1", e.commits.Load())
+	}
+
+	changed := validRequest()
+	changed.Subject = "Something else"
+	changed.IdempotencyKey = "order-1234"
+	_, err = e.client.SendMessage(e.ctx(t), changed)
+	if status.Code(err) != codes.AlreadyExists || !strings.Contains(status.Convert(err).Message(), "different request") {
+		t.Errorf("reuse with another request: %v, want AlreadyExists", err)
+	}
+
+	// Keys belong to an API key: another caller's identical key is theirs.
+	otherKey, _ := createKey(t, e.store, "other")
+	third, err := e.client.SendMessage(withKey(t.Context(), otherKey), req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if third.GetId() == first.GetId() {
+		t.Error("another API key replayed the first caller's message")
+	}
+
+	conflict := validRequest()
+	conflict.IdempotencyKey = "a"
+	_, err = e.client.SendMessage(metadata.AppendToOutgoingContext(e.ctx(t), "idempotency-key", "b"), conflict)
+	if status.Code(err) != codes.InvalidArgument || strings.Join(violations(err), ",") != "idempotency_key" {
+		t.Errorf("differing keys: %v", err)
+	}
+	if m, _ := e.counts(t); m != 2 {
+		t.Errorf("stored %d messages, want 2", m)
+	}
+}
+
+func TestSendRawMessage(t *testing.T) {
+	t.Parallel()
+	e := setup(t, service.Config{})
+	raw := "From: Ada <ada@example.test>\r\nTo: bob@example.test\r\nSubject: Raw hello\r\n\r\nBody.\r\n"
+	resp, err := e.client.SendRawMessage(e.ctx(t), &posthastev1.SendRawMessageRequest{
+		Raw:          b64(raw),
+		EnvelopeFrom: "bounces@example.test",
+		Recipients:   []string{"bob@example.test", "BOB@example.test", "carol@Example.Test"},
+		Tags:         []string{"raw"},
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(resp.GetRecipients()) != 3 {
+		// Local parts are case-sensitive (RFC 5321 section 2.4): BOB is
+		// another mailbox than bob.
+		t.Errorf("recipients %v", resp.GetRecipients())
+	}
+	m, err := e.client.GetMessage(e.ctx(t), &posthastev1.GetMessageRequest{Id: resp.GetId()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if m.GetSubject() != "Raw hello" || m.GetEnvelopeFrom() != "bounces@example.test" || m.GetMessageIdHeader() == "" {
+		t.Errorf("message %v", m)
+	}
+	for _, r := range m.GetRecipients() {
+		if r.GetKind() != "envelope" {
+			t.Errorf("recipient kind %q", r.GetKind())
+		}
+	}
+
+	for _, tc := range []struct {
+		name  string
+		req   *posthastev1.SendRawMessageRequest
+		field string
+	}{
+		{"bad base64", &posthastev1.SendRawMessageRequest{Raw: "%%%", EnvelopeFrom: "a@example.test", Recipients: []string{"b@example.test"}}, "raw"},
+		{"empty raw", &posthastev1.SendRawMessageRequest{EnvelopeFrom: "a@example.test", Recipients: []string{"b@example.test"}}, "raw"},
+		{"bare LF", &posthastev1.SendRawMessageRequest{Raw: b64("From: a@example.test\nSubject: x\n\nhi\n"), EnvelopeFrom: "a@example.test", Recipients: []string{"b@example.test"}}, "raw"},
+		{"no From", &posthastev1.SendRawMessageRequest{Raw: b64("Subject: x\r\n\r\nhi\r\n"), EnvelopeFrom: "a@example.test", Recipients: []string{"b@example.test"}}, "raw"},
+		{"envelope_from", &posthastev1.SendRawMessageRequest{Raw: b64(raw), EnvelopeFrom: "nope", Recipients: []string{"b@example.test"}}, "envelope_from"},
+		{"no recipients", &posthastev1.SendRawMessageRequest{Raw: b64(raw), EnvelopeFrom: "a@example.test"}, "recipients"},
+		{"bad recipient", &posthastev1.SendRawMessageRequest{Raw: b64(raw), EnvelopeFrom: "a@example.test", Recipients: []string{"b@example.test", "c@"}}, "recipients[1]"},
+	} {
+		_, err := e.client.SendRawMessage(e.ctx(t), tc.req)
+		if status.Code(err) != codes.InvalidArgument || len(violations(err)) == 0 || violations(err)[0] != tc.field {
+			t.Errorf("%s: got %v (fields %v), want InvalidArgument on %s", tc.name, err, violations(err), tc.field)
+		}
+	}
+	if n, _ := e.counts(t); n != 1 {
+		t.Errorf("stored %d messages, want 1", n)
+	}
+}
+
+func TestGetListCancel(t *testing.T) {
+	t.Parallel()
+	e := setup(t, service.Config{})
+	ctx := e.ctx(t)
+
+	scheduled := validRequest()
+	scheduled.SendAt = timestamppb.New(time.Now().Add(time.Hour))
+	scheduled.Tags = []string{"later"}
+	sent, err := e.client.SendMessage(ctx, scheduled)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, r := range sent.GetRecipients() {
+		if r.GetStatus() != "scheduled" {
+			t.Errorf("recipient status %q, want scheduled", r.GetStatus())
+		}
+	}
+	var ids []string
+	for range 3 {
+		r, err := e.client.SendMessage(ctx, validRequest())
+		if err != nil {
+			t.Fatal(err)
+		}
+		ids = append(ids, r.GetId())
+	}
+
+	m, err := e.client.GetMessage(ctx, &posthastev1.GetMessageRequest{Id: sent.GetId()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if m.GetStatus() != "scheduled" || m.GetSendAt() == nil || m.GetFrom() != "Ada Lovelace <ada@example.test>" || len(m.GetRecipients()) != 2 {
+		t.Errorf("GetMessage: %v", m)
+	}
+	for _, r := range m.GetRecipients() {
+		if r.GetKind() != "to" || r.GetLastReply() != nil || r.GetNextAttemptAt() == nil {
+			t.Errorf("recipient %v: want kind to, no reply, a next attempt", r)
+		}
+	}
+
+	// Newest first, two per page, then the rest.
+	page, err := e.client.ListMessages(ctx, &posthastev1.ListMessagesRequest{PageSize: 2})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(page.GetMessages()) != 2 || page.GetNextPageToken() == "" ||
+		page.GetMessages()[0].GetId() != ids[2] || page.GetMessages()[1].GetId() != ids[1] {
+		t.Fatalf("first page: %v", page)
+	}
+	page, err = e.client.ListMessages(ctx, &posthastev1.ListMessagesRequest{PageSize: 2, PageToken: page.GetNextPageToken()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(page.GetMessages()) != 2 || page.GetNextPageToken() != "" ||
+		page.GetMessages()[0].GetId() != ids[0] || page.GetMessages()[1].GetId() != sent.GetId() {
+		t.Fatalf("second page: %v", page)
+	}
+	page, err = e.client.ListMessages(ctx, &posthastev1.ListMessagesRequest{Status: "scheduled", Tag: "later"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(page.GetMessages()) != 1 || page.GetMessages()[0].GetId() != sent.GetId() {
+		t.Errorf("filtered list: %v", page)
+	}
+	page, err = e.client.ListMessages(ctx, &posthastev1.ListMessagesRequest{Recipient: "carol@EXAMPLE.test"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(page.GetMessages()) != 4 {
+		t.Errorf("recipient filter found %d messages, want 4", len(page.GetMessages()))
+	}
+
+	canceled, err := e.client.CancelMessage(ctx, &posthastev1.CancelMessageRequest{Id: sent.GetId()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if canceled.GetStatus() != "canceled" {
+		t.Errorf("canceled message status %q", canceled.GetStatus())
+	}
+	for _, r := range canceled.GetRecipients() {
+		if r.GetStatus() != "canceled" || r.GetNextAttemptAt() != nil {
+			t.Errorf("recipient after cancel: %v", r)
+		}
+	}
+
+	for _, tc := range []struct {
+		name  string
+		call  func() error
+		code  codes.Code
+		field string
+	}{
+		{"get bad id", func() error {
+			_, err := e.client.GetMessage(ctx, &posthastev1.GetMessageRequest{Id: "nope"})
+			return err
+		}, codes.InvalidArgument, "id"},
+		{"cancel bad id", func() error {
+			_, err := e.client.CancelMessage(ctx, &posthastev1.CancelMessageRequest{Id: "42"})
+			return err
+		}, codes.InvalidArgument, "id"},
+		{"get unknown", func() error {
+			_, err := e.client.GetMessage(ctx, &posthastev1.GetMessageRequest{Id: uuid.NewString()})
+			return err
+		}, codes.NotFound, ""},
+		{"cancel unknown", func() error {
+			_, err := e.client.CancelMessage(ctx, &posthastev1.CancelMessageRequest{Id: uuid.NewString()})
+			return err
+		}, codes.NotFound, ""},
+		{"page size", func() error {
+			_, err := e.client.ListMessages(ctx, &posthastev1.ListMessagesRequest{PageSize: 101})
+			return err
+		}, codes.InvalidArgument, "page_size"},
+		{"status", func() error {
+			_, err := e.client.ListMessages(ctx, &posthastev1.ListMessagesRequest{Status: "lost"})
+			return err
+		}, codes.InvalidArgument, "status"},
+		{"page token", func() error {
+			_, err := e.client.ListMessages(ctx, &posthastev1.ListMessagesRequest{PageToken: "bm90IGEgdG9rZW4"})
+			return err
+		}, codes.InvalidArgument, "page_token"},
+	} {
+		err := tc.call()
+		if status.Code(err) != tc.code {
+			t.Errorf("%s: got %v, want %v", tc.name, err, tc.code)
+			continue
+		}
+		if tc.field != "" && strings.Join(violations(err), ",") != tc.field {
+			t.Errorf("%s: fields %v, want %s", tc.name, violations(err), tc.field)
+		}
+	}
+}
+
+func b64(s string) string {
+	return base64.StdEncoding.EncodeToString([]byte(s))
+}
