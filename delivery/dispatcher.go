@@ -44,6 +44,9 @@ type Dispatcher struct {
 	// waiting for their domain's slot.
 	pending atomic.Int64
 	waiting atomic.Int64
+	// claims counts finished claim queries, for tests that must know the
+	// dispatcher has looked at the queue.
+	claims atomic.Int64
 
 	mu             sync.Mutex
 	started        bool
@@ -249,6 +252,7 @@ func (d *Dispatcher) claim(ctx, sessionCtx context.Context) (int, error) {
 	claimed, err := d.store.ClaimRecipients(qctx, db.ClaimParams{
 		Owner: owner, Limit: d.cfg.BatchSize, LeaseFor: d.cfg.LeaseDuration,
 	})
+	d.claims.Add(1)
 	if err != nil {
 		return 0, err
 	}

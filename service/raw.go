@@ -58,7 +58,7 @@ func (s *Server) sendRawMessage(ctx context.Context, req *posthastev1.SendRawMes
 		v.add("recipients", "too many recipients: at most %d", s.cfg.MaxRecipients)
 	default:
 		for i, r := range req.GetRecipients() {
-			if addr, domain, ok := v.mailbox(fmt.Sprintf("recipients[%d]", i), r); ok {
+			if addr, domain, ok := v.recipient(fmt.Sprintf("recipients[%d]", i), r); ok {
 				rcpts.add(addr, domain, db.KindEnvelope)
 			}
 		}

@@ -122,8 +122,13 @@ func (s *Server) checkSendMessage(req *posthastev1.SendMessageRequest, mdKey str
 			break
 		}
 		for i, a := range list.addrs {
-			addr, domain, ok := v.address(fmt.Sprintf("%s[%d]", list.field, i), a)
+			field := fmt.Sprintf("%s[%d]", list.field, i)
+			addr, domain, ok := v.address(field, a)
 			if !ok {
+				continue
+			}
+			if _, literal := message.AddressLiteralIP(domain); literal {
+				v.add(field+".address", "address literals are not accepted as recipients; use a domain name")
 				continue
 			}
 			rcpts.add(addr.Address, domain, list.kind)

@@ -433,6 +433,7 @@ func TestSendRawMessage(t *testing.T) {
 		{"envelope_from", &posthastev1.SendRawMessageRequest{Raw: b64(raw), EnvelopeFrom: "nope", Recipients: []string{"b@example.test"}}, "envelope_from"},
 		{"no recipients", &posthastev1.SendRawMessageRequest{Raw: b64(raw), EnvelopeFrom: "a@example.test"}, "recipients"},
 		{"bad recipient", &posthastev1.SendRawMessageRequest{Raw: b64(raw), EnvelopeFrom: "a@example.test", Recipients: []string{"b@example.test", "c@"}}, "recipients[1]"},
+		{"address literal recipient", &posthastev1.SendRawMessageRequest{Raw: b64(raw), EnvelopeFrom: "a@example.test", Recipients: []string{"c@[10.0.0.1]"}}, "recipients[0]"},
 	} {
 		_, err := e.client.SendRawMessage(e.ctx(t), tc.req)
 		if status.Code(err) != codes.InvalidArgument || len(violations(err)) == 0 || violations(err)[0] != tc.field {

@@ -107,6 +107,21 @@ func (v *violations) mailbox(field, addr string) (envelope, domain string, ok bo
 	return envelope, domain, true
 }
 
+// recipient validates an envelope recipient. Address literals are refused:
+// delivering to one would let any API caller make the workers connect to an
+// arbitrary IP, internal networks included.
+func (v *violations) recipient(field, addr string) (envelope, domain string, ok bool) {
+	envelope, domain, ok = v.mailbox(field, addr)
+	if !ok {
+		return "", "", false
+	}
+	if _, literal := message.AddressLiteralIP(domain); literal {
+		v.add(field, "address literals are not accepted as recipients; use a domain name")
+		return "", "", false
+	}
+	return envelope, domain, true
+}
+
 // address validates a mailbox with its display name, returning the
 // normalized form for headers.
 func (v *violations) address(field string, a *posthastev1.Address) (message.Address, string, bool) {

@@ -238,4 +238,3 @@ func TestSMTPServerStopsAtCleanup(t *testing.T) {
 		t.Fatal("SMTP server still listening after cleanup")
 	}
 }
-

@@ -243,6 +243,12 @@ func TestValidation(t *testing.T) {
 		{"bad to", func(r *posthastev1.SendMessageRequest) {
 			r.To = append(addrs(2), &posthastev1.Address{Address: "x@@example.test"})
 		}, "to[2].address"},
+		{"SMTP parameter injection", func(r *posthastev1.SendMessageRequest) {
+			r.To = []*posthastev1.Address{{Address: "a@b.test> NOTIFY=SUCCESS"}}
+		}, "to[0].address"},
+		{"address literal recipient", func(r *posthastev1.SendMessageRequest) {
+			r.To = []*posthastev1.Address{{Address: "root@[127.0.0.1]"}}
+		}, "to[0].address"},
 		{"bad cc", func(r *posthastev1.SendMessageRequest) { r.Cc = []*posthastev1.Address{{Address: "cc"}} }, "cc[0].address"},
 		{"bad bcc", func(r *posthastev1.SendMessageRequest) { r.Bcc = []*posthastev1.Address{{Address: "b@"}} }, "bcc[0].address"},
 		{"bad reply_to", func(r *posthastev1.SendMessageRequest) { r.ReplyTo = []*posthastev1.Address{{Address: "@x"}} }, "reply_to[0].address"},
