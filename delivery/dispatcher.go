@@ -135,14 +135,18 @@ func (d *Dispatcher) Start(ctx context.Context) {
 func (d *Dispatcher) Stop() {
 	d.stopOnce.Do(func() {
 		d.mu.Lock()
-		close(d.stopping)
 		started := d.started
+		if started {
+			// Claims stop first, so that nothing is claimed only to be
+			// given back.
+			d.cancelClaims()
+		}
+		close(d.stopping)
 		d.mu.Unlock()
 		if !started {
 			d.pool.close()
 			return
 		}
-		d.cancelClaims()
 		d.loops.Wait()
 
 		done := make(chan struct{})

@@ -6,7 +6,6 @@ import (
 	"flag"
 	"fmt"
 	"io"
-	"os"
 	"strings"
 	"time"
 
@@ -54,7 +53,7 @@ func runServe(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	fs.BoolVar(&cfg.Sandbox, "sandbox", false, "deliver every message to an in-process SMTP server whose replies depend on the recipient (see README)")
 	fs.StringVar(&cfg.BootstrapAPIKey, "bootstrap-api-key", "", "API key to store when the database has none (otherwise one is generated and printed once)")
 	fs.DurationVar(&cfg.ShutdownTimeout, "shutdown-timeout", 30*time.Second, "how long a graceful stop may take")
-	fs.StringVar(&hostname, "hostname", defaultHostname(), "name used in EHLO and in Message-IDs")
+	fs.StringVar(&hostname, "hostname", "", "name used in EHLO and in Message-IDs; empty uses the machine's host name when it is fully qualified, else localhost.localdomain")
 	fs.IntVar(&svc.MaxRecipients, "max-recipients", 50, "most recipients (to+cc+bcc) in one message")
 	fs.Int64Var(&svc.MaxMessageBytes, "max-message-bytes", 10<<20, "largest accepted message, encoded")
 	fs.StringVar(&dlv.DNSServer, "dns-server", "", "DNS server (host:port) for MX lookups; empty uses the system's resolver configuration")
@@ -89,6 +88,10 @@ func runServe(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	}
 	svc.Hostname = hostname
 	dlv.SMTP.Hostname = hostname
+	if hostname == "" {
+		// One default for both, so EHLO and Message-IDs agree.
+		dlv.SMTP.Hostname = svc.WithDefaults().Hostname
+	}
 	cfg.DatabaseURL = dbf.url
 	cfg.DataDir = dbf.dataDir
 	cfg.Service = svc
@@ -112,12 +115,4 @@ func runServe(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 		return fmt.Errorf("stop: %w", err)
 	}
 	return nil
-}
-
-func defaultHostname() string {
-	h, err := os.Hostname()
-	if err != nil || h == "" {
-		return "localhost"
-	}
-	return h
 }

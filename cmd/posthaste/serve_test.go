@@ -51,14 +51,17 @@ func TestServeSandboxWithEmbeddedDatabase(t *testing.T) {
 	if testing.Short() {
 		t.Skip("starts a PostgreSQL server")
 	}
-	if _, err := pgserver.FindBinDir(); errors.Is(err, pgserver.ErrNoBinaries) {
+	if _, err := pgserver.FindBinDir(context.Background()); errors.Is(err, pgserver.ErrNoBinaries) {
 		t.Skip("no PostgreSQL server binaries on this machine")
 	}
-	dataDir := filepath.Join(t.TempDir(), "data")
+	tmp := t.TempDir()
+	dataDir := filepath.Join(tmp, "data")
 	// The embedded database runs as an unprivileged user when the test runs
 	// as root; it must be able to reach the data directory.
-	if err := os.Chmod(filepath.Dir(dataDir), 0o755); err != nil {
-		t.Fatal(err)
+	for _, dir := range []string{filepath.Dir(tmp), tmp} {
+		if err := os.Chmod(dir, 0o755); err != nil {
+			t.Fatal(err)
+		}
 	}
 	args := []string{"serve", "--sandbox", "--data-dir", dataDir,
 		"--http-addr", "127.0.0.1:0", "--grpc-addr", "127.0.0.1:0",

@@ -136,6 +136,22 @@ func (a *App) Start(ctx context.Context) (err error) {
 	if err != nil {
 		return fmt.Errorf("open database: %w", err)
 	}
+
+	svcCfg := a.cfg.Service
+	if svcCfg.Logger == nil {
+		svcCfg.Logger = a.log.With("component", "api")
+	}
+	// Built before anything else is started so that a bad configuration
+	// stops the process before it prints or stores anything.
+	srv, err := service.New(svcCfg, a.store, func() {
+		// The local dispatcher wakes at once; other instances hear the
+		// coalesced NOTIFY.
+		a.dispatcher.Wake()
+		a.notifier.Kick()
+	})
+	if err != nil {
+		return fmt.Errorf("service: %w", err)
+	}
 	if err := a.bootstrapAPIKey(ctx); err != nil {
 		return err
 	}
@@ -167,19 +183,6 @@ func (a *App) Start(ctx context.Context) (err error) {
 	a.notifier = db.NewOutboxNotifier(a.store, 0, a.log.With("component", "notify"))
 	a.notifier.Start(runCtx)
 
-	svcCfg := a.cfg.Service
-	if svcCfg.Logger == nil {
-		svcCfg.Logger = a.log.With("component", "api")
-	}
-	srv, err := service.New(svcCfg, a.store, func() {
-		// The local dispatcher wakes at once; other instances hear the
-		// coalesced NOTIFY.
-		a.dispatcher.Wake()
-		a.notifier.Kick()
-	})
-	if err != nil {
-		return fmt.Errorf("service: %w", err)
-	}
 	a.grpcServer = service.NewGRPCServer(srv, a.store, svcCfg.Logger)
 	a.grpcLis, err = net.Listen("tcp", a.cfg.GRPCAddr)
 	if err != nil {

@@ -176,3 +176,9 @@ func parseMajor(versionOutput string) (string, error) {
 	}
 	return strconv.Itoa(major), nil
 }
+
+// FindBinDir returns the directory of the PostgreSQL server binaries Start
+// would use when Config.BinDir is empty, or an error wrapping ErrNoBinaries.
+func FindBinDir(ctx context.Context) (string, error) {
+	return findBinDir(ctx, "", "")
+}

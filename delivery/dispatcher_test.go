@@ -1,0 +1,720 @@
+package delivery
+
+import (
+	"context"
+	"fmt"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/emersion/go-smtp"
+	"github.com/google/uuid"
+	"github.com/jackc/pgx/v5"
+	"github.com/miekg/dns"
+
+	"github.com/posthaste/posthaste/db"
+	"github.com/posthaste/posthaste/internal/testenv"
+)
+
+// dispatchEnv is a database, a loopback DNS server and a dialer that maps
+// MX addresses to loopback SMTP servers.
+type dispatchEnv struct {
+	url    string
+	store  *db.DB
+	dns    *testenv.DNSServer
+	dialer *mapDialer
+	nextIP atomic.Int32
+}
+
+func newDispatchEnv(t testing.TB) *dispatchEnv {
+	t.Helper()
+	url := testenv.Database(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	store, err := db.Open(ctx, url)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(store.Close)
+	return &dispatchEnv{url: url, store: store, dns: testenv.StartDNS(t), dialer: newMapDialer(t)}
+}
+
+// config returns a Config with timeouts and intervals short enough for tests.
+func (e *dispatchEnv) config() Config {
+	return Config{
+		PollInterval:   50 * time.Millisecond,
+		RescueInterval: 100 * time.Millisecond,
+		Retry: RetryConfig{
+			InitialInterval: 50 * time.Millisecond,
+			MaxInterval:     200 * time.Millisecond,
+		},
+		SMTP:            testSMTPConfig(),
+		DNSServer:       e.dns.Addr,
+		DNSTimeout:      2 * time.Second,
+		ShutdownTimeout: 10 * time.Second,
+		Dialer:          e.dialer,
+	}
+}
+
+// start starts a dispatcher, stopped at cleanup.
+func (e *dispatchEnv) start(t testing.TB, cfg Config) *Dispatcher {
+	t.Helper()
+	d, err := NewDispatcher(cfg, e.store)
+	if err != nil {
+		t.Fatal(err)
+	}
+	d.Start(context.Background())
+	t.Cleanup(d.Stop)
+	return d
+}
+
+// mx publishes an MX host for domain backed by srv (nil: refusing).
+func (e *dispatchEnv) mx(domain string, srv *testenv.SMTPServer) {
+	n := e.nextIP.Add(1)
+	ip := fmt.Sprintf("192.0.2.%d", n)
+	host := "mx." + domain
+	e.dns.AddMX(domain, host, 10)
+	e.dns.AddA(host, ip)
+	if srv != nil {
+		e.dialer.route(ip, 25, srv.Addr)
+	}
+}
+
+// insert stores a message to the given addresses and returns its id.
+func (e *dispatchEnv) insert(t testing.TB, sendAt time.Time, to ...string) uuid.UUID {
+	t.Helper()
+	id, err := e.tryInsert(sendAt, to...)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return id
+}
+
+func (e *dispatchEnv) tryInsert(sendAt time.Time, to ...string) (uuid.UUID, error) {
+	id, err := uuid.NewV7()
+	if err != nil {
+		return uuid.Nil, err
+	}
+	var rcpts []db.NewRecipient
+	for _, addr := range to {
+		rid, err := uuid.NewV7()
+		if err != nil {
+			return uuid.Nil, err
+		}
+		_, domain, _ := strings.Cut(addr, "@")
+		rcpts = append(rcpts, db.NewRecipient{ID: rid, Address: addr, Domain: domain, Kind: db.KindTo})
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	_, err = e.store.InsertMessage(ctx, db.NewMessage{
+		ID:              id,
+		MessageIDHeader: "<" + id.String() + "@sender.test>",
+		EnvelopeFrom:    "bounce@sender.test",
+		FromHeader:      "sender@sender.test",
+		Subject:         "test",
+		Raw:             testMessage(id.String()),
+		SendAt:          sendAt,
+		Recipients:      rcpts,
+	})
+	return id, err
+}
+
+func (e *dispatchEnv) get(t testing.TB, id uuid.UUID) db.Message {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	m, err := e.store.GetMessage(ctx, id)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return m
+}
+
+// waitMessage polls the message until cond holds.
+func (e *dispatchEnv) waitMessage(t testing.TB, id uuid.UUID, what string, cond func(db.Message) bool) db.Message {
+	t.Helper()
+	var m db.Message
+	waitFor(t, 20*time.Second, what, func() bool {
+		m = e.get(t, id)
+		return cond(m)
+	})
+	return m
+}
+
+// final reports whether no recipient of m is waiting or in flight.
+func final(m db.Message) bool {
+	for _, r := range m.Recipients {
+		switch r.Status {
+		case db.StatusQueued, db.StatusScheduled, db.StatusSending, db.StatusDeferred:
+			return false
+		}
+	}
+	return true
+}
+
+func recipient(t testing.TB, m db.Message, addr string) db.Recipient {
+	t.Helper()
+	for _, r := range m.Recipients {
+		if r.Address == addr {
+			return r
+		}
+	}
+	t.Fatalf("no recipient %s in %+v", addr, m.Recipients)
+	return db.Recipient{}
+}
+
+func TestDispatchDeliversAndBouncesPerRecipient(t *testing.T) {
+	t.Parallel()
+	e := newDispatchEnv(t)
+	srv := testenv.StartSMTP(t, testenv.WithTLS(), testenv.WithRcptReply(func(to string) *smtp.SMTPError {
+		if strings.HasPrefix(to, "unknown@") {
+			return &smtp.SMTPError{Code: 550, EnhancedCode: smtp.EnhancedCode{5, 1, 1}, Message: "no such user"}
+		}
+		return nil
+	}))
+	e.mx("a.test", srv)
+	id := e.insert(t, time.Time{}, "ok@a.test", "unknown@a.test")
+	e.start(t, e.config())
+
+	m := e.waitMessage(t, id, "final outcomes", final)
+	ok, unknown := recipient(t, m, "ok@a.test"), recipient(t, m, "unknown@a.test")
+	if ok.Status != db.StatusDelivered || ok.LastCode != 250 || ok.LastEnhancedCode != "2.0.0" || ok.DeliveredAt == nil || ok.Attempts != 1 {
+		t.Fatalf("ok: %+v", ok)
+	}
+	if unknown.Status != db.StatusBounced || unknown.LastCode != 550 || unknown.LastEnhancedCode != "5.1.1" ||
+		unknown.LastText != "no such user" || unknown.Attempts != 1 {
+		t.Fatalf("unknown: %+v", unknown)
+	}
+	if m.Status != db.MessagePartiallyDelivered {
+		t.Fatalf("message status %s", m.Status)
+	}
+	if len(m.Attempts) != 2 {
+		t.Fatalf("%d attempt rows, want 2", len(m.Attempts))
+	}
+	for _, a := range m.Attempts {
+		if a.MXHost != "mx.a.test" || a.IP != "192.0.2.1" || !a.TLS || a.TLSVersion != "TLS 1.3" || a.StartedAt.IsZero() {
+			t.Fatalf("attempt %+v", a)
+		}
+	}
+	msgs := srv.Messages()
+	if len(msgs) != 1 || len(msgs[0].To) != 1 || msgs[0].To[0] != "ok@a.test" || !msgs[0].TLS {
+		t.Fatalf("server messages %+v", msgs)
+	}
+	if !strings.Contains(string(msgs[0].Data), id.String()) {
+		t.Fatal("server got another message's bytes")
+	}
+}
+
+func TestDispatchRetriesTemporaryFailure(t *testing.T) {
+	t.Parallel()
+	e := newDispatchEnv(t)
+	var rcpts atomic.Int32
+	srv := testenv.StartSMTP(t, testenv.WithRcptReply(func(string) *smtp.SMTPError {
+		if rcpts.Add(1) == 1 {
+			return &smtp.SMTPError{Code: 451, EnhancedCode: smtp.EnhancedCode{4, 7, 1}, Message: "greylisted"}
+		}
+		return nil
+	}))
+	e.mx("grey.test", srv)
+	id := e.insert(t, time.Time{}, "a@grey.test")
+	e.start(t, e.config())
+
+	m := e.waitMessage(t, id, "delivery after the retry", final)
+	r := m.Recipients[0]
+	if r.Status != db.StatusDelivered || r.Attempts != 2 {
+		t.Fatalf("recipient %+v", r)
+	}
+	if len(m.Attempts) != 2 || m.Attempts[0].Outcome != db.StatusDeferred || m.Attempts[0].Code != 451 ||
+		m.Attempts[0].EnhancedCode != "4.7.1" || m.Attempts[1].Outcome != db.StatusDelivered {
+		t.Fatalf("attempts %+v", m.Attempts)
+	}
+	if n := len(srv.Messages()); n != 1 {
+		t.Fatalf("%d messages at the server", n)
+	}
+}
+
+func TestDispatchDataRejectBouncesAll(t *testing.T) {
+	t.Parallel()
+	e := newDispatchEnv(t)
+	srv := testenv.StartSMTP(t, testenv.WithDataReply(func(string, []string, []byte) *smtp.SMTPError {
+		return &smtp.SMTPError{Code: 554, EnhancedCode: smtp.EnhancedCode{5, 7, 1}, Message: "spam"}
+	}))
+	e.mx("spam.test", srv)
+	id := e.insert(t, time.Time{}, "a@spam.test", "b@spam.test")
+	e.start(t, e.config())
+
+	m := e.waitMessage(t, id, "bounces", final)
+	for _, r := range m.Recipients {
+		if r.Status != db.StatusBounced || r.LastCode != 554 || r.LastEnhancedCode != "5.7.1" {
+			t.Fatalf("recipient %+v", r)
+		}
+	}
+	if m.Status != db.StatusBounced {
+		t.Fatalf("message status %s", m.Status)
+	}
+}
+
+func TestDispatchReusesConnection(t *testing.T) {
+	t.Parallel()
+	e := newDispatchEnv(t)
+	srv := testenv.StartSMTP(t)
+	e.mx("reuse.test", srv)
+	d := e.start(t, e.config())
+
+	first := e.insert(t, time.Time{}, "a@reuse.test")
+	d.Wake()
+	e.waitMessage(t, first, "first delivery", final)
+	second := e.insert(t, time.Time{}, "b@reuse.test")
+	d.Wake()
+	if m := e.waitMessage(t, second, "second delivery", final); m.Status != db.StatusDelivered {
+		t.Fatalf("second message %s", m.Status)
+	}
+	if n := srv.Connections(); n != 1 {
+		t.Fatalf("%d connections for two messages, want 1", n)
+	}
+	if n := len(srv.Messages()); n != 2 {
+		t.Fatalf("%d messages", n)
+	}
+}
+
+func TestDispatchDNSOutcomes(t *testing.T) {
+	t.Parallel()
+	e := newDispatchEnv(t)
+	e.dns.AddNullMX("nullmx.test")
+	e.dns.AddA("nullmx.test", "192.0.2.200")
+	e.dns.SetRcode("servfail.test", dns.RcodeServerFailure)
+	cfg := e.config()
+	cfg.Retry.InitialInterval = time.Hour // stay deferred
+	cfg.Retry.MaxInterval = time.Hour
+	null := e.insert(t, time.Time{}, "a@nullmx.test")
+	missing := e.insert(t, time.Time{}, "a@missing.test")
+	servfail := e.insert(t, time.Time{}, "a@servfail.test")
+	e.start(t, cfg)
+
+	m := e.waitMessage(t, null, "null MX bounce", final)
+	r := m.Recipients[0]
+	if r.Status != db.StatusBounced || r.LastCode != 556 || r.LastEnhancedCode != "5.1.10" || r.Attempts != 1 || len(m.Attempts) != 0 {
+		t.Fatalf("null MX: %+v, attempts %+v", r, m.Attempts)
+	}
+	m = e.waitMessage(t, missing, "NXDOMAIN bounce", final)
+	if r := m.Recipients[0]; r.Status != db.StatusBounced || r.LastEnhancedCode != "5.1.2" || len(m.Attempts) != 0 {
+		t.Fatalf("NXDOMAIN: %+v", r)
+	}
+	m = e.waitMessage(t, servfail, "SERVFAIL deferral", func(m db.Message) bool {
+		return m.Recipients[0].Status == db.StatusDeferred
+	})
+	if r := m.Recipients[0]; r.LastCode != 451 || r.LastEnhancedCode != "4.4.3" || r.NextAttemptAt == nil || r.Attempts != 1 {
+		t.Fatalf("SERVFAIL: %+v", r)
+	}
+	if got := e.dialer.dialed(); len(got) != 0 {
+		t.Fatalf("connections attempted: %v", got)
+	}
+}
+
+func TestDispatchFailsPastMaxAge(t *testing.T) {
+	t.Parallel()
+	e := newDispatchEnv(t)
+	srv := testenv.StartSMTP(t, testenv.WithRcptReply(func(string) *smtp.SMTPError {
+		return &smtp.SMTPError{Code: 452, EnhancedCode: smtp.EnhancedCode{4, 2, 2}, Message: "mailbox full"}
+	}))
+	e.mx("full.test", srv)
+	cfg := e.config()
+	cfg.Retry.MaxAge = time.Millisecond // any retry falls past it
+	id := e.insert(t, time.Time{}, "a@full.test")
+	e.start(t, cfg)
+
+	m := e.waitMessage(t, id, "failure", final)
+	r := m.Recipients[0]
+	if r.Status != db.StatusFailed || r.LastCode != 452 || r.LastEnhancedCode != "4.2.2" || r.Attempts != 1 {
+		t.Fatalf("recipient %+v", r)
+	}
+	if len(m.Attempts) != 1 || m.Attempts[0].Outcome != db.StatusFailed {
+		t.Fatalf("attempts %+v", m.Attempts)
+	}
+}
+
+func TestDispatchScheduledWaitsForSendAt(t *testing.T) {
+	t.Parallel()
+	e := newDispatchEnv(t)
+	srv := testenv.StartSMTP(t)
+	e.mx("later.test", srv)
+	sendAt := time.Now().Add(time.Second)
+	id := e.insert(t, sendAt, "a@later.test")
+	if m := e.get(t, id); m.Recipients[0].Status != db.StatusScheduled {
+		t.Fatalf("status %s, want scheduled", m.Recipients[0].Status)
+	}
+	d := e.start(t, e.config())
+	// Several claims run before send_at, none may take it.
+	waitFor(t, 5*time.Second, "claims before send_at", func() bool { return d.claims.Load() >= 3 })
+	if time.Now().Before(sendAt) {
+		if m := e.get(t, id); m.Recipients[0].Status != db.StatusScheduled || len(srv.Messages()) != 0 {
+			t.Fatalf("attempted before send_at: %+v", m.Recipients[0])
+		}
+	}
+	m := e.waitMessage(t, id, "delivery", final)
+	if m.Status != db.StatusDelivered || len(m.Attempts) != 1 {
+		t.Fatalf("message %+v", m)
+	}
+	if m.Attempts[0].StartedAt.Before(sendAt) || m.Recipients[0].DeliveredAt.Before(sendAt) {
+		t.Fatalf("attempted at %s, before send_at %s", m.Attempts[0].StartedAt, sendAt)
+	}
+}
+
+func TestDispatchGroupsRecipientsIntoTransactions(t *testing.T) {
+	t.Parallel()
+	e := newDispatchEnv(t)
+	g := testenv.StartSMTP(t)
+	h := testenv.StartSMTP(t)
+	e.mx("g.test", g)
+	e.mx("h.test", h)
+	cfg := e.config()
+	cfg.MaxRecipientsPerTransaction = 2
+	id := e.insert(t, time.Time{}, "1@g.test", "x@h.test", "2@g.test", "3@g.test")
+	e.start(t, cfg)
+
+	if m := e.waitMessage(t, id, "delivery", final); m.Status != db.StatusDelivered {
+		t.Fatalf("message %s", m.Status)
+	}
+	var sizes []int
+	for _, msg := range g.Messages() {
+		sizes = append(sizes, len(msg.To))
+	}
+	if len(sizes) != 2 || sizes[0]+sizes[1] != 3 || max(sizes[0], sizes[1]) != 2 {
+		t.Fatalf("g.test transactions with %v recipients, want 2 and 1", sizes)
+	}
+	if msgs := h.Messages(); len(msgs) != 1 || len(msgs[0].To) != 1 {
+		t.Fatalf("h.test messages %+v", msgs)
+	}
+}
+
+func TestDispatchTakesOverExpiredLease(t *testing.T) {
+	t.Parallel()
+	e := newDispatchEnv(t)
+	srv := testenv.StartSMTP(t)
+	e.mx("crash.test", srv)
+	id := e.insert(t, time.Time{}, "a@crash.test")
+
+	// A dispatcher that claimed the recipient and died without a word.
+	ctx := t.Context()
+	claimed, err := e.store.ClaimRecipients(ctx, db.ClaimParams{Owner: "dead-1", Limit: 10, LeaseFor: 500 * time.Millisecond})
+	if err != nil || len(claimed) != 1 {
+		t.Fatalf("claim: %v, %d rows", err, len(claimed))
+	}
+	e.start(t, e.config())
+
+	m := e.waitMessage(t, id, "delivery after the lease expired", final)
+	if r := m.Recipients[0]; r.Status != db.StatusDelivered || r.Attempts != 1 {
+		t.Fatalf("recipient %+v", r)
+	}
+	// The dead owner's late outcome is fenced off.
+	applied, err := e.store.RecordOutcomes(ctx, []db.Outcome{{
+		RecipientID: claimed[0].ID, LeaseOwner: "dead-1", Status: db.StatusBounced, Code: 550,
+	}})
+	if err != nil || len(applied) != 0 {
+		t.Fatalf("stale outcome applied: %v, %v", applied, err)
+	}
+	if n := len(srv.Messages()); n != 1 {
+		t.Fatalf("%d deliveries, want 1", n)
+	}
+}
+
+func TestDispatchStopReleasesUnattemptedLeases(t *testing.T) {
+	t.Parallel()
+	e := newDispatchEnv(t)
+	entered := make(chan struct{}, 1)
+	gate := make(chan struct{})
+	srv := testenv.StartSMTP(t, testenv.WithDataReply(func(string, []string, []byte) *smtp.SMTPError {
+		select {
+		case entered <- struct{}{}:
+		default:
+		}
+		<-gate
+		return nil
+	}))
+	e.mx("slow.test", srv)
+	var ids []uuid.UUID
+	for i := range 3 {
+		ids = append(ids, e.insert(t, time.Time{}, fmt.Sprintf("%d@slow.test", i)))
+	}
+	cfg := e.config()
+	cfg.Concurrency = 1
+	cfg.PerDomainConcurrency = 1
+	d, err := NewDispatcher(cfg, e.store)
+	if err != nil {
+		t.Fatal(err)
+	}
+	d.Start(context.Background())
+	<-entered // one transaction in flight, two jobs waiting for the slot
+
+	stopped := make(chan struct{})
+	go func() {
+		d.Stop()
+		close(stopped)
+	}()
+	queued := func() int {
+		n := 0
+		for _, id := range ids {
+			if r := e.get(t, id).Recipients[0]; r.Status == db.StatusQueued && r.Attempts == 0 {
+				n++
+			}
+		}
+		return n
+	}
+	waitFor(t, 10*time.Second, "the waiting jobs' leases to be released", func() bool { return queued() == 2 })
+	close(gate) // the transaction in flight completes within ShutdownTimeout
+	<-stopped
+
+	delivered := 0
+	for _, id := range ids {
+		m := e.get(t, id)
+		switch r := m.Recipients[0]; r.Status {
+		case db.StatusDelivered:
+			delivered++
+		case db.StatusQueued:
+			if r.Attempts != 0 || len(m.Attempts) != 0 {
+				t.Fatalf("released recipient was attempted: %+v", r)
+			}
+		default:
+			t.Fatalf("recipient %+v after Stop", r)
+		}
+	}
+	if delivered != 1 || len(srv.Messages()) != 1 {
+		t.Fatalf("%d delivered, %d at the server; want 1 and 1", delivered, len(srv.Messages()))
+	}
+	d.Stop() // idempotent
+
+	// A released recipient is due at once for the next dispatcher.
+	e.start(t, e.config())
+	for _, id := range ids {
+		e.waitMessage(t, id, "delivery by the next dispatcher", final)
+	}
+	if n := len(srv.Messages()); n != 3 {
+		t.Fatalf("%d messages at the server, want 3", n)
+	}
+}
+
+func TestDispatchStopInterruptsAfterShutdownTimeout(t *testing.T) {
+	t.Parallel()
+	e := newDispatchEnv(t)
+	srv := testenv.StartSMTP(t, testenv.WithStalledData())
+	e.mx("hung.test", srv)
+	cfg := e.config()
+	cfg.ShutdownTimeout = 200 * time.Millisecond
+	cfg.Retry.InitialInterval = time.Hour
+	cfg.Retry.MaxInterval = time.Hour
+	id := e.insert(t, time.Time{}, "a@hung.test")
+	d, err := NewDispatcher(cfg, e.store)
+	if err != nil {
+		t.Fatal(err)
+	}
+	d.Start(context.Background())
+	waitFor(t, 10*time.Second, "DATA in flight", func() bool { return srv.Commands("DATA") == 1 })
+	d.Stop()
+
+	r := e.get(t, id).Recipients[0]
+	if r.Status != db.StatusDeferred || r.Attempts != 1 || r.LastCode != 451 {
+		t.Fatalf("recipient %+v, want deferred after the interrupted attempt", r)
+	}
+}
+
+func TestDispatchReleasesJobThatWaitedTooLong(t *testing.T) {
+	t.Parallel()
+	e := newDispatchEnv(t)
+	srv := testenv.StartSMTP(t)
+	e.mx("busy.test", srv)
+	id := e.insert(t, time.Time{}, "a@busy.test")
+	cfg := e.config()
+	cfg.PerDomainConcurrency = 1
+	d, err := NewDispatcher(cfg, e.store)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer d.Stop()
+
+	// Claim by hand with a lease that leaves 300ms to start an attempt.
+	lease := d.cfg.minLease() + 300*time.Millisecond
+	claimedAt := time.Now()
+	claimed, err := e.store.ClaimRecipients(t.Context(), db.ClaimParams{Owner: "test-1", Limit: 10, LeaseFor: lease})
+	if err != nil || len(claimed) != 1 {
+		t.Fatalf("claim: %v, %d", err, len(claimed))
+	}
+	contents, err := e.store.LoadMessageContents(t.Context(), []uuid.UUID{id})
+	if err != nil {
+		t.Fatal(err)
+	}
+	jobs, _ := groupJobs(claimed, contents, "test-1", claimedAt.Add(lease), 100)
+	// The domain's only slot is taken for longer than the job can wait.
+	if !d.limits.acquireDomain("busy.test", time.Now().Add(time.Minute), nil) {
+		t.Fatal("slot not free")
+	}
+	d.pending.Add(1)
+	d.waiting.Add(1)
+	d.jobs.Add(1)
+	d.run(context.Background(), jobs[0])
+	d.limits.releaseDomain("busy.test")
+
+	m := e.get(t, id)
+	if r := m.Recipients[0]; r.Status != db.StatusQueued || r.Attempts != 0 {
+		t.Fatalf("recipient %+v, want queued without an attempt", r)
+	}
+	if srv.Connections() != 0 {
+		t.Fatal("a connection was made")
+	}
+	if d.pending.Load() != 0 || d.waiting.Load() != 0 {
+		t.Fatalf("counters pending %d waiting %d", d.pending.Load(), d.waiting.Load())
+	}
+}
+
+// TestDispatchWakeups checks both wake-up paths with polling off: Wake, and
+// a NOTIFY on the outbox channel received through LISTEN.
+func TestDispatchWakeups(t *testing.T) {
+	t.Parallel()
+	e := newDispatchEnv(t)
+	srv := testenv.StartSMTP(t)
+	e.mx("wake.test", srv)
+	cfg := e.config()
+	cfg.PollInterval = time.Hour
+	cfg.RescueInterval = time.Hour
+	d := e.start(t, cfg)
+	waitFor(t, 10*time.Second, "the first claim", func() bool { return d.claims.Load() >= 1 })
+
+	id := e.insert(t, time.Time{}, "a@wake.test")
+	d.Wake()
+	e.waitMessage(t, id, "delivery after Wake", final)
+
+	// Only NOTIFYs sent after LISTEN took effect arrive; wait for it.
+	conn, err := pgx.Connect(t.Context(), e.url)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close(context.Background())
+	waitFor(t, 10*time.Second, "LISTEN", func() bool {
+		var n int
+		err := conn.QueryRow(t.Context(), `SELECT count(*) FROM pg_stat_activity
+			WHERE datname = current_database() AND query ILIKE 'LISTEN%'`).Scan(&n)
+		return err == nil && n > 0
+	})
+	claims := d.claims.Load()
+	id = e.insert(t, time.Time{}, "b@wake.test")
+	if err := e.store.NotifyOutbox(t.Context()); err != nil {
+		t.Fatal(err)
+	}
+	e.waitMessage(t, id, "delivery after NOTIFY", final)
+	if d.claims.Load() == claims {
+		t.Fatal("delivered without a claim")
+	}
+}
+
+func TestTwoDispatchersDeliverEachRecipientOnce(t *testing.T) {
+	t.Parallel()
+	e := newDispatchEnv(t)
+	const domains, messages = 5, 1000
+	servers := make([]*testenv.SMTPServer, domains)
+	for i := range servers {
+		servers[i] = testenv.StartSMTP(t)
+		e.mx(fmt.Sprintf("d%d.test", i), servers[i])
+	}
+	cfg := e.config()
+	cfg.BatchSize = 50
+	cfg.Concurrency = 20
+	cfg.PerDomainConcurrency = 4
+	cfg.InstanceID = "one"
+	e.start(t, cfg)
+	cfg.InstanceID = "two"
+	e.start(t, cfg)
+
+	// Insert while both run; every 10th message goes to two domains.
+	ids := make([]uuid.UUID, messages)
+	total := 0
+	var wg sync.WaitGroup
+	var mu sync.Mutex
+	for w := range 8 {
+		wg.Go(func() {
+			for i := w; i < messages; i += 8 {
+				to := []string{fmt.Sprintf("u%d@d%d.test", i, i%domains)}
+				if i%10 == 0 {
+					to = append(to, fmt.Sprintf("v%d@d%d.test", i, (i+1)%domains))
+				}
+				id, err := e.tryInsert(time.Time{}, to...)
+				if err != nil {
+					t.Error(err)
+					return
+				}
+				mu.Lock()
+				ids[i] = id
+				total += len(to)
+				mu.Unlock()
+				if i%100 == 0 {
+					e.store.NotifyOutbox(context.Background())
+				}
+			}
+		})
+	}
+	wg.Wait()
+	if t.Failed() {
+		return
+	}
+	if err := e.store.NotifyOutbox(t.Context()); err != nil {
+		t.Fatal(err)
+	}
+
+	seen := map[string]int{}
+	waitFor(t, 45*time.Second, "every recipient at the servers", func() bool {
+		n := 0
+		for _, s := range servers {
+			for _, m := range s.Messages() {
+				n += len(m.To)
+			}
+		}
+		return n >= total
+	})
+	for _, s := range servers {
+		for _, m := range s.Messages() {
+			for _, to := range m.To {
+				seen[to]++
+			}
+		}
+	}
+	if len(seen) != total {
+		t.Fatalf("%d distinct recipients at the servers, want %d", len(seen), total)
+	}
+	for addr, n := range seen {
+		if n != 1 {
+			t.Fatalf("%s delivered %d times", addr, n)
+		}
+	}
+	for _, id := range ids {
+		m := e.waitMessage(t, id, "delivered in the database", final)
+		for _, r := range m.Recipients {
+			if r.Status != db.StatusDelivered || r.Attempts != 1 {
+				t.Fatalf("recipient %+v", r)
+			}
+		}
+		if len(m.Attempts) != len(m.Recipients) {
+			t.Fatalf("message %s has %d attempts for %d recipients", m.ID, len(m.Attempts), len(m.Recipients))
+		}
+	}
+}
+
+// BenchmarkDispatch measures a dispatcher delivering b.N messages to one
+// loopback SMTP server.
+func BenchmarkDispatch(b *testing.B) {
+	e := newDispatchEnv(b)
+	srv := testenv.StartSMTP(b)
+	e.mx("bench.test", srv)
+	for i := range b.N {
+		e.insert(b, time.Time{}, fmt.Sprintf("u%d@bench.test", i))
+	}
+	cfg := e.config()
+	cfg.PerDomainConcurrency = 50
+	b.ResetTimer()
+	start := time.Now()
+	d := e.start(b, cfg)
+	srv.WaitMessages(b, b.N, 5*time.Minute)
+	d.Stop() // waits for the last outcomes to be recorded
+	elapsed := time.Since(start)
+	b.StopTimer()
+	b.ReportMetric(float64(b.N)/elapsed.Seconds(), "msgs/s")
+}
