@@ -93,9 +93,18 @@ func (e *dispatchEnv) insert(t testing.TB, sendAt time.Time, to ...string) uuid.
 }
 
 func (e *dispatchEnv) tryInsert(sendAt time.Time, to ...string) (uuid.UUID, error) {
+	return e.tryInsertRaw(nil, sendAt, to...)
+}
+
+// tryInsertRaw stores a message with the given bytes (nil: a small message
+// naming its id).
+func (e *dispatchEnv) tryInsertRaw(raw []byte, sendAt time.Time, to ...string) (uuid.UUID, error) {
 	id, err := uuid.NewV7()
 	if err != nil {
 		return uuid.Nil, err
+	}
+	if raw == nil {
+		raw = testMessage(id.String())
 	}
 	var rcpts []db.NewRecipient
 	for _, addr := range to {
@@ -114,7 +123,7 @@ func (e *dispatchEnv) tryInsert(sendAt time.Time, to ...string) (uuid.UUID, erro
 		EnvelopeFrom:    "bounce@sender.test",
 		FromHeader:      "sender@sender.test",
 		Subject:         "test",
-		Raw:             testMessage(id.String()),
+		Raw:             raw,
 		SendAt:          sendAt,
 		Recipients:      rcpts,
 	})
@@ -492,6 +501,36 @@ func TestDispatchStopReleasesUnattemptedLeases(t *testing.T) {
 	}
 	if n := len(srv.Messages()); n != 3 {
 		t.Fatalf("%d messages at the server, want 3", n)
+	}
+}
+
+func TestDispatchDataTimeoutDefers(t *testing.T) {
+	t.Parallel()
+	e := newDispatchEnv(t)
+	srv := testenv.StartSMTP(t, testenv.WithStalledData())
+	e.mx("stall.test", srv)
+	cfg := e.config()
+	cfg.SMTP.DataTimeout = 300 * time.Millisecond
+	cfg.Retry.InitialInterval = time.Hour
+	cfg.Retry.MaxInterval = time.Hour
+	id, err := e.tryInsertRaw(bigMessage(), time.Time{}, "a@stall.test")
+	if err != nil {
+		t.Fatal(err)
+	}
+	e.start(t, cfg)
+
+	m := e.waitMessage(t, id, "deferral after the data timeout", func(m db.Message) bool {
+		return m.Recipients[0].Status == db.StatusDeferred
+	})
+	r := m.Recipients[0]
+	if r.LastCode != 451 || r.LastEnhancedCode != "4.4.2" || !strings.Contains(r.LastText, "timeout") || r.Attempts != 1 {
+		t.Fatalf("recipient %+v", r)
+	}
+	if len(m.Attempts) != 1 || m.Attempts[0].Outcome != db.StatusDeferred || m.Attempts[0].MXHost != "mx.stall.test" {
+		t.Fatalf("attempts %+v", m.Attempts)
+	}
+	if n := len(srv.Messages()); n != 0 {
+		t.Fatalf("%d messages accepted", n)
 	}
 }
 

@@ -305,7 +305,7 @@ func TestAttemptDataWriteDeadline(t *testing.T) {
 
 	// Larger than what the socket buffers of both ends can hold, so that
 	// the write blocks once the server stops reading.
-	data := bytes.Repeat([]byte("0123456789012345678901234567890123456789012345678901234567890123456789\r\n"), 512<<10)
+	data := bigMessage()
 	ctx, cancel := context.WithTimeout(t.Context(), 20*time.Second)
 	defer cancel()
 	res := e.sender.attempt(ctx, envelope{Domain: "stall.test", From: "b@sender.test", To: []string{"a@stall.test"}, Data: data})
@@ -383,6 +383,14 @@ func TestAttemptNoSizeWhenNotAdvertised(t *testing.T) {
 	if cmds := srv.commands(); cmds[0] != "EHLO sender.test" {
 		t.Fatalf("first command %q", cmds[0])
 	}
+}
+
+// bigMessage is a 12 MB message: more than the socket buffers can hold when
+// the server stops reading (testenv.WithStalledData keeps its side small;
+// Linux caps the sender's at 4 MB by default).
+func bigMessage() []byte {
+	line := []byte("0123456789012345678901234567890123456789012345678901234567890123456789\r\n")
+	return append(testMessage("big"), bytes.Repeat(line, 12<<20/len(line))...)
 }
 
 // script is a minimal SMTP server that answers from a fixed script, for the

@@ -38,12 +38,12 @@ func (l *logFlags) register(fs *flag.FlagSet) {
 func runServe(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	fs := newFlagSet("serve", stderr)
 	var (
-		dbf     databaseFlags
-		logf    logFlags
-		cfg     app.Config
-		svc     service.Config
-		dlv     delivery.Config
-		routes  listFlag
+		dbf      databaseFlags
+		logf     logFlags
+		cfg      app.Config
+		svc      service.Config
+		dlv      delivery.Config
+		routes   listFlag
 		hostname string
 	)
 	dbf.register(fs)

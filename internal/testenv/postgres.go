@@ -17,10 +17,12 @@ import (
 	"github.com/jackc/pgx/v5"
 
 	"github.com/posthaste/posthaste/db"
+	"github.com/posthaste/posthaste/internal/pgserver"
 )
 
 // DatabaseURLEnv names the environment variable that points tests at a
 // PostgreSQL server. The user in it must be allowed to create databases.
+// The value "embedded" makes the tests start their own server.
 const DatabaseURLEnv = "POSTHASTE_TEST_DATABASE_URL"
 
 // localServerURL is tried when DatabaseURLEnv is not set.
@@ -35,21 +37,59 @@ var server = sync.OnceValues(func() (string, error) {
 
 // serverURL chooses the PostgreSQL server for this test process and returns
 // a URL for a user that may create databases: DatabaseURLEnv if set, else a
-// server on 127.0.0.1:5432 if it answers quickly.
+// server on 127.0.0.1:5432 if it answers quickly, else an embedded server
+// started from the machine's PostgreSQL binaries (stopped by Main).
 func serverURL(ctx context.Context) (string, error) {
-	if u := os.Getenv(DatabaseURLEnv); u != "" {
+	switch u := os.Getenv(DatabaseURLEnv); u {
+	case "":
+	case "embedded":
+		return startEmbedded(ctx)
+	default:
 		return u, nil
 	}
 	probeCtx, cancel := context.WithTimeout(ctx, 2*time.Second)
 	defer cancel()
-	conn, err := pgx.Connect(probeCtx, localServerURL)
-	if err != nil {
-		return "", fmt.Errorf("no PostgreSQL server answered at %s (%v); start one there "+
-			"(user postgres, trust authentication) or set %s to a server where the user may create databases",
-			localServerURL, err, DatabaseURLEnv)
+	conn, probeErr := pgx.Connect(probeCtx, localServerURL)
+	if probeErr == nil {
+		_ = conn.Close(probeCtx)
+		return localServerURL, nil
 	}
-	_ = conn.Close(probeCtx)
-	return localServerURL, nil
+	u, err := startEmbedded(ctx)
+	if err != nil {
+		return "", fmt.Errorf("no PostgreSQL server answered at %s (%v), and no embedded one could be started (%w); "+
+			"install the PostgreSQL server binaries, start a server there (user postgres, trust authentication), "+
+			"or set %s to a server where the user may create databases",
+			localServerURL, probeErr, err, DatabaseURLEnv)
+	}
+	return u, nil
+}
+
+// embedded is the PostgreSQL this test process started, if any.
+var embedded struct {
+	mu  sync.Mutex
+	srv *pgserver.Server
+	dir string
+}
+
+func startEmbedded(ctx context.Context) (string, error) {
+	embedded.mu.Lock()
+	defer embedded.mu.Unlock()
+	dir, err := os.MkdirTemp("", "posthaste-testpg-")
+	if err != nil {
+		return "", err
+	}
+	// When tests run as root the server runs as another user, which must be
+	// able to enter the directory.
+	if err := os.Chmod(dir, 0o755); err != nil {
+		return "", err
+	}
+	srv, err := pgserver.Start(ctx, pgserver.Config{DataDir: dir + "/cluster", Database: "postgres"})
+	if err != nil {
+		_ = os.RemoveAll(dir)
+		return "", err
+	}
+	embedded.srv, embedded.dir = srv, dir
+	return srv.URL(), nil
 }
 
 // EmptyDatabase returns the URL of a new, empty database (no migrations
@@ -68,7 +108,8 @@ func EmptyDatabase(t testing.TB) string {
 	create := "CREATE DATABASE " + pgx.Identifier{name}.Sanitize() +
 		" TEMPLATE template0 ENCODING 'UTF8' LC_COLLATE 'C' LC_CTYPE 'C'"
 	if err := adminExec(ctx, admin, create); err != nil {
-		t.Fatalf("testenv: create database %s: %v", name, err)
+		t.Fatalf("testenv: create database %s (server chosen by %s, else %s): %v",
+			name, DatabaseURLEnv, localServerURL, err)
 	}
 	t.Cleanup(func() {
 		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)

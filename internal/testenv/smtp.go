@@ -96,7 +96,9 @@ func WithGreeting(reply *smtp.SMTPError) SMTPOption {
 }
 
 // WithStalledData makes the server stop reading once DATA is accepted, as a
-// hung server would; the session is released when the server stops.
+// hung server would; the session is released when the server stops. The
+// server's receive buffer is kept small, so a body of several megabytes
+// fills the buffers and blocks the client's writes.
 func WithStalledData() SMTPOption { return func(o *smtpOptions) { o.stall = true } }
 
 // StartSMTP starts an SMTP server on 127.0.0.1:0 that advertises SIZE and
@@ -139,6 +141,11 @@ func StartSMTP(t testing.TB, opts ...SMTPOption) *SMTPServer {
 		t.Fatalf("testenv: SMTP listen: %v", err)
 	}
 	s.ln = &trackingListener{Listener: ln, greeting: s.opts.greeting, conns: make(map[net.Conn]struct{})}
+	if s.opts.stall {
+		// A small receive buffer makes a client's body writes block after a
+		// few megabytes at most, whatever the system's buffer sizes.
+		s.ln.readBuffer = 4096
+	}
 	addr := ln.Addr().(*net.TCPAddr)
 	s.Addr, s.Host, s.Port = addr.String(), addr.IP.String(), addr.Port
 
@@ -236,7 +243,8 @@ func (c commandCounter) Write(p []byte) (int, error) {
 // and answers them with a fixed greeting when one is set.
 type trackingListener struct {
 	net.Listener
-	greeting *smtp.SMTPError
+	greeting   *smtp.SMTPError
+	readBuffer int
 
 	mu       sync.Mutex
 	accepted int
@@ -248,6 +256,9 @@ func (l *trackingListener) Accept() (net.Conn, error) {
 		c, err := l.Listener.Accept()
 		if err != nil {
 			return nil, err
+		}
+		if tc, ok := c.(*net.TCPConn); ok && l.readBuffer > 0 {
+			tc.SetReadBuffer(l.readBuffer)
 		}
 		l.mu.Lock()
 		l.accepted++
