@@ -51,8 +51,12 @@ func runKeys(ctx context.Context, args []string, stdout, stderr io.Writer) error
 	if sub == "create" {
 		fs.StringVar(&name, "name", "", "a name that says who uses the key (required)")
 	}
-	if err := parseFlags(fs, args); err != nil {
+	positional, err := parseInterspersed(fs, args)
+	if err != nil {
 		return err
+	}
+	if sub != "revoke" && len(positional) > 0 {
+		return fmt.Errorf("keys %s: unexpected argument %q", sub, positional[0])
 	}
 	switch sub {
 	case "create":
@@ -86,12 +90,12 @@ func runKeys(ctx context.Context, args []string, stdout, stderr io.Writer) error
 			return tw.Flush()
 		})
 	case "revoke":
-		if fs.NArg() != 1 {
+		if len(positional) != 1 {
 			return errors.New("keys revoke: give exactly one key ID")
 		}
-		id, err := uuid.Parse(fs.Arg(0))
+		id, err := uuid.Parse(positional[0])
 		if err != nil {
-			return fmt.Errorf("keys revoke: %q is not a key ID", fs.Arg(0))
+			return fmt.Errorf("keys revoke: %q is not a key ID", positional[0])
 		}
 		return withStore(ctx, dbf, stderr, func(store *db.DB) error {
 			if err := store.RevokeAPIKey(ctx, id); err != nil {

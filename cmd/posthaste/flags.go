@@ -55,6 +55,22 @@ func parseFlags(fs *flag.FlagSet, args []string) error {
 	return nil
 }
 
+// parseInterspersed is parseFlags that also accepts flags after positional
+// arguments ("keys revoke ID --database-url ..."), returning the positionals.
+func parseInterspersed(fs *flag.FlagSet, args []string) ([]string, error) {
+	if err := parseFlags(fs, args); err != nil {
+		return nil, err
+	}
+	var positional []string
+	for fs.NArg() > 0 {
+		positional = append(positional, fs.Arg(0))
+		if err := fs.Parse(fs.Args()[1:]); err != nil {
+			return nil, err
+		}
+	}
+	return positional, nil
+}
+
 // listFlag collects a repeatable flag. From the environment it takes a
 // comma-separated list.
 type listFlag []string
