@@ -124,6 +124,9 @@ func asSMTPError(err error) *SMTPError {
 	if errors.Is(err, net.ErrClosed) || errors.Is(err, os.ErrClosed) {
 		return &SMTPError{Code: codeTempFailure, EnhancedCode: "4.4.2", Message: "connection lost", Err: err}
 	}
+	if _, ok := errors.AsType[*errTLSHandshake](err); ok {
+		return &SMTPError{Code: codeTempFailure, EnhancedCode: "4.7.5", Message: "TLS handshake failed", Err: err}
+	}
 	// Unknown errors are retried: bouncing mail over an error we do not
 	// understand loses it for good, while a retry costs a little time.
 	return &SMTPError{Code: codeTempFailure, EnhancedCode: "4.3.0", Message: "delivery error", Err: err}

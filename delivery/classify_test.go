@@ -42,6 +42,8 @@ func TestAsSMTPError(t *testing.T) {
 		{"context canceled", context.Canceled, 451, "4.4.2", "delivery interrupted", true},
 		{"closed", net.ErrClosed, 451, "4.4.2", "connection lost", true},
 		{"dns", &dnsError{Name: "x.test", Type: "MX", Rcode: dns.RcodeServerFailure}, 451, "4.4.3", "DNS lookup failed", true},
+		{"TLS handshake", &errTLSHandshake{err: errors.New("tls: protocol version not supported")}, 451, "4.7.5", "TLS handshake failed", true},
+		{"TLS handshake timeout", &errTLSHandshake{err: context.DeadlineExceeded}, 451, "4.4.2", "timeout", true},
 		{"unknown", errors.New("something odd"), 451, "4.3.0", "delivery error", true},
 	}
 	for _, tt := range tests {

@@ -26,9 +26,11 @@ type Config struct {
 	// are returned to the queue. Defaults to 30s.
 	RescueInterval time.Duration
 	// LeaseDuration is how long claimed recipients stay reserved. It must
-	// outlast the longest possible attempt (see AttemptTimeout) plus the
-	// time to record the outcome, or another instance could take over
-	// recipients still being delivered. Defaults to AttemptTimeout plus 5m.
+	// outlast the longest possible attempt (see AttemptTimeout) plus 10s to
+	// record the outcome, or another instance could take over recipients
+	// still being delivered; it is also how long recipients of a crashed
+	// instance wait before another takes them over. Defaults to
+	// AttemptTimeout plus 5m10s (the commit, and time to wait for a slot).
 	LeaseDuration time.Duration
 	// Concurrency is the most SMTP transactions in flight at once.
 	// Defaults to 100.

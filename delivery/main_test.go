@@ -9,13 +9,13 @@ import (
 	"testing"
 	"time"
 
-	"go.uber.org/goleak"
-
 	"github.com/posthaste/posthaste/internal/testenv"
 )
 
+// TestMain fails the run on leaked goroutines (after stopping an embedded
+// PostgreSQL, when the tests started one).
 func TestMain(m *testing.M) {
-	goleak.VerifyTestMain(m)
+	testenv.Main(m)
 }
 
 // mapDialer connects "ip:port" addresses to the loopback servers standing in

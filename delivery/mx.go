@@ -223,10 +223,13 @@ func (r *router) targets(ctx context.Context, domain string) ([]target, *SMTPErr
 		return nil, &SMTPError{Code: codeTempFailure, EnhancedCode: "4.4.3",
 			Message: fmt.Sprintf("MX lookup for %s failed", domain), Err: err}
 	}
-	// RFC 7505 section 3: a single MX record with an empty exchange ("."),
-	// preference 0, says the domain accepts no mail; section 4.1 asks for
-	// 5.1.10 without any connection attempt.
-	if len(mxs) == 1 && mxs[0].Host == "" && mxs[0].Pref == 0 {
+	// RFC 7505 section 3: an MX record with an empty exchange (".") says
+	// the domain accepts no mail; section 4.1 asks for 5.1.10 without any
+	// connection attempt. The RFC's form is a single record of preference
+	// 0; other preferences are read the same way rather than falling back
+	// to the implicit MX the domain refused. Next to real MX records the
+	// "." is only skipped.
+	if len(mxs) > 0 && !slices.ContainsFunc(mxs, func(m mxRecord) bool { return m.Host != "" }) {
 		return nil, &SMTPError{Code: codeNullMX, EnhancedCode: "5.1.10",
 			Message: fmt.Sprintf("domain %s does not accept mail (null MX)", domain)}
 	}

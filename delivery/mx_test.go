@@ -145,6 +145,8 @@ func TestTargetsFailures(t *testing.T) {
 	r, dnsSrv := newTestRouter(t, nil, 5)
 	dnsSrv.AddNullMX("nullmx.test")
 	dnsSrv.AddA("nullmx.test", "192.0.2.9") // must not be used
+	dnsSrv.AddMX("nullpref.test", ".", 10)
+	dnsSrv.AddA("nullpref.test", "192.0.2.10")
 	dnsSrv.SetRcode("servfail.test", dns.RcodeServerFailure)
 	dnsSrv.SetNoAnswer("silent.test")
 	dnsSrv.AddMX("noaddr.test", "gone.noaddr.test", 10)
@@ -161,6 +163,7 @@ func TestTargetsFailures(t *testing.T) {
 		temporary bool
 	}{
 		{"nullmx.test", 556, "5.1.10", false},
+		{"nullpref.test", 556, "5.1.10", false},
 		{"missing.test", 550, "5.1.2", false},
 		{"servfail.test", 451, "4.4.3", true},
 		{"silent.test", 451, "4.4.3", true},
@@ -198,6 +201,7 @@ func TestNullMXAsksNoAddresses(t *testing.T) {
 func TestTargetsSkipHostsWithoutAddress(t *testing.T) {
 	t.Parallel()
 	r, dnsSrv := newTestRouter(t, nil, 5)
+	dnsSrv.AddMX("partial.test", ".", 0) // next to real MX, not a null MX
 	dnsSrv.AddMX("partial.test", "gone.partial.test", 10)
 	dnsSrv.AddMX("partial.test", "mx.partial.test", 20)
 	dnsSrv.AddA("mx.partial.test", "192.0.2.30")

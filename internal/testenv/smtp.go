@@ -157,7 +157,7 @@ func StartSMTP(t testing.TB, opts ...SMTPOption) *SMTPServer {
 func (s *SMTPServer) close() {
 	close(s.done)
 	s.ln.Close()
-	s.ln.closeConns()
+	s.ln.closeConns(true)
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
 	// Shutdown waits for the connection goroutines, which end now that
@@ -249,6 +249,7 @@ type trackingListener struct {
 	mu       sync.Mutex
 	accepted int
 	conns    map[net.Conn]struct{}
+	closed   bool // set at cleanup: connections accepted later are closed
 }
 
 func (l *trackingListener) Accept() (net.Conn, error) {
@@ -262,6 +263,12 @@ func (l *trackingListener) Accept() (net.Conn, error) {
 		}
 		l.mu.Lock()
 		l.accepted++
+		if l.closed {
+			// Accepted just as the server stopped; closeConns has run.
+			l.mu.Unlock()
+			c.Close()
+			continue
+		}
 		l.conns[c] = struct{}{}
 		l.mu.Unlock()
 		if l.greeting == nil {
@@ -275,13 +282,17 @@ func (l *trackingListener) Accept() (net.Conn, error) {
 
 // DropConnections closes the server's side of every open connection, as a
 // server that restarts or drops idle clients would.
-func (s *SMTPServer) DropConnections() { s.ln.closeConns() }
+func (s *SMTPServer) DropConnections() { s.ln.closeConns(false) }
 
-func (l *trackingListener) closeConns() {
+// closeConns closes the open connections; with final set, also those
+// accepted later.
+func (l *trackingListener) closeConns(final bool) {
 	l.mu.Lock()
 	defer l.mu.Unlock()
+	l.closed = l.closed || final
 	for c := range l.conns {
 		c.Close()
+		delete(l.conns, c)
 	}
 }
 
