@@ -8,6 +8,7 @@ import (
 	"io"
 	"mime"
 	"net/http"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -309,5 +310,56 @@ func TestCRLFInSubjectIsRefusedAndNothingStored(t *testing.T) {
 	}
 	if msgs, _ := list["messages"].([]any); len(msgs) != 0 {
 		t.Errorf("a message was stored: %v", msgs)
+	}
+}
+
+// TestScheduledAndCanceled sends two messages for the same near future:
+// the one canceled before its time is never attempted, the other is
+// delivered after send_at and not before.
+func TestScheduledAndCanceled(t *testing.T) {
+	t.Parallel()
+	b := setup(t)
+	sendAt := time.Now().Add(2 * time.Second).UTC()
+	send := func(to string) string {
+		code, resp := b.do(t, http.MethodPost, "/v1/messages", map[string]any{
+			"from":    map[string]any{"address": "sender@posthaste.test"},
+			"to":      []any{map[string]any{"address": to}},
+			"subject": "later",
+			"text":    "x",
+			"send_at": sendAt.Format(time.RFC3339Nano),
+		})
+		if code != http.StatusAccepted || resp["recipients"].([]any)[0].(map[string]any)["status"] != "scheduled" {
+			t.Fatalf("send: %d %v", code, resp)
+		}
+		return resp["id"].(string)
+	}
+	kept := send("kept@example.test")
+	canceled := send("canceled@example.test")
+	code, resp := b.do(t, http.MethodPost, "/v1/messages/"+canceled+":cancel", map[string]any{})
+	if code != http.StatusOK || resp["status"] != "canceled" {
+		t.Fatalf("cancel: %d %v", code, resp)
+	}
+
+	msg := b.waitStatus(t, kept, "delivered")
+	attempts := msg["attempts"].([]any)
+	started, err := time.Parse(time.RFC3339Nano, attempts[0].(map[string]any)["started_at"].(string))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if started.Before(sendAt) {
+		t.Errorf("attempted at %v, before send_at %v", started, sendAt)
+	}
+	// The kept message was claimed in a poll after send_at; by then the
+	// canceled one was due too and must have been skipped.
+	_, got := b.do(t, http.MethodGet, "/v1/messages/"+canceled, nil)
+	rec := got["recipients"].([]any)[0].(map[string]any)
+	canceledAttempts, _ := got["attempts"].([]any)
+	if got["status"] != "canceled" || rec["attempt_count"] != nil || len(canceledAttempts) != 0 {
+		t.Errorf("canceled message was touched: %v", got)
+	}
+	for _, m := range b.smtp.Messages() {
+		if slices.Contains(m.To, "canceled@example.test") {
+			t.Errorf("canceled recipient reached the MX: %v", m.To)
+		}
 	}
 }
