@@ -7,7 +7,7 @@ GRPC_GATEWAY_VERSION     := v2.33.0
 
 BIN := $(CURDIR)/bin
 
-.PHONY: generate lint tools test build check-generated
+.PHONY: generate lint tools test bench build check-generated
 
 build:
 	go build -o $(BIN)/posthaste ./cmd/posthaste
@@ -32,3 +32,7 @@ check-generated: generate
 
 test:
 	go test -race -count=1 ./...
+
+# Throughput and allocation benchmarks; see docs/benchmarks.md.
+bench:
+	go test -run '^$$' -bench . -benchmem -count=1 ./delivery/... ./db/... ./internal/app/...
