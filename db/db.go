@@ -18,10 +18,12 @@ import (
 	"io"
 	"net"
 	"strings"
+	"time"
 
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/jackc/pgx/v5/pgxpool"
+	"github.com/jackc/puddle/v2"
 )
 
 // ErrNotFound is returned when the requested row does not exist.
@@ -32,7 +34,8 @@ var ErrNotFound = errors.New("not found")
 var ErrIdempotencyConflict = errors.New("idempotency key reused with a different request")
 
 // ErrUnavailable is wrapped into errors caused by the database being
-// unreachable: refused or broken connections, a server shutting down.
+// unreachable: refused, timed-out or broken connections, a server shutting
+// down, a DB that was closed.
 var ErrUnavailable = errors.New("database unavailable")
 
 // Recipient statuses. The first four are waiting or in flight; the last four
@@ -80,13 +83,21 @@ var (
 	_ Querier = (pgx.Tx)(nil)
 )
 
+// DefaultConnectTimeout bounds each attempt to open a connection when the
+// connection string sets no connect_timeout. Without a bound, a database
+// host that drops packets would hold every caller until the operating
+// system gives up on TCP, minutes later, instead of answering Unavailable.
+const DefaultConnectTimeout = 10 * time.Second
+
 // Open connects a pool to the database at url (a postgres:// URL or a
-// keyword/value string) and checks that the server answers.
+// keyword/value string) and checks that the server answers. A url without
+// connect_timeout (or with 0) gets DefaultConnectTimeout.
 func Open(ctx context.Context, url string) (*DB, error) {
 	cfg, err := pgxpool.ParseConfig(url)
 	if err != nil {
 		return nil, fmt.Errorf("parse database url: %w", err)
 	}
+	boundConnect(cfg.ConnConfig)
 	pool, err := pgxpool.NewWithConfig(ctx, cfg)
 	if err != nil {
 		return nil, fmt.Errorf("open database: %w", mapError(err))
@@ -96,6 +107,23 @@ func Open(ctx context.Context, url string) (*DB, error) {
 		return nil, fmt.Errorf("ping database: %w", mapError(err))
 	}
 	return &DB{pool: pool}, nil
+}
+
+// boundConnect gives cfg DefaultConnectTimeout unless it has a timeout.
+func boundConnect(cfg *pgx.ConnConfig) {
+	if cfg.ConnectTimeout <= 0 {
+		cfg.ConnectTimeout = DefaultConnectTimeout
+	}
+}
+
+// Ping checks that the database answers a round trip on a pooled
+// connection. Its error wraps ErrUnavailable when the database cannot be
+// reached or the DB was closed.
+func (d *DB) Ping(ctx context.Context) error {
+	if err := d.pool.Ping(ctx); err != nil {
+		return fmt.Errorf("ping database: %w", mapError(err))
+	}
+	return nil
 }
 
 // Close closes every connection of the pool, waiting for the ones in use to
@@ -110,9 +138,10 @@ func (d *DB) inTx(ctx context.Context, fn func(tx pgx.Tx) error) error {
 }
 
 // mapError turns pgx errors into the package's sentinels: no rows becomes
-// ErrNotFound, a connection that cannot be made or was lost wraps
-// ErrUnavailable. Anything else, including context errors, is returned as it
-// is.
+// ErrNotFound, and a database that cannot be reached (see unavailable) wraps
+// ErrUnavailable, so the API answers "retry later" rather than "internal
+// error". Anything else, including the caller's own cancellation or
+// deadline, is returned as it is.
 func mapError(err error) error {
 	if err == nil {
 		return nil
@@ -120,16 +149,29 @@ func mapError(err error) error {
 	if errors.Is(err, pgx.ErrNoRows) {
 		return ErrNotFound
 	}
-	if errors.Is(err, context.Canceled) || errors.Is(err, context.DeadlineExceeded) {
-		return err
-	}
 	if unavailable(err) {
 		return fmt.Errorf("%w: %w", ErrUnavailable, err)
 	}
 	return err
 }
 
+// unavailable reports whether err means the database could not be used at
+// all, as opposed to refusing one statement.
+//
+// The order matters. A caller that canceled is never the database's fault.
+// A failed connection attempt is always the database's (refused, timed out,
+// shutting down, failing authentication): it wraps the server's PgError or a
+// context deadline too, so it is recognised before those. A deadline met
+// while a statement runs is the caller's, even though pgx reports it through
+// a net.Error timeout.
 func unavailable(err error) bool {
+	if errors.Is(err, context.Canceled) {
+		return false
+	}
+	var connectErr *pgconn.ConnectError
+	if errors.As(err, &connectErr) {
+		return true
+	}
 	var pgErr *pgconn.PgError
 	if errors.As(err, &pgErr) {
 		switch {
@@ -138,20 +180,25 @@ func unavailable(err error) bool {
 		case pgErr.Code == "57P01", // admin_shutdown
 			pgErr.Code == "57P02", // crash_shutdown
 			pgErr.Code == "57P03", // cannot_connect_now
-			pgErr.Code == "53300": // too_many_connections
+			pgErr.Code == "53300", // too_many_connections
+			// A pooled connection to a primary that was demoted in a
+			// failover: writes fail until the pool reaches the new one.
+			pgErr.Code == "25006": // read_only_sql_transaction
 			return true
 		}
 		return false
 	}
-	var connectErr *pgconn.ConnectError
-	if errors.As(err, &connectErr) {
-		return true
+	if errors.Is(err, context.DeadlineExceeded) {
+		return false
 	}
 	var netErr net.Error
 	if errors.As(err, &netErr) {
 		return true
 	}
-	return errors.Is(err, pgconn.ErrConnClosed) ||
+	// pgxpool hands out puddle's sentinel, unwrapped, once the DB is closed;
+	// a request that arrives during shutdown finds no database to use.
+	return errors.Is(err, puddle.ErrClosedPool) ||
+		errors.Is(err, pgconn.ErrConnClosed) ||
 		errors.Is(err, io.EOF) ||
 		errors.Is(err, io.ErrUnexpectedEOF) ||
 		errors.Is(err, net.ErrClosed)

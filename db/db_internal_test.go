@@ -8,9 +8,11 @@ import (
 	"net"
 	"syscall"
 	"testing"
+	"time"
 
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgconn"
+	"github.com/jackc/puddle/v2"
 )
 
 func TestMapError(t *testing.T) {
@@ -35,6 +37,10 @@ func TestMapError(t *testing.T) {
 		{"canceled", fmt.Errorf("query: %w", context.Canceled), false, false},
 		{"deadline", context.DeadlineExceeded, false, false},
 		{"other", errors.New("boom"), false, false},
+		{"closed pool", fmt.Errorf("get message: %w", puddle.ErrClosedPool), false, true},
+		{"read-only after failover", &pgconn.PgError{Code: "25006"}, false, true},
+		{"dial canceled by the caller", &net.OpError{Op: "dial", Net: "tcp", Err: fmt.Errorf("dial: %w", context.Canceled)}, false, false},
+		{"statement timeout", &pgconn.PgError{Code: "57014"}, false, false},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -52,5 +58,27 @@ func TestMapError(t *testing.T) {
 				t.Errorf("mapError(%v) = %v lost the cause", tt.err, got)
 			}
 		})
+	}
+}
+
+func TestBoundConnect(t *testing.T) {
+	t.Parallel()
+	for _, tc := range []struct {
+		url  string
+		want time.Duration
+	}{
+		{"postgres://u@127.0.0.1:5432/d", DefaultConnectTimeout},
+		{"postgres://u@127.0.0.1:5432/d?connect_timeout=0", DefaultConnectTimeout},
+		{"postgres://u@127.0.0.1:5432/d?connect_timeout=3", 3 * time.Second},
+		{"host=127.0.0.1 user=u dbname=d connect_timeout=2", 2 * time.Second},
+	} {
+		cfg, err := pgx.ParseConfig(tc.url)
+		if err != nil {
+			t.Fatal(err)
+		}
+		boundConnect(cfg)
+		if cfg.ConnectTimeout != tc.want {
+			t.Errorf("%s: connect timeout %v, want %v", tc.url, cfg.ConnectTimeout, tc.want)
+		}
 	}
 }

@@ -65,9 +65,14 @@ type NewMessage struct {
 	Raw      []byte
 	Tags     []string
 	Metadata map[string]string
-	// SendAt delays delivery: when it is later than the database's clock the
-	// recipients start as scheduled. Zero means now.
-	SendAt     time.Time
+	// SendAt delays delivery: when it is later than Now the recipients
+	// start as scheduled. Zero means now.
+	SendAt time.Time
+	// Now is the time the message is accepted at, against which SendAt is
+	// compared; zero means the database's clock. A caller that has already
+	// told its client whether the message is scheduled passes the time it
+	// decided that by, so the stored state agrees with its answer.
+	Now        time.Time
 	Recipients []NewRecipient
 	// Idempotency is nil when the request carried no idempotency key.
 	Idempotency *Idempotency
@@ -248,7 +253,7 @@ const insertMessageSQL = `
 WITH m AS (
     INSERT INTO messages (id, api_key_id, status, message_id_header, envelope_from, from_header,
         subject, raw, size_bytes, tags, metadata, send_at)
-    VALUES ($1, $2, CASE WHEN $11::timestamptz > now() THEN 'scheduled' ELSE 'queued' END,
+    VALUES ($1, $2, CASE WHEN $11::timestamptz > coalesce($16::timestamptz, now()) THEN 'scheduled' ELSE 'queued' END,
         $3, $4, $5, $6, $7, $8, $9, $10, $11)
     RETURNING id, status, send_at
 ), r AS (
@@ -290,7 +295,7 @@ func insertMessage(ctx context.Context, q Querier, p NewMessage) error {
 	b.Queue(insertMessageSQL,
 		p.ID, nullUUID(p.APIKeyID), p.MessageIDHeader, p.EnvelopeFrom, p.FromHeader,
 		p.Subject, nonNilBytes(p.Raw), int64(len(p.Raw)), tags, metadata, sendAt,
-		ids, addrs, domains, kinds)
+		ids, addrs, domains, kinds, nowParam(p.Now))
 	b.Queue(deriveStatusByID, []uuid.UUID{p.ID})
 	return q.SendBatch(ctx, b).Close()
 }

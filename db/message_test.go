@@ -115,6 +115,31 @@ func TestInsertMessageUnknownAPIKey(t *testing.T) {
 	}
 }
 
+// A message that cannot be stored must not keep its idempotency key either:
+// the key row is written first in the same transaction, and a retry with the
+// same key has to store the message, not replay an answer never given.
+func TestInsertMessageFailureFreesIdempotencyKey(t *testing.T) {
+	t.Parallel()
+	b := setup(t)
+	ctx := context.Background()
+	bad := withKey(newMessage(t, 1), uuid.Nil, "retry-me", "hash")
+	bad.APIKeyID = newID(t) // no such API key: the message insert fails
+	if _, err := b.db.InsertMessage(ctx, bad); err == nil {
+		t.Fatal("InsertMessage with an unknown API key succeeded")
+	}
+	for _, table := range []string{"messages", "recipients", "events", "idempotency_keys"} {
+		if n := count(t, b.raw, `SELECT count(*) FROM `+table); n != 0 {
+			t.Errorf("%d rows left in %s by a failed insert", n, table)
+		}
+	}
+	good := withKey(newMessage(t, 1), uuid.Nil, "retry-me", "hash")
+	res, err := b.db.InsertMessage(ctx, good)
+	if err != nil || res.Replayed {
+		t.Fatalf("retry with the same key: %+v, %v; want it stored", res, err)
+	}
+	get(t, b.db, good.ID)
+}
+
 func TestInsertMessageScheduled(t *testing.T) {
 	t.Parallel()
 	b := setup(t)
@@ -129,6 +154,9 @@ func TestInsertMessageScheduled(t *testing.T) {
 	if got.SendAt == nil || !got.SendAt.Equal(m.SendAt) {
 		t.Errorf("SendAt = %v, want %v", got.SendAt, m.SendAt)
 	}
+	if len(got.Recipients) != 2 {
+		t.Fatalf("%d recipients, want 2", len(got.Recipients))
+	}
 	for _, r := range got.Recipients {
 		if r.Status != db.StatusScheduled || r.NextAttemptAt == nil || !r.NextAttemptAt.Equal(m.SendAt) {
 			t.Errorf("recipient %s: status %q, next attempt %v", r.Address, r.Status, r.NextAttemptAt)
@@ -136,6 +164,25 @@ func TestInsertMessageScheduled(t *testing.T) {
 	}
 	if got := eventTypes(t, b.raw, m.ID); !slices.Equal(got, []string{"accepted", "scheduled"}) {
 		t.Errorf("events = %v, want [accepted scheduled]", got)
+	}
+
+	// Whether send_at lies ahead is decided by the caller's clock when it
+	// gives one, so the stored state matches what the caller answered.
+	ahead := newMessage(t, 1)
+	ahead.SendAt = usec(time.Now().Add(time.Hour))
+	ahead.Now = ahead.SendAt.Add(time.Second)
+	insert(t, b.db, ahead)
+	if got := get(t, b.db, ahead.ID); got.Status != db.StatusQueued || len(got.Recipients) != 1 ||
+		got.Recipients[0].Status != db.StatusQueued {
+		t.Errorf("send_at before the caller's now: status %q, recipients %+v", got.Status, got.Recipients)
+	}
+	behind := newMessage(t, 1)
+	behind.SendAt = usec(time.Now().Add(-time.Hour))
+	behind.Now = behind.SendAt.Add(-time.Second)
+	insert(t, b.db, behind)
+	if got := get(t, b.db, behind.ID); got.Status != db.StatusScheduled || len(got.Recipients) != 1 ||
+		got.Recipients[0].NextAttemptAt == nil || !got.Recipients[0].NextAttemptAt.Equal(behind.SendAt) {
+		t.Errorf("send_at after the caller's now: status %q, recipients %+v", got.Status, got.Recipients)
 	}
 
 	// A send_at that has passed is simply queued.
@@ -351,6 +398,9 @@ func TestCancelQueuedMessage(t *testing.T) {
 		if got.Status != db.StatusCanceled {
 			t.Errorf("status = %q, want canceled", got.Status)
 		}
+		if len(got.Recipients) == 0 {
+			t.Fatal("canceled message has no recipients")
+		}
 		for _, r := range got.Recipients {
 			if r.Status != db.StatusCanceled || r.NextAttemptAt != nil {
 				t.Errorf("recipient %s: %q, next %v", r.Address, r.Status, r.NextAttemptAt)
@@ -401,6 +451,9 @@ func TestCancelInFlight(t *testing.T) {
 	if got.Status != db.StatusSending {
 		t.Errorf("status after cancel = %q, want sending", got.Status)
 	}
+	if len(got.Recipients) != 4 {
+		t.Fatalf("%d recipients after cancel, want 4", len(got.Recipients))
+	}
 	for _, r := range got.Recipients {
 		if r.Status != db.StatusSending {
 			t.Errorf("in-flight recipient %s became %q", r.Address, r.Status)
@@ -424,6 +477,9 @@ func TestCancelInFlight(t *testing.T) {
 		t.Fatalf("RecordOutcomes = %v, %v", applied, err)
 	}
 	got = get(t, b.db, m.ID)
+	if len(got.Recipients) != 4 {
+		t.Fatalf("%d recipients, want 4", len(got.Recipients))
+	}
 	for _, r := range got.Recipients {
 		want := byID[r.ID]
 		if want == db.StatusDeferred || want == db.StatusFailed {

@@ -20,6 +20,7 @@ func Migrate(ctx context.Context, url string) error {
 	if err != nil {
 		return fmt.Errorf("migrate: parse database url: %w", err)
 	}
+	boundConnect(cfg)
 	sqlDB := stdlib.OpenDB(*cfg)
 	defer sqlDB.Close()
 

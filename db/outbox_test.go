@@ -2,6 +2,7 @@ package db_test
 
 import (
 	"context"
+	"errors"
 	"testing"
 	"time"
 
@@ -89,8 +90,8 @@ func TestListenOutboxReportsBrokenConnection(t *testing.T) {
 	}
 	select {
 	case err := <-done:
-		if err == nil {
-			t.Error("ListenOutbox returned nil after its connection was killed")
+		if !errors.Is(err, db.ErrUnavailable) {
+			t.Errorf("ListenOutbox after its connection was killed: err = %v, want ErrUnavailable", err)
 		}
 	case <-ctx.Done():
 		t.Fatal("ListenOutbox did not return after its connection was killed")

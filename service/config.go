@@ -19,6 +19,9 @@ const (
 	DefaultMaxMessageBytes int64 = 10 << 20
 	// DefaultIdempotencyTTL is how long an idempotency key is remembered by default.
 	DefaultIdempotencyTTL = 24 * time.Hour
+	// MinIdempotencyTTL is the shortest IdempotencyTTL: the API documents
+	// that keys are kept at least this long.
+	MinIdempotencyTTL = 24 * time.Hour
 )
 
 // fallbackHostname is the Message-ID domain of last resort, as in sendmail.
@@ -38,7 +41,8 @@ type Config struct {
 	// else localhost.localdomain.
 	Hostname string
 	// IdempotencyTTL is how long an idempotency key and its answer are kept.
-	// Defaults to 24h.
+	// The API promises callers at least MinIdempotencyTTL, so a retry sent
+	// the next day is still recognised. Defaults to 24h.
 	IdempotencyTTL time.Duration
 	// Logger receives errors that are not the caller's fault. Defaults to a
 	// logger that discards everything.
@@ -92,8 +96,8 @@ func (c Config) validate() error {
 	if _, _, err := message.NormalizeMailbox("postmaster@" + c.Hostname); err != nil {
 		return fmt.Errorf("Hostname %q cannot be a Message-ID domain: %w", c.Hostname, err)
 	}
-	if c.IdempotencyTTL <= 0 {
-		return fmt.Errorf("IdempotencyTTL must be positive, got %s", c.IdempotencyTTL)
+	if c.IdempotencyTTL < MinIdempotencyTTL {
+		return fmt.Errorf("IdempotencyTTL must be at least %s, got %s", MinIdempotencyTTL, c.IdempotencyTTL)
 	}
 	return nil
 }

@@ -10,7 +10,6 @@ import (
 
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
-	"google.golang.org/grpc/health"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 	"google.golang.org/grpc/reflection"
 	"google.golang.org/grpc/status"
@@ -36,9 +35,13 @@ func isPublic(fullMethod string) bool {
 }
 
 // NewGRPCServer returns a gRPC server with MailService, the standard health
-// service (reporting SERVING) and server reflection registered. Every call
-// passes through panic recovery, logging and, except for health and
-// reflection, API key authentication. The caller owns Serve and Stop.
+// service and server reflection registered. Every call passes through panic
+// recovery, logging and, except for health and reflection, API key
+// authentication. The caller owns Serve and Stop.
+//
+// Health reports MailService NOT_SERVING while store does not answer a
+// ping, and the overall status (service "") SERVING while the process runs;
+// see dbHealth.
 //
 // Requests up to twice srv's MaxMessageBytes are received, which leaves room
 // for request framing; the message's encoded size is checked by srv itself
@@ -54,10 +57,7 @@ func NewGRPCServer(srv *Server, store *db.DB, logger *slog.Logger) *grpc.Server 
 		grpc.ChainStreamInterceptor(ic.logStream, ic.recoverStream, ic.authStream),
 	)
 	posthastev1.RegisterMailServiceServer(gs, srv)
-	hs := health.NewServer()
-	hs.SetServingStatus("", healthpb.HealthCheckResponse_SERVING)
-	hs.SetServingStatus(posthastev1.MailService_ServiceDesc.ServiceName, healthpb.HealthCheckResponse_SERVING)
-	healthpb.RegisterHealthServer(gs, hs)
+	healthpb.RegisterHealthServer(gs, newDBHealth(store.Ping, logger))
 	reflection.Register(gs)
 	return gs
 }

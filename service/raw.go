@@ -94,8 +94,8 @@ func (s *Server) sendRawMessage(ctx context.Context, req *posthastev1.SendRawMes
 		default:
 			p.raw = out
 			p.messageIDHeader = info.MessageID
-			p.fromHeader = info.From
-			p.subject = info.Subject
+			p.fromHeader = summaryText(info.From)
+			p.subject = summaryText(info.Subject)
 		}
 	}
 	if err := v.err(); err != nil {
@@ -105,4 +105,19 @@ func (s *Server) sendRawMessage(ctx context.Context, req *posthastev1.SendRawMes
 		return nil, &messageTooLargeError{size: size, limit: s.cfg.MaxMessageBytes}
 	}
 	return s.commit(ctx, keyID, req, p, now)
+}
+
+// summaryText makes a header decoded for display fit to store and show as
+// one line. RFC 2047 encoded words in a 7-bit header can still decode to
+// anything: NUL and invalid UTF-8, which PostgreSQL text refuses, or CR and
+// LF. Each such character becomes U+FFFD; the message itself is sent as
+// the caller wrote it.
+func summaryText(s string) string {
+	s = strings.ToValidUTF8(s, "\uFFFD")
+	return strings.Map(func(r rune) rune {
+		if r != '\t' && (r < 0x20 || r == 0x7f || r >= 0x80 && r < 0xa0) {
+			return '\uFFFD'
+		}
+		return r
+	}, s)
 }

@@ -318,6 +318,9 @@ func (s *Server) commit(ctx context.Context, keyID uuid.UUID, req idempotentRequ
 		Tags:            p.tags,
 		Metadata:        p.metadata,
 		SendAt:          p.sendAt,
+		// The receipt's statuses were decided by now; the stored ones must
+		// match them even if the database's clock differs a little.
+		Now: now,
 	}
 	for _, r := range p.recipients {
 		rid, err := uuid.NewV7()

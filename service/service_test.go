@@ -6,11 +6,13 @@ import (
 	"log/slog"
 	"net"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
 
 	"github.com/google/uuid"
+	"github.com/jackc/pgx/v5/pgxpool"
 	"google.golang.org/genproto/googleapis/rpc/errdetails"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
@@ -33,9 +35,15 @@ func TestMain(m *testing.M) {
 }
 
 // env is a MailService on a real gRPC server on loopback, backed by a fresh
-// database, with a client and an API key.
+// database, with a client and an API key. The service reaches the database
+// through proxy, so a test can take the database away; raw reaches it
+// directly, to arrange and inspect rows.
 type env struct {
 	store   *db.DB
+	raw     *pgxpool.Pool
+	proxy   *testenv.Proxy
+	direct  string
+	logger  *slog.Logger
 	client  posthastev1.MailServiceClient
 	conn    *grpc.ClientConn
 	key     string
@@ -45,16 +53,43 @@ type env struct {
 
 func setup(t *testing.T, cfg service.Config) *env {
 	t.Helper()
-	e := &env{store: testenv.DB(t)}
+	direct, proxied, proxy := testenv.ProxiedDatabase(t)
+	e := &env{store: open(t, proxied), proxy: proxy, direct: direct}
+	var err error
+	e.raw, err = pgxpool.New(t.Context(), direct)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(e.raw.Close)
 	if cfg.Hostname == "" {
 		cfg.Hostname = "mta.posthaste.test"
 	}
 	cfg.Logger = slog.New(slog.NewTextHandler(t.Output(), &slog.HandlerOptions{Level: slog.LevelWarn}))
+	e.logger = cfg.Logger
 	srv, err := service.New(cfg, e.store, func() { e.commits.Add(1) })
 	if err != nil {
 		t.Fatal(err)
 	}
-	gs := service.NewGRPCServer(srv, e.store, cfg.Logger)
+	e.conn = serve(t, service.NewGRPCServer(srv, e.store, cfg.Logger))
+	e.client = posthastev1.NewMailServiceClient(e.conn)
+	e.key, e.keyID = createKey(t, e.store, "test")
+	return e
+}
+
+func open(t *testing.T, url string) *db.DB {
+	t.Helper()
+	d, err := db.Open(t.Context(), url)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(d.Close)
+	return d
+}
+
+// serve runs gs on loopback until the test ends and returns a client
+// connection to it.
+func serve(t *testing.T, gs *grpc.Server) *grpc.ClientConn {
+	t.Helper()
 	lis, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
@@ -68,14 +103,12 @@ func setup(t *testing.T, cfg service.Config) *env {
 		gs.Stop()
 		<-served
 	})
-	e.conn, err = grpc.NewClient(lis.Addr().String(), grpc.WithTransportCredentials(insecure.NewCredentials()))
+	conn, err := grpc.NewClient(lis.Addr().String(), grpc.WithTransportCredentials(insecure.NewCredentials()))
 	if err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() { e.conn.Close() })
-	e.client = posthastev1.NewMailServiceClient(e.conn)
-	e.key, e.keyID = createKey(t, e.store, "test")
-	return e
+	t.Cleanup(func() { conn.Close() })
+	return conn
 }
 
 func createKey(t *testing.T, store *db.DB, name string) (string, uuid.UUID) {
@@ -99,17 +132,16 @@ func withKey(ctx context.Context, key string) context.Context {
 	return metadata.AppendToOutgoingContext(ctx, "authorization", "Bearer "+key)
 }
 
-// counts returns how many messages and recipients are stored.
+// counts returns how many messages and recipients are stored, looking
+// directly, so that it works while the service's database is away.
 func (e *env) counts(t *testing.T) (messages, recipients int) {
 	t.Helper()
-	ms, err := e.store.ListMessages(t.Context(), db.ListMessagesParams{Limit: 10000})
+	err := e.raw.QueryRow(t.Context(),
+		`SELECT (SELECT count(*) FROM messages), (SELECT count(*) FROM recipients)`).Scan(&messages, &recipients)
 	if err != nil {
 		t.Fatal(err)
 	}
-	for _, m := range ms {
-		recipients += len(m.Recipients)
-	}
-	return len(ms), recipients
+	return messages, recipients
 }
 
 func validRequest() *posthastev1.SendMessageRequest {
@@ -414,6 +446,21 @@ func TestSendRawMessage(t *testing.T) {
 	if m.GetSubject() != "Raw hello" || m.GetEnvelopeFrom() != "bounces@example.test" || m.GetMessageIdHeader() == "" {
 		t.Errorf("message %v", m)
 	}
+	if len(m.GetRecipients()) != 3 {
+		t.Errorf("stored recipients %v, want 3", m.GetRecipients())
+	}
+	// The message had no Date or Message-ID: both are added in front, the
+	// rest is kept as given.
+	id := uuid.MustParse(resp.GetId())
+	content, err := e.store.LoadMessageContents(t.Context(), []uuid.UUID{id})
+	if err != nil {
+		t.Fatal(err)
+	}
+	stored := string(content[id].Raw)
+	if !strings.HasPrefix(stored, "Date: ") || !strings.Contains(stored, "Message-ID: "+m.GetMessageIdHeader()+"\r\n") ||
+		!strings.HasSuffix(stored, raw) {
+		t.Errorf("stored message:\n%s", stored)
+	}
 	for _, r := range m.GetRecipients() {
 		if r.GetKind() != "envelope" {
 			t.Errorf("recipient kind %q", r.GetKind())
@@ -428,6 +475,10 @@ func TestSendRawMessage(t *testing.T) {
 		{"bad base64", &posthastev1.SendRawMessageRequest{Raw: "%%%", EnvelopeFrom: "a@example.test", Recipients: []string{"b@example.test"}}, "raw"},
 		{"empty raw", &posthastev1.SendRawMessageRequest{EnvelopeFrom: "a@example.test", Recipients: []string{"b@example.test"}}, "raw"},
 		{"bare LF", &posthastev1.SendRawMessageRequest{Raw: b64("From: a@example.test\nSubject: x\n\nhi\n"), EnvelopeFrom: "a@example.test", Recipients: []string{"b@example.test"}}, "raw"},
+		{"bare CR", &posthastev1.SendRawMessageRequest{Raw: b64("From: a@example.test\r\nSubject: x\r\n\r\nhi\rthere\r\n"), EnvelopeFrom: "a@example.test", Recipients: []string{"b@example.test"}}, "raw"},
+		{"line over 998 octets", &posthastev1.SendRawMessageRequest{Raw: b64("From: a@example.test\r\n\r\n" + strings.Repeat("x", 999) + "\r\n"), EnvelopeFrom: "a@example.test", Recipients: []string{"b@example.test"}}, "raw"},
+		{"unparsable", &posthastev1.SendRawMessageRequest{Raw: b64("this is not a header\r\n\r\nhi\r\n"), EnvelopeFrom: "a@example.test", Recipients: []string{"b@example.test"}}, "raw"},
+		{"SMTP parameter injection", &posthastev1.SendRawMessageRequest{Raw: b64(raw), EnvelopeFrom: "a@example.test", Recipients: []string{"b@example.test> NOTIFY=SUCCESS"}}, "recipients[0]"},
 		{"no From", &posthastev1.SendRawMessageRequest{Raw: b64("Subject: x\r\n\r\nhi\r\n"), EnvelopeFrom: "a@example.test", Recipients: []string{"b@example.test"}}, "raw"},
 		{"envelope_from", &posthastev1.SendRawMessageRequest{Raw: b64(raw), EnvelopeFrom: "nope", Recipients: []string{"b@example.test"}}, "envelope_from"},
 		{"no recipients", &posthastev1.SendRawMessageRequest{Raw: b64(raw), EnvelopeFrom: "a@example.test"}, "recipients"},
@@ -519,8 +570,8 @@ func TestGetListCancel(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if canceled.GetStatus() != "canceled" {
-		t.Errorf("canceled message status %q", canceled.GetStatus())
+	if canceled.GetStatus() != "canceled" || len(canceled.GetRecipients()) != 2 {
+		t.Errorf("canceled message status %q, recipients %v", canceled.GetStatus(), canceled.GetRecipients())
 	}
 	for _, r := range canceled.GetRecipients() {
 		if r.GetStatus() != "canceled" || r.GetNextAttemptAt() != nil {
@@ -576,4 +627,233 @@ func TestGetListCancel(t *testing.T) {
 
 func b64(s string) string {
 	return base64.StdEncoding.EncodeToString([]byte(s))
+}
+
+// Identical requests racing with one idempotency key store one message, and
+// every caller gets that message's receipt.
+func TestIdempotencyConcurrent(t *testing.T) {
+	t.Parallel()
+	e := setup(t, service.Config{})
+	const callers = 10
+	var (
+		wg    sync.WaitGroup
+		resps [callers]*posthastev1.SendMessageResponse
+	)
+	for i := range callers {
+		wg.Go(func() {
+			req := validRequest()
+			ctx := e.ctx(t)
+			// Half send the key in the body, half as the Idempotency-Key
+			// header would arrive: the same request either way.
+			if i%2 == 0 {
+				req.IdempotencyKey = "race-1"
+			} else {
+				ctx = metadata.AppendToOutgoingContext(ctx, "idempotency-key", "race-1")
+			}
+			resp, err := e.client.SendMessage(ctx, req)
+			if err != nil {
+				t.Errorf("caller %d: %v", i, err)
+				return
+			}
+			resps[i] = resp
+		})
+	}
+	wg.Wait()
+	if t.Failed() {
+		t.FailNow()
+	}
+	for i, r := range resps[1:] {
+		if !proto.Equal(r, resps[0]) {
+			t.Errorf("caller %d got %v, caller 0 got %v", i+1, r, resps[0])
+		}
+	}
+	if m, r := e.counts(t); m != 1 || r != 2 {
+		t.Errorf("stored %d messages, %d recipients; want 1, 2", m, r)
+	}
+	var stored string
+	if err := e.raw.QueryRow(t.Context(), `SELECT id::text FROM messages`).Scan(&stored); err != nil {
+		t.Fatal(err)
+	}
+	if stored != resps[0].GetId() {
+		t.Errorf("stored message %s, receipts name %s", stored, resps[0].GetId())
+	}
+	if n := e.commits.Load(); n != 1 {
+		t.Errorf("onCommit called %d times, want 1", n)
+	}
+}
+
+// Paging walks every message exactly once, newest first, even when many
+// share one created_at and a page boundary falls among them.
+func TestListMessagesPagingSameCreatedAt(t *testing.T) {
+	t.Parallel()
+	e := setup(t, service.Config{})
+	const total = 11
+	ids := make(map[string]bool, total)
+	for i := range total {
+		req := validRequest()
+		if i%2 == 0 {
+			req.Tags = []string{"even"}
+		}
+		resp, err := e.client.SendMessage(e.ctx(t), req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		ids[resp.GetId()] = true
+	}
+	// Two instants: the first four messages share one, the rest the other.
+	early := time.Date(2031, 1, 1, 0, 0, 0, 0, time.UTC)
+	late := early.Add(time.Second)
+	if _, err := e.raw.Exec(t.Context(), `UPDATE messages SET created_at = $1`, late); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := e.raw.Exec(t.Context(), `UPDATE messages SET created_at = $1
+		WHERE id IN (SELECT id FROM messages ORDER BY id LIMIT 4)`, early); err != nil {
+		t.Fatal(err)
+	}
+
+	for _, tc := range []struct {
+		name     string
+		req      *posthastev1.ListMessagesRequest
+		want     int
+		maxPages int
+	}{
+		{"page size 3", &posthastev1.ListMessagesRequest{PageSize: 3}, total, 4},
+		{"page size 2", &posthastev1.ListMessagesRequest{PageSize: 2}, total, 6},
+		{"page size equal to the total", &posthastev1.ListMessagesRequest{PageSize: total}, total, 1},
+		{"filtered by tag", &posthastev1.ListMessagesRequest{PageSize: 2, Tag: "even"}, 6, 3},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			var got []*posthastev1.Message
+			seen := map[string]bool{}
+			pages := 0
+			req := proto.Clone(tc.req).(*posthastev1.ListMessagesRequest)
+			for {
+				page, err := e.client.ListMessages(e.ctx(t), req)
+				if err != nil {
+					t.Fatal(err)
+				}
+				pages++
+				if len(page.GetMessages()) == 0 || len(page.GetMessages()) > int(req.GetPageSize()) {
+					t.Fatalf("page %d has %d messages", pages, len(page.GetMessages()))
+				}
+				for _, m := range page.GetMessages() {
+					if seen[m.GetId()] {
+						t.Errorf("message %s listed twice", m.GetId())
+					}
+					if !ids[m.GetId()] {
+						t.Errorf("unknown message %s listed", m.GetId())
+					}
+					seen[m.GetId()] = true
+					got = append(got, m)
+				}
+				if page.GetNextPageToken() == "" {
+					break
+				}
+				if pages >= tc.maxPages {
+					t.Fatalf("more than %d pages", tc.maxPages)
+				}
+				req.PageToken = page.GetNextPageToken()
+			}
+			if len(got) != tc.want || pages != tc.maxPages {
+				t.Errorf("listed %d messages on %d pages, want %d on %d", len(got), pages, tc.want, tc.maxPages)
+			}
+			for i := 1; i < len(got); i++ {
+				a, b := got[i-1], got[i]
+				ta, tb := a.GetCreatedAt().AsTime(), b.GetCreatedAt().AsTime()
+				// Canonical UUID text sorts as the UUID's bytes do.
+				if ta.Before(tb) || ta.Equal(tb) && a.GetId() <= b.GetId() {
+					t.Errorf("position %d: %s (%v) listed before %s (%v)", i, a.GetId(), ta, b.GetId(), tb)
+				}
+			}
+		})
+	}
+}
+
+// Internationalized domains are stored and listed by their A-labels, and a
+// caller may search with either form.
+func TestInternationalizedDomain(t *testing.T) {
+	t.Parallel()
+	e := setup(t, service.Config{})
+	req := validRequest()
+	req.To = []*posthastev1.Address{{Address: "user@bücher.test"}}
+	resp, err := e.client.SendMessage(e.ctx(t), req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	const want = "user@xn--bcher-kva.test"
+	if len(resp.GetRecipients()) != 1 || resp.GetRecipients()[0].GetAddress() != want {
+		t.Fatalf("recipients %v, want %s", resp.GetRecipients(), want)
+	}
+	var domain string
+	if err := e.raw.QueryRow(t.Context(), `SELECT domain FROM recipients`).Scan(&domain); err != nil {
+		t.Fatal(err)
+	}
+	if domain != "xn--bcher-kva.test" {
+		t.Errorf("stored domain %q", domain)
+	}
+	for _, q := range []string{"user@bücher.test", want} {
+		page, err := e.client.ListMessages(e.ctx(t), &posthastev1.ListMessagesRequest{Recipient: q})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if len(page.GetMessages()) != 1 || page.GetMessages()[0].GetId() != resp.GetId() {
+			t.Errorf("recipient filter %q found %v", q, page.GetMessages())
+		}
+	}
+}
+
+// A NUL is valid UTF-8 and JSON, but jsonb cannot store it: refused as the
+// caller's mistake, not failed as the server's.
+func TestMetadataNULRefused(t *testing.T) {
+	t.Parallel()
+	e := setup(t, service.Config{})
+	req := validRequest()
+	req.Metadata = map[string]string{"k": "a\x00b"}
+	_, err := e.client.SendMessage(e.ctx(t), req)
+	if status.Code(err) != codes.InvalidArgument || strings.Join(violations(err), ",") != `metadata["k"]` {
+		t.Errorf("got %v (fields %v), want InvalidArgument on metadata[\"k\"]", err, violations(err))
+	}
+	if m, _ := e.counts(t); m != 0 {
+		t.Errorf("stored %d messages", m)
+	}
+}
+
+// RFC 2047 encoded words pass the 7-bit header check yet can decode to NUL,
+// invalid UTF-8 or line breaks. The message is accepted as written; its
+// summary is stored and shown with those characters replaced.
+func TestSendRawMessageEncodedControlCharacters(t *testing.T) {
+	t.Parallel()
+	e := setup(t, service.Config{})
+	for _, tc := range []struct {
+		name, from, subject, wantFrom, wantSubject string
+	}{
+		{"NUL", "=?UTF-8?B?AA==?= <ada@example.test>", "=?UTF-8?B?YQBi?=",
+			"\uFFFD <ada@example.test>", "a\uFFFDb"},
+		{"invalid UTF-8", "ada@example.test", "=?UTF-8?B?/w==?=", "ada@example.test", "\uFFFD"},
+		{"CR LF", "ada@example.test", "=?UTF-8?Q?a=0D=0AX-Injected:_1?=", "ada@example.test", "a\uFFFD\uFFFDX-Injected: 1"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			raw := "From: " + tc.from + "\r\nSubject: " + tc.subject + "\r\nDate: Mon, 2 Jan 2006 15:04:05 +0000\r\nMessage-ID: <" + uuid.NewString() + "@example.test>\r\n\r\nBody.\r\n"
+			resp, err := e.client.SendRawMessage(e.ctx(t), &posthastev1.SendRawMessageRequest{
+				Raw: b64(raw), EnvelopeFrom: "ada@example.test", Recipients: []string{"bob@example.test"},
+			})
+			if err != nil {
+				t.Fatal(err)
+			}
+			m, err := e.client.GetMessage(e.ctx(t), &posthastev1.GetMessageRequest{Id: resp.GetId()})
+			if err != nil {
+				t.Fatal(err)
+			}
+			if m.GetFrom() != tc.wantFrom || m.GetSubject() != tc.wantSubject {
+				t.Errorf("from %q, subject %q; want %q, %q", m.GetFrom(), m.GetSubject(), tc.wantFrom, tc.wantSubject)
+			}
+			content, err := e.store.LoadMessageContents(t.Context(), []uuid.UUID{uuid.MustParse(resp.GetId())})
+			if err != nil {
+				t.Fatal(err)
+			}
+			if got := string(content[uuid.MustParse(resp.GetId())].Raw); got != raw {
+				t.Errorf("stored message changed:\n%q\nwant\n%q", got, raw)
+			}
+		})
+	}
 }

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"log/slog"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -13,6 +14,7 @@ import (
 	"google.golang.org/genproto/googleapis/rpc/errdetails"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
+	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 	"google.golang.org/grpc/status"
 
 	"github.com/posthaste/posthaste/db"
@@ -224,6 +226,8 @@ func TestConfig(t *testing.T) {
 		{func(c *Config) { c.Hostname = "single" }, "Hostname"},
 		{func(c *Config) { c.Hostname = "bad host.test" }, "Hostname"},
 		{func(c *Config) { c.IdempotencyTTL = -time.Second }, "IdempotencyTTL"},
+		// The API promises keys are kept at least a day.
+		{func(c *Config) { c.IdempotencyTTL = time.Hour }, "IdempotencyTTL"},
 	} {
 		c := Config{}.WithDefaults()
 		tc.mod(&c)
@@ -275,5 +279,104 @@ func TestCheckSendMessageInvalidUTF8(t *testing.T) {
 	}
 	if _, _, err := s.checkSendMessage(base(), "", time.Now()); err != nil {
 		t.Errorf("valid request: %v", err)
+	}
+}
+
+func TestDBHealth(t *testing.T) {
+	t.Parallel()
+	var (
+		mu    sync.Mutex
+		down  bool
+		pings int
+	)
+	h := newDBHealth(func(context.Context) error {
+		mu.Lock()
+		defer mu.Unlock()
+		pings++
+		if down {
+			return fmt.Errorf("ping database: %w", db.ErrUnavailable)
+		}
+		return nil
+	}, slog.New(slog.DiscardHandler))
+	mail := posthastev1.MailService_ServiceDesc.ServiceName
+	check := func(service string) healthpb.HealthCheckResponse_ServingStatus {
+		t.Helper()
+		resp, err := h.Check(context.Background(), &healthpb.HealthCheckRequest{Service: service})
+		if err != nil {
+			t.Fatalf("Check(%q): %v", service, err)
+		}
+		return resp.GetStatus()
+	}
+	expire := func() {
+		h.mu.Lock()
+		h.pingedAt = time.Time{}
+		h.mu.Unlock()
+	}
+	setDown := func(d bool) {
+		mu.Lock()
+		down = d
+		mu.Unlock()
+	}
+
+	if got := check(mail); got != healthpb.HealthCheckResponse_SERVING {
+		t.Errorf("database up: %v", got)
+	}
+	setDown(true)
+	// Within healthPingEvery the last answer stands and nothing is pinged.
+	h.mu.Lock()
+	h.pingedAt = time.Now()
+	h.mu.Unlock()
+	if got := check(mail); got != healthpb.HealthCheckResponse_SERVING || pings != 1 {
+		t.Errorf("cached: %v after %d pings, want SERVING after 1", got, pings)
+	}
+	expire()
+	if got := check(mail); got != healthpb.HealthCheckResponse_NOT_SERVING {
+		t.Errorf("database down: %v", got)
+	}
+	if got := check(""); got != healthpb.HealthCheckResponse_SERVING {
+		t.Errorf("overall status with the database down: %v, want SERVING", got)
+	}
+	list, err := h.List(context.Background(), &healthpb.HealthListRequest{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := list.GetStatuses()[mail].GetStatus(); got != healthpb.HealthCheckResponse_NOT_SERVING {
+		t.Errorf("List: MailService %v", got)
+	}
+	setDown(false)
+	expire()
+	if got := check(mail); got != healthpb.HealthCheckResponse_SERVING {
+		t.Errorf("database back: %v", got)
+	}
+
+	// Probes arriving together share one ping.
+	expire()
+	mu.Lock()
+	pings = 0
+	mu.Unlock()
+	var wg sync.WaitGroup
+	for range 20 {
+		wg.Go(func() { check(mail) })
+	}
+	wg.Wait()
+	if pings != 1 {
+		t.Errorf("20 concurrent checks sent %d pings, want 1", pings)
+	}
+}
+
+func TestSummaryText(t *testing.T) {
+	t.Parallel()
+	for in, want := range map[string]string{
+		"Hello, Jörg":   "Hello, Jörg",
+		"tab\there":     "tab\there",
+		"a\x00b":        "a\uFFFDb",
+		"a\r\nb":        "a\uFFFD\uFFFDb",
+		"bad \xff byte": "bad \uFFFD byte",
+		"del\x7f":       "del\uFFFD",
+		"c1\u0085":      "c1\uFFFD",
+	} {
+		if got := summaryText(in); got != want {
+			t.Errorf("summaryText(%q) = %q, want %q", in, got, want)
+		}
 	}
 }

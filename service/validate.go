@@ -161,9 +161,13 @@ func (v *violations) metadata(md map[string]string) {
 		} else if v.line(f, k, 0) && utf8.RuneCountInString(k) > maxMetadataKeyLen {
 			v.add(f, "key must be at most %d characters", maxMetadataKeyLen)
 		}
-		if !utf8.ValidString(md[k]) {
+		switch {
+		case !utf8.ValidString(md[k]):
 			v.add(f, "value must be valid UTF-8")
-		} else if utf8.RuneCountInString(md[k]) > maxMetadataValueLen {
+		case strings.ContainsRune(md[k], 0):
+			// Valid UTF-8 and JSON, but PostgreSQL's jsonb cannot hold it.
+			v.add(f, "value must not contain NUL characters")
+		case utf8.RuneCountInString(md[k]) > maxMetadataValueLen:
 			v.add(f, "value must be at most %d characters", maxMetadataValueLen)
 		}
 	}

@@ -10,10 +10,12 @@ import (
 	"net/http"
 	"net/http/httptest"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
 	"github.com/google/uuid"
+	"github.com/jackc/pgx/v5/pgxpool"
 	"google.golang.org/genproto/googleapis/rpc/errdetails"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
@@ -35,9 +37,12 @@ func TestMain(m *testing.M) {
 }
 
 // env is the REST gateway in front of a real gRPC server on loopback,
-// backed by a fresh database.
+// backed by a fresh database that the server reaches through proxy, so a
+// test can take it away; raw reaches the database directly.
 type env struct {
 	store  *db.DB
+	raw    *pgxpool.Pool
+	proxy  *testenv.Proxy
 	url    string
 	client posthastev1.MailServiceClient
 	key    string
@@ -45,7 +50,19 @@ type env struct {
 
 func setup(t *testing.T, cfg service.Config, opts ...gateway.Option) *env {
 	t.Helper()
-	e := &env{store: testenv.DB(t)}
+	direct, proxied, proxy := testenv.ProxiedDatabase(t)
+	e := &env{proxy: proxy}
+	store, err := db.Open(t.Context(), proxied)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(store.Close)
+	e.store = store
+	e.raw, err = pgxpool.New(t.Context(), direct)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(e.raw.Close)
 	cfg.Hostname = "mta.posthaste.test"
 	logger := slog.New(slog.NewTextHandler(t.Output(), &slog.HandlerOptions{Level: slog.LevelWarn}))
 	cfg.Logger = logger
@@ -138,17 +155,16 @@ func (e *env) grpcCtx(t *testing.T) context.Context {
 	return metadata.AppendToOutgoingContext(t.Context(), "authorization", "Bearer "+e.key)
 }
 
-// countMessages returns how many messages and recipients are stored.
+// counts returns how many messages and recipients are stored, looking
+// directly, so that it works while the server's database is away.
 func (e *env) counts(t *testing.T) (messages, recipients int) {
 	t.Helper()
-	ms, err := e.store.ListMessages(t.Context(), db.ListMessagesParams{Limit: 10000})
+	err := e.raw.QueryRow(t.Context(),
+		`SELECT (SELECT count(*) FROM messages), (SELECT count(*) FROM recipients)`).Scan(&messages, &recipients)
 	if err != nil {
 		t.Fatal(err)
 	}
-	for _, m := range ms {
-		recipients += len(m.Recipients)
-	}
-	return len(ms), recipients
+	return messages, recipients
 }
 
 // restError is the REST error shape, decoded strictly.
@@ -396,6 +412,9 @@ func TestSendSnakeCaseAndGetListCancel(t *testing.T) {
 		t.Errorf("response is not snake_case: %s", r.body)
 	}
 	id, _ := sent["id"].(string)
+	if _, err := uuid.Parse(id); err != nil {
+		t.Fatalf("send response has no message id: %s", r.body)
+	}
 
 	r = e.do(t, http.MethodGet, "/v1/messages/"+id, nil)
 	if r.code != http.StatusOK {
@@ -616,5 +635,115 @@ func TestOversize(t *testing.T) {
 	r = e.do(t, http.MethodPost, "/v1/messages", strings.NewReader(toJSON(t, validRequest())))
 	if r.code != http.StatusAccepted {
 		t.Errorf("small message: HTTP %d %s", r.code, r.body)
+	}
+}
+
+// With the database down, every REST call answers 503 in the one error
+// shape with a generic message, and /healthz turns 503 too.
+func TestDatabaseDownIs503(t *testing.T) {
+	t.Parallel()
+	e := setup(t, service.Config{})
+	r := e.do(t, http.MethodPost, "/v1/messages", strings.NewReader(toJSON(t, validRequest())))
+	if r.code != http.StatusAccepted {
+		t.Fatalf("send with the database up: HTTP %d %s", r.code, r.body)
+	}
+	var sent struct{ ID string }
+	if err := json.Unmarshal(r.body, &sent); err != nil || sent.ID == "" {
+		t.Fatalf("send response %s: %v", r.body, err)
+	}
+	if r := e.do(t, http.MethodGet, "/healthz", nil, "Authorization", ""); r.code != http.StatusOK {
+		t.Fatalf("healthz with the database up: HTTP %d %s", r.code, r.body)
+	}
+
+	e.proxy.Stop()
+	raw := `{"raw":"RnJvbTogYUBleGFtcGxlLnRlc3QNCg0KaGkNCg==","envelope_from":"a@example.test","recipients":["b@example.test"]}`
+	for _, tc := range []struct{ method, path, body string }{
+		{http.MethodPost, "/v1/messages", toJSON(t, validRequest())},
+		{http.MethodPost, "/v1/messages:sendRaw", raw},
+		{http.MethodGet, "/v1/messages/" + sent.ID, ""},
+		{http.MethodGet, "/v1/messages", ""},
+		{http.MethodPost, "/v1/messages/" + sent.ID + ":cancel", "{}"},
+	} {
+		var body io.Reader
+		if tc.body != "" {
+			body = strings.NewReader(tc.body)
+		}
+		r := e.do(t, tc.method, tc.path, body)
+		if r.code != http.StatusServiceUnavailable {
+			t.Errorf("%s %s: HTTP %d %s, want 503", tc.method, tc.path, r.code, r.body)
+			continue
+		}
+		re := decodeError(t, r)
+		if re.Error.Status != "UNAVAILABLE" || !strings.Contains(re.Error.Message, "temporarily unavailable") ||
+			strings.Contains(re.Error.Message, "127.0.0.1") {
+			t.Errorf("%s %s: %s", tc.method, tc.path, r.body)
+		}
+	}
+
+	// A health answer is reused for up to a second; poll past that.
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		r := e.do(t, http.MethodGet, "/healthz", nil, "Authorization", "")
+		if r.code == http.StatusServiceUnavailable {
+			if re := decodeError(t, r); re.Error.Status != "UNAVAILABLE" {
+				t.Errorf("healthz: %s", r.body)
+			}
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("healthz with the database down: HTTP %d %s, want 503", r.code, r.body)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	if m, _ := e.counts(t); m != 1 {
+		t.Errorf("stored %d messages, want only the first", m)
+	}
+}
+
+// Identical requests racing with one Idempotency-Key store one message and
+// all get its receipt.
+func TestConcurrentIdempotencyOverREST(t *testing.T) {
+	t.Parallel()
+	e := setup(t, service.Config{})
+	body := toJSON(t, validRequest())
+	const callers = 8
+	var (
+		wg    sync.WaitGroup
+		resps [callers]response
+	)
+	for i := range callers {
+		wg.Go(func() {
+			req, err := http.NewRequestWithContext(t.Context(), http.MethodPost, e.url+"/v1/messages", strings.NewReader(body))
+			if err != nil {
+				t.Error(err)
+				return
+			}
+			req.Header.Set("Content-Type", "application/json")
+			req.Header.Set("Authorization", "Bearer "+e.key)
+			req.Header.Set("Idempotency-Key", "race-over-rest")
+			resp, err := http.DefaultClient.Do(req)
+			if err != nil {
+				t.Error(err)
+				return
+			}
+			defer resp.Body.Close()
+			b, err := io.ReadAll(resp.Body)
+			if err != nil {
+				t.Error(err)
+				return
+			}
+			resps[i] = response{code: resp.StatusCode, header: resp.Header, body: b}
+		})
+	}
+	wg.Wait()
+	for i, r := range resps {
+		if r.code != http.StatusAccepted {
+			t.Errorf("caller %d: HTTP %d %s", i, r.code, r.body)
+		} else if !bytes.Equal(r.body, resps[0].body) {
+			t.Errorf("caller %d got %s, caller 0 got %s", i, r.body, resps[0].body)
+		}
+	}
+	if m, r := e.counts(t); m != 1 || r != 1 {
+		t.Errorf("stored %d messages, %d recipients; want 1, 1", m, r)
 	}
 }

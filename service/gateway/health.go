@@ -7,20 +7,27 @@ import (
 
 	"google.golang.org/grpc/codes"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
+
+	posthastev1 "github.com/posthaste/posthaste/proto/posthaste/v1"
 )
 
 // healthCheckTimeout bounds a /healthz probe; a probe that hangs is a
 // failed probe.
 const healthCheckTimeout = 5 * time.Second
 
-// healthz answers 200 "ok" while the gRPC health service reports SERVING,
-// and 503 otherwise. Going through the gRPC server (rather than answering
-// locally) proves the whole REST-to-gRPC path works.
+// healthz answers 200 "ok" while the gRPC health service reports
+// MailService SERVING, and 503 otherwise. Going through the gRPC server
+// (rather than answering locally) proves the whole REST-to-gRPC path works,
+// and asking for MailService rather than the process as a whole makes the
+// answer include the database, without which no call can succeed: this is a
+// readiness check.
 func (g *gateway) healthz(client healthpb.HealthClient) func(http.ResponseWriter, *http.Request, map[string]string) {
 	return func(w http.ResponseWriter, r *http.Request, _ map[string]string) {
 		ctx, cancel := context.WithTimeout(r.Context(), healthCheckTimeout)
 		defer cancel()
-		resp, err := client.Check(ctx, &healthpb.HealthCheckRequest{})
+		resp, err := client.Check(ctx, &healthpb.HealthCheckRequest{
+			Service: posthastev1.MailService_ServiceDesc.ServiceName,
+		})
 		if err != nil || resp.GetStatus() != healthpb.HealthCheckResponse_SERVING {
 			msg := "not serving"
 			if err != nil {
