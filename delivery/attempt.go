@@ -41,10 +41,16 @@ type hostInfo struct {
 	TLSVersion string
 }
 
-// attempt delivers env. Within ctx's deadline it spends at most dnsTimeout on
-// DNS and hostTimeout on each address.
-func (s *sender) attempt(ctx context.Context, env envelope) attemptResult {
-	res := attemptResult{Started: time.Now()}
+// attempt delivers env. ctx carries the deadline of the whole attempt
+// (Config.MaxAttemptDuration); within it DNS gets at most dnsTimeout, and
+// every step of a session its own timeout from SMTPConfig.
+//
+// Only a transaction decides a bounce: a host that fails before MAIL FROM,
+// even with a 5yz reply to the greeting or to EHLO, is skipped, and when no
+// host is left the recipients are deferred with the last host's error.
+func (s *sender) attempt(ctx context.Context, env envelope) (res attemptResult) {
+	res.Started = time.Now()
+	// res is the named result, so the deferred update reaches the caller.
 	defer func() { res.Elapsed = time.Since(res.Started) }()
 
 	dctx, cancel := context.WithTimeout(ctx, s.dnsTimeout)
@@ -62,18 +68,15 @@ func (s *sender) attempt(ctx context.Context, env envelope) attemptResult {
 			break
 		}
 		res.Host = &hostInfo{MXHost: t.Host, IP: t.IP.String()}
-		hctx, cancel := context.WithTimeout(ctx, s.connector.cfg.hostTimeout())
-		sc, err := s.connect(hctx, t)
+		sc, err := s.connect(ctx, t)
 		if err != nil {
-			cancel()
 			// RFC 5321 section 5.1: on a connection failure or a
 			// greeting that is not 220, go on to the next address.
-			lastErr = asSMTPError(err)
+			lastErr = asGreetingError(err)
 			continue
 		}
 		res.Host.TLS, res.Host.TLSVersion = sc.tls, sc.tlsVersion
-		res.Rcpts = sc.transaction(hctx, env.From, env.To, env.Data)
-		cancel()
+		res.Rcpts = sc.transaction(ctx, env.From, env.To, env.Data)
 		s.pool.put(sc)
 		return res
 	}

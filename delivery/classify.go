@@ -35,6 +35,14 @@ type SMTPError struct {
 	Message string
 	// Err is the underlying cause; nil for a server reply.
 	Err error
+	// Greeting marks a reply received while the session was being opened:
+	// to the greeting, to EHLO or HELO, or to STARTTLS and the EHLO after
+	// it. Such a reply speaks for one host, not for the recipients, so it
+	// is temporary whatever its code: the next host is tried, and when none
+	// is left the recipients are deferred (Postfix's smtp_skip_5xx_greeting).
+	// Only replies to MAIL, RCPT and DATA, and the DNS answers NXDOMAIN and
+	// null MX, bounce mail.
+	Greeting bool
 }
 
 // Error formats the error like an SMTP reply followed by its cause.
@@ -60,9 +68,10 @@ func (e *SMTPError) Error() string {
 func (e *SMTPError) Unwrap() error { return e.Err }
 
 // Temporary reports whether a later attempt may succeed. Only 5yz replies are
-// permanent (RFC 5321 section 4.2.1); anything else, including errors whose
-// nature is unknown, is retried.
-func (e *SMTPError) Temporary() bool { return e.Code/100 != 5 }
+// permanent (RFC 5321 section 4.2.1), and of those only the ones that are not
+// about opening the session (see Greeting); anything else, including errors
+// whose nature is unknown, is retried.
+func (e *SMTPError) Temporary() bool { return e.Code/100 != 5 || e.Greeting }
 
 // Codes chosen for failures that are not replies from the remote server.
 const (
@@ -130,6 +139,19 @@ func asSMTPError(err error) *SMTPError {
 	// Unknown errors are retried: bouncing mail over an error we do not
 	// understand loses it for good, while a retry costs a little time.
 	return &SMTPError{Code: codeTempFailure, EnhancedCode: "4.3.0", Message: "delivery error", Err: err}
+}
+
+// asGreetingError converts an error from opening a session with a host
+// (connect, greeting, EHLO/HELO, STARTTLS): a server reply among them is
+// marked Greeting, so that it can never bounce mail.
+func asGreetingError(err error) *SMTPError {
+	se := asSMTPError(err)
+	if se == nil || se.Greeting || !isReply(err) {
+		return se
+	}
+	marked := *se
+	marked.Greeting = true
+	return &marked
 }
 
 // formatEnhancedCode renders go-smtp's enhanced code, "" when the server sent

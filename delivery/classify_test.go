@@ -78,6 +78,31 @@ func TestSMTPErrorFormatAndUnwrap(t *testing.T) {
 	}
 }
 
+func TestAsGreetingError(t *testing.T) {
+	t.Parallel()
+	reply := &smtp.SMTPError{Code: 554, EnhancedCode: smtp.EnhancedCode{5, 7, 1}, Message: "go away"}
+	got := asGreetingError(fmt.Errorf("greeting from mx.test: %w", reply))
+	if got.Code != 554 || got.EnhancedCode != "5.7.1" || !got.Greeting || !got.Temporary() {
+		t.Fatalf("reply to the greeting: %+v temporary=%v, want a temporary 554 5.7.1", got, got.Temporary())
+	}
+	// A failure that is not a reply is classified as usual.
+	refused := asGreetingError(&net.OpError{Op: "dial", Net: "tcp", Err: syscall.ECONNREFUSED})
+	if refused.Greeting || refused.EnhancedCode != "4.4.1" {
+		t.Fatalf("dial error: %+v", refused)
+	}
+	if g := asGreetingError(&textproto.Error{Code: 550, Msg: "no"}); !g.Greeting || !g.Temporary() {
+		t.Fatalf("textproto reply: %+v", g)
+	}
+	// An *SMTPError already made is copied, not changed.
+	own := &SMTPError{Code: 550, Message: "no", Err: reply}
+	if g := asGreetingError(own); g == own || !g.Greeting || own.Greeting || own.Temporary() {
+		t.Fatalf("got %+v from %+v, want a marked copy", g, own)
+	}
+	if asGreetingError(nil) != nil {
+		t.Fatal("asGreetingError(nil) != nil")
+	}
+}
+
 func TestSplitEnhancedCode(t *testing.T) {
 	t.Parallel()
 	tests := []struct{ in, code, rest string }{

@@ -25,12 +25,23 @@ type Config struct {
 	// RescueInterval is how often leases that expired (their holder died)
 	// are returned to the queue. Defaults to 30s.
 	RescueInterval time.Duration
+	// MaxAttemptDuration caps one delivery attempt as a whole: the DNS
+	// lookups, every address tried and the SMTP session, whose steps keep
+	// their own timeouts (DNSTimeout, SMTP.ConnectTimeout, CommandTimeout,
+	// DataTimeout) inside it. An attempt cut off by the cap is deferred.
+	// The cap is what bounds the lease: without it the longest attempt
+	// would be every timeout of every host in a row, well over an hour.
+	// Defaults to 10m.
+	MaxAttemptDuration time.Duration
 	// LeaseDuration is how long claimed recipients stay reserved. It must
-	// outlast the longest possible attempt (see AttemptTimeout) plus 10s to
-	// record the outcome, or another instance could take over recipients
-	// still being delivered; it is also how long recipients of a crashed
-	// instance wait before another takes them over. Defaults to
-	// AttemptTimeout plus 5m10s (the commit, and time to wait for a slot).
+	// outlast the longest possible attempt (MaxAttemptDuration) plus 10s to
+	// record the outcome: if the lease ran out while a live instance was
+	// still talking to the receiver, another instance could claim the same
+	// recipients and deliver them a second time, and the first instance's
+	// outcome would be fenced off. It is also how long the recipients of a
+	// crashed instance wait before another takes them over, which is why it
+	// should not be much longer than that. Defaults to MaxAttemptDuration
+	// plus 5m10s (the commit, and time to wait for a concurrency slot).
 	LeaseDuration time.Duration
 	// Concurrency is the most SMTP transactions in flight at once.
 	// Defaults to 100.
@@ -52,6 +63,10 @@ type Config struct {
 	DNSServer string
 	// DNSTimeout bounds all DNS lookups for one domain. Defaults to 20s.
 	DNSTimeout time.Duration
+	// DNSCacheSize is the most DNS answers kept for reuse, each for its TTL
+	// but at most 5 minutes; a negative value keeps none, as may suit a
+	// dispatcher next to a caching resolver. Defaults to 10000.
+	DNSCacheSize int
 	// Routes maps recipient domains, or "*" for all, to "host" or
 	// "host:port"; a route replaces the MX lookup. Defaults to none.
 	Routes map[string]string
@@ -64,7 +79,8 @@ type Config struct {
 	Logger *slog.Logger
 }
 
-// SMTPConfig configures the SMTP client.
+// SMTPConfig configures the SMTP client. Its timeouts bound single steps of
+// a session; Config.MaxAttemptDuration bounds the attempt they are part of.
 type SMTPConfig struct {
 	// Hostname is sent in EHLO (RFC 5321 section 4.1.1.1); receivers
 	// compare it with the reverse DNS of the sending address. Defaults to
@@ -158,12 +174,6 @@ func (c SMTPConfig) validate() error {
 	return nil
 }
 
-// hostTimeout bounds the work on one address: connect, the commands, the
-// body and its reply.
-func (c SMTPConfig) hostTimeout() time.Duration {
-	return c.ConnectTimeout + c.CommandTimeout + c.DataTimeout
-}
-
 // WithDefaults returns the config with zero fields set to their defaults.
 func (c Config) WithDefaults() Config {
 	if c.InstanceID == "" {
@@ -198,8 +208,14 @@ func (c Config) WithDefaults() Config {
 	if c.DNSTimeout == 0 {
 		c.DNSTimeout = 20 * time.Second
 	}
+	if c.DNSCacheSize == 0 {
+		c.DNSCacheSize = 10000
+	}
+	if c.MaxAttemptDuration == 0 {
+		c.MaxAttemptDuration = 10 * time.Minute
+	}
 	if c.LeaseDuration == 0 {
-		c.LeaseDuration = c.AttemptTimeout() + commitReserve + leaseQueueAllowance
+		c.LeaseDuration = c.MaxAttemptDuration + commitReserve + leaseQueueAllowance
 	}
 	if c.ShutdownTimeout == 0 {
 		c.ShutdownTimeout = 30 * time.Second
@@ -210,16 +226,8 @@ func (c Config) WithDefaults() Config {
 	return c
 }
 
-// AttemptTimeout is the longest one delivery attempt can take: the DNS
-// lookups plus, for each address tried, connect, commands and data. Every
-// attempt runs under this deadline, which is what lets a lease be sized to
-// outlast it.
-func (c Config) AttemptTimeout() time.Duration {
-	return c.DNSTimeout + time.Duration(c.SMTP.MaxHosts)*c.SMTP.hostTimeout()
-}
-
 // minLease is the shortest lease that covers an attempt and its commit.
-func (c Config) minLease() time.Duration { return c.AttemptTimeout() + commitReserve }
+func (c Config) minLease() time.Duration { return c.MaxAttemptDuration + commitReserve }
 
 func (c Config) validate() error {
 	switch {
@@ -239,6 +247,8 @@ func (c Config) validate() error {
 		return errors.New("MaxRecipientsPerTransaction: must be at least 1")
 	case c.DNSTimeout <= 0:
 		return errors.New("DNSTimeout: must be positive")
+	case c.MaxAttemptDuration <= 0:
+		return errors.New("MaxAttemptDuration: must be positive")
 	case c.ShutdownTimeout <= 0:
 		return errors.New("ShutdownTimeout: must be positive")
 	}
@@ -249,7 +259,7 @@ func (c Config) validate() error {
 		return fmt.Errorf("SMTP.%w", err)
 	}
 	if c.LeaseDuration < c.minLease() {
-		return fmt.Errorf("LeaseDuration: %s is shorter than the longest attempt plus its commit (%s)",
+		return fmt.Errorf("LeaseDuration: %s is shorter than MaxAttemptDuration plus the time to record the outcome (%s)",
 			c.LeaseDuration, c.minLease())
 	}
 	if _, err := parseRoutes(c.Routes); err != nil {

@@ -11,7 +11,7 @@ func TestConfigDefaults(t *testing.T) {
 	c := Config{}.WithDefaults()
 	if c.InstanceID == "" || c.BatchSize != 100 || c.PollInterval != 5*time.Second || c.Concurrency != 100 ||
 		c.PerDomainConcurrency != 10 || c.MaxRecipientsPerTransaction != 100 || c.ShutdownTimeout != 30*time.Second ||
-		c.Logger == nil {
+		c.DNSTimeout != 20*time.Second || c.DNSCacheSize != 10000 || c.Logger == nil {
 		t.Fatalf("defaults: %+v", c)
 	}
 	s := c.SMTP
@@ -24,14 +24,17 @@ func TestConfigDefaults(t *testing.T) {
 	if r.InitialInterval != time.Minute || r.Multiplier != 2 || r.MaxInterval != time.Hour || r.Jitter != 0.2 || r.MaxAge != 48*time.Hour {
 		t.Fatalf("Retry defaults: %+v", r)
 	}
-	// The lease outlasts the longest attempt: DNS plus every host's
-	// connect, commands and data, plus the commit.
-	wantAttempt := c.DNSTimeout + 5*(30*time.Second+5*time.Minute+10*time.Minute)
-	if c.AttemptTimeout() != wantAttempt {
-		t.Fatalf("AttemptTimeout = %s, want %s", c.AttemptTimeout(), wantAttempt)
+	// One attempt is capped as a whole, and the default lease outlasts the
+	// cap, the commit and a wait for a slot: about a quarter of an hour, not
+	// every timeout of every host in a row.
+	if c.MaxAttemptDuration != 10*time.Minute {
+		t.Fatalf("MaxAttemptDuration = %s, want 10m", c.MaxAttemptDuration)
 	}
-	if c.LeaseDuration <= wantAttempt+commitReserve {
-		t.Fatalf("LeaseDuration %s does not outlast an attempt of %s", c.LeaseDuration, wantAttempt)
+	if want := 10*time.Minute + commitReserve + leaseQueueAllowance; c.LeaseDuration != want {
+		t.Fatalf("LeaseDuration = %s, want %s", c.LeaseDuration, want)
+	}
+	if c.LeaseDuration < c.MaxAttemptDuration+commitReserve || c.LeaseDuration > 16*time.Minute {
+		t.Fatalf("LeaseDuration %s does not fit an attempt of %s plus its commit, or is far longer", c.LeaseDuration, c.MaxAttemptDuration)
 	}
 	if err := c.validate(); err != nil {
 		t.Fatal(err)
@@ -39,10 +42,14 @@ func TestConfigDefaults(t *testing.T) {
 	if Config.WithDefaults(Config{}).InstanceID == c.InstanceID {
 		t.Fatal("two default InstanceIDs are equal")
 	}
-	// The default lease follows shorter timeouts.
-	short := Config{SMTP: SMTPConfig{ConnectTimeout: time.Second, CommandTimeout: time.Second, DataTimeout: time.Second, MaxHosts: 1}, DNSTimeout: time.Second}.WithDefaults()
+	// The default lease follows the cap, not the per-step timeouts.
+	short := Config{MaxAttemptDuration: 4 * time.Second}.WithDefaults()
 	if short.LeaseDuration != 4*time.Second+commitReserve+leaseQueueAllowance {
 		t.Fatalf("derived lease %s", short.LeaseDuration)
+	}
+	long := Config{SMTP: SMTPConfig{DataTimeout: time.Hour, MaxHosts: 10}}.WithDefaults()
+	if long.LeaseDuration != c.LeaseDuration {
+		t.Fatalf("lease %s grew with the per-step timeouts", long.LeaseDuration)
 	}
 }
 
@@ -62,6 +69,7 @@ func TestConfigValidate(t *testing.T) {
 		{"per domain", func(c *Config) { c.PerDomainConcurrency = -1 }, "PerDomainConcurrency:"},
 		{"recipients per transaction", func(c *Config) { c.MaxRecipientsPerTransaction = -5 }, "MaxRecipientsPerTransaction:"},
 		{"dns timeout", func(c *Config) { c.DNSTimeout = -1 }, "DNSTimeout:"},
+		{"max attempt duration", func(c *Config) { c.MaxAttemptDuration = -time.Second }, "MaxAttemptDuration:"},
 		{"shutdown timeout", func(c *Config) { c.ShutdownTimeout = -1 }, "ShutdownTimeout:"},
 		{"retry", func(c *Config) { c.Retry.Jitter = 2 }, "Retry.Jitter:"},
 		{"smtp port", func(c *Config) { c.SMTP.Port = 70000 }, "SMTP.Port:"},
@@ -69,8 +77,10 @@ func TestConfigValidate(t *testing.T) {
 		{"smtp max reuse", func(c *Config) { c.SMTP.MaxReuse = -1 }, "SMTP.MaxReuse:"},
 		{"smtp max hosts", func(c *Config) { c.SMTP.MaxHosts = -1 }, "SMTP.MaxHosts:"},
 		{"smtp timeouts", func(c *Config) { c.SMTP.DataTimeout = -1 }, "SMTP.DataTimeout:"},
-		{"lease shorter than an attempt", func(c *Config) { c.LeaseDuration = c.AttemptTimeout() }, "LeaseDuration:"},
-		{"lease just long enough", func(c *Config) { c.LeaseDuration = c.AttemptTimeout() + commitReserve }, ""},
+		{"lease shorter than an attempt", func(c *Config) { c.LeaseDuration = c.MaxAttemptDuration }, "LeaseDuration:"},
+		{"lease without room to commit", func(c *Config) { c.LeaseDuration = c.MaxAttemptDuration + commitReserve - time.Millisecond }, "LeaseDuration:"},
+		{"lease just long enough", func(c *Config) { c.LeaseDuration = c.MaxAttemptDuration + commitReserve }, ""},
+		{"cap raised past the lease", func(c *Config) { c.MaxAttemptDuration = time.Hour }, "LeaseDuration:"},
 		{"bad route", func(c *Config) { c.Routes = map[string]string{"a.test": "mx.test:x"} }, "Routes:"},
 	}
 	for _, tt := range tests {

@@ -72,7 +72,7 @@ func NewDispatcher(cfg Config, store *db.DB) (*Dispatcher, error) {
 	if err != nil {
 		return nil, fmt.Errorf("delivery config: %w", err)
 	}
-	res, err := newDNSResolver(cfg.DNSServer, min(cfg.DNSTimeout, 5*time.Second))
+	res, err := newDNSResolver(cfg.DNSServer, min(cfg.DNSTimeout, 5*time.Second), newDNSCache(cfg.DNSCacheSize))
 	if err != nil {
 		return nil, fmt.Errorf("delivery config: DNSServer: %w", err)
 	}
@@ -356,7 +356,11 @@ func (d *Dispatcher) run(sessionCtx context.Context, j *job) {
 	for i, r := range j.rcpts {
 		rcpts[i] = r.Address
 	}
-	actx, cancel := context.WithTimeout(sessionCtx, d.cfg.AttemptTimeout())
+	// The cap on the attempt is what keeps it inside the lease: the job
+	// started no later than latestStart, so the attempt ends at least
+	// commitReserve before the lease does.
+	actx, cancel := context.WithTimeoutCause(sessionCtx, d.cfg.MaxAttemptDuration,
+		fmt.Errorf("attempt cut off after MaxAttemptDuration (%s): %w", d.cfg.MaxAttemptDuration, context.DeadlineExceeded))
 	res := d.sender.attempt(actx, envelope{Domain: j.domain, From: j.msg.EnvelopeFrom, To: rcpts, Data: j.msg.Raw})
 	cancel()
 	d.recordOutcomes(j, d.outcomes(j, res, time.Now()))

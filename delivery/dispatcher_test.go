@@ -3,6 +3,7 @@ package delivery
 import (
 	"context"
 	"fmt"
+	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -72,13 +73,22 @@ func (e *dispatchEnv) start(t testing.TB, cfg Config) *Dispatcher {
 
 // mx publishes an MX host for domain backed by srv (nil: refusing).
 func (e *dispatchEnv) mx(domain string, srv *testenv.SMTPServer) {
+	addr := ""
+	if srv != nil {
+		addr = srv.Addr
+	}
+	e.mxAt(domain, "mx."+domain, 10, addr)
+}
+
+// mxAt publishes host as an MX of domain with preference pref, backed by
+// the server listening at addr ("": refusing).
+func (e *dispatchEnv) mxAt(domain, host string, pref uint16, addr string) {
 	n := e.nextIP.Add(1)
 	ip := fmt.Sprintf("192.0.2.%d", n)
-	host := "mx." + domain
-	e.dns.AddMX(domain, host, 10)
+	e.dns.AddMX(domain, host, pref)
 	e.dns.AddA(host, ip)
-	if srv != nil {
-		e.dialer.route(ip, 25, srv.Addr)
+	if addr != "" {
+		e.dialer.route(ip, 25, addr)
 	}
 }
 
@@ -265,6 +275,81 @@ func TestDispatchDataRejectBouncesAll(t *testing.T) {
 	}
 }
 
+func TestDispatchMailFromRejectBouncesAll(t *testing.T) {
+	t.Parallel()
+	e := newDispatchEnv(t)
+	srv := scriptedServer(t, func(cmd string) string {
+		if strings.HasPrefix(cmd, "MAIL") {
+			return "550 5.7.1 sender refused"
+		}
+		return ""
+	}, "250-mx.test", "250 8BITMIME")
+	e.mxAt("sender-refused.test", "mx.sender-refused.test", 10, srv.addr)
+	id := e.insert(t, time.Time{}, "a@sender-refused.test", "b@sender-refused.test")
+	e.start(t, e.config())
+
+	m := e.waitMessage(t, id, "bounces", final)
+	for _, r := range m.Recipients {
+		if r.Status != db.StatusBounced || r.LastCode != 550 || r.LastEnhancedCode != "5.7.1" ||
+			r.LastText != "sender refused" || r.Attempts != 1 {
+			t.Fatalf("recipient %+v", r)
+		}
+	}
+	if m.Status != db.StatusBounced || len(m.Attempts) != 2 {
+		t.Fatalf("message %s with %d attempt rows", m.Status, len(m.Attempts))
+	}
+}
+
+// TestDispatchGreetingRejectionNeverBounces checks that a 5yz greeting
+// moves on to the next MX host, and defers (not bounces) the recipients
+// when no host is left.
+func TestDispatchGreetingRejectionNeverBounces(t *testing.T) {
+	t.Parallel()
+	e := newDispatchEnv(t)
+	reject := &smtp.SMTPError{Code: 554, EnhancedCode: smtp.EnhancedCode{5, 7, 1}, Message: "no mail from you"}
+	refusing := testenv.StartSMTP(t, testenv.WithGreeting(reject))
+	accepting := testenv.StartSMTP(t)
+	e.mxAt("refuse.test", "mx.refuse.test", 10, refusing.Addr)
+	e.mxAt("backup.test", "mx1.backup.test", 10, refusing.Addr)
+	e.mxAt("backup.test", "mx2.backup.test", 20, accepting.Addr)
+	cfg := e.config()
+	cfg.Retry.InitialInterval = time.Hour // stay deferred
+	cfg.Retry.MaxInterval = time.Hour
+	refused := e.insert(t, time.Time{}, "a@refuse.test", "b@refuse.test")
+	backup := e.insert(t, time.Time{}, "a@backup.test")
+	e.start(t, cfg)
+
+	m := e.waitMessage(t, refused, "deferral", func(m db.Message) bool {
+		return m.Recipients[0].Status != db.StatusQueued && m.Recipients[0].Status != db.StatusSending &&
+			m.Recipients[1].Status != db.StatusQueued && m.Recipients[1].Status != db.StatusSending
+	})
+	for _, r := range m.Recipients {
+		if r.Status != db.StatusDeferred || r.LastCode != 554 || r.LastEnhancedCode != "5.7.1" ||
+			r.LastText != "no mail from you" || r.NextAttemptAt == nil || r.Attempts != 1 {
+			t.Fatalf("recipient %+v, want deferred with the 554 as its last reply", r)
+		}
+	}
+	if len(m.Attempts) != 2 {
+		t.Fatalf("%d attempt rows, want 2", len(m.Attempts))
+	}
+	for _, a := range m.Attempts {
+		if a.Outcome != db.StatusDeferred || a.Code != 554 || a.MXHost != "mx.refuse.test" {
+			t.Fatalf("attempt %+v", a)
+		}
+	}
+
+	m = e.waitMessage(t, backup, "delivery through the second MX", final)
+	if r := m.Recipients[0]; r.Status != db.StatusDelivered || r.LastCode != 250 || r.Attempts != 1 {
+		t.Fatalf("recipient %+v", r)
+	}
+	if len(m.Attempts) != 1 || m.Attempts[0].MXHost != "mx2.backup.test" {
+		t.Fatalf("attempts %+v", m.Attempts)
+	}
+	if msgs := accepting.Messages(); len(msgs) != 1 || !slices.Equal(msgs[0].To, []string{"a@backup.test"}) {
+		t.Fatalf("second MX got %+v", msgs)
+	}
+}
+
 func TestDispatchReusesConnection(t *testing.T) {
 	t.Parallel()
 	e := newDispatchEnv(t)
@@ -285,6 +370,10 @@ func TestDispatchReusesConnection(t *testing.T) {
 	}
 	if n := len(srv.Messages()); n != 2 {
 		t.Fatalf("%d messages", n)
+	}
+	// The second transaction found the MX in the DNS cache.
+	if n := e.dns.Queries("reuse.test", dns.TypeMX); n != 1 {
+		t.Fatalf("%d MX queries for two messages, want 1", n)
 	}
 }
 
@@ -531,6 +620,42 @@ func TestDispatchDataTimeoutDefers(t *testing.T) {
 	}
 	if n := len(srv.Messages()); n != 0 {
 		t.Fatalf("%d messages accepted", n)
+	}
+}
+
+// TestDispatchAttemptCapDefers checks that MaxAttemptDuration cuts off an
+// attempt whose steps are all within their own timeouts, and that the
+// recipient is deferred.
+func TestDispatchAttemptCapDefers(t *testing.T) {
+	t.Parallel()
+	e := newDispatchEnv(t)
+	srv := testenv.StartSMTP(t, testenv.WithStalledData())
+	e.mx("capped.test", srv)
+	cfg := e.config()
+	cfg.MaxAttemptDuration = 500 * time.Millisecond
+	cfg.SMTP.CommandTimeout = time.Minute
+	cfg.SMTP.DataTimeout = time.Minute
+	cfg.Retry.InitialInterval = time.Hour
+	cfg.Retry.MaxInterval = time.Hour
+	id := e.insert(t, time.Time{}, "a@capped.test")
+	d := e.start(t, cfg)
+	if want := cfg.MaxAttemptDuration + commitReserve + leaseQueueAllowance; d.cfg.LeaseDuration != want {
+		t.Fatalf("lease %s, want %s derived from the cap", d.cfg.LeaseDuration, want)
+	}
+
+	m := e.waitMessage(t, id, "deferral at the cap", func(m db.Message) bool {
+		return m.Recipients[0].Status == db.StatusDeferred
+	})
+	r := m.Recipients[0]
+	if r.LastCode != 451 || r.LastEnhancedCode != "4.4.2" || !strings.Contains(r.LastText, "MaxAttemptDuration") || r.Attempts != 1 {
+		t.Fatalf("recipient %+v", r)
+	}
+	if len(m.Attempts) != 1 || m.Attempts[0].Outcome != db.StatusDeferred ||
+		m.Attempts[0].Duration < cfg.MaxAttemptDuration || m.Attempts[0].Duration > 5*time.Second {
+		t.Fatalf("attempts %+v, want one cut off after %s", m.Attempts, cfg.MaxAttemptDuration)
+	}
+	if srv.Commands("DATA") != 1 || len(srv.Messages()) != 0 {
+		t.Fatalf("DATA %d times, %d messages accepted", srv.Commands("DATA"), len(srv.Messages()))
 	}
 }
 

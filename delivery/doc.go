@@ -5,22 +5,41 @@
 // groups the recipients of one message and domain into one SMTP transaction,
 // finds the domain's mail hosts (MX records, null MX, implicit MX, or a
 // static route), talks SMTP to them with go-smtp, and writes each
-// recipient's outcome: delivered (2yz after DATA), bounced (5yz), or deferred
-// with a backoff (4yz, network and DNS trouble) until the message is too old,
-// when it fails. Every failure is expressed as an *SMTPError.
+// recipient's outcome: delivered (2yz to the end of DATA); bounced (5yz to
+// MAIL, RCPT or DATA, or a domain that does not exist, has a null MX, or
+// whose mail hosts do not exist); or deferred with a backoff (4yz, network
+// and DNS trouble, hosts that refuse the session even with 5yz) until the
+// message is too old, when it fails. Every failure is expressed as an
+// *SMTPError.
 //
 // # Delivery is at least once
 //
-// A recipient is delivered when the receiving server answers 250 to the end
+// A recipient is delivered when the receiving server answers 2yz to the end
 // of DATA; it is marked delivered when our transaction that records it
-// commits. Between the two lies a window: if the process dies, or the
-// database cannot be reached, after the server's 250 and before our commit,
-// the lease runs out, another dispatcher claims the recipient again, and the
-// message arrives twice. Nothing can close that window without the receiver's
-// help, so it is kept short instead: the outcome is written right after the
-// reply, in its own small transaction (never one held open across SMTP), the
-// write is retried for a few seconds, and the lease is sized to outlast the
-// longest possible attempt so that a slow but live dispatcher never loses
-// recipients to another one. The reverse failure (the message is lost) does
-// not happen: a recipient is only final after its outcome is committed.
+// commits. Between the two lies a window in which a message can be sent
+// twice:
+//
+//   - the process dies, or the database cannot be reached, after the
+//     server's reply and before our commit: the recipient stays leased,
+//     the rescuer returns it to the queue once the lease runs out, and a
+//     dispatcher sends it again;
+//   - the connection breaks, or a timeout (SMTP.DataTimeout,
+//     MaxAttemptDuration, or Stop's ShutdownTimeout) cuts the session,
+//     after the end of the data was sent but before the reply arrived: the
+//     server may have taken the message, but that cannot be known, so the
+//     recipient is deferred and sent again (the problem RFC 1047 describes).
+//
+// Nothing can close that window without the receiver's help, so it is kept
+// short instead. The outcome is written right after the reply, in its own
+// small transaction (never one held open across SMTP), and the write is
+// retried for up to 10 seconds. Every attempt runs under a deadline
+// (MaxAttemptDuration) that ends, with those 10 seconds, before the lease
+// does, so that a slow but live dispatcher never has its recipients claimed
+// by another one while it is still talking to the receiver; and an outcome
+// that arrives after its lease was lost anyway (a process paused past it) is
+// fenced off instead of overwriting the other dispatcher's.
+//
+// The reverse failure (the message is lost) does not happen: a recipient is
+// only final once its outcome is committed, and one whose outcome was never
+// written goes back to the queue when its lease runs out.
 package delivery

@@ -98,7 +98,7 @@ type senderEnv struct {
 func newSenderEnv(t *testing.T, cfg SMTPConfig, routes map[string]string) *senderEnv {
 	t.Helper()
 	dns := testenv.StartDNS(t)
-	res, err := newDNSResolver(dns.Addr, time.Second)
+	res, err := newDNSResolver(dns.Addr, time.Second, nil)
 	if err != nil {
 		t.Fatal(err)
 	}

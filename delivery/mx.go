@@ -66,11 +66,13 @@ type dnsResolver struct {
 	servers []string
 	udp     *dns.Client
 	tcp     *dns.Client
+	cache   *dnsCache // nil: every question goes to the servers
 }
 
 // newDNSResolver returns a resolver that asks server ("host" or "host:port");
 // "" means the nameservers of /etc/resolv.conf. timeout bounds each exchange.
-func newDNSResolver(server string, timeout time.Duration) (*dnsResolver, error) {
+// Answers are kept in cache, which may be nil.
+func newDNSResolver(server string, timeout time.Duration, cache *dnsCache) (*dnsResolver, error) {
 	var servers []string
 	if server == "" {
 		cc, err := dns.ClientConfigFromFile("/etc/resolv.conf")
@@ -93,6 +95,7 @@ func newDNSResolver(server string, timeout time.Duration) (*dnsResolver, error) 
 		servers: servers,
 		udp:     &dns.Client{Net: "udp", Timeout: timeout, UDPSize: dns.DefaultMsgSize},
 		tcp:     &dns.Client{Net: "tcp", Timeout: timeout},
+		cache:   cache,
 	}, nil
 }
 
@@ -100,10 +103,34 @@ func newDNSResolver(server string, timeout time.Duration) (*dnsResolver, error) 
 // enough for MX answers, small enough to avoid IP fragmentation.
 const ednsSize = 1232
 
-// exchange asks each server in turn until one gives an answer that is not
-// SERVFAIL or REFUSED; a truncated UDP answer is repeated over TCP
-// (RFC 7766 section 5).
+// exchange answers from the cache, or asks each server in turn until one
+// gives an answer that is not SERVFAIL or REFUSED; a truncated UDP answer is
+// repeated over TCP (RFC 7766 section 5). The message returned may be shared
+// and must not be modified.
 func (r *dnsResolver) exchange(ctx context.Context, name string, qtype uint16) (*dns.Msg, error) {
+	key := newDNSKey(name, qtype)
+	if in := r.cache.get(key); in != nil {
+		return answerOf(in, name, qtype)
+	}
+	in, err := r.ask(ctx, name, qtype)
+	if err != nil {
+		return nil, err
+	}
+	r.cache.put(key, in)
+	return answerOf(in, name, qtype)
+}
+
+// answerOf returns in, or the error its rcode stands for.
+func answerOf(in *dns.Msg, name string, qtype uint16) (*dns.Msg, error) {
+	if in.Rcode != dns.RcodeSuccess {
+		return nil, &dnsError{Name: name, Type: dns.TypeToString[qtype], Rcode: in.Rcode}
+	}
+	return in, nil
+}
+
+// ask puts the question to the servers. It returns the first answer that is
+// NOERROR or NXDOMAIN, or the last failure.
+func (r *dnsResolver) ask(ctx context.Context, name string, qtype uint16) (*dns.Msg, error) {
 	m := new(dns.Msg)
 	m.SetQuestion(dns.Fqdn(name), qtype)
 	m.RecursionDesired = true
@@ -123,10 +150,8 @@ func (r *dnsResolver) exchange(ctx context.Context, name string, qtype uint16) (
 			continue
 		}
 		switch in.Rcode {
-		case dns.RcodeSuccess:
+		case dns.RcodeSuccess, dns.RcodeNameError:
 			return in, nil
-		case dns.RcodeNameError:
-			return nil, &dnsError{Name: name, Type: typ, Rcode: in.Rcode}
 		default:
 			lastErr = &dnsError{Name: name, Type: typ, Rcode: in.Rcode}
 		}

@@ -17,7 +17,7 @@ import (
 func newTestRouter(t *testing.T, routes map[string]string, maxHosts int) (*router, *testenv.DNSServer) {
 	t.Helper()
 	srv := testenv.StartDNS(t)
-	res, err := newDNSResolver(srv.Addr, 300*time.Millisecond)
+	res, err := newDNSResolver(srv.Addr, 300*time.Millisecond, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -327,7 +327,7 @@ func TestNewDNSResolverServerForms(t *testing.T) {
 		"2001:db8::53":    "[2001:db8::53]:53",
 		"[2001:db8::53]":  "[2001:db8::53]:53",
 	} {
-		r, err := newDNSResolver(in, time.Second)
+		r, err := newDNSResolver(in, time.Second, nil)
 		if err != nil {
 			t.Fatal(err)
 		}

@@ -91,6 +91,7 @@ func (c *connector) open(ctx context.Context, t target, useTLS bool) (sc *smtpCo
 	// Hello reads the greeting, then sends EHLO; any reply but 220 to the
 	// greeting is an error here, and the caller moves on to the next host.
 	if err := sc.client.Hello(c.cfg.Hostname); err != nil {
+		sc.abandon(err)
 		return nil, fmt.Errorf("greeting from %s [%s]: %w", t.Host, t.addr(), err)
 	}
 	if !useTLS {
@@ -114,6 +115,7 @@ func (c *connector) open(ctx context.Context, t target, useTLS bool) (sc *smtpCo
 	sc.conn = &greetedConn{Conn: tlsConn, r: io.MultiReader(strings.NewReader("220 TLS session\r\n"), tlsConn)}
 	sc.client = c.newClient(sc.conn)
 	if err := sc.client.Hello(c.cfg.Hostname); err != nil {
+		sc.abandon(err)
 		return nil, fmt.Errorf("EHLO over TLS with %s [%s]: %w", t.Host, t.addr(), err)
 	}
 	state := tlsConn.ConnectionState()
@@ -133,7 +135,7 @@ func (c *connector) newClient(conn net.Conn) *smtp.Client {
 // only start TLS right after its own EHLO as "localhost", so the command is
 // written here, on the connection the client has finished reading from.
 func (c *connector) startTLS(ctx context.Context, sc *smtpConn) (*tls.Conn, error) {
-	if _, err := sc.command("STARTTLS", 220); err != nil {
+	if _, err := sc.command("STARTTLS", 220, c.cfg.CommandTimeout); err != nil {
 		return nil, err
 	}
 	cfg := &tls.Config{
@@ -153,11 +155,11 @@ func (c *connector) startTLS(ctx context.Context, sc *smtpConn) (*tls.Conn, erro
 	return tlsConn, nil
 }
 
-// command writes one command line directly and reads its reply, bypassing
-// the client; it is only used between replies, when the client has nothing
-// buffered.
-func (sc *smtpConn) command(line string, expect int) (string, error) {
-	sc.conn.SetDeadline(time.Now().Add(sc.cfg.CommandTimeout))
+// command writes one command line directly and reads its reply within
+// timeout, bypassing the client; it is only used between replies, when the
+// client has nothing buffered.
+func (sc *smtpConn) command(line string, expect int, timeout time.Duration) (string, error) {
+	sc.conn.SetDeadline(time.Now().Add(timeout))
 	defer sc.conn.SetDeadline(time.Time{})
 	if _, err := io.WriteString(sc.conn, line+"\r\n"); err != nil {
 		return "", err
@@ -172,24 +174,41 @@ func (sc *smtpConn) command(line string, expect int) (string, error) {
 func (sc *smtpConn) reset(ctx context.Context) error {
 	stop := context.AfterFunc(ctx, func() { sc.raw.Close() })
 	defer stop()
-	if _, err := sc.command("RSET", 250); err != nil {
+	if _, err := sc.command("RSET", 250, sc.cfg.CommandTimeout); err != nil {
 		sc.broken = true
 		return err
 	}
 	return nil
 }
 
+// quitTimeout bounds the wait for the reply to QUIT: a server that has gone
+// quiet should not hold up shutdown.
+const quitTimeout = 10 * time.Second
+
 // quit ends the session politely (RFC 5321 section 4.1.1.10) and closes the
 // connection.
 func (sc *smtpConn) quit() {
 	if !sc.broken {
-		// A server that has gone quiet should not hold up shutdown.
-		sc.client.CommandTimeout = min(sc.cfg.CommandTimeout, 10*time.Second)
+		sc.client.CommandTimeout = min(sc.cfg.CommandTimeout, quitTimeout)
 		if err := sc.client.Quit(); err == nil {
 			return
 		}
 	}
 	sc.raw.Close()
+}
+
+// abandon sends QUIT on a session the server refused with err, a reply to
+// EHLO or HELO, before the caller closes the connection: RFC 5321 section
+// 4.1.1.10 asks the client not to close the channel without it. go-smtp's
+// client will not send it once its EHLO failed, so it is written directly.
+// No QUIT follows a 421, which closes the channel (section 3.8); after a
+// refused greeting go-smtp has closed the connection already, and the QUIT
+// fails at once.
+func (sc *smtpConn) abandon(err error) {
+	if !isReply(err) || brokenConnection(err) {
+		return
+	}
+	sc.command("QUIT", 221, min(sc.cfg.CommandTimeout, quitTimeout))
 }
 
 // greetedConn replays a greeting before the bytes of the wrapped connection.
@@ -286,17 +305,32 @@ func (sc *smtpConn) transaction(ctx context.Context, from string, rcpts []string
 		return failRest(err)
 	}
 	resp, err := w.CloseWithResponse()
-	if err != nil {
+	accept, ok := acceptance(resp, err)
+	if !ok {
 		return failRest(err)
 	}
-	code, text := splitEnhancedCode(resp.StatusText)
 	for i := range results {
 		if !decided[i] {
-			results[i].Reply = reply{Code: 250, EnhancedCode: code, Text: text}
+			results[i].Reply = accept
 			decided[i] = true
 		}
 	}
 	return results
+}
+
+// acceptance returns the reply to the end of DATA when the server took the
+// message. go-smtp reports anything but 250 as an error, yet any 2yz is a
+// positive completion (RFC 5321 section 4.2.1): counting it as a failure
+// would retry, and deliver the message twice.
+func acceptance(resp *smtp.DataResponse, err error) (reply, bool) {
+	if err == nil {
+		code, text := splitEnhancedCode(resp.StatusText)
+		return reply{Code: 250, EnhancedCode: code, Text: text}, true
+	}
+	if se, ok := errors.AsType[*smtp.SMTPError](err); ok && se.Code/100 == 2 {
+		return reply{Code: se.Code, EnhancedCode: formatEnhancedCode(se.Code, se.EnhancedCode), Text: se.Message}, true
+	}
+	return reply{}, false
 }
 
 // isReply reports whether err is a reply from the server, as opposed to a

@@ -36,6 +36,9 @@ func TestAttemptDelivers(t *testing.T) {
 	if res.Host == nil || res.Host.MXHost != "mx.ok.test" || res.Host.IP != "192.0.2.1" || res.Host.TLS {
 		t.Fatalf("host %+v", res.Host)
 	}
+	if res.Started.IsZero() || res.Elapsed <= 0 {
+		t.Fatalf("started %s, elapsed %s: the attempt's timing was not kept", res.Started, res.Elapsed)
+	}
 	msgs := srv.Messages()
 	if len(msgs) != 1 {
 		t.Fatalf("server got %d messages, want 1 transaction", len(msgs))
@@ -223,6 +226,8 @@ func TestAttemptTriesNextMX(t *testing.T) {
 		{"4xx greeting", []testenv.SMTPOption{testenv.WithGreeting(busy)}, []string{"192.0.2.1:25", "192.0.2.2:25"}},
 		{"5xx greeting", []testenv.SMTPOption{testenv.WithGreeting(&smtp.SMTPError{Code: 554, EnhancedCode: smtp.EnhancedCode{5, 3, 2}, Message: "no"})},
 			[]string{"192.0.2.1:25", "192.0.2.2:25"}},
+		{"5xx to EHLO", []testenv.SMTPOption{testenv.WithHeloReply(&smtp.SMTPError{Code: 550, EnhancedCode: smtp.EnhancedCode{5, 7, 1}, Message: "no"})},
+			[]string{"192.0.2.1:25", "192.0.2.2:25"}},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -278,6 +283,67 @@ func TestAttemptReportsLastError(t *testing.T) {
 	res = e.attempt(t, "refused.test", "a@refused.test")
 	if err := res.Rcpts[0].Err; err == nil || err.EnhancedCode != "4.4.1" || !err.Temporary() {
 		t.Fatalf("err = %v, want a temporary 4.4.1", err)
+	}
+}
+
+// TestAttemptDefersWhenEveryHostRefusesToTalk checks that a 5yz reply before
+// MAIL FROM never bounces: it says the host will not talk to us, not that
+// the recipients do not exist.
+func TestAttemptDefersWhenEveryHostRefusesToTalk(t *testing.T) {
+	t.Parallel()
+	tests := []struct {
+		name     string
+		opt      testenv.SMTPOption
+		code     int
+		enhanced string
+		message  string
+		quit     int // QUIT commands each host should get
+	}{
+		// A host that refused at the greeting has hung up.
+		{"554 greeting", testenv.WithGreeting(&smtp.SMTPError{Code: 554, EnhancedCode: smtp.EnhancedCode{5, 7, 1}, Message: "no mail from you"}),
+			554, "5.7.1", "no mail from you", 0},
+		{"554 greeting without enhanced code", testenv.WithGreeting(&smtp.SMTPError{Code: 554, Message: "go away"}),
+			554, "", "go away", 0},
+		// A host that refused EHLO still waits for QUIT (RFC 5321 section
+		// 4.1.1.10).
+		{"550 to EHLO", testenv.WithHeloReply(&smtp.SMTPError{Code: 550, EnhancedCode: smtp.EnhancedCode{5, 7, 1}, Message: "bad name"}),
+			550, "5.7.1", "bad name", 1},
+		// go-smtp's client falls back to HELO after a 502 to EHLO.
+		{"502 to EHLO and HELO", testenv.WithHeloReply(&smtp.SMTPError{Code: 502, EnhancedCode: smtp.EnhancedCode{5, 5, 1}, Message: "not here"}),
+			502, "5.5.1", "not here", 1},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			t.Parallel()
+			e := newSenderEnv(t, testSMTPConfig(), nil)
+			first := testenv.StartSMTP(t, tt.opt)
+			second := testenv.StartSMTP(t, tt.opt)
+			e.addMX("refuse.test", "mx1.refuse.test", "192.0.2.1", 10, first)
+			e.addMX("refuse.test", "mx2.refuse.test", "192.0.2.2", 20, second)
+
+			res := e.attempt(t, "refuse.test", "a@refuse.test", "b@refuse.test")
+			for i, r := range res.Rcpts {
+				err := r.Err
+				if err == nil || err.Code != tt.code || err.EnhancedCode != tt.enhanced || err.Message != tt.message {
+					t.Fatalf("recipient %d: err = %v, want the last host's %d %s", i, err, tt.code, tt.enhanced)
+				}
+				if !err.Temporary() || !err.Greeting {
+					t.Fatalf("recipient %d: %v is permanent, want it to defer", i, err)
+				}
+			}
+			if first.Connections() != 1 || second.Connections() != 1 {
+				t.Fatalf("connections %d and %d, want each host tried once", first.Connections(), second.Connections())
+			}
+			if res.Host == nil || res.Host.MXHost != "mx2.refuse.test" {
+				t.Fatalf("host %+v, want the last one tried", res.Host)
+			}
+			if first.Commands("MAIL")+second.Commands("MAIL") != 0 {
+				t.Fatal("MAIL sent to a host that refused the session")
+			}
+			if first.Commands("QUIT") != tt.quit || second.Commands("QUIT") != tt.quit {
+				t.Fatalf("QUIT %d and %d times, want %d", first.Commands("QUIT"), second.Commands("QUIT"), tt.quit)
+			}
+		})
 	}
 }
 
@@ -354,9 +420,40 @@ func TestAttemptMailFromRefused(t *testing.T) {
 
 	res := e.attempt(t, "refuse.test", "a@refuse.test", "b@refuse.test")
 	for i, r := range res.Rcpts {
-		if r.Err == nil || r.Err.Code != 550 || r.Err.EnhancedCode != "5.7.1" {
+		// A 5yz reply to MAIL FROM fails the whole transaction for good.
+		if r.Err == nil || r.Err.Code != 550 || r.Err.EnhancedCode != "5.7.1" || r.Err.Temporary() {
 			t.Fatalf("recipient %d: %+v", i, r)
 		}
+	}
+	for _, c := range srv.commands() {
+		if strings.HasPrefix(c, "RCPT") || c == "DATA" {
+			t.Fatalf("%q sent after MAIL FROM was refused", c)
+		}
+	}
+}
+
+// TestAttemptAnyPositiveReplyToDataDelivers checks that a 2yz reply other
+// than 250 to the end of DATA counts as delivered.
+func TestAttemptAnyPositiveReplyToDataDelivers(t *testing.T) {
+	t.Parallel()
+	e := newSenderEnv(t, testSMTPConfig(), nil)
+	srv := scriptedServer(t, func(cmd string) string {
+		if cmd == "." {
+			return "251 2.6.0 queued elsewhere"
+		}
+		return ""
+	}, "250-mx.test", "250 8BITMIME")
+	e.addMX("odd.test", "mx.odd.test", "192.0.2.1", 10, nil)
+	e.dialer.route("192.0.2.1", 25, srv.addr)
+
+	res := e.attempt(t, "odd.test", "a@odd.test", "b@odd.test")
+	for i, r := range res.Rcpts {
+		if r.Err != nil || r.Reply.Code != 251 || r.Reply.EnhancedCode != "2.6.0" || r.Reply.Text != "queued elsewhere" {
+			t.Fatalf("recipient %d: %+v", i, r)
+		}
+	}
+	if e.pool.idleCount() != 1 {
+		t.Fatal("connection not kept after a positive reply")
 	}
 }
 
@@ -408,7 +505,8 @@ func (s *script) commands() []string {
 }
 
 // scriptedServer answers EHLO with ehlo, each command with override(cmd)
-// when that is not "", and otherwise with the usual success replies.
+// when that is not "", and otherwise with the usual success replies. The end
+// of the message data is answered with override(".") when that is not "".
 func scriptedServer(t *testing.T, override func(cmd string) string, ehlo ...string) *script {
 	t.Helper()
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
@@ -462,7 +560,13 @@ func scriptedServer(t *testing.T, override func(cmd string) string, ehlo ...stri
 						if _, err := tp.ReadDotBytes(); err != nil {
 							return
 						}
-						reply("250 2.0.0 queued")
+						end := "250 2.0.0 queued"
+						if override != nil {
+							if r := override("."); r != "" {
+								end = r
+							}
+						}
+						reply(end)
 					case "QUIT":
 						reply("221 bye")
 						return

@@ -14,7 +14,9 @@ import (
 // DNSServer is an authoritative DNS server on loopback that answers from
 // records the test adds. Names that were not added answer NXDOMAIN; names
 // that were added answer NOERROR with whatever records of the asked type
-// they have, possibly none.
+// they have, possibly none. Records have a TTL of 60 seconds; negative
+// answers carry an SOA with the same TTL and MINIMUM, as RFC 2308 section 3
+// asks of authoritative servers, so resolvers may cache them as well.
 type DNSServer struct {
 	// Addr is "127.0.0.1:port"; UDP and TCP listen on the same port.
 	Addr string
@@ -198,6 +200,9 @@ func (s *DNSServer) ServeDNS(w dns.ResponseWriter, r *dns.Msg) {
 		m.Rcode = rcode
 	case !exists:
 		m.Rcode = dns.RcodeNameError
+		m.Ns = []dns.RR{negativeSOA(name)}
+	case len(answer) == 0:
+		m.Ns = []dns.RR{negativeSOA(name)}
 	default:
 		m.Answer = answer
 	}
@@ -205,4 +210,25 @@ func (s *DNSServer) ServeDNS(w dns.ResponseWriter, r *dns.Msg) {
 		m.SetEdns0(opt.UDPSize(), false)
 	}
 	w.WriteMsg(m)
+}
+
+// negativeSOA is the SOA that goes with a negative answer for name: that of
+// its top-level domain ("test." for "mx.a.test."), the only zone apex the
+// server knows of.
+func negativeSOA(name string) *dns.SOA {
+	labels := dns.SplitDomainName(name)
+	zone := "."
+	if len(labels) > 0 {
+		zone = labels[len(labels)-1] + "."
+	}
+	return &dns.SOA{
+		Hdr:     dns.RR_Header{Name: zone, Rrtype: dns.TypeSOA, Class: dns.ClassINET, Ttl: 60},
+		Ns:      "ns." + zone,
+		Mbox:    "hostmaster." + zone,
+		Serial:  1,
+		Refresh: 3600,
+		Retry:   600,
+		Expire:  86400,
+		Minttl:  60,
+	}
 }

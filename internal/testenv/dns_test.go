@@ -86,6 +86,22 @@ func TestDNSServerAnswers(t *testing.T) {
 				if in.Rcode != want || len(in.Answer) != 0 {
 					t.Fatalf("%s: rcode %s answer %v, want %s", name, dns.RcodeToString[in.Rcode], in.Answer, dns.RcodeToString[want])
 				}
+				// Negative answers carry the SOA that lets resolvers
+				// cache them (RFC 2308 section 3); failures do not.
+				soa, ok := func() (*dns.SOA, bool) {
+					if len(in.Ns) != 1 {
+						return nil, false
+					}
+					soa, ok := in.Ns[0].(*dns.SOA)
+					return soa, ok
+				}()
+				if want == dns.RcodeServerFailure {
+					if len(in.Ns) != 0 {
+						t.Fatalf("%s: authority %v on a failure", name, in.Ns)
+					}
+				} else if !ok || soa.Hdr.Name != "test." || soa.Minttl != 60 {
+					t.Fatalf("%s: authority %v, want the SOA of test.", name, in.Ns)
+				}
 			}
 		})
 	}

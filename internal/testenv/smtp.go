@@ -68,6 +68,7 @@ type smtpOptions struct {
 	tls       bool
 	brokenTLS bool
 	greeting  *smtp.SMTPError
+	helo      *smtp.SMTPError
 	stall     bool
 }
 
@@ -93,6 +94,13 @@ func WithBrokenTLS() SMTPOption { return func(o *smtpOptions) { o.brokenTLS = tr
 // greeting, then closes it, like a server that is busy or refuses mail.
 func WithGreeting(reply *smtp.SMTPError) SMTPOption {
 	return func(o *smtpOptions) { o.greeting = reply }
+}
+
+// WithHeloReply answers EHLO and HELO with reply after a normal greeting, as
+// a server that refuses the client's name or address would; the connection
+// stays open until the client leaves.
+func WithHeloReply(reply *smtp.SMTPError) SMTPOption {
+	return func(o *smtpOptions) { o.helo = reply }
 }
 
 // WithStalledData makes the server stop reading once DATA is accepted, as a
@@ -274,8 +282,7 @@ func (l *trackingListener) Accept() (net.Conn, error) {
 		if l.greeting == nil {
 			return c, nil
 		}
-		ec := l.greeting.EnhancedCode
-		fmt.Fprintf(c, "%d %d.%d.%d %s\r\n", l.greeting.Code, ec[0], ec[1], ec[2], l.greeting.Message)
+		fmt.Fprintf(c, "%s\r\n", replyLine(l.greeting))
 		c.Close()
 	}
 }
@@ -296,9 +303,24 @@ func (l *trackingListener) closeConns(final bool) {
 	}
 }
 
+// replyLine formats a one-line reply, with the enhanced code when it has one
+// of the classes RFC 3463 defines.
+func replyLine(r *smtp.SMTPError) string {
+	ec := r.EnhancedCode
+	switch ec[0] {
+	case 2, 4, 5:
+		return fmt.Sprintf("%d %d.%d.%d %s", r.Code, ec[0], ec[1], ec[2], r.Message)
+	}
+	return fmt.Sprintf("%d %s", r.Code, r.Message)
+}
+
 type smtpBackend struct{ s *SMTPServer }
 
+// NewSession runs when the client sends EHLO or HELO; an error is the reply.
 func (b smtpBackend) NewSession(c *smtp.Conn) (smtp.Session, error) {
+	if reply := b.s.opts.helo; reply != nil {
+		return nil, reply
+	}
 	_, isTLS := c.TLSConnectionState()
 	return &smtpSession{s: b.s, helo: c.Hostname(), tls: isTLS}, nil
 }

@@ -3,6 +3,7 @@ package testenv
 import (
 	"crypto/tls"
 	"errors"
+	"fmt"
 	"net"
 	"slices"
 	"strconv"
@@ -175,6 +176,47 @@ func TestSMTPServerGreeting(t *testing.T) {
 	}
 	if s.Connections() != 1 {
 		t.Fatalf("connections %d", s.Connections())
+	}
+}
+
+func TestSMTPServerGreetingWithoutEnhancedCode(t *testing.T) {
+	t.Parallel()
+	s := StartSMTP(t, WithGreeting(&smtp.SMTPError{Code: 554, Message: "go away"}))
+	c, err := smtp.Dial(s.Addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	err = c.Hello("client.test")
+	var se *smtp.SMTPError
+	if !errors.As(err, &se) || se.Code != 554 || se.Message != "go away" {
+		t.Fatalf("greeting: %v", err)
+	}
+}
+
+func TestSMTPServerHeloReply(t *testing.T) {
+	t.Parallel()
+	for _, code := range []int{554, 502} {
+		t.Run(fmt.Sprint(code), func(t *testing.T) {
+			t.Parallel()
+			reply := &smtp.SMTPError{Code: code, EnhancedCode: smtp.EnhancedCode{5, 7, 1}, Message: "not you"}
+			s := StartSMTP(t, WithHeloReply(reply))
+			c, err := smtp.Dial(s.Addr)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer c.Close()
+			// go-smtp's client falls back to HELO after a 502 to EHLO;
+			// that is refused the same way.
+			err = c.Hello("client.test")
+			var se *smtp.SMTPError
+			if !errors.As(err, &se) || se.Code != code || se.Message != "not you" {
+				t.Fatalf("EHLO: %v", err)
+			}
+			if code == 502 && s.Commands("HELO") != 1 {
+				t.Fatalf("%d HELO after the 502, want 1", s.Commands("HELO"))
+			}
+		})
 	}
 }
 
