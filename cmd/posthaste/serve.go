@@ -61,6 +61,7 @@ func runServe(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	fs.Var(&routes, "route", "static route domain=host:port (or *=host:port), repeatable; overrides MX lookup")
 	fs.IntVar(&dlv.Concurrency, "concurrency", 100, "most SMTP sessions at once")
 	fs.IntVar(&dlv.PerDomainConcurrency, "per-domain-concurrency", 10, "most SMTP sessions at once to one destination domain")
+	fs.DurationVar(&dlv.MaxAttemptDuration, "max-attempt-duration", 10*time.Minute, "cap on one delivery attempt (DNS, every MX host, the SMTP session)")
 	fs.DurationVar(&dlv.PollInterval, "poll-interval", 5*time.Second, "how often to look for scheduled and retry work without a notification")
 	fs.DurationVar(&dlv.Retry.InitialInterval, "retry-initial", time.Minute, "delay before the first retry of a deferred recipient")
 	fs.DurationVar(&dlv.Retry.MaxInterval, "retry-max", time.Hour, "longest delay between retries")
