@@ -52,7 +52,7 @@ func runServe(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	fs.StringVar(&cfg.GRPCAddr, "grpc-addr", ":9090", "gRPC API listen address")
 	fs.BoolVar(&cfg.Sandbox, "sandbox", false, "deliver every message to an in-process SMTP server whose replies depend on the recipient (see README)")
 	fs.StringVar(&cfg.BootstrapAPIKey, "bootstrap-api-key", "", "API key to store when the database has none (otherwise one is generated and printed once)")
-	fs.DurationVar(&cfg.ShutdownTimeout, "shutdown-timeout", 30*time.Second, "how long a graceful stop may take")
+	fs.DurationVar(&cfg.ShutdownTimeout, "shutdown-timeout", 30*time.Second, "how long API calls and SMTP sessions in flight may take to finish when stopping")
 	fs.StringVar(&hostname, "hostname", "", "name used in EHLO and in Message-IDs; empty uses the machine's host name when it is fully qualified, else localhost.localdomain")
 	fs.IntVar(&svc.MaxRecipients, "max-recipients", 50, "most recipients (to+cc+bcc) in one message")
 	fs.Int64Var(&svc.MaxMessageBytes, "max-message-bytes", 10<<20, "largest accepted message, encoded")
@@ -66,6 +66,13 @@ func runServe(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	fs.DurationVar(&dlv.Retry.InitialInterval, "retry-initial", time.Minute, "delay before the first retry of a deferred recipient")
 	fs.DurationVar(&dlv.Retry.MaxInterval, "retry-max", time.Hour, "longest delay between retries")
 	fs.DurationVar(&dlv.Retry.MaxAge, "max-age", 48*time.Hour, "give up (status failed) on a recipient after this long")
+	fs.DurationVar(&dlv.SMTP.ConnectTimeout, "smtp-connect-timeout", 30*time.Second, "timeout for the TCP connection to an MX")
+	fs.DurationVar(&dlv.SMTP.CommandTimeout, "smtp-command-timeout", 5*time.Minute, "timeout for each SMTP command's reply (RFC 5321 section 4.5.3.2)")
+	fs.DurationVar(&dlv.SMTP.DataTimeout, "smtp-data-timeout", 10*time.Minute, "timeout for writing the message and for the reply to its end")
+	fs.DurationVar(&dlv.SMTP.IdleTimeout, "smtp-idle-timeout", 5*time.Second, "how long an idle SMTP connection is kept for reuse")
+	fs.IntVar(&dlv.SMTP.MaxReuse, "smtp-max-reuse", 100, "most transactions sent over one SMTP connection")
+	fs.DurationVar(&dlv.DNSTimeout, "dns-timeout", 20*time.Second, "timeout for all DNS lookups of one domain")
+	fs.IntVar(&dlv.BatchSize, "batch-size", 100, "most recipients claimed in one query")
 	fs.BoolVar(&dlv.SMTP.VerifyTLS, "smtp-verify-tls", false, "refuse STARTTLS peers whose certificate does not verify")
 	if err := parseFlags(fs, args); err != nil {
 		return err
@@ -110,7 +117,9 @@ func runServe(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	fmt.Fprintf(stdout, "Posthaste is running: REST on %s, gRPC on %s. Press Ctrl-C to stop.\n", a.HTTPAddr(), a.GRPCAddr())
 	<-ctx.Done()
 	logger.Info("shutting down")
-	stopCtx, cancel := context.WithTimeout(context.Background(), cfg.ShutdownTimeout+5*time.Second)
+	// Past the drain deadline, leave time to release leases and to stop the
+	// embedded database cleanly.
+	stopCtx, cancel := context.WithTimeout(context.Background(), cfg.ShutdownTimeout+30*time.Second)
 	defer cancel()
 	if err := a.Stop(stopCtx); err != nil && !errors.Is(err, context.Canceled) {
 		return fmt.Errorf("stop: %w", err)

@@ -47,10 +47,13 @@ type Config struct {
 	// Delivery configures the dispatcher. Defaults to delivery.Config's
 	// defaults.
 	Delivery delivery.Config
-	// Sandboxes configures the sandbox SMTP server. Defaults to
+	// SandboxServer configures the sandbox SMTP server. Defaults to
 	// sandbox.Config's defaults.
 	SandboxServer sandbox.Config
-	// ShutdownTimeout bounds Stop. Defaults to 30s.
+	// ShutdownTimeout is how long a graceful stop lets API calls and SMTP
+	// sessions in flight finish; it becomes the dispatcher's
+	// ShutdownTimeout unless Delivery sets one. Stopping the embedded
+	// database afterwards has its own time. Defaults to 30s.
 	ShutdownTimeout time.Duration
 	// Logger receives the process log. Defaults to a discarding logger.
 	Logger *slog.Logger
@@ -157,6 +160,9 @@ func (a *App) Start(ctx context.Context) (err error) {
 	}
 
 	deliveryCfg := a.cfg.Delivery
+	if deliveryCfg.ShutdownTimeout == 0 {
+		deliveryCfg.ShutdownTimeout = a.cfg.ShutdownTimeout
+	}
 	if deliveryCfg.Logger == nil {
 		deliveryCfg.Logger = a.log.With("component", "delivery")
 	}
