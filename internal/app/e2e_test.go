@@ -256,11 +256,19 @@ func TestSendOverGRPCIsDelivered(t *testing.T) {
 	defer conn.Close()
 	client := posthastev1.NewMailServiceClient(conn)
 	ctx := metadata.AppendToOutgoingContext(context.Background(), "authorization", "Bearer "+testKey)
+	attachment := []byte("%PDF-1.4\x00\x01\x02 binary \xff\xfe bytes")
 	resp, err := client.SendMessage(ctx, &posthastev1.SendMessageRequest{
-		From:    &posthastev1.Address{Address: "sender@posthaste.test"},
-		To:      []*posthastev1.Address{{Address: "bob@example.test"}},
-		Subject: "over gRPC",
-		Text:    "hi",
+		From:    &posthastev1.Address{Address: "sender@posthaste.test", Name: "Zoë Sender"},
+		To:      []*posthastev1.Address{{Address: "bob@example.test", Name: "Bob"}},
+		Bcc:     []*posthastev1.Address{{Address: "hidden@example.test"}},
+		Subject: "Grüße aus Köln ✉",
+		Text:    "Hello Alice, plain.",
+		Html:    "<p>Hello <b>Alice</b></p>",
+		Attachments: []*posthastev1.Attachment{{
+			Filename:    "report.pdf",
+			ContentType: "application/pdf",
+			Content:     base64.StdEncoding.EncodeToString(attachment),
+		}},
 	})
 	if err != nil {
 		t.Fatal(err)
@@ -272,7 +280,8 @@ func TestSendOverGRPCIsDelivered(t *testing.T) {
 			t.Fatal(err)
 		}
 		if msg.GetStatus() == "delivered" {
-			if len(msg.GetAttempts()) != 1 || msg.GetAttempts()[0].GetReply().GetCode() != 250 {
+			// One attempt row per recipient (bob and the Bcc), from one SMTP transaction.
+			if len(msg.GetAttempts()) != 2 || msg.GetAttempts()[0].GetReply().GetCode() != 250 {
 				t.Errorf("attempts = %v", msg.GetAttempts())
 			}
 			break
@@ -283,9 +292,10 @@ func TestSendOverGRPCIsDelivered(t *testing.T) {
 		time.Sleep(50 * time.Millisecond)
 	}
 	got := b.smtp.Messages()
-	if len(got) != 1 || got[0].To[0] != "bob@example.test" {
+	if len(got) != 1 || strings.Join(got[0].To, ",") != "bob@example.test,hidden@example.test" {
 		t.Fatalf("MX received %v", got)
 	}
+	checkReceived(t, got[0].Data, attachment)
 }
 
 func TestCRLFInSubjectIsRefusedAndNothingStored(t *testing.T) {
@@ -319,7 +329,7 @@ func TestCRLFInSubjectIsRefusedAndNothingStored(t *testing.T) {
 func TestScheduledAndCanceled(t *testing.T) {
 	t.Parallel()
 	b := setup(t)
-	sendAt := time.Now().Add(2 * time.Second).UTC()
+	sendAt := time.Now().Add(4 * time.Second).UTC()
 	send := func(to string) string {
 		code, resp := b.do(t, http.MethodPost, "/v1/messages", map[string]any{
 			"from":    map[string]any{"address": "sender@posthaste.test"},
