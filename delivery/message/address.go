@@ -190,6 +190,12 @@ func parseQuotedString(s string) (value, rest, reason string) {
 		case c < ' ' || c > '~':
 			return "", "", fmt.Sprintf("quoted local part has a control character %q", c)
 		}
+		// RFC 5321 allows angle brackets in a quoted local part, but a
+		// receiver that finds the end of "RCPT TO:<...>" by the first '>'
+		// would read the rest as ESMTP parameters; no real mailbox needs them.
+		if c == '<' || c == '>' {
+			return "", "", fmt.Sprintf("quoted local part has %q, which is refused so it cannot end the SMTP path early", c)
+		}
 		b.WriteByte(c)
 	}
 	return "", "", "unterminated quoted local part"
