@@ -7,17 +7,21 @@ GRPC_GATEWAY_VERSION     := v2.33.0
 
 BIN := $(CURDIR)/bin
 
+# The configured module proxy without the fallback to fetching from version
+# control directly, so tools come from the proxy or not at all.
+TOOLS_GOPROXY := $(shell go env GOPROXY | sed -e 's/[,|]direct$$//')
+
 .PHONY: generate lint tools test bench build check-generated
 
 build:
 	go build -o $(BIN)/posthaste ./cmd/posthaste
 
 tools:
-	GOBIN=$(BIN) go install github.com/bufbuild/buf/cmd/buf@$(BUF_VERSION)
-	GOBIN=$(BIN) go install google.golang.org/protobuf/cmd/protoc-gen-go@$(PROTOC_GEN_GO_VERSION)
-	GOBIN=$(BIN) go install google.golang.org/grpc/cmd/protoc-gen-go-grpc@$(PROTOC_GEN_GO_GRPC_VERSION)
-	GOBIN=$(BIN) go install github.com/grpc-ecosystem/grpc-gateway/v2/protoc-gen-grpc-gateway@$(GRPC_GATEWAY_VERSION)
-	GOBIN=$(BIN) go install github.com/grpc-ecosystem/grpc-gateway/v2/protoc-gen-openapiv2@$(GRPC_GATEWAY_VERSION)
+	GOBIN=$(BIN) GOPROXY=$(TOOLS_GOPROXY) go install github.com/bufbuild/buf/cmd/buf@$(BUF_VERSION)
+	GOBIN=$(BIN) GOPROXY=$(TOOLS_GOPROXY) go install google.golang.org/protobuf/cmd/protoc-gen-go@$(PROTOC_GEN_GO_VERSION)
+	GOBIN=$(BIN) GOPROXY=$(TOOLS_GOPROXY) go install google.golang.org/grpc/cmd/protoc-gen-go-grpc@$(PROTOC_GEN_GO_GRPC_VERSION)
+	GOBIN=$(BIN) GOPROXY=$(TOOLS_GOPROXY) go install github.com/grpc-ecosystem/grpc-gateway/v2/protoc-gen-grpc-gateway@$(GRPC_GATEWAY_VERSION)
+	GOBIN=$(BIN) GOPROXY=$(TOOLS_GOPROXY) go install github.com/grpc-ecosystem/grpc-gateway/v2/protoc-gen-openapiv2@$(GRPC_GATEWAY_VERSION)
 
 generate: tools
 	$(BIN)/buf generate
