@@ -15,6 +15,8 @@ import (
 
 	"github.com/grpc-ecosystem/grpc-gateway/v2/runtime"
 	"google.golang.org/grpc/codes"
+	"google.golang.org/protobuf/proto"
+	"google.golang.org/protobuf/reflect/protoreflect"
 )
 
 // requestBody wraps a request body to remember what went wrong with it, so
@@ -107,7 +109,35 @@ func (m *jsonMarshaler) decode(r io.Reader, v any) error {
 	if len(bytes.TrimSpace(raw)) > 0 && raw[0] != '{' {
 		return errNotObject
 	}
+	// proto3 strings must be valid UTF-8. protojson refuses invalid bytes
+	// with an error that names no field, so they are looked for first and
+	// reported by field, as the service reports its own findings.
+	//
+	// Over gRPC such a request never reaches the service: grpc-go's codec
+	// refuses a proto3 string that is not valid UTF-8 while unmarshalling
+	// the request, before any interceptor or handler runs, and answers
+	// codes.Internal "grpc: error unmarshalling request". A server cannot
+	// change that. The service checks UTF-8 all the same, in case a request
+	// ever reaches it another way.
+	var md protoreflect.MessageDescriptor
+	if pm, ok := v.(proto.Message); ok {
+		md = pm.ProtoReflect().Descriptor()
+	}
+	if bad, valid := checkUTF8(raw, md); !valid {
+		return &invalidUTF8Error{violations: bad}
+	}
 	return m.JSONPb.Unmarshal(raw, v)
+}
+
+// invalidUTF8Error is a body with strings that are not valid UTF-8.
+// violations is empty when none of them can be named (a field name at the
+// top level).
+type invalidUTF8Error struct {
+	violations []fieldViolation
+}
+
+func (e *invalidUTF8Error) Error() string {
+	return "request body is not valid UTF-8"
 }
 
 var (
@@ -129,11 +159,18 @@ func decodeErrorDetail(err error) errorDetail {
 	var mbe *http.MaxBytesError
 	var syn *json.SyntaxError
 	var typ *json.UnmarshalTypeError
+	var utf *invalidUTF8Error
 	switch {
 	case errors.As(err, &mbe):
 		d.Code, d.Status = http.StatusRequestEntityTooLarge, statusName(codes.ResourceExhausted)
 		d.Message = "request body larger than " + strconv.FormatInt(mbe.Limit, 10) + " bytes"
 		return d
+	case errors.As(err, &utf):
+		if len(utf.violations) == 0 {
+			d.Message = "malformed JSON body: a field name is not valid UTF-8"
+			return d
+		}
+		return invalidArgument(utf.violations)
 	case errors.As(err, &syn):
 		d.Message = fmt.Sprintf("malformed JSON body at byte %d: %v", syn.Offset, syn)
 		return d

@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"net/http"
+	"strconv"
 
 	"github.com/grpc-ecosystem/grpc-gateway/v2/runtime"
 	"google.golang.org/genproto/googleapis/rpc/errdetails"
@@ -36,6 +37,27 @@ type errorDetail struct {
 type fieldViolation struct {
 	Field       string `json:"field"`
 	Description string `json:"description"`
+}
+
+// invalidArgument is a 400 naming every bad field in vs, worded as the
+// service words its own (invalid <field>: <description>, and how many more
+// problems there are).
+func invalidArgument(vs []fieldViolation) errorDetail {
+	msg := "invalid request"
+	if len(vs) > 0 {
+		msg = "invalid " + vs[0].Field + ": " + vs[0].Description
+		if n := len(vs) - 1; n == 1 {
+			msg += " (and 1 more problem)"
+		} else if n > 1 {
+			msg += " (and " + strconv.Itoa(n) + " more problems)"
+		}
+	}
+	return errorDetail{
+		Code:            http.StatusBadRequest,
+		Status:          statusName(codes.InvalidArgument),
+		Message:         msg,
+		FieldViolations: vs,
+	}
 }
 
 // statusName is the google.rpc.Code name of c, e.g. INVALID_ARGUMENT.

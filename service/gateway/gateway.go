@@ -76,7 +76,7 @@ func New(ctx context.Context, grpcAddr string, logger *slog.Logger, opts ...Opti
 		return nil, nil, fmt.Errorf("gateway: connect to grpc server %s: %w", grpcAddr, err)
 	}
 
-	g := &gateway{log: logger, maxBodyBytes: o.maxBodyBytes}
+	g := &gateway{log: logger, maxBodyBytes: o.maxBodyBytes, openAPI: posthastev1.OpenAPI()}
 	marshaler := &jsonMarshaler{JSONPb: runtime.JSONPb{
 		MarshalOptions:   protojson.MarshalOptions{UseProtoNames: true, EmitUnpopulated: false},
 		UnmarshalOptions: protojson.UnmarshalOptions{DiscardUnknown: false},
@@ -91,6 +91,7 @@ func New(ctx context.Context, grpcAddr string, logger *slog.Logger, opts ...Opti
 		runtime.WithErrorHandler(g.handleError),
 		runtime.WithRoutingErrorHandler(g.handleRoutingError),
 		runtime.WithForwardResponseOption(setSuccessStatus),
+		runtime.WithMiddlewares(g.checkQuery),
 		runtime.WithDisableHTTPMethodOverride(),
 		runtime.WithDisablePathLengthFallback(),
 	)
@@ -103,7 +104,7 @@ func New(ctx context.Context, grpcAddr string, logger *slog.Logger, opts ...Opti
 		conn.Close()
 		return nil, nil, fmt.Errorf("gateway: register /healthz: %w", err)
 	}
-	if err := mux.HandlePath(http.MethodGet, "/openapi.json", serveOpenAPI); err != nil {
+	if err := mux.HandlePath(http.MethodGet, "/openapi.json", g.serveOpenAPI); err != nil {
 		conn.Close()
 		return nil, nil, fmt.Errorf("gateway: register /openapi.json: %w", err)
 	}
@@ -113,6 +114,7 @@ func New(ctx context.Context, grpcAddr string, logger *slog.Logger, opts ...Opti
 type gateway struct {
 	log          *slog.Logger
 	maxBodyBytes int64
+	openAPI      []byte // served as /openapi.json; never changed
 }
 
 func matchIncomingHeader(key string) (string, bool) {
@@ -130,7 +132,7 @@ func setSuccessStatus(_ context.Context, w http.ResponseWriter, resp proto.Messa
 	return nil
 }
 
-func serveOpenAPI(w http.ResponseWriter, _ *http.Request, _ map[string]string) {
+func (g *gateway) serveOpenAPI(w http.ResponseWriter, _ *http.Request, _ map[string]string) {
 	w.Header().Set("Content-Type", "application/json")
-	_, _ = w.Write(posthastev1.OpenAPI)
+	_, _ = w.Write(g.openAPI)
 }

@@ -159,9 +159,13 @@ func (x *Attachment) GetContentId() string {
 // Bcc, Date, Message-ID, MIME-Version, Content-*, DKIM-Signature,
 // Return-Path, Received, ...) are refused.
 type Header struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Name          string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
-	Value         string                 `protobuf:"bytes,2,opt,name=value,proto3" json:"value,omitempty"`
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The field name, e.g. "X-Campaign": printable ASCII without spaces or
+	// colons, at most 64 characters.
+	Name string `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	// The field body as it should read; non-ASCII text is encoded per
+	// RFC 2047. At most 998 bytes, without CR or LF.
+	Value         string `protobuf:"bytes,2,opt,name=value,proto3" json:"value,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -212,27 +216,42 @@ func (x *Header) GetValue() string {
 
 // SendMessageRequest describes a message to build and send.
 type SendMessageRequest struct {
-	state   protoimpl.MessageState `protogen:"open.v1"`
-	From    *Address               `protobuf:"bytes,1,opt,name=from,proto3" json:"from,omitempty"`
-	ReplyTo []*Address             `protobuf:"bytes,2,rep,name=reply_to,json=replyTo,proto3" json:"reply_to,omitempty"`
-	To      []*Address             `protobuf:"bytes,3,rep,name=to,proto3" json:"to,omitempty"`
-	Cc      []*Address             `protobuf:"bytes,4,rep,name=cc,proto3" json:"cc,omitempty"`
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The author: the From header, and the SMTP envelope sender (MAIL FROM).
+	// Required.
+	From *Address `protobuf:"bytes,1,opt,name=from,proto3" json:"from,omitempty"`
+	// Where replies should go (Reply-To header); at most 10 entries.
+	ReplyTo []*Address `protobuf:"bytes,2,rep,name=reply_to,json=replyTo,proto3" json:"reply_to,omitempty"`
+	// Primary recipients (To header). to, cc and bcc together need at least
+	// one address and may hold at most 50 by default. Each distinct address
+	// becomes one envelope recipient.
+	To []*Address `protobuf:"bytes,3,rep,name=to,proto3" json:"to,omitempty"`
+	// Copy recipients (Cc header).
+	Cc []*Address `protobuf:"bytes,4,rep,name=cc,proto3" json:"cc,omitempty"`
 	// Blind copies: envelope recipients that never appear in a header.
-	Bcc     []*Address `protobuf:"bytes,5,rep,name=bcc,proto3" json:"bcc,omitempty"`
-	Subject string     `protobuf:"bytes,6,opt,name=subject,proto3" json:"subject,omitempty"`
+	Bcc []*Address `protobuf:"bytes,5,rep,name=bcc,proto3" json:"bcc,omitempty"`
+	// The Subject header; at most 998 characters, without CR or LF.
+	Subject string `protobuf:"bytes,6,opt,name=subject,proto3" json:"subject,omitempty"`
 	// Plain-text body. At least one of text and html is required.
 	Text string `protobuf:"bytes,7,opt,name=text,proto3" json:"text,omitempty"`
 	// HTML body.
-	Html        string        `protobuf:"bytes,8,opt,name=html,proto3" json:"html,omitempty"`
+	Html string `protobuf:"bytes,8,opt,name=html,proto3" json:"html,omitempty"`
+	// Files to attach, and inline parts the HTML refers to; at most 100.
 	Attachments []*Attachment `protobuf:"bytes,9,rep,name=attachments,proto3" json:"attachments,omitempty"`
-	Headers     []*Header     `protobuf:"bytes,10,rep,name=headers,proto3" json:"headers,omitempty"`
-	// Free-form labels, usable as a ListMessages filter.
+	// Extra header fields, in order; at most 50.
+	Headers []*Header `protobuf:"bytes,10,rep,name=headers,proto3" json:"headers,omitempty"`
+	// Free-form labels, usable as a ListMessages filter; at most 20, each at
+	// most 64 characters.
 	Tags []string `protobuf:"bytes,11,rep,name=tags,proto3" json:"tags,omitempty"`
-	// Caller data stored with the message and returned by GetMessage.
+	// Caller data stored with the message and returned by GetMessage; at most
+	// 20 keys of at most 64 characters, values of at most 512.
 	Metadata map[string]string `protobuf:"bytes,12,rep,name=metadata,proto3" json:"metadata,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"bytes,2,opt,name=value"`
-	// Deliver no earlier than this time. Unset means now.
+	// Deliver no earlier than this time, at most 30 days ahead. Unset means
+	// now.
 	SendAt *timestamppb.Timestamp `protobuf:"bytes,13,opt,name=send_at,json=sendAt,proto3" json:"send_at,omitempty"`
-	// Makes retries of this call safe. Over REST the Idempotency-Key header
+	// Makes retries of this call safe: a repeated call with the same key and
+	// request answers with the first call's receipt and stores nothing new.
+	// Printable ASCII, at most 255 bytes. Over REST the Idempotency-Key header
 	// may be used instead.
 	IdempotencyKey string `protobuf:"bytes,14,opt,name=idempotency_key,json=idempotencyKey,proto3" json:"idempotency_key,omitempty"`
 	unknownFields  protoimpl.UnknownFields
@@ -374,12 +393,16 @@ type SendRawMessageRequest struct {
 	Raw string `protobuf:"bytes,1,opt,name=raw,proto3" json:"raw,omitempty"`
 	// The SMTP envelope sender (MAIL FROM).
 	EnvelopeFrom string `protobuf:"bytes,2,opt,name=envelope_from,json=envelopeFrom,proto3" json:"envelope_from,omitempty"`
-	// The SMTP envelope recipients (RCPT TO).
-	Recipients     []string               `protobuf:"bytes,3,rep,name=recipients,proto3" json:"recipients,omitempty"`
-	Tags           []string               `protobuf:"bytes,4,rep,name=tags,proto3" json:"tags,omitempty"`
-	Metadata       map[string]string      `protobuf:"bytes,5,rep,name=metadata,proto3" json:"metadata,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"bytes,2,opt,name=value"`
-	SendAt         *timestamppb.Timestamp `protobuf:"bytes,6,opt,name=send_at,json=sendAt,proto3" json:"send_at,omitempty"`
-	IdempotencyKey string                 `protobuf:"bytes,7,opt,name=idempotency_key,json=idempotencyKey,proto3" json:"idempotency_key,omitempty"`
+	// The SMTP envelope recipients (RCPT TO); at most 50 by default.
+	Recipients []string `protobuf:"bytes,3,rep,name=recipients,proto3" json:"recipients,omitempty"`
+	// Free-form labels, as in SendMessageRequest.
+	Tags []string `protobuf:"bytes,4,rep,name=tags,proto3" json:"tags,omitempty"`
+	// Caller data, as in SendMessageRequest.
+	Metadata map[string]string `protobuf:"bytes,5,rep,name=metadata,proto3" json:"metadata,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"bytes,2,opt,name=value"`
+	// Deliver no earlier than this time, as in SendMessageRequest.
+	SendAt *timestamppb.Timestamp `protobuf:"bytes,6,opt,name=send_at,json=sendAt,proto3" json:"send_at,omitempty"`
+	// Makes retries of this call safe, as in SendMessageRequest.
+	IdempotencyKey string `protobuf:"bytes,7,opt,name=idempotency_key,json=idempotencyKey,proto3" json:"idempotency_key,omitempty"`
 	unknownFields  protoimpl.UnknownFields
 	sizeCache      protoimpl.SizeCache
 }
@@ -529,9 +552,11 @@ func (x *SendMessageResponse) GetRecipients() []*RecipientSummary {
 
 // RecipientSummary is a recipient as first stored.
 type RecipientSummary struct {
-	state   protoimpl.MessageState `protogen:"open.v1"`
-	Id      string                 `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
-	Address string                 `protobuf:"bytes,2,opt,name=address,proto3" json:"address,omitempty"`
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The recipient's id, as in Recipient and Attempt.
+	Id string `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
+	// The envelope address (internationalized domains as A-labels).
+	Address string `protobuf:"bytes,2,opt,name=address,proto3" json:"address,omitempty"`
 	// queued or scheduled.
 	Status        string `protobuf:"bytes,3,opt,name=status,proto3" json:"status,omitempty"`
 	unknownFields protoimpl.UnknownFields
@@ -591,8 +616,9 @@ func (x *RecipientSummary) GetStatus() string {
 
 // GetMessageRequest names one message.
 type GetMessageRequest struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Id            string                 `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The message's id, as returned by the send calls.
+	Id            string `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -636,8 +662,9 @@ func (x *GetMessageRequest) GetId() string {
 
 // CancelMessageRequest names one message.
 type CancelMessageRequest struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Id            string                 `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The message's id, as returned by the send calls.
+	Id            string `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -781,8 +808,9 @@ func (x *ListMessagesRequest) GetPageToken() string {
 
 // ListMessagesResponse is one page of messages.
 type ListMessagesResponse struct {
-	state    protoimpl.MessageState `protogen:"open.v1"`
-	Messages []*Message             `protobuf:"bytes,1,rep,name=messages,proto3" json:"messages,omitempty"`
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The page's messages, newest first.
+	Messages []*Message `protobuf:"bytes,1,rep,name=messages,proto3" json:"messages,omitempty"`
 	// Pass as page_token for the next page; empty on the last page.
 	NextPageToken string `protobuf:"bytes,2,opt,name=next_page_token,json=nextPageToken,proto3" json:"next_page_token,omitempty"`
 	unknownFields protoimpl.UnknownFields
@@ -835,22 +863,34 @@ func (x *ListMessagesResponse) GetNextPageToken() string {
 
 // Message is a stored message and what became of it.
 type Message struct {
-	state           protoimpl.MessageState `protogen:"open.v1"`
-	Id              string                 `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
-	MessageIdHeader string                 `protobuf:"bytes,2,opt,name=message_id_header,json=messageIdHeader,proto3" json:"message_id_header,omitempty"`
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The message's id in Posthaste.
+	Id string `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
+	// The value of the Message-ID header, angle brackets included.
+	MessageIdHeader string `protobuf:"bytes,2,opt,name=message_id_header,json=messageIdHeader,proto3" json:"message_id_header,omitempty"`
 	// Derived from the recipients: scheduled, queued, sending, deferred,
 	// delivered, bounced, failed, canceled or partially_delivered.
-	Status       string                 `protobuf:"bytes,3,opt,name=status,proto3" json:"status,omitempty"`
-	EnvelopeFrom string                 `protobuf:"bytes,4,opt,name=envelope_from,json=envelopeFrom,proto3" json:"envelope_from,omitempty"`
-	From         string                 `protobuf:"bytes,5,opt,name=from,proto3" json:"from,omitempty"`
-	Subject      string                 `protobuf:"bytes,6,opt,name=subject,proto3" json:"subject,omitempty"`
-	SizeBytes    int64                  `protobuf:"varint,7,opt,name=size_bytes,json=sizeBytes,proto3" json:"size_bytes,omitempty"`
-	Tags         []string               `protobuf:"bytes,8,rep,name=tags,proto3" json:"tags,omitempty"`
-	Metadata     map[string]string      `protobuf:"bytes,9,rep,name=metadata,proto3" json:"metadata,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"bytes,2,opt,name=value"`
-	SendAt       *timestamppb.Timestamp `protobuf:"bytes,10,opt,name=send_at,json=sendAt,proto3" json:"send_at,omitempty"`
-	CreatedAt    *timestamppb.Timestamp `protobuf:"bytes,11,opt,name=created_at,json=createdAt,proto3" json:"created_at,omitempty"`
-	UpdatedAt    *timestamppb.Timestamp `protobuf:"bytes,12,opt,name=updated_at,json=updatedAt,proto3" json:"updated_at,omitempty"`
-	Recipients   []*Recipient           `protobuf:"bytes,13,rep,name=recipients,proto3" json:"recipients,omitempty"`
+	Status string `protobuf:"bytes,3,opt,name=status,proto3" json:"status,omitempty"`
+	// The SMTP envelope sender (MAIL FROM).
+	EnvelopeFrom string `protobuf:"bytes,4,opt,name=envelope_from,json=envelopeFrom,proto3" json:"envelope_from,omitempty"`
+	// The From header for display, e.g. "Ada <ada@example.com>".
+	From string `protobuf:"bytes,5,opt,name=from,proto3" json:"from,omitempty"`
+	// The Subject header, decoded for display.
+	Subject string `protobuf:"bytes,6,opt,name=subject,proto3" json:"subject,omitempty"`
+	// The size of the message in bytes, as stored and sent.
+	SizeBytes int64 `protobuf:"varint,7,opt,name=size_bytes,json=sizeBytes,proto3" json:"size_bytes,omitempty"`
+	// The labels given when sending.
+	Tags []string `protobuf:"bytes,8,rep,name=tags,proto3" json:"tags,omitempty"`
+	// The caller data given when sending.
+	Metadata map[string]string `protobuf:"bytes,9,rep,name=metadata,proto3" json:"metadata,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"bytes,2,opt,name=value"`
+	// The requested delivery time; unset when the message was not scheduled.
+	SendAt *timestamppb.Timestamp `protobuf:"bytes,10,opt,name=send_at,json=sendAt,proto3" json:"send_at,omitempty"`
+	// When the message was accepted.
+	CreatedAt *timestamppb.Timestamp `protobuf:"bytes,11,opt,name=created_at,json=createdAt,proto3" json:"created_at,omitempty"`
+	// When the message or one of its recipients last changed.
+	UpdatedAt *timestamppb.Timestamp `protobuf:"bytes,12,opt,name=updated_at,json=updatedAt,proto3" json:"updated_at,omitempty"`
+	// The envelope recipients, in the order given.
+	Recipients []*Recipient `protobuf:"bytes,13,rep,name=recipients,proto3" json:"recipients,omitempty"`
 	// Every SMTP attempt, oldest first. Empty in ListMessages.
 	Attempts      []*Attempt `protobuf:"bytes,14,rep,name=attempts,proto3" json:"attempts,omitempty"`
 	unknownFields protoimpl.UnknownFields
@@ -987,19 +1027,25 @@ func (x *Message) GetAttempts() []*Attempt {
 
 // Recipient is one envelope recipient and its delivery state.
 type Recipient struct {
-	state   protoimpl.MessageState `protogen:"open.v1"`
-	Id      string                 `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
-	Address string                 `protobuf:"bytes,2,opt,name=address,proto3" json:"address,omitempty"`
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The recipient's id.
+	Id string `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
+	// The envelope address (internationalized domains as A-labels).
+	Address string `protobuf:"bytes,2,opt,name=address,proto3" json:"address,omitempty"`
 	// to, cc, bcc, or envelope (from SendRawMessage).
 	Kind string `protobuf:"bytes,3,opt,name=kind,proto3" json:"kind,omitempty"`
 	// scheduled, queued, sending, deferred, delivered, bounced, failed or
 	// canceled.
-	Status       string `protobuf:"bytes,4,opt,name=status,proto3" json:"status,omitempty"`
-	AttemptCount int32  `protobuf:"varint,5,opt,name=attempt_count,json=attemptCount,proto3" json:"attempt_count,omitempty"`
+	Status string `protobuf:"bytes,4,opt,name=status,proto3" json:"status,omitempty"`
+	// Delivery attempts made so far.
+	AttemptCount int32 `protobuf:"varint,5,opt,name=attempt_count,json=attemptCount,proto3" json:"attempt_count,omitempty"`
 	// When the next attempt is due; unset once the recipient is final.
 	NextAttemptAt *timestamppb.Timestamp `protobuf:"bytes,6,opt,name=next_attempt_at,json=nextAttemptAt,proto3" json:"next_attempt_at,omitempty"`
-	LastReply     *SmtpReply             `protobuf:"bytes,7,opt,name=last_reply,json=lastReply,proto3" json:"last_reply,omitempty"`
-	DeliveredAt   *timestamppb.Timestamp `protobuf:"bytes,8,opt,name=delivered_at,json=deliveredAt,proto3" json:"delivered_at,omitempty"`
+	// The reply to the latest attempt; unset before the first.
+	LastReply *SmtpReply `protobuf:"bytes,7,opt,name=last_reply,json=lastReply,proto3" json:"last_reply,omitempty"`
+	// When the receiving server accepted the message; unset until then.
+	DeliveredAt *timestamppb.Timestamp `protobuf:"bytes,8,opt,name=delivered_at,json=deliveredAt,proto3" json:"delivered_at,omitempty"`
+	// When the recipient's state last changed.
 	UpdatedAt     *timestamppb.Timestamp `protobuf:"bytes,9,opt,name=updated_at,json=updatedAt,proto3" json:"updated_at,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
@@ -1102,9 +1148,11 @@ func (x *Recipient) GetUpdatedAt() *timestamppb.Timestamp {
 // a failure with no reply (DNS, network), marked by code 0 or an X.
 type SmtpReply struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
-	Code  int32                  `protobuf:"varint,1,opt,name=code,proto3" json:"code,omitempty"`
+	// The RFC 5321 reply code, e.g. 250 or 550; 0 when there was no reply.
+	Code int32 `protobuf:"varint,1,opt,name=code,proto3" json:"code,omitempty"`
 	// RFC 3463 enhanced status code, e.g. "5.1.1".
-	EnhancedCode  string `protobuf:"bytes,2,opt,name=enhanced_code,json=enhancedCode,proto3" json:"enhanced_code,omitempty"`
+	EnhancedCode string `protobuf:"bytes,2,opt,name=enhanced_code,json=enhancedCode,proto3" json:"enhanced_code,omitempty"`
+	// The reply's text, or a description of the failure.
 	Text          string `protobuf:"bytes,3,opt,name=text,proto3" json:"text,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
@@ -1163,18 +1211,25 @@ func (x *SmtpReply) GetText() string {
 
 // Attempt is one delivery attempt of one recipient.
 type Attempt struct {
-	state       protoimpl.MessageState `protogen:"open.v1"`
-	Id          string                 `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
-	RecipientId string                 `protobuf:"bytes,2,opt,name=recipient_id,json=recipientId,proto3" json:"recipient_id,omitempty"`
-	StartedAt   *timestamppb.Timestamp `protobuf:"bytes,3,opt,name=started_at,json=startedAt,proto3" json:"started_at,omitempty"`
-	Duration    *durationpb.Duration   `protobuf:"bytes,4,opt,name=duration,proto3" json:"duration,omitempty"`
-	// The MX host name tried last, and the address connected to.
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The attempt's id.
+	Id string `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
+	// The id of the recipient the attempt was for.
+	RecipientId string `protobuf:"bytes,2,opt,name=recipient_id,json=recipientId,proto3" json:"recipient_id,omitempty"`
+	// When the attempt began.
+	StartedAt *timestamppb.Timestamp `protobuf:"bytes,3,opt,name=started_at,json=startedAt,proto3" json:"started_at,omitempty"`
+	// How long the attempt took.
+	Duration *durationpb.Duration `protobuf:"bytes,4,opt,name=duration,proto3" json:"duration,omitempty"`
+	// The MX host name tried last.
 	MxHost string `protobuf:"bytes,5,opt,name=mx_host,json=mxHost,proto3" json:"mx_host,omitempty"`
-	Ip     string `protobuf:"bytes,6,opt,name=ip,proto3" json:"ip,omitempty"`
-	Tls    bool   `protobuf:"varint,7,opt,name=tls,proto3" json:"tls,omitempty"`
+	// The IP address of that host tried last; empty when DNS gave none.
+	Ip string `protobuf:"bytes,6,opt,name=ip,proto3" json:"ip,omitempty"`
+	// Whether the session was encrypted with STARTTLS.
+	Tls bool `protobuf:"varint,7,opt,name=tls,proto3" json:"tls,omitempty"`
 	// e.g. "TLS 1.3"; empty without TLS.
-	TlsVersion string     `protobuf:"bytes,8,opt,name=tls_version,json=tlsVersion,proto3" json:"tls_version,omitempty"`
-	Reply      *SmtpReply `protobuf:"bytes,9,opt,name=reply,proto3" json:"reply,omitempty"`
+	TlsVersion string `protobuf:"bytes,8,opt,name=tls_version,json=tlsVersion,proto3" json:"tls_version,omitempty"`
+	// The reply that decided the outcome.
+	Reply *SmtpReply `protobuf:"bytes,9,opt,name=reply,proto3" json:"reply,omitempty"`
 	// delivered, deferred, bounced or failed.
 	Outcome       string `protobuf:"bytes,10,opt,name=outcome,proto3" json:"outcome,omitempty"`
 	unknownFields protoimpl.UnknownFields
@@ -1277,6 +1332,195 @@ func (x *Attempt) GetReply() *SmtpReply {
 func (x *Attempt) GetOutcome() string {
 	if x != nil {
 		return x.Outcome
+	}
+	return ""
+}
+
+// ErrorResponse is the body of every REST error response. It describes the
+// JSON the gateway writes and is never sent over gRPC, where the same
+// information travels as a google.rpc.Status with google.rpc.BadRequest and
+// google.rpc.ErrorInfo details.
+type ErrorResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// What went wrong.
+	Error         *Error `protobuf:"bytes,1,opt,name=error,proto3" json:"error,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ErrorResponse) Reset() {
+	*x = ErrorResponse{}
+	mi := &file_posthaste_v1_mail_proto_msgTypes[15]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ErrorResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ErrorResponse) ProtoMessage() {}
+
+func (x *ErrorResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_posthaste_v1_mail_proto_msgTypes[15]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ErrorResponse.ProtoReflect.Descriptor instead.
+func (*ErrorResponse) Descriptor() ([]byte, []int) {
+	return file_posthaste_v1_mail_proto_rawDescGZIP(), []int{15}
+}
+
+func (x *ErrorResponse) GetError() *Error {
+	if x != nil {
+		return x.Error
+	}
+	return nil
+}
+
+// Error describes why a REST call failed.
+type Error struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The HTTP status code, repeated from the status line.
+	Code int32 `protobuf:"varint,1,opt,name=code,proto3" json:"code,omitempty"`
+	// The google.rpc.Code name, e.g. INVALID_ARGUMENT or NOT_FOUND.
+	Status string `protobuf:"bytes,2,opt,name=status,proto3" json:"status,omitempty"`
+	// A description for people; its wording may change.
+	Message string `protobuf:"bytes,3,opt,name=message,proto3" json:"message,omitempty"`
+	// Every problem found with the request's fields. Only with
+	// INVALID_ARGUMENT, and not always then (a malformed body has none).
+	FieldViolations []*FieldViolation `protobuf:"bytes,4,rep,name=field_violations,json=fieldViolations,proto3" json:"field_violations,omitempty"`
+	// A stable, machine-readable cause when there is one, e.g.
+	// MESSAGE_TOO_LARGE.
+	Reason        string `protobuf:"bytes,5,opt,name=reason,proto3" json:"reason,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *Error) Reset() {
+	*x = Error{}
+	mi := &file_posthaste_v1_mail_proto_msgTypes[16]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *Error) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*Error) ProtoMessage() {}
+
+func (x *Error) ProtoReflect() protoreflect.Message {
+	mi := &file_posthaste_v1_mail_proto_msgTypes[16]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use Error.ProtoReflect.Descriptor instead.
+func (*Error) Descriptor() ([]byte, []int) {
+	return file_posthaste_v1_mail_proto_rawDescGZIP(), []int{16}
+}
+
+func (x *Error) GetCode() int32 {
+	if x != nil {
+		return x.Code
+	}
+	return 0
+}
+
+func (x *Error) GetStatus() string {
+	if x != nil {
+		return x.Status
+	}
+	return ""
+}
+
+func (x *Error) GetMessage() string {
+	if x != nil {
+		return x.Message
+	}
+	return ""
+}
+
+func (x *Error) GetFieldViolations() []*FieldViolation {
+	if x != nil {
+		return x.FieldViolations
+	}
+	return nil
+}
+
+func (x *Error) GetReason() string {
+	if x != nil {
+		return x.Reason
+	}
+	return ""
+}
+
+// FieldViolation is one problem with one request field.
+type FieldViolation struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The field's path in proto field names, e.g. "subject", "to[2].address"
+	// or "metadata[\"k\"]".
+	Field string `protobuf:"bytes,1,opt,name=field,proto3" json:"field,omitempty"`
+	// What is wrong with the field.
+	Description   string `protobuf:"bytes,2,opt,name=description,proto3" json:"description,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *FieldViolation) Reset() {
+	*x = FieldViolation{}
+	mi := &file_posthaste_v1_mail_proto_msgTypes[17]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *FieldViolation) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*FieldViolation) ProtoMessage() {}
+
+func (x *FieldViolation) ProtoReflect() protoreflect.Message {
+	mi := &file_posthaste_v1_mail_proto_msgTypes[17]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use FieldViolation.ProtoReflect.Descriptor instead.
+func (*FieldViolation) Descriptor() ([]byte, []int) {
+	return file_posthaste_v1_mail_proto_rawDescGZIP(), []int{17}
+}
+
+func (x *FieldViolation) GetField() string {
+	if x != nil {
+		return x.Field
+	}
+	return ""
+}
+
+func (x *FieldViolation) GetDescription() string {
+	if x != nil {
+		return x.Description
 	}
 	return ""
 }
@@ -1410,7 +1654,18 @@ const file_posthaste_v1_mail_proto_rawDesc = "" +
 	"tlsVersion\x12-\n" +
 	"\x05reply\x18\t \x01(\v2\x17.posthaste.v1.SmtpReplyR\x05reply\x12\x18\n" +
 	"\aoutcome\x18\n" +
-	" \x01(\tR\aoutcome2\xb4\x04\n" +
+	" \x01(\tR\aoutcome\":\n" +
+	"\rErrorResponse\x12)\n" +
+	"\x05error\x18\x01 \x01(\v2\x13.posthaste.v1.ErrorR\x05error\"\xae\x01\n" +
+	"\x05Error\x12\x12\n" +
+	"\x04code\x18\x01 \x01(\x05R\x04code\x12\x16\n" +
+	"\x06status\x18\x02 \x01(\tR\x06status\x12\x18\n" +
+	"\amessage\x18\x03 \x01(\tR\amessage\x12G\n" +
+	"\x10field_violations\x18\x04 \x03(\v2\x1c.posthaste.v1.FieldViolationR\x0ffieldViolations\x12\x16\n" +
+	"\x06reason\x18\x05 \x01(\tR\x06reason\"H\n" +
+	"\x0eFieldViolation\x12\x14\n" +
+	"\x05field\x18\x01 \x01(\tR\x05field\x12 \n" +
+	"\vdescription\x18\x02 \x01(\tR\vdescription2\xb4\x04\n" +
 	"\vMailService\x12k\n" +
 	"\vSendMessage\x12 .posthaste.v1.SendMessageRequest\x1a!.posthaste.v1.SendMessageResponse\"\x17\x82\xd3\xe4\x93\x02\x11:\x01*\"\f/v1/messages\x12y\n" +
 	"\x0eSendRawMessage\x12#.posthaste.v1.SendRawMessageRequest\x1a!.posthaste.v1.SendMessageResponse\"\x1f\x82\xd3\xe4\x93\x02\x19:\x01*\"\x14/v1/messages:sendRaw\x12_\n" +
@@ -1431,7 +1686,7 @@ func file_posthaste_v1_mail_proto_rawDescGZIP() []byte {
 	return file_posthaste_v1_mail_proto_rawDescData
 }
 
-var file_posthaste_v1_mail_proto_msgTypes = make([]protoimpl.MessageInfo, 18)
+var file_posthaste_v1_mail_proto_msgTypes = make([]protoimpl.MessageInfo, 21)
 var file_posthaste_v1_mail_proto_goTypes = []any{
 	(*Address)(nil),               // 0: posthaste.v1.Address
 	(*Attachment)(nil),            // 1: posthaste.v1.Attachment
@@ -1448,11 +1703,14 @@ var file_posthaste_v1_mail_proto_goTypes = []any{
 	(*Recipient)(nil),             // 12: posthaste.v1.Recipient
 	(*SmtpReply)(nil),             // 13: posthaste.v1.SmtpReply
 	(*Attempt)(nil),               // 14: posthaste.v1.Attempt
-	nil,                           // 15: posthaste.v1.SendMessageRequest.MetadataEntry
-	nil,                           // 16: posthaste.v1.SendRawMessageRequest.MetadataEntry
-	nil,                           // 17: posthaste.v1.Message.MetadataEntry
-	(*timestamppb.Timestamp)(nil), // 18: google.protobuf.Timestamp
-	(*durationpb.Duration)(nil),   // 19: google.protobuf.Duration
+	(*ErrorResponse)(nil),         // 15: posthaste.v1.ErrorResponse
+	(*Error)(nil),                 // 16: posthaste.v1.Error
+	(*FieldViolation)(nil),        // 17: posthaste.v1.FieldViolation
+	nil,                           // 18: posthaste.v1.SendMessageRequest.MetadataEntry
+	nil,                           // 19: posthaste.v1.SendRawMessageRequest.MetadataEntry
+	nil,                           // 20: posthaste.v1.Message.MetadataEntry
+	(*timestamppb.Timestamp)(nil), // 21: google.protobuf.Timestamp
+	(*durationpb.Duration)(nil),   // 22: google.protobuf.Duration
 }
 var file_posthaste_v1_mail_proto_depIdxs = []int32{
 	0,  // 0: posthaste.v1.SendMessageRequest.from:type_name -> posthaste.v1.Address
@@ -1462,42 +1720,44 @@ var file_posthaste_v1_mail_proto_depIdxs = []int32{
 	0,  // 4: posthaste.v1.SendMessageRequest.bcc:type_name -> posthaste.v1.Address
 	1,  // 5: posthaste.v1.SendMessageRequest.attachments:type_name -> posthaste.v1.Attachment
 	2,  // 6: posthaste.v1.SendMessageRequest.headers:type_name -> posthaste.v1.Header
-	15, // 7: posthaste.v1.SendMessageRequest.metadata:type_name -> posthaste.v1.SendMessageRequest.MetadataEntry
-	18, // 8: posthaste.v1.SendMessageRequest.send_at:type_name -> google.protobuf.Timestamp
-	16, // 9: posthaste.v1.SendRawMessageRequest.metadata:type_name -> posthaste.v1.SendRawMessageRequest.MetadataEntry
-	18, // 10: posthaste.v1.SendRawMessageRequest.send_at:type_name -> google.protobuf.Timestamp
+	18, // 7: posthaste.v1.SendMessageRequest.metadata:type_name -> posthaste.v1.SendMessageRequest.MetadataEntry
+	21, // 8: posthaste.v1.SendMessageRequest.send_at:type_name -> google.protobuf.Timestamp
+	19, // 9: posthaste.v1.SendRawMessageRequest.metadata:type_name -> posthaste.v1.SendRawMessageRequest.MetadataEntry
+	21, // 10: posthaste.v1.SendRawMessageRequest.send_at:type_name -> google.protobuf.Timestamp
 	6,  // 11: posthaste.v1.SendMessageResponse.recipients:type_name -> posthaste.v1.RecipientSummary
-	18, // 12: posthaste.v1.ListMessagesRequest.created_after:type_name -> google.protobuf.Timestamp
-	18, // 13: posthaste.v1.ListMessagesRequest.created_before:type_name -> google.protobuf.Timestamp
+	21, // 12: posthaste.v1.ListMessagesRequest.created_after:type_name -> google.protobuf.Timestamp
+	21, // 13: posthaste.v1.ListMessagesRequest.created_before:type_name -> google.protobuf.Timestamp
 	11, // 14: posthaste.v1.ListMessagesResponse.messages:type_name -> posthaste.v1.Message
-	17, // 15: posthaste.v1.Message.metadata:type_name -> posthaste.v1.Message.MetadataEntry
-	18, // 16: posthaste.v1.Message.send_at:type_name -> google.protobuf.Timestamp
-	18, // 17: posthaste.v1.Message.created_at:type_name -> google.protobuf.Timestamp
-	18, // 18: posthaste.v1.Message.updated_at:type_name -> google.protobuf.Timestamp
+	20, // 15: posthaste.v1.Message.metadata:type_name -> posthaste.v1.Message.MetadataEntry
+	21, // 16: posthaste.v1.Message.send_at:type_name -> google.protobuf.Timestamp
+	21, // 17: posthaste.v1.Message.created_at:type_name -> google.protobuf.Timestamp
+	21, // 18: posthaste.v1.Message.updated_at:type_name -> google.protobuf.Timestamp
 	12, // 19: posthaste.v1.Message.recipients:type_name -> posthaste.v1.Recipient
 	14, // 20: posthaste.v1.Message.attempts:type_name -> posthaste.v1.Attempt
-	18, // 21: posthaste.v1.Recipient.next_attempt_at:type_name -> google.protobuf.Timestamp
+	21, // 21: posthaste.v1.Recipient.next_attempt_at:type_name -> google.protobuf.Timestamp
 	13, // 22: posthaste.v1.Recipient.last_reply:type_name -> posthaste.v1.SmtpReply
-	18, // 23: posthaste.v1.Recipient.delivered_at:type_name -> google.protobuf.Timestamp
-	18, // 24: posthaste.v1.Recipient.updated_at:type_name -> google.protobuf.Timestamp
-	18, // 25: posthaste.v1.Attempt.started_at:type_name -> google.protobuf.Timestamp
-	19, // 26: posthaste.v1.Attempt.duration:type_name -> google.protobuf.Duration
+	21, // 23: posthaste.v1.Recipient.delivered_at:type_name -> google.protobuf.Timestamp
+	21, // 24: posthaste.v1.Recipient.updated_at:type_name -> google.protobuf.Timestamp
+	21, // 25: posthaste.v1.Attempt.started_at:type_name -> google.protobuf.Timestamp
+	22, // 26: posthaste.v1.Attempt.duration:type_name -> google.protobuf.Duration
 	13, // 27: posthaste.v1.Attempt.reply:type_name -> posthaste.v1.SmtpReply
-	3,  // 28: posthaste.v1.MailService.SendMessage:input_type -> posthaste.v1.SendMessageRequest
-	4,  // 29: posthaste.v1.MailService.SendRawMessage:input_type -> posthaste.v1.SendRawMessageRequest
-	7,  // 30: posthaste.v1.MailService.GetMessage:input_type -> posthaste.v1.GetMessageRequest
-	9,  // 31: posthaste.v1.MailService.ListMessages:input_type -> posthaste.v1.ListMessagesRequest
-	8,  // 32: posthaste.v1.MailService.CancelMessage:input_type -> posthaste.v1.CancelMessageRequest
-	5,  // 33: posthaste.v1.MailService.SendMessage:output_type -> posthaste.v1.SendMessageResponse
-	5,  // 34: posthaste.v1.MailService.SendRawMessage:output_type -> posthaste.v1.SendMessageResponse
-	11, // 35: posthaste.v1.MailService.GetMessage:output_type -> posthaste.v1.Message
-	10, // 36: posthaste.v1.MailService.ListMessages:output_type -> posthaste.v1.ListMessagesResponse
-	11, // 37: posthaste.v1.MailService.CancelMessage:output_type -> posthaste.v1.Message
-	33, // [33:38] is the sub-list for method output_type
-	28, // [28:33] is the sub-list for method input_type
-	28, // [28:28] is the sub-list for extension type_name
-	28, // [28:28] is the sub-list for extension extendee
-	0,  // [0:28] is the sub-list for field type_name
+	16, // 28: posthaste.v1.ErrorResponse.error:type_name -> posthaste.v1.Error
+	17, // 29: posthaste.v1.Error.field_violations:type_name -> posthaste.v1.FieldViolation
+	3,  // 30: posthaste.v1.MailService.SendMessage:input_type -> posthaste.v1.SendMessageRequest
+	4,  // 31: posthaste.v1.MailService.SendRawMessage:input_type -> posthaste.v1.SendRawMessageRequest
+	7,  // 32: posthaste.v1.MailService.GetMessage:input_type -> posthaste.v1.GetMessageRequest
+	9,  // 33: posthaste.v1.MailService.ListMessages:input_type -> posthaste.v1.ListMessagesRequest
+	8,  // 34: posthaste.v1.MailService.CancelMessage:input_type -> posthaste.v1.CancelMessageRequest
+	5,  // 35: posthaste.v1.MailService.SendMessage:output_type -> posthaste.v1.SendMessageResponse
+	5,  // 36: posthaste.v1.MailService.SendRawMessage:output_type -> posthaste.v1.SendMessageResponse
+	11, // 37: posthaste.v1.MailService.GetMessage:output_type -> posthaste.v1.Message
+	10, // 38: posthaste.v1.MailService.ListMessages:output_type -> posthaste.v1.ListMessagesResponse
+	11, // 39: posthaste.v1.MailService.CancelMessage:output_type -> posthaste.v1.Message
+	35, // [35:40] is the sub-list for method output_type
+	30, // [30:35] is the sub-list for method input_type
+	30, // [30:30] is the sub-list for extension type_name
+	30, // [30:30] is the sub-list for extension extendee
+	0,  // [0:30] is the sub-list for field type_name
 }
 
 func init() { file_posthaste_v1_mail_proto_init() }
@@ -1511,7 +1771,7 @@ func file_posthaste_v1_mail_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_posthaste_v1_mail_proto_rawDesc), len(file_posthaste_v1_mail_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   18,
+			NumMessages:   21,
 			NumExtensions: 0,
 			NumServices:   1,
 		},
