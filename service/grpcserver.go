@@ -57,7 +57,9 @@ func NewGRPCServer(srv *Server, store *db.DB, logger *slog.Logger) *grpc.Server 
 		grpc.ChainStreamInterceptor(ic.logStream, ic.recoverStream, ic.authStream),
 	)
 	posthastev1.RegisterMailServiceServer(gs, srv)
-	healthpb.RegisterHealthServer(gs, newDBHealth(store.Ping, logger))
+	h := newDBHealth(store.Ping, logger)
+	srv.health.Store(h)
+	healthpb.RegisterHealthServer(gs, h)
 	reflection.Register(gs)
 	return gs
 }

@@ -10,6 +10,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"sync/atomic"
 
 	"github.com/posthaste/posthaste/db"
 	posthastev1 "github.com/posthaste/posthaste/proto/posthaste/v1"
@@ -25,6 +26,17 @@ type Server struct {
 	log      *slog.Logger
 	store    *db.DB
 	onCommit func()
+	// health is set by NewGRPCServer; Drain marks it NOT_SERVING.
+	health atomic.Pointer[dbHealth]
+}
+
+// Drain reports every health service NOT_SERVING from now on, so health
+// checking clients and load balancers move away before the listeners close.
+// Calls in flight and new calls are still served.
+func (s *Server) Drain() {
+	if h := s.health.Load(); h != nil {
+		h.Shutdown()
+	}
 }
 
 // New returns a Server storing into store. onCommit, if not nil, is called

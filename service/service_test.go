@@ -39,6 +39,7 @@ func TestMain(m *testing.M) {
 // through proxy, so a test can take the database away; raw reaches it
 // directly, to arrange and inspect rows.
 type env struct {
+	srv     *service.Server
 	store   *db.DB
 	raw     *pgxpool.Pool
 	proxy   *testenv.Proxy
@@ -70,6 +71,7 @@ func setup(t *testing.T, cfg service.Config) *env {
 	if err != nil {
 		t.Fatal(err)
 	}
+	e.srv = srv
 	e.conn = serve(t, service.NewGRPCServer(srv, e.store, cfg.Logger))
 	e.client = posthastev1.NewMailServiceClient(e.conn)
 	e.key, e.keyID = createKey(t, e.store, "test")
@@ -855,5 +857,22 @@ func TestSendRawMessageEncodedControlCharacters(t *testing.T) {
 				t.Errorf("stored message changed:\n%q\nwant\n%q", got, raw)
 			}
 		})
+	}
+}
+
+func TestDrainReportsNotServingButKeepsServing(t *testing.T) {
+	t.Parallel()
+	e := setup(t, service.Config{})
+	e.srv.Drain()
+	health := healthpb.NewHealthClient(e.conn)
+	for _, name := range []string{"", "posthaste.v1.MailService"} {
+		resp, err := health.Check(t.Context(), &healthpb.HealthCheckRequest{Service: name})
+		if err != nil || resp.GetStatus() != healthpb.HealthCheckResponse_NOT_SERVING {
+			t.Errorf("health of %q after Drain: %v %v", name, resp, err)
+		}
+	}
+	// Draining only steers new traffic away; calls still work.
+	if _, err := e.client.ListMessages(e.ctx(t), &posthastev1.ListMessagesRequest{}); err != nil {
+		t.Errorf("call after Drain: %v", err)
 	}
 }

@@ -92,6 +92,7 @@ type App struct {
 	database   *Database
 	store      *db.DB
 	notifier   *db.OutboxNotifier
+	api        *service.Server
 	sandbox    *sandbox.Server
 	dispatcher *delivery.Dispatcher
 	grpcServer *grpc.Server
@@ -146,7 +147,7 @@ func (a *App) Start(ctx context.Context) (err error) {
 	}
 	// Built before anything else is started so that a bad configuration
 	// stops the process before it prints or stores anything.
-	srv, err := service.New(svcCfg, a.store, func() {
+	a.api, err = service.New(svcCfg, a.store, func() {
 		// The local dispatcher wakes at once; other instances hear the
 		// coalesced NOTIFY.
 		a.dispatcher.Wake()
@@ -189,7 +190,7 @@ func (a *App) Start(ctx context.Context) (err error) {
 	a.notifier = db.NewOutboxNotifier(a.store, 0, a.log.With("component", "notify"))
 	a.notifier.Start(runCtx)
 
-	a.grpcServer = service.NewGRPCServer(srv, a.store, svcCfg.Logger)
+	a.grpcServer = service.NewGRPCServer(a.api, a.store, svcCfg.Logger)
 	a.grpcLis, err = net.Listen("tcp", a.cfg.GRPCAddr)
 	if err != nil {
 		return fmt.Errorf("listen grpc on %s: %w", a.cfg.GRPCAddr, err)
@@ -274,6 +275,9 @@ func (a *App) Stop(ctx context.Context) error {
 
 func (a *App) stop(ctx context.Context) error {
 	var errs []error
+	if a.api != nil {
+		a.api.Drain()
+	}
 	if a.httpServer != nil {
 		if err := a.httpServer.Shutdown(ctx); err != nil {
 			errs = append(errs, fmt.Errorf("shutdown http: %w", err))
