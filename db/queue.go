@@ -33,10 +33,15 @@ type ClaimedRecipient struct {
 	Domain    string
 	// Attempts counts the attempts made before this one.
 	Attempts int
-	// MessageCreatedAt lets the caller give up on messages that are too old.
+	// MessageCreatedAt is when the message was accepted.
 	MessageCreatedAt time.Time
-	LeaseOwner       string
-	LeaseUntil       time.Time
+	// DueSince is the later of the message's creation and its send_at: when
+	// the message first became due. The age after which a recipient is no
+	// longer retried counts from here, so that a message scheduled far ahead
+	// is not already too old at its first attempt.
+	DueSince   time.Time
+	LeaseOwner string
+	LeaseUntil time.Time
 }
 
 // MessageContent is what delivery needs of a message to send it.
@@ -80,7 +85,8 @@ func nowParam(t time.Time) pgtype.Timestamptz {
 }
 
 // claimSQL leases due rows oldest-due first. SKIP LOCKED lets claimers run
-// side by side without waiting for or taking each other's rows.
+// side by side without waiting for or taking each other's rows. greatest()
+// skips a NULL send_at, so an unscheduled message is due since its creation.
 //
 // $1 owner, $2 limit, $3 lease length in microseconds, $4 now or NULL.
 const claimSQL = `
@@ -99,7 +105,8 @@ SET status = 'sending',
     updated_at = now()
 FROM due, messages m
 WHERE r.id = due.id AND m.id = r.message_id
-RETURNING r.id, r.message_id, r.address, r.domain, r.attempts, m.created_at, r.lease_owner, r.lease_until`
+RETURNING r.id, r.message_id, r.address, r.domain, r.attempts, m.created_at,
+    greatest(m.created_at, m.send_at), r.lease_owner, r.lease_until`
 
 // ClaimRecipients leases up to p.Limit due recipients (queued, scheduled or
 // deferred, with next_attempt_at passed) to p.Owner for p.LeaseFor, and
@@ -124,7 +131,7 @@ func (d *DB) ClaimRecipients(ctx context.Context, p ClaimParams) ([]ClaimedRecip
 		claimed, err := pgx.CollectRows(rows, func(row pgx.CollectableRow) (ClaimedRecipient, error) {
 			var c ClaimedRecipient
 			err := row.Scan(&c.ID, &c.MessageID, &c.Address, &c.Domain, &c.Attempts,
-				&c.MessageCreatedAt, &c.LeaseOwner, &c.LeaseUntil)
+				&c.MessageCreatedAt, &c.DueSince, &c.LeaseOwner, &c.LeaseUntil)
 			return c, err
 		})
 		if err != nil {

@@ -106,12 +106,39 @@ func TestClaimPinnedClock(t *testing.T) {
 		if got.Attempts != 0 || !got.MessageCreatedAt.Equal(m.CreatedAt) || got.Address == "" || got.Domain == "" {
 			t.Errorf("claimed row = %+v", got)
 		}
+		if !got.DueSince.Equal(sendAt) {
+			t.Errorf("DueSince = %v, want send_at %v (later than creation at %v)", got.DueSince, sendAt, m.CreatedAt)
+		}
 	}
 	if m.Status != db.StatusSending {
 		t.Errorf("message status = %q, want sending", m.Status)
 	}
 	if other := get(t, b.db, later.ID); other.Status != db.StatusScheduled {
 		t.Errorf("not-yet-due message status = %q, want scheduled", other.Status)
+	}
+}
+
+// TestClaimDueSince checks that a message without a send_at, or with one
+// that had passed when it was accepted, is due since its creation.
+func TestClaimDueSince(t *testing.T) {
+	t.Parallel()
+	b := setup(t)
+	now := newMessage(t, 1)
+	insert(t, b.db, now)
+	past := newMessage(t, 1)
+	past.SendAt = usec(time.Now().Add(-time.Hour))
+	insert(t, b.db, past)
+
+	claimed := claimAll(t, b.db, time.Time{})
+	if len(claimed) != 2 {
+		t.Fatalf("claimed %d rows, want 2", len(claimed))
+	}
+	for _, c := range claimed {
+		created := get(t, b.db, c.MessageID).CreatedAt
+		if !c.DueSince.Equal(created) || !c.MessageCreatedAt.Equal(created) {
+			t.Errorf("message %s: DueSince %v, MessageCreatedAt %v; want both its creation at %v",
+				c.MessageID, c.DueSince, c.MessageCreatedAt, created)
+		}
 	}
 }
 

@@ -59,7 +59,10 @@ type Config struct {
 	// SMTP configures the SMTP client. Defaults to the SMTPConfig defaults.
 	SMTP SMTPConfig
 	// DNSServer is the DNS server ("host" or "host:port") asked for MX and
-	// address records. Defaults to "", the nameservers of /etc/resolv.conf.
+	// address records. Defaults to "", the nameservers of /etc/resolv.conf;
+	// while that file cannot be read, lookups fail as temporary errors (and
+	// the file is read again at the next one), but mail to static routes
+	// with an IP address, such as sandbox mode's, still goes out.
 	DNSServer string
 	// DNSTimeout bounds all DNS lookups for one domain. Defaults to 20s.
 	DNSTimeout time.Duration
@@ -70,8 +73,10 @@ type Config struct {
 	// Routes maps recipient domains, or "*" for all, to "host" or
 	// "host:port"; a route replaces the MX lookup. Defaults to none.
 	Routes map[string]string
-	// ShutdownTimeout is how long Stop lets transactions in flight finish
-	// before it interrupts them. Defaults to 30s.
+	// ShutdownTimeout bounds Stop. Transactions in flight may finish until
+	// only the last quarter of it (at most 5s) is left; then they are
+	// interrupted, and that time is kept to record their outcomes (their
+	// recipients are deferred) and to close connections. Defaults to 30s.
 	ShutdownTimeout time.Duration
 	// Dialer opens SMTP connections. Defaults to a *net.Dialer.
 	Dialer Dialer
@@ -225,6 +230,14 @@ func (c Config) WithDefaults() Config {
 	}
 	return c
 }
+
+// maxStopReserve caps the part of ShutdownTimeout kept for what follows the
+// interruption of transactions in flight: a few database writes and QUITs.
+const maxStopReserve = 5 * time.Second
+
+// stopReserve is the part of ShutdownTimeout that Stop keeps after it
+// interrupts the transactions in flight.
+func (c Config) stopReserve() time.Duration { return min(c.ShutdownTimeout/4, maxStopReserve) }
 
 // minLease is the shortest lease that covers an attempt and its commit.
 func (c Config) minLease() time.Duration { return c.MaxAttemptDuration + commitReserve }

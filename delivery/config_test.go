@@ -111,3 +111,16 @@ func TestNewDispatcherRejectsBadConfig(t *testing.T) {
 		t.Fatalf("nil store: err = %v", err)
 	}
 }
+
+func TestStopReserve(t *testing.T) {
+	t.Parallel()
+	for timeout, want := range map[time.Duration]time.Duration{
+		time.Second:      250 * time.Millisecond,
+		30 * time.Second: maxStopReserve,
+		time.Hour:        maxStopReserve,
+	} {
+		if got := (Config{ShutdownTimeout: timeout}).stopReserve(); got != want {
+			t.Errorf("ShutdownTimeout %s: reserve %s, want %s", timeout, got, want)
+		}
+	}
+}

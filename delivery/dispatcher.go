@@ -48,6 +48,12 @@ type Dispatcher struct {
 	// dispatcher has looked at the queue.
 	claims atomic.Int64
 
+	// dbCtx is the context of the database calls that outlive claiming
+	// (claims in flight, outcomes, released leases): they are not cut off
+	// when Stop begins, only when its ShutdownTimeout is up.
+	dbCtx    context.Context
+	cancelDB context.CancelFunc
+
 	mu             sync.Mutex
 	started        bool
 	stopping       chan struct{} // closed when Stop begins
@@ -72,9 +78,11 @@ func NewDispatcher(cfg Config, store *db.DB) (*Dispatcher, error) {
 	if err != nil {
 		return nil, fmt.Errorf("delivery config: %w", err)
 	}
-	res, err := newDNSResolver(cfg.DNSServer, min(cfg.DNSTimeout, 5*time.Second), newDNSCache(cfg.DNSCacheSize))
-	if err != nil {
-		return nil, fmt.Errorf("delivery config: DNSServer: %w", err)
+	res := newDNSResolver(cfg.DNSServer, systemResolvConf, min(cfg.DNSTimeout, 5*time.Second), newDNSCache(cfg.DNSCacheSize))
+	if _, err := res.nameservers(); err != nil {
+		// Not fatal: static routes and sandbox mode need no DNS server,
+		// and the file may appear later.
+		cfg.Logger.Warn("delivery: DNS lookups will fail until this is fixed", "err", err)
 	}
 	dialer := cfg.Dialer
 	if dialer == nil {
@@ -82,6 +90,7 @@ func NewDispatcher(cfg Config, store *db.DB) (*Dispatcher, error) {
 	}
 	smtpCfg := cfg.SMTP
 	p := newPool(smtpCfg.IdleTimeout, smtpCfg.MaxReuse)
+	dbCtx, cancelDB := context.WithCancel(context.Background())
 	d := &Dispatcher{
 		cfg:   cfg,
 		store: store,
@@ -98,6 +107,8 @@ func NewDispatcher(cfg Config, store *db.DB) (*Dispatcher, error) {
 		wake:     make(chan struct{}, 1),
 		freed:    make(chan struct{}, 1),
 		stopping: make(chan struct{}),
+		dbCtx:    dbCtx,
+		cancelDB: cancelDB,
 	}
 	return d, nil
 }
@@ -118,8 +129,8 @@ func (d *Dispatcher) Start(ctx context.Context) {
 	}
 	d.started = true
 	claimCtx, cancelClaims := context.WithCancel(ctx)
-	// Transactions in flight outlive ctx: they are given ShutdownTimeout by
-	// Stop rather than cut off when claiming stops.
+	// Transactions in flight outlive ctx: Stop gives them time to finish
+	// rather than cutting them off when claiming stops.
 	sessionCtx, cancelSessions := context.WithCancel(context.WithoutCancel(ctx))
 	d.cancelClaims, d.cancelSessions = cancelClaims, cancelSessions
 	d.loops.Go(func() { d.claimLoop(claimCtx, sessionCtx) })
@@ -127,13 +138,22 @@ func (d *Dispatcher) Start(ctx context.Context) {
 	d.loops.Go(func() { d.rescue(claimCtx) })
 }
 
-// Stop stops claiming, lets transactions in flight finish for up to
-// ShutdownTimeout (then interrupts them, and their recipients are deferred),
-// gives back the leases of claimed recipients that were not attempted,
-// closes pooled connections, and returns when all of that is done. It may be
-// called more than once.
+// Stop stops claiming, lets transactions in flight finish, gives back the
+// leases of claimed recipients that were not attempted, closes pooled
+// connections, and returns when all of that is done, within ShutdownTimeout.
+// Transactions still in flight when only the last part of ShutdownTimeout
+// is left (see Config.ShutdownTimeout) are interrupted and their recipients
+// deferred; database calls and QUITs still running when it is up are cut
+// off, and recipients whose outcome was not recorded go back to the queue
+// when their lease runs out. It may be called more than once.
 func (d *Dispatcher) Stop() {
 	d.stopOnce.Do(func() {
+		deadline := time.Now().Add(d.cfg.ShutdownTimeout)
+		cutOff := time.AfterFunc(d.cfg.ShutdownTimeout, d.cancelDB)
+		defer func() {
+			cutOff.Stop()
+			d.cancelDB()
+		}()
 		d.mu.Lock()
 		started := d.started
 		if started {
@@ -144,17 +164,19 @@ func (d *Dispatcher) Stop() {
 		close(d.stopping)
 		d.mu.Unlock()
 		if !started {
-			d.pool.close()
+			d.pool.close(deadline)
 			return
 		}
-		d.loops.Wait()
 
 		done := make(chan struct{})
 		go func() {
+			// A claim in flight may still start jobs; they see stopping
+			// and give their leases back.
+			d.loops.Wait()
 			d.jobs.Wait()
 			close(done)
 		}()
-		timer := time.NewTimer(d.cfg.ShutdownTimeout)
+		timer := time.NewTimer(d.cfg.ShutdownTimeout - d.cfg.stopReserve())
 		select {
 		case <-done:
 			timer.Stop()
@@ -164,7 +186,7 @@ func (d *Dispatcher) Stop() {
 			<-done
 		}
 		d.cancelSessions()
-		d.pool.close()
+		d.pool.close(deadline)
 	})
 }
 
@@ -190,7 +212,7 @@ func (d *Dispatcher) claimLoop(ctx, sessionCtx context.Context) {
 				full = true
 				break
 			}
-			n, err := d.claim(ctx, sessionCtx)
+			n, err := d.claim(sessionCtx)
 			if err != nil {
 				d.log.Error("delivery: claim", "err", err)
 				break
@@ -244,11 +266,11 @@ func (j *job) ids() []uuid.UUID {
 
 // claim claims one batch, loads each message once, and starts its jobs. It
 // returns how many recipients it claimed.
-func (d *Dispatcher) claim(ctx, sessionCtx context.Context) (int, error) {
+func (d *Dispatcher) claim(sessionCtx context.Context) (int, error) {
 	owner := fmt.Sprintf("%s-%d", d.cfg.InstanceID, d.owners.Add(1))
 	// The queries are not cancelled when claiming stops: a claim whose
 	// reply was lost would leave rows leased to nobody until the rescuer.
-	qctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), dbTimeout)
+	qctx, cancel := context.WithTimeout(d.dbCtx, dbTimeout)
 	defer cancel()
 	// The lease is measured on the local clock from before the query, so
 	// it ends no later than the database's, whatever the clocks say.
@@ -358,8 +380,14 @@ func (d *Dispatcher) run(sessionCtx context.Context, j *job) {
 	}
 	// The cap on the attempt is what keeps it inside the lease: the job
 	// started no later than latestStart, so the attempt ends at least
-	// commitReserve before the lease does.
-	actx, cancel := context.WithTimeoutCause(sessionCtx, d.cfg.MaxAttemptDuration,
+	// commitReserve before the lease does. The deadline is also bounded by
+	// the lease itself, so that a worker paused since latestStart cannot
+	// talk to the receiver once another dispatcher may have the recipients.
+	end := time.Now().Add(d.cfg.MaxAttemptDuration)
+	if byLease := j.leaseEnd.Add(-commitReserve); byLease.Before(end) {
+		end = byLease
+	}
+	actx, cancel := context.WithDeadlineCause(sessionCtx, end,
 		fmt.Errorf("attempt cut off after MaxAttemptDuration (%s): %w", d.cfg.MaxAttemptDuration, context.DeadlineExceeded))
 	res := d.sender.attempt(actx, envelope{Domain: j.domain, From: j.msg.EnvelopeFrom, To: rcpts, Data: j.msg.Raw})
 	cancel()
@@ -388,7 +416,7 @@ func (d *Dispatcher) outcomes(j *job, res attemptResult, now time.Time) []db.Out
 			o.Code, o.EnhancedCode, o.Text = errorReply(rr.Err)
 		default:
 			o.Code, o.EnhancedCode, o.Text = errorReply(rr.Err)
-			next, expired := d.retry.next(now, r.Attempts+1, r.MessageCreatedAt)
+			next, expired := d.retry.next(now, r.Attempts+1, r.DueSince)
 			if expired {
 				o.Status = db.StatusFailed
 			} else {
@@ -410,19 +438,17 @@ func errorReply(e *SMTPError) (int, string, string) {
 	return e.Code, e.EnhancedCode, text
 }
 
-// recordOutcomes writes the outcomes right after the reply, retrying for a
-// few seconds: an outcome that never gets written means the recipient is
-// attempted again once its lease expires.
+// recordOutcomes writes the outcomes right after the reply, retrying for up
+// to commitReserve (while Stop's time is not up): an outcome that never gets
+// written means the recipient is attempted again once its lease expires. It
+// is written even when the lease has run out by the local clock: the
+// database applies it only if the lease was not taken over meanwhile.
 func (d *Dispatcher) recordOutcomes(j *job, outs []db.Outcome) {
-	deadline := time.Now().Add(commitReserve)
-	if j.leaseEnd.Before(deadline) {
-		deadline = j.leaseEnd
-	}
+	ctx, cancel := context.WithTimeout(d.dbCtx, commitReserve)
+	defer cancel()
 	wait := 50 * time.Millisecond
 	for {
-		ctx, cancel := context.WithDeadline(context.Background(), deadline)
 		applied, err := d.store.RecordOutcomes(ctx, outs)
-		cancel()
 		if err == nil {
 			if len(applied) < len(outs) {
 				// The lease was lost (rescued and claimed elsewhere):
@@ -433,11 +459,14 @@ func (d *Dispatcher) recordOutcomes(j *job, outs []db.Outcome) {
 			d.logOutcomes(j, outs)
 			return
 		}
-		if time.Now().Add(wait).After(deadline) {
+		timer := time.NewTimer(wait)
+		select {
+		case <-ctx.Done():
+			timer.Stop()
 			d.log.Error("delivery: record outcomes", "owner", j.owner, "recipients", len(outs), "err", err)
 			return
+		case <-timer.C:
 		}
-		time.Sleep(wait)
 		wait *= 2
 	}
 }
@@ -454,7 +483,7 @@ func (d *Dispatcher) logOutcomes(j *job, outs []db.Outcome) {
 
 // releaseLeases gives back a job's leases without an attempt.
 func (d *Dispatcher) releaseLeases(j *job) {
-	ctx, cancel := context.WithTimeout(context.Background(), dbTimeout)
+	ctx, cancel := context.WithTimeout(d.dbCtx, dbTimeout)
 	defer cancel()
 	if err := d.store.ReleaseLeases(ctx, j.owner, j.ids()); err != nil {
 		// The rescuer returns them once the lease runs out.
@@ -470,7 +499,7 @@ func (d *Dispatcher) failMissing(owner string, rcpts []db.ClaimedRecipient) {
 		outs[i] = db.Outcome{RecipientID: r.ID, LeaseOwner: owner, Status: db.StatusFailed,
 			Code: codePermFailure, EnhancedCode: "5.3.0", Text: "message content missing"}
 	}
-	ctx, cancel := context.WithTimeout(context.Background(), dbTimeout)
+	ctx, cancel := context.WithTimeout(d.dbCtx, dbTimeout)
 	defer cancel()
 	if _, err := d.store.RecordOutcomes(ctx, outs); err != nil {
 		d.log.Error("delivery: record outcomes", "owner", owner, "err", err)

@@ -3,6 +3,8 @@ package delivery
 import (
 	"context"
 	"fmt"
+	"log/slog"
+	"net"
 	"slices"
 	"strings"
 	"sync"
@@ -31,7 +33,12 @@ type dispatchEnv struct {
 
 func newDispatchEnv(t testing.TB) *dispatchEnv {
 	t.Helper()
-	url := testenv.Database(t)
+	return newDispatchEnvAt(t, testenv.Database(t))
+}
+
+// newDispatchEnvAt is newDispatchEnv on the database at url.
+func newDispatchEnvAt(t testing.TB, url string) *dispatchEnv {
+	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
 	store, err := db.Open(ctx, url)
@@ -39,7 +46,7 @@ func newDispatchEnv(t testing.TB) *dispatchEnv {
 		t.Fatal(err)
 	}
 	t.Cleanup(store.Close)
-	return &dispatchEnv{url: url, store: store, dns: testenv.StartDNS(t), dialer: newMapDialer(t)}
+	return &dispatchEnv{url: url, store: store, dns: testenv.StartDNS(t), dialer: newMapDialer()}
 }
 
 // config returns a Config with timeouts and intervals short enough for tests.
@@ -433,6 +440,50 @@ func TestDispatchFailsPastMaxAge(t *testing.T) {
 	}
 }
 
+// TestDispatchMaxAgeCountsFromSendAt checks that a message scheduled further
+// ahead than MaxAge is retried after a 4yz at its first attempt: its age
+// counts from send_at, not from its creation.
+func TestDispatchMaxAgeCountsFromSendAt(t *testing.T) {
+	t.Parallel()
+	e := newDispatchEnv(t)
+	srv := testenv.StartSMTP(t, testenv.WithRcptReply(func(string) *smtp.SMTPError {
+		return &smtp.SMTPError{Code: 451, EnhancedCode: smtp.EnhancedCode{4, 7, 1}, Message: "greylisted"}
+	}))
+	e.mx("sched-grey.test", srv)
+	cfg := e.config()
+	cfg.Retry.MaxAge = 2 * time.Second
+	// Created more than MaxAge before it is due.
+	id := e.insert(t, time.Now().Add(3*time.Second), "a@sched-grey.test")
+	e.start(t, cfg)
+
+	m := e.waitMessage(t, id, "the first attempt", func(m db.Message) bool { return len(m.Attempts) > 0 })
+	if a := m.Attempts[0]; a.Outcome != db.StatusDeferred || a.Code != 451 || a.EnhancedCode != "4.7.1" {
+		t.Fatalf("first attempt %+v, want deferred", a)
+	}
+}
+
+// TestOutcomesMaxAgeCountsFromDueSince checks the retry decision for a
+// message scheduled 30 days ahead against one created 30 days ago, both
+// refused with a 4yz now.
+func TestOutcomesMaxAgeCountsFromDueSince(t *testing.T) {
+	t.Parallel()
+	d := &Dispatcher{retry: newRetryPolicy(RetryConfig{}.WithDefaults())}
+	now := time.Now()
+	created := now.Add(-30 * 24 * time.Hour)
+	j := &job{owner: "o", rcpts: []db.ClaimedRecipient{
+		{ID: uuid.New(), Address: "scheduled@a.test", MessageCreatedAt: created, DueSince: now.Add(-time.Minute)},
+		{ID: uuid.New(), Address: "old@a.test", MessageCreatedAt: created, DueSince: created},
+	}}
+	refused := &SMTPError{Code: 451, EnhancedCode: "4.7.1", Message: "greylisted"}
+	outs := d.outcomes(j, attemptResult{Rcpts: failAll(2, refused)}, now)
+	if o := outs[0]; o.Status != db.StatusDeferred || !o.NextAttemptAt.After(now) || o.Code != 451 {
+		t.Fatalf("scheduled message: %+v, want deferred", o)
+	}
+	if o := outs[1]; o.Status != db.StatusFailed || o.Code != 451 || o.EnhancedCode != "4.7.1" {
+		t.Fatalf("old message: %+v, want failed", o)
+	}
+}
+
 func TestDispatchScheduledWaitsForSendAt(t *testing.T) {
 	t.Parallel()
 	e := newDispatchEnv(t)
@@ -515,6 +566,111 @@ func TestDispatchTakesOverExpiredLease(t *testing.T) {
 	}
 	if n := len(srv.Messages()); n != 1 {
 		t.Fatalf("%d deliveries, want 1", n)
+	}
+}
+
+// frozenDialer is the dialer of a worker that freezes: its first dial
+// blocks, whatever the context says, until thaw is closed, and then connects
+// all the same.
+type frozenDialer struct {
+	next    Dialer
+	entered chan struct{} // closed when the first dial begins
+	thaw    chan struct{}
+	once    sync.Once
+}
+
+func (f *frozenDialer) DialContext(ctx context.Context, network, addr string) (net.Conn, error) {
+	first := false
+	f.once.Do(func() { first = true })
+	if first {
+		close(f.entered)
+		<-f.thaw
+		ctx = context.WithoutCancel(ctx)
+	}
+	return f.next.DialContext(ctx, network, addr)
+}
+
+// logBuffer collects a logger's output across goroutines.
+type logBuffer struct {
+	mu  sync.Mutex
+	buf strings.Builder
+}
+
+func (b *logBuffer) Write(p []byte) (int, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.Write(p)
+}
+
+func (b *logBuffer) String() string {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.String()
+}
+
+// TestDispatchFrozenWorkerLosesItsLease runs two dispatchers. A claims a
+// recipient and its worker freezes in the dial for longer than the lease; B
+// rescues the recipient once the lease has run out and delivers it. When A's
+// worker wakes up it must neither deliver (its attempt's deadline has
+// passed) nor overwrite B's outcome (the lease is fenced).
+func TestDispatchFrozenWorkerLosesItsLease(t *testing.T) {
+	t.Parallel()
+	e := newDispatchEnv(t)
+	srv := testenv.StartSMTP(t)
+	e.mx("frozen.test", srv)
+	id := e.insert(t, time.Time{}, "a@frozen.test")
+
+	frozen := &frozenDialer{next: e.dialer, entered: make(chan struct{}), thaw: make(chan struct{})}
+	var logs logBuffer
+	cfgA := e.config()
+	cfgA.InstanceID = "a"
+	cfgA.Dialer = frozen
+	cfgA.Logger = slog.New(slog.NewTextHandler(&logs, &slog.HandlerOptions{Level: slog.LevelDebug}))
+	cfgA.MaxAttemptDuration = 500 * time.Millisecond
+	// About the shortest lease allowed, with a second to start the attempt.
+	cfgA.LeaseDuration = cfgA.MaxAttemptDuration + commitReserve + time.Second
+	// A claims once, at start, and never again: nothing else notifies.
+	cfgA.PollInterval = time.Hour
+	cfgA.RescueInterval = time.Hour
+	a := e.start(t, cfgA)
+	select {
+	case <-frozen.entered:
+	case <-time.After(20 * time.Second):
+		t.Fatal("A never dialed")
+	}
+	thawed := false
+	defer func() {
+		if !thawed {
+			close(frozen.thaw)
+		}
+	}()
+
+	cfgB := e.config()
+	cfgB.InstanceID = "b"
+	e.start(t, cfgB)
+	waitFor(t, 2*cfgA.LeaseDuration, "B's delivery after A's lease ran out", func() bool {
+		return e.get(t, id).Recipients[0].Status == db.StatusDelivered
+	})
+
+	close(frozen.thaw)
+	thawed = true
+	waitFor(t, 20*time.Second, "A's worker to finish", func() bool { return a.pending.Load() == 0 })
+
+	if n := len(srv.Messages()); n != 1 {
+		t.Fatalf("%d messages at the server, want 1", n)
+	}
+	if n := srv.Commands("MAIL"); n != 1 {
+		t.Fatalf("%d MAIL commands: A began a transaction after its deadline", n)
+	}
+	m := e.get(t, id)
+	if r := m.Recipients[0]; r.Status != db.StatusDelivered || r.Attempts != 1 || r.LastCode != 250 {
+		t.Fatalf("recipient %+v, want B's delivery", r)
+	}
+	if len(m.Attempts) != 1 || m.Attempts[0].Outcome != db.StatusDelivered {
+		t.Fatalf("attempts %+v, want only B's", m.Attempts)
+	}
+	if !strings.Contains(logs.String(), "lease lost") {
+		t.Fatalf("A did not report its outcome fenced off; its log:\n%s", logs.String())
 	}
 }
 
@@ -650,12 +806,30 @@ func TestDispatchAttemptCapDefers(t *testing.T) {
 	if r.LastCode != 451 || r.LastEnhancedCode != "4.4.2" || !strings.Contains(r.LastText, "MaxAttemptDuration") || r.Attempts != 1 {
 		t.Fatalf("recipient %+v", r)
 	}
-	if len(m.Attempts) != 1 || m.Attempts[0].Outcome != db.StatusDeferred ||
-		m.Attempts[0].Duration < cfg.MaxAttemptDuration || m.Attempts[0].Duration > 5*time.Second {
-		t.Fatalf("attempts %+v, want one cut off after %s", m.Attempts, cfg.MaxAttemptDuration)
+	if len(m.Attempts) != 1 || m.Attempts[0].Outcome != db.StatusDeferred || m.Attempts[0].Code != 451 ||
+		m.Attempts[0].EnhancedCode != "4.4.2" || !strings.Contains(m.Attempts[0].Text, "MaxAttemptDuration") {
+		t.Fatalf("attempts %+v, want one cut off by MaxAttemptDuration", m.Attempts)
 	}
 	if srv.Commands("DATA") != 1 || len(srv.Messages()) != 0 {
 		t.Fatalf("DATA %d times, %d messages accepted", srv.Commands("DATA"), len(srv.Messages()))
+	}
+}
+
+// stopWithin runs d.Stop and fails the test if it has not returned slack
+// after d's ShutdownTimeout: a guard against Stop hanging, not a measurement.
+func stopWithin(t *testing.T, d *Dispatcher, slack time.Duration) {
+	t.Helper()
+	stopped := make(chan struct{})
+	go func() {
+		d.Stop()
+		close(stopped)
+	}()
+	timer := time.NewTimer(d.cfg.ShutdownTimeout + slack)
+	defer timer.Stop()
+	select {
+	case <-stopped:
+	case <-timer.C:
+		t.Fatalf("Stop still running %s after its ShutdownTimeout of %s", slack, d.cfg.ShutdownTimeout)
 	}
 }
 
@@ -665,7 +839,9 @@ func TestDispatchStopInterruptsAfterShutdownTimeout(t *testing.T) {
 	srv := testenv.StartSMTP(t, testenv.WithStalledData())
 	e.mx("hung.test", srv)
 	cfg := e.config()
-	cfg.ShutdownTimeout = 200 * time.Millisecond
+	cfg.ShutdownTimeout = 2 * time.Second
+	cfg.SMTP.CommandTimeout = time.Minute
+	cfg.SMTP.DataTimeout = time.Minute
 	cfg.Retry.InitialInterval = time.Hour
 	cfg.Retry.MaxInterval = time.Hour
 	id := e.insert(t, time.Time{}, "a@hung.test")
@@ -675,11 +851,71 @@ func TestDispatchStopInterruptsAfterShutdownTimeout(t *testing.T) {
 	}
 	d.Start(context.Background())
 	waitFor(t, 10*time.Second, "DATA in flight", func() bool { return srv.Commands("DATA") == 1 })
-	d.Stop()
+	stopWithin(t, d, 10*time.Second)
 
 	r := e.get(t, id).Recipients[0]
-	if r.Status != db.StatusDeferred || r.Attempts != 1 || r.LastCode != 451 {
+	if r.Status != db.StatusDeferred || r.Attempts != 1 || r.LastCode != 451 || r.LastEnhancedCode != "4.4.2" ||
+		!strings.Contains(r.LastText, "interrupted") {
 		t.Fatalf("recipient %+v, want deferred after the interrupted attempt", r)
+	}
+}
+
+// TestDispatchStopBoundedWhenEverythingHangs checks that Stop keeps to
+// ShutdownTimeout when a transaction hangs, the database goes away so no
+// outcome can be written, and a pooled connection would never answer QUIT
+// (whether QUIT is sent at all depends on the time left).
+func TestDispatchStopBoundedWhenEverythingHangs(t *testing.T) {
+	t.Parallel()
+	direct, proxied, proxy := testenv.ProxiedDatabase(t)
+	e := newDispatchEnvAt(t, direct)
+	ctx, cancel := context.WithTimeout(t.Context(), 30*time.Second)
+	defer cancel()
+	store, err := db.Open(ctx, proxied)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(store.Close)
+
+	release := make(chan struct{})
+	quiet := scriptedServer(t, func(cmd string) string {
+		if strings.EqualFold(cmd, "QUIT") {
+			<-release
+		}
+		return ""
+	}, "250-mx.test", "250 8BITMIME")
+	t.Cleanup(func() { close(release) }) // runs before the server's cleanup
+	e.mxAt("quiet.test", "mx.quiet.test", 10, quiet.addr)
+	stalled := testenv.StartSMTP(t, testenv.WithStalledData())
+	e.mx("stall.test", stalled)
+
+	cfg := e.config()
+	cfg.ShutdownTimeout = time.Second
+	cfg.SMTP.CommandTimeout = time.Minute
+	cfg.SMTP.DataTimeout = time.Minute
+	cfg.SMTP.IdleTimeout = time.Minute
+	d, err := NewDispatcher(cfg, store)
+	if err != nil {
+		t.Fatal(err)
+	}
+	d.Start(context.Background())
+	t.Cleanup(d.Stop)
+
+	pooled := e.insert(t, time.Time{}, "a@quiet.test")
+	d.Wake()
+	e.waitMessage(t, pooled, "delivery to the host that will not answer QUIT", final)
+	hung := e.insert(t, time.Time{}, "a@stall.test")
+	d.Wake()
+	waitFor(t, 10*time.Second, "DATA in flight", func() bool { return stalled.Commands("DATA") == 1 })
+	proxy.Stop()
+
+	stopWithin(t, d, 10*time.Second)
+	// Its outcome could not be written: the recipient stays leased, and
+	// goes back to the queue when the lease runs out.
+	if r := e.get(t, hung).Recipients[0]; r.Status != db.StatusSending || r.Attempts != 0 {
+		t.Fatalf("recipient %+v, want it still leased", r)
+	}
+	if n := len(stalled.Messages()); n != 0 {
+		t.Fatalf("%d messages accepted by the stalled server", n)
 	}
 }
 

@@ -156,10 +156,7 @@ func TestResolverCachesAnswers(t *testing.T) {
 	srv.AddA("mx.cached.test", "192.0.2.1")
 	srv.SetRcode("servfail.test", dns.RcodeServerFailure)
 	cache, clock := newTestDNSCache(100)
-	res, err := newDNSResolver(srv.Addr, time.Second, cache)
-	if err != nil {
-		t.Fatal(err)
-	}
+	res := newDNSResolver(srv.Addr, "", time.Second, cache)
 	ctx, cancel := context.WithTimeout(t.Context(), 10*time.Second)
 	defer cancel()
 	lookup := func() {

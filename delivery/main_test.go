@@ -4,8 +4,10 @@ import (
 	"context"
 	"fmt"
 	"net"
+	"os"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
@@ -20,19 +22,15 @@ func TestMain(m *testing.M) {
 
 // mapDialer connects "ip:port" addresses to the loopback servers standing in
 // for them, so that several MX hosts can share the configured port. Any
-// address without a server dials a closed loopback port and is refused;
-// nothing leaves the machine.
+// address without a server is refused; nothing leaves the machine.
 type mapDialer struct {
-	t      testing.TB
-	closed string
-
 	mu    sync.Mutex
 	addrs map[string]string
 	dials []string
 }
 
-func newMapDialer(t testing.TB) *mapDialer {
-	return &mapDialer{t: t, closed: closedAddr(t), addrs: make(map[string]string)}
+func newMapDialer() *mapDialer {
+	return &mapDialer{addrs: make(map[string]string)}
 }
 
 // route sends connections for ip:port to the server at real.
@@ -48,7 +46,9 @@ func (d *mapDialer) DialContext(ctx context.Context, network, addr string) (net.
 	real, ok := d.addrs[addr]
 	d.mu.Unlock()
 	if !ok {
-		real = d.closed
+		// Refused as by a closed port, but without dialing one: a loopback
+		// port that was closed can be taken by another test's server.
+		return nil, &net.OpError{Op: "dial", Net: network, Err: os.NewSyscallError("connect", syscall.ECONNREFUSED)}
 	}
 	var nd net.Dialer
 	return nd.DialContext(ctx, network, real)
@@ -58,18 +58,6 @@ func (d *mapDialer) dialed() []string {
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	return append([]string(nil), d.dials...)
-}
-
-// closedAddr returns a loopback address nothing listens on.
-func closedAddr(t testing.TB) string {
-	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	addr := ln.Addr().String()
-	ln.Close()
-	return addr
 }
 
 // testSMTPConfig is an SMTPConfig with timeouts short enough for tests.
@@ -98,17 +86,14 @@ type senderEnv struct {
 func newSenderEnv(t *testing.T, cfg SMTPConfig, routes map[string]string) *senderEnv {
 	t.Helper()
 	dns := testenv.StartDNS(t)
-	res, err := newDNSResolver(dns.Addr, time.Second, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
+	res := newDNSResolver(dns.Addr, "", time.Second, nil)
 	rt, err := parseRoutes(routes)
 	if err != nil {
 		t.Fatal(err)
 	}
-	dialer := newMapDialer(t)
+	dialer := newMapDialer()
 	p := newPool(cfg.IdleTimeout, cfg.MaxReuse)
-	t.Cleanup(p.close)
+	t.Cleanup(func() { p.close(time.Now().Add(10 * time.Second)) })
 	return &senderEnv{
 		dns:    dns,
 		dialer: dialer,

@@ -10,6 +10,7 @@ import (
 	"net/netip"
 	"slices"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/miekg/dns"
@@ -59,44 +60,82 @@ func isNotFound(err error) bool {
 	return ok && de.notFound()
 }
 
+// systemResolvConf is the file that lists the system's DNS servers.
+const systemResolvConf = "/etc/resolv.conf"
+
 // dnsResolver queries DNS servers with github.com/miekg/dns instead of the
 // system resolver, so that null MX, NXDOMAIN and SERVFAIL stay distinguishable
 // (net.Resolver folds them together) and the server is configurable.
 type dnsResolver struct {
-	servers []string
-	udp     *dns.Client
-	tcp     *dns.Client
-	cache   *dnsCache // nil: every question goes to the servers
+	// resolvConf is the file the servers are read from, "" when they were
+	// given.
+	resolvConf string
+	udp        *dns.Client
+	tcp        *dns.Client
+	cache      *dnsCache // nil: every question goes to the servers
+
+	mu      sync.Mutex
+	servers []string // nil until resolvConf could be read
 }
 
-// newDNSResolver returns a resolver that asks server ("host" or "host:port");
-// "" means the nameservers of /etc/resolv.conf. timeout bounds each exchange.
-// Answers are kept in cache, which may be nil.
-func newDNSResolver(server string, timeout time.Duration, cache *dnsCache) (*dnsResolver, error) {
-	var servers []string
-	if server == "" {
-		cc, err := dns.ClientConfigFromFile("/etc/resolv.conf")
-		if err != nil {
-			return nil, fmt.Errorf("read resolv.conf: %w", err)
-		}
-		for _, s := range cc.Servers {
-			servers = append(servers, net.JoinHostPort(s, cc.Port))
-		}
-		if len(servers) == 0 {
-			return nil, errors.New("resolv.conf lists no nameserver")
-		}
-	} else {
-		if _, _, err := net.SplitHostPort(server); err != nil {
-			server = net.JoinHostPort(strings.Trim(server, "[]"), "53")
-		}
-		servers = []string{server}
+// newDNSResolver returns a resolver that asks server ("host" or "host:port"),
+// or when server is "" the nameservers listed in resolvConf (a resolv.conf
+// file). timeout bounds each exchange. Answers are kept in cache, which may be
+// nil.
+//
+// A resolvConf that cannot be read, or lists no nameserver, is read again at
+// each lookup until it can be; meanwhile lookups fail with a temporary error
+// that names the file. Mail that needs no lookup, such as mail to a static
+// route's IP address, is not held up by it.
+func newDNSResolver(server, resolvConf string, timeout time.Duration, cache *dnsCache) *dnsResolver {
+	r := &dnsResolver{
+		udp:   &dns.Client{Net: "udp", Timeout: timeout, UDPSize: dns.DefaultMsgSize},
+		tcp:   &dns.Client{Net: "tcp", Timeout: timeout},
+		cache: cache,
 	}
-	return &dnsResolver{
-		servers: servers,
-		udp:     &dns.Client{Net: "udp", Timeout: timeout, UDPSize: dns.DefaultMsgSize},
-		tcp:     &dns.Client{Net: "tcp", Timeout: timeout},
-		cache:   cache,
-	}, nil
+	if server == "" {
+		r.resolvConf = resolvConf
+		r.nameservers() // an error is reported by the lookups
+		return r
+	}
+	if _, _, err := net.SplitHostPort(server); err != nil {
+		server = net.JoinHostPort(strings.Trim(server, "[]"), "53")
+	}
+	r.servers = []string{server}
+	return r
+}
+
+// nameservers returns the servers to ask, reading resolvConf if it was not
+// read yet.
+func (r *dnsResolver) nameservers() ([]string, error) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.servers != nil {
+		return r.servers, nil
+	}
+	servers, err := readResolvConf(r.resolvConf)
+	if err != nil {
+		return nil, err
+	}
+	r.servers = servers
+	return servers, nil
+}
+
+// readResolvConf returns the nameservers listed in a resolv.conf file, as
+// "host:port".
+func readResolvConf(path string) ([]string, error) {
+	cc, err := dns.ClientConfigFromFile(path)
+	if err != nil {
+		return nil, fmt.Errorf("no DNS server (DNSServer is empty): read %s: %w", path, err)
+	}
+	var servers []string
+	for _, s := range cc.Servers {
+		servers = append(servers, net.JoinHostPort(s, cc.Port))
+	}
+	if len(servers) == 0 {
+		return nil, fmt.Errorf("no DNS server (DNSServer is empty): %s lists no nameserver", path)
+	}
+	return servers, nil
 }
 
 // ednsSize is the EDNS0 buffer size the DNS flag day 2020 settled on: large
@@ -136,8 +175,12 @@ func (r *dnsResolver) ask(ctx context.Context, name string, qtype uint16) (*dns.
 	m.RecursionDesired = true
 	m.SetEdns0(ednsSize, false)
 	typ := dns.TypeToString[qtype]
+	servers, err := r.nameservers()
+	if err != nil {
+		return nil, &dnsError{Name: name, Type: typ, Err: err}
+	}
 	var lastErr error
-	for _, server := range r.servers {
+	for _, server := range servers {
 		in, _, err := r.udp.ExchangeContext(ctx, m, server)
 		if err == nil && in.Truncated {
 			in, _, err = r.tcp.ExchangeContext(ctx, m, server)

@@ -3,6 +3,8 @@ package delivery
 import (
 	"context"
 	"net/netip"
+	"os"
+	"path/filepath"
 	"slices"
 	"strings"
 	"testing"
@@ -17,10 +19,7 @@ import (
 func newTestRouter(t *testing.T, routes map[string]string, maxHosts int) (*router, *testenv.DNSServer) {
 	t.Helper()
 	srv := testenv.StartDNS(t)
-	res, err := newDNSResolver(srv.Addr, 300*time.Millisecond, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
+	res := newDNSResolver(srv.Addr, "", 300*time.Millisecond, nil)
 	rt, err := parseRoutes(routes)
 	if err != nil {
 		t.Fatal(err)
@@ -327,12 +326,56 @@ func TestNewDNSResolverServerForms(t *testing.T) {
 		"2001:db8::53":    "[2001:db8::53]:53",
 		"[2001:db8::53]":  "[2001:db8::53]:53",
 	} {
-		r, err := newDNSResolver(in, time.Second, nil)
-		if err != nil {
-			t.Fatal(err)
-		}
+		r := newDNSResolver(in, "", time.Second, nil)
 		if !slices.Equal(r.servers, []string{want}) {
 			t.Errorf("%s: servers %v, want %s", in, r.servers, want)
 		}
+	}
+}
+
+// TestResolverWithoutResolvConf checks that a resolver for the system's
+// servers can be made on a host without resolv.conf: static routes still
+// work, lookups fail as temporary errors that name the file, and the file is
+// read once it appears.
+func TestResolverWithoutResolvConf(t *testing.T) {
+	t.Parallel()
+	conf := filepath.Join(t.TempDir(), "resolv.conf")
+	res := newDNSResolver("", conf, time.Second, nil)
+	ctx, cancel := context.WithTimeout(t.Context(), 10*time.Second)
+	defer cancel()
+
+	rt, err := parseRoutes(map[string]string{"*": "192.0.2.25:2525"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ts, serr := newRouter(res, rt, 25, 5).targets(ctx, "any.test")
+	if serr != nil || len(ts) != 1 || ts[0].addr() != "192.0.2.25:2525" {
+		t.Fatalf("static route: targets %+v, err %v", ts, serr)
+	}
+
+	mx := newRouter(res, nil, 25, 5)
+	check := func(want string) {
+		t.Helper()
+		ts, serr := mx.targets(ctx, "mx.test")
+		if serr == nil {
+			t.Fatalf("targets %+v without a DNS server", ts)
+		}
+		if !serr.Temporary() || serr.Code != 451 || serr.EnhancedCode != "4.4.3" ||
+			!strings.Contains(serr.Error(), conf) || !strings.Contains(serr.Error(), want) {
+			t.Fatalf("err = %v, want a temporary 451 4.4.3 naming %s and saying %q", serr, conf, want)
+		}
+	}
+	check("no such file")
+	if err := os.WriteFile(conf, []byte("search test\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	check("lists no nameserver")
+
+	if err := os.WriteFile(conf, []byte("nameserver 192.0.2.53\nnameserver 2001:db8::53\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	servers, err := res.nameservers()
+	if want := []string{"192.0.2.53:53", "[2001:db8::53]:53"}; err != nil || !slices.Equal(servers, want) {
+		t.Fatalf("servers %v, %v once the file exists; want %v", servers, err, want)
 	}
 }

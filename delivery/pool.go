@@ -26,14 +26,17 @@ type pool struct {
 	idleTimeout time.Duration
 	maxReuse    int
 
-	mu     sync.Mutex
-	idle   map[poolKey][]*smtpConn
-	closed bool
-	wg     sync.WaitGroup // idle timers and background QUITs
+	mu       sync.Mutex
+	idle     map[poolKey][]*smtpConn
+	quitting map[*smtpConn]struct{} // waiting for the reply to QUIT
+	closed   bool
+	cutOff   bool           // close's deadline passed: no more waiting for QUIT
+	wg       sync.WaitGroup // idle timers and background QUITs
 }
 
 func newPool(idleTimeout time.Duration, maxReuse int) *pool {
-	return &pool{idleTimeout: idleTimeout, maxReuse: maxReuse, idle: make(map[poolKey][]*smtpConn)}
+	return &pool{idleTimeout: idleTimeout, maxReuse: maxReuse,
+		idle: make(map[poolKey][]*smtpConn), quitting: make(map[*smtpConn]struct{})}
 }
 
 // get returns an idle connection for key, or nil. The caller owns it and
@@ -77,7 +80,7 @@ func (p *pool) put(sc *smtpConn) {
 		p.wg.Add(1)
 		go func() {
 			defer p.wg.Done()
-			sc.quit()
+			p.quit(sc)
 		}()
 		return
 	}
@@ -107,14 +110,32 @@ func (p *pool) expire(key poolKey, sc *smtpConn) {
 	}
 	p.mu.Unlock()
 	if found {
-		sc.quit()
+		p.quit(sc)
 	}
 }
 
+// quit ends sc's session with QUIT, unless close's deadline has passed, when
+// it is closed at once.
+func (p *pool) quit(sc *smtpConn) {
+	p.mu.Lock()
+	if p.cutOff {
+		p.mu.Unlock()
+		sc.raw.Close()
+		return
+	}
+	p.quitting[sc] = struct{}{}
+	p.mu.Unlock()
+	sc.quit()
+	p.mu.Lock()
+	delete(p.quitting, sc)
+	p.mu.Unlock()
+}
+
 // close sends QUIT on every idle connection and waits for that and for the
-// connections being closed in the background. Connections put back later
-// are closed at once.
-func (p *pool) close() {
+// connections being closed in the background, but not past deadline: then
+// the connections still waiting for a reply to QUIT are closed under it.
+// Connections put back later are closed at once.
+func (p *pool) close(deadline time.Time) {
 	p.mu.Lock()
 	p.closed = true
 	var conns []*smtpConn
@@ -136,12 +157,28 @@ func (p *pool) close() {
 	}
 	p.mu.Unlock()
 
-	var wg sync.WaitGroup
 	for _, sc := range conns {
-		wg.Go(sc.quit)
+		p.wg.Go(func() { p.quit(sc) })
 	}
-	wg.Wait()
-	p.wg.Wait()
+	done := make(chan struct{})
+	go func() {
+		p.wg.Wait()
+		close(done)
+	}()
+	timer := time.NewTimer(time.Until(deadline))
+	defer timer.Stop()
+	select {
+	case <-done:
+		return
+	case <-timer.C:
+	}
+	p.mu.Lock()
+	p.cutOff = true
+	for sc := range p.quitting {
+		sc.raw.Close()
+	}
+	p.mu.Unlock()
+	<-done
 }
 
 // has reports whether an idle connection for key is waiting.

@@ -1,6 +1,8 @@
 package delivery
 
 import (
+	"slices"
+	"strings"
 	"testing"
 	"time"
 
@@ -109,7 +111,7 @@ func TestPoolCloseSendsQUIT(t *testing.T) {
 	if res := e.attempt(t, "close.test", "a@close.test"); res.Rcpts[0].Err != nil {
 		t.Fatal(res.Rcpts[0].Err)
 	}
-	e.pool.close()
+	e.pool.close(time.Now().Add(time.Minute))
 	if n := srv.Commands("QUIT"); n != 1 {
 		t.Fatalf("%d QUIT after close, want 1", n)
 	}
@@ -117,12 +119,49 @@ func TestPoolCloseSendsQUIT(t *testing.T) {
 	if res := e.attempt(t, "close.test", "a@close.test"); res.Rcpts[0].Err != nil {
 		t.Fatal(res.Rcpts[0].Err)
 	}
-	e.pool.close()
+	e.pool.close(time.Now().Add(time.Minute))
 	if n := e.pool.idleCount(); n != 0 {
 		t.Fatalf("%d idle connections after close", n)
 	}
 	if n := srv.Commands("QUIT"); n != 2 {
 		t.Fatalf("%d QUIT, want 2", n)
+	}
+}
+
+// TestPoolCloseCutsOffUnansweredQUIT checks that close does not wait past
+// its deadline for a server that never answers QUIT.
+func TestPoolCloseCutsOffUnansweredQUIT(t *testing.T) {
+	t.Parallel()
+	release := make(chan struct{})
+	srv := scriptedServer(t, func(cmd string) string {
+		if strings.EqualFold(cmd, "QUIT") {
+			<-release
+		}
+		return ""
+	}, "250-mx.test", "250 8BITMIME")
+	t.Cleanup(func() { close(release) }) // runs before the server's cleanup
+	cfg := testSMTPConfig()
+	cfg.CommandTimeout = time.Minute // QUIT would wait quitTimeout
+	e := newSenderEnv(t, cfg, nil)
+	e.addMX("silent.test", "mx.silent.test", "192.0.2.1", 10, nil)
+	e.dialer.route("192.0.2.1", 25, srv.addr)
+	if res := e.attempt(t, "silent.test", "a@silent.test"); res.Rcpts[0].Err != nil {
+		t.Fatal(res.Rcpts[0].Err)
+	}
+	if e.pool.idleCount() != 1 {
+		t.Fatal("connection not pooled")
+	}
+
+	closed := make(chan struct{})
+	go func() {
+		e.pool.close(time.Now().Add(500 * time.Millisecond))
+		close(closed)
+	}()
+	waitFor(t, 5*time.Second, "QUIT", func() bool { return slices.Contains(srv.commands(), "QUIT") })
+	select {
+	case <-closed:
+	case <-time.After(quitTimeout / 2):
+		t.Fatal("close still waiting for the reply to QUIT past its deadline")
 	}
 }
 

@@ -18,9 +18,10 @@ type RetryConfig struct {
 	// Jitter spreads each interval by up to this fraction either way, so
 	// recipients that failed together do not retry together. Defaults to 0.2.
 	Jitter float64
-	// MaxAge is how long after a message was created its recipients are still
-	// retried; a recipient whose next attempt would fall later fails instead.
-	// Defaults to 48h.
+	// MaxAge is how long after a message became due (its creation, or its
+	// send_at when it was scheduled) its recipients are still retried; a
+	// recipient whose next attempt would fall later fails instead. Defaults
+	// to 48h.
 	MaxAge time.Duration
 }
 
@@ -90,10 +91,11 @@ func (p retryPolicy) backoff(attempts int) time.Duration {
 }
 
 // next decides what follows a temporary failure: the time of the next
-// attempt, or expired when that time falls past the message's maximum age.
-func (p retryPolicy) next(now time.Time, attempts int, created time.Time) (at time.Time, expired bool) {
+// attempt, or expired when that time falls more than MaxAge after dueSince,
+// the time the message became due.
+func (p retryPolicy) next(now time.Time, attempts int, dueSince time.Time) (at time.Time, expired bool) {
 	at = now.Add(p.backoff(attempts))
-	if at.After(created.Add(p.cfg.MaxAge)) {
+	if at.After(dueSince.Add(p.cfg.MaxAge)) {
 		return time.Time{}, true
 	}
 	return at, false

@@ -67,18 +67,18 @@ func TestRetryNextExpiresPastMaxAge(t *testing.T) {
 	t.Parallel()
 	p := newRetryPolicy(RetryConfig{}.WithDefaults())
 	p.rand = func() float64 { return 0.5 }
-	created := time.Date(2030, 1, 1, 0, 0, 0, 0, time.UTC)
+	due := time.Date(2030, 1, 1, 0, 0, 0, 0, time.UTC)
 
-	at, expired := p.next(created.Add(10*time.Minute), 1, created)
-	if expired || !at.Equal(created.Add(11*time.Minute)) {
+	at, expired := p.next(due.Add(10*time.Minute), 1, due)
+	if expired || !at.Equal(due.Add(11*time.Minute)) {
 		t.Fatalf("next = %s, %v", at, expired)
 	}
 	// 47h30m + 1h lands past 48h.
-	if _, expired := p.next(created.Add(47*time.Hour+30*time.Minute), 20, created); !expired {
+	if _, expired := p.next(due.Add(47*time.Hour+30*time.Minute), 20, due); !expired {
 		t.Fatal("a retry past the maximum age was scheduled")
 	}
 	// Exactly at the limit is still allowed.
-	if _, expired := p.next(created.Add(47*time.Hour), 20, created); expired {
+	if _, expired := p.next(due.Add(47*time.Hour), 20, due); expired {
 		t.Fatal("a retry at the maximum age expired")
 	}
 }

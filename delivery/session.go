@@ -249,7 +249,7 @@ func (sc *smtpConn) transaction(ctx context.Context, from string, rcpts []string
 	decided := make([]bool, len(rcpts))
 	failRest := func(err error) []rcptResult {
 		se := asSMTPError(err)
-		if ctx.Err() != nil && !isReply(err) {
+		if ctx.Err() != nil && !isReply(err) && !errors.Is(err, ctx.Err()) {
 			// The connection was closed under the client because the
 			// context ended; say so rather than "use of closed connection".
 			se = asSMTPError(fmt.Errorf("%w: %w", context.Cause(ctx), err))
@@ -303,6 +303,14 @@ func (sc *smtpConn) transaction(ctx context.Context, from string, rcpts []string
 	if _, err := w.Write(data); err != nil {
 		sc.broken = true
 		return failRest(err)
+	}
+	// The end of the data is the point of no return: once it is sent the
+	// server may take the message. An attempt past its deadline stops short
+	// of it: the lease that the deadline protects may be gone, and another
+	// dispatcher may be sending the same message.
+	if ctx.Err() != nil {
+		sc.broken = true
+		return failRest(context.Cause(ctx))
 	}
 	resp, err := w.CloseWithResponse()
 	accept, ok := acceptance(resp, err)
