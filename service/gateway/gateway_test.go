@@ -72,21 +72,8 @@ func setup(t *testing.T, cfg service.Config, opts ...gateway.Option) *env {
 		t.Fatal(err)
 	}
 	gs := service.NewGRPCServer(srv, e.store, logger)
-	lis, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	served := make(chan struct{})
-	go func() {
-		defer close(served)
-		_ = gs.Serve(lis)
-	}()
-	t.Cleanup(func() {
-		gs.Stop()
-		<-served
-	})
-
-	h, closeGateway, err := gateway.New(t.Context(), lis.Addr().String(), logger, opts...)
+	grpcAddr := testenv.ServeGRPC(t, gs)
+	h, closeGateway, err := gateway.New(t.Context(), grpcAddr, logger, opts...)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -99,7 +86,7 @@ func setup(t *testing.T, cfg service.Config, opts ...gateway.Option) *env {
 	})
 	e.url = hs.URL
 
-	conn, err := grpc.NewClient(lis.Addr().String(), grpc.WithTransportCredentials(insecure.NewCredentials()))
+	conn, err := grpc.NewClient(grpcAddr, grpc.WithTransportCredentials(insecure.NewCredentials()))
 	if err != nil {
 		t.Fatal(err)
 	}
