@@ -42,8 +42,9 @@ func BenchmarkClaimAndRecord(b *testing.B) {
 						RecipientID: c.ID, LeaseOwner: c.LeaseOwner, Status: db.StatusDeferred,
 						NextAttemptAt: now.Add(-time.Second),
 						Code:          451, EnhancedCode: "4.7.1", Text: "greylisted",
-						Attempt: &db.NewAttempt{StartedAt: now, Duration: 30 * time.Millisecond,
-							MXHost: "mx." + c.Domain, IP: "127.0.0.1", TLS: true, TLSVersion: "TLS 1.3"},
+						Attempts: []db.NewAttempt{{StartedAt: now, Duration: 30 * time.Millisecond,
+							MXHost: "mx." + c.Domain, IP: "127.0.0.1", TLS: true, TLSVersion: "TLS 1.3",
+							Code: 451, EnhancedCode: "4.7.1", Text: "greylisted"}},
 					}
 				}
 				applied, err := env.db.RecordOutcomes(ctx, outcomes)

@@ -1,8 +1,10 @@
 package db_test
 
 import (
+	"bytes"
 	"context"
 	"fmt"
+	"slices"
 	"testing"
 	"time"
 
@@ -67,6 +69,22 @@ func newMessage(t testing.TB, n int) db.NewMessage {
 	}
 	for i := range n {
 		domain := fmt.Sprintf("d%d.example.test", i)
+		m.Recipients = append(m.Recipients, db.NewRecipient{
+			ID:      newID(t),
+			Address: fmt.Sprintf("user%d@%s", i, domain),
+			Domain:  domain,
+			Kind:    db.KindTo,
+		})
+	}
+	return m
+}
+
+// newMessageTo returns a valid message with one recipient at each of the
+// given domains, which may repeat.
+func newMessageTo(t testing.TB, domains ...string) db.NewMessage {
+	t.Helper()
+	m := newMessage(t, 0)
+	for i, domain := range domains {
 		m.Recipients = append(m.Recipients, db.NewRecipient{
 			ID:      newID(t),
 			Address: fmt.Sprintf("user%d@%s", i, domain),
@@ -148,6 +166,10 @@ func recipientStatuses(m db.Message) []string {
 		out[i] = r.Status
 	}
 	return out
+}
+
+func sortIDs(ids []uuid.UUID) {
+	slices.SortFunc(ids, func(a, b uuid.UUID) int { return bytes.Compare(a[:], b[:]) })
 }
 
 func usec(t time.Time) time.Time { return t.Truncate(time.Microsecond) }

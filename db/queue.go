@@ -15,7 +15,14 @@ import (
 type ClaimParams struct {
 	// Owner names this claim in the lease; it must be unique per call.
 	Owner string
-	// Limit is the most rows to claim.
+	// Limit is how many rows to pick, oldest due first. The claim then adds
+	// the other due rows of each (message, domain) group it picked, so that
+	// a message's recipients at one domain are claimed together and can go
+	// out in one SMTP transaction: a batch may exceed Limit by the rest of
+	// the groups it picked. Rows of a group due at the same time are picked
+	// together, so usually only the last group adds any. Claimers racing
+	// for the same group may still split it between them, each taking the
+	// rows the other had not locked yet.
 	Limit int
 	// LeaseFor is how long the rows stay leased before the rescuer may take
 	// them back.
@@ -51,7 +58,7 @@ type MessageContent struct {
 	Raw          []byte
 }
 
-// NewAttempt describes the SMTP attempt behind an Outcome.
+// NewAttempt is one SMTP host tried for a recipient in a delivery attempt.
 type NewAttempt struct {
 	StartedAt  time.Time
 	Duration   time.Duration
@@ -59,6 +66,13 @@ type NewAttempt struct {
 	IP         string
 	TLS        bool
 	TLSVersion string
+	// The host's reply: for the host that ran the transaction, the reply
+	// that decided the recipient; for a host left for the next, the reply
+	// that refused the session (a 421 greeting, say), or code 0 when there
+	// was none (connection refused, timeout) with Text saying what happened.
+	Code         int
+	EnhancedCode string
+	Text         string
 }
 
 // Outcome is the result of delivering one claimed recipient.
@@ -74,9 +88,13 @@ type Outcome struct {
 	Code         int
 	EnhancedCode string
 	Text         string
-	// Attempt is nil when no SMTP attempt was made (null MX, NXDOMAIN): no
-	// attempt row is written, but the recipient's attempt count still grows.
-	Attempt *NewAttempt
+	// Attempts are the SMTP hosts tried, in order, each written as an
+	// attempt row: every one but the last was given up for the next, and
+	// its row's outcome is deferred; the last row's outcome is Status. It
+	// is empty when no host was tried (null MX, NXDOMAIN): no attempt row
+	// is written, but the recipient's attempt count still grows, by one
+	// however many hosts were tried.
+	Attempts []NewAttempt
 }
 
 // nowParam is NULL for the zero time, so that SQL falls back to now().
@@ -84,19 +102,45 @@ func nowParam(t time.Time) pgtype.Timestamptz {
 	return pgtype.Timestamptz{Time: t, Valid: !t.IsZero()}
 }
 
-// claimSQL leases due rows oldest-due first. SKIP LOCKED lets claimers run
-// side by side without waiting for or taking each other's rows. greatest()
-// skips a NULL send_at, so an unscheduled message is due since its creation.
+// claimSQL leases due rows oldest-due first, whole (message, domain) groups
+// at a time, so that the recipients of one message at one domain can go out
+// in one SMTP transaction.
+//
+// picked takes up to $2 due rows. Its order keeps a group's rows together
+// when they are due at the same time, as the rows of a new message are, so
+// that the limit cuts at most the last group in two. rest then takes the
+// other due rows of every group picked: those past the limit, and those due
+// at other times (deferred rows each have their own next_attempt_at). It
+// looks each group up on its own (LATERAL), by recipients_due_group_idx,
+// whatever the planner guesses of the number of due rows. The picked rows,
+// locked by this statement already, are found again by rest and counted
+// once. SKIP LOCKED lets claimers run side by side without waiting for or
+// taking each other's rows. greatest() skips a NULL send_at, so an
+// unscheduled message is due since its creation.
 //
 // $1 owner, $2 limit, $3 lease length in microseconds, $4 now or NULL.
 const claimSQL = `
-WITH due AS (
-    SELECT id FROM recipients
+WITH picked AS (
+    SELECT id, message_id, domain FROM recipients
     WHERE status IN ('queued', 'scheduled', 'deferred')
       AND next_attempt_at <= coalesce($4::timestamptz, now())
-    ORDER BY next_attempt_at
+    ORDER BY next_attempt_at, message_id, domain
     LIMIT $2
     FOR NO KEY UPDATE SKIP LOCKED
+), rest AS (
+    SELECT g.id
+    FROM (SELECT DISTINCT message_id, domain FROM picked) p
+    CROSS JOIN LATERAL (
+        SELECT r.id FROM recipients r
+        WHERE r.message_id = p.message_id AND r.domain = p.domain
+          AND r.status IN ('queued', 'scheduled', 'deferred')
+          AND r.next_attempt_at <= coalesce($4::timestamptz, now())
+        FOR NO KEY UPDATE SKIP LOCKED
+    ) g
+), due AS (
+    SELECT id FROM picked
+    UNION
+    SELECT id FROM rest
 )
 UPDATE recipients r
 SET status = 'sending',
@@ -108,9 +152,11 @@ WHERE r.id = due.id AND m.id = r.message_id
 RETURNING r.id, r.message_id, r.address, r.domain, r.attempts, m.created_at,
     greatest(m.created_at, m.send_at), r.lease_owner, r.lease_until`
 
-// ClaimRecipients leases up to p.Limit due recipients (queued, scheduled or
-// deferred, with next_attempt_at passed) to p.Owner for p.LeaseFor, and
-// marks their messages as sending. Rows another claimer holds are skipped.
+// ClaimRecipients leases due recipients (queued, scheduled or deferred, with
+// next_attempt_at passed) to p.Owner for p.LeaseFor, and marks their messages
+// as sending. It takes whole groups of the same message and domain: up to
+// p.Limit rows, then the other due rows of their groups (see
+// ClaimParams.Limit). Rows another claimer holds are skipped.
 func (d *DB) ClaimRecipients(ctx context.Context, p ClaimParams) ([]ClaimedRecipient, error) {
 	switch {
 	case p.Owner == "":
@@ -236,19 +282,22 @@ FOR NO KEY UPDATE`
 
 // recordOutcomesSQL applies a batch of outcomes in one statement. A row is
 // applied only while it is still sending under the lease it was claimed
-// with; anything else (rescued, re-claimed) is skipped.
+// with; anything else (rescued, re-claimed), and its attempt rows, are
+// skipped.
 //
-// $1 recipient ids, $2 lease owners, $3 outcomes, $4 next attempt times,
-// $5 codes, $6 enhanced codes, $7 texts, then the attempt: $8 id (NULL when
-// there was none), $9 start, $10 duration in microseconds, $11 MX host,
-// $12 IP, $13 TLS, $14 TLS version.
+// The outcomes, one per recipient: $1 recipient ids, $2 lease owners,
+// $3 outcomes, $4 next attempt times, $5 codes, $6 enhanced codes, $7 texts,
+// $8 the MX host of the last attempt (empty when there was none).
+//
+// The attempt rows, any number per recipient: $9 id, $10 recipient id,
+// $11 outcome, $12 start, $13 duration in microseconds, $14 MX host, $15 IP,
+// $16 TLS, $17 TLS version, $18 code, $19 enhanced code, $20 text.
 const recordOutcomesSQL = `
 WITH input AS (
     SELECT * FROM unnest(
         $1::uuid[], $2::text[], $3::text[], $4::timestamptz[], $5::integer[], $6::text[], $7::text[],
-        $8::uuid[], $9::timestamptz[], $10::bigint[], $11::text[], $12::text[], $13::boolean[], $14::text[]
-    ) AS i(id, owner, outcome, next_attempt_at, code, enhanced_code, text,
-           attempt_id, started_at, duration_us, mx_host, ip, tls, tls_version)
+        $8::text[]
+    ) AS i(id, owner, outcome, next_attempt_at, code, enhanced_code, text, mx_host)
 ), upd AS (
     UPDATE recipients r
     SET status = CASE
@@ -272,10 +321,14 @@ WITH input AS (
 ), att AS (
     INSERT INTO attempts (id, recipient_id, message_id, started_at, duration, mx_host, ip, tls,
         tls_version, code, enhanced_code, text, outcome)
-    SELECT i.attempt_id, u.id, u.message_id, i.started_at, i.duration_us * interval '1 microsecond',
-        i.mx_host, i.ip, i.tls, i.tls_version, i.code, i.enhanced_code, i.text, i.outcome
-    FROM upd u JOIN input i ON i.id = u.id
-    WHERE i.attempt_id IS NOT NULL
+    SELECT a.id, u.id, u.message_id, a.started_at, a.duration_us * interval '1 microsecond',
+        a.mx_host, a.ip, a.tls, a.tls_version, a.code, a.enhanced_code, a.text, a.outcome
+    FROM unnest(
+        $9::uuid[], $10::uuid[], $11::text[], $12::timestamptz[], $13::bigint[], $14::text[],
+        $15::text[], $16::boolean[], $17::text[], $18::integer[], $19::text[], $20::text[]
+    ) AS a(id, recipient_id, outcome, started_at, duration_us, mx_host, ip, tls, tls_version,
+           code, enhanced_code, text)
+    JOIN upd u ON u.id = a.recipient_id
 ), ev AS (
     INSERT INTO events (message_id, recipient_id, type, details)
     SELECT u.message_id, u.id, u.status, jsonb_strip_nulls(jsonb_build_object(
@@ -306,13 +359,60 @@ func validateOutcome(o Outcome) error {
 	default:
 		return fmt.Errorf("Status %q is not delivered, deferred, bounced or failed", o.Status)
 	}
-	if o.Attempt != nil {
+	for i, a := range o.Attempts {
 		switch {
-		case o.Attempt.StartedAt.IsZero():
-			return errors.New("Attempt.StartedAt is required")
-		case o.Attempt.Duration < 0:
-			return errors.New("Attempt.Duration must not be negative")
+		case a.StartedAt.IsZero():
+			return fmt.Errorf("Attempts[%d].StartedAt is required", i)
+		case a.Duration < 0:
+			return fmt.Errorf("Attempts[%d].Duration must not be negative", i)
 		}
+	}
+	return nil
+}
+
+// newAttemptRows are the attempt rows of a RecordOutcomes call as the
+// columns recordOutcomesSQL takes.
+type newAttemptRows struct {
+	ids          []uuid.UUID
+	recipientIDs []uuid.UUID
+	outcomes     []string
+	startedAt    []time.Time
+	durations    []int64
+	mxHosts      []string
+	ips          []string
+	tls          []bool
+	tlsVersions  []string
+	codes        []int32
+	enhanced     []string
+	texts        []string
+}
+
+// add appends the rows of o's attempts: deferred but for the last, which
+// gets o.Status.
+func (c *newAttemptRows) add(o Outcome) error {
+	for i, a := range o.Attempts {
+		// Version 7 ids grow with time, so attempts that start within the
+		// same microsecond still list in the order they were made.
+		id, err := uuid.NewV7()
+		if err != nil {
+			return fmt.Errorf("attempt id: %w", err)
+		}
+		outcome := StatusDeferred
+		if i == len(o.Attempts)-1 {
+			outcome = o.Status
+		}
+		c.ids = append(c.ids, id)
+		c.recipientIDs = append(c.recipientIDs, o.RecipientID)
+		c.outcomes = append(c.outcomes, outcome)
+		c.startedAt = append(c.startedAt, a.StartedAt)
+		c.durations = append(c.durations, a.Duration.Microseconds())
+		c.mxHosts = append(c.mxHosts, a.MXHost)
+		c.ips = append(c.ips, a.IP)
+		c.tls = append(c.tls, a.TLS)
+		c.tlsVersions = append(c.tlsVersions, a.TLSVersion)
+		c.codes = append(c.codes, int32(a.Code))
+		c.enhanced = append(c.enhanced, a.EnhancedCode)
+		c.texts = append(c.texts, a.Text)
 	}
 	return nil
 }
@@ -322,11 +422,12 @@ func validateOutcome(o Outcome) error {
 //
 // Each row is fenced on its lease: it is applied only while it is still
 // sending and leased to o.LeaseOwner; rows that were rescued or claimed by
-// someone else since are skipped. An applied row counts one more attempt,
-// keeps the reply, clears its lease, gets an attempt row (when o.Attempt is
-// set) and an event of its new status. A row whose message was canceled
-// while it was in flight ends canceled unless it was delivered or bounced.
-// Finally the status of the affected messages is brought up to date.
+// someone else since are skipped, attempt rows and all. An applied row
+// counts one more attempt, keeps the reply, clears its lease, gets one
+// attempt row per host in o.Attempts and an event of its new status. A row
+// whose message was canceled while it was in flight ends canceled unless it
+// was delivered or bounced. Finally the status of the affected messages is
+// brought up to date.
 func (d *DB) RecordOutcomes(ctx context.Context, outcomes []Outcome) ([]uuid.UUID, error) {
 	if len(outcomes) == 0 {
 		return nil, nil
@@ -340,13 +441,8 @@ func (d *DB) RecordOutcomes(ctx context.Context, outcomes []Outcome) ([]uuid.UUI
 		codes        = make([]int32, n)
 		enhanced     = make([]string, n)
 		texts        = make([]string, n)
-		attemptIDs   = make([]pgtype.UUID, n)
-		startedAt    = make([]pgtype.Timestamptz, n)
-		durations    = make([]int64, n)
-		mxHosts      = make([]string, n)
-		ips          = make([]string, n)
-		tls          = make([]bool, n)
-		tlsVersions  = make([]string, n)
+		lastHosts    = make([]string, n)
+		attempts     newAttemptRows
 		seen         = make(map[uuid.UUID]struct{}, n)
 	)
 	for i, o := range outcomes {
@@ -362,22 +458,20 @@ func (d *DB) RecordOutcomes(ctx context.Context, outcomes []Outcome) ([]uuid.UUI
 			nextAttempts[i] = pgtype.Timestamptz{Time: o.NextAttemptAt, Valid: true}
 		}
 		codes[i], enhanced[i], texts[i] = int32(o.Code), o.EnhancedCode, o.Text
-		if a := o.Attempt; a != nil {
-			id, err := uuid.NewV7()
-			if err != nil {
-				return nil, fmt.Errorf("record outcomes: attempt id: %w", err)
-			}
-			attemptIDs[i] = pgtype.UUID{Bytes: id, Valid: true}
-			startedAt[i] = pgtype.Timestamptz{Time: a.StartedAt, Valid: true}
-			durations[i] = a.Duration.Microseconds()
-			mxHosts[i], ips[i], tls[i], tlsVersions[i] = a.MXHost, a.IP, a.TLS, a.TLSVersion
+		if len(o.Attempts) > 0 {
+			lastHosts[i] = o.Attempts[len(o.Attempts)-1].MXHost
+		}
+		if err := attempts.add(o); err != nil {
+			return nil, fmt.Errorf("record outcomes: %w", err)
 		}
 	}
 
 	b := &pgx.Batch{}
 	b.Queue(lockRecipientsSQL, ids)
-	b.Queue(recordOutcomesSQL, ids, owners, statuses, nextAttempts, codes, enhanced, texts,
-		attemptIDs, startedAt, durations, mxHosts, ips, tls, tlsVersions)
+	b.Queue(recordOutcomesSQL, ids, owners, statuses, nextAttempts, codes, enhanced, texts, lastHosts,
+		attempts.ids, attempts.recipientIDs, attempts.outcomes, attempts.startedAt, attempts.durations,
+		attempts.mxHosts, attempts.ips, attempts.tls, attempts.tlsVersions, attempts.codes,
+		attempts.enhanced, attempts.texts)
 	b.Queue(lockMessagesOfRecipients, ids)
 	b.Queue(deriveStatusOfRecipients, ids)
 	applied, err := func() ([]uuid.UUID, error) {

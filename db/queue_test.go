@@ -2,6 +2,8 @@ package db_test
 
 import (
 	"context"
+	"fmt"
+	"maps"
 	"slices"
 	"strings"
 	"sync"
@@ -20,7 +22,30 @@ func TestClaimConcurrentClaimersNeverShareRows(t *testing.T) {
 	for range messages {
 		insert(t, b.db, newMessage(t, perMessage))
 	}
+	claimConcurrently(t, b, messages*perMessage)
+}
 
+// TestClaimConcurrentClaimersNeverShareGroupedRows is the test above with
+// every message's recipients at one domain, so that each claim takes the
+// rest of the groups it picked.
+func TestClaimConcurrentClaimersNeverShareGroupedRows(t *testing.T) {
+	t.Parallel()
+	b := setup(t)
+	const messages, perMessage = 40, 5
+	for i := range messages {
+		domains := make([]string, perMessage)
+		for j := range domains {
+			domains[j] = fmt.Sprintf("g%d.example.test", i%3)
+		}
+		insert(t, b.db, newMessageTo(t, domains...))
+	}
+	claimConcurrently(t, b, messages*perMessage)
+}
+
+// claimConcurrently runs claimers side by side until the queue is empty and
+// checks that every one of the want rows was claimed exactly once.
+func claimConcurrently(t *testing.T, b bundle, want int) {
+	t.Helper()
 	const claimers = 4
 	var (
 		wg  sync.WaitGroup
@@ -56,14 +81,117 @@ func TestClaimConcurrentClaimersNeverShareRows(t *testing.T) {
 		})
 	}
 	wg.Wait()
-	if len(all) != messages*perMessage {
-		t.Errorf("claimed %d rows, want %d", len(all), messages*perMessage)
+	if len(all) != want {
+		t.Errorf("claimed %d rows, want %d", len(all), want)
 	}
 	if n := count(t, b.raw, `SELECT count(*) FROM recipients WHERE status <> 'sending'`); n != 0 {
 		t.Errorf("%d rows not sending after claiming everything", n)
 	}
 	if n := count(t, b.raw, `SELECT count(*) FROM messages WHERE status <> 'sending'`); n != 0 {
 		t.Errorf("%d messages not sending after claiming everything", n)
+	}
+}
+
+// TestClaimTakesWholeGroups checks that a claim whose limit falls inside
+// the recipients of one message at one domain takes the rest of them too,
+// so that they can go out in one transaction, and nothing else beyond the
+// limit: not the message's recipients at other domains, nor another
+// message's at the same domain.
+func TestClaimTakesWholeGroups(t *testing.T) {
+	t.Parallel()
+	b := setup(t)
+	ctx := context.Background()
+	base := usec(time.Now().Add(time.Hour))
+
+	first := newMessage(t, 5) // d0 to d4, due first
+	first.SendAt = base
+	insert(t, b.db, first)
+	domains := []string{"a.example.test", "z.example.test"}
+	for range 30 {
+		domains = append(domains, "big.example.test")
+	}
+	big := newMessageTo(t, domains...)
+	big.SendAt = base.Add(time.Second)
+	insert(t, b.db, big)
+	other := newMessageTo(t, "big.example.test", "big.example.test", "big.example.test")
+	other.SendAt = base.Add(2 * time.Second)
+	insert(t, b.db, other)
+
+	now := base.Add(time.Minute)
+	claimed, err := b.db.ClaimRecipients(ctx, db.ClaimParams{Owner: "one", Limit: 10, LeaseFor: time.Minute, Now: now})
+	if err != nil {
+		t.Fatal(err)
+	}
+	// first's 5 and big's a.example.test fill 6 of the 10; the other 4 are
+	// rows of big at big.example.test, which bring the other 26.
+	groups := map[string]int{}
+	for _, c := range claimed {
+		msg := map[uuid.UUID]string{first.ID: "first", big.ID: "big", other.ID: "other"}[c.MessageID]
+		groups[msg+" "+c.Domain]++
+	}
+	want := map[string]int{"big a.example.test": 1, "big big.example.test": 30}
+	for _, r := range first.Recipients {
+		want["first "+r.Domain] = 1
+	}
+	if !maps.Equal(groups, want) {
+		t.Fatalf("claimed (message domain: rows) %v, want %v", groups, want)
+	}
+
+	// The next claim takes what is left, whole groups again.
+	claimed, err = b.db.ClaimRecipients(ctx, db.ClaimParams{Owner: "two", Limit: 2, LeaseFor: time.Minute, Now: now})
+	if err != nil {
+		t.Fatal(err)
+	}
+	clear(groups)
+	for _, c := range claimed {
+		groups[c.MessageID.String()+" "+c.Domain]++
+	}
+	want = map[string]int{big.ID.String() + " z.example.test": 1, other.ID.String() + " big.example.test": 3}
+	if !maps.Equal(groups, want) {
+		t.Fatalf("second claim %v, want %v", groups, want)
+	}
+}
+
+// TestClaimTakesDueRowsOfGroupAtOtherTimes checks that a group whose rows
+// were deferred to different times is claimed whole once they are all due,
+// whatever the limit, while a row of it that is not due yet stays.
+func TestClaimTakesDueRowsOfGroupAtOtherTimes(t *testing.T) {
+	t.Parallel()
+	b := setup(t)
+	ctx := context.Background()
+	m := newMessageTo(t, "g.example.test", "g.example.test", "g.example.test", "g.example.test")
+	insert(t, b.db, m)
+	claimed := claimAll(t, b.db, time.Time{})
+	if len(claimed) != 4 {
+		t.Fatalf("claimed %d rows, want 4", len(claimed))
+	}
+	t0 := usec(time.Now().Add(time.Hour))
+	var outcomes []db.Outcome
+	for i, c := range claimed {
+		next := t0.Add(time.Duration(i) * time.Minute)
+		if i == 3 {
+			next = t0.Add(time.Hour)
+		}
+		outcomes = append(outcomes, db.Outcome{RecipientID: c.ID, LeaseOwner: c.LeaseOwner,
+			Status: db.StatusDeferred, NextAttemptAt: next, Code: 451})
+	}
+	if _, err := b.db.RecordOutcomes(ctx, outcomes); err != nil {
+		t.Fatal(err)
+	}
+
+	again, err := b.db.ClaimRecipients(ctx, db.ClaimParams{Owner: "o", Limit: 1, LeaseFor: time.Minute, Now: t0.Add(10 * time.Minute)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var got []uuid.UUID
+	for _, c := range again {
+		got = append(got, c.ID)
+	}
+	want := []uuid.UUID{claimed[0].ID, claimed[1].ID, claimed[2].ID}
+	sortIDs(got)
+	sortIDs(want)
+	if !slices.Equal(got, want) {
+		t.Fatalf("claimed %v, want the three due rows %v", got, want)
 	}
 }
 
@@ -209,16 +337,22 @@ func TestRecordOutcomes(t *testing.T) {
 	r0, r1, r2 := byAddr[m.Recipients[0].Address], byAddr[m.Recipients[1].Address], byAddr[m.Recipients[2].Address]
 	outcomes := []db.Outcome{
 		{
+			// The first host was busy, the second took the message.
 			RecipientID: r0.ID, LeaseOwner: r0.LeaseOwner, Status: db.StatusDelivered,
 			Code: 250, EnhancedCode: "2.0.0", Text: "ok queued as X",
-			Attempt: &db.NewAttempt{StartedAt: started, Duration: 1500 * time.Millisecond,
-				MXHost: "mx.d0.example.test", IP: "127.0.0.1", TLS: true, TLSVersion: "TLS 1.3"},
+			Attempts: []db.NewAttempt{
+				{StartedAt: started, Duration: 5 * time.Millisecond, MXHost: "mx1.d0.example.test", IP: "127.0.0.3",
+					Code: 421, EnhancedCode: "4.3.2", Text: "too busy"},
+				{StartedAt: started.Add(5 * time.Millisecond), Duration: 1500 * time.Millisecond,
+					MXHost: "mx.d0.example.test", IP: "127.0.0.1", TLS: true, TLSVersion: "TLS 1.3",
+					Code: 250, EnhancedCode: "2.0.0", Text: "ok queued as X"},
+			},
 		},
 		{
 			RecipientID: r1.ID, LeaseOwner: r1.LeaseOwner, Status: db.StatusDeferred, NextAttemptAt: retryAt,
 			Code: 451, EnhancedCode: "4.7.1", Text: "try later",
-			Attempt: &db.NewAttempt{StartedAt: started, Duration: 20 * time.Millisecond,
-				MXHost: "mx.d1.example.test", IP: "127.0.0.2"},
+			Attempts: []db.NewAttempt{{StartedAt: started, Duration: 20 * time.Millisecond,
+				MXHost: "mx.d1.example.test", IP: "127.0.0.2", Code: 451, EnhancedCode: "4.7.1", Text: "try later"}},
 		},
 		{
 			// No SMTP attempt: the domain had a null MX.
@@ -230,9 +364,9 @@ func TestRecordOutcomes(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	slices.SortFunc(applied, func(a, b uuid.UUID) int { return strings.Compare(a.String(), b.String()) })
+	sortIDs(applied)
 	want := []uuid.UUID{r0.ID, r1.ID, r2.ID}
-	slices.SortFunc(want, func(a, b uuid.UUID) int { return strings.Compare(a.String(), b.String()) })
+	sortIDs(want)
 	if !slices.Equal(applied, want) {
 		t.Fatalf("applied %v, want %v", applied, want)
 	}
@@ -254,24 +388,35 @@ func TestRecordOutcomes(t *testing.T) {
 		r.LastEnhancedCode != "5.1.10" || r.NextAttemptAt != nil {
 		t.Errorf("bounced recipient = %+v", r)
 	}
-	if len(got.Attempts) != 2 {
-		t.Fatalf("%d attempts, want 2", len(got.Attempts))
+	if len(got.Attempts) != 3 {
+		t.Fatalf("%d attempts, want 3", len(got.Attempts))
 	}
+	var delivered []db.Attempt
 	for _, a := range got.Attempts {
 		switch a.RecipientID {
 		case r0.ID:
-			if !a.StartedAt.Equal(started) || a.Duration != 1500*time.Millisecond || a.MXHost != "mx.d0.example.test" ||
-				a.IP != "127.0.0.1" || !a.TLS || a.TLSVersion != "TLS 1.3" || a.Code != 250 ||
-				a.EnhancedCode != "2.0.0" || a.Text != "ok queued as X" || a.Outcome != db.StatusDelivered || a.ID == uuid.Nil {
-				t.Errorf("delivered attempt = %+v", a)
-			}
+			delivered = append(delivered, a)
 		case r1.ID:
-			if a.Outcome != db.StatusDeferred || a.Code != 451 || a.TLS || a.Duration != 20*time.Millisecond {
+			if a.Outcome != db.StatusDeferred || a.Code != 451 || a.EnhancedCode != "4.7.1" || a.Text != "try later" ||
+				a.TLS || a.Duration != 20*time.Millisecond {
 				t.Errorf("deferred attempt = %+v", a)
 			}
 		default:
 			t.Errorf("attempt for %s, which had none", a.RecipientID)
 		}
+	}
+	if len(delivered) != 2 {
+		t.Fatalf("%d attempts for the delivered recipient, want one per host", len(delivered))
+	}
+	if a := delivered[0]; !a.StartedAt.Equal(started) || a.Duration != 5*time.Millisecond || a.MXHost != "mx1.d0.example.test" ||
+		a.IP != "127.0.0.3" || a.TLS || a.Code != 421 || a.EnhancedCode != "4.3.2" || a.Text != "too busy" ||
+		a.Outcome != db.StatusDeferred || a.ID == uuid.Nil {
+		t.Errorf("busy host's attempt = %+v, want it first and deferred", a)
+	}
+	if a := delivered[1]; !a.StartedAt.Equal(started.Add(5*time.Millisecond)) || a.Duration != 1500*time.Millisecond ||
+		a.MXHost != "mx.d0.example.test" || a.IP != "127.0.0.1" || !a.TLS || a.TLSVersion != "TLS 1.3" || a.Code != 250 ||
+		a.EnhancedCode != "2.0.0" || a.Text != "ok queued as X" || a.Outcome != db.StatusDelivered || a.ID == uuid.Nil {
+		t.Errorf("delivered attempt = %+v", a)
 	}
 	if got := eventTypes(t, b.raw, m.ID); !slices.Equal(slices.Sorted(slices.Values(got)),
 		[]string{"accepted", "bounced", "deferred", "delivered"}) {
@@ -382,7 +527,10 @@ func TestRecordOutcomesFencing(t *testing.T) {
 	// A finishes late: nothing of it may land.
 	applied, err := b.db.RecordOutcomes(ctx, []db.Outcome{{
 		RecipientID: claimA[0].ID, LeaseOwner: "A", Status: db.StatusDelivered, Code: 250,
-		Attempt: &db.NewAttempt{StartedAt: t0, Duration: time.Second},
+		Attempts: []db.NewAttempt{
+			{StartedAt: t0, Duration: time.Second, MXHost: "mx1.example.test", Text: "connection refused"},
+			{StartedAt: t0.Add(time.Second), Duration: time.Second, MXHost: "mx2.example.test", Code: 250},
+		},
 	}})
 	if err != nil {
 		t.Fatal(err)
@@ -438,7 +586,9 @@ func TestRecordOutcomesValidation(t *testing.T) {
 		{"bad status", []db.Outcome{{RecipientID: id, LeaseOwner: "o", Status: db.StatusQueued}}, "Status"},
 		{"deferred without time", []db.Outcome{{RecipientID: id, LeaseOwner: "o", Status: db.StatusDeferred}}, "NextAttemptAt"},
 		{"attempt without start", []db.Outcome{{RecipientID: id, LeaseOwner: "o", Status: db.StatusDelivered,
-			Attempt: &db.NewAttempt{}}}, "Attempt.StartedAt"},
+			Attempts: []db.NewAttempt{{StartedAt: time.Now()}, {}}}}, "Attempts[1].StartedAt"},
+		{"negative duration", []db.Outcome{{RecipientID: id, LeaseOwner: "o", Status: db.StatusDelivered,
+			Attempts: []db.NewAttempt{{StartedAt: time.Now(), Duration: -time.Second}}}}, "Attempts[0].Duration"},
 		{"duplicate", []db.Outcome{ok, ok}, "twice"},
 	}
 	for _, tt := range tests {
@@ -606,7 +756,7 @@ func TestConcurrentWorkersAndCancels(t *testing.T) {
 						RecipientID: c.ID, LeaseOwner: c.LeaseOwner, Status: status,
 						// Deferred rows are due again at once, until their third attempt.
 						NextAttemptAt: time.Now().Add(-time.Second), Code: 250,
-						Attempt: &db.NewAttempt{StartedAt: time.Now(), Duration: time.Millisecond},
+						Attempts: []db.NewAttempt{{StartedAt: time.Now(), Duration: time.Millisecond, Code: 250}},
 					}
 					if status == db.StatusDeferred && c.Attempts >= 2 {
 						outcomes[i].Status = db.StatusFailed

@@ -24,21 +24,29 @@ type envelope struct {
 }
 
 // attemptResult is what an attempt did: one result per recipient, in order,
-// and where it happened (nil when no connection was tried, as with a null
-// MX or NXDOMAIN).
+// and the addresses tried, in order (none when no connection was tried, as
+// with a null MX or NXDOMAIN). When a host took the transaction it is the
+// last one.
 type attemptResult struct {
-	Rcpts   []rcptResult
-	Started time.Time
-	Elapsed time.Duration
-	Host    *hostInfo
+	Rcpts []rcptResult
+	Hosts []hostTry
 }
 
-// hostInfo records the server an attempt talked to, or last tried.
-type hostInfo struct {
+// hostTry is one address tried in an attempt.
+type hostTry struct {
 	MXHost     string
 	IP         string
 	TLS        bool
 	TLSVersion string
+	Started    time.Time
+	Elapsed    time.Duration
+	// Err is why the host was left for the next: a refusal (the greeting,
+	// EHLO, STARTTLS) or a failure to talk at all. It is nil for the host
+	// that took the transaction, whose outcome Rcpts hold.
+	Err *SMTPError
+	// Replied reports whether Err is the host's reply rather than a failure
+	// to get one (refused connection, timeout, reset).
+	Replied bool
 }
 
 // attempt delivers env. ctx carries the deadline of the whole attempt
@@ -48,11 +56,8 @@ type hostInfo struct {
 // Only a transaction decides a bounce: a host that fails before MAIL FROM,
 // even with a 5yz reply to the greeting or to EHLO, is skipped, and when no
 // host is left the recipients are deferred with the last host's error.
-func (s *sender) attempt(ctx context.Context, env envelope) (res attemptResult) {
-	res.Started = time.Now()
-	// res is the named result, so the deferred update reaches the caller.
-	defer func() { res.Elapsed = time.Since(res.Started) }()
-
+func (s *sender) attempt(ctx context.Context, env envelope) attemptResult {
+	var res attemptResult
 	dctx, cancel := context.WithTimeout(ctx, s.dnsTimeout)
 	targets, serr := s.router.targets(dctx, env.Domain)
 	cancel()
@@ -62,26 +67,30 @@ func (s *sender) attempt(ctx context.Context, env envelope) (res attemptResult) 
 	}
 	targets = s.preferPooled(targets)
 
-	var lastErr *SMTPError
 	for _, t := range targets {
 		if ctx.Err() != nil {
 			break
 		}
-		res.Host = &hostInfo{MXHost: t.Host, IP: t.IP.String()}
+		h := hostTry{MXHost: t.Host, IP: t.IP.String(), Started: time.Now()}
 		sc, err := s.connect(ctx, t)
 		if err != nil {
 			// RFC 5321 section 5.1: on a connection failure or a
 			// greeting that is not 220, go on to the next address.
-			lastErr = asGreetingError(err)
+			h.Elapsed = time.Since(h.Started)
+			h.Err, h.Replied = asGreetingError(err), isReply(err)
+			res.Hosts = append(res.Hosts, h)
 			continue
 		}
-		res.Host.TLS, res.Host.TLSVersion = sc.tls, sc.tlsVersion
+		h.TLS, h.TLSVersion = sc.tls, sc.tlsVersion
 		res.Rcpts = sc.transaction(ctx, env.From, env.To, env.Data)
+		h.Elapsed = time.Since(h.Started)
+		res.Hosts = append(res.Hosts, h)
 		s.pool.put(sc)
 		return res
 	}
-	if lastErr == nil {
-		lastErr = asSMTPError(context.Cause(ctx))
+	lastErr := asSMTPError(context.Cause(ctx))
+	if n := len(res.Hosts); n > 0 {
+		lastErr = res.Hosts[n-1].Err
 	}
 	res.Rcpts = failAll(len(env.To), lastErr)
 	return res

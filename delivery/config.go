@@ -17,7 +17,10 @@ type Config struct {
 	// processes sharing a database. Defaults to the host name and a random
 	// suffix.
 	InstanceID string
-	// BatchSize is the most recipients claimed per query. Defaults to 100.
+	// BatchSize is how many recipients a claim picks, oldest due first. The
+	// claim also takes the other due recipients of each message at each
+	// domain it picked, so that they go out in one transaction; a batch
+	// can therefore hold more (see db.ClaimParams.Limit). Defaults to 100.
 	BatchSize int
 	// PollInterval is how often the outbox is checked without a wake-up, which
 	// is what picks up scheduled messages and retries. Defaults to 5s.

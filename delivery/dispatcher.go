@@ -394,18 +394,12 @@ func (d *Dispatcher) run(sessionCtx context.Context, j *job) {
 	d.recordOutcomes(j, d.outcomes(j, res, time.Now()))
 }
 
-// outcomes turns an attempt's results into the rows to record.
+// outcomes turns an attempt's results into the rows to record: each
+// recipient's outcome, with one attempt row per host tried.
 func (d *Dispatcher) outcomes(j *job, res attemptResult, now time.Time) []db.Outcome {
-	var att *db.NewAttempt
-	if res.Host != nil {
-		att = &db.NewAttempt{
-			StartedAt: res.Started, Duration: res.Elapsed,
-			MXHost: res.Host.MXHost, IP: res.Host.IP, TLS: res.Host.TLS, TLSVersion: res.Host.TLSVersion,
-		}
-	}
 	out := make([]db.Outcome, len(j.rcpts))
 	for i, r := range j.rcpts {
-		o := db.Outcome{RecipientID: r.ID, LeaseOwner: j.owner, Attempt: att}
+		o := db.Outcome{RecipientID: r.ID, LeaseOwner: j.owner}
 		rr := res.Rcpts[i]
 		switch {
 		case rr.Err == nil:
@@ -423,6 +417,21 @@ func (d *Dispatcher) outcomes(j *job, res attemptResult, now time.Time) []db.Out
 				o.Status, o.NextAttemptAt = db.StatusDeferred, next
 			}
 		}
+		if len(res.Hosts) > 0 {
+			o.Attempts = make([]db.NewAttempt, len(res.Hosts))
+			for k, h := range res.Hosts {
+				a := db.NewAttempt{StartedAt: h.Started, Duration: h.Elapsed,
+					MXHost: h.MXHost, IP: h.IP, TLS: h.TLS, TLSVersion: h.TLSVersion}
+				if h.Err == nil {
+					// The host that took the transaction: its reply is
+					// the recipient's.
+					a.Code, a.EnhancedCode, a.Text = o.Code, o.EnhancedCode, o.Text
+				} else {
+					a.Code, a.EnhancedCode, a.Text = hostReply(h)
+				}
+				o.Attempts[k] = a
+			}
+		}
 		out[i] = o
 	}
 	return out
@@ -436,6 +445,17 @@ func errorReply(e *SMTPError) (int, string, string) {
 		text += ": " + e.Err.Error()
 	}
 	return e.Code, e.EnhancedCode, text
+}
+
+// hostReply is what is stored of a host left for the next: its reply, or,
+// when it gave none, code 0 and what went wrong. The code made up for the
+// recipient (4.4.1 for a refused connection, say) is not the host's.
+func hostReply(h hostTry) (int, string, string) {
+	code, enhanced, text := errorReply(h.Err)
+	if !h.Replied {
+		return 0, "", text
+	}
+	return code, enhanced, text
 }
 
 // recordOutcomes writes the outcomes right after the reply, retrying for up

@@ -349,11 +349,133 @@ func TestDispatchGreetingRejectionNeverBounces(t *testing.T) {
 	if r := m.Recipients[0]; r.Status != db.StatusDelivered || r.LastCode != 250 || r.Attempts != 1 {
 		t.Fatalf("recipient %+v", r)
 	}
-	if len(m.Attempts) != 1 || m.Attempts[0].MXHost != "mx2.backup.test" {
-		t.Fatalf("attempts %+v", m.Attempts)
+	if len(m.Attempts) != 2 || m.Attempts[0].MXHost != "mx1.backup.test" || m.Attempts[0].Code != 554 ||
+		m.Attempts[0].Outcome != db.StatusDeferred || m.Attempts[1].MXHost != "mx2.backup.test" ||
+		m.Attempts[1].Outcome != db.StatusDelivered {
+		t.Fatalf("attempts %+v, want the refusing MX's then the second's", m.Attempts)
 	}
 	if msgs := accepting.Messages(); len(msgs) != 1 || !slices.Equal(msgs[0].To, []string{"a@backup.test"}) {
 		t.Fatalf("second MX got %+v", msgs)
+	}
+}
+
+// TestDispatchRecordsEveryHostTried checks that each MX host tried in one
+// delivery attempt leaves an attempt row for every recipient, in the order
+// the hosts were tried, with that host's reply (code 0 when it gave none),
+// while the recipients' attempt count goes up by one.
+func TestDispatchRecordsEveryHostTried(t *testing.T) {
+	t.Parallel()
+	type row struct {
+		host     string
+		code     int
+		enhanced string
+		text     string // a part of the text
+		outcome  string
+	}
+	busy := &smtp.SMTPError{Code: 421, EnhancedCode: smtp.EnhancedCode{4, 3, 2}, Message: "too busy"}
+	tests := []struct {
+		name          string
+		first, second []testenv.SMTPOption // nil: refuse connections
+		status        string
+		code          int
+		rows          []row
+	}{
+		{"421 greeting then delivered", []testenv.SMTPOption{testenv.WithGreeting(busy)}, []testenv.SMTPOption{},
+			db.StatusDelivered, 250, []row{
+				{"mx1.multi.test", 421, "4.3.2", "too busy", db.StatusDeferred},
+				{"mx2.multi.test", 250, "2.0.0", "", db.StatusDelivered},
+			}},
+		{"connection refused then delivered", nil, []testenv.SMTPOption{},
+			db.StatusDelivered, 250, []row{
+				{"mx1.multi.test", 0, "", "connection refused", db.StatusDeferred},
+				{"mx2.multi.test", 250, "2.0.0", "", db.StatusDelivered},
+			}},
+		{"421 greeting then connection refused", []testenv.SMTPOption{testenv.WithGreeting(busy)}, nil,
+			db.StatusDeferred, 451, []row{
+				{"mx1.multi.test", 421, "4.3.2", "too busy", db.StatusDeferred},
+				{"mx2.multi.test", 0, "", "connection refused", db.StatusDeferred},
+			}},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			t.Parallel()
+			e := newDispatchEnv(t)
+			addr := func(opts []testenv.SMTPOption) string {
+				if opts == nil {
+					return ""
+				}
+				return testenv.StartSMTP(t, opts...).Addr
+			}
+			e.mxAt("multi.test", "mx1.multi.test", 10, addr(tt.first))
+			e.mxAt("multi.test", "mx2.multi.test", 20, addr(tt.second))
+			cfg := e.config()
+			cfg.Retry.InitialInterval = time.Hour // stay deferred
+			cfg.Retry.MaxInterval = time.Hour
+			id := e.insert(t, time.Time{}, "a@multi.test", "b@multi.test")
+			e.start(t, cfg)
+
+			m := e.waitMessage(t, id, "the outcome", func(m db.Message) bool {
+				for _, r := range m.Recipients {
+					if r.Status != tt.status {
+						return false
+					}
+				}
+				return true
+			})
+			if len(m.Attempts) != 2*len(tt.rows) {
+				t.Fatalf("%d attempt rows, want %d: %+v", len(m.Attempts), 2*len(tt.rows), m.Attempts)
+			}
+			for _, r := range m.Recipients {
+				if r.Attempts != 1 || r.LastCode != tt.code {
+					t.Errorf("recipient %+v, want one attempt ending in %d", r, tt.code)
+				}
+				var got []db.Attempt
+				for _, a := range m.Attempts {
+					if a.RecipientID == r.ID {
+						got = append(got, a)
+					}
+				}
+				if len(got) != len(tt.rows) {
+					t.Fatalf("%s: %d attempt rows, want %d", r.Address, len(got), len(tt.rows))
+				}
+				for i, want := range tt.rows {
+					a := got[i]
+					if a.MXHost != want.host || a.Code != want.code || a.EnhancedCode != want.enhanced ||
+						!strings.Contains(a.Text, want.text) || a.Outcome != want.outcome || a.IP != fmt.Sprintf("192.0.2.%d", i+1) {
+						t.Errorf("%s: attempt %d = %+v, want %+v", r.Address, i, a, want)
+					}
+				}
+				if first, second := got[0], got[1]; second.StartedAt.Before(first.StartedAt.Add(first.Duration)) {
+					t.Errorf("%s: second host started at %s, before the first was done (%s + %s)",
+						r.Address, second.StartedAt, first.StartedAt, first.Duration)
+				}
+			}
+		})
+	}
+}
+
+// TestDispatchClaimsWholeGroups checks that recipients of one message at one
+// domain go out in one transaction even when they do not fit in one claim.
+func TestDispatchClaimsWholeGroups(t *testing.T) {
+	t.Parallel()
+	e := newDispatchEnv(t)
+	srv := testenv.StartSMTP(t)
+	e.mx("group.test", srv)
+	cfg := e.config()
+	cfg.BatchSize = 3
+	to := []string{"1@group.test", "2@group.test", "3@group.test", "4@group.test", "5@group.test"}
+	id := e.insert(t, time.Time{}, to...)
+	e.start(t, cfg)
+
+	if m := e.waitMessage(t, id, "delivery", final); m.Status != db.StatusDelivered {
+		t.Fatalf("message %s", m.Status)
+	}
+	msgs := srv.Messages()
+	if len(msgs) != 1 {
+		t.Fatalf("%d transactions, want 1 with all 5 recipients", len(msgs))
+	}
+	if got := slices.Sorted(slices.Values(msgs[0].To)); !slices.Equal(got, to) {
+		t.Fatalf("recipients %v, want %v", got, to)
 	}
 }
 

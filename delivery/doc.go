@@ -5,12 +5,12 @@
 // groups the recipients of one message and domain into one SMTP transaction,
 // finds the domain's mail hosts (MX records, null MX, implicit MX, or a
 // static route), talks SMTP to them with go-smtp, and writes each
-// recipient's outcome: delivered (2yz to the end of DATA); bounced (5yz to
-// MAIL, RCPT or DATA, or a domain that does not exist, has a null MX, or
-// whose mail hosts do not exist); or deferred with a backoff (4yz, network
-// and DNS trouble, hosts that refuse the session even with 5yz) until the
-// message is too old, when it fails. Every failure is expressed as an
-// *SMTPError.
+// recipient's outcome, with an attempt row for every host tried: delivered
+// (2yz to the end of DATA); bounced (5yz to MAIL, RCPT or DATA, or a domain
+// that does not exist, has a null MX, or whose mail hosts do not exist); or
+// deferred with a backoff (4yz, network and DNS trouble, hosts that refuse
+// the session even with 5yz) until the message is too old, when it fails.
+// Every failure is expressed as an *SMTPError.
 //
 // # Delivery is at least once
 //

@@ -124,6 +124,16 @@ func (e *senderEnv) attempt(t *testing.T, domain string, to ...string) attemptRe
 	return e.sender.attempt(ctx, envelope{Domain: domain, From: "bounce@sender.test", To: to, Data: testMessage("hello")})
 }
 
+// lastHost returns the last host an attempt tried, failing the test when it
+// tried none.
+func lastHost(t testing.TB, res attemptResult) hostTry {
+	t.Helper()
+	if len(res.Hosts) == 0 {
+		t.Fatal("no host tried")
+	}
+	return res.Hosts[len(res.Hosts)-1]
+}
+
 // testMessage is a small RFC 5322 message with CRLF line ends.
 func testMessage(body string) []byte {
 	return []byte(strings.Join([]string{

@@ -20,7 +20,7 @@ func TestPoolReusesConnection(t *testing.T) {
 		if res.Rcpts[0].Err != nil {
 			t.Fatalf("attempt %d: %v", i, res.Rcpts[0].Err)
 		}
-		if !res.Host.TLS {
+		if !lastHost(t, res).TLS {
 			t.Fatalf("attempt %d: reused connection lost its TLS state", i)
 		}
 	}

@@ -33,11 +33,15 @@ func TestAttemptDelivers(t *testing.T) {
 			t.Fatalf("recipient %d: reply %+v", i, r.Reply)
 		}
 	}
-	if res.Host == nil || res.Host.MXHost != "mx.ok.test" || res.Host.IP != "192.0.2.1" || res.Host.TLS {
-		t.Fatalf("host %+v", res.Host)
+	if len(res.Hosts) != 1 {
+		t.Fatalf("hosts %+v, want the one", res.Hosts)
 	}
-	if res.Started.IsZero() || res.Elapsed <= 0 {
-		t.Fatalf("started %s, elapsed %s: the attempt's timing was not kept", res.Started, res.Elapsed)
+	h := res.Hosts[0]
+	if h.MXHost != "mx.ok.test" || h.IP != "192.0.2.1" || h.TLS || h.Err != nil {
+		t.Fatalf("host %+v", h)
+	}
+	if h.Started.IsZero() || h.Elapsed <= 0 {
+		t.Fatalf("started %s, elapsed %s: the host's timing was not kept", h.Started, h.Elapsed)
 	}
 	msgs := srv.Messages()
 	if len(msgs) != 1 {
@@ -70,8 +74,8 @@ func TestAttemptUsesSTARTTLS(t *testing.T) {
 	if res.Rcpts[0].Err != nil {
 		t.Fatal(res.Rcpts[0].Err)
 	}
-	if !res.Host.TLS || res.Host.TLSVersion != "TLS 1.3" {
-		t.Fatalf("host %+v, want TLS 1.3", res.Host)
+	if h := lastHost(t, res); !h.TLS || h.TLSVersion != "TLS 1.3" {
+		t.Fatalf("host %+v, want TLS 1.3", h)
 	}
 	msgs := srv.Messages()
 	if len(msgs) != 1 || !msgs[0].TLS || msgs[0].Helo != "sender.test" {
@@ -93,8 +97,8 @@ func TestAttemptFallsBackToPlainTextWhenHandshakeFails(t *testing.T) {
 	if res.Rcpts[0].Err != nil {
 		t.Fatal(res.Rcpts[0].Err)
 	}
-	if res.Host.TLS {
-		t.Fatalf("host %+v, want plain text", res.Host)
+	if h := lastHost(t, res); h.TLS || len(res.Hosts) != 1 {
+		t.Fatalf("hosts %+v, want one in plain text", res.Hosts)
 	}
 	if n := srv.Connections(); n != 2 {
 		t.Fatalf("%d connections, want 2 (TLS, then plain)", n)
@@ -221,13 +225,19 @@ func TestAttemptTriesNextMX(t *testing.T) {
 		name    string
 		first   []testenv.SMTPOption // nil: refuse connections
 		wantIPs []string
+		// What is kept of the first host: its reply, or (replied false) a
+		// failure to get one.
+		code     int
+		enhanced string
+		replied  bool
 	}{
-		{"connection refused", nil, []string{"192.0.2.1:25", "192.0.2.2:25"}},
-		{"4xx greeting", []testenv.SMTPOption{testenv.WithGreeting(busy)}, []string{"192.0.2.1:25", "192.0.2.2:25"}},
+		{"connection refused", nil, []string{"192.0.2.1:25", "192.0.2.2:25"}, 451, "4.4.1", false},
+		{"4xx greeting", []testenv.SMTPOption{testenv.WithGreeting(busy)}, []string{"192.0.2.1:25", "192.0.2.2:25"},
+			421, "4.3.2", true},
 		{"5xx greeting", []testenv.SMTPOption{testenv.WithGreeting(&smtp.SMTPError{Code: 554, EnhancedCode: smtp.EnhancedCode{5, 3, 2}, Message: "no"})},
-			[]string{"192.0.2.1:25", "192.0.2.2:25"}},
+			[]string{"192.0.2.1:25", "192.0.2.2:25"}, 554, "5.3.2", true},
 		{"5xx to EHLO", []testenv.SMTPOption{testenv.WithHeloReply(&smtp.SMTPError{Code: 550, EnhancedCode: smtp.EnhancedCode{5, 7, 1}, Message: "no"})},
-			[]string{"192.0.2.1:25", "192.0.2.2:25"}},
+			[]string{"192.0.2.1:25", "192.0.2.2:25"}, 550, "5.7.1", true},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -245,8 +255,16 @@ func TestAttemptTriesNextMX(t *testing.T) {
 			if res.Rcpts[0].Err != nil {
 				t.Fatal(res.Rcpts[0].Err)
 			}
-			if res.Host.MXHost != "mx2.next.test" {
-				t.Fatalf("delivered via %+v", res.Host)
+			if len(res.Hosts) != 2 {
+				t.Fatalf("hosts %+v, want both", res.Hosts)
+			}
+			h1, h2 := res.Hosts[0], res.Hosts[1]
+			if h1.MXHost != "mx1.next.test" || h1.IP != "192.0.2.1" || h1.Err == nil || h1.Err.Code != tt.code ||
+				h1.Err.EnhancedCode != tt.enhanced || h1.Replied != tt.replied || h1.Started.IsZero() {
+				t.Fatalf("first host %+v (err %v), want %d %s, replied %t", h1, h1.Err, tt.code, tt.enhanced, tt.replied)
+			}
+			if h2.MXHost != "mx2.next.test" || h2.IP != "192.0.2.2" || h2.Err != nil || h2.Started.Before(h1.Started.Add(h1.Elapsed)) {
+				t.Fatalf("second host %+v after the first %+v, want it to take the transaction", h2, h1)
 			}
 			if got := e.dialer.dialed(); !slices.Equal(got, tt.wantIPs) {
 				t.Fatalf("dialed %v, want %v", got, tt.wantIPs)
@@ -274,8 +292,8 @@ func TestAttemptReportsLastError(t *testing.T) {
 	if err == nil || err.Code != 421 || err.EnhancedCode != "4.7.0" || !err.Temporary() {
 		t.Fatalf("err = %v, want the last host's 421 4.7.0", err)
 	}
-	if res.Host == nil || res.Host.MXHost != "mx2.down.test" {
-		t.Fatalf("host %+v, want the last one tried", res.Host)
+	if len(res.Hosts) != 2 || lastHost(t, res).MXHost != "mx2.down.test" {
+		t.Fatalf("hosts %+v, want both, the second last", res.Hosts)
 	}
 
 	// With every host refusing, the error is the connection failure.
@@ -334,8 +352,8 @@ func TestAttemptDefersWhenEveryHostRefusesToTalk(t *testing.T) {
 			if first.Connections() != 1 || second.Connections() != 1 {
 				t.Fatalf("connections %d and %d, want each host tried once", first.Connections(), second.Connections())
 			}
-			if res.Host == nil || res.Host.MXHost != "mx2.refuse.test" {
-				t.Fatalf("host %+v, want the last one tried", res.Host)
+			if len(res.Hosts) != 2 || lastHost(t, res).MXHost != "mx2.refuse.test" {
+				t.Fatalf("hosts %+v, want both, the second last", res.Hosts)
 			}
 			if first.Commands("MAIL")+second.Commands("MAIL") != 0 {
 				t.Fatal("MAIL sent to a host that refused the session")
@@ -356,8 +374,8 @@ func TestAttemptNullMXMakesNoConnection(t *testing.T) {
 	if err := res.Rcpts[0].Err; err == nil || err.Code != 556 || err.EnhancedCode != "5.1.10" || err.Temporary() {
 		t.Fatalf("err = %v", err)
 	}
-	if res.Host != nil || len(e.dialer.dialed()) != 0 {
-		t.Fatalf("connection attempted: host %+v, dialed %v", res.Host, e.dialer.dialed())
+	if len(res.Hosts) != 0 || len(e.dialer.dialed()) != 0 {
+		t.Fatalf("connection attempted: hosts %+v, dialed %v", res.Hosts, e.dialer.dialed())
 	}
 }
 
