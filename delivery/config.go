@@ -9,6 +9,8 @@ import (
 	"os"
 	"strings"
 	"time"
+
+	"github.com/posthaste/posthaste/internal/hostname"
 )
 
 // Config configures a Dispatcher.
@@ -130,11 +132,7 @@ const commitReserve = 10 * time.Second
 // WithDefaults returns the config with zero fields set to their defaults.
 func (c SMTPConfig) WithDefaults() SMTPConfig {
 	if c.Hostname == "" {
-		if h, err := os.Hostname(); err == nil && h != "" {
-			c.Hostname = h
-		} else {
-			c.Hostname = "localhost"
-		}
+		c.Hostname = hostname.Default()
 	}
 	if c.Port == 0 {
 		c.Port = 25

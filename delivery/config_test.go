@@ -87,16 +87,7 @@ func TestConfigValidate(t *testing.T) {
 		t.Run(tt.name, func(t *testing.T) {
 			c := Config{}.WithDefaults()
 			tt.mod(&c)
-			err := c.validate()
-			if tt.wantErr == "" {
-				if err != nil {
-					t.Fatal(err)
-				}
-				return
-			}
-			if err == nil || !strings.HasPrefix(err.Error(), tt.wantErr) {
-				t.Fatalf("err = %v, want prefix %q", err, tt.wantErr)
-			}
+			checkValidateErr(t, c.validate(), tt.wantErr)
 		})
 	}
 }
@@ -122,5 +113,20 @@ func TestStopReserve(t *testing.T) {
 		if got := (Config{ShutdownTimeout: timeout}).stopReserve(); got != want {
 			t.Errorf("ShutdownTimeout %s: reserve %s, want %s", timeout, got, want)
 		}
+	}
+}
+
+// checkValidateErr fails t unless err is nil when wantPrefix is empty, or
+// starts with wantPrefix (the field name, as validate errors do).
+func checkValidateErr(t *testing.T, err error, wantPrefix string) {
+	t.Helper()
+	if wantPrefix == "" {
+		if err != nil {
+			t.Fatal(err)
+		}
+		return
+	}
+	if err == nil || !strings.HasPrefix(err.Error(), wantPrefix) {
+		t.Fatalf("err = %v, want prefix %q", err, wantPrefix)
 	}
 }

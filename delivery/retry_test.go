@@ -1,7 +1,6 @@
 package delivery
 
 import (
-	"strings"
 	"testing"
 	"time"
 )
@@ -102,16 +101,7 @@ func TestRetryConfigValidate(t *testing.T) {
 		t.Run(tt.name, func(t *testing.T) {
 			c := RetryConfig{}.WithDefaults()
 			tt.mod(&c)
-			err := c.validate()
-			if tt.wantErr == "" {
-				if err != nil {
-					t.Fatal(err)
-				}
-				return
-			}
-			if err == nil || !strings.HasPrefix(err.Error(), tt.wantErr) {
-				t.Fatalf("err = %v, want prefix %q", err, tt.wantErr)
-			}
+			checkValidateErr(t, c.validate(), tt.wantErr)
 		})
 	}
 }

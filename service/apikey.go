@@ -32,7 +32,15 @@ func NewAPIKey() (key, prefix string, hash []byte, err error) {
 		return "", "", nil, fmt.Errorf("read random bytes for api key: %w", err)
 	}
 	key = apiKeyPrefix + apiKeyEncoding.EncodeToString(b)
-	return key, key[:apiKeyListPrefixLen], HashAPIKey(key), nil
+	return key, APIKeyListPrefix(key), HashAPIKey(key), nil
+}
+
+// APIKeyListPrefix is the part of key kept in clear to tell keys apart in a
+// listing: apiKeyListPrefixLen characters, but never more than a quarter of
+// the key, so a short operator-chosen key (see MinAPIKeyLength) keeps most
+// of its secret.
+func APIKeyListPrefix(key string) string {
+	return key[:min(apiKeyListPrefixLen, len(key)/4)]
 }
 
 // HashAPIKey returns the digest under which key is stored and looked up.

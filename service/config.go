@@ -4,11 +4,11 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
-	"os"
 	"strings"
 	"time"
 
 	"github.com/posthaste/posthaste/delivery/message"
+	"github.com/posthaste/posthaste/internal/hostname"
 )
 
 // Defaults for Config.
@@ -24,9 +24,6 @@ const (
 	MinIdempotencyTTL = 24 * time.Hour
 )
 
-// fallbackHostname is the Message-ID domain of last resort, as in sendmail.
-const fallbackHostname = "localhost.localdomain"
-
 // Config configures a Server.
 type Config struct {
 	// MaxRecipients limits the entries in to, cc and bcc together (and the
@@ -37,8 +34,8 @@ type Config struct {
 	MaxMessageBytes int64
 	// Hostname names this host in a Message-ID when the sender's domain cannot
 	// be used, such as an address literal. It must be a fully qualified
-	// domain name. Defaults to os.Hostname() when that is fully qualified,
-	// else localhost.localdomain.
+	// domain name. Defaults to hostname.Default(): the machine's name when
+	// it is fully qualified, else localhost.localdomain.
 	Hostname string
 	// IdempotencyTTL is how long an idempotency key and its answer are kept.
 	// The API promises callers at least MinIdempotencyTTL, so a retry sent
@@ -58,12 +55,7 @@ func (c Config) WithDefaults() Config {
 		c.MaxMessageBytes = DefaultMaxMessageBytes
 	}
 	if c.Hostname == "" {
-		c.Hostname = fallbackHostname
-		// A Message-ID's id-right should be a fully qualified domain
-		// (RFC 5322 section 3.6.4); container host names often are not.
-		if h, err := os.Hostname(); err == nil && strings.Contains(strings.Trim(h, "."), ".") {
-			c.Hostname = strings.ToLower(strings.TrimSuffix(h, "."))
-		}
+		c.Hostname = hostname.Default()
 	}
 	if c.IdempotencyTTL == 0 {
 		c.IdempotencyTTL = DefaultIdempotencyTTL
@@ -88,7 +80,7 @@ func (c Config) validate() error {
 		return fmt.Errorf("MaxMessageBytes must be at most 512 MiB, got %d", c.MaxMessageBytes)
 	}
 	if c.Hostname == "" {
-		return errors.New("Hostname is required (os.Hostname gave none)")
+		return errors.New("Hostname is required")
 	}
 	if !isHostname(c.Hostname) || !strings.Contains(c.Hostname, ".") {
 		return fmt.Errorf("Hostname %q is not a fully qualified host name", c.Hostname)

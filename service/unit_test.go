@@ -380,3 +380,18 @@ func TestSummaryText(t *testing.T) {
 		}
 	}
 }
+
+func TestAPIKeyListPrefixKeepsMostOfTheSecret(t *testing.T) {
+	t.Parallel()
+	key, prefix, _, err := NewAPIKey()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := APIKeyListPrefix(key); got != prefix || len(got) != apiKeyListPrefixLen {
+		t.Errorf("prefix of a generated key = %q, want %q", got, prefix)
+	}
+	operator := "operator-chosen-24-chars"
+	if got := APIKeyListPrefix(operator); got != "operat" {
+		t.Errorf("prefix of %q = %q, want a quarter of it", operator, got)
+	}
+}

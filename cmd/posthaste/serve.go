@@ -96,10 +96,6 @@ func runServe(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	}
 	svc.Hostname = hostname
 	dlv.SMTP.Hostname = hostname
-	if hostname == "" {
-		// One default for both, so EHLO and Message-IDs agree.
-		dlv.SMTP.Hostname = svc.WithDefaults().Hostname
-	}
 	cfg.DatabaseURL = dbf.url
 	cfg.DataDir = dbf.dataDir
 	cfg.Service = svc

@@ -356,18 +356,14 @@ func (a *App) maintain(ctx context.Context) {
 func (a *App) bootstrapAPIKey(ctx context.Context) error {
 	key := a.cfg.BootstrapAPIKey
 	generated := key == ""
-	prefix := ""
 	if generated {
 		var err error
-		key, prefix, _, err = service.NewAPIKey()
+		key, _, _, err = service.NewAPIKey()
 		if err != nil {
 			return fmt.Errorf("generate first api key: %w", err)
 		}
-	} else {
-		// Only a short head of an operator-chosen key is kept in clear.
-		prefix = key[:min(len(key), 6)]
 	}
-	_, created, err := a.store.CreateAPIKeyIfNone(ctx, "bootstrap", prefix, service.HashAPIKey(key))
+	_, created, err := a.store.CreateAPIKeyIfNone(ctx, "bootstrap", service.APIKeyListPrefix(key), service.HashAPIKey(key))
 	if err != nil {
 		return fmt.Errorf("create first api key: %w", err)
 	}

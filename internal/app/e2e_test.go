@@ -18,10 +18,12 @@ import (
 	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/metadata"
 
+	"github.com/posthaste/posthaste/db"
 	"github.com/posthaste/posthaste/delivery"
 	"github.com/posthaste/posthaste/internal/app"
 	"github.com/posthaste/posthaste/internal/testenv"
 	posthastev1 "github.com/posthaste/posthaste/proto/posthaste/v1"
+	"github.com/posthaste/posthaste/service"
 )
 
 const testKey = "ph_test_key_0123456789abcdef"
@@ -371,5 +373,25 @@ func TestScheduledAndCanceled(t *testing.T) {
 		if slices.Contains(m.To, "canceled@example.test") {
 			t.Errorf("canceled recipient reached the MX: %v", m.To)
 		}
+	}
+}
+
+func TestBootstrapKeyStoredOnceAndHashed(t *testing.T) {
+	t.Parallel()
+	b := setup(t)
+	store, err := db.Open(context.Background(), b.app.DatabaseURL())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer store.Close()
+	keys, err := store.ListAPIKeys(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(keys) != 1 || keys[0].Name != "bootstrap" || keys[0].Prefix != service.APIKeyListPrefix(testKey) {
+		t.Fatalf("keys = %+v, want one bootstrap key with a short prefix", keys)
+	}
+	if _, err := store.LookupAPIKey(context.Background(), service.HashAPIKey(testKey)); err != nil {
+		t.Errorf("bootstrap key not found by its hash: %v", err)
 	}
 }
