@@ -144,8 +144,11 @@ type Attempt struct {
 	Code         int
 	EnhancedCode string
 	Text         string
-	// Outcome is delivered, deferred, bounced or failed.
+	// Outcome is delivered, deferred, bounced, failed or ambiguous.
 	Outcome string
+	// Source is AttemptSourceRemote when the reply is the server's, or
+	// AttemptSourceLocal when it was made up here.
+	Source string
 }
 
 // Cursor is the position of a message in the newest-first listing order.
@@ -311,7 +314,7 @@ r.delivered_at, r.created_at, r.updated_at`
 
 const attemptColumns = `
 a.id, a.recipient_id, a.started_at, a.duration, a.mx_host, a.ip, a.tls, a.tls_version,
-a.code, a.enhanced_code, a.text, a.outcome`
+a.code, a.enhanced_code, a.text, a.outcome, a.source`
 
 const getMessageSQL = `SELECT ` + messageColumns + ` FROM messages m WHERE m.id = $1`
 
@@ -401,7 +404,7 @@ func scanRecipient(row pgx.CollectableRow) (Recipient, error) {
 func scanAttempt(row pgx.CollectableRow) (Attempt, error) {
 	var a Attempt
 	err := row.Scan(&a.ID, &a.RecipientID, &a.StartedAt, &a.Duration, &a.MXHost, &a.IP, &a.TLS,
-		&a.TLSVersion, &a.Code, &a.EnhancedCode, &a.Text, &a.Outcome)
+		&a.TLSVersion, &a.Code, &a.EnhancedCode, &a.Text, &a.Outcome, &a.Source)
 	return a, err
 }
 

@@ -46,9 +46,12 @@ type ClaimedRecipient struct {
 	// the message first became due. The age after which a recipient is no
 	// longer retried counts from here, so that a message scheduled far ahead
 	// is not already too old at its first attempt.
-	DueSince   time.Time
-	LeaseOwner string
-	LeaseUntil time.Time
+	DueSince time.Time
+	// AmbiguousAttempts counts the attempts before this one whose outcome
+	// was unknown (see NewAttempt.Ambiguous).
+	AmbiguousAttempts int
+	LeaseOwner        string
+	LeaseUntil        time.Time
 }
 
 // MessageContent is what delivery needs of a message to send it.
@@ -73,7 +76,25 @@ type NewAttempt struct {
 	Code         int
 	EnhancedCode string
 	Text         string
+	// Source says whose words the reply is: AttemptSourceRemote (the
+	// server's) or AttemptSourceLocal (made up here: no reply came, as with
+	// a refused connection or a DNS failure). Empty means remote.
+	Source string
+	// Ambiguous marks the host whose connection failed after the end of
+	// DATA and before its reply: the receiver may have the message. Its row
+	// gets the outcome "ambiguous" whatever the recipient's status.
+	Ambiguous bool
 }
+
+// Attempt sources: whose words an attempt's reply is.
+const (
+	AttemptSourceRemote = "remote"
+	AttemptSourceLocal  = "local"
+)
+
+// AttemptAmbiguous is the outcome of an attempt row whose transaction may or
+// may not have delivered the message.
+const AttemptAmbiguous = "ambiguous"
 
 // Outcome is the result of delivering one claimed recipient.
 type Outcome struct {
@@ -88,12 +109,18 @@ type Outcome struct {
 	Code         int
 	EnhancedCode string
 	Text         string
-	// Attempts are the SMTP hosts tried, in order, each written as an
-	// attempt row: every one but the last was given up for the next, and
-	// its row's outcome is deferred; the last row's outcome is Status. It
-	// is empty when no host was tried (null MX, NXDOMAIN): no attempt row
-	// is written, but the recipient's attempt count still grows, by one
-	// however many hosts were tried.
+	// Ambiguous reports that the attempt ended without knowing whether the
+	// receiver took the message; the recipient's AmbiguousAttempts grows by
+	// one.
+	Ambiguous bool
+	// Attempts are the rows to write for this attempt, in order: one per
+	// SMTP host tried, or a single row without a host when none was tried
+	// (null MX, NXDOMAIN, a DNS failure), carrying the local reply. Every
+	// row but the last was given up for the next, and its outcome is
+	// deferred; the last row's outcome is Status (or ambiguous, see
+	// NewAttempt.Ambiguous). The recipient's attempt count grows by one
+	// however many rows there are. It may be empty, and then no row is
+	// written.
 	Attempts []NewAttempt
 }
 
@@ -150,7 +177,7 @@ SET status = 'sending',
 FROM due, messages m
 WHERE r.id = due.id AND m.id = r.message_id
 RETURNING r.id, r.message_id, r.address, r.domain, r.attempts, m.created_at,
-    greatest(m.created_at, m.send_at), r.lease_owner, r.lease_until`
+    greatest(m.created_at, m.send_at), r.ambiguous_attempts, r.lease_owner, r.lease_until`
 
 // ClaimRecipients leases due recipients (queued, scheduled or deferred, with
 // next_attempt_at passed) to p.Owner for p.LeaseFor, and marks their messages
@@ -177,7 +204,7 @@ func (d *DB) ClaimRecipients(ctx context.Context, p ClaimParams) ([]ClaimedRecip
 		claimed, err := pgx.CollectRows(rows, func(row pgx.CollectableRow) (ClaimedRecipient, error) {
 			var c ClaimedRecipient
 			err := row.Scan(&c.ID, &c.MessageID, &c.Address, &c.Domain, &c.Attempts,
-				&c.MessageCreatedAt, &c.DueSince, &c.LeaseOwner, &c.LeaseUntil)
+				&c.MessageCreatedAt, &c.DueSince, &c.AmbiguousAttempts, &c.LeaseOwner, &c.LeaseUntil)
 			return c, err
 		})
 		if err != nil {
@@ -291,13 +318,16 @@ FOR NO KEY UPDATE`
 //
 // The attempt rows, any number per recipient: $9 id, $10 recipient id,
 // $11 outcome, $12 start, $13 duration in microseconds, $14 MX host, $15 IP,
-// $16 TLS, $17 TLS version, $18 code, $19 enhanced code, $20 text.
+// $16 TLS, $17 TLS version, $18 code, $19 enhanced code, $20 text,
+// $22 source.
+//
+// $21, per outcome again: whether the attempt was ambiguous.
 const recordOutcomesSQL = `
 WITH input AS (
     SELECT * FROM unnest(
         $1::uuid[], $2::text[], $3::text[], $4::timestamptz[], $5::integer[], $6::text[], $7::text[],
-        $8::text[]
-    ) AS i(id, owner, outcome, next_attempt_at, code, enhanced_code, text, mx_host)
+        $8::text[], $21::boolean[]
+    ) AS i(id, owner, outcome, next_attempt_at, code, enhanced_code, text, mx_host, ambiguous)
 ), upd AS (
     UPDATE recipients r
     SET status = CASE
@@ -305,6 +335,7 @@ WITH input AS (
             ELSE i.outcome
         END,
         attempts = r.attempts + 1,
+        ambiguous_attempts = r.ambiguous_attempts + CASE WHEN i.ambiguous THEN 1 ELSE 0 END,
         next_attempt_at = CASE
             WHEN i.outcome = 'deferred' AND r.cancel_requested_at IS NULL THEN i.next_attempt_at
         END,
@@ -320,14 +351,15 @@ WITH input AS (
     RETURNING r.id, r.message_id, r.status, r.attempts, r.next_attempt_at
 ), att AS (
     INSERT INTO attempts (id, recipient_id, message_id, started_at, duration, mx_host, ip, tls,
-        tls_version, code, enhanced_code, text, outcome)
+        tls_version, code, enhanced_code, text, outcome, source)
     SELECT a.id, u.id, u.message_id, a.started_at, a.duration_us * interval '1 microsecond',
-        a.mx_host, a.ip, a.tls, a.tls_version, a.code, a.enhanced_code, a.text, a.outcome
+        a.mx_host, a.ip, a.tls, a.tls_version, a.code, a.enhanced_code, a.text, a.outcome, a.source
     FROM unnest(
         $9::uuid[], $10::uuid[], $11::text[], $12::timestamptz[], $13::bigint[], $14::text[],
-        $15::text[], $16::boolean[], $17::text[], $18::integer[], $19::text[], $20::text[]
+        $15::text[], $16::boolean[], $17::text[], $18::integer[], $19::text[], $20::text[],
+        $22::text[]
     ) AS a(id, recipient_id, outcome, started_at, duration_us, mx_host, ip, tls, tls_version,
-           code, enhanced_code, text)
+           code, enhanced_code, text, source)
     JOIN upd u ON u.id = a.recipient_id
 ), ev AS (
     INSERT INTO events (message_id, recipient_id, type, details)
@@ -365,6 +397,8 @@ func validateOutcome(o Outcome) error {
 			return fmt.Errorf("Attempts[%d].StartedAt is required", i)
 		case a.Duration < 0:
 			return fmt.Errorf("Attempts[%d].Duration must not be negative", i)
+		case a.Source != "" && a.Source != AttemptSourceRemote && a.Source != AttemptSourceLocal:
+			return fmt.Errorf("Attempts[%d].Source %q is not remote or local", i, a.Source)
 		}
 	}
 	return nil
@@ -385,6 +419,7 @@ type newAttemptRows struct {
 	codes        []int32
 	enhanced     []string
 	texts        []string
+	sources      []string
 }
 
 // add appends the rows of o's attempts: deferred but for the last, which
@@ -401,6 +436,13 @@ func (c *newAttemptRows) add(o Outcome) error {
 		if i == len(o.Attempts)-1 {
 			outcome = o.Status
 		}
+		if a.Ambiguous {
+			outcome = AttemptAmbiguous
+		}
+		source := a.Source
+		if source == "" {
+			source = AttemptSourceRemote
+		}
 		c.ids = append(c.ids, id)
 		c.recipientIDs = append(c.recipientIDs, o.RecipientID)
 		c.outcomes = append(c.outcomes, outcome)
@@ -413,6 +455,7 @@ func (c *newAttemptRows) add(o Outcome) error {
 		c.codes = append(c.codes, int32(a.Code))
 		c.enhanced = append(c.enhanced, a.EnhancedCode)
 		c.texts = append(c.texts, a.Text)
+		c.sources = append(c.sources, source)
 	}
 	return nil
 }
@@ -442,6 +485,7 @@ func (d *DB) RecordOutcomes(ctx context.Context, outcomes []Outcome) ([]uuid.UUI
 		enhanced     = make([]string, n)
 		texts        = make([]string, n)
 		lastHosts    = make([]string, n)
+		ambiguous    = make([]bool, n)
 		attempts     newAttemptRows
 		seen         = make(map[uuid.UUID]struct{}, n)
 	)
@@ -458,6 +502,7 @@ func (d *DB) RecordOutcomes(ctx context.Context, outcomes []Outcome) ([]uuid.UUI
 			nextAttempts[i] = pgtype.Timestamptz{Time: o.NextAttemptAt, Valid: true}
 		}
 		codes[i], enhanced[i], texts[i] = int32(o.Code), o.EnhancedCode, o.Text
+		ambiguous[i] = o.Ambiguous
 		if len(o.Attempts) > 0 {
 			lastHosts[i] = o.Attempts[len(o.Attempts)-1].MXHost
 		}
@@ -471,7 +516,7 @@ func (d *DB) RecordOutcomes(ctx context.Context, outcomes []Outcome) ([]uuid.UUI
 	b.Queue(recordOutcomesSQL, ids, owners, statuses, nextAttempts, codes, enhanced, texts, lastHosts,
 		attempts.ids, attempts.recipientIDs, attempts.outcomes, attempts.startedAt, attempts.durations,
 		attempts.mxHosts, attempts.ips, attempts.tls, attempts.tlsVersions, attempts.codes,
-		attempts.enhanced, attempts.texts)
+		attempts.enhanced, attempts.texts, ambiguous, attempts.sources)
 	b.Queue(lockMessagesOfRecipients, ids)
 	b.Queue(deriveStatusOfRecipients, ids)
 	applied, err := func() ([]uuid.UUID, error) {
