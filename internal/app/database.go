@@ -137,7 +137,7 @@ func waitForDatabase(ctx context.Context, url string, wait time.Duration, logger
 			return fmt.Errorf("database not reachable after waiting %s: %w", wait, err)
 		}
 		delay = min(delay, left)
-		logger.WarnContext(ctx, "waiting for database", "error", err, "retry_in", delay, "give_up_in", left.Round(time.Second))
+		logger.WarnContext(ctx, "waiting for database", "error", err, "retry_in", delay.Round(time.Millisecond), "give_up_in", left.Round(time.Second))
 		select {
 		case <-ctx.Done():
 			return fmt.Errorf("wait for database: %w", ctx.Err())
