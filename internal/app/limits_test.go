@@ -394,8 +394,8 @@ func TestStartWaitsForDatabase(t *testing.T) {
 func TestStartGivesUpOnDatabase(t *testing.T) {
 	t.Parallel()
 	cfg := baseConfig(t)
-	real := cfg.DatabaseURL
-	cfg.DatabaseURL = atAddr(t, real, freeAddr(t))
+	direct := cfg.DatabaseURL
+	cfg.DatabaseURL = atAddr(t, direct, freeAddr(t))
 	cfg.DatabaseWait = time.Second
 	a, err := app.New(cfg)
 	if err != nil {
@@ -412,7 +412,7 @@ func TestStartGivesUpOnDatabase(t *testing.T) {
 	}
 
 	// A database that refuses us (no such database) is not waited for.
-	missing, _ := url.Parse(real)
+	missing, _ := url.Parse(direct)
 	missing.Path = "/posthaste_no_such_database"
 	cfg.DatabaseURL = missing.String()
 	cfg.DatabaseWait = time.Hour
@@ -441,7 +441,10 @@ func TestConfigErrorsNameTheField(t *testing.T) {
 		{"Service.Hostname", func(c *app.Config) { c.Service.Hostname = "single" }},
 		{"Delivery.Concurrency", func(c *app.Config) { c.Delivery.Concurrency = -1 }},
 		{"Delivery.SMTP.Port", func(c *app.Config) { c.Delivery.SMTP.Port = 70000 }},
-		{"Delivery.Retry.MaxInterval", func(c *app.Config) { c.Delivery.Retry.InitialInterval = time.Hour; c.Delivery.Retry.MaxInterval = time.Minute }},
+		{"Delivery.Retry.MaxInterval", func(c *app.Config) {
+			c.Delivery.Retry.InitialInterval = time.Hour
+			c.Delivery.Retry.MaxInterval = time.Minute
+		}},
 		{"Delivery.Routes", func(c *app.Config) { c.Delivery.Routes = map[string]string{"a.test": "host:notaport"} }},
 	} {
 		t.Run(tc.field, func(t *testing.T) {

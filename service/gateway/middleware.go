@@ -1,10 +1,8 @@
 package gateway
 
 import (
-	"bufio"
 	"fmt"
 	"mime"
-	"net"
 	"net/http"
 	"runtime/debug"
 	"strings"
@@ -79,12 +77,6 @@ func (w *trackingWriter) Flush() {
 	if f, ok := w.ResponseWriter.(http.Flusher); ok {
 		f.Flush()
 	}
-}
-
-// Hijack is never used by the gateway, but hiding it would change what
-// net/http's ResponseController can do with the writer.
-func (w *trackingWriter) Hijack() (net.Conn, *bufio.ReadWriter, error) {
-	return http.NewResponseController(w.ResponseWriter).Hijack()
 }
 
 // Unwrap lets http.ResponseController reach the server's writer, for
