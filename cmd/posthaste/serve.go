@@ -77,8 +77,10 @@ func runServe(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	fs.BoolVar(&dlv.SMTP.VerifyTLS, "smtp-verify-tls", false, "refuse STARTTLS peers whose certificate does not verify")
 	fs.DurationVar(&cfg.DatabaseWait, "database-wait", app.DefaultDatabaseWait, "how long to keep trying a database that does not accept connections yet; 0 tries once")
 	fs.DurationVar(&cfg.HTTPReadTimeout, "http-read-timeout", app.DefaultHTTPReadTimeout, "deadline for reading a whole REST request, body included")
-	fs.DurationVar(&cfg.HTTPWriteTimeout, "http-write-timeout", app.DefaultHTTPWriteTimeout, "deadline from the end of a REST request's headers to the end of its response; longer than --http-read-timeout")
-	fs.DurationVar(&cfg.HTTPReadHeaderTimeout, "http-read-header-timeout", app.DefaultHTTPReadHeaderTimeout, "deadline for reading a REST request's headers")
+	// These two default to values derived from --http-read-timeout, so that
+	// raising or lowering it alone stays a valid configuration.
+	fs.DurationVar(&cfg.HTTPWriteTimeout, "http-write-timeout", 0, "deadline from the end of a REST request's headers to the end of its response; longer than --http-read-timeout (default 60s, or twice --http-read-timeout when that is longer)")
+	fs.DurationVar(&cfg.HTTPReadHeaderTimeout, "http-read-header-timeout", 0, "deadline for reading a REST request's headers (default 10s, or --http-read-timeout when that is shorter)")
 	fs.DurationVar(&cfg.HTTPIdleTimeout, "http-idle-timeout", app.DefaultHTTPIdleTimeout, "how long an idle keep-alive REST connection is kept")
 	fs.IntVar(&cfg.HTTPMaxConnections, "http-max-connections", app.DefaultMaxConnections, "most REST connections open at once; more wait until one closes")
 	fs.IntVar(&cfg.GRPCMaxConnections, "grpc-max-connections", app.DefaultMaxConnections, "most gRPC connections open at once; more wait until one closes")

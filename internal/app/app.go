@@ -76,10 +76,12 @@ type Config struct {
 	HTTPReadTimeout time.Duration
 	// HTTPWriteTimeout bounds a REST request from the end of its headers to
 	// the end of the response: reading the body, the call, and writing the
-	// answer. It must be longer than HTTPReadTimeout. Defaults to 60s.
+	// answer. It must be longer than HTTPReadTimeout. Defaults to 60s, or
+	// twice HTTPReadTimeout when that is longer.
 	HTTPWriteTimeout time.Duration
-	// HTTPReadHeaderTimeout bounds reading a REST request's headers.
-	// Defaults to 10s.
+	// HTTPReadHeaderTimeout bounds reading a REST request's headers; it is
+	// part of HTTPReadTimeout. Defaults to 10s, or HTTPReadTimeout when
+	// that is shorter.
 	HTTPReadHeaderTimeout time.Duration
 	// HTTPIdleTimeout is how long an idle keep-alive REST connection is
 	// kept. Defaults to 2m.

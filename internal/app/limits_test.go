@@ -462,3 +462,14 @@ func TestConfigErrorsNameTheField(t *testing.T) {
 		})
 	}
 }
+
+// Changing the read timeout alone stays valid: the write and header
+// timeouts follow it unless set.
+func TestReadTimeoutAloneIsValid(t *testing.T) {
+	t.Parallel()
+	for _, d := range []time.Duration{time.Second, 5 * time.Minute} {
+		if _, err := app.New(app.Config{DatabaseURL: "postgres://127.0.0.1:1/none", HTTPReadTimeout: d}); err != nil {
+			t.Errorf("HTTPReadTimeout %s: %v", d, err)
+		}
+	}
+}
