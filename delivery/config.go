@@ -281,3 +281,10 @@ func (c Config) validate() error {
 	}
 	return nil
 }
+
+// Validate reports the first problem with c after defaults are applied, as
+// NewDispatcher would, so a process can refuse a bad configuration before
+// it starts anything. The error starts with the field's name.
+func (c Config) Validate() error {
+	return c.WithDefaults().validate()
+}

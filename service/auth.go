@@ -57,23 +57,50 @@ func (a authenticator) authenticate(ctx context.Context) (context.Context, error
 	if len(values) > 1 {
 		return nil, &unauthenticatedError{reason: "more than one authorization value"}
 	}
-	key, ok := bearerToken(values[0])
+	id, err := a.lookup(ctx, values[0])
+	if err != nil {
+		return nil, err
+	}
+	return withAPIKeyID(ctx, id), nil
+}
+
+// lookup returns the id of the live key named by an authorization value
+// ("Bearer <key>").
+func (a authenticator) lookup(ctx context.Context, authorization string) (uuid.UUID, error) {
+	key, ok := bearerToken(authorization)
 	if !ok {
-		return nil, &unauthenticatedError{reason: "authorization must use the Bearer scheme"}
+		return uuid.Nil, &unauthenticatedError{reason: "authorization must use the Bearer scheme"}
 	}
 	if !plausibleAPIKey(key) {
-		return nil, &unauthenticatedError{reason: "invalid API key"}
+		return uuid.Nil, &unauthenticatedError{reason: "invalid API key"}
 	}
 	k, err := a.store.LookupAPIKey(ctx, HashAPIKey(key))
 	if errors.Is(err, db.ErrNotFound) {
 		// Unknown and revoked keys get the same answer so a caller cannot
 		// tell which keys once existed.
-		return nil, &unauthenticatedError{reason: "invalid API key"}
+		return uuid.Nil, &unauthenticatedError{reason: "invalid API key"}
 	}
 	if err != nil {
-		return nil, fmt.Errorf("look up api key: %w", err)
+		return uuid.Nil, fmt.Errorf("look up api key: %w", err)
 	}
-	return withAPIKeyID(ctx, k.ID), nil
+	return k.ID, nil
+}
+
+// CheckAuthorization checks an HTTP Authorization header value the way
+// every call is checked, against the same keys. The REST gateway calls it
+// before it reads a request body, so that a caller without a valid key
+// cannot make the process hold a connection open while its body trickles
+// in. An empty value is a missing key. The error is a gRPC status:
+// Unauthenticated for a missing or invalid key, Unavailable when the
+// database cannot be asked.
+func (s *Server) CheckAuthorization(ctx context.Context, authorization string) error {
+	if strings.TrimSpace(authorization) == "" {
+		return toStatus(ctx, s.log, &unauthenticatedError{reason: "missing API key (Authorization: Bearer <key>)"})
+	}
+	if _, err := (authenticator{store: s.store}).lookup(ctx, authorization); err != nil {
+		return toStatus(ctx, s.log, err)
+	}
+	return nil
 }
 
 // bearerToken extracts the token of an RFC 6750 section 2.1 credential.

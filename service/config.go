@@ -66,30 +66,37 @@ func (c Config) WithDefaults() Config {
 	return c
 }
 
+// Validate reports the first problem with c after defaults are applied,
+// as New would, so a process can refuse a bad configuration before it
+// starts anything. The error starts with the field's name.
+func (c Config) Validate() error {
+	return c.WithDefaults().validate()
+}
+
 func (c Config) validate() error {
 	if c.MaxRecipients < 1 {
-		return fmt.Errorf("MaxRecipients must be at least 1, got %d", c.MaxRecipients)
+		return fmt.Errorf("MaxRecipients: must be at least 1, got %d", c.MaxRecipients)
 	}
 	// Below a few KiB not even the headers of an ordinary message fit.
 	if c.MaxMessageBytes < 4<<10 {
-		return fmt.Errorf("MaxMessageBytes must be at least 4096, got %d", c.MaxMessageBytes)
+		return fmt.Errorf("MaxMessageBytes: must be at least 4096, got %d", c.MaxMessageBytes)
 	}
 	// gRPC message sizes are int32 on the wire side of the library; the
 	// server accepts requests up to twice this limit.
 	if c.MaxMessageBytes > 512<<20 {
-		return fmt.Errorf("MaxMessageBytes must be at most 512 MiB, got %d", c.MaxMessageBytes)
+		return fmt.Errorf("MaxMessageBytes: must be at most 512 MiB, got %d", c.MaxMessageBytes)
 	}
 	if c.Hostname == "" {
-		return errors.New("Hostname is required")
+		return errors.New("Hostname: required")
 	}
 	if !isHostname(c.Hostname) || !strings.Contains(c.Hostname, ".") {
-		return fmt.Errorf("Hostname %q is not a fully qualified host name", c.Hostname)
+		return fmt.Errorf("Hostname: %q is not a fully qualified host name", c.Hostname)
 	}
 	if _, _, err := message.NormalizeMailbox("postmaster@" + c.Hostname); err != nil {
-		return fmt.Errorf("Hostname %q cannot be a Message-ID domain: %w", c.Hostname, err)
+		return fmt.Errorf("Hostname: %q cannot be a Message-ID domain: %w", c.Hostname, err)
 	}
 	if c.IdempotencyTTL < MinIdempotencyTTL {
-		return fmt.Errorf("IdempotencyTTL must be at least %s, got %s", MinIdempotencyTTL, c.IdempotencyTTL)
+		return fmt.Errorf("IdempotencyTTL: must be at least %s, got %s", MinIdempotencyTTL, c.IdempotencyTTL)
 	}
 	return nil
 }

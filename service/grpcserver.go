@@ -46,16 +46,19 @@ func isPublic(fullMethod string) bool {
 // Requests up to twice srv's MaxMessageBytes are received, which leaves room
 // for request framing; the message's encoded size is checked by srv itself
 // so that the caller gets MESSAGE_TOO_LARGE rather than a transport error.
-func NewGRPCServer(srv *Server, store *db.DB, logger *slog.Logger) *grpc.Server {
+//
+// opts are added after these, for transport settings that belong to the
+// process rather than the API: keepalive, stream and connection limits.
+func NewGRPCServer(srv *Server, store *db.DB, logger *slog.Logger, opts ...grpc.ServerOption) *grpc.Server {
 	if logger == nil {
 		logger = slog.New(slog.DiscardHandler)
 	}
 	ic := interceptors{logger: logger, auth: authenticator{store: store}}
-	gs := grpc.NewServer(
-		grpc.MaxRecvMsgSize(int(2*srv.cfg.MaxMessageBytes)),
+	gs := grpc.NewServer(append([]grpc.ServerOption{
+		grpc.MaxRecvMsgSize(int(2 * srv.cfg.MaxMessageBytes)),
 		grpc.ChainUnaryInterceptor(ic.logUnary, ic.recoverUnary, ic.authUnary),
 		grpc.ChainStreamInterceptor(ic.logStream, ic.recoverStream, ic.authStream),
-	)
+	}, opts...)...)
 	posthastev1.RegisterMailServiceServer(gs, srv)
 	h := newDBHealth(store.Ping, logger)
 	srv.health.Store(h)

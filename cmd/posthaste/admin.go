@@ -23,9 +23,12 @@ func runMigrate(ctx context.Context, args []string, stdout, stderr io.Writer) er
 	if err := parseFlags(fs, args); err != nil {
 		return err
 	}
+	if fs.NArg() > 0 {
+		return fmt.Errorf("migrate: unexpected argument %q", fs.Arg(0))
+	}
 	return withDatabase(ctx, dbf, stderr, func(url string) error {
 		if err := db.Migrate(ctx, url); err != nil {
-			return fmt.Errorf("migrate: %w", err)
+			return err // "migrate: ..."
 		}
 		fmt.Fprintln(stdout, "migrations applied")
 		return nil
@@ -139,12 +142,14 @@ func withDatabase(ctx context.Context, dbf databaseFlags, stderr io.Writer, fn f
 
 func withStore(ctx context.Context, dbf databaseFlags, stderr io.Writer, fn func(*db.DB) error) error {
 	return withDatabase(ctx, dbf, stderr, func(url string) error {
+		// db's errors already start with the step ("migrate: ...", "open
+		// database: ...").
 		if err := db.Migrate(ctx, url); err != nil {
-			return fmt.Errorf("migrate: %w", err)
+			return err
 		}
 		store, err := db.Open(ctx, url)
 		if err != nil {
-			return fmt.Errorf("open database: %w", err)
+			return err
 		}
 		defer store.Close()
 		return fn(store)

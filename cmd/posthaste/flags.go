@@ -15,6 +15,21 @@ func envName(flagName string) string {
 	return "POSTHASTE_" + strings.ToUpper(strings.ReplaceAll(flagName, "-", "_"))
 }
 
+// flagRef names a flag the way error messages do, with its environment
+// variable: --http-addr (POSTHASTE_HTTP_ADDR).
+func flagRef(flagName string) string {
+	return "--" + flagName + " (" + envName(flagName) + ")"
+}
+
+// isHelp reports whether a command-line argument asks for usage.
+func isHelp(arg string) bool {
+	switch arg {
+	case "-h", "-help", "--help", "help":
+		return true
+	}
+	return false
+}
+
 // newFlagSet returns a flag set whose usage lists each flag's environment
 // variable too.
 func newFlagSet(name string, stderr io.Writer) *flag.FlagSet {
@@ -90,7 +105,7 @@ func (l *listFlag) Set(v string) error {
 func newLogger(w io.Writer, level, format string) (*slog.Logger, error) {
 	var lv slog.Level
 	if err := lv.UnmarshalText([]byte(level)); err != nil {
-		return nil, fmt.Errorf("log-level: %w", err)
+		return nil, fmt.Errorf("%s: %w", flagRef("log-level"), err)
 	}
 	opts := &slog.HandlerOptions{Level: lv}
 	switch format {
@@ -99,6 +114,6 @@ func newLogger(w io.Writer, level, format string) (*slog.Logger, error) {
 	case "json":
 		return slog.New(slog.NewJSONHandler(w, opts)), nil
 	default:
-		return nil, fmt.Errorf("log-format: want text or json, got %q", format)
+		return nil, fmt.Errorf("%s: want text or json, got %q", flagRef("log-format"), format)
 	}
 }

@@ -28,9 +28,7 @@ func main() {
 	err := run(ctx, os.Args[1:], os.Stdout, os.Stderr)
 	stop()
 	if err != nil {
-		if !errors.Is(err, flag.ErrHelp) {
-			fmt.Fprintln(os.Stderr, "posthaste:", err)
-		}
+		fmt.Fprintln(os.Stderr, "posthaste:", err)
 		os.Exit(1)
 	}
 }
@@ -49,7 +47,18 @@ Run "posthaste <command> -h" for the flags of a command.
 // version is set at build time with -ldflags "-X main.version=...".
 var version = "dev"
 
+// run runs the command in args. Asking for help (-h, --help) anywhere a
+// command parses flags prints the usage and is not an error.
 func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
+	err := dispatch(ctx, args, stdout, stderr)
+	if errors.Is(err, flag.ErrHelp) {
+		// The flag package has printed the usage.
+		return nil
+	}
+	return err
+}
+
+func dispatch(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	if len(args) == 0 {
 		fmt.Fprint(stderr, usage)
 		return errors.New("no command given")
@@ -60,11 +69,15 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	case "migrate":
 		return runMigrate(ctx, args[1:], stdout, stderr)
 	case "keys":
+		if len(args) > 1 && isHelp(args[1]) {
+			fmt.Fprint(stdout, keysUsage)
+			return nil
+		}
 		return runKeys(ctx, args[1:], stdout, stderr)
 	case "version", "--version", "-version":
 		fmt.Fprintln(stdout, "posthaste", version)
 		return nil
-	case "help", "-h", "--help":
+	case "help", "-h", "-help", "--help":
 		fmt.Fprint(stdout, usage)
 		return nil
 	default:

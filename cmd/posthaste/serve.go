@@ -6,6 +6,7 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	"regexp"
 	"strings"
 	"time"
 
@@ -74,6 +75,20 @@ func runServe(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	fs.DurationVar(&dlv.DNSTimeout, "dns-timeout", 20*time.Second, "timeout for all DNS lookups of one domain")
 	fs.IntVar(&dlv.BatchSize, "batch-size", 100, "most recipients claimed in one query")
 	fs.BoolVar(&dlv.SMTP.VerifyTLS, "smtp-verify-tls", false, "refuse STARTTLS peers whose certificate does not verify")
+	fs.DurationVar(&cfg.DatabaseWait, "database-wait", app.DefaultDatabaseWait, "how long to keep trying a database that does not accept connections yet; 0 tries once")
+	fs.DurationVar(&cfg.HTTPReadTimeout, "http-read-timeout", app.DefaultHTTPReadTimeout, "deadline for reading a whole REST request, body included")
+	// These two default to values derived from --http-read-timeout, so that
+	// raising or lowering it alone stays a valid configuration.
+	fs.DurationVar(&cfg.HTTPWriteTimeout, "http-write-timeout", 0, "deadline from the end of a REST request's headers to the end of its response; longer than --http-read-timeout (default 60s, or twice --http-read-timeout when that is longer)")
+	fs.DurationVar(&cfg.HTTPReadHeaderTimeout, "http-read-header-timeout", 0, "deadline for reading a REST request's headers (default 10s, or --http-read-timeout when that is shorter)")
+	fs.DurationVar(&cfg.HTTPIdleTimeout, "http-idle-timeout", app.DefaultHTTPIdleTimeout, "how long an idle keep-alive REST connection is kept")
+	fs.IntVar(&cfg.HTTPMaxConnections, "http-max-connections", app.DefaultMaxConnections, "most REST connections open at once; more wait until one closes")
+	fs.IntVar(&cfg.GRPCMaxConnections, "grpc-max-connections", app.DefaultMaxConnections, "most gRPC connections open at once; more wait until one closes")
+	fs.IntVar(&cfg.GRPCMaxConcurrentStreams, "grpc-max-concurrent-streams", app.DefaultGRPCMaxConcurrentStreams, "most calls in flight on one gRPC connection; REST shares one, so keep it at least --http-max-connections")
+	fs.DurationVar(&cfg.GRPCKeepaliveTime, "grpc-keepalive-time", app.DefaultGRPCKeepaliveTime, "ping a gRPC client after this long without traffic")
+	fs.DurationVar(&cfg.GRPCKeepaliveTimeout, "grpc-keepalive-timeout", app.DefaultGRPCKeepaliveTimeout, "close a gRPC connection whose ping is not answered within this")
+	fs.DurationVar(&cfg.GRPCKeepaliveMinTime, "grpc-keepalive-min-time", app.DefaultGRPCKeepaliveMinTime, "shortest interval allowed between a client's keepalive pings; faster clients are disconnected")
+	fs.DurationVar(&cfg.GRPCIdleTimeout, "grpc-idle-timeout", app.DefaultGRPCIdleTimeout, "close a gRPC connection that had no call for this long")
 	if err := parseFlags(fs, args); err != nil {
 		return err
 	}
@@ -89,10 +104,16 @@ func runServe(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 		for _, r := range routes {
 			domain, target, ok := strings.Cut(r, "=")
 			if !ok || domain == "" || target == "" {
-				return fmt.Errorf("route: want domain=host:port, got %q", r)
+				return fmt.Errorf("%s: want domain=host:port, got %q", flagRef("route"), r)
 			}
 			dlv.Routes[strings.ToLower(domain)] = target
 		}
+	}
+	switch {
+	case cfg.DatabaseWait < 0:
+		return fmt.Errorf("%s: must not be negative, got %s", flagRef("database-wait"), cfg.DatabaseWait)
+	case cfg.DatabaseWait == 0:
+		cfg.DatabaseWait = -1 // app's "try once"; its zero means the default
 	}
 	svc.Hostname = hostname
 	dlv.SMTP.Hostname = hostname
@@ -105,7 +126,7 @@ func runServe(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 
 	a, err := app.New(cfg)
 	if err != nil {
-		return err
+		return configError(err)
 	}
 	if err := a.Start(ctx); err != nil {
 		return err
@@ -121,4 +142,74 @@ func runServe(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 		return fmt.Errorf("stop: %w", err)
 	}
 	return nil
+}
+
+// configFlags maps the settings of app.Config, by their path, to the serve
+// flags that set them, so that a configuration error names what the user
+// typed rather than a Go field.
+var configFlags = map[string]string{
+	"BootstrapAPIKey":                "bootstrap-api-key",
+	"ShutdownTimeout":                "shutdown-timeout",
+	"DatabaseWait":                   "database-wait",
+	"HTTPReadTimeout":                "http-read-timeout",
+	"HTTPWriteTimeout":               "http-write-timeout",
+	"HTTPReadHeaderTimeout":          "http-read-header-timeout",
+	"HTTPIdleTimeout":                "http-idle-timeout",
+	"HTTPMaxConnections":             "http-max-connections",
+	"GRPCMaxConnections":             "grpc-max-connections",
+	"GRPCMaxConcurrentStreams":       "grpc-max-concurrent-streams",
+	"GRPCKeepaliveTime":              "grpc-keepalive-time",
+	"GRPCKeepaliveTimeout":           "grpc-keepalive-timeout",
+	"GRPCKeepaliveMinTime":           "grpc-keepalive-min-time",
+	"GRPCIdleTimeout":                "grpc-idle-timeout",
+	"Service.MaxRecipients":          "max-recipients",
+	"Service.MaxMessageBytes":        "max-message-bytes",
+	"Service.Hostname":               "hostname",
+	"Delivery.SMTP.Hostname":         "hostname",
+	"Delivery.SMTP.Port":             "smtp-port",
+	"Delivery.SMTP.ConnectTimeout":   "smtp-connect-timeout",
+	"Delivery.SMTP.CommandTimeout":   "smtp-command-timeout",
+	"Delivery.SMTP.DataTimeout":      "smtp-data-timeout",
+	"Delivery.SMTP.IdleTimeout":      "smtp-idle-timeout",
+	"Delivery.SMTP.MaxReuse":         "smtp-max-reuse",
+	"Delivery.Routes":                "route",
+	"Delivery.Concurrency":           "concurrency",
+	"Delivery.PerDomainConcurrency":  "per-domain-concurrency",
+	"Delivery.MaxAttemptDuration":    "max-attempt-duration",
+	"Delivery.PollInterval":          "poll-interval",
+	"Delivery.Retry.InitialInterval": "retry-initial",
+	"Delivery.Retry.MaxInterval":     "retry-max",
+	"Delivery.Retry.MaxAge":          "max-age",
+	"Delivery.DNSTimeout":            "dns-timeout",
+	"Delivery.BatchSize":             "batch-size",
+	"Delivery.ShutdownTimeout":       "shutdown-timeout",
+}
+
+// goName matches a Go field name inside a problem's text, such as the
+// InitialInterval in "must not be less than InitialInterval".
+var goName = regexp.MustCompile(`\b[A-Z][A-Za-z0-9]*\b`)
+
+// configError rewrites an *app.FieldError to name the flag and environment
+// variable behind the setting, in the problem's text too; other errors
+// pass unchanged.
+func configError(err error) error {
+	var fe *app.FieldError
+	if !errors.As(err, &fe) {
+		return err
+	}
+	name, ok := configFlags[fe.Field]
+	if !ok {
+		return err
+	}
+	parent := ""
+	if i := strings.LastIndex(fe.Field, "."); i >= 0 {
+		parent = fe.Field[:i+1]
+	}
+	problem := goName.ReplaceAllStringFunc(fe.Problem, func(w string) string {
+		if sibling, ok := configFlags[parent+w]; ok {
+			return "--" + sibling
+		}
+		return w
+	})
+	return fmt.Errorf("%s: %s", flagRef(name), problem)
 }

@@ -12,10 +12,13 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"regexp"
 	"sync"
 	"time"
 
+	"golang.org/x/net/netutil"
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/keepalive"
 
 	"github.com/posthaste/posthaste/db"
 	"github.com/posthaste/posthaste/delivery"
@@ -59,7 +62,75 @@ type Config struct {
 	Logger *slog.Logger
 	// KeyOutput receives a generated first API key. Defaults to io.Discard.
 	KeyOutput io.Writer
+
+	// DatabaseWait is how long Start keeps trying a configured database
+	// that does not accept connections yet, as when the process and its
+	// database start together. Errors that waiting cannot fix (a malformed
+	// URL, a refused password, a missing database) fail at once. A
+	// negative value tries once. Defaults to 60s.
+	DatabaseWait time.Duration
+
+	// HTTPReadTimeout bounds reading a whole REST request, body included,
+	// so a client that sends its body a byte at a time cannot hold a
+	// connection for long. Defaults to 30s.
+	HTTPReadTimeout time.Duration
+	// HTTPWriteTimeout bounds a REST request from the end of its headers to
+	// the end of the response: reading the body, the call, and writing the
+	// answer. It must be longer than HTTPReadTimeout. Defaults to 60s, or
+	// twice HTTPReadTimeout when that is longer.
+	HTTPWriteTimeout time.Duration
+	// HTTPReadHeaderTimeout bounds reading a REST request's headers; it is
+	// part of HTTPReadTimeout. Defaults to 10s, or HTTPReadTimeout when
+	// that is shorter.
+	HTTPReadHeaderTimeout time.Duration
+	// HTTPIdleTimeout is how long an idle keep-alive REST connection is
+	// kept. Defaults to 2m.
+	HTTPIdleTimeout time.Duration
+	// HTTPMaxConnections caps the REST connections open at once; further
+	// ones wait in the listen backlog until one closes. Defaults to 1024.
+	HTTPMaxConnections int
+
+	// GRPCMaxConnections caps the gRPC connections open at once, as
+	// HTTPMaxConnections does for REST. The REST gateway's own connection
+	// to the gRPC server does not count. Defaults to 1024.
+	GRPCMaxConnections int
+	// GRPCMaxConcurrentStreams caps the calls in flight on one gRPC
+	// connection. REST requests all reach the gRPC server over one
+	// connection, so a value below HTTPMaxConnections makes REST requests
+	// queue there. Defaults to 1024.
+	GRPCMaxConcurrentStreams int
+	// GRPCKeepaliveTime is how long a gRPC connection may be silent before
+	// the server pings the client to see that it is still there.
+	// Defaults to 2m.
+	GRPCKeepaliveTime time.Duration
+	// GRPCKeepaliveTimeout is how long the server waits for the answer to
+	// that ping before it closes the connection. Defaults to 20s.
+	GRPCKeepaliveTimeout time.Duration
+	// GRPCKeepaliveMinTime is the shortest interval between a client's
+	// keepalive pings; a client pinging more often is sent GOAWAY and
+	// disconnected. Defaults to 20s.
+	GRPCKeepaliveMinTime time.Duration
+	// GRPCIdleTimeout closes a gRPC connection that had no call for this
+	// long, so idle clients do not hold the connection slots of
+	// GRPCMaxConnections for ever; clients reconnect transparently.
+	// Defaults to 15m.
+	GRPCIdleTimeout time.Duration
 }
+
+// Defaults for Config.
+const (
+	DefaultDatabaseWait             = 60 * time.Second
+	DefaultHTTPReadTimeout          = 30 * time.Second
+	DefaultHTTPWriteTimeout         = 60 * time.Second
+	DefaultHTTPReadHeaderTimeout    = 10 * time.Second
+	DefaultHTTPIdleTimeout          = 2 * time.Minute
+	DefaultMaxConnections           = 1024
+	DefaultGRPCMaxConcurrentStreams = 1024
+	DefaultGRPCKeepaliveTime        = 2 * time.Minute
+	DefaultGRPCKeepaliveTimeout     = 20 * time.Second
+	DefaultGRPCKeepaliveMinTime     = 20 * time.Second
+	DefaultGRPCIdleTimeout          = 15 * time.Minute
+)
 
 // WithDefaults returns cfg with zero fields set to their defaults.
 func (cfg Config) WithDefaults() Config {
@@ -81,7 +152,135 @@ func (cfg Config) WithDefaults() Config {
 	if cfg.KeyOutput == nil {
 		cfg.KeyOutput = io.Discard
 	}
+	if cfg.DatabaseWait == 0 {
+		cfg.DatabaseWait = DefaultDatabaseWait
+	}
+	if cfg.HTTPReadTimeout == 0 {
+		cfg.HTTPReadTimeout = DefaultHTTPReadTimeout
+	}
+	if cfg.HTTPWriteTimeout == 0 {
+		cfg.HTTPWriteTimeout = max(DefaultHTTPWriteTimeout, 2*cfg.HTTPReadTimeout)
+	}
+	if cfg.HTTPReadHeaderTimeout == 0 {
+		cfg.HTTPReadHeaderTimeout = min(DefaultHTTPReadHeaderTimeout, cfg.HTTPReadTimeout)
+	}
+	if cfg.HTTPIdleTimeout == 0 {
+		cfg.HTTPIdleTimeout = DefaultHTTPIdleTimeout
+	}
+	if cfg.HTTPMaxConnections == 0 {
+		cfg.HTTPMaxConnections = DefaultMaxConnections
+	}
+	if cfg.GRPCMaxConnections == 0 {
+		cfg.GRPCMaxConnections = DefaultMaxConnections
+	}
+	if cfg.GRPCMaxConcurrentStreams == 0 {
+		cfg.GRPCMaxConcurrentStreams = DefaultGRPCMaxConcurrentStreams
+	}
+	if cfg.GRPCKeepaliveTime == 0 {
+		cfg.GRPCKeepaliveTime = DefaultGRPCKeepaliveTime
+	}
+	if cfg.GRPCKeepaliveTimeout == 0 {
+		cfg.GRPCKeepaliveTimeout = DefaultGRPCKeepaliveTimeout
+	}
+	if cfg.GRPCKeepaliveMinTime == 0 {
+		cfg.GRPCKeepaliveMinTime = DefaultGRPCKeepaliveMinTime
+	}
+	if cfg.GRPCIdleTimeout == 0 {
+		cfg.GRPCIdleTimeout = DefaultGRPCIdleTimeout
+	}
 	return cfg
+}
+
+// validate checks every setting, the service's and the dispatcher's
+// included, so that a bad one stops the process before it waits for the
+// database, prints a key or stores anything. Each error is a *FieldError.
+func (cfg Config) validate() error {
+	if cfg.BootstrapAPIKey != "" && len(cfg.BootstrapAPIKey) < service.MinAPIKeyLength {
+		return &FieldError{Field: "BootstrapAPIKey", Problem: fmt.Sprintf("must be at least %d characters", service.MinAPIKeyLength)}
+	}
+	for _, d := range []struct {
+		field string
+		v     time.Duration
+	}{
+		{"ShutdownTimeout", cfg.ShutdownTimeout},
+		{"HTTPReadTimeout", cfg.HTTPReadTimeout},
+		{"HTTPWriteTimeout", cfg.HTTPWriteTimeout},
+		{"HTTPReadHeaderTimeout", cfg.HTTPReadHeaderTimeout},
+		{"HTTPIdleTimeout", cfg.HTTPIdleTimeout},
+		{"GRPCKeepaliveTime", cfg.GRPCKeepaliveTime},
+		{"GRPCKeepaliveTimeout", cfg.GRPCKeepaliveTimeout},
+		{"GRPCKeepaliveMinTime", cfg.GRPCKeepaliveMinTime},
+		{"GRPCIdleTimeout", cfg.GRPCIdleTimeout},
+	} {
+		if d.v < 0 {
+			return &FieldError{Field: d.field, Problem: fmt.Sprintf("must not be negative, got %s", d.v)}
+		}
+	}
+	// The write deadline starts when the headers are in, so it covers
+	// reading the body too; no shorter than that, a slow but allowed upload
+	// would have no time left for its answer.
+	if cfg.HTTPWriteTimeout <= cfg.HTTPReadTimeout {
+		return &FieldError{Field: "HTTPWriteTimeout", Problem: fmt.Sprintf("must be longer than the read timeout (%s), which it includes", cfg.HTTPReadTimeout)}
+	}
+	if cfg.HTTPReadHeaderTimeout > cfg.HTTPReadTimeout {
+		return &FieldError{Field: "HTTPReadHeaderTimeout", Problem: fmt.Sprintf("must not be longer than the read timeout (%s), which it is part of", cfg.HTTPReadTimeout)}
+	}
+	for _, n := range []struct {
+		field string
+		v     int
+	}{
+		{"HTTPMaxConnections", cfg.HTTPMaxConnections},
+		{"GRPCMaxConnections", cfg.GRPCMaxConnections},
+		{"GRPCMaxConcurrentStreams", cfg.GRPCMaxConcurrentStreams},
+	} {
+		if n.v < 1 {
+			return &FieldError{Field: n.field, Problem: fmt.Sprintf("must be at least 1, got %d", n.v)}
+		}
+	}
+	if err := cfg.Service.Validate(); err != nil {
+		return fieldError("Service", err)
+	}
+	if err := cfg.deliveryConfig().Validate(); err != nil {
+		return fieldError("Delivery", err)
+	}
+	return nil
+}
+
+// deliveryConfig is the dispatcher's configuration as Start builds it,
+// before sandbox mode replaces its routes.
+func (cfg Config) deliveryConfig() delivery.Config {
+	d := cfg.Delivery
+	if d.ShutdownTimeout == 0 {
+		d.ShutdownTimeout = cfg.ShutdownTimeout
+	}
+	return d
+}
+
+// FieldError is a problem with one setting of Config, so that whoever
+// built the Config can name the setting the way its user knows it (cmd
+// names the flag and the environment variable).
+type FieldError struct {
+	// Field is the setting's path in Config, e.g. "BootstrapAPIKey",
+	// "Service.MaxRecipients" or "Delivery.SMTP.Port".
+	Field string
+	// Problem says what is wrong, e.g. "must be at least 1, got 0".
+	Problem string
+}
+
+func (e *FieldError) Error() string { return e.Field + ": " + e.Problem }
+
+// leadingField matches the field name that the service's and the
+// dispatcher's validation errors start with ("SMTP.Port: ...").
+var leadingField = regexp.MustCompile(`^([A-Z][A-Za-z0-9]*(?:\.[A-Z][A-Za-z0-9]*)*):? (.*)$`)
+
+// fieldError turns a component's validation error into a FieldError under
+// prefix, the component's field in Config.
+func fieldError(prefix string, err error) *FieldError {
+	m := leadingField.FindStringSubmatch(err.Error())
+	if m == nil {
+		return &FieldError{Field: prefix, Problem: err.Error()}
+	}
+	return &FieldError{Field: prefix + "." + m[1], Problem: m[2]}
 }
 
 // App is a running Posthaste process.
@@ -97,6 +296,7 @@ type App struct {
 	dispatcher *delivery.Dispatcher
 	grpcServer *grpc.Server
 	grpcLis    net.Listener
+	gatewayLis net.Listener
 	httpServer *http.Server
 	httpLis    net.Listener
 	gwClose    func() error
@@ -107,11 +307,12 @@ type App struct {
 	stopErr  error
 }
 
-// New validates cfg and returns an App that is not started yet.
+// New validates cfg and returns an App that is not started yet. A bad
+// setting is reported as a *FieldError.
 func New(cfg Config) (*App, error) {
 	cfg = cfg.WithDefaults()
-	if cfg.BootstrapAPIKey != "" && len(cfg.BootstrapAPIKey) < service.MinAPIKeyLength {
-		return nil, fmt.Errorf("BootstrapAPIKey: must be at least %d characters", service.MinAPIKeyLength)
+	if err := cfg.validate(); err != nil {
+		return nil, err
 	}
 	return &App{cfg: cfg, log: cfg.Logger}, nil
 }
@@ -133,12 +334,19 @@ func (a *App) Start(ctx context.Context) (err error) {
 	if err != nil {
 		return err
 	}
+	if !a.database.Embedded() {
+		if err := waitForDatabase(ctx, a.database.URL, a.cfg.DatabaseWait, a.log); err != nil {
+			return err
+		}
+	}
+	// db's errors already say which step failed ("migrate: ...", "open
+	// database: ..."); another prefix would only repeat it.
 	if err := db.Migrate(ctx, a.database.URL); err != nil {
-		return fmt.Errorf("migrate: %w", err)
+		return err
 	}
 	a.store, err = db.Open(ctx, a.database.URL)
 	if err != nil {
-		return fmt.Errorf("open database: %w", err)
+		return err
 	}
 
 	svcCfg := a.cfg.Service
@@ -154,16 +362,13 @@ func (a *App) Start(ctx context.Context) (err error) {
 		a.notifier.Kick()
 	})
 	if err != nil {
-		return fmt.Errorf("service: %w", err)
+		return err // "service config: ..."
 	}
 	if err := a.bootstrapAPIKey(ctx); err != nil {
 		return err
 	}
 
-	deliveryCfg := a.cfg.Delivery
-	if deliveryCfg.ShutdownTimeout == 0 {
-		deliveryCfg.ShutdownTimeout = a.cfg.ShutdownTimeout
-	}
+	deliveryCfg := a.cfg.deliveryConfig()
 	if deliveryCfg.Logger == nil {
 		deliveryCfg.Logger = a.log.With("component", "delivery")
 	}
@@ -183,42 +388,58 @@ func (a *App) Start(ctx context.Context) (err error) {
 	}
 	a.dispatcher, err = delivery.NewDispatcher(deliveryCfg, a.store)
 	if err != nil {
-		return fmt.Errorf("delivery: %w", err)
+		return err // "delivery config: ..."
 	}
 	a.dispatcher.Start(runCtx)
 
 	a.notifier = db.NewOutboxNotifier(a.store, 0, a.log.With("component", "notify"))
 	a.notifier.Start(runCtx)
 
-	a.grpcServer = service.NewGRPCServer(a.api, a.store, svcCfg.Logger)
-	a.grpcLis, err = net.Listen("tcp", a.cfg.GRPCAddr)
+	a.grpcServer = service.NewGRPCServer(a.api, a.store, svcCfg.Logger, a.grpcOptions()...)
+	lis, err := net.Listen("tcp", a.cfg.GRPCAddr)
 	if err != nil {
 		return fmt.Errorf("listen grpc on %s: %w", a.cfg.GRPCAddr, err)
 	}
-	a.wg.Add(1)
-	go func() {
-		defer a.wg.Done()
-		if err := a.grpcServer.Serve(a.grpcLis); err != nil && !errors.Is(err, grpc.ErrServerStopped) {
-			a.log.Error("grpc server stopped", "err", err)
-		}
-	}()
+	a.grpcLis = netutil.LimitListener(lis, a.cfg.GRPCMaxConnections)
+	// The gateway gets a listener of its own, on loopback and outside the
+	// connection cap: clients holding every gRPC slot must not lock REST
+	// out of the server it forwards to.
+	a.gatewayLis, err = net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		return fmt.Errorf("listen grpc for the gateway on loopback: %w", err)
+	}
+	for _, l := range []net.Listener{a.grpcLis, a.gatewayLis} {
+		a.wg.Add(1)
+		go func() {
+			defer a.wg.Done()
+			if err := a.grpcServer.Serve(l); err != nil && !errors.Is(err, grpc.ErrServerStopped) {
+				a.log.Error("grpc server stopped", "addr", l.Addr().String(), "err", err)
+			}
+		}()
+	}
 
 	maxMessage := svcCfg.WithDefaults().MaxMessageBytes
 	// Base64 in JSON grows a message by a third; the gateway's bound only
 	// stops absurd bodies early, the service enforces the real limit.
-	handler, gwClose, err := gateway.New(runCtx, dialAddr(a.grpcLis.Addr()), svcCfg.Logger, gateway.WithMaxBodyBytes(2*maxMessage))
+	handler, gwClose, err := gateway.New(runCtx, a.gatewayLis.Addr().String(), svcCfg.Logger,
+		gateway.WithMaxBodyBytes(2*maxMessage),
+		gateway.WithAuthCheck(a.api.CheckAuthorization))
 	if err != nil {
-		return fmt.Errorf("gateway: %w", err)
+		return err // "gateway: ..."
 	}
 	a.gwClose = gwClose
-	a.httpLis, err = net.Listen("tcp", a.cfg.HTTPAddr)
+	lis, err = net.Listen("tcp", a.cfg.HTTPAddr)
 	if err != nil {
 		return fmt.Errorf("listen http on %s: %w", a.cfg.HTTPAddr, err)
 	}
+	a.httpLis = netutil.LimitListener(lis, a.cfg.HTTPMaxConnections)
 	a.httpServer = &http.Server{
 		Handler:           handler,
-		ReadHeaderTimeout: 10 * time.Second,
-		IdleTimeout:       2 * time.Minute,
+		ReadTimeout:       a.cfg.HTTPReadTimeout,
+		WriteTimeout:      a.cfg.HTTPWriteTimeout,
+		ReadHeaderTimeout: a.cfg.HTTPReadHeaderTimeout,
+		IdleTimeout:       a.cfg.HTTPIdleTimeout,
+		ErrorLog:          slog.NewLogLogger(a.log.With("component", "http").Handler(), slog.LevelWarn),
 	}
 	a.wg.Add(1)
 	go func() {
@@ -302,8 +523,12 @@ func (a *App) stop(ctx context.Context) error {
 			a.grpcServer.Stop()
 			<-stopped
 		}
-	} else if a.grpcLis != nil {
-		_ = a.grpcLis.Close()
+	} else {
+		for _, l := range []net.Listener{a.grpcLis, a.gatewayLis} {
+			if l != nil {
+				_ = l.Close()
+			}
+		}
 	}
 	if a.dispatcher != nil {
 		a.dispatcher.Stop()
@@ -377,19 +602,21 @@ func (a *App) bootstrapAPIKey(ctx context.Context) error {
 	return nil
 }
 
-// dialAddr turns a listener address into one the in-process gateway can
-// dial: a wildcard host becomes loopback.
-func dialAddr(addr net.Addr) string {
-	tcp, ok := addr.(*net.TCPAddr)
-	if !ok {
-		return addr.String()
+// grpcOptions are the transport settings of the gRPC server.
+func (a *App) grpcOptions() []grpc.ServerOption {
+	return []grpc.ServerOption{
+		grpc.MaxConcurrentStreams(uint32(a.cfg.GRPCMaxConcurrentStreams)),
+		grpc.KeepaliveParams(keepalive.ServerParameters{
+			MaxConnectionIdle: a.cfg.GRPCIdleTimeout,
+			Time:              a.cfg.GRPCKeepaliveTime,
+			Timeout:           a.cfg.GRPCKeepaliveTimeout,
+		}),
+		grpc.KeepaliveEnforcementPolicy(keepalive.EnforcementPolicy{
+			MinTime: a.cfg.GRPCKeepaliveMinTime,
+			// Callers of a mail API sit idle between sends; pinging keeps
+			// their connection through NATs and load balancers, which is
+			// cheaper than reconnecting. MinTime still bounds the rate.
+			PermitWithoutStream: true,
+		}),
 	}
-	ip := tcp.IP
-	switch {
-	case ip == nil || ip.IsUnspecified() && ip.To4() != nil:
-		ip = net.IPv4(127, 0, 0, 1)
-	case ip.IsUnspecified():
-		ip = net.IPv6loopback
-	}
-	return net.JoinHostPort(ip.String(), fmt.Sprint(tcp.Port))
 }

@@ -8,9 +8,11 @@ import (
 	"os"
 	"os/user"
 	"path/filepath"
+	"strings"
 	"time"
 
 	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
 
 	"github.com/posthaste/posthaste/internal/pgserver"
 )
@@ -90,6 +92,89 @@ func (d *Database) Close(ctx context.Context) error {
 		return fmt.Errorf("stop embedded database: %w", err)
 	}
 	return nil
+}
+
+// Backoff between attempts to reach a database that is not up yet.
+const (
+	databaseRetryFirst = 250 * time.Millisecond
+	databaseRetryMax   = 5 * time.Second
+)
+
+// waitForDatabase returns once the database at url accepts a connection.
+// A database that is not up yet is normal when the process starts together
+// with it (a compose file, a pod); failing at once would only make the
+// supervisor restart the process in a loop. It retries with a capped,
+// doubling backoff until wait has passed (a negative wait tries once).
+// Errors that waiting cannot fix (a malformed URL, a refused password, a
+// database that does not exist) are returned at once.
+func waitForDatabase(ctx context.Context, url string, wait time.Duration, logger *slog.Logger) error {
+	cfg, err := pgx.ParseConfig(url)
+	if err != nil {
+		return fmt.Errorf("parse database url: %w", err)
+	}
+	start := time.Now()
+	deadline := start.Add(wait)
+	delay := databaseRetryFirst
+	for attempt := 1; ; attempt++ {
+		err := connectOnce(ctx, cfg)
+		if err == nil {
+			if attempt > 1 {
+				logger.InfoContext(ctx, "database is up", "waited", time.Since(start).Round(time.Millisecond))
+			}
+			return nil
+		}
+		if ctx.Err() != nil {
+			return fmt.Errorf("wait for database: %w", ctx.Err())
+		}
+		if !worthWaiting(err) {
+			return fmt.Errorf("connect to database: %w", err)
+		}
+		left := time.Until(deadline)
+		if left <= 0 {
+			if wait <= 0 {
+				return fmt.Errorf("connect to database: %w", err)
+			}
+			return fmt.Errorf("database not reachable after waiting %s: %w", wait, err)
+		}
+		delay = min(delay, left)
+		logger.WarnContext(ctx, "waiting for database", "error", err, "retry_in", delay.Round(time.Millisecond), "give_up_in", left.Round(time.Second))
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("wait for database: %w", ctx.Err())
+		case <-time.After(delay):
+		}
+		delay = min(2*delay, databaseRetryMax)
+	}
+}
+
+// databaseAttemptTimeout bounds one attempt, so that a server that drops
+// packets rather than refusing them is retried, and logged, like any other.
+const databaseAttemptTimeout = 10 * time.Second
+
+// connectOnce opens and closes one connection.
+func connectOnce(ctx context.Context, cfg *pgx.ConnConfig) error {
+	ctx, cancel := context.WithTimeout(ctx, databaseAttemptTimeout)
+	defer cancel()
+	conn, err := pgx.ConnectConfig(ctx, cfg)
+	if err != nil {
+		return err
+	}
+	return conn.Close(ctx)
+}
+
+// worthWaiting reports whether a failed connection may succeed later: the
+// server is not listening or still starting, rather than refusing us.
+func worthWaiting(err error) bool {
+	var pgErr *pgconn.PgError
+	if errors.As(err, &pgErr) {
+		switch {
+		case strings.HasPrefix(pgErr.Code, "28"): // invalid_authorization_specification, invalid_password
+			return false
+		case pgErr.Code == "3D000": // invalid_catalog_name: no such database
+			return false
+		}
+	}
+	return true
 }
 
 func reachable(ctx context.Context, url string) bool {

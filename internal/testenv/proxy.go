@@ -33,7 +33,14 @@ type Proxy struct {
 // stopped when the test ends.
 func NewProxy(t testing.TB, network, target string) *Proxy {
 	t.Helper()
-	lis, err := net.Listen("tcp", "127.0.0.1:0")
+	return NewProxyOn(t, "127.0.0.1:0", network, target)
+}
+
+// NewProxyOn is NewProxy listening on addr, so a test can point a client at
+// an address first and bring the server up there later.
+func NewProxyOn(t testing.TB, addr, network, target string) *Proxy {
+	t.Helper()
+	lis, err := net.Listen("tcp", addr)
 	if err != nil {
 		t.Fatalf("testenv: proxy listen: %v", err)
 	}

@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"io"
 	"net/http"
+	"os"
 	"regexp"
 	"strconv"
 	"strings"
@@ -164,6 +165,12 @@ func decodeErrorDetail(err error) errorDetail {
 	case errors.As(err, &mbe):
 		d.Code, d.Status = http.StatusRequestEntityTooLarge, statusName(codes.ResourceExhausted)
 		d.Message = "request body larger than " + strconv.FormatInt(mbe.Limit, 10) + " bytes"
+		return d
+	case errors.Is(err, os.ErrDeadlineExceeded):
+		// The server's read deadline passed while the body was still
+		// arriving (http.Server.ReadTimeout).
+		d.Code, d.Status = http.StatusRequestTimeout, statusName(codes.DeadlineExceeded)
+		d.Message = "request body not received in time"
 		return d
 	case errors.As(err, &utf):
 		if len(utf.violations) == 0 {

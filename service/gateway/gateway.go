@@ -28,6 +28,22 @@ type Option func(*options)
 
 type options struct {
 	maxBodyBytes int64
+	authCheck    AuthCheck
+}
+
+// AuthCheck checks the value of a request's Authorization header ("" when
+// there is none) and returns nil when it names a valid API key, else a
+// gRPC status error, shown to the caller as the REST error it maps to
+// (Unauthenticated is 401). service.Server.CheckAuthorization is one.
+type AuthCheck func(ctx context.Context, authorization string) error
+
+// WithAuthCheck makes every route except /healthz and /openapi.json check
+// the API key with check before the request body is read, so a caller
+// without a valid key is refused at once whatever its body does. The gRPC
+// server checks the key again. Defaults to no check here, leaving it to
+// the gRPC server alone.
+func WithAuthCheck(check AuthCheck) Option {
+	return func(o *options) { o.authCheck = check }
 }
 
 // WithMaxBodyBytes sets the largest request body accepted; larger ones are
@@ -76,7 +92,7 @@ func New(ctx context.Context, grpcAddr string, logger *slog.Logger, opts ...Opti
 		return nil, nil, fmt.Errorf("gateway: connect to grpc server %s: %w", grpcAddr, err)
 	}
 
-	g := &gateway{log: logger, maxBodyBytes: o.maxBodyBytes, openAPI: posthastev1.OpenAPI()}
+	g := &gateway{log: logger, maxBodyBytes: o.maxBodyBytes, authCheck: o.authCheck, openAPI: posthastev1.OpenAPI()}
 	marshaler := &jsonMarshaler{JSONPb: runtime.JSONPb{
 		MarshalOptions:   protojson.MarshalOptions{UseProtoNames: true, EmitUnpopulated: false},
 		UnmarshalOptions: protojson.UnmarshalOptions{DiscardUnknown: false},
@@ -108,12 +124,17 @@ func New(ctx context.Context, grpcAddr string, logger *slog.Logger, opts ...Opti
 		conn.Close()
 		return nil, nil, fmt.Errorf("gateway: register /openapi.json: %w", err)
 	}
-	return g.limitBody(mux), conn.Close, nil
+	// Outermost first: recover from anything below; refuse callers without
+	// a key, then bodies that are not JSON, before a byte of the body is
+	// read; bound the body as it is read.
+	h := g.recoverPanics(g.requireAuth(g.requireJSON(g.limitBody(mux))))
+	return h, conn.Close, nil
 }
 
 type gateway struct {
 	log          *slog.Logger
 	maxBodyBytes int64
+	authCheck    AuthCheck
 	openAPI      []byte // served as /openapi.json; never changed
 }
 

@@ -73,6 +73,8 @@ func setup(t *testing.T, cfg service.Config, opts ...gateway.Option) *env {
 	}
 	gs := service.NewGRPCServer(srv, e.store, logger)
 	grpcAddr := testenv.ServeGRPC(t, gs)
+	// As the process wires it: the key is checked before the body is read.
+	opts = append([]gateway.Option{gateway.WithAuthCheck(srv.CheckAuthorization)}, opts...)
 	h, closeGateway, err := gateway.New(t.Context(), grpcAddr, logger, opts...)
 	if err != nil {
 		t.Fatal(err)
