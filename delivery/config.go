@@ -31,8 +31,9 @@ type Config struct {
 	// lost the database) are returned to the queue, after this dispatcher
 	// has written the outcomes it was keeping for the database to return. A
 	// crashed instance's recipients go back to the queue at most
-	// LeaseDuration plus RescueInterval after its last renewal, so it must
-	// not exceed LeaseDuration. Defaults to a quarter of LeaseDuration.
+	// LeaseDuration plus RescueInterval after its last renewal (when no
+	// other instance rescues them sooner), so it should not be much longer
+	// than LeaseDuration. Defaults to a quarter of LeaseDuration.
 	RescueInterval time.Duration
 	// MaxAttemptDuration caps one delivery attempt as a whole: the DNS
 	// lookups, every address tried and the SMTP session, whose steps keep
@@ -273,10 +274,6 @@ func (c Config) validate() error {
 	}
 	if c.LeaseDuration < minLease {
 		return fmt.Errorf("LeaseDuration: %s is shorter than %s", c.LeaseDuration, minLease)
-	}
-	if c.RescueInterval > c.LeaseDuration {
-		return fmt.Errorf("RescueInterval: %s is longer than LeaseDuration (%s): a crashed instance's recipients would wait that long",
-			c.RescueInterval, c.LeaseDuration)
 	}
 	if _, err := parseRoutes(c.Routes); err != nil {
 		return err
