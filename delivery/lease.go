@@ -66,6 +66,9 @@ func newLeaseSet(length time.Duration) *leaseSet {
 // add records a claim's lease, held by n jobs, that ends no earlier than
 // until.
 func (l *leaseSet) add(owner string, until time.Time, n int) {
+	if n <= 0 {
+		return
+	}
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	l.owners[owner] = &heldLease{until: until, refs: n, attempts: make(map[*job]time.Time),

@@ -410,3 +410,59 @@ func freePort(t *testing.T) int {
 	defer ln.Close()
 	return ln.Addr().(*net.TCPAddr).Port
 }
+
+// TestLeaseWatch checks a job's view of its lease without a database:
+// renewals keep it, a missing renewal ends it before the lease may run
+// out, and a renewal that no longer finds the owner ends it at once.
+func TestLeaseWatch(t *testing.T) {
+	t.Parallel()
+	const length = 600 * time.Millisecond
+	l := newLeaseSet(length)
+	l.add("kept", time.Now().Add(length), 1)
+	l.add("expiring", time.Now().Add(length), 1)
+	l.add("lost", time.Now().Add(length), 2)
+	l.add("none", time.Now(), 0)
+	kept, expiring, lost := l.watch("kept"), l.watch("expiring"), l.watch("lost")
+	defer kept.stop()
+	defer expiring.stop()
+	defer lost.stop()
+	if l.count() != 3 {
+		t.Fatalf("%d owners held, want 3 (a claim without jobs holds nothing)", l.count())
+	}
+
+	// Renew kept only, until expiring has run out; lost is found gone.
+	l.renewed([]string{"kept", "lost"}, map[string]int{"kept": 1}, time.Now())
+	if !lost.lost() || lost.ctx.Err() == nil {
+		t.Fatal("lost owner's watch still running")
+	}
+	waitFor(t, 5*time.Second, "the unrenewed lease to end", func() bool {
+		l.renewed([]string{"kept"}, map[string]int{"kept": 1}, time.Now())
+		return expiring.ctx.Err() != nil
+	})
+	if err := context.Cause(expiring.ctx); !errors.Is(err, errLeaseExpiring) {
+		t.Fatalf("cause %v, want errLeaseExpiring", err)
+	}
+	if kept.ctx.Err() != nil {
+		t.Fatalf("renewed lease ended: %v", context.Cause(kept.ctx))
+	}
+	if got := l.toRenew(time.Now()); len(got) != 2 {
+		t.Fatalf("to renew %v, want kept and expiring (not the lost one)", got)
+	}
+
+	// An attempt stuck past its cap stops the renewal of its owner.
+	j := &job{owner: "kept"}
+	l.attempting(j, time.Now().Add(-time.Millisecond))
+	for _, o := range l.toRenew(time.Now()) {
+		if o == "kept" {
+			t.Fatal("owner of a stuck attempt still renewed")
+		}
+	}
+	l.attempted(j)
+	l.release("kept")
+	l.release("expiring")
+	l.release("lost")
+	l.release("lost")
+	if l.count() != 0 {
+		t.Fatalf("%d owners held after every release", l.count())
+	}
+}
