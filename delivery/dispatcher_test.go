@@ -731,10 +731,12 @@ func (b *logBuffer) String() string {
 }
 
 // TestDispatchFrozenWorkerLosesItsLease runs two dispatchers. A claims a
-// recipient and its worker freezes in the dial for longer than the lease; B
-// rescues the recipient once the lease has run out and delivers it. When A's
-// worker wakes up it must neither deliver (its attempt's deadline has
-// passed) nor overwrite B's outcome (the lease is fenced).
+// recipient and its worker freezes in the dial, ignoring its context, for
+// longer than the attempt's cap; A stops renewing the lease of a stuck
+// attempt, and B rescues the recipient once the lease has run out and
+// delivers it. When A's worker wakes up it must neither deliver (its
+// attempt's deadline has passed) nor overwrite B's outcome (the lease is
+// fenced).
 func TestDispatchFrozenWorkerLosesItsLease(t *testing.T) {
 	t.Parallel()
 	e := newDispatchEnv(t)
@@ -749,11 +751,10 @@ func TestDispatchFrozenWorkerLosesItsLease(t *testing.T) {
 	cfgA.Dialer = frozen
 	cfgA.Logger = slog.New(slog.NewTextHandler(&logs, &slog.HandlerOptions{Level: slog.LevelDebug}))
 	cfgA.MaxAttemptDuration = 500 * time.Millisecond
-	// About the shortest lease allowed, with a second to start the attempt.
-	cfgA.LeaseDuration = cfgA.MaxAttemptDuration + commitReserve + time.Second
+	cfgA.LeaseDuration = 2 * time.Second
 	// A claims once, at start, and never again: nothing else notifies.
 	cfgA.PollInterval = time.Hour
-	cfgA.RescueInterval = time.Hour
+	cfgA.RescueInterval = cfgA.LeaseDuration
 	a := e.start(t, cfgA)
 	select {
 	case <-frozen.entered:
@@ -770,7 +771,7 @@ func TestDispatchFrozenWorkerLosesItsLease(t *testing.T) {
 	cfgB := e.config()
 	cfgB.InstanceID = "b"
 	e.start(t, cfgB)
-	waitFor(t, 2*cfgA.LeaseDuration, "B's delivery after A's lease ran out", func() bool {
+	waitFor(t, 30*time.Second, "B's delivery after A's lease ran out", func() bool {
 		return e.get(t, id).Recipients[0].Status == db.StatusDelivered
 	})
 
@@ -916,10 +917,7 @@ func TestDispatchAttemptCapDefers(t *testing.T) {
 	cfg.Retry.InitialInterval = time.Hour
 	cfg.Retry.MaxInterval = time.Hour
 	id := e.insert(t, time.Time{}, "a@capped.test")
-	d := e.start(t, cfg)
-	if want := cfg.MaxAttemptDuration + commitReserve + leaseQueueAllowance; d.cfg.LeaseDuration != want {
-		t.Fatalf("lease %s, want %s derived from the cap", d.cfg.LeaseDuration, want)
-	}
+	e.start(t, cfg)
 
 	m := e.waitMessage(t, id, "deferral at the cap", func(m db.Message) bool {
 		return m.Recipients[0].Status == db.StatusDeferred
@@ -1055,8 +1053,9 @@ func TestDispatchReleasesJobThatWaitedTooLong(t *testing.T) {
 	}
 	defer d.Stop()
 
-	// Claim by hand with a lease that leaves 300ms to start an attempt.
-	lease := d.cfg.minLease() + 300*time.Millisecond
+	// Claim by hand; the dispatcher is not running, so nothing renews the
+	// lease, which stops being known to be held in 300ms.
+	lease := d.leases.margin + 300*time.Millisecond
 	claimedAt := time.Now()
 	claimed, err := e.store.ClaimRecipients(t.Context(), db.ClaimParams{Owner: "test-1", Limit: 10, LeaseFor: lease})
 	if err != nil || len(claimed) != 1 {
@@ -1066,9 +1065,10 @@ func TestDispatchReleasesJobThatWaitedTooLong(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	jobs, _ := groupJobs(claimed, contents, "test-1", claimedAt.Add(lease), 100)
+	jobs, _ := groupJobs(claimed, contents, "test-1", 100)
+	d.leases.add("test-1", claimedAt.Add(lease), len(jobs))
 	// The domain's only slot is taken for longer than the job can wait.
-	if !d.limits.acquireDomain("busy.test", time.Now().Add(time.Minute), nil) {
+	if !d.limits.acquireDomain("busy.test", nil, nil) {
 		t.Fatal("slot not free")
 	}
 	d.pending.Add(1)
@@ -1084,7 +1084,7 @@ func TestDispatchReleasesJobThatWaitedTooLong(t *testing.T) {
 	if srv.Connections() != 0 {
 		t.Fatal("a connection was made")
 	}
-	if d.pending.Load() != 0 || d.waiting.Load() != 0 {
+	if d.pending.Load() != 0 || d.waiting.Load() != 0 || d.leases.count() != 0 {
 		t.Fatalf("counters pending %d waiting %d", d.pending.Load(), d.waiting.Load())
 	}
 }

@@ -19,10 +19,11 @@
 // commits. Between the two lies a window in which a message can be sent
 // twice:
 //
-//   - the process dies, or the database cannot be reached, after the
-//     server's reply and before our commit: the recipient stays leased,
-//     the rescuer returns it to the queue once the lease runs out, and a
-//     dispatcher sends it again;
+//   - the process dies after the server's reply and before our commit, or
+//     the database cannot be reached for longer than the lease and another
+//     dispatcher's rescuer gets to the recipient before this one can write
+//     the outcome it kept: the rescuer returns the recipient to the queue
+//     once the lease runs out, and a dispatcher sends it again;
 //   - the connection breaks, or a timeout (SMTP.DataTimeout,
 //     MaxAttemptDuration, or Stop's ShutdownTimeout) cuts the session,
 //     after the end of the data was sent but before the reply arrived: the
@@ -32,12 +33,15 @@
 // Nothing can close that window without the receiver's help, so it is kept
 // short instead. The outcome is written right after the reply, in its own
 // small transaction (never one held open across SMTP), and the write is
-// retried for up to 10 seconds. Every attempt runs under a deadline
-// (MaxAttemptDuration) that ends, with those 10 seconds, before the lease
-// does, so that a slow but live dispatcher never has its recipients claimed
-// by another one while it is still talking to the receiver; and an outcome
-// that arrives after its lease was lost anyway (a process paused past it) is
-// fenced off instead of overwriting the other dispatcher's.
+// retried about every second; an outcome that cannot be written before the
+// lease may run out is kept in memory and written when the database is
+// back, before this dispatcher rescues anything. Leases are short
+// (LeaseDuration) and renewed by a heartbeat while the dispatcher holds
+// them, so a dead dispatcher's recipients go back to the queue within about
+// one lease, and an attempt whose lease is no longer known to be held stops
+// before the end of the data; an outcome that arrives after its lease was
+// taken over anyway is fenced off instead of overwriting the other
+// dispatcher's.
 //
 // The reverse failure (the message is lost) does not happen: a recipient is
 // only final once its outcome is committed, and one whose outcome was never

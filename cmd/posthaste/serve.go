@@ -63,6 +63,7 @@ func runServe(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	fs.IntVar(&dlv.Concurrency, "concurrency", 100, "most SMTP sessions at once")
 	fs.IntVar(&dlv.PerDomainConcurrency, "per-domain-concurrency", 10, "most SMTP sessions at once to one destination domain")
 	fs.DurationVar(&dlv.MaxAttemptDuration, "max-attempt-duration", 10*time.Minute, "cap on one delivery attempt (DNS, every MX host, the SMTP session)")
+	fs.DurationVar(&dlv.LeaseDuration, "lease", 30*time.Second, "how long claimed recipients stay reserved without a renewal (renewed every third of it); a crashed instance's recipients are taken over after about this long")
 	fs.DurationVar(&dlv.PollInterval, "poll-interval", 5*time.Second, "how often to look for scheduled and retry work without a notification")
 	fs.DurationVar(&dlv.Retry.InitialInterval, "retry-initial", time.Minute, "delay before the first retry of a deferred recipient")
 	fs.DurationVar(&dlv.Retry.MaxInterval, "retry-max", time.Hour, "longest delay between retries")
