@@ -224,3 +224,15 @@ func isForeignKeyViolation(err error) bool {
 	var pgErr *pgconn.PgError
 	return errors.As(err, &pgErr) && pgErr.Code == "23503"
 }
+
+const getProjectSQL = `SELECT ` + projectColumns + ` FROM projects p WHERE p.id = $1`
+
+// GetProject returns the project with id, or ErrNotFound.
+func (d *DB) GetProject(ctx context.Context, id uuid.UUID) (Project, error) {
+	rows, _ := d.pool.Query(ctx, getProjectSQL, id)
+	p, err := pgx.CollectExactlyOneRow(rows, scanProject)
+	if err != nil {
+		return Project{}, fmt.Errorf("project %s: %w", id, mapError(err))
+	}
+	return p, nil
+}

@@ -16,29 +16,41 @@ import (
 // Authorization header under the same name.
 const authMetadataKey = "authorization"
 
-// apiKeyIDKey is the context key under which an authenticated call carries
-// the id of its API key.
-type apiKeyIDKey struct{}
+// principalKey is the context key under which an authenticated call
+// carries its caller.
+type principalKey struct{}
 
-// withAPIKeyID returns ctx carrying the id of the caller's API key.
-func withAPIKeyID(ctx context.Context, id uuid.UUID) context.Context {
-	return context.WithValue(ctx, apiKeyIDKey{}, id)
+// principal is who is calling: an API key, its project and its scopes.
+type principal struct {
+	keyID     uuid.UUID
+	projectID uuid.UUID
+	key       db.APIKey
 }
 
-// apiKeyIDFrom returns the id put in ctx by authentication.
-func apiKeyIDFrom(ctx context.Context) (uuid.UUID, bool) {
-	id, ok := ctx.Value(apiKeyIDKey{}).(uuid.UUID)
-	return id, ok
+// withPrincipal returns ctx carrying the caller's key.
+func withPrincipal(ctx context.Context, k db.APIKey) context.Context {
+	return context.WithValue(ctx, principalKey{}, principal{keyID: k.ID, projectID: k.ProjectID, key: k})
 }
 
-// requireAPIKeyID returns the caller's key id, failing closed when a handler
-// is reached without authentication (a wiring mistake, not a caller's).
-func requireAPIKeyID(ctx context.Context) (uuid.UUID, error) {
-	id, ok := apiKeyIDFrom(ctx)
-	if !ok {
-		return uuid.Nil, &unauthenticatedError{reason: "missing API key"}
+// principalFrom returns the caller put in ctx by authentication.
+func principalFrom(ctx context.Context) (principal, bool) {
+	p, ok := ctx.Value(principalKey{}).(principal)
+	return p, ok
+}
+
+// requireScope returns the caller when its key has scope, failing closed
+// when a handler is reached without authentication (a wiring mistake, not
+// a caller's). Every handler starts with it: the project it returns is the
+// only one the handler may touch.
+func requireScope(ctx context.Context, scope string) (principal, error) {
+	p, ok := principalFrom(ctx)
+	if !ok || p.projectID == uuid.Nil {
+		return principal{}, &unauthenticatedError{reason: "missing API key"}
 	}
-	return id, nil
+	if !p.key.HasScope(scope) {
+		return principal{}, &permissionDeniedError{scope: scope}
+	}
+	return p, nil
 }
 
 // authenticator checks the bearer key in incoming metadata against the
@@ -47,7 +59,7 @@ type authenticator struct {
 	store *db.DB
 }
 
-// authenticate returns ctx carrying the caller's key id.
+// authenticate returns ctx carrying the caller's key, project and scopes.
 func (a authenticator) authenticate(ctx context.Context) (context.Context, error) {
 	md, _ := metadata.FromIncomingContext(ctx)
 	values := md.Get(authMetadataKey)
@@ -73,7 +85,7 @@ func (a authenticator) authenticate(ctx context.Context) (context.Context, error
 	if err != nil {
 		return nil, fmt.Errorf("look up api key: %w", err)
 	}
-	return withAPIKeyID(ctx, k.ID), nil
+	return withPrincipal(ctx, k), nil
 }
 
 // bearerToken extracts the token of an RFC 6750 section 2.1 credential.
