@@ -398,14 +398,28 @@ func TestIdempotency(t *testing.T) {
 		t.Errorf("reuse with another request: %v, want AlreadyExists", err)
 	}
 
-	// Keys belong to an API key: another caller's identical key is theirs.
-	otherKey, _ := createKey(t, e.store, "other")
+	// Keys belong to the project: another API key of the same project
+	// replays (a client that rotated its key keeps its retries safe), while
+	// another project's identical key is theirs.
+	sameProject, _ := createKey(t, e.store, "rotated")
+	replayed, err := e.client.SendMessage(withKey(t.Context(), sameProject), req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if replayed.GetId() != first.GetId() {
+		t.Error("another key of the same project did not replay the first answer")
+	}
+	other, err := e.store.CreateProject(t.Context(), "other")
+	if err != nil {
+		t.Fatal(err)
+	}
+	otherKey, _ := createScopedKey(t, e.store, other.ID, "other", db.ScopeSend)
 	third, err := e.client.SendMessage(withKey(t.Context(), otherKey), req)
 	if err != nil {
 		t.Fatal(err)
 	}
 	if third.GetId() == first.GetId() {
-		t.Error("another API key replayed the first caller's message")
+		t.Error("another project's key replayed the first caller's message")
 	}
 
 	conflict := validRequest()
