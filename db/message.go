@@ -36,10 +36,9 @@ type NewRecipient struct {
 	Kind string
 }
 
-// Idempotency ties a stored message to a caller's idempotency key.
+// Idempotency ties a stored message to a caller's idempotency key. Keys are
+// scoped to the message's project.
 type Idempotency struct {
-	// APIKeyID scopes the key; uuid.Nil for requests made without an API key.
-	APIKeyID uuid.UUID
 	// Key is the caller's idempotency key.
 	Key string
 	// RequestHash identifies the request; a reuse of Key with a different
@@ -55,6 +54,8 @@ type Idempotency struct {
 type NewMessage struct {
 	// ID is made by the caller (uuid.NewV7).
 	ID uuid.UUID
+	// ProjectID owns the message; uuid.Nil means the default project.
+	ProjectID uuid.UUID
 	// APIKeyID is the key the message was sent with; uuid.Nil for none.
 	APIKeyID        uuid.UUID
 	MessageIDHeader string
@@ -88,7 +89,8 @@ type InsertResult struct {
 
 // Message is a stored message and the state of its recipients.
 type Message struct {
-	ID uuid.UUID
+	ID        uuid.UUID
+	ProjectID uuid.UUID
 	// APIKeyID is uuid.Nil when the message was sent without an API key.
 	APIKeyID uuid.UUID
 	// Status is derived from the recipients; see MessagePartiallyDelivered.
@@ -160,6 +162,8 @@ type Cursor struct {
 // ListMessagesParams filters and pages ListMessages. Zero fields do not
 // filter.
 type ListMessagesParams struct {
+	// ProjectID is the project whose messages are listed. Required.
+	ProjectID uuid.UUID
 	// Status is a message status.
 	Status string
 	// Recipient is an envelope address, matched exactly.
@@ -237,7 +241,7 @@ func (d *DB) InsertMessage(ctx context.Context, p NewMessage) (InsertResult, err
 	var res InsertResult
 	err := d.inTx(ctx, func(tx pgx.Tx) error {
 		var err error
-		res, err = takeIdempotencyKey(ctx, tx, p.ID, *p.Idempotency)
+		res, err = takeIdempotencyKey(ctx, tx, projectOrDefault(p.ProjectID), p.ID, *p.Idempotency)
 		if err != nil || res.Replayed {
 			return err
 		}
@@ -254,9 +258,9 @@ func (d *DB) InsertMessage(ctx context.Context, p NewMessage) (InsertResult, err
 
 const insertMessageSQL = `
 WITH m AS (
-    INSERT INTO messages (id, api_key_id, status, message_id_header, envelope_from, from_header,
+    INSERT INTO messages (id, project_id, api_key_id, status, message_id_header, envelope_from, from_header,
         subject, raw, size_bytes, tags, metadata, send_at)
-    VALUES ($1, $2, CASE WHEN $11::timestamptz > coalesce($16::timestamptz, now()) THEN 'scheduled' ELSE 'queued' END,
+    VALUES ($1, $17, $2, CASE WHEN $11::timestamptz > coalesce($16::timestamptz, now()) THEN 'scheduled' ELSE 'queued' END,
         $3, $4, $5, $6, $7, $8, $9, $10, $11)
     RETURNING id, status, send_at
 ), r AS (
@@ -298,13 +302,13 @@ func insertMessage(ctx context.Context, q Querier, p NewMessage) error {
 	b.Queue(insertMessageSQL,
 		p.ID, nullUUID(p.APIKeyID), p.MessageIDHeader, p.EnvelopeFrom, p.FromHeader,
 		p.Subject, nonNilBytes(p.Raw), int64(len(p.Raw)), tags, metadata, sendAt,
-		ids, addrs, domains, kinds, nowParam(p.Now))
+		ids, addrs, domains, kinds, nowParam(p.Now), projectOrDefault(p.ProjectID))
 	b.Queue(deriveStatusByID, []uuid.UUID{p.ID})
 	return q.SendBatch(ctx, b).Close()
 }
 
 const messageColumns = `
-m.id, m.api_key_id, m.status, m.message_id_header, m.envelope_from, m.from_header, m.subject,
+m.id, m.project_id, m.api_key_id, m.status, m.message_id_header, m.envelope_from, m.from_header, m.subject,
 m.size_bytes, m.tags, m.metadata, m.send_at, m.created_at, m.updated_at`
 
 const recipientColumns = `
@@ -316,7 +320,8 @@ const attemptColumns = `
 a.id, a.recipient_id, a.started_at, a.duration, a.mx_host, a.ip, a.tls, a.tls_version,
 a.code, a.enhanced_code, a.text, a.outcome, a.source`
 
-const getMessageSQL = `SELECT ` + messageColumns + ` FROM messages m WHERE m.id = $1`
+// Another project's message is not found, exactly like an unknown id.
+const getMessageSQL = `SELECT ` + messageColumns + ` FROM messages m WHERE m.id = $1 AND m.project_id = $2`
 
 const getRecipientsSQL = `
 SELECT ` + recipientColumns + ` FROM recipients r
@@ -336,10 +341,10 @@ const (
 	commitSQL        = `COMMIT`
 )
 
-// GetMessage returns a message with its recipients and attempts, or
-// ErrNotFound.
-func (d *DB) GetMessage(ctx context.Context, id uuid.UUID) (Message, error) {
-	m, err := d.getMessage(ctx, id)
+// GetMessage returns a message of a project with its recipients and
+// attempts, or ErrNotFound (also when the message is another project's).
+func (d *DB) GetMessage(ctx context.Context, projectID, id uuid.UUID) (Message, error) {
+	m, err := d.getMessage(ctx, projectID, id)
 	if err != nil {
 		return Message{}, fmt.Errorf("get message %s: %w", id, mapError(err))
 	}
@@ -348,10 +353,10 @@ func (d *DB) GetMessage(ctx context.Context, id uuid.UUID) (Message, error) {
 
 // getMessage runs on the pool only: its batch begins and commits its own
 // transaction.
-func (d *DB) getMessage(ctx context.Context, id uuid.UUID) (Message, error) {
+func (d *DB) getMessage(ctx context.Context, projectID, id uuid.UUID) (Message, error) {
 	b := &pgx.Batch{}
 	b.Queue(beginSnapshotSQL)
-	b.Queue(getMessageSQL, id)
+	b.Queue(getMessageSQL, id, projectID)
 	b.Queue(getRecipientsSQL, []uuid.UUID{id})
 	b.Queue(getAttemptsSQL, id)
 	b.Queue(commitSQL)
@@ -385,7 +390,7 @@ func (d *DB) getMessage(ctx context.Context, id uuid.UUID) (Message, error) {
 func scanMessage(row pgx.CollectableRow) (Message, error) {
 	var m Message
 	var apiKeyID *uuid.UUID
-	err := row.Scan(&m.ID, &apiKeyID, &m.Status, &m.MessageIDHeader, &m.EnvelopeFrom, &m.FromHeader,
+	err := row.Scan(&m.ID, &m.ProjectID, &apiKeyID, &m.Status, &m.MessageIDHeader, &m.EnvelopeFrom, &m.FromHeader,
 		&m.Subject, &m.Size, &m.Tags, &m.Metadata, &m.SendAt, &m.CreatedAt, &m.UpdatedAt)
 	if apiKeyID != nil {
 		m.APIKeyID = *apiKeyID
@@ -412,6 +417,7 @@ func scanAttempt(row pgx.CollectableRow) (Attempt, error) {
 // in use are added, so every combination gets a plan that can use its index.
 const (
 	listMessagesSelect    = `SELECT ` + messageColumns + ` FROM messages m`
+	listFilterProject     = `m.project_id = @project_id`
 	listFilterStatus      = `m.status = @status`
 	listFilterRecipient   = `m.id IN (SELECT r.message_id FROM recipients r WHERE r.address = @recipient)`
 	listFilterTag         = `m.tags @> ARRAY[@tag::text]`
@@ -425,6 +431,9 @@ const (
 // first (by created_at, then id), with their recipients but no attempts.
 // A page after p.After starts right behind that message.
 func (d *DB) ListMessages(ctx context.Context, p ListMessagesParams) ([]Message, error) {
+	if p.ProjectID == uuid.Nil {
+		return nil, errors.New("list messages: ProjectID is required")
+	}
 	query, args := listMessagesQuery(p)
 	var out []Message
 	err := pgx.BeginTxFunc(ctx, d.pool, pgx.TxOptions{IsoLevel: pgx.RepeatableRead, AccessMode: pgx.ReadOnly},
@@ -467,8 +476,9 @@ func listMessagesQuery(p ListMessagesParams) (string, pgx.NamedArgs) {
 	if limit <= 0 {
 		limit = DefaultListLimit
 	}
-	args := pgx.NamedArgs{"limit": limit}
-	var where []string
+	// The project comes first: every listing index leads with it.
+	args := pgx.NamedArgs{"limit": limit, "project_id": p.ProjectID}
+	where := []string{listFilterProject}
 	if p.Status != "" {
 		where = append(where, listFilterStatus)
 		args["status"] = p.Status
@@ -505,9 +515,12 @@ func listMessagesQuery(p ListMessagesParams) (string, pgx.NamedArgs) {
 	return query + listMessagesOrderedBy, args
 }
 
+// The cancel statements only reach recipients of a message of the project
+// ($2), so canceling another project's message changes nothing.
 const lockCancelableSQL = `
 SELECT id FROM recipients
-WHERE message_id = $1 AND status IN ('scheduled', 'queued', 'sending', 'deferred')
+WHERE message_id = (SELECT id FROM messages WHERE id = $1 AND project_id = $2)
+  AND status IN ('scheduled', 'queued', 'sending', 'deferred')
 ORDER BY id
 FOR NO KEY UPDATE`
 
@@ -521,7 +534,7 @@ WITH upd AS (
         next_attempt_at = CASE WHEN status = 'sending' THEN next_attempt_at END,
         cancel_requested_at = coalesce(cancel_requested_at, now()),
         updated_at = now()
-    WHERE message_id = $1
+    WHERE message_id = (SELECT id FROM messages WHERE id = $1 AND project_id = $2)
       AND status IN ('scheduled', 'queued', 'sending', 'deferred')
       AND NOT (status = 'sending' AND cancel_requested_at IS NOT NULL)
     RETURNING id, message_id, status
@@ -529,16 +542,22 @@ WITH upd AS (
 INSERT INTO events (message_id, recipient_id, type)
 SELECT message_id, id, 'canceled' FROM upd WHERE status = 'canceled'`
 
+// lockProjectMessageSQL locks the message before its status is derived, as
+// lockMessagesByID does, and finds nothing for another project's message.
+const lockProjectMessageSQL = `
+SELECT id FROM messages WHERE id = $1 AND project_id = $2 FOR NO KEY UPDATE`
+
 // CancelMessage cancels the recipients of a message that are still waiting
 // (scheduled, queued, deferred), each with a "canceled" event. Recipients
 // being sent get a cancel request instead: if their attempt ends delivered or
 // bounced that stands, anything else becomes canceled. It returns the message
-// as it is afterwards, or ErrNotFound.
-func (d *DB) CancelMessage(ctx context.Context, id uuid.UUID) (Message, error) {
+// as it is afterwards, or ErrNotFound (also when the message is another
+// project's, which is left untouched).
+func (d *DB) CancelMessage(ctx context.Context, projectID, id uuid.UUID) (Message, error) {
 	b := &pgx.Batch{}
-	b.Queue(lockCancelableSQL, id)
-	b.Queue(cancelRecipientsSQL, id)
-	b.Queue(lockMessagesByID, []uuid.UUID{id})
+	b.Queue(lockCancelableSQL, id, projectID)
+	b.Queue(cancelRecipientsSQL, id, projectID)
+	b.Queue(lockProjectMessageSQL, id, projectID)
 	b.Queue(deriveStatusByID, []uuid.UUID{id})
 	err := func() error {
 		br := d.pool.SendBatch(ctx, b)
@@ -560,7 +579,7 @@ func (d *DB) CancelMessage(ctx context.Context, id uuid.UUID) (Message, error) {
 	if err != nil {
 		return Message{}, fmt.Errorf("cancel message %s: %w", id, mapError(err))
 	}
-	m, err := d.getMessage(ctx, id)
+	m, err := d.getMessage(ctx, projectID, id)
 	if err != nil {
 		return Message{}, fmt.Errorf("cancel message %s: %w", id, mapError(err))
 	}

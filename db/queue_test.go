@@ -617,7 +617,7 @@ func TestRescueExpiredLeases(t *testing.T) {
 	if err != nil || len(claimed) != 3 {
 		t.Fatalf("claim = %v, %v", claimed, err)
 	}
-	if _, err := b.db.CancelMessage(ctx, cancel.ID); err != nil {
+	if _, err := b.db.CancelMessage(ctx, db.DefaultProjectID(), cancel.ID); err != nil {
 		t.Fatal(err)
 	}
 
@@ -669,7 +669,7 @@ func TestReleaseLeases(t *testing.T) {
 	for _, r := range claimed {
 		ids = append(ids, r.ID)
 	}
-	if _, err := b.db.CancelMessage(ctx, c.ID); err != nil {
+	if _, err := b.db.CancelMessage(ctx, db.DefaultProjectID(), c.ID); err != nil {
 		t.Fatal(err)
 	}
 
@@ -775,7 +775,7 @@ func TestConcurrentWorkersAndCancels(t *testing.T) {
 	}
 	wg.Go(func() {
 		for _, id := range ids[:messages/2] {
-			if _, err := b.db.CancelMessage(ctx, id); err != nil {
+			if _, err := b.db.CancelMessage(ctx, db.DefaultProjectID(), id); err != nil {
 				t.Errorf("CancelMessage: %v", err)
 			}
 		}

@@ -151,7 +151,7 @@ func (e *dispatchEnv) get(t testing.TB, id uuid.UUID) db.Message {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
-	m, err := e.store.GetMessage(ctx, id)
+	m, err := e.store.GetMessage(ctx, db.DefaultProjectID(), id)
 	if err != nil {
 		t.Fatal(err)
 	}

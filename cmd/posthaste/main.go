@@ -6,6 +6,9 @@
 //	posthaste keys create --name N   create an API key (shown once)
 //	posthaste keys list              list API keys
 //	posthaste keys revoke ID         revoke an API key
+//	posthaste projects create NAME   create a project
+//	posthaste projects list          list projects
+//	posthaste projects delete NAME   delete a project
 //
 // Every flag can also be set through an environment variable: --database-url
 // is POSTHASTE_DATABASE_URL, --http-addr is POSTHASTE_HTTP_ADDR, and so on.
@@ -39,6 +42,7 @@ Commands:
   serve     run the REST and gRPC API and the delivery workers
   migrate   apply database migrations and exit
   keys      create, list and revoke API keys
+  projects  create, list and delete projects
   version   print the version
 
 Run "posthaste <command> -h" for the flags of a command.
@@ -74,6 +78,8 @@ func dispatch(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 			return nil
 		}
 		return runKeys(ctx, args[1:], stdout, stderr)
+	case "projects":
+		return runProjects(ctx, args[1:], stdout, stderr)
 	case "version", "--version", "-version":
 		fmt.Fprintln(stdout, "posthaste", version)
 		return nil

@@ -577,7 +577,8 @@ func (a *App) maintain(ctx context.Context) {
 }
 
 // bootstrapAPIKey makes sure a fresh database has one key, so the API is
-// usable right after the first start.
+// usable right after the first start. It is an admin key of the default
+// project, as every key made before projects existed became.
 func (a *App) bootstrapAPIKey(ctx context.Context) error {
 	key := a.cfg.BootstrapAPIKey
 	generated := key == ""
@@ -588,7 +589,13 @@ func (a *App) bootstrapAPIKey(ctx context.Context) error {
 			return fmt.Errorf("generate first api key: %w", err)
 		}
 	}
-	_, created, err := a.store.CreateAPIKeyIfNone(ctx, "bootstrap", service.APIKeyListPrefix(key), service.HashAPIKey(key))
+	_, created, err := a.store.CreateAPIKeyIfNone(ctx, db.NewAPIKeyParams{
+		ProjectID: db.DefaultProjectID(),
+		Name:      "bootstrap",
+		Prefix:    service.APIKeyListPrefix(key),
+		Hash:      service.HashAPIKey(key),
+		Scopes:    []string{db.ScopeAdmin},
+	})
 	if err != nil {
 		return fmt.Errorf("create first api key: %w", err)
 	}

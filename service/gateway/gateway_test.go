@@ -100,7 +100,9 @@ func setup(t *testing.T, cfg service.Config, opts ...gateway.Option) *env {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if _, err := e.store.CreateAPIKey(t.Context(), "test", prefix, hash); err != nil {
+	if _, err := e.store.CreateAPIKey(t.Context(), db.NewAPIKeyParams{
+		Name: "test", Prefix: prefix, Hash: hash, Scopes: []string{db.ScopeSend, db.ScopeRead},
+	}); err != nil {
 		t.Fatal(err)
 	}
 	e.key = key
@@ -489,11 +491,13 @@ func TestAuthOverREST(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	k, err := e.store.CreateAPIKey(t.Context(), "revoked", prefix, hash)
+	k, err := e.store.CreateAPIKey(t.Context(), db.NewAPIKeyParams{
+		Name: "revoked", Prefix: prefix, Hash: hash, Scopes: []string{db.ScopeSend, db.ScopeRead},
+	})
 	if err != nil {
 		t.Fatal(err)
 	}
-	if err := e.store.RevokeAPIKey(t.Context(), k.ID); err != nil {
+	if _, err := e.store.RevokeAPIKey(t.Context(), db.DefaultProjectID(), k.ID); err != nil {
 		t.Fatal(err)
 	}
 	wrongKey, _, _, _ := service.NewAPIKey()

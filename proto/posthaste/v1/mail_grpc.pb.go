@@ -24,6 +24,9 @@ const (
 	MailService_GetMessage_FullMethodName     = "/posthaste.v1.MailService/GetMessage"
 	MailService_ListMessages_FullMethodName   = "/posthaste.v1.MailService/ListMessages"
 	MailService_CancelMessage_FullMethodName  = "/posthaste.v1.MailService/CancelMessage"
+	MailService_CreateApiKey_FullMethodName   = "/posthaste.v1.MailService/CreateApiKey"
+	MailService_ListApiKeys_FullMethodName    = "/posthaste.v1.MailService/ListApiKeys"
+	MailService_RevokeApiKey_FullMethodName   = "/posthaste.v1.MailService/RevokeApiKey"
 )
 
 // MailServiceClient is the client API for MailService service.
@@ -34,7 +37,10 @@ const (
 // became of every recipient.
 //
 // Every call needs an API key: `authorization: Bearer <key>` in gRPC metadata,
-// or the `Authorization` header over REST.
+// or the `Authorization` header over REST. A key belongs to one project and
+// only ever sees that project's data: another project's message answers
+// NotFound exactly like an unknown id. Each call needs a scope of the key
+// (send, read or admin; admin allows everything), else PermissionDenied.
 type MailServiceClient interface {
 	// SendMessage validates the request, builds the MIME message once and stores
 	// it with one row per envelope recipient. It returns only after the message
@@ -53,6 +59,16 @@ type MailServiceClient interface {
 	// or failed. A recipient whose attempt is in flight is canceled unless that
 	// attempt delivers or bounces it.
 	CancelMessage(ctx context.Context, in *CancelMessageRequest, opts ...grpc.CallOption) (*Message, error)
+	// CreateApiKey makes a key in the caller's project. The secret is in the
+	// answer only, once. Needs the admin scope.
+	CreateApiKey(ctx context.Context, in *CreateApiKeyRequest, opts ...grpc.CallOption) (*CreateApiKeyResponse, error)
+	// ListApiKeys returns every key of the caller's project, revoked ones
+	// included, oldest first, never their secrets. Needs the admin scope.
+	ListApiKeys(ctx context.Context, in *ListApiKeysRequest, opts ...grpc.CallOption) (*ListApiKeysResponse, error)
+	// RevokeApiKey revokes a key of the caller's project for good; requests
+	// with it are refused as Unauthenticated from then on. Revoking a revoked
+	// key changes nothing. Needs the admin scope.
+	RevokeApiKey(ctx context.Context, in *RevokeApiKeyRequest, opts ...grpc.CallOption) (*ApiKey, error)
 }
 
 type mailServiceClient struct {
@@ -113,6 +129,36 @@ func (c *mailServiceClient) CancelMessage(ctx context.Context, in *CancelMessage
 	return out, nil
 }
 
+func (c *mailServiceClient) CreateApiKey(ctx context.Context, in *CreateApiKeyRequest, opts ...grpc.CallOption) (*CreateApiKeyResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(CreateApiKeyResponse)
+	err := c.cc.Invoke(ctx, MailService_CreateApiKey_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *mailServiceClient) ListApiKeys(ctx context.Context, in *ListApiKeysRequest, opts ...grpc.CallOption) (*ListApiKeysResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(ListApiKeysResponse)
+	err := c.cc.Invoke(ctx, MailService_ListApiKeys_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *mailServiceClient) RevokeApiKey(ctx context.Context, in *RevokeApiKeyRequest, opts ...grpc.CallOption) (*ApiKey, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(ApiKey)
+	err := c.cc.Invoke(ctx, MailService_RevokeApiKey_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // MailServiceServer is the server API for MailService service.
 // All implementations must embed UnimplementedMailServiceServer
 // for forward compatibility.
@@ -121,7 +167,10 @@ func (c *mailServiceClient) CancelMessage(ctx context.Context, in *CancelMessage
 // became of every recipient.
 //
 // Every call needs an API key: `authorization: Bearer <key>` in gRPC metadata,
-// or the `Authorization` header over REST.
+// or the `Authorization` header over REST. A key belongs to one project and
+// only ever sees that project's data: another project's message answers
+// NotFound exactly like an unknown id. Each call needs a scope of the key
+// (send, read or admin; admin allows everything), else PermissionDenied.
 type MailServiceServer interface {
 	// SendMessage validates the request, builds the MIME message once and stores
 	// it with one row per envelope recipient. It returns only after the message
@@ -140,6 +189,16 @@ type MailServiceServer interface {
 	// or failed. A recipient whose attempt is in flight is canceled unless that
 	// attempt delivers or bounces it.
 	CancelMessage(context.Context, *CancelMessageRequest) (*Message, error)
+	// CreateApiKey makes a key in the caller's project. The secret is in the
+	// answer only, once. Needs the admin scope.
+	CreateApiKey(context.Context, *CreateApiKeyRequest) (*CreateApiKeyResponse, error)
+	// ListApiKeys returns every key of the caller's project, revoked ones
+	// included, oldest first, never their secrets. Needs the admin scope.
+	ListApiKeys(context.Context, *ListApiKeysRequest) (*ListApiKeysResponse, error)
+	// RevokeApiKey revokes a key of the caller's project for good; requests
+	// with it are refused as Unauthenticated from then on. Revoking a revoked
+	// key changes nothing. Needs the admin scope.
+	RevokeApiKey(context.Context, *RevokeApiKeyRequest) (*ApiKey, error)
 	mustEmbedUnimplementedMailServiceServer()
 }
 
@@ -164,6 +223,15 @@ func (UnimplementedMailServiceServer) ListMessages(context.Context, *ListMessage
 }
 func (UnimplementedMailServiceServer) CancelMessage(context.Context, *CancelMessageRequest) (*Message, error) {
 	return nil, status.Error(codes.Unimplemented, "method CancelMessage not implemented")
+}
+func (UnimplementedMailServiceServer) CreateApiKey(context.Context, *CreateApiKeyRequest) (*CreateApiKeyResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method CreateApiKey not implemented")
+}
+func (UnimplementedMailServiceServer) ListApiKeys(context.Context, *ListApiKeysRequest) (*ListApiKeysResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method ListApiKeys not implemented")
+}
+func (UnimplementedMailServiceServer) RevokeApiKey(context.Context, *RevokeApiKeyRequest) (*ApiKey, error) {
+	return nil, status.Error(codes.Unimplemented, "method RevokeApiKey not implemented")
 }
 func (UnimplementedMailServiceServer) mustEmbedUnimplementedMailServiceServer() {}
 func (UnimplementedMailServiceServer) testEmbeddedByValue()                     {}
@@ -276,6 +344,60 @@ func _MailService_CancelMessage_Handler(srv interface{}, ctx context.Context, de
 	return interceptor(ctx, in, info, handler)
 }
 
+func _MailService_CreateApiKey_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(CreateApiKeyRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(MailServiceServer).CreateApiKey(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: MailService_CreateApiKey_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(MailServiceServer).CreateApiKey(ctx, req.(*CreateApiKeyRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _MailService_ListApiKeys_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(ListApiKeysRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(MailServiceServer).ListApiKeys(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: MailService_ListApiKeys_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(MailServiceServer).ListApiKeys(ctx, req.(*ListApiKeysRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _MailService_RevokeApiKey_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(RevokeApiKeyRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(MailServiceServer).RevokeApiKey(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: MailService_RevokeApiKey_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(MailServiceServer).RevokeApiKey(ctx, req.(*RevokeApiKeyRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // MailService_ServiceDesc is the grpc.ServiceDesc for MailService service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -302,6 +424,18 @@ var MailService_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "CancelMessage",
 			Handler:    _MailService_CancelMessage_Handler,
+		},
+		{
+			MethodName: "CreateApiKey",
+			Handler:    _MailService_CreateApiKey_Handler,
+		},
+		{
+			MethodName: "ListApiKeys",
+			Handler:    _MailService_ListApiKeys_Handler,
+		},
+		{
+			MethodName: "RevokeApiKey",
+			Handler:    _MailService_RevokeApiKey_Handler,
 		},
 	},
 	Streams:  []grpc.StreamDesc{},
