@@ -96,10 +96,17 @@ const (
 // data, as an outcome nobody knows (see SMTPError.Ambiguous). The code is
 // made up here: the server never answered.
 func ambiguousError(cause error) *SMTPError {
+	what := "connection lost after end of data"
+	switch {
+	case errors.Is(cause, context.DeadlineExceeded) || errors.Is(cause, os.ErrDeadlineExceeded):
+		what = "timed out waiting for the reply to end of data"
+	case errors.Is(cause, context.Canceled):
+		what = "delivery interrupted after end of data"
+	}
 	return &SMTPError{
 		Code:         codeTempFailure,
 		EnhancedCode: "4.4.2", // RFC 3463 X.4.2: bad connection
-		Message:      "connection lost after end of data; the receiver may have the message",
+		Message:      what + "; the receiver may have the message",
 		Err:          cause,
 		Ambiguous:    true,
 	}
