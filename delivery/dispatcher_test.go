@@ -371,6 +371,7 @@ func TestDispatchRecordsEveryHostTried(t *testing.T) {
 		enhanced string
 		text     string // a part of the text
 		outcome  string
+		source   string
 	}
 	busy := &smtp.SMTPError{Code: 421, EnhancedCode: smtp.EnhancedCode{4, 3, 2}, Message: "too busy"}
 	tests := []struct {
@@ -382,18 +383,23 @@ func TestDispatchRecordsEveryHostTried(t *testing.T) {
 	}{
 		{"421 greeting then delivered", []testenv.SMTPOption{testenv.WithGreeting(busy)}, []testenv.SMTPOption{},
 			db.StatusDelivered, 250, []row{
-				{"mx1.multi.test", 421, "4.3.2", "too busy", db.StatusDeferred},
-				{"mx2.multi.test", 250, "2.0.0", "", db.StatusDelivered},
+				{"mx1.multi.test", 421, "4.3.2", "too busy", db.StatusDeferred, db.AttemptSourceRemote},
+				{"mx2.multi.test", 250, "2.0.0", "", db.StatusDelivered, db.AttemptSourceRemote},
 			}},
 		{"connection refused then delivered", nil, []testenv.SMTPOption{},
 			db.StatusDelivered, 250, []row{
-				{"mx1.multi.test", 0, "", "connection refused", db.StatusDeferred},
-				{"mx2.multi.test", 250, "2.0.0", "", db.StatusDelivered},
+				{"mx1.multi.test", 0, "", "connection refused", db.StatusDeferred, db.AttemptSourceLocal},
+				{"mx2.multi.test", 250, "2.0.0", "", db.StatusDelivered, db.AttemptSourceRemote},
 			}},
 		{"421 greeting then connection refused", []testenv.SMTPOption{testenv.WithGreeting(busy)}, nil,
 			db.StatusDeferred, 451, []row{
-				{"mx1.multi.test", 421, "4.3.2", "too busy", db.StatusDeferred},
-				{"mx2.multi.test", 0, "", "connection refused", db.StatusDeferred},
+				{"mx1.multi.test", 421, "4.3.2", "too busy", db.StatusDeferred, db.AttemptSourceRemote},
+				{"mx2.multi.test", 0, "", "connection refused", db.StatusDeferred, db.AttemptSourceLocal},
+			}},
+		{"broken TLS with verification", []testenv.SMTPOption{testenv.WithBrokenTLS()}, []testenv.SMTPOption{},
+			db.StatusDelivered, 250, []row{
+				{"mx1.multi.test", 0, "", "TLS", db.StatusDeferred, db.AttemptSourceLocal},
+				{"mx2.multi.test", 250, "2.0.0", "", db.StatusDelivered, db.AttemptSourceRemote},
 			}},
 	}
 	for _, tt := range tests {
@@ -411,6 +417,9 @@ func TestDispatchRecordsEveryHostTried(t *testing.T) {
 			cfg := e.config()
 			cfg.Retry.InitialInterval = time.Hour // stay deferred
 			cfg.Retry.MaxInterval = time.Hour
+			// Without fallback to plain text, a failed handshake fails
+			// the host.
+			cfg.SMTP.VerifyTLS = true
 			id := e.insert(t, time.Time{}, "a@multi.test", "b@multi.test")
 			e.start(t, cfg)
 
@@ -441,7 +450,8 @@ func TestDispatchRecordsEveryHostTried(t *testing.T) {
 				for i, want := range tt.rows {
 					a := got[i]
 					if a.MXHost != want.host || a.Code != want.code || a.EnhancedCode != want.enhanced ||
-						!strings.Contains(a.Text, want.text) || a.Outcome != want.outcome || a.IP != fmt.Sprintf("192.0.2.%d", i+1) {
+						!strings.Contains(a.Text, want.text) || a.Outcome != want.outcome || a.IP != fmt.Sprintf("192.0.2.%d", i+1) ||
+						a.Source != want.source {
 						t.Errorf("%s: attempt %d = %+v, want %+v", r.Address, i, a, want)
 					}
 				}
