@@ -47,5 +47,8 @@
 //
 // The reverse failure (the message is lost) does not happen: a recipient is
 // only final once its outcome is committed, and one whose outcome was never
-// written goes back to the queue when its lease runs out.
+// written goes back to the queue when its lease runs out. The one exception
+// is chosen by the operator: with MaxAmbiguousRetries set, a recipient whose
+// outcome stayed unknown too often ends failed although the receiver may
+// not have the message.
 package delivery
