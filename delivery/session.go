@@ -385,8 +385,10 @@ func (sc *smtpConn) prepare(data []byte) ([]byte, bool, *SMTPError) {
 // written here: BODY=8BITMIME only with body8 (RFC 6152 section 3), SIZE
 // only when the server offered the extension (RFC 1870 section 6).
 //
-// go-smtp's client is not told that a transaction began; it keeps no state
-// that RCPT or DATA need, only a list of recipients used by LMTP.
+// go-smtp's client is not told that a transaction began. RCPT and DATA need
+// nothing from its Mail; the list of recipients it keeps for LMTP, which
+// Mail would have cleared, grows until the connection closes, bounded by
+// SMTPConfig.MaxReuse transactions.
 func (sc *smtpConn) mail(from string, size int, body8 bool) error {
 	if strings.ContainsAny(from, "\r\n") {
 		return fmt.Errorf("envelope sender %q holds a line break", from)
