@@ -404,7 +404,7 @@ func TestMessageToProtoAttempts(t *testing.T) {
 		{ID: uuid.New(), MXHost: "mx.example.test", Code: 250, EnhancedCode: "2.0.0", Text: "queued",
 			Outcome: db.StatusDelivered, Source: db.AttemptSourceRemote},
 		{ID: uuid.New(), MXHost: "mx.example.test", Code: 451, EnhancedCode: "4.4.2",
-			Text: "connection lost after end of data; the receiver may have the message: EOF",
+			Text:    "connection lost after end of data; the receiver may have the message: EOF",
 			Outcome: db.AttemptAmbiguous, Source: db.AttemptSourceLocal},
 	}}
 	got := messageToProto(m).GetAttempts()
