@@ -30,6 +30,10 @@ type envelope struct {
 type attemptResult struct {
 	Rcpts []rcptResult
 	Hosts []hostTry
+	// Started and Elapsed time the whole attempt, DNS included: they are
+	// what is recorded of an attempt that tried no host.
+	Started time.Time
+	Elapsed time.Duration
 }
 
 // hostTry is one address tried in an attempt.
@@ -55,9 +59,14 @@ type hostTry struct {
 //
 // Only a transaction decides a bounce: a host that fails before MAIL FROM,
 // even with a 5yz reply to the greeting or to EHLO, is skipped, and when no
-// host is left the recipients are deferred with the last host's error.
-func (s *sender) attempt(ctx context.Context, env envelope) attemptResult {
-	var res attemptResult
+// host is left the recipients are deferred with the last host's error. The
+// exception is a host whose EHLO rules the message out (larger than its
+// SIZE, or 8-bit content that cannot be converted for a host without
+// 8BITMIME): its recipients fail permanently before MAIL, as if it had
+// refused the message after DATA.
+func (s *sender) attempt(ctx context.Context, env envelope) (res attemptResult) {
+	res = attemptResult{Started: time.Now()}
+	defer func() { res.Elapsed = time.Since(res.Started) }()
 	dctx, cancel := context.WithTimeout(ctx, s.dnsTimeout)
 	targets, serr := s.router.targets(dctx, env.Domain)
 	cancel()

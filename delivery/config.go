@@ -66,6 +66,16 @@ type Config struct {
 	// Retry is the retry policy for temporary failures. Defaults to the
 	// RetryConfig defaults.
 	Retry RetryConfig
+	// MaxAmbiguousRetries is how many times a recipient is retried after
+	// attempts whose outcome stayed unknown: the connection dropped or
+	// timed out after the end of the data was sent and before the reply, so
+	// the receiver may have the message. The attempt that would need one
+	// retry more ends the recipient failed instead: a limit trades a
+	// possible duplicate for a possible loss (see docs/operations.md).
+	// Ambiguous attempts are counted over the recipient's life, whatever
+	// came between them. 0 retries them like any temporary failure, until
+	// Retry.MaxAge. Defaults to 0.
+	MaxAmbiguousRetries int
 	// SMTP configures the SMTP client. Defaults to the SMTPConfig defaults.
 	SMTP SMTPConfig
 	// DNSServer is the DNS server ("host" or "host:port") asked for MX and
@@ -259,6 +269,8 @@ func (c Config) validate() error {
 		return errors.New("PerDomainConcurrency: must be at least 1")
 	case c.MaxRecipientsPerTransaction < 1:
 		return errors.New("MaxRecipientsPerTransaction: must be at least 1")
+	case c.MaxAmbiguousRetries < 0:
+		return errors.New("MaxAmbiguousRetries: must not be negative")
 	case c.DNSTimeout <= 0:
 		return errors.New("DNSTimeout: must be positive")
 	case c.MaxAttemptDuration <= 0:

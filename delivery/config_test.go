@@ -64,6 +64,7 @@ func TestConfigValidate(t *testing.T) {
 		{"concurrency", func(c *Config) { c.Concurrency = -1 }, "Concurrency:"},
 		{"per domain", func(c *Config) { c.PerDomainConcurrency = -1 }, "PerDomainConcurrency:"},
 		{"recipients per transaction", func(c *Config) { c.MaxRecipientsPerTransaction = -5 }, "MaxRecipientsPerTransaction:"},
+		{"ambiguous retries", func(c *Config) { c.MaxAmbiguousRetries = -1 }, "MaxAmbiguousRetries:"},
 		{"dns timeout", func(c *Config) { c.DNSTimeout = -1 }, "DNSTimeout:"},
 		{"max attempt duration", func(c *Config) { c.MaxAttemptDuration = -time.Second }, "MaxAttemptDuration:"},
 		{"shutdown timeout", func(c *Config) { c.ShutdownTimeout = -1 }, "ShutdownTimeout:"},

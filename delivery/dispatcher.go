@@ -459,12 +459,14 @@ func (d *Dispatcher) attempt(sessionCtx context.Context, j *job, lease *leaseWat
 }
 
 // outcomes turns an attempt's results into the rows to record: each
-// recipient's outcome, with one attempt row per host tried.
+// recipient's outcome, with one attempt row per host tried, or a single row
+// without a host when none was (DNS failures, null MX).
 func (d *Dispatcher) outcomes(j *job, res attemptResult, now time.Time) []db.Outcome {
 	out := make([]db.Outcome, len(j.rcpts))
 	for i, r := range j.rcpts {
 		o := db.Outcome{RecipientID: r.ID, LeaseOwner: j.owner}
 		rr := res.Rcpts[i]
+		source := db.AttemptSourceRemote
 		switch {
 		case rr.Err == nil:
 			o.Status = db.StatusDelivered
@@ -472,26 +474,55 @@ func (d *Dispatcher) outcomes(j *job, res attemptResult, now time.Time) []db.Out
 		case !rr.Err.Temporary():
 			o.Status = db.StatusBounced
 			o.Code, o.EnhancedCode, o.Text = errorReply(rr.Err)
+			source = errorSource(rr.Err)
 		default:
 			o.Code, o.EnhancedCode, o.Text = errorReply(rr.Err)
+			source = errorSource(rr.Err)
+			o.Ambiguous = rr.Err.Ambiguous
 			next, expired := d.retry.next(now, r.Attempts+1, r.DueSince)
-			if expired {
+			switch {
+			case expired:
 				o.Status = db.StatusFailed
-			} else {
+			case o.Ambiguous && d.cfg.MaxAmbiguousRetries > 0 && r.AmbiguousAttempts+1 > d.cfg.MaxAmbiguousRetries:
+				// The recipient's last reply stays the attempt's (the
+				// ambiguous row below); the recipient's says why it
+				// ends here.
+				o.Status = db.StatusFailed
+				o.Code, o.EnhancedCode = codeTransactionNo, "5.4.2" // RFC 3463 X.4.2: bad connection
+				o.Text = fmt.Sprintf("outcome stayed unknown: %d attempts lost the connection after end of data, "+
+					"more than the %d retries allowed (MaxAmbiguousRetries); the receiver may have the message",
+					r.AmbiguousAttempts+1, d.cfg.MaxAmbiguousRetries)
+			default:
 				o.Status, o.NextAttemptAt = db.StatusDeferred, next
 			}
 		}
-		if len(res.Hosts) > 0 {
+		if len(res.Hosts) == 0 {
+			if rr.Err != nil {
+				// No host was tried (NXDOMAIN, null MX, a DNS failure or
+				// timeout, an attempt cut off before it could connect):
+				// one row without a host keeps the attempt visible.
+				code, enhanced, text := errorReply(rr.Err)
+				o.Attempts = []db.NewAttempt{{StartedAt: res.Started, Duration: res.Elapsed,
+					Code: code, EnhancedCode: enhanced, Text: text, Source: errorSource(rr.Err)}}
+			}
+		} else {
 			o.Attempts = make([]db.NewAttempt, len(res.Hosts))
 			for k, h := range res.Hosts {
 				a := db.NewAttempt{StartedAt: h.Started, Duration: h.Elapsed,
 					MXHost: h.MXHost, IP: h.IP, TLS: h.TLS, TLSVersion: h.TLSVersion}
 				if h.Err == nil {
 					// The host that took the transaction: its reply is
-					// the recipient's.
-					a.Code, a.EnhancedCode, a.Text = o.Code, o.EnhancedCode, o.Text
+					// the recipient's, unless the recipient failed for
+					// the number of ambiguous attempts.
+					if rr.Err != nil {
+						a.Code, a.EnhancedCode, a.Text = errorReply(rr.Err)
+					} else {
+						a.Code, a.EnhancedCode, a.Text = o.Code, o.EnhancedCode, o.Text
+					}
+					a.Source, a.Ambiguous = source, o.Ambiguous
 				} else {
 					a.Code, a.EnhancedCode, a.Text = hostReply(h)
+					a.Source = errorSource(h.Err)
 				}
 				o.Attempts[k] = a
 			}
@@ -499,6 +530,14 @@ func (d *Dispatcher) outcomes(j *job, res attemptResult, now time.Time) []db.Out
 		out[i] = o
 	}
 	return out
+}
+
+// errorSource says whose words the reply stored of e is.
+func errorSource(e *SMTPError) string {
+	if e.Remote {
+		return db.AttemptSourceRemote
+	}
+	return db.AttemptSourceLocal
 }
 
 // errorReply is what is stored of an error: the reply, with the cause of a

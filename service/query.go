@@ -244,6 +244,7 @@ func messageToProto(m db.Message) *posthastev1.Message {
 			TlsVersion:  a.TLSVersion,
 			Reply:       &posthastev1.SmtpReply{Code: int32(a.Code), EnhancedCode: a.EnhancedCode, Text: a.Text},
 			Outcome:     a.Outcome,
+			Source:      a.Source,
 		})
 	}
 	return out

@@ -68,6 +68,7 @@ func runServe(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	fs.DurationVar(&dlv.Retry.InitialInterval, "retry-initial", time.Minute, "delay before the first retry of a deferred recipient")
 	fs.DurationVar(&dlv.Retry.MaxInterval, "retry-max", time.Hour, "longest delay between retries")
 	fs.DurationVar(&dlv.Retry.MaxAge, "max-age", 48*time.Hour, "give up (status failed) on a recipient after this long")
+	fs.IntVar(&dlv.MaxAmbiguousRetries, "max-ambiguous-retries", 0, "give up (status failed) on a recipient after this many retries of attempts whose outcome stayed unknown (connection lost after the end of data); 0 retries until --max-age")
 	fs.DurationVar(&dlv.SMTP.ConnectTimeout, "smtp-connect-timeout", 30*time.Second, "timeout for the TCP connection to an MX")
 	fs.DurationVar(&dlv.SMTP.CommandTimeout, "smtp-command-timeout", 5*time.Minute, "timeout for each SMTP command's reply (RFC 5321 section 4.5.3.2)")
 	fs.DurationVar(&dlv.SMTP.DataTimeout, "smtp-data-timeout", 10*time.Minute, "timeout for writing the message and for the reply to its end")

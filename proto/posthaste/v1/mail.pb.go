@@ -1220,7 +1220,8 @@ type Attempt struct {
 	StartedAt *timestamppb.Timestamp `protobuf:"bytes,3,opt,name=started_at,json=startedAt,proto3" json:"started_at,omitempty"`
 	// How long the attempt took.
 	Duration *durationpb.Duration `protobuf:"bytes,4,opt,name=duration,proto3" json:"duration,omitempty"`
-	// The MX host name tried last.
+	// The MX host name tried last; empty when no host was tried (the domain
+	// does not exist, has a null MX, or its DNS lookup failed).
 	MxHost string `protobuf:"bytes,5,opt,name=mx_host,json=mxHost,proto3" json:"mx_host,omitempty"`
 	// The IP address of that host tried last; empty when DNS gave none.
 	Ip string `protobuf:"bytes,6,opt,name=ip,proto3" json:"ip,omitempty"`
@@ -1228,10 +1229,20 @@ type Attempt struct {
 	Tls bool `protobuf:"varint,7,opt,name=tls,proto3" json:"tls,omitempty"`
 	// e.g. "TLS 1.3"; empty without TLS.
 	TlsVersion string `protobuf:"bytes,8,opt,name=tls_version,json=tlsVersion,proto3" json:"tls_version,omitempty"`
-	// The reply that decided the outcome.
+	// The reply that decided the outcome; see source for whose words it is.
 	Reply *SmtpReply `protobuf:"bytes,9,opt,name=reply,proto3" json:"reply,omitempty"`
-	// delivered, deferred, bounced or failed.
-	Outcome       string `protobuf:"bytes,10,opt,name=outcome,proto3" json:"outcome,omitempty"`
+	// delivered, deferred, bounced, failed, or ambiguous: the connection was
+	// lost after the end of the message was sent and before the server's
+	// reply, so the server may have the message (the recipient is retried,
+	// and may receive it twice).
+	Outcome string `protobuf:"bytes,10,opt,name=outcome,proto3" json:"outcome,omitempty"`
+	// Whose words the reply is: "remote" when the server sent it, "local"
+	// when Posthaste made it up because no reply decided the attempt (a DNS
+	// failure, a refused connection, a timeout, a TLS failure, a message over
+	// the server's SIZE limit or with 8-bit content it cannot take, an
+	// ambiguous outcome). A local reply's code is Posthaste's choice; its
+	// text says what happened.
+	Source        string `protobuf:"bytes,11,opt,name=source,proto3" json:"source,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1332,6 +1343,13 @@ func (x *Attempt) GetReply() *SmtpReply {
 func (x *Attempt) GetOutcome() string {
 	if x != nil {
 		return x.Outcome
+	}
+	return ""
+}
+
+func (x *Attempt) GetSource() string {
+	if x != nil {
+		return x.Source
 	}
 	return ""
 }
@@ -1991,7 +2009,7 @@ const file_posthaste_v1_mail_proto_rawDesc = "" +
 	"\tSmtpReply\x12\x12\n" +
 	"\x04code\x18\x01 \x01(\x05R\x04code\x12#\n" +
 	"\renhanced_code\x18\x02 \x01(\tR\fenhancedCode\x12\x12\n" +
-	"\x04text\x18\x03 \x01(\tR\x04text\"\xd3\x02\n" +
+	"\x04text\x18\x03 \x01(\tR\x04text\"\xeb\x02\n" +
 	"\aAttempt\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12!\n" +
 	"\frecipient_id\x18\x02 \x01(\tR\vrecipientId\x129\n" +
@@ -2005,7 +2023,8 @@ const file_posthaste_v1_mail_proto_rawDesc = "" +
 	"tlsVersion\x12-\n" +
 	"\x05reply\x18\t \x01(\v2\x17.posthaste.v1.SmtpReplyR\x05reply\x12\x18\n" +
 	"\aoutcome\x18\n" +
-	" \x01(\tR\aoutcome\"\xaa\x02\n" +
+	" \x01(\tR\aoutcome\x12\x16\n" +
+	"\x06source\x18\v \x01(\tR\x06source\"\xaa\x02\n" +
 	"\x06ApiKey\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12\x12\n" +
 	"\x04name\x18\x02 \x01(\tR\x04name\x12\x16\n" +
