@@ -1,8 +1,15 @@
 package db
 
+import (
+	"context"
+
+	"github.com/google/uuid"
+	"github.com/jackc/pgx/v5"
+)
+
 // The message status is derived from its recipients in exactly one place,
-// the statement below, and every transaction that changes recipients runs it
-// for the messages it touched:
+// the statement below, and every change of recipients runs it for the
+// messages it touched, through sendChange:
 //
 //   - if any recipient is not final, the first present of sending, deferred,
 //     queued, scheduled;
@@ -13,7 +20,7 @@ package db
 // updated_at becomes the latest updated_at of the message's recipients, so a
 // statement that changed nothing leaves the message untouched.
 //
-// Before it runs, the transaction locks the message rows in id order
+// Before it runs, sendChange locks the message rows in id order
 // (lockMessages...) as a separate statement. That is what makes the result
 // right under concurrency: the derivation statement takes its snapshot only
 // after every earlier holder of those locks has committed, so the last
@@ -70,3 +77,47 @@ const (
 	lockMessagesLeasedBy     = lockMessagesHead + messagesLeasedBy + lockMessagesTail
 	deriveStatusLeasedBy     = deriveStatusHead + messagesLeasedBy + deriveStatusTail
 )
+
+// messageSet is the set of messages a change touched: the lock and derive
+// statements for it, and their one argument.
+type messageSet struct {
+	lock, derive string
+	arg          any
+}
+
+// messagesWithIDs is the set of the given messages.
+func messagesWithIDs(ids []uuid.UUID) messageSet {
+	return messageSet{lockMessagesByID, deriveStatusByID, ids}
+}
+
+// messagesOfRecipientIDs is the set of the messages of the given recipients.
+func messagesOfRecipientIDs(ids []uuid.UUID) messageSet {
+	return messageSet{lockMessagesOfRecipients, deriveStatusOfRecipients, ids}
+}
+
+// messagesLeasedTo is the set of the messages with recipients being sent
+// under owner's lease.
+func messagesLeasedTo(owner string) messageSet {
+	return messageSet{lockMessagesLeasedBy, deriveStatusLeasedBy, owner}
+}
+
+// sendChange is how every change of recipients reaches the database. b
+// holds the change: its statements lock recipients (in id order or with
+// SKIP LOCKED), change them and write their events. sendChange appends the
+// recomputation of the status of the touched messages (lock them in id
+// order, then derive) and sends it all as one batch: one round trip, and on
+// the pool one implicit transaction. read, when not nil, reads results in
+// order: b's statements, then, if it wants, the message lock's, whose row
+// count is the number of touched messages that exist.
+func (d *DB) sendChange(ctx context.Context, b *pgx.Batch, touched messageSet, read func(pgx.BatchResults) error) error {
+	b.Queue(touched.lock, touched.arg)
+	b.Queue(touched.derive, touched.arg)
+	br := d.pool.SendBatch(ctx, b)
+	defer br.Close()
+	if read != nil {
+		if err := read(br); err != nil {
+			return err
+		}
+	}
+	return br.Close()
+}
