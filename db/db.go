@@ -13,11 +13,16 @@
 // (by sendChange, the one path every state change takes); together they
 // leave no lock cycle between workers. The recomputation runs as its own
 // statement after those locks are held, so under READ COMMITTED it sees
-// every recipient change committed by whoever held them before. A caller
-// composing changes in InTx keeps the rules as long as it makes its changes
-// to one message's recipients in one call, or in id order across calls: each
-// call locks its messages last, but a later call in the same transaction
-// locks recipients again while the earlier call's message locks are held.
+// every recipient change committed by whoever held them before.
+//
+// Each method keeps the rules on its own, inside InTx too. A transaction
+// composed of several changes, though, still holds the message locks of the
+// first when the next one locks recipients, and its recipient locks from
+// different calls are not in one id order: against a concurrent worker that
+// can close a cycle. PostgreSQL then aborts one of the two with a deadlock
+// error (SQLSTATE 40P01) rather than waiting forever, so a caller that
+// composes several changes of recipients others may be working on must be
+// ready to run its transaction again.
 package db
 
 import (
