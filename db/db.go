@@ -204,9 +204,10 @@ func (d *DB) InTx(ctx context.Context, fn func(tx *DB) error) error {
 }
 
 // atomic runs fn so that its statements commit together: on the pool in a
-// transaction of its own, on a transaction-bound DB in that transaction
-// (without a savepoint: a method that fails leaves the caller with an error,
-// and the caller's transaction rolls back or goes on as the caller decides).
+// transaction of its own, on a transaction-bound DB in that transaction. No
+// savepoint is needed there: a statement that fails aborts the caller's
+// transaction anyway, and the methods' other errors (an idempotency
+// conflict) come before anything was written.
 func (d *DB) atomic(ctx context.Context, fn func(tx *DB) error) error {
 	if d.tx != nil {
 		return fn(d)
