@@ -106,8 +106,8 @@ func outcomePayload(o Outcome) EventPayload {
 // their defaults.
 const writeEventsCTE = `
 written_events AS (
-    INSERT INTO events (message_id, recipient_id, type, details)
-    SELECT e.message_id, e.recipient_id, e.type, e.details FROM new_events e
+    INSERT INTO events (project_id, message_id, recipient_id, type, details)
+    SELECT e.project_id, e.message_id, e.recipient_id, e.type, e.details FROM new_events e
 )`
 
 // EventCursor is a position in the event feed. The zero value is the start;
@@ -149,6 +149,7 @@ type Event struct {
 	Cursor    EventCursor
 	ID        int64
 	Type      EventType
+	ProjectID uuid.UUID
 	MessageID uuid.UUID
 	// RecipientID is uuid.Nil for events about the whole message.
 	RecipientID uuid.UUID
@@ -163,6 +164,9 @@ type ReadEventsParams struct {
 	// Limit is the most events to return. Zero or less means
 	// DefaultReadEventsLimit.
 	Limit int
+	// ProjectID keeps one project's events; uuid.Nil reads every
+	// project's, for consumers that serve them all.
+	ProjectID uuid.UUID
 	// MessageID keeps the events of one message; uuid.Nil keeps all.
 	MessageID uuid.UUID
 }
@@ -178,11 +182,20 @@ const DefaultReadEventsLimit = 100
 // the bound moves on). The reader's own transaction, if it wrote, is in
 // flight and bounds itself.
 const (
-	eventColumns = `e.id, e.txid, e.message_id, e.recipient_id, e.type, e.details, e.created_at`
+	eventColumns = `e.id, e.txid, e.project_id, e.message_id, e.recipient_id, e.type, e.details, e.created_at`
 
 	readEventsSQL = `
 SELECT ` + eventColumns + ` FROM events e
 WHERE (e.txid, e.id) > (@after_txid::xid8, @after_id::bigint)
+  AND e.txid < pg_snapshot_xmin(pg_current_snapshot())
+ORDER BY e.txid, e.id
+LIMIT @limit`
+
+	// One project's feed, by events_project_txid_id_idx.
+	readProjectEventsSQL = `
+SELECT ` + eventColumns + ` FROM events e
+WHERE e.project_id = @project_id
+  AND (e.txid, e.id) > (@after_txid::xid8, @after_id::bigint)
   AND e.txid < pg_snapshot_xmin(pg_current_snapshot())
 ORDER BY e.txid, e.id
 LIMIT @limit`
@@ -192,6 +205,7 @@ LIMIT @limit`
 	readMessageEventsSQL = `
 SELECT ` + eventColumns + ` FROM events e
 WHERE e.message_id = @message_id
+  AND (@project_id::uuid = '00000000-0000-0000-0000-000000000000' OR e.project_id = @project_id)
   AND (e.txid, e.id) > (@after_txid::xid8, @after_id::bigint)
   AND e.txid < pg_snapshot_xmin(pg_current_snapshot())
 ORDER BY e.txid, e.id
@@ -210,9 +224,14 @@ func (d *DB) ReadEvents(ctx context.Context, p ReadEventsParams) ([]Event, Event
 	}
 	args := pgx.NamedArgs{"after_txid": p.After.txid, "after_id": p.After.id, "limit": limit}
 	query := readEventsSQL
-	if p.MessageID != uuid.Nil {
+	switch {
+	case p.MessageID != uuid.Nil:
 		query = readMessageEventsSQL
 		args["message_id"] = p.MessageID
+		args["project_id"] = p.ProjectID
+	case p.ProjectID != uuid.Nil:
+		query = readProjectEventsSQL
+		args["project_id"] = p.ProjectID
 	}
 	rows, _ := d.pool.Query(ctx, query, args)
 	events, err := pgx.CollectRows(rows, scanEvent)
@@ -232,7 +251,7 @@ func scanEvent(row pgx.CollectableRow) (Event, error) {
 		recipientID *uuid.UUID
 		details     []byte
 	)
-	err := row.Scan(&e.ID, &e.Cursor.txid, &e.MessageID, &recipientID, &e.Type, &details, &e.CreatedAt)
+	err := row.Scan(&e.ID, &e.Cursor.txid, &e.ProjectID, &e.MessageID, &recipientID, &e.Type, &details, &e.CreatedAt)
 	if err != nil {
 		return Event{}, err
 	}

@@ -295,3 +295,59 @@ func TestParseEventCursor(t *testing.T) {
 		}
 	}
 }
+
+// TestReadEventsPerProject checks that events carry their message's project,
+// whichever statement wrote them, and that a project's feed holds only its
+// own.
+func TestReadEventsPerProject(t *testing.T) {
+	t.Parallel()
+	b := setup(t)
+	ctx := context.Background()
+	shop, err := b.db.CreateProject(ctx, "shop")
+	if err != nil {
+		t.Fatal(err)
+	}
+	mine := newMessage(t, 1)
+	mine.ProjectID = shop.ID
+	insert(t, b.db, mine)
+	// An outcome and a cancel write events through the other statements;
+	// other is stored after the claim, so the cancel finds it waiting.
+	claimed := claimAll(t, b.db, time.Time{})
+	other := newMessage(t, 1)
+	insert(t, b.db, other)
+	var outs []db.Outcome
+	for _, c := range claimed {
+		if c.MessageID == mine.ID {
+			outs = append(outs, db.Outcome{RecipientID: c.ID, LeaseOwner: c.LeaseOwner, Status: db.StatusDelivered, Code: 250})
+		}
+	}
+	if _, err := b.db.RecordOutcomes(ctx, outs); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := b.db.CancelMessage(ctx, db.DefaultProjectID(), other.ID); err != nil {
+		t.Fatal(err)
+	}
+
+	all, _ := waitForEvents(t, b.db, db.EventCursor{}, 4)
+	for _, e := range all {
+		want := db.DefaultProjectID()
+		if e.MessageID == mine.ID {
+			want = shop.ID
+		}
+		if e.ProjectID != want {
+			t.Errorf("%s event of %s: project %s, want %s", e.Type, e.MessageID, e.ProjectID, want)
+		}
+	}
+	got, _ := readAll(t, b.db, db.ReadEventsParams{ProjectID: shop.ID})
+	if types := typesOf(got); !slices.Equal(types, []db.EventType{db.EventAccepted, db.EventDelivered}) {
+		t.Errorf("shop's feed = %v, want accepted, delivered", types)
+	}
+	for _, e := range got {
+		if e.MessageID != mine.ID {
+			t.Errorf("shop's feed holds %s of another project's message", e.Type)
+		}
+	}
+	if got, _ := readAll(t, b.db, db.ReadEventsParams{ProjectID: shop.ID, MessageID: other.ID}); len(got) != 0 {
+		t.Errorf("another project's message through shop's feed: %d events", len(got))
+	}
+}

@@ -266,7 +266,7 @@ WITH m AS (
         CASE WHEN @send_at::timestamptz > coalesce(@now::timestamptz, now()) THEN 'scheduled' ELSE 'queued' END,
         @message_id_header, @envelope_from, @from_header, @subject, @raw, @size_bytes, @tags, @metadata,
         @send_at)
-    RETURNING id, status, send_at
+    RETURNING id, project_id, status, send_at
 ), r AS (
     INSERT INTO recipients (id, message_id, position, address, domain, kind, status, next_attempt_at)
     SELECT u.id, m.id, u.position, u.address, u.domain, u.kind, m.status,
@@ -274,10 +274,11 @@ WITH m AS (
     FROM m, unnest(@recipient_ids::uuid[], @recipient_addresses::text[], @recipient_domains::text[],
         @recipient_kinds::text[]) WITH ORDINALITY AS u(id, address, domain, kind, position)
 ), new_events AS (
-    SELECT m.id AS message_id, NULL::uuid AS recipient_id, 'accepted' AS type, @accepted::jsonb AS details
+    SELECT m.project_id, m.id AS message_id, NULL::uuid AS recipient_id, 'accepted' AS type,
+        @accepted::jsonb AS details
     FROM m
     UNION ALL
-    SELECT m.id, NULL, 'scheduled', @scheduled::jsonb FROM m WHERE m.status = 'scheduled'
+    SELECT m.project_id, m.id, NULL, 'scheduled', @scheduled::jsonb FROM m WHERE m.status = 'scheduled'
 ), ` + writeEventsCTE + `
 SELECT 1`
 
@@ -581,7 +582,7 @@ WITH upd AS (
       AND NOT (status = 'sending' AND cancel_requested_at IS NOT NULL)
     RETURNING id, message_id, status
 ), new_events AS (
-    SELECT message_id, id AS recipient_id, status AS type, $3::jsonb AS details
+    SELECT $2::uuid AS project_id, message_id, id AS recipient_id, status AS type, $3::jsonb AS details
     FROM upd WHERE status = 'canceled'
 ), ` + writeEventsCTE + `
 SELECT 1`

@@ -233,7 +233,8 @@ WITH expired AS (
     WHERE r.id = e.id
     RETURNING r.id, r.message_id, r.status
 ), new_events AS (
-    SELECT message_id, id AS recipient_id, status AS type, $2::jsonb AS details
+    SELECT (SELECT m.project_id FROM messages m WHERE m.id = upd.message_id) AS project_id,
+        message_id, id AS recipient_id, status AS type, $2::jsonb AS details
     FROM upd WHERE status = 'canceled'
 ), ` + writeEventsCTE + `
 SELECT message_id, count(*) FROM upd GROUP BY message_id`
@@ -361,7 +362,8 @@ WITH input AS (
            code, enhanced_code, text, source)
     JOIN upd u ON u.id = a.recipient_id
 ), new_events AS (
-    SELECT u.message_id, u.id AS recipient_id, u.status AS type,
+    SELECT (SELECT m.project_id FROM messages m WHERE m.id = u.message_id) AS project_id,
+        u.message_id, u.id AS recipient_id, u.status AS type,
         CASE WHEN u.status = 'canceled' THEN i.event - 'next_attempt_at' ELSE i.event END AS details
     FROM upd u JOIN input i ON i.id = u.id
 ), ` + writeEventsCTE + `
@@ -602,7 +604,8 @@ WITH upd AS (
     WHERE r.id = ANY($2::uuid[]) AND r.lease_owner = $1 AND r.status = 'sending'
     RETURNING r.id, r.message_id, r.status
 ), new_events AS (
-    SELECT message_id, id AS recipient_id, status AS type, $3::jsonb AS details
+    SELECT (SELECT m.project_id FROM messages m WHERE m.id = upd.message_id) AS project_id,
+        message_id, id AS recipient_id, status AS type, $3::jsonb AS details
     FROM upd WHERE status = 'canceled'
 ), ` + writeEventsCTE + `
 SELECT 1`
