@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"slices"
 	"time"
+	"unicode/utf8"
 
 	"github.com/google/uuid"
 	"github.com/jackc/pgx/v5"
@@ -46,6 +47,30 @@ func NormalizeScopes(scopes []string) ([]string, error) {
 		}
 	}
 	return out, nil
+}
+
+// MaxKeyNameLen bounds a key's name, in characters: it is a label for
+// people, shown in listings.
+const MaxKeyNameLen = 100
+
+// ValidateKeyName reports why name cannot name an API key, or nil. The API
+// and the command line both check with it, so neither stores a name the
+// other would refuse.
+func ValidateKeyName(name string) error {
+	switch {
+	case name == "":
+		return errors.New("is required")
+	case !utf8.ValidString(name):
+		return errors.New("must be valid UTF-8")
+	case utf8.RuneCountInString(name) > MaxKeyNameLen:
+		return fmt.Errorf("must be at most %d characters", MaxKeyNameLen)
+	}
+	for _, r := range name {
+		if r < 0x20 || r == 0x7f || r >= 0x80 && r < 0xa0 {
+			return errors.New("must not contain control characters")
+		}
+	}
+	return nil
 }
 
 // APIKey is a stored API key. The key itself is never stored, only its

@@ -11,10 +11,6 @@ import (
 	posthastev1 "github.com/posthaste/posthaste/proto/posthaste/v1"
 )
 
-// maxKeyNameLen bounds a key's name: it is a label for people, shown in
-// listings.
-const maxKeyNameLen = 100
-
 // CreateApiKey makes a key in the caller's project and returns its secret,
 // once. It needs the admin scope.
 func (s *Server) CreateApiKey(ctx context.Context, req *posthastev1.CreateApiKeyRequest) (*posthastev1.CreateApiKeyResponse, error) {
@@ -31,10 +27,8 @@ func (s *Server) createAPIKey(ctx context.Context, req *posthastev1.CreateApiKey
 		return nil, err
 	}
 	var v violations
-	if req.GetName() == "" {
-		v.add("name", "is required")
-	} else {
-		v.line("name", req.GetName(), maxKeyNameLen)
+	if err := db.ValidateKeyName(req.GetName()); err != nil {
+		v.add("name", "%v", err)
 	}
 	scopes, err := db.NormalizeScopes(req.GetScopes())
 	if err != nil {

@@ -79,8 +79,8 @@ func runKeys(ctx context.Context, args []string, stdout, stderr io.Writer) error
 	}
 	switch sub {
 	case "create":
-		if name == "" {
-			return errors.New("keys create: --name is required")
+		if err := db.ValidateKeyName(name); err != nil {
+			return fmt.Errorf("keys create: --name %w", err)
 		}
 		normalized, err := db.NormalizeScopes(scopes.scopes)
 		if err != nil {

@@ -39,7 +39,9 @@ func newFlagSet(name string, stderr io.Writer) *flag.FlagSet {
 		fmt.Fprintf(stderr, "Usage: posthaste %s [flags]\n\nFlags (each also read from the environment variable shown):\n", name)
 		fs.VisitAll(func(f *flag.Flag) {
 			fmt.Fprintf(stderr, "  --%s (%s)\n    \t%s", f.Name, envName(f.Name), f.Usage)
-			if f.DefValue != "" && f.DefValue != "0" && f.DefValue != "false" && f.DefValue != "[]" {
+			// A zero default means "derived from other flags", which the
+			// usage text then explains itself.
+			if f.DefValue != "" && f.DefValue != "0" && f.DefValue != "0s" && f.DefValue != "false" && f.DefValue != "[]" {
 				fmt.Fprintf(stderr, " (default %s)", f.DefValue)
 			}
 			fmt.Fprintln(stderr)

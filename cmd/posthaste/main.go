@@ -79,6 +79,10 @@ func dispatch(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 		}
 		return runKeys(ctx, args[1:], stdout, stderr)
 	case "projects":
+		if len(args) > 1 && isHelp(args[1]) {
+			fmt.Fprint(stdout, projectsUsage)
+			return nil
+		}
 		return runProjects(ctx, args[1:], stdout, stderr)
 	case "version", "--version", "-version":
 		fmt.Fprintln(stdout, "posthaste", version)

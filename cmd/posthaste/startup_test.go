@@ -24,6 +24,7 @@ func TestHelpExitsZero(t *testing.T) {
 		{"migrate", "-h"},
 		{"keys", "-h"}, {"keys", "--help"},
 		{"keys", "create", "-h"}, {"keys", "list", "--help"},
+		{"projects", "-h"}, {"projects", "--help"}, {"projects", "create", "-h"},
 	} {
 		t.Run(strings.Join(args, " "), func(t *testing.T) {
 			var stdout, stderr bytes.Buffer
@@ -42,6 +43,11 @@ func TestHelpExitsZero(t *testing.T) {
 		if !strings.Contains(stderr.String(), want) {
 			t.Errorf("serve -h does not list %s", want)
 		}
+	}
+	// A default of 0 that stands for a derived one is explained by the
+	// flag's text, not shown as "(default 0s)".
+	if strings.Contains(stderr.String(), "(default 0s)") {
+		t.Errorf("serve -h shows a zero default:\n%s", stderr.String())
 	}
 }
 
