@@ -185,6 +185,8 @@ var configFlags = map[string]string{
 	"Delivery.DNSTimeout":            "dns-timeout",
 	"Delivery.BatchSize":             "batch-size",
 	"Delivery.ShutdownTimeout":       "shutdown-timeout",
+	"Delivery.LeaseDuration":         "lease",
+	"Delivery.MaxAmbiguousRetries":   "max-ambiguous-retries",
 }
 
 // goName matches a Go field name inside a problem's text, such as the
