@@ -30,7 +30,13 @@ func (s *Server) createAPIKey(ctx context.Context, req *posthastev1.CreateApiKey
 	if err := db.ValidateKeyName(req.GetName()); err != nil {
 		v.add("name", "%v", err)
 	}
-	scopes, err := db.NormalizeScopes(req.GetScopes())
+	requested := req.GetScopes()
+	if len(requested) == 0 {
+		// The same default as `posthaste keys create`: a key for an
+		// application, which sends and reads but does not manage keys.
+		requested = []string{db.ScopeSend, db.ScopeRead}
+	}
+	scopes, err := db.NormalizeScopes(requested)
 	if err != nil {
 		v.add("scopes", "%v", err)
 	}

@@ -213,6 +213,14 @@ func TestAPIKeyManagement(t *testing.T) {
 	if _, err := e.client.SendMessage(withKey(t.Context(), created.GetKey()), validRequest()); err != nil {
 		t.Errorf("the new key cannot send: %v", err)
 	}
+	// Without scopes a key gets the CLI's default: send and read.
+	plain, err := e.client.CreateApiKey(admin, &posthastev1.CreateApiKeyRequest{Name: "app"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := plain.GetApiKey().GetScopes(); !slices.Equal(got, []string{"send", "read"}) {
+		t.Errorf("default scopes = %v, want send, read", got)
+	}
 
 	list, err := e.client.ListApiKeys(admin, &posthastev1.ListApiKeysRequest{})
 	if err != nil {
@@ -222,7 +230,7 @@ func TestAPIKeyManagement(t *testing.T) {
 	for _, l := range list.GetApiKeys() {
 		ids = append(ids, l.GetId())
 	}
-	if want := []string{e.keyID.String(), adminID.String(), k.GetId()}; !slices.Equal(ids, want) {
+	if want := []string{e.keyID.String(), adminID.String(), k.GetId(), plain.GetApiKey().GetId()}; !slices.Equal(ids, want) {
 		t.Errorf("ListApiKeys ids %v, want %v", ids, want)
 	}
 
@@ -262,7 +270,7 @@ func TestAPIKeyManagement(t *testing.T) {
 		{"no name", &posthastev1.CreateApiKeyRequest{Scopes: []string{"send"}}, "name"},
 		{"long name", &posthastev1.CreateApiKeyRequest{Name: strings.Repeat("n", 101), Scopes: []string{"send"}}, "name"},
 		{"control character", &posthastev1.CreateApiKeyRequest{Name: "a\nb", Scopes: []string{"send"}}, "name"},
-		{"no scopes", &posthastev1.CreateApiKeyRequest{Name: "x"}, "scopes"},
+		{"empty scope", &posthastev1.CreateApiKeyRequest{Name: "x", Scopes: []string{""}}, "scopes"},
 		{"unknown scope", &posthastev1.CreateApiKeyRequest{Name: "x", Scopes: []string{"send", "write"}}, "scopes"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {

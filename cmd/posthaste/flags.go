@@ -60,7 +60,13 @@ func parseFlags(fs *flag.FlagSet, args []string) error {
 			return
 		}
 		if err := fs.Set(f.Name, v); err != nil {
-			envErr = fmt.Errorf("%s: %w", envName(f.Name), err)
+			// The flag package's own error for a bad value is only "parse
+			// error"; say what the variable should hold.
+			kind, _ := flag.UnquoteUsage(f)
+			if kind == "" {
+				kind = "value"
+			}
+			envErr = fmt.Errorf("%s (--%s): invalid %s %q: %w", envName(f.Name), f.Name, kind, v, err)
 		}
 	})
 	if envErr != nil {

@@ -99,6 +99,18 @@ func TestServeConfigErrorsNameFlags(t *testing.T) {
 	}
 }
 
+// A bad value in an environment variable names the variable, its flag and
+// what it should hold.
+func TestEnvironmentErrorsSayWhatIsExpected(t *testing.T) {
+	t.Setenv("POSTHASTE_LEASE", "abc")
+	var stdout, stderr bytes.Buffer
+	err := run(context.Background(), []string{"serve", "--database-wait", "0"}, &stdout, &stderr)
+	want := `POSTHASTE_LEASE (--lease): invalid duration "abc"`
+	if err == nil || !strings.HasPrefix(err.Error(), want) {
+		t.Errorf("error %v, want it to start with %q", err, want)
+	}
+}
+
 // doubledPrefix finds "x: x:" in an error, a step's name said twice.
 var doubledPrefix = regexp.MustCompile(`(?:^|: )([a-z][a-z ]*): ([a-z][a-z ]*): `)
 
