@@ -291,6 +291,7 @@ type App struct {
 	database   *Database
 	store      *db.DB
 	notifier   *db.OutboxNotifier
+	events     *service.EventHub
 	api        *service.Server
 	sandbox    *sandbox.Server
 	dispatcher *delivery.Dispatcher
@@ -353,14 +354,19 @@ func (a *App) Start(ctx context.Context) (err error) {
 	if svcCfg.Logger == nil {
 		svcCfg.Logger = a.log.With("component", "api")
 	}
+	a.events, err = service.NewEventHub(a.store, service.EventHubConfig{Logger: a.log.With("component", "events")})
+	if err != nil {
+		return err // "event hub config: ..."
+	}
 	// Built before anything else is started so that a bad configuration
 	// stops the process before it prints or stores anything.
 	a.api, err = service.New(svcCfg, a.store, func() {
-		// The local dispatcher wakes at once; other instances hear the
-		// coalesced NOTIFY.
+		// The local dispatcher and event streams wake at once; other
+		// instances hear the coalesced NOTIFY.
 		a.dispatcher.Wake()
+		a.events.Wake()
 		a.notifier.Kick()
-	})
+	}, service.WithEventHub(a.events))
 	if err != nil {
 		return err // "service config: ..."
 	}
@@ -394,6 +400,7 @@ func (a *App) Start(ctx context.Context) (err error) {
 
 	a.notifier = db.NewOutboxNotifier(a.store, 0, a.log.With("component", "notify"))
 	a.notifier.Start(runCtx)
+	a.events.Start(runCtx)
 
 	a.grpcServer = service.NewGRPCServer(a.api, a.store, svcCfg.Logger, a.grpcOptions()...)
 	lis, err := net.Listen("tcp", a.cfg.GRPCAddr)
@@ -498,6 +505,11 @@ func (a *App) stop(ctx context.Context) error {
 	var errs []error
 	if a.api != nil {
 		a.api.Drain()
+	}
+	// Event streams would hold the graceful stop below until its deadline;
+	// they end now, and their clients resume from their cursors elsewhere.
+	if a.events != nil {
+		a.events.Stop()
 	}
 	if a.httpServer != nil {
 		if err := a.httpServer.Shutdown(ctx); err != nil {

@@ -1364,7 +1364,7 @@ type ApiKey struct {
 	// The first characters of the key, to tell keys apart.
 	Prefix string `protobuf:"bytes,3,opt,name=prefix,proto3" json:"prefix,omitempty"`
 	// What the key may do: send (send and cancel messages), read (get and list
-	// messages), admin (manage the project's keys, and everything else).
+	// messages and read events), admin (manage the project's keys, and everything else).
 	Scopes []string `protobuf:"bytes,4,rep,name=scopes,proto3" json:"scopes,omitempty"`
 	// The name of the key's project.
 	Project string `protobuf:"bytes,5,opt,name=project,proto3" json:"project,omitempty"`
@@ -1705,6 +1705,652 @@ func (x *RevokeApiKeyRequest) GetId() string {
 	return ""
 }
 
+// Event is something that happened to a message or to one of its
+// recipients. Which fields are set depends on the type.
+type Event struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The event's id, unique and increasing in the order events were written
+	// (which is not always the order they commit in; see cursor).
+	Id int64 `protobuf:"varint,1,opt,name=id,proto3" json:"id,omitempty"`
+	// What happened. About the message: accepted (stored), scheduled (waits
+	// for send_at). About one recipient, the status it moved to: deferred,
+	// delivered, bounced, failed, canceled. About one recipient, what was
+	// learnt of it: suppressed (not sent: the address is suppressed),
+	// complained (reported as spam), delayed (a delivery status notification
+	// said the message is delayed on the way), auto_replied (an automatic
+	// answer such as a vacation notice).
+	Type string `protobuf:"bytes,2,opt,name=type,proto3" json:"type,omitempty"`
+	// The message the event is about.
+	MessageId string `protobuf:"bytes,3,opt,name=message_id,json=messageId,proto3" json:"message_id,omitempty"`
+	// The recipient the event is about; empty for accepted and scheduled.
+	RecipientId string `protobuf:"bytes,4,opt,name=recipient_id,json=recipientId,proto3" json:"recipient_id,omitempty"`
+	// When the event was written.
+	CreatedAt *timestamppb.Timestamp `protobuf:"bytes,5,opt,name=created_at,json=createdAt,proto3" json:"created_at,omitempty"`
+	// The event's position in the feed: pass it as after (ListEvents,
+	// StreamEvents) to continue after this event. Set only by ListEvents and
+	// StreamEvents; the timeline calls show events before the feed does, so
+	// their positions could skip events of the feed.
+	Cursor string `protobuf:"bytes,6,opt,name=cursor,proto3" json:"cursor,omitempty"`
+	// accepted: the number of envelope recipients.
+	Recipients int32 `protobuf:"varint,7,opt,name=recipients,proto3" json:"recipients,omitempty"`
+	// scheduled: when the message becomes due.
+	SendAt *timestamppb.Timestamp `protobuf:"bytes,8,opt,name=send_at,json=sendAt,proto3" json:"send_at,omitempty"`
+	// deferred, delivered, bounced, failed, canceled: the outcome of the
+	// attempt that ended in the event (delivered, deferred, bounced or
+	// failed); it differs from type only for canceled.
+	Outcome string `protobuf:"bytes,9,opt,name=outcome,proto3" json:"outcome,omitempty"`
+	// The attempt ended without knowing whether the receiver took the
+	// message.
+	Ambiguous bool `protobuf:"varint,10,opt,name=ambiguous,proto3" json:"ambiguous,omitempty"`
+	// The reply that decided the attempt, as in Attempt; unset when there
+	// was none.
+	Reply *SmtpReply `protobuf:"bytes,11,opt,name=reply,proto3" json:"reply,omitempty"`
+	// The MX host tried last; empty when none was.
+	MxHost string `protobuf:"bytes,12,opt,name=mx_host,json=mxHost,proto3" json:"mx_host,omitempty"`
+	// deferred: when the recipient is due again.
+	NextAttemptAt *timestamppb.Timestamp `protobuf:"bytes,13,opt,name=next_attempt_at,json=nextAttemptAt,proto3" json:"next_attempt_at,omitempty"`
+	// bounced: the kind of refusal, e.g. mailbox, policy, spam.
+	Class string `protobuf:"bytes,14,opt,name=class,proto3" json:"class,omitempty"`
+	// bounced: the refusal is for good (a hard bounce).
+	Permanent bool `protobuf:"varint,15,opt,name=permanent,proto3" json:"permanent,omitempty"`
+	// suppressed: why the address is suppressed.
+	Reason string `protobuf:"bytes,16,opt,name=reason,proto3" json:"reason,omitempty"`
+	// bounced, delayed, when learnt from a delivery status notification
+	// (RFC 3464): its Action field (failed, delayed, ...).
+	DsnAction string `protobuf:"bytes,17,opt,name=dsn_action,json=dsnAction,proto3" json:"dsn_action,omitempty"`
+	// Its Status field, an RFC 3463 code such as "4.4.7".
+	DsnStatus string `protobuf:"bytes,18,opt,name=dsn_status,json=dsnStatus,proto3" json:"dsn_status,omitempty"`
+	// Its Remote-MTA field, e.g. "mx.example.net".
+	RemoteMta string `protobuf:"bytes,19,opt,name=remote_mta,json=remoteMta,proto3" json:"remote_mta,omitempty"`
+	// Its Diagnostic-Code field: the remote server's own reply.
+	DiagnosticCode string `protobuf:"bytes,20,opt,name=diagnostic_code,json=diagnosticCode,proto3" json:"diagnostic_code,omitempty"`
+	unknownFields  protoimpl.UnknownFields
+	sizeCache      protoimpl.SizeCache
+}
+
+func (x *Event) Reset() {
+	*x = Event{}
+	mi := &file_posthaste_v1_mail_proto_msgTypes[21]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *Event) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*Event) ProtoMessage() {}
+
+func (x *Event) ProtoReflect() protoreflect.Message {
+	mi := &file_posthaste_v1_mail_proto_msgTypes[21]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use Event.ProtoReflect.Descriptor instead.
+func (*Event) Descriptor() ([]byte, []int) {
+	return file_posthaste_v1_mail_proto_rawDescGZIP(), []int{21}
+}
+
+func (x *Event) GetId() int64 {
+	if x != nil {
+		return x.Id
+	}
+	return 0
+}
+
+func (x *Event) GetType() string {
+	if x != nil {
+		return x.Type
+	}
+	return ""
+}
+
+func (x *Event) GetMessageId() string {
+	if x != nil {
+		return x.MessageId
+	}
+	return ""
+}
+
+func (x *Event) GetRecipientId() string {
+	if x != nil {
+		return x.RecipientId
+	}
+	return ""
+}
+
+func (x *Event) GetCreatedAt() *timestamppb.Timestamp {
+	if x != nil {
+		return x.CreatedAt
+	}
+	return nil
+}
+
+func (x *Event) GetCursor() string {
+	if x != nil {
+		return x.Cursor
+	}
+	return ""
+}
+
+func (x *Event) GetRecipients() int32 {
+	if x != nil {
+		return x.Recipients
+	}
+	return 0
+}
+
+func (x *Event) GetSendAt() *timestamppb.Timestamp {
+	if x != nil {
+		return x.SendAt
+	}
+	return nil
+}
+
+func (x *Event) GetOutcome() string {
+	if x != nil {
+		return x.Outcome
+	}
+	return ""
+}
+
+func (x *Event) GetAmbiguous() bool {
+	if x != nil {
+		return x.Ambiguous
+	}
+	return false
+}
+
+func (x *Event) GetReply() *SmtpReply {
+	if x != nil {
+		return x.Reply
+	}
+	return nil
+}
+
+func (x *Event) GetMxHost() string {
+	if x != nil {
+		return x.MxHost
+	}
+	return ""
+}
+
+func (x *Event) GetNextAttemptAt() *timestamppb.Timestamp {
+	if x != nil {
+		return x.NextAttemptAt
+	}
+	return nil
+}
+
+func (x *Event) GetClass() string {
+	if x != nil {
+		return x.Class
+	}
+	return ""
+}
+
+func (x *Event) GetPermanent() bool {
+	if x != nil {
+		return x.Permanent
+	}
+	return false
+}
+
+func (x *Event) GetReason() string {
+	if x != nil {
+		return x.Reason
+	}
+	return ""
+}
+
+func (x *Event) GetDsnAction() string {
+	if x != nil {
+		return x.DsnAction
+	}
+	return ""
+}
+
+func (x *Event) GetDsnStatus() string {
+	if x != nil {
+		return x.DsnStatus
+	}
+	return ""
+}
+
+func (x *Event) GetRemoteMta() string {
+	if x != nil {
+		return x.RemoteMta
+	}
+	return ""
+}
+
+func (x *Event) GetDiagnosticCode() string {
+	if x != nil {
+		return x.DiagnosticCode
+	}
+	return ""
+}
+
+// ListMessageEventsRequest names one message.
+type ListMessageEventsRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The message's id, as returned by the send calls.
+	Id            string `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ListMessageEventsRequest) Reset() {
+	*x = ListMessageEventsRequest{}
+	mi := &file_posthaste_v1_mail_proto_msgTypes[22]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ListMessageEventsRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ListMessageEventsRequest) ProtoMessage() {}
+
+func (x *ListMessageEventsRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_posthaste_v1_mail_proto_msgTypes[22]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ListMessageEventsRequest.ProtoReflect.Descriptor instead.
+func (*ListMessageEventsRequest) Descriptor() ([]byte, []int) {
+	return file_posthaste_v1_mail_proto_rawDescGZIP(), []int{22}
+}
+
+func (x *ListMessageEventsRequest) GetId() string {
+	if x != nil {
+		return x.Id
+	}
+	return ""
+}
+
+// ListMessageEventsResponse is a message's timeline.
+type ListMessageEventsResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Every event of the message so far, oldest first.
+	Events []*Event `protobuf:"bytes,1,rep,name=events,proto3" json:"events,omitempty"`
+	// The message's derived status, as in Message.
+	Status        string `protobuf:"bytes,2,opt,name=status,proto3" json:"status,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ListMessageEventsResponse) Reset() {
+	*x = ListMessageEventsResponse{}
+	mi := &file_posthaste_v1_mail_proto_msgTypes[23]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ListMessageEventsResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ListMessageEventsResponse) ProtoMessage() {}
+
+func (x *ListMessageEventsResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_posthaste_v1_mail_proto_msgTypes[23]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ListMessageEventsResponse.ProtoReflect.Descriptor instead.
+func (*ListMessageEventsResponse) Descriptor() ([]byte, []int) {
+	return file_posthaste_v1_mail_proto_rawDescGZIP(), []int{23}
+}
+
+func (x *ListMessageEventsResponse) GetEvents() []*Event {
+	if x != nil {
+		return x.Events
+	}
+	return nil
+}
+
+func (x *ListMessageEventsResponse) GetStatus() string {
+	if x != nil {
+		return x.Status
+	}
+	return ""
+}
+
+// ListEventsRequest asks for the project's events after a position.
+type ListEventsRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Continue after this position: a cursor or next_cursor from an earlier
+	// answer. Empty reads from the first event.
+	After string `protobuf:"bytes,1,opt,name=after,proto3" json:"after,omitempty"`
+	// Only events of these types (see Event.type). Over REST, repeat the
+	// parameter or separate types with commas: types=bounced,complained.
+	Types []string `protobuf:"bytes,2,rep,name=types,proto3" json:"types,omitempty"`
+	// At most this many events (1 to 1000). Defaults to 100.
+	Limit         int32 `protobuf:"varint,3,opt,name=limit,proto3" json:"limit,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ListEventsRequest) Reset() {
+	*x = ListEventsRequest{}
+	mi := &file_posthaste_v1_mail_proto_msgTypes[24]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ListEventsRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ListEventsRequest) ProtoMessage() {}
+
+func (x *ListEventsRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_posthaste_v1_mail_proto_msgTypes[24]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ListEventsRequest.ProtoReflect.Descriptor instead.
+func (*ListEventsRequest) Descriptor() ([]byte, []int) {
+	return file_posthaste_v1_mail_proto_rawDescGZIP(), []int{24}
+}
+
+func (x *ListEventsRequest) GetAfter() string {
+	if x != nil {
+		return x.After
+	}
+	return ""
+}
+
+func (x *ListEventsRequest) GetTypes() []string {
+	if x != nil {
+		return x.Types
+	}
+	return nil
+}
+
+func (x *ListEventsRequest) GetLimit() int32 {
+	if x != nil {
+		return x.Limit
+	}
+	return 0
+}
+
+// ListEventsResponse is one page of the feed.
+type ListEventsResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The events, in feed order.
+	Events []*Event `protobuf:"bytes,1,rep,name=events,proto3" json:"events,omitempty"`
+	// Where to continue; always set, also when events is empty, so a client
+	// can poll from it. With a types filter it may be past the last event
+	// returned: it is the position of the last event looked at, so that the
+	// next call does not look at the skipped ones again.
+	NextCursor string `protobuf:"bytes,2,opt,name=next_cursor,json=nextCursor,proto3" json:"next_cursor,omitempty"`
+	// More events could be read at once: call again with next_cursor right
+	// away rather than after a pause.
+	HasMore       bool `protobuf:"varint,3,opt,name=has_more,json=hasMore,proto3" json:"has_more,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ListEventsResponse) Reset() {
+	*x = ListEventsResponse{}
+	mi := &file_posthaste_v1_mail_proto_msgTypes[25]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ListEventsResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ListEventsResponse) ProtoMessage() {}
+
+func (x *ListEventsResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_posthaste_v1_mail_proto_msgTypes[25]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ListEventsResponse.ProtoReflect.Descriptor instead.
+func (*ListEventsResponse) Descriptor() ([]byte, []int) {
+	return file_posthaste_v1_mail_proto_rawDescGZIP(), []int{25}
+}
+
+func (x *ListEventsResponse) GetEvents() []*Event {
+	if x != nil {
+		return x.Events
+	}
+	return nil
+}
+
+func (x *ListEventsResponse) GetNextCursor() string {
+	if x != nil {
+		return x.NextCursor
+	}
+	return ""
+}
+
+func (x *ListEventsResponse) GetHasMore() bool {
+	if x != nil {
+		return x.HasMore
+	}
+	return false
+}
+
+// StreamEventsRequest says where to start the stream and which events to
+// send.
+type StreamEventsRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Start after this position, as in ListEventsRequest.after. Empty starts
+	// from the first event.
+	After string `protobuf:"bytes,1,opt,name=after,proto3" json:"after,omitempty"`
+	// Only events of these types.
+	Types []string `protobuf:"bytes,2,rep,name=types,proto3" json:"types,omitempty"`
+	// Only events of messages carrying at least one of these tags.
+	Tags []string `protobuf:"bytes,3,rep,name=tags,proto3" json:"tags,omitempty"`
+	// Only events of this message.
+	MessageId     string `protobuf:"bytes,4,opt,name=message_id,json=messageId,proto3" json:"message_id,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *StreamEventsRequest) Reset() {
+	*x = StreamEventsRequest{}
+	mi := &file_posthaste_v1_mail_proto_msgTypes[26]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *StreamEventsRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*StreamEventsRequest) ProtoMessage() {}
+
+func (x *StreamEventsRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_posthaste_v1_mail_proto_msgTypes[26]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use StreamEventsRequest.ProtoReflect.Descriptor instead.
+func (*StreamEventsRequest) Descriptor() ([]byte, []int) {
+	return file_posthaste_v1_mail_proto_rawDescGZIP(), []int{26}
+}
+
+func (x *StreamEventsRequest) GetAfter() string {
+	if x != nil {
+		return x.After
+	}
+	return ""
+}
+
+func (x *StreamEventsRequest) GetTypes() []string {
+	if x != nil {
+		return x.Types
+	}
+	return nil
+}
+
+func (x *StreamEventsRequest) GetTags() []string {
+	if x != nil {
+		return x.Tags
+	}
+	return nil
+}
+
+func (x *StreamEventsRequest) GetMessageId() string {
+	if x != nil {
+		return x.MessageId
+	}
+	return ""
+}
+
+// StreamEventsResponse carries one event, or only a new position.
+type StreamEventsResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The event; unset in a checkpoint, sent when the stream looked at events
+	// its filters left out.
+	Event *Event `protobuf:"bytes,1,opt,name=event,proto3" json:"event,omitempty"`
+	// Where to resume after this response: the event's cursor, or the
+	// position of the last event looked at.
+	Cursor        string `protobuf:"bytes,2,opt,name=cursor,proto3" json:"cursor,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *StreamEventsResponse) Reset() {
+	*x = StreamEventsResponse{}
+	mi := &file_posthaste_v1_mail_proto_msgTypes[27]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *StreamEventsResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*StreamEventsResponse) ProtoMessage() {}
+
+func (x *StreamEventsResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_posthaste_v1_mail_proto_msgTypes[27]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use StreamEventsResponse.ProtoReflect.Descriptor instead.
+func (*StreamEventsResponse) Descriptor() ([]byte, []int) {
+	return file_posthaste_v1_mail_proto_rawDescGZIP(), []int{27}
+}
+
+func (x *StreamEventsResponse) GetEvent() *Event {
+	if x != nil {
+		return x.Event
+	}
+	return nil
+}
+
+func (x *StreamEventsResponse) GetCursor() string {
+	if x != nil {
+		return x.Cursor
+	}
+	return ""
+}
+
+// WatchMessageRequest names one message.
+type WatchMessageRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The message's id, as returned by the send calls.
+	Id            string `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *WatchMessageRequest) Reset() {
+	*x = WatchMessageRequest{}
+	mi := &file_posthaste_v1_mail_proto_msgTypes[28]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *WatchMessageRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*WatchMessageRequest) ProtoMessage() {}
+
+func (x *WatchMessageRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_posthaste_v1_mail_proto_msgTypes[28]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use WatchMessageRequest.ProtoReflect.Descriptor instead.
+func (*WatchMessageRequest) Descriptor() ([]byte, []int) {
+	return file_posthaste_v1_mail_proto_rawDescGZIP(), []int{28}
+}
+
+func (x *WatchMessageRequest) GetId() string {
+	if x != nil {
+		return x.Id
+	}
+	return ""
+}
+
 // ErrorResponse is the body of every REST error response. It describes the
 // JSON the gateway writes and is never sent over gRPC, where the same
 // information travels as a google.rpc.Status with google.rpc.BadRequest and
@@ -1719,7 +2365,7 @@ type ErrorResponse struct {
 
 func (x *ErrorResponse) Reset() {
 	*x = ErrorResponse{}
-	mi := &file_posthaste_v1_mail_proto_msgTypes[21]
+	mi := &file_posthaste_v1_mail_proto_msgTypes[29]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1731,7 +2377,7 @@ func (x *ErrorResponse) String() string {
 func (*ErrorResponse) ProtoMessage() {}
 
 func (x *ErrorResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_posthaste_v1_mail_proto_msgTypes[21]
+	mi := &file_posthaste_v1_mail_proto_msgTypes[29]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1744,7 +2390,7 @@ func (x *ErrorResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ErrorResponse.ProtoReflect.Descriptor instead.
 func (*ErrorResponse) Descriptor() ([]byte, []int) {
-	return file_posthaste_v1_mail_proto_rawDescGZIP(), []int{21}
+	return file_posthaste_v1_mail_proto_rawDescGZIP(), []int{29}
 }
 
 func (x *ErrorResponse) GetError() *Error {
@@ -1775,7 +2421,7 @@ type Error struct {
 
 func (x *Error) Reset() {
 	*x = Error{}
-	mi := &file_posthaste_v1_mail_proto_msgTypes[22]
+	mi := &file_posthaste_v1_mail_proto_msgTypes[30]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1787,7 +2433,7 @@ func (x *Error) String() string {
 func (*Error) ProtoMessage() {}
 
 func (x *Error) ProtoReflect() protoreflect.Message {
-	mi := &file_posthaste_v1_mail_proto_msgTypes[22]
+	mi := &file_posthaste_v1_mail_proto_msgTypes[30]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1800,7 +2446,7 @@ func (x *Error) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Error.ProtoReflect.Descriptor instead.
 func (*Error) Descriptor() ([]byte, []int) {
-	return file_posthaste_v1_mail_proto_rawDescGZIP(), []int{22}
+	return file_posthaste_v1_mail_proto_rawDescGZIP(), []int{30}
 }
 
 func (x *Error) GetCode() int32 {
@@ -1852,7 +2498,7 @@ type FieldViolation struct {
 
 func (x *FieldViolation) Reset() {
 	*x = FieldViolation{}
-	mi := &file_posthaste_v1_mail_proto_msgTypes[23]
+	mi := &file_posthaste_v1_mail_proto_msgTypes[31]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1864,7 +2510,7 @@ func (x *FieldViolation) String() string {
 func (*FieldViolation) ProtoMessage() {}
 
 func (x *FieldViolation) ProtoReflect() protoreflect.Message {
-	mi := &file_posthaste_v1_mail_proto_msgTypes[23]
+	mi := &file_posthaste_v1_mail_proto_msgTypes[31]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1877,7 +2523,7 @@ func (x *FieldViolation) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use FieldViolation.ProtoReflect.Descriptor instead.
 func (*FieldViolation) Descriptor() ([]byte, []int) {
-	return file_posthaste_v1_mail_proto_rawDescGZIP(), []int{23}
+	return file_posthaste_v1_mail_proto_rawDescGZIP(), []int{31}
 }
 
 func (x *FieldViolation) GetField() string {
@@ -2047,6 +2693,60 @@ const file_posthaste_v1_mail_proto_rawDesc = "" +
 	"\x13ListApiKeysResponse\x12/\n" +
 	"\bapi_keys\x18\x01 \x03(\v2\x14.posthaste.v1.ApiKeyR\aapiKeys\"%\n" +
 	"\x13RevokeApiKeyRequest\x12\x0e\n" +
+	"\x02id\x18\x01 \x01(\tR\x02id\"\xab\x05\n" +
+	"\x05Event\x12\x0e\n" +
+	"\x02id\x18\x01 \x01(\x03R\x02id\x12\x12\n" +
+	"\x04type\x18\x02 \x01(\tR\x04type\x12\x1d\n" +
+	"\n" +
+	"message_id\x18\x03 \x01(\tR\tmessageId\x12!\n" +
+	"\frecipient_id\x18\x04 \x01(\tR\vrecipientId\x129\n" +
+	"\n" +
+	"created_at\x18\x05 \x01(\v2\x1a.google.protobuf.TimestampR\tcreatedAt\x12\x16\n" +
+	"\x06cursor\x18\x06 \x01(\tR\x06cursor\x12\x1e\n" +
+	"\n" +
+	"recipients\x18\a \x01(\x05R\n" +
+	"recipients\x123\n" +
+	"\asend_at\x18\b \x01(\v2\x1a.google.protobuf.TimestampR\x06sendAt\x12\x18\n" +
+	"\aoutcome\x18\t \x01(\tR\aoutcome\x12\x1c\n" +
+	"\tambiguous\x18\n" +
+	" \x01(\bR\tambiguous\x12-\n" +
+	"\x05reply\x18\v \x01(\v2\x17.posthaste.v1.SmtpReplyR\x05reply\x12\x17\n" +
+	"\amx_host\x18\f \x01(\tR\x06mxHost\x12B\n" +
+	"\x0fnext_attempt_at\x18\r \x01(\v2\x1a.google.protobuf.TimestampR\rnextAttemptAt\x12\x14\n" +
+	"\x05class\x18\x0e \x01(\tR\x05class\x12\x1c\n" +
+	"\tpermanent\x18\x0f \x01(\bR\tpermanent\x12\x16\n" +
+	"\x06reason\x18\x10 \x01(\tR\x06reason\x12\x1d\n" +
+	"\n" +
+	"dsn_action\x18\x11 \x01(\tR\tdsnAction\x12\x1d\n" +
+	"\n" +
+	"dsn_status\x18\x12 \x01(\tR\tdsnStatus\x12\x1d\n" +
+	"\n" +
+	"remote_mta\x18\x13 \x01(\tR\tremoteMta\x12'\n" +
+	"\x0fdiagnostic_code\x18\x14 \x01(\tR\x0ediagnosticCode\"*\n" +
+	"\x18ListMessageEventsRequest\x12\x0e\n" +
+	"\x02id\x18\x01 \x01(\tR\x02id\"`\n" +
+	"\x19ListMessageEventsResponse\x12+\n" +
+	"\x06events\x18\x01 \x03(\v2\x13.posthaste.v1.EventR\x06events\x12\x16\n" +
+	"\x06status\x18\x02 \x01(\tR\x06status\"U\n" +
+	"\x11ListEventsRequest\x12\x14\n" +
+	"\x05after\x18\x01 \x01(\tR\x05after\x12\x14\n" +
+	"\x05types\x18\x02 \x03(\tR\x05types\x12\x14\n" +
+	"\x05limit\x18\x03 \x01(\x05R\x05limit\"}\n" +
+	"\x12ListEventsResponse\x12+\n" +
+	"\x06events\x18\x01 \x03(\v2\x13.posthaste.v1.EventR\x06events\x12\x1f\n" +
+	"\vnext_cursor\x18\x02 \x01(\tR\n" +
+	"nextCursor\x12\x19\n" +
+	"\bhas_more\x18\x03 \x01(\bR\ahasMore\"t\n" +
+	"\x13StreamEventsRequest\x12\x14\n" +
+	"\x05after\x18\x01 \x01(\tR\x05after\x12\x14\n" +
+	"\x05types\x18\x02 \x03(\tR\x05types\x12\x12\n" +
+	"\x04tags\x18\x03 \x03(\tR\x04tags\x12\x1d\n" +
+	"\n" +
+	"message_id\x18\x04 \x01(\tR\tmessageId\"Y\n" +
+	"\x14StreamEventsResponse\x12)\n" +
+	"\x05event\x18\x01 \x01(\v2\x13.posthaste.v1.EventR\x05event\x12\x16\n" +
+	"\x06cursor\x18\x02 \x01(\tR\x06cursor\"%\n" +
+	"\x13WatchMessageRequest\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\":\n" +
 	"\rErrorResponse\x12)\n" +
 	"\x05error\x18\x01 \x01(\v2\x13.posthaste.v1.ErrorR\x05error\"\xae\x01\n" +
@@ -2058,14 +2758,21 @@ const file_posthaste_v1_mail_proto_rawDesc = "" +
 	"\x06reason\x18\x05 \x01(\tR\x06reason\"H\n" +
 	"\x0eFieldViolation\x12\x14\n" +
 	"\x05field\x18\x01 \x01(\tR\x05field\x12 \n" +
-	"\vdescription\x18\x02 \x01(\tR\vdescription2\xf0\x06\n" +
+	"\vdescription\x18\x02 \x01(\tR\vdescription2\x81\n" +
+	"\n" +
 	"\vMailService\x12k\n" +
 	"\vSendMessage\x12 .posthaste.v1.SendMessageRequest\x1a!.posthaste.v1.SendMessageResponse\"\x17\x82\xd3\xe4\x93\x02\x11:\x01*\"\f/v1/messages\x12y\n" +
 	"\x0eSendRawMessage\x12#.posthaste.v1.SendRawMessageRequest\x1a!.posthaste.v1.SendMessageResponse\"\x1f\x82\xd3\xe4\x93\x02\x19:\x01*\"\x14/v1/messages:sendRaw\x12_\n" +
 	"\n" +
 	"GetMessage\x12\x1f.posthaste.v1.GetMessageRequest\x1a\x15.posthaste.v1.Message\"\x19\x82\xd3\xe4\x93\x02\x13\x12\x11/v1/messages/{id}\x12k\n" +
 	"\fListMessages\x12!.posthaste.v1.ListMessagesRequest\x1a\".posthaste.v1.ListMessagesResponse\"\x14\x82\xd3\xe4\x93\x02\x0e\x12\f/v1/messages\x12o\n" +
-	"\rCancelMessage\x12\".posthaste.v1.CancelMessageRequest\x1a\x15.posthaste.v1.Message\"#\x82\xd3\xe4\x93\x02\x1d:\x01*\"\x18/v1/messages/{id}:cancel\x12j\n" +
+	"\rCancelMessage\x12\".posthaste.v1.CancelMessageRequest\x1a\x15.posthaste.v1.Message\"#\x82\xd3\xe4\x93\x02\x1d:\x01*\"\x18/v1/messages/{id}:cancel\x12\x86\x01\n" +
+	"\x11ListMessageEvents\x12&.posthaste.v1.ListMessageEventsRequest\x1a'.posthaste.v1.ListMessageEventsResponse\" \x82\xd3\xe4\x93\x02\x1a\x12\x18/v1/messages/{id}/events\x12c\n" +
+	"\n" +
+	"ListEvents\x12\x1f.posthaste.v1.ListEventsRequest\x1a .posthaste.v1.ListEventsResponse\"\x12\x82\xd3\xe4\x93\x02\f\x12\n" +
+	"/v1/events\x12W\n" +
+	"\fStreamEvents\x12!.posthaste.v1.StreamEventsRequest\x1a\".posthaste.v1.StreamEventsResponse0\x01\x12H\n" +
+	"\fWatchMessage\x12!.posthaste.v1.WatchMessageRequest\x1a\x13.posthaste.v1.Event0\x01\x12j\n" +
 	"\fCreateApiKey\x12!.posthaste.v1.CreateApiKeyRequest\x1a\".posthaste.v1.CreateApiKeyResponse\"\x13\x82\xd3\xe4\x93\x02\r:\x01*\"\b/v1/keys\x12d\n" +
 	"\vListApiKeys\x12 .posthaste.v1.ListApiKeysRequest\x1a!.posthaste.v1.ListApiKeysResponse\"\x10\x82\xd3\xe4\x93\x02\n" +
 	"\x12\b/v1/keys\x12h\n" +
@@ -2083,37 +2790,45 @@ func file_posthaste_v1_mail_proto_rawDescGZIP() []byte {
 	return file_posthaste_v1_mail_proto_rawDescData
 }
 
-var file_posthaste_v1_mail_proto_msgTypes = make([]protoimpl.MessageInfo, 27)
+var file_posthaste_v1_mail_proto_msgTypes = make([]protoimpl.MessageInfo, 35)
 var file_posthaste_v1_mail_proto_goTypes = []any{
-	(*Address)(nil),               // 0: posthaste.v1.Address
-	(*Attachment)(nil),            // 1: posthaste.v1.Attachment
-	(*Header)(nil),                // 2: posthaste.v1.Header
-	(*SendMessageRequest)(nil),    // 3: posthaste.v1.SendMessageRequest
-	(*SendRawMessageRequest)(nil), // 4: posthaste.v1.SendRawMessageRequest
-	(*SendMessageResponse)(nil),   // 5: posthaste.v1.SendMessageResponse
-	(*RecipientSummary)(nil),      // 6: posthaste.v1.RecipientSummary
-	(*GetMessageRequest)(nil),     // 7: posthaste.v1.GetMessageRequest
-	(*CancelMessageRequest)(nil),  // 8: posthaste.v1.CancelMessageRequest
-	(*ListMessagesRequest)(nil),   // 9: posthaste.v1.ListMessagesRequest
-	(*ListMessagesResponse)(nil),  // 10: posthaste.v1.ListMessagesResponse
-	(*Message)(nil),               // 11: posthaste.v1.Message
-	(*Recipient)(nil),             // 12: posthaste.v1.Recipient
-	(*SmtpReply)(nil),             // 13: posthaste.v1.SmtpReply
-	(*Attempt)(nil),               // 14: posthaste.v1.Attempt
-	(*ApiKey)(nil),                // 15: posthaste.v1.ApiKey
-	(*CreateApiKeyRequest)(nil),   // 16: posthaste.v1.CreateApiKeyRequest
-	(*CreateApiKeyResponse)(nil),  // 17: posthaste.v1.CreateApiKeyResponse
-	(*ListApiKeysRequest)(nil),    // 18: posthaste.v1.ListApiKeysRequest
-	(*ListApiKeysResponse)(nil),   // 19: posthaste.v1.ListApiKeysResponse
-	(*RevokeApiKeyRequest)(nil),   // 20: posthaste.v1.RevokeApiKeyRequest
-	(*ErrorResponse)(nil),         // 21: posthaste.v1.ErrorResponse
-	(*Error)(nil),                 // 22: posthaste.v1.Error
-	(*FieldViolation)(nil),        // 23: posthaste.v1.FieldViolation
-	nil,                           // 24: posthaste.v1.SendMessageRequest.MetadataEntry
-	nil,                           // 25: posthaste.v1.SendRawMessageRequest.MetadataEntry
-	nil,                           // 26: posthaste.v1.Message.MetadataEntry
-	(*timestamppb.Timestamp)(nil), // 27: google.protobuf.Timestamp
-	(*durationpb.Duration)(nil),   // 28: google.protobuf.Duration
+	(*Address)(nil),                   // 0: posthaste.v1.Address
+	(*Attachment)(nil),                // 1: posthaste.v1.Attachment
+	(*Header)(nil),                    // 2: posthaste.v1.Header
+	(*SendMessageRequest)(nil),        // 3: posthaste.v1.SendMessageRequest
+	(*SendRawMessageRequest)(nil),     // 4: posthaste.v1.SendRawMessageRequest
+	(*SendMessageResponse)(nil),       // 5: posthaste.v1.SendMessageResponse
+	(*RecipientSummary)(nil),          // 6: posthaste.v1.RecipientSummary
+	(*GetMessageRequest)(nil),         // 7: posthaste.v1.GetMessageRequest
+	(*CancelMessageRequest)(nil),      // 8: posthaste.v1.CancelMessageRequest
+	(*ListMessagesRequest)(nil),       // 9: posthaste.v1.ListMessagesRequest
+	(*ListMessagesResponse)(nil),      // 10: posthaste.v1.ListMessagesResponse
+	(*Message)(nil),                   // 11: posthaste.v1.Message
+	(*Recipient)(nil),                 // 12: posthaste.v1.Recipient
+	(*SmtpReply)(nil),                 // 13: posthaste.v1.SmtpReply
+	(*Attempt)(nil),                   // 14: posthaste.v1.Attempt
+	(*ApiKey)(nil),                    // 15: posthaste.v1.ApiKey
+	(*CreateApiKeyRequest)(nil),       // 16: posthaste.v1.CreateApiKeyRequest
+	(*CreateApiKeyResponse)(nil),      // 17: posthaste.v1.CreateApiKeyResponse
+	(*ListApiKeysRequest)(nil),        // 18: posthaste.v1.ListApiKeysRequest
+	(*ListApiKeysResponse)(nil),       // 19: posthaste.v1.ListApiKeysResponse
+	(*RevokeApiKeyRequest)(nil),       // 20: posthaste.v1.RevokeApiKeyRequest
+	(*Event)(nil),                     // 21: posthaste.v1.Event
+	(*ListMessageEventsRequest)(nil),  // 22: posthaste.v1.ListMessageEventsRequest
+	(*ListMessageEventsResponse)(nil), // 23: posthaste.v1.ListMessageEventsResponse
+	(*ListEventsRequest)(nil),         // 24: posthaste.v1.ListEventsRequest
+	(*ListEventsResponse)(nil),        // 25: posthaste.v1.ListEventsResponse
+	(*StreamEventsRequest)(nil),       // 26: posthaste.v1.StreamEventsRequest
+	(*StreamEventsResponse)(nil),      // 27: posthaste.v1.StreamEventsResponse
+	(*WatchMessageRequest)(nil),       // 28: posthaste.v1.WatchMessageRequest
+	(*ErrorResponse)(nil),             // 29: posthaste.v1.ErrorResponse
+	(*Error)(nil),                     // 30: posthaste.v1.Error
+	(*FieldViolation)(nil),            // 31: posthaste.v1.FieldViolation
+	nil,                               // 32: posthaste.v1.SendMessageRequest.MetadataEntry
+	nil,                               // 33: posthaste.v1.SendRawMessageRequest.MetadataEntry
+	nil,                               // 34: posthaste.v1.Message.MetadataEntry
+	(*timestamppb.Timestamp)(nil),     // 35: google.protobuf.Timestamp
+	(*durationpb.Duration)(nil),       // 36: google.protobuf.Duration
 }
 var file_posthaste_v1_mail_proto_depIdxs = []int32{
 	0,  // 0: posthaste.v1.SendMessageRequest.from:type_name -> posthaste.v1.Address
@@ -2123,55 +2838,70 @@ var file_posthaste_v1_mail_proto_depIdxs = []int32{
 	0,  // 4: posthaste.v1.SendMessageRequest.bcc:type_name -> posthaste.v1.Address
 	1,  // 5: posthaste.v1.SendMessageRequest.attachments:type_name -> posthaste.v1.Attachment
 	2,  // 6: posthaste.v1.SendMessageRequest.headers:type_name -> posthaste.v1.Header
-	24, // 7: posthaste.v1.SendMessageRequest.metadata:type_name -> posthaste.v1.SendMessageRequest.MetadataEntry
-	27, // 8: posthaste.v1.SendMessageRequest.send_at:type_name -> google.protobuf.Timestamp
-	25, // 9: posthaste.v1.SendRawMessageRequest.metadata:type_name -> posthaste.v1.SendRawMessageRequest.MetadataEntry
-	27, // 10: posthaste.v1.SendRawMessageRequest.send_at:type_name -> google.protobuf.Timestamp
+	32, // 7: posthaste.v1.SendMessageRequest.metadata:type_name -> posthaste.v1.SendMessageRequest.MetadataEntry
+	35, // 8: posthaste.v1.SendMessageRequest.send_at:type_name -> google.protobuf.Timestamp
+	33, // 9: posthaste.v1.SendRawMessageRequest.metadata:type_name -> posthaste.v1.SendRawMessageRequest.MetadataEntry
+	35, // 10: posthaste.v1.SendRawMessageRequest.send_at:type_name -> google.protobuf.Timestamp
 	6,  // 11: posthaste.v1.SendMessageResponse.recipients:type_name -> posthaste.v1.RecipientSummary
-	27, // 12: posthaste.v1.ListMessagesRequest.created_after:type_name -> google.protobuf.Timestamp
-	27, // 13: posthaste.v1.ListMessagesRequest.created_before:type_name -> google.protobuf.Timestamp
+	35, // 12: posthaste.v1.ListMessagesRequest.created_after:type_name -> google.protobuf.Timestamp
+	35, // 13: posthaste.v1.ListMessagesRequest.created_before:type_name -> google.protobuf.Timestamp
 	11, // 14: posthaste.v1.ListMessagesResponse.messages:type_name -> posthaste.v1.Message
-	26, // 15: posthaste.v1.Message.metadata:type_name -> posthaste.v1.Message.MetadataEntry
-	27, // 16: posthaste.v1.Message.send_at:type_name -> google.protobuf.Timestamp
-	27, // 17: posthaste.v1.Message.created_at:type_name -> google.protobuf.Timestamp
-	27, // 18: posthaste.v1.Message.updated_at:type_name -> google.protobuf.Timestamp
+	34, // 15: posthaste.v1.Message.metadata:type_name -> posthaste.v1.Message.MetadataEntry
+	35, // 16: posthaste.v1.Message.send_at:type_name -> google.protobuf.Timestamp
+	35, // 17: posthaste.v1.Message.created_at:type_name -> google.protobuf.Timestamp
+	35, // 18: posthaste.v1.Message.updated_at:type_name -> google.protobuf.Timestamp
 	12, // 19: posthaste.v1.Message.recipients:type_name -> posthaste.v1.Recipient
 	14, // 20: posthaste.v1.Message.attempts:type_name -> posthaste.v1.Attempt
-	27, // 21: posthaste.v1.Recipient.next_attempt_at:type_name -> google.protobuf.Timestamp
+	35, // 21: posthaste.v1.Recipient.next_attempt_at:type_name -> google.protobuf.Timestamp
 	13, // 22: posthaste.v1.Recipient.last_reply:type_name -> posthaste.v1.SmtpReply
-	27, // 23: posthaste.v1.Recipient.delivered_at:type_name -> google.protobuf.Timestamp
-	27, // 24: posthaste.v1.Recipient.updated_at:type_name -> google.protobuf.Timestamp
-	27, // 25: posthaste.v1.Attempt.started_at:type_name -> google.protobuf.Timestamp
-	28, // 26: posthaste.v1.Attempt.duration:type_name -> google.protobuf.Duration
+	35, // 23: posthaste.v1.Recipient.delivered_at:type_name -> google.protobuf.Timestamp
+	35, // 24: posthaste.v1.Recipient.updated_at:type_name -> google.protobuf.Timestamp
+	35, // 25: posthaste.v1.Attempt.started_at:type_name -> google.protobuf.Timestamp
+	36, // 26: posthaste.v1.Attempt.duration:type_name -> google.protobuf.Duration
 	13, // 27: posthaste.v1.Attempt.reply:type_name -> posthaste.v1.SmtpReply
-	27, // 28: posthaste.v1.ApiKey.created_at:type_name -> google.protobuf.Timestamp
-	27, // 29: posthaste.v1.ApiKey.last_used_at:type_name -> google.protobuf.Timestamp
-	27, // 30: posthaste.v1.ApiKey.revoked_at:type_name -> google.protobuf.Timestamp
+	35, // 28: posthaste.v1.ApiKey.created_at:type_name -> google.protobuf.Timestamp
+	35, // 29: posthaste.v1.ApiKey.last_used_at:type_name -> google.protobuf.Timestamp
+	35, // 30: posthaste.v1.ApiKey.revoked_at:type_name -> google.protobuf.Timestamp
 	15, // 31: posthaste.v1.CreateApiKeyResponse.api_key:type_name -> posthaste.v1.ApiKey
 	15, // 32: posthaste.v1.ListApiKeysResponse.api_keys:type_name -> posthaste.v1.ApiKey
-	22, // 33: posthaste.v1.ErrorResponse.error:type_name -> posthaste.v1.Error
-	23, // 34: posthaste.v1.Error.field_violations:type_name -> posthaste.v1.FieldViolation
-	3,  // 35: posthaste.v1.MailService.SendMessage:input_type -> posthaste.v1.SendMessageRequest
-	4,  // 36: posthaste.v1.MailService.SendRawMessage:input_type -> posthaste.v1.SendRawMessageRequest
-	7,  // 37: posthaste.v1.MailService.GetMessage:input_type -> posthaste.v1.GetMessageRequest
-	9,  // 38: posthaste.v1.MailService.ListMessages:input_type -> posthaste.v1.ListMessagesRequest
-	8,  // 39: posthaste.v1.MailService.CancelMessage:input_type -> posthaste.v1.CancelMessageRequest
-	16, // 40: posthaste.v1.MailService.CreateApiKey:input_type -> posthaste.v1.CreateApiKeyRequest
-	18, // 41: posthaste.v1.MailService.ListApiKeys:input_type -> posthaste.v1.ListApiKeysRequest
-	20, // 42: posthaste.v1.MailService.RevokeApiKey:input_type -> posthaste.v1.RevokeApiKeyRequest
-	5,  // 43: posthaste.v1.MailService.SendMessage:output_type -> posthaste.v1.SendMessageResponse
-	5,  // 44: posthaste.v1.MailService.SendRawMessage:output_type -> posthaste.v1.SendMessageResponse
-	11, // 45: posthaste.v1.MailService.GetMessage:output_type -> posthaste.v1.Message
-	10, // 46: posthaste.v1.MailService.ListMessages:output_type -> posthaste.v1.ListMessagesResponse
-	11, // 47: posthaste.v1.MailService.CancelMessage:output_type -> posthaste.v1.Message
-	17, // 48: posthaste.v1.MailService.CreateApiKey:output_type -> posthaste.v1.CreateApiKeyResponse
-	19, // 49: posthaste.v1.MailService.ListApiKeys:output_type -> posthaste.v1.ListApiKeysResponse
-	15, // 50: posthaste.v1.MailService.RevokeApiKey:output_type -> posthaste.v1.ApiKey
-	43, // [43:51] is the sub-list for method output_type
-	35, // [35:43] is the sub-list for method input_type
-	35, // [35:35] is the sub-list for extension type_name
-	35, // [35:35] is the sub-list for extension extendee
-	0,  // [0:35] is the sub-list for field type_name
+	35, // 33: posthaste.v1.Event.created_at:type_name -> google.protobuf.Timestamp
+	35, // 34: posthaste.v1.Event.send_at:type_name -> google.protobuf.Timestamp
+	13, // 35: posthaste.v1.Event.reply:type_name -> posthaste.v1.SmtpReply
+	35, // 36: posthaste.v1.Event.next_attempt_at:type_name -> google.protobuf.Timestamp
+	21, // 37: posthaste.v1.ListMessageEventsResponse.events:type_name -> posthaste.v1.Event
+	21, // 38: posthaste.v1.ListEventsResponse.events:type_name -> posthaste.v1.Event
+	21, // 39: posthaste.v1.StreamEventsResponse.event:type_name -> posthaste.v1.Event
+	30, // 40: posthaste.v1.ErrorResponse.error:type_name -> posthaste.v1.Error
+	31, // 41: posthaste.v1.Error.field_violations:type_name -> posthaste.v1.FieldViolation
+	3,  // 42: posthaste.v1.MailService.SendMessage:input_type -> posthaste.v1.SendMessageRequest
+	4,  // 43: posthaste.v1.MailService.SendRawMessage:input_type -> posthaste.v1.SendRawMessageRequest
+	7,  // 44: posthaste.v1.MailService.GetMessage:input_type -> posthaste.v1.GetMessageRequest
+	9,  // 45: posthaste.v1.MailService.ListMessages:input_type -> posthaste.v1.ListMessagesRequest
+	8,  // 46: posthaste.v1.MailService.CancelMessage:input_type -> posthaste.v1.CancelMessageRequest
+	22, // 47: posthaste.v1.MailService.ListMessageEvents:input_type -> posthaste.v1.ListMessageEventsRequest
+	24, // 48: posthaste.v1.MailService.ListEvents:input_type -> posthaste.v1.ListEventsRequest
+	26, // 49: posthaste.v1.MailService.StreamEvents:input_type -> posthaste.v1.StreamEventsRequest
+	28, // 50: posthaste.v1.MailService.WatchMessage:input_type -> posthaste.v1.WatchMessageRequest
+	16, // 51: posthaste.v1.MailService.CreateApiKey:input_type -> posthaste.v1.CreateApiKeyRequest
+	18, // 52: posthaste.v1.MailService.ListApiKeys:input_type -> posthaste.v1.ListApiKeysRequest
+	20, // 53: posthaste.v1.MailService.RevokeApiKey:input_type -> posthaste.v1.RevokeApiKeyRequest
+	5,  // 54: posthaste.v1.MailService.SendMessage:output_type -> posthaste.v1.SendMessageResponse
+	5,  // 55: posthaste.v1.MailService.SendRawMessage:output_type -> posthaste.v1.SendMessageResponse
+	11, // 56: posthaste.v1.MailService.GetMessage:output_type -> posthaste.v1.Message
+	10, // 57: posthaste.v1.MailService.ListMessages:output_type -> posthaste.v1.ListMessagesResponse
+	11, // 58: posthaste.v1.MailService.CancelMessage:output_type -> posthaste.v1.Message
+	23, // 59: posthaste.v1.MailService.ListMessageEvents:output_type -> posthaste.v1.ListMessageEventsResponse
+	25, // 60: posthaste.v1.MailService.ListEvents:output_type -> posthaste.v1.ListEventsResponse
+	27, // 61: posthaste.v1.MailService.StreamEvents:output_type -> posthaste.v1.StreamEventsResponse
+	21, // 62: posthaste.v1.MailService.WatchMessage:output_type -> posthaste.v1.Event
+	17, // 63: posthaste.v1.MailService.CreateApiKey:output_type -> posthaste.v1.CreateApiKeyResponse
+	19, // 64: posthaste.v1.MailService.ListApiKeys:output_type -> posthaste.v1.ListApiKeysResponse
+	15, // 65: posthaste.v1.MailService.RevokeApiKey:output_type -> posthaste.v1.ApiKey
+	54, // [54:66] is the sub-list for method output_type
+	42, // [42:54] is the sub-list for method input_type
+	42, // [42:42] is the sub-list for extension type_name
+	42, // [42:42] is the sub-list for extension extendee
+	0,  // [0:42] is the sub-list for field type_name
 }
 
 func init() { file_posthaste_v1_mail_proto_init() }
@@ -2185,7 +2915,7 @@ func file_posthaste_v1_mail_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_posthaste_v1_mail_proto_rawDesc), len(file_posthaste_v1_mail_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   27,
+			NumMessages:   35,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

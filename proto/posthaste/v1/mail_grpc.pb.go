@@ -19,14 +19,18 @@ import (
 const _ = grpc.SupportPackageIsVersion9
 
 const (
-	MailService_SendMessage_FullMethodName    = "/posthaste.v1.MailService/SendMessage"
-	MailService_SendRawMessage_FullMethodName = "/posthaste.v1.MailService/SendRawMessage"
-	MailService_GetMessage_FullMethodName     = "/posthaste.v1.MailService/GetMessage"
-	MailService_ListMessages_FullMethodName   = "/posthaste.v1.MailService/ListMessages"
-	MailService_CancelMessage_FullMethodName  = "/posthaste.v1.MailService/CancelMessage"
-	MailService_CreateApiKey_FullMethodName   = "/posthaste.v1.MailService/CreateApiKey"
-	MailService_ListApiKeys_FullMethodName    = "/posthaste.v1.MailService/ListApiKeys"
-	MailService_RevokeApiKey_FullMethodName   = "/posthaste.v1.MailService/RevokeApiKey"
+	MailService_SendMessage_FullMethodName       = "/posthaste.v1.MailService/SendMessage"
+	MailService_SendRawMessage_FullMethodName    = "/posthaste.v1.MailService/SendRawMessage"
+	MailService_GetMessage_FullMethodName        = "/posthaste.v1.MailService/GetMessage"
+	MailService_ListMessages_FullMethodName      = "/posthaste.v1.MailService/ListMessages"
+	MailService_CancelMessage_FullMethodName     = "/posthaste.v1.MailService/CancelMessage"
+	MailService_ListMessageEvents_FullMethodName = "/posthaste.v1.MailService/ListMessageEvents"
+	MailService_ListEvents_FullMethodName        = "/posthaste.v1.MailService/ListEvents"
+	MailService_StreamEvents_FullMethodName      = "/posthaste.v1.MailService/StreamEvents"
+	MailService_WatchMessage_FullMethodName      = "/posthaste.v1.MailService/WatchMessage"
+	MailService_CreateApiKey_FullMethodName      = "/posthaste.v1.MailService/CreateApiKey"
+	MailService_ListApiKeys_FullMethodName       = "/posthaste.v1.MailService/ListApiKeys"
+	MailService_RevokeApiKey_FullMethodName      = "/posthaste.v1.MailService/RevokeApiKey"
 )
 
 // MailServiceClient is the client API for MailService service.
@@ -59,6 +63,28 @@ type MailServiceClient interface {
 	// or failed. A recipient whose attempt is in flight is canceled unless that
 	// attempt delivers or bounces it.
 	CancelMessage(ctx context.Context, in *CancelMessageRequest, opts ...grpc.CallOption) (*Message, error)
+	// ListMessageEvents returns every event of one message of the caller's
+	// project so far, oldest first: its timeline. An event shows here as soon
+	// as it is committed. Needs the read scope.
+	ListMessageEvents(ctx context.Context, in *ListMessageEventsRequest, opts ...grpc.CallOption) (*ListMessageEventsResponse, error)
+	// ListEvents returns the caller's project's events after a cursor, in feed
+	// order. Reading on from next_cursor never misses an event and never
+	// returns one twice, whatever order the writing transactions committed
+	// in; the price is that an event shows only once every transaction that
+	// began before it has ended (usually milliseconds). Needs the read scope.
+	ListEvents(ctx context.Context, in *ListEventsRequest, opts ...grpc.CallOption) (*ListEventsResponse, error)
+	// StreamEvents sends the caller's project's events after a cursor, in feed
+	// order, and keeps sending new ones as they commit, until the client goes
+	// away or the server shuts down (Unavailable: reconnect with the last
+	// cursor received). gRPC only; over REST, poll ListEvents. Needs the read
+	// scope.
+	StreamEvents(ctx context.Context, in *StreamEventsRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[StreamEventsResponse], error)
+	// WatchMessage sends the events of one message of the caller's project,
+	// those already written first, and then new ones as they commit, and ends
+	// with OK once every recipient is final (delivered, bounced, failed or
+	// canceled). gRPC only; over REST, poll ListMessageEvents. Needs the read
+	// scope.
+	WatchMessage(ctx context.Context, in *WatchMessageRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[Event], error)
 	// CreateApiKey makes a key in the caller's project. The secret is in the
 	// answer only, once. Needs the admin scope.
 	CreateApiKey(ctx context.Context, in *CreateApiKeyRequest, opts ...grpc.CallOption) (*CreateApiKeyResponse, error)
@@ -129,6 +155,64 @@ func (c *mailServiceClient) CancelMessage(ctx context.Context, in *CancelMessage
 	return out, nil
 }
 
+func (c *mailServiceClient) ListMessageEvents(ctx context.Context, in *ListMessageEventsRequest, opts ...grpc.CallOption) (*ListMessageEventsResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(ListMessageEventsResponse)
+	err := c.cc.Invoke(ctx, MailService_ListMessageEvents_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *mailServiceClient) ListEvents(ctx context.Context, in *ListEventsRequest, opts ...grpc.CallOption) (*ListEventsResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(ListEventsResponse)
+	err := c.cc.Invoke(ctx, MailService_ListEvents_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *mailServiceClient) StreamEvents(ctx context.Context, in *StreamEventsRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[StreamEventsResponse], error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	stream, err := c.cc.NewStream(ctx, &MailService_ServiceDesc.Streams[0], MailService_StreamEvents_FullMethodName, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	x := &grpc.GenericClientStream[StreamEventsRequest, StreamEventsResponse]{ClientStream: stream}
+	if err := x.ClientStream.SendMsg(in); err != nil {
+		return nil, err
+	}
+	if err := x.ClientStream.CloseSend(); err != nil {
+		return nil, err
+	}
+	return x, nil
+}
+
+// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
+type MailService_StreamEventsClient = grpc.ServerStreamingClient[StreamEventsResponse]
+
+func (c *mailServiceClient) WatchMessage(ctx context.Context, in *WatchMessageRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[Event], error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	stream, err := c.cc.NewStream(ctx, &MailService_ServiceDesc.Streams[1], MailService_WatchMessage_FullMethodName, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	x := &grpc.GenericClientStream[WatchMessageRequest, Event]{ClientStream: stream}
+	if err := x.ClientStream.SendMsg(in); err != nil {
+		return nil, err
+	}
+	if err := x.ClientStream.CloseSend(); err != nil {
+		return nil, err
+	}
+	return x, nil
+}
+
+// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
+type MailService_WatchMessageClient = grpc.ServerStreamingClient[Event]
+
 func (c *mailServiceClient) CreateApiKey(ctx context.Context, in *CreateApiKeyRequest, opts ...grpc.CallOption) (*CreateApiKeyResponse, error) {
 	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
 	out := new(CreateApiKeyResponse)
@@ -189,6 +273,28 @@ type MailServiceServer interface {
 	// or failed. A recipient whose attempt is in flight is canceled unless that
 	// attempt delivers or bounces it.
 	CancelMessage(context.Context, *CancelMessageRequest) (*Message, error)
+	// ListMessageEvents returns every event of one message of the caller's
+	// project so far, oldest first: its timeline. An event shows here as soon
+	// as it is committed. Needs the read scope.
+	ListMessageEvents(context.Context, *ListMessageEventsRequest) (*ListMessageEventsResponse, error)
+	// ListEvents returns the caller's project's events after a cursor, in feed
+	// order. Reading on from next_cursor never misses an event and never
+	// returns one twice, whatever order the writing transactions committed
+	// in; the price is that an event shows only once every transaction that
+	// began before it has ended (usually milliseconds). Needs the read scope.
+	ListEvents(context.Context, *ListEventsRequest) (*ListEventsResponse, error)
+	// StreamEvents sends the caller's project's events after a cursor, in feed
+	// order, and keeps sending new ones as they commit, until the client goes
+	// away or the server shuts down (Unavailable: reconnect with the last
+	// cursor received). gRPC only; over REST, poll ListEvents. Needs the read
+	// scope.
+	StreamEvents(*StreamEventsRequest, grpc.ServerStreamingServer[StreamEventsResponse]) error
+	// WatchMessage sends the events of one message of the caller's project,
+	// those already written first, and then new ones as they commit, and ends
+	// with OK once every recipient is final (delivered, bounced, failed or
+	// canceled). gRPC only; over REST, poll ListMessageEvents. Needs the read
+	// scope.
+	WatchMessage(*WatchMessageRequest, grpc.ServerStreamingServer[Event]) error
 	// CreateApiKey makes a key in the caller's project. The secret is in the
 	// answer only, once. Needs the admin scope.
 	CreateApiKey(context.Context, *CreateApiKeyRequest) (*CreateApiKeyResponse, error)
@@ -223,6 +329,18 @@ func (UnimplementedMailServiceServer) ListMessages(context.Context, *ListMessage
 }
 func (UnimplementedMailServiceServer) CancelMessage(context.Context, *CancelMessageRequest) (*Message, error) {
 	return nil, status.Error(codes.Unimplemented, "method CancelMessage not implemented")
+}
+func (UnimplementedMailServiceServer) ListMessageEvents(context.Context, *ListMessageEventsRequest) (*ListMessageEventsResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method ListMessageEvents not implemented")
+}
+func (UnimplementedMailServiceServer) ListEvents(context.Context, *ListEventsRequest) (*ListEventsResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method ListEvents not implemented")
+}
+func (UnimplementedMailServiceServer) StreamEvents(*StreamEventsRequest, grpc.ServerStreamingServer[StreamEventsResponse]) error {
+	return status.Error(codes.Unimplemented, "method StreamEvents not implemented")
+}
+func (UnimplementedMailServiceServer) WatchMessage(*WatchMessageRequest, grpc.ServerStreamingServer[Event]) error {
+	return status.Error(codes.Unimplemented, "method WatchMessage not implemented")
 }
 func (UnimplementedMailServiceServer) CreateApiKey(context.Context, *CreateApiKeyRequest) (*CreateApiKeyResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method CreateApiKey not implemented")
@@ -344,6 +462,64 @@ func _MailService_CancelMessage_Handler(srv interface{}, ctx context.Context, de
 	return interceptor(ctx, in, info, handler)
 }
 
+func _MailService_ListMessageEvents_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(ListMessageEventsRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(MailServiceServer).ListMessageEvents(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: MailService_ListMessageEvents_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(MailServiceServer).ListMessageEvents(ctx, req.(*ListMessageEventsRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _MailService_ListEvents_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(ListEventsRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(MailServiceServer).ListEvents(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: MailService_ListEvents_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(MailServiceServer).ListEvents(ctx, req.(*ListEventsRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _MailService_StreamEvents_Handler(srv interface{}, stream grpc.ServerStream) error {
+	m := new(StreamEventsRequest)
+	if err := stream.RecvMsg(m); err != nil {
+		return err
+	}
+	return srv.(MailServiceServer).StreamEvents(m, &grpc.GenericServerStream[StreamEventsRequest, StreamEventsResponse]{ServerStream: stream})
+}
+
+// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
+type MailService_StreamEventsServer = grpc.ServerStreamingServer[StreamEventsResponse]
+
+func _MailService_WatchMessage_Handler(srv interface{}, stream grpc.ServerStream) error {
+	m := new(WatchMessageRequest)
+	if err := stream.RecvMsg(m); err != nil {
+		return err
+	}
+	return srv.(MailServiceServer).WatchMessage(m, &grpc.GenericServerStream[WatchMessageRequest, Event]{ServerStream: stream})
+}
+
+// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
+type MailService_WatchMessageServer = grpc.ServerStreamingServer[Event]
+
 func _MailService_CreateApiKey_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
 	in := new(CreateApiKeyRequest)
 	if err := dec(in); err != nil {
@@ -426,6 +602,14 @@ var MailService_ServiceDesc = grpc.ServiceDesc{
 			Handler:    _MailService_CancelMessage_Handler,
 		},
 		{
+			MethodName: "ListMessageEvents",
+			Handler:    _MailService_ListMessageEvents_Handler,
+		},
+		{
+			MethodName: "ListEvents",
+			Handler:    _MailService_ListEvents_Handler,
+		},
+		{
 			MethodName: "CreateApiKey",
 			Handler:    _MailService_CreateApiKey_Handler,
 		},
@@ -438,6 +622,17 @@ var MailService_ServiceDesc = grpc.ServiceDesc{
 			Handler:    _MailService_RevokeApiKey_Handler,
 		},
 	},
-	Streams:  []grpc.StreamDesc{},
+	Streams: []grpc.StreamDesc{
+		{
+			StreamName:    "StreamEvents",
+			Handler:       _MailService_StreamEvents_Handler,
+			ServerStreams: true,
+		},
+		{
+			StreamName:    "WatchMessage",
+			Handler:       _MailService_WatchMessage_Handler,
+			ServerStreams: true,
+		},
+	},
 	Metadata: "posthaste/v1/mail.proto",
 }
