@@ -56,6 +56,9 @@ type Dispatcher struct {
 	// claims counts finished claim queries, for tests that must know the
 	// dispatcher has looked at the queue.
 	claims atomic.Int64
+	// outcomeTxs counts the transactions that wrote outcomes, for
+	// benchmarks that count commits per delivered message.
+	outcomeTxs atomic.Int64
 
 	// dbCtx is the context of the database calls that outlive claiming
 	// (claims in flight, outcomes, released leases): they are not cut off
@@ -607,6 +610,7 @@ func (d *Dispatcher) recordOutcomes(j *job, lease *leaseWatch, outs []db.Outcome
 // given up, so the outcome can be kept for later; one that starts past it
 // (an attempt cut off by the lease) still gets a short try of its own.
 func (d *Dispatcher) tryRecord(lease *leaseWatch, outs []db.Outcome) ([]uuid.UUID, error) {
+	d.outcomeTxs.Add(1)
 	if lease.ctx.Err() != nil {
 		ctx, cancel := context.WithTimeout(d.dbCtx, maxRecordWait)
 		defer cancel()
