@@ -37,6 +37,8 @@ type Dispatcher struct {
 	retry  retryPolicy
 	limits *limiter
 	leases *leaseSet
+	// rec commits the outcomes of concurrent transactions together.
+	rec *recorder
 
 	// unwritten holds outcomes that could not be written before their
 	// lease may have run out (see recordOutcomes); flushMu serializes the
@@ -56,9 +58,6 @@ type Dispatcher struct {
 	// claims counts finished claim queries, for tests that must know the
 	// dispatcher has looked at the queue.
 	claims atomic.Int64
-	// outcomeTxs counts the transactions that wrote outcomes, for
-	// benchmarks that count commits per delivered message.
-	outcomeTxs atomic.Int64
 
 	// dbCtx is the context of the database calls that outlive claiming
 	// (claims in flight, outcomes, released leases): they are not cut off
@@ -76,6 +75,7 @@ type Dispatcher struct {
 	loops          sync.WaitGroup // claim loop, listener, rescuer
 	jobs           sync.WaitGroup
 	beat           sync.WaitGroup // heartbeat: runs until the jobs are done
+	recording      sync.WaitGroup // the recorder: runs until the jobs are done
 }
 
 // NewDispatcher checks cfg (after WithDefaults) and returns a dispatcher
@@ -125,6 +125,7 @@ func NewDispatcher(cfg Config, store *db.DB) (*Dispatcher, error) {
 		dbCtx:    dbCtx,
 		cancelDB: cancelDB,
 	}
+	d.rec = newRecorder(dbCtx, store.RecordOutcomes)
 	return d, nil
 }
 
@@ -153,6 +154,7 @@ func (d *Dispatcher) Start(ctx context.Context) {
 	beatCtx, cancelBeat := context.WithCancel(d.dbCtx)
 	d.cancelBeat = cancelBeat
 	d.beat.Go(func() { d.heartbeat(beatCtx) })
+	d.recording.Go(d.rec.run)
 	d.loops.Go(func() { d.claimLoop(claimCtx, sessionCtx) })
 	d.loops.Go(func() { d.listen(claimCtx) })
 	d.loops.Go(func() { d.rescue(claimCtx) })
@@ -213,6 +215,9 @@ func (d *Dispatcher) Stop() {
 		if err := d.flushPending(d.dbCtx); err != nil {
 			d.dropPending(err)
 		}
+		// Every job has had its outcomes answered by now.
+		d.rec.close()
+		d.recording.Wait()
 		d.cancelBeat()
 		d.beat.Wait()
 		d.pool.close(deadline)
@@ -606,21 +611,18 @@ func (d *Dispatcher) recordOutcomes(j *job, lease *leaseWatch, outs []db.Outcome
 	}
 }
 
-// tryRecord makes one try at writing outs. A try that outlasts the lease is
-// given up, so the outcome can be kept for later; one that starts past it
-// (an attempt cut off by the lease) still gets a short try of its own.
+// tryRecord makes one try at writing outs, in the recorder's next group
+// commit. A try that outlasts the lease is given up (the commit it is part
+// of is cancelled), so the outcome can be kept for later; one that starts
+// past it (an attempt cut off by the lease) still gets a short try of its
+// own.
 func (d *Dispatcher) tryRecord(lease *leaseWatch, outs []db.Outcome) ([]uuid.UUID, error) {
-	d.outcomeTxs.Add(1)
 	if lease.ctx.Err() != nil {
 		ctx, cancel := context.WithTimeout(d.dbCtx, maxRecordWait)
 		defer cancel()
-		return d.store.RecordOutcomes(ctx, outs)
+		return d.rec.record(ctx, outs)
 	}
-	ctx, cancel := context.WithTimeout(d.dbCtx, dbTimeout)
-	defer cancel()
-	stop := context.AfterFunc(lease.ctx, cancel)
-	defer stop()
-	return d.store.RecordOutcomes(ctx, outs)
+	return d.rec.record(lease.ctx, outs)
 }
 
 // releaseLeases gives back a job's leases without an attempt.

@@ -1271,7 +1271,7 @@ func BenchmarkDispatch(b *testing.B) {
 	n := float64(b.N)
 	b.ReportMetric(n/elapsed.Seconds(), "msgs/s")
 	// Every claim and every outcome write is a transaction of its own.
-	b.ReportMetric(float64(d.claims.Load()+d.outcomeTxs.Load())/n, "commits/msg")
+	b.ReportMetric(float64(d.claims.Load()+d.rec.txs.Load())/n, "commits/msg")
 	b.ReportMetric(float64(e.dialer.roundTrips())/n, "smtp-rtt/msg")
 	// WAL is counted for the whole server: other work running at the same
 	// time adds to it.
