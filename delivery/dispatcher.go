@@ -312,32 +312,21 @@ func (d *Dispatcher) claim(sessionCtx context.Context) (int, error) {
 	// The lease is measured on the local clock from before the query, so
 	// it ends no later than the database's, whatever the clocks say.
 	leaseEnd := time.Now().Add(d.cfg.LeaseDuration)
-	claimed, err := d.store.ClaimRecipients(qctx, db.ClaimParams{
+	// The messages' bytes come back with the claim, in the same round
+	// trip: each message once, however many of its recipients were taken.
+	c, err := d.store.ClaimWithContents(qctx, db.ClaimParams{
 		Owner: owner, Limit: d.cfg.BatchSize, LeaseFor: d.cfg.LeaseDuration,
 	})
 	d.claims.Add(1)
 	if err != nil {
 		return 0, err
 	}
+	claimed := c.Recipients
 	if len(claimed) == 0 {
 		return 0, nil
 	}
-	ids := make([]uuid.UUID, 0, len(claimed))
-	seen := make(map[uuid.UUID]bool)
-	for _, r := range claimed {
-		if !seen[r.MessageID] {
-			seen[r.MessageID] = true
-			ids = append(ids, r.MessageID)
-		}
-	}
-	contents, err := d.store.LoadMessageContents(qctx, ids)
-	if err != nil {
-		all := &job{owner: owner, rcpts: claimed}
-		d.releaseLeases(all)
-		return 0, err
-	}
 
-	jobs, missing := groupJobs(claimed, contents, owner, d.cfg.MaxRecipientsPerTransaction)
+	jobs, missing := groupJobs(claimed, c.Messages, owner, d.cfg.MaxRecipientsPerTransaction)
 	if len(missing) > 0 {
 		d.failMissing(owner, missing)
 	}

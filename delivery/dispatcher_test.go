@@ -1289,3 +1289,32 @@ func walPosition(t testing.TB, store *db.DB) int64 {
 	}
 	return pos
 }
+
+// BenchmarkIdleLatency measures how long one message accepted while the
+// dispatcher is idle takes to reach the MX: from the commit of the insert,
+// when the API would answer, and the wake-up the service sends after it, to
+// the server's reply to the end of the data. The connection is pooled after
+// the first message.
+func BenchmarkIdleLatency(b *testing.B) {
+	e := newDispatchEnv(b)
+	srv := testenv.StartSMTP(b)
+	e.mx("idle.test", srv)
+	cfg := e.config()
+	// Only wake-ups start a claim: the poll is out of the way.
+	cfg.PollInterval = time.Hour
+	d := e.start(b, cfg)
+	var lat []time.Duration
+	i := 0
+	for b.Loop() {
+		i++
+		e.insert(b, time.Time{}, fmt.Sprintf("u%d@idle.test", i))
+		start := time.Now()
+		d.Wake()
+		srv.WaitMessages(b, i, time.Minute)
+		lat = append(lat, time.Since(start))
+	}
+	slices.Sort(lat)
+	pct := func(p float64) float64 { return float64(lat[int(p*float64(len(lat)-1))].Microseconds()) / 1000 }
+	b.ReportMetric(pct(0.5), "p50-ms")
+	b.ReportMetric(pct(0.99), "p99-ms")
+}
