@@ -185,32 +185,106 @@ RETURNING r.id, r.message_id, r.address, r.domain, r.attempts, m.created_at,
 // p.Limit rows, then the other due rows of their groups (see
 // ClaimParams.Limit). Rows another claimer holds are skipped.
 func (d *DB) ClaimRecipients(ctx context.Context, p ClaimParams) ([]ClaimedRecipient, error) {
+	c, err := d.claim(ctx, p, false)
+	if err != nil {
+		return nil, err
+	}
+	return c.Recipients, nil
+}
+
+// Claim is what ClaimWithContents leased: the recipients, and the envelope
+// sender and bytes of each of their messages, once per message.
+type Claim struct {
+	Recipients []ClaimedRecipient
+	// Messages holds the claimed recipients' messages by id. A message
+	// deleted since its recipients were queued is missing.
+	Messages map[uuid.UUID]MessageContent
+}
+
+// claimAsyncCommitSQL lets a claim's commit return before its WAL reaches
+// the disk (synchronous_commit off, for this transaction only). A claim lost
+// in a crash of the database server leaves its rows due, as if it had not
+// run, and every outcome of the claim commits synchronously after it: the
+// log is flushed in order, so an outcome that survives a crash has its
+// claim with it. One disk flush fewer lies between accepting a message and
+// sending it.
+const claimAsyncCommitSQL = `SELECT set_config('synchronous_commit', 'off', true)`
+
+// loadLeasedContentsSQL reads the messages of the rows a claim leased. It
+// runs right after the claim, in its transaction, so it sees them.
+//
+// $1 owner.
+const loadLeasedContentsSQL = `
+SELECT id, envelope_from, raw FROM messages
+WHERE id IN (SELECT message_id FROM recipients WHERE lease_owner = $1 AND status = 'sending')`
+
+// ClaimWithContents is ClaimRecipients that also returns the messages to
+// send, read in the same round trip and transaction as the claim, each once
+// however many of its recipients were claimed.
+func (d *DB) ClaimWithContents(ctx context.Context, p ClaimParams) (Claim, error) {
+	return d.claim(ctx, p, true)
+}
+
+func (d *DB) claim(ctx context.Context, p ClaimParams, withContents bool) (Claim, error) {
 	switch {
 	case p.Owner == "":
-		return nil, errors.New("claim recipients: Owner is required")
+		return Claim{}, errors.New("claim recipients: Owner is required")
 	case p.Limit <= 0:
-		return nil, errors.New("claim recipients: Limit must be positive")
+		return Claim{}, errors.New("claim recipients: Limit must be positive")
 	case p.LeaseFor <= 0:
-		return nil, errors.New("claim recipients: LeaseFor must be positive")
+		return Claim{}, errors.New("claim recipients: LeaseFor must be positive")
 	}
 	b := &pgx.Batch{}
+	// Inside a caller's transaction the setting would cover the caller's
+	// changes too; there the claim commits as the caller does.
+	async := d.tx == nil
+	if async {
+		b.Queue(claimAsyncCommitSQL)
+	}
 	b.Queue(claimSQL, p.Owner, p.Limit, p.LeaseFor.Microseconds(), nowParam(p.Now))
-	var claimed []ClaimedRecipient
+	if withContents {
+		b.Queue(loadLeasedContentsSQL, p.Owner)
+	}
+	var c Claim
 	err := d.sendChange(ctx, b, messagesLeasedTo(p.Owner), func(br pgx.BatchResults) error {
+		if async {
+			if _, err := br.Exec(); err != nil {
+				return err
+			}
+		}
 		rows, _ := br.Query()
 		var err error
-		claimed, err = pgx.CollectRows(rows, func(row pgx.CollectableRow) (ClaimedRecipient, error) {
+		c.Recipients, err = pgx.CollectRows(rows, func(row pgx.CollectableRow) (ClaimedRecipient, error) {
 			var c ClaimedRecipient
 			err := row.Scan(&c.ID, &c.MessageID, &c.Address, &c.Domain, &c.Attempts,
 				&c.MessageCreatedAt, &c.DueSince, &c.AmbiguousAttempts, &c.LeaseOwner, &c.LeaseUntil)
 			return c, err
 		})
+		if err != nil || !withContents {
+			return err
+		}
+		c.Messages, err = collectContents(br.Query())
 		return err
 	})
 	if err != nil {
-		return nil, fmt.Errorf("claim recipients: %w", mapError(err))
+		return Claim{}, fmt.Errorf("claim recipients: %w", mapError(err))
 	}
-	return claimed, nil
+	return c, nil
+}
+
+// collectContents reads rows of (id, envelope_from, raw) by id.
+func collectContents(rows pgx.Rows, err error) (map[uuid.UUID]MessageContent, error) {
+	if err != nil {
+		return nil, err
+	}
+	out := make(map[uuid.UUID]MessageContent)
+	var c MessageContent
+	_, err = pgx.ForEachRow(rows, []any{&c.ID, &c.EnvelopeFrom, &c.Raw}, func() error {
+		out[c.ID] = c
+		c = MessageContent{}
+		return nil
+	})
+	return out, err
 }
 
 // rescueSQL gives expired leases back. Rows locked right now are skipped:
@@ -281,17 +355,10 @@ SELECT id, envelope_from, raw FROM messages WHERE id = ANY($1::uuid[])`
 // LoadMessageContents returns the envelope sender and raw bytes of the
 // messages with the given ids. Ids that do not exist are left out of the map.
 func (d *DB) LoadMessageContents(ctx context.Context, ids []uuid.UUID) (map[uuid.UUID]MessageContent, error) {
-	out := make(map[uuid.UUID]MessageContent, len(ids))
 	if len(ids) == 0 {
-		return out, nil
+		return map[uuid.UUID]MessageContent{}, nil
 	}
-	rows, _ := d.pool.Query(ctx, loadMessageContentsSQL, ids)
-	var c MessageContent
-	_, err := pgx.ForEachRow(rows, []any{&c.ID, &c.EnvelopeFrom, &c.Raw}, func() error {
-		out[c.ID] = c
-		c = MessageContent{}
-		return nil
-	})
+	out, err := collectContents(d.pool.Query(ctx, loadMessageContentsSQL, ids))
 	if err != nil {
 		return nil, fmt.Errorf("load message contents: %w", mapError(err))
 	}

@@ -795,3 +795,45 @@ func TestConcurrentWorkersAndCancels(t *testing.T) {
 		}
 	}
 }
+
+func TestClaimWithContentsReturnsEachMessageOnce(t *testing.T) {
+	t.Parallel()
+	b := setup(t)
+	ctx := context.Background()
+	three := newMessageTo(t, "a.example.test", "a.example.test", "b.example.test")
+	three.Raw = []byte("Subject: first\r\n\r\none\r\n")
+	insert(t, b.db, three)
+	one := newMessage(t, 1)
+	one.EnvelopeFrom = "other@example.test"
+	insert(t, b.db, one)
+	later := newMessage(t, 1)
+	later.SendAt = usec(time.Now().Add(time.Hour))
+	insert(t, b.db, later)
+
+	c, err := b.db.ClaimWithContents(ctx, db.ClaimParams{Owner: "first", Limit: 10, LeaseFor: time.Minute})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(c.Recipients) != 4 {
+		t.Fatalf("claimed %d rows, want the 4 due", len(c.Recipients))
+	}
+	if len(c.Messages) != 2 {
+		t.Fatalf("contents of %d messages, want 2: %v", len(c.Messages), c.Messages)
+	}
+	for _, m := range []db.NewMessage{three, one} {
+		got, ok := c.Messages[m.ID]
+		if !ok || got.ID != m.ID || got.EnvelopeFrom != m.EnvelopeFrom || string(got.Raw) != string(m.Raw) {
+			t.Fatalf("contents of %s: %+v", m.ID, got)
+		}
+	}
+
+	// The rows leased to the first claim are not this one's, nor are
+	// their messages.
+	c, err = b.db.ClaimWithContents(ctx, db.ClaimParams{Owner: "second", Limit: 10, LeaseFor: time.Minute})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(c.Recipients) != 0 || len(c.Messages) != 0 {
+		t.Fatalf("second claim: %d rows, %d messages", len(c.Recipients), len(c.Messages))
+	}
+}

@@ -37,6 +37,8 @@ type Dispatcher struct {
 	retry  retryPolicy
 	limits *limiter
 	leases *leaseSet
+	// rec commits the outcomes of concurrent transactions together.
+	rec *recorder
 
 	// unwritten holds outcomes that could not be written before their
 	// lease may have run out (see recordOutcomes); flushMu serializes the
@@ -73,6 +75,7 @@ type Dispatcher struct {
 	loops          sync.WaitGroup // claim loop, listener, rescuer
 	jobs           sync.WaitGroup
 	beat           sync.WaitGroup // heartbeat: runs until the jobs are done
+	recording      sync.WaitGroup // the recorder: runs until the jobs are done
 }
 
 // NewDispatcher checks cfg (after WithDefaults) and returns a dispatcher
@@ -122,6 +125,7 @@ func NewDispatcher(cfg Config, store *db.DB) (*Dispatcher, error) {
 		dbCtx:    dbCtx,
 		cancelDB: cancelDB,
 	}
+	d.rec = newRecorder(dbCtx, store.RecordOutcomes)
 	return d, nil
 }
 
@@ -150,6 +154,7 @@ func (d *Dispatcher) Start(ctx context.Context) {
 	beatCtx, cancelBeat := context.WithCancel(d.dbCtx)
 	d.cancelBeat = cancelBeat
 	d.beat.Go(func() { d.heartbeat(beatCtx) })
+	d.recording.Go(d.rec.run)
 	d.loops.Go(func() { d.claimLoop(claimCtx, sessionCtx) })
 	d.loops.Go(func() { d.listen(claimCtx) })
 	d.loops.Go(func() { d.rescue(claimCtx) })
@@ -210,6 +215,9 @@ func (d *Dispatcher) Stop() {
 		if err := d.flushPending(d.dbCtx); err != nil {
 			d.dropPending(err)
 		}
+		// Every job has had its outcomes answered by now.
+		d.rec.close()
+		d.recording.Wait()
 		d.cancelBeat()
 		d.beat.Wait()
 		d.pool.close(deadline)
@@ -304,32 +312,21 @@ func (d *Dispatcher) claim(sessionCtx context.Context) (int, error) {
 	// The lease is measured on the local clock from before the query, so
 	// it ends no later than the database's, whatever the clocks say.
 	leaseEnd := time.Now().Add(d.cfg.LeaseDuration)
-	claimed, err := d.store.ClaimRecipients(qctx, db.ClaimParams{
+	// The messages' bytes come back with the claim, in the same round
+	// trip: each message once, however many of its recipients were taken.
+	c, err := d.store.ClaimWithContents(qctx, db.ClaimParams{
 		Owner: owner, Limit: d.cfg.BatchSize, LeaseFor: d.cfg.LeaseDuration,
 	})
 	d.claims.Add(1)
 	if err != nil {
 		return 0, err
 	}
+	claimed := c.Recipients
 	if len(claimed) == 0 {
 		return 0, nil
 	}
-	ids := make([]uuid.UUID, 0, len(claimed))
-	seen := make(map[uuid.UUID]bool)
-	for _, r := range claimed {
-		if !seen[r.MessageID] {
-			seen[r.MessageID] = true
-			ids = append(ids, r.MessageID)
-		}
-	}
-	contents, err := d.store.LoadMessageContents(qctx, ids)
-	if err != nil {
-		all := &job{owner: owner, rcpts: claimed}
-		d.releaseLeases(all)
-		return 0, err
-	}
 
-	jobs, missing := groupJobs(claimed, contents, owner, d.cfg.MaxRecipientsPerTransaction)
+	jobs, missing := groupJobs(claimed, c.Messages, owner, d.cfg.MaxRecipientsPerTransaction)
 	if len(missing) > 0 {
 		d.failMissing(owner, missing)
 	}
@@ -603,20 +600,18 @@ func (d *Dispatcher) recordOutcomes(j *job, lease *leaseWatch, outs []db.Outcome
 	}
 }
 
-// tryRecord makes one try at writing outs. A try that outlasts the lease is
-// given up, so the outcome can be kept for later; one that starts past it
-// (an attempt cut off by the lease) still gets a short try of its own.
+// tryRecord makes one try at writing outs, in the recorder's next group
+// commit. A try that outlasts the lease is given up (the commit it is part
+// of is cancelled), so the outcome can be kept for later; one that starts
+// past it (an attempt cut off by the lease) still gets a short try of its
+// own.
 func (d *Dispatcher) tryRecord(lease *leaseWatch, outs []db.Outcome) ([]uuid.UUID, error) {
 	if lease.ctx.Err() != nil {
 		ctx, cancel := context.WithTimeout(d.dbCtx, maxRecordWait)
 		defer cancel()
-		return d.store.RecordOutcomes(ctx, outs)
+		return d.rec.record(ctx, outs)
 	}
-	ctx, cancel := context.WithTimeout(d.dbCtx, dbTimeout)
-	defer cancel()
-	stop := context.AfterFunc(lease.ctx, cancel)
-	defer stop()
-	return d.store.RecordOutcomes(ctx, outs)
+	return d.rec.record(lease.ctx, outs)
 }
 
 // releaseLeases gives back a job's leases without an attempt.

@@ -37,9 +37,10 @@
 //     Config.MaxAmbiguousRetries times when that is set.
 //
 // Nothing can close that window without the receiver's help, so it is kept
-// short instead. The outcome is written right after the reply, in its own
-// small transaction (never one held open across SMTP), and the write is
-// retried about every second; an outcome that cannot be written before the
+// short instead. The outcome is written right after the reply (never in a
+// transaction held open across SMTP), committed together with the outcomes
+// of the other sessions that ended meanwhile, which adds at most the commit
+// in flight to the window, and the write is retried about every second; an outcome that cannot be written before the
 // lease may run out is kept in memory and written when the database is
 // back, before this dispatcher rescues anything. Leases are short
 // (LeaseDuration) and renewed by a heartbeat while the dispatcher holds

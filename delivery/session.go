@@ -34,7 +34,15 @@ type smtpConn struct {
 	tlsVersion string // "TLS 1.3"; "" without TLS
 	uses       int    // transactions started on this connection
 	broken     bool   // unusable for another transaction
-	cfg        *SMTPConfig
+	// reused marks a connection taken from the pool: when the server
+	// pipelines, its RSET goes out with the next transaction's commands.
+	reused bool
+	cfg    *SMTPConfig
+
+	// The reader and writer of pipelined transactions, on pipeOn.
+	pipeOn net.Conn
+	pipeR  *textproto.Reader
+	pipeW  *bufio.Writer
 
 	idle *time.Timer // set while the connection waits in the pool
 }
@@ -234,11 +242,38 @@ type rcptResult struct {
 	Reply reply      // the reply to the end of DATA, when Err is nil
 }
 
+// errStale reports that a pooled connection did not take its pipelined
+// RSET: the server dropped it while it was idle. Nothing of the
+// transaction reached the server's queue, and the caller tries another
+// connection.
+var errStale = errors.New("pooled connection did not answer RSET")
+
+// pipelining reports whether the server takes commands in groups (RFC 2920).
+func (sc *smtpConn) pipelining() bool {
+	ok, _ := sc.client.Extension("PIPELINING")
+	return ok
+}
+
 // transaction runs MAIL, RCPT for each recipient, DATA. A 5yz reply to RCPT
 // fails only that recipient; a reply to DATA applies to every recipient the
 // server accepted (RFC 5321 section 3.3). Errors that are not replies leave
 // the connection broken and every undecided recipient with that error.
-func (sc *smtpConn) transaction(ctx context.Context, from string, rcpts []string, data []byte) []rcptResult {
+//
+// With a server that offers PIPELINING the commands up to DATA go out in one
+// write (see pipelinedTransaction); otherwise each waits for its reply. A
+// pipelined transaction on a reused connection that finds it dropped
+// returns errStale and no results.
+func (sc *smtpConn) transaction(ctx context.Context, from string, rcpts []string, data []byte) ([]rcptResult, error) {
+	if sc.pipelining() {
+		return sc.pipelinedTransaction(ctx, from, rcpts, data)
+	}
+	return sc.lockstepTransaction(ctx, from, rcpts, data), nil
+}
+
+// lockstepTransaction is a transaction with a server that does not pipeline:
+// every command waits for the reply to the one before (RFC 5321 section
+// 4.1). The connection was reset already if it was reused.
+func (sc *smtpConn) lockstepTransaction(ctx context.Context, from string, rcpts []string, data []byte) []rcptResult {
 	sc.uses++
 	stop := context.AfterFunc(ctx, func() { sc.raw.Close() })
 	defer func() {
@@ -390,8 +425,18 @@ func (sc *smtpConn) prepare(data []byte) ([]byte, bool, *SMTPError) {
 // Mail would have cleared, grows until the connection closes, bounded by
 // SMTPConfig.MaxReuse transactions.
 func (sc *smtpConn) mail(from string, size int, body8 bool) error {
+	line, err := sc.mailLine(from, size, body8)
+	if err != nil {
+		return err
+	}
+	_, err = sc.command(line, 250, sc.cfg.CommandTimeout)
+	return err
+}
+
+// mailLine is the MAIL FROM command for mail, without its line end.
+func (sc *smtpConn) mailLine(from string, size int, body8 bool) (string, error) {
 	if strings.ContainsAny(from, "\r\n") {
-		return fmt.Errorf("envelope sender %q holds a line break", from)
+		return "", fmt.Errorf("envelope sender %q holds a line break", from)
 	}
 	var b strings.Builder
 	b.WriteString("MAIL FROM:<")
@@ -403,8 +448,7 @@ func (sc *smtpConn) mail(from string, size int, body8 bool) error {
 	if ok, _ := sc.client.Extension("SIZE"); ok {
 		fmt.Fprintf(&b, " SIZE=%d", size)
 	}
-	_, err := sc.command(b.String(), 250, sc.cfg.CommandTimeout)
-	return err
+	return b.String(), nil
 }
 
 // acceptance returns the reply to the end of DATA when the server took the

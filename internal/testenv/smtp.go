@@ -66,6 +66,7 @@ type ReceivedMessage struct {
 type SMTPOption func(*smtpOptions)
 
 type smtpOptions struct {
+	mailReply func(from string) *smtp.SMTPError
 	rcptReply func(to string) *smtp.SMTPError
 	dataReply func(from string, to []string, data []byte) *smtp.SMTPError
 	tls       bool
@@ -75,8 +76,19 @@ type smtpOptions struct {
 	stall     bool
 	maxBytes  int64
 	no8bit    bool
+	noPipe    bool
 	dropData  bool
 }
+
+// WithMailReply answers MAIL FROM with f(from); a nil result accepts.
+func WithMailReply(f func(from string) *smtp.SMTPError) SMTPOption {
+	return func(o *smtpOptions) { o.mailReply = f }
+}
+
+// WithoutPipelining leaves PIPELINING (RFC 2920) out of the EHLO reply, as
+// an old server would, so that clients wait for each reply. It works on
+// plain-text sessions only.
+func WithoutPipelining() SMTPOption { return func(o *smtpOptions) { o.noPipe = true } }
 
 // WithRcptReply answers RCPT TO with f(to); a nil result accepts.
 func WithRcptReply(f func(to string) *smtp.SMTPError) SMTPOption {
@@ -170,7 +182,8 @@ func StartSMTP(t testing.TB, opts ...SMTPOption) *SMTPServer {
 	if err != nil {
 		t.Fatalf("testenv: SMTP listen: %v", err)
 	}
-	s.ln = &trackingListener{Listener: ln, greeting: s.opts.greeting, no8bit: s.opts.no8bit, conns: make(map[net.Conn]struct{})}
+	s.ln = &trackingListener{Listener: ln, greeting: s.opts.greeting, no8bit: s.opts.no8bit, noPipe: s.opts.noPipe,
+		conns: make(map[net.Conn]struct{})}
 	if s.opts.stall {
 		// A small receive buffer makes a client's body writes block after a
 		// few megabytes at most, whatever the system's buffer sizes.
@@ -276,6 +289,7 @@ type trackingListener struct {
 	greeting   *smtp.SMTPError
 	readBuffer int
 	no8bit     bool
+	noPipe     bool
 
 	mu       sync.Mutex
 	accepted int
@@ -303,8 +317,8 @@ func (l *trackingListener) Accept() (net.Conn, error) {
 		l.conns[c] = struct{}{}
 		l.mu.Unlock()
 		if l.greeting == nil {
-			if l.no8bit {
-				return no8bitConn{c}, nil
+			if l.no8bit || l.noPipe {
+				return cutCapsConn{Conn: c, no8bit: l.no8bit, noPipe: l.noPipe}, nil
 			}
 			return c, nil
 		}
@@ -313,12 +327,23 @@ func (l *trackingListener) Accept() (net.Conn, error) {
 	}
 }
 
-// no8bitConn cuts the 8BITMIME line out of EHLO replies. go-smtp writes a
-// whole reply in one Write, so the line is never split between two.
-type no8bitConn struct{ net.Conn }
+// cutCapsConn cuts the 8BITMIME or PIPELINING lines out of EHLO replies.
+// go-smtp writes a whole reply in one Write, so a line is never split
+// between two, and neither is ever the last line of the reply.
+type cutCapsConn struct {
+	net.Conn
+	no8bit, noPipe bool
+}
 
-func (c no8bitConn) Write(p []byte) (int, error) {
-	if _, err := c.Conn.Write(bytes.ReplaceAll(p, []byte("250-8BITMIME\r\n"), nil)); err != nil {
+func (c cutCapsConn) Write(p []byte) (int, error) {
+	out := p
+	if c.no8bit {
+		out = bytes.ReplaceAll(out, []byte("250-8BITMIME\r\n"), nil)
+	}
+	if c.noPipe {
+		out = bytes.ReplaceAll(out, []byte("250-PIPELINING\r\n"), nil)
+	}
+	if _, err := c.Conn.Write(out); err != nil {
 		return 0, err
 	}
 	return len(p), nil
@@ -380,6 +405,11 @@ func (ss *smtpSession) Reset() {
 func (ss *smtpSession) Logout() error { return nil }
 
 func (ss *smtpSession) Mail(from string, opts *smtp.MailOptions) error {
+	if f := ss.s.opts.mailReply; f != nil {
+		if reply := f(from); reply != nil {
+			return reply
+		}
+	}
 	ss.from = from
 	ss.size, ss.body = 0, ""
 	if opts != nil {
