@@ -23,14 +23,14 @@ import (
 
 // Defaults for Config.
 const (
-	DefaultConcurrency          = 10
-	DefaultPollInterval         = time.Second
-	DefaultFanOutBatch          = 500
-	DefaultLeaseDuration        = time.Minute
-	DefaultTimeout              = 10 * time.Second
-	DefaultMaxResponseBytes     = 64 << 10
-	DefaultDisableAfter         = 5 * 24 * time.Hour
-	DefaultUserAgent            = "Posthaste-Webhooks/1.0"
+	DefaultConcurrency      = 10
+	DefaultPollInterval     = time.Second
+	DefaultFanOutBatch      = 500
+	DefaultLeaseDuration    = time.Minute
+	DefaultTimeout          = 10 * time.Second
+	DefaultMaxResponseBytes = 64 << 10
+	DefaultDisableAfter     = 5 * 24 * time.Hour
+	DefaultUserAgent        = "Posthaste-Webhooks/1.0"
 )
 
 const (
