@@ -18,6 +18,7 @@ import (
 	"fmt"
 	"net"
 	"net/netip"
+	"strings"
 	"syscall"
 	"time"
 )
@@ -210,6 +211,17 @@ type Resolver interface {
 func (g *Guard) CheckHost(ctx context.Context, r Resolver, host string) error {
 	if a, err := netip.ParseAddr(host); err == nil {
 		return g.CheckAddr(a)
+	}
+	// RFC 6761 section 6.3: localhost names are loopback whatever a
+	// resolver says, and resolvers may not be asked about them at all.
+	if h := strings.ToLower(strings.TrimSuffix(host, ".")); h == "localhost" || strings.HasSuffix(h, ".localhost") {
+		if err := g.CheckAddr(netip.MustParseAddr("127.0.0.1")); err != nil {
+			var re *RefusedError
+			if errors.As(err, &re) {
+				re.Host = host
+			}
+			return err
+		}
 	}
 	if r == nil {
 		r = net.DefaultResolver

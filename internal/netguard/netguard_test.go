@@ -110,6 +110,12 @@ func TestCheckHost(t *testing.T) {
 	if err := g.CheckHost(t.Context(), fakeResolver{}, "nowhere.invalid"); err != nil {
 		t.Errorf("a name that does not resolve is left to the dial-time check, got %v", err)
 	}
+	// localhost names are loopback whatever the resolver says (RFC 6761).
+	for _, h := range []string{"localhost", "LOCALHOST.", "app.localhost"} {
+		if err := g.CheckHost(t.Context(), fakeResolver{public}, h); !errors.Is(err, netguard.ErrRefused) {
+			t.Errorf("%s: %v, want refused", h, err)
+		}
+	}
 	if err := g.CheckHost(t.Context(), fakeResolver{public}, "127.0.0.1"); !errors.Is(err, netguard.ErrRefused) {
 		t.Errorf("literal loopback: %v", err)
 	}
