@@ -200,6 +200,7 @@ var configFlags = map[string]string{
 	"Webhook.Concurrency":            "webhook-concurrency",
 	"Webhook.RetrySchedule":          "webhook-retry-schedule",
 	"Webhook.Timeout":                "webhook-timeout",
+	"Webhook.DisableAfter":           "webhook-disable-after",
 	"Webhook.DisableAfterFailures":   "webhook-disable-after-failures",
 	"Webhook.PollInterval":           "webhook-poll-interval",
 }
