@@ -7,6 +7,7 @@ import (
 	"log/slog"
 	"os"
 	"strings"
+	"time"
 )
 
 // envName is the environment variable that sets a flag: --http-addr is
@@ -124,4 +125,36 @@ func newLogger(w io.Writer, level, format string) (*slog.Logger, error) {
 	default:
 		return nil, fmt.Errorf("%s: want text or json, got %q", flagRef("log-format"), format)
 	}
+}
+
+// durationListFlag is a comma-separated list of durations, such as a retry
+// schedule.
+type durationListFlag []time.Duration
+
+func (l *durationListFlag) String() string {
+	parts := make([]string, len(*l))
+	for i, d := range *l {
+		parts[i] = d.String()
+	}
+	return strings.Join(parts, ",")
+}
+
+func (l *durationListFlag) Set(v string) error {
+	var out durationListFlag
+	for _, part := range strings.Split(v, ",") {
+		part = strings.TrimSpace(part)
+		if part == "" {
+			continue
+		}
+		d, err := time.ParseDuration(part)
+		if err != nil {
+			return fmt.Errorf("%q: %w", part, err)
+		}
+		if d < 0 {
+			return fmt.Errorf("%q: must not be negative", part)
+		}
+		out = append(out, d)
+	}
+	*l = out
+	return nil
 }

@@ -1,6 +1,6 @@
 // Package app assembles one Posthaste process: database (configured or
 // embedded), migrations, the gRPC API with its REST gateway, the delivery
-// dispatcher and, in sandbox mode, the in-process SMTP server that stands in
+// dispatcher, the webhook fan-out and sender and, in sandbox mode, the in-process SMTP server that stands in
 // for every MX.
 package app
 
@@ -23,6 +23,8 @@ import (
 	"github.com/posthaste/posthaste/db"
 	"github.com/posthaste/posthaste/delivery"
 	"github.com/posthaste/posthaste/delivery/sandbox"
+	"github.com/posthaste/posthaste/delivery/webhook"
+	"github.com/posthaste/posthaste/internal/netguard"
 	"github.com/posthaste/posthaste/service"
 	"github.com/posthaste/posthaste/service/gateway"
 )
@@ -50,6 +52,15 @@ type Config struct {
 	// Delivery configures the dispatcher. Defaults to delivery.Config's
 	// defaults.
 	Delivery delivery.Config
+	// Webhook configures the webhook fan-out and sender. Defaults to
+	// webhook.Config's defaults.
+	Webhook webhook.Config
+	// WebhookAllowPrivate lets webhook URLs point at loopback, private and
+	// link-local addresses (never the cloud metadata service), for local
+	// development and tests; it sets the guard of both the API's URL check
+	// and the sender unless Service.WebhookGuard or Webhook.Guard is set.
+	// Defaults to false.
+	WebhookAllowPrivate bool
 	// SandboxServer configures the sandbox SMTP server. Defaults to
 	// sandbox.Config's defaults.
 	SandboxServer sandbox.Config
@@ -243,6 +254,9 @@ func (cfg Config) validate() error {
 	if err := cfg.deliveryConfig().Validate(); err != nil {
 		return fieldError("Delivery", err)
 	}
+	if err := cfg.Webhook.Validate(); err != nil {
+		return fieldError("Webhook", err)
+	}
 	return nil
 }
 
@@ -295,6 +309,8 @@ type App struct {
 	api        *service.Server
 	sandbox    *sandbox.Server
 	dispatcher *delivery.Dispatcher
+	fanOut     *webhook.FanOut
+	sender     *webhook.Sender
 	grpcServer *grpc.Server
 	grpcLis    net.Listener
 	gatewayLis net.Listener
@@ -350,6 +366,12 @@ func (a *App) Start(ctx context.Context) (err error) {
 		return err
 	}
 
+	// One guard for the URL check at the API and the connections of the
+	// sender, so what the API accepts is what the sender may reach.
+	guard := netguard.New()
+	if a.cfg.WebhookAllowPrivate {
+		guard = netguard.AllowAll()
+	}
 	svcCfg := a.cfg.Service
 	if svcCfg.Logger == nil {
 		svcCfg.Logger = a.log.With("component", "api")
@@ -357,6 +379,9 @@ func (a *App) Start(ctx context.Context) (err error) {
 	a.events, err = service.NewEventHub(a.store, service.EventHubConfig{Logger: a.log.With("component", "events")})
 	if err != nil {
 		return err // "event hub config: ..."
+	}
+	if svcCfg.WebhookGuard == nil {
+		svcCfg.WebhookGuard = guard
 	}
 	// Built before anything else is started so that a bad configuration
 	// stops the process before it prints or stores anything.
@@ -397,6 +422,24 @@ func (a *App) Start(ctx context.Context) (err error) {
 		return err // "delivery config: ..."
 	}
 	a.dispatcher.Start(runCtx)
+
+	whCfg := a.cfg.Webhook
+	if whCfg.Logger == nil {
+		whCfg.Logger = a.log.With("component", "webhook")
+	}
+	if whCfg.Guard == nil {
+		whCfg.Guard = guard
+	}
+	a.sender, err = webhook.NewSender(whCfg, a.store)
+	if err != nil {
+		return err // "webhook config: ..."
+	}
+	a.fanOut, err = webhook.NewFanOut(whCfg, a.store, a.sender.Wake)
+	if err != nil {
+		return err
+	}
+	a.sender.Start(runCtx)
+	a.fanOut.Start(runCtx)
 
 	a.notifier = db.NewOutboxNotifier(a.store, 0, a.log.With("component", "notify"))
 	a.notifier.Start(runCtx)
@@ -547,6 +590,15 @@ func (a *App) stop(ctx context.Context) error {
 	}
 	if a.notifier != nil {
 		a.notifier.Stop()
+	}
+	// The fan-out first: a batch it was writing is rolled back and read
+	// again by the next start. The sender then finishes its requests in
+	// flight (each bounded by its timeout) and writes their outcomes.
+	if a.fanOut != nil {
+		a.fanOut.Stop()
+	}
+	if a.sender != nil {
+		a.sender.Stop()
 	}
 	if a.cancel != nil {
 		a.cancel()

@@ -11,6 +11,7 @@ import (
 	protoreflect "google.golang.org/protobuf/reflect/protoreflect"
 	protoimpl "google.golang.org/protobuf/runtime/protoimpl"
 	durationpb "google.golang.org/protobuf/types/known/durationpb"
+	fieldmaskpb "google.golang.org/protobuf/types/known/fieldmaskpb"
 	timestamppb "google.golang.org/protobuf/types/known/timestamppb"
 	reflect "reflect"
 	sync "sync"
@@ -2540,11 +2541,977 @@ func (x *FieldViolation) GetDescription() string {
 	return ""
 }
 
+// Webhook is an endpoint that receives the project's events. Its secret is
+// only ever in CreateWebhookResponse and RotateWebhookSecretResponse.
+type Webhook struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The endpoint's id.
+	Id string `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
+	// Where events are posted.
+	Url string `protobuf:"bytes,2,opt,name=url,proto3" json:"url,omitempty"`
+	// The event types sent: accepted, scheduled, deferred, delivered,
+	// bounced, failed, canceled, endpoint.disabled. Empty sends all.
+	EventTypes []string `protobuf:"bytes,3,rep,name=event_types,json=eventTypes,proto3" json:"event_types,omitempty"`
+	// Disabled endpoints get no new events, and their pending deliveries
+	// wait until they are enabled again.
+	Enabled bool `protobuf:"varint,4,opt,name=enabled,proto3" json:"enabled,omitempty"`
+	// A label for people.
+	Description string                 `protobuf:"bytes,5,opt,name=description,proto3" json:"description,omitempty"`
+	CreatedAt   *timestamppb.Timestamp `protobuf:"bytes,6,opt,name=created_at,json=createdAt,proto3" json:"created_at,omitempty"`
+	UpdatedAt   *timestamppb.Timestamp `protobuf:"bytes,7,opt,name=updated_at,json=updatedAt,proto3" json:"updated_at,omitempty"`
+	// When the endpoint was disabled for failing too long, and why; unset
+	// after it is enabled again.
+	DisabledAt     *timestamppb.Timestamp `protobuf:"bytes,8,opt,name=disabled_at,json=disabledAt,proto3" json:"disabled_at,omitempty"`
+	DisabledReason string                 `protobuf:"bytes,9,opt,name=disabled_reason,json=disabledReason,proto3" json:"disabled_reason,omitempty"`
+	// Failed attempts since the last success.
+	ConsecutiveFailures int32 `protobuf:"varint,10,opt,name=consecutive_failures,json=consecutiveFailures,proto3" json:"consecutive_failures,omitempty"`
+	// Until when the previous secret signs too, after a rotation.
+	PreviousSecretExpiresAt *timestamppb.Timestamp `protobuf:"bytes,11,opt,name=previous_secret_expires_at,json=previousSecretExpiresAt,proto3" json:"previous_secret_expires_at,omitempty"`
+	unknownFields           protoimpl.UnknownFields
+	sizeCache               protoimpl.SizeCache
+}
+
+func (x *Webhook) Reset() {
+	*x = Webhook{}
+	mi := &file_posthaste_v1_mail_proto_msgTypes[32]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *Webhook) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*Webhook) ProtoMessage() {}
+
+func (x *Webhook) ProtoReflect() protoreflect.Message {
+	mi := &file_posthaste_v1_mail_proto_msgTypes[32]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use Webhook.ProtoReflect.Descriptor instead.
+func (*Webhook) Descriptor() ([]byte, []int) {
+	return file_posthaste_v1_mail_proto_rawDescGZIP(), []int{32}
+}
+
+func (x *Webhook) GetId() string {
+	if x != nil {
+		return x.Id
+	}
+	return ""
+}
+
+func (x *Webhook) GetUrl() string {
+	if x != nil {
+		return x.Url
+	}
+	return ""
+}
+
+func (x *Webhook) GetEventTypes() []string {
+	if x != nil {
+		return x.EventTypes
+	}
+	return nil
+}
+
+func (x *Webhook) GetEnabled() bool {
+	if x != nil {
+		return x.Enabled
+	}
+	return false
+}
+
+func (x *Webhook) GetDescription() string {
+	if x != nil {
+		return x.Description
+	}
+	return ""
+}
+
+func (x *Webhook) GetCreatedAt() *timestamppb.Timestamp {
+	if x != nil {
+		return x.CreatedAt
+	}
+	return nil
+}
+
+func (x *Webhook) GetUpdatedAt() *timestamppb.Timestamp {
+	if x != nil {
+		return x.UpdatedAt
+	}
+	return nil
+}
+
+func (x *Webhook) GetDisabledAt() *timestamppb.Timestamp {
+	if x != nil {
+		return x.DisabledAt
+	}
+	return nil
+}
+
+func (x *Webhook) GetDisabledReason() string {
+	if x != nil {
+		return x.DisabledReason
+	}
+	return ""
+}
+
+func (x *Webhook) GetConsecutiveFailures() int32 {
+	if x != nil {
+		return x.ConsecutiveFailures
+	}
+	return 0
+}
+
+func (x *Webhook) GetPreviousSecretExpiresAt() *timestamppb.Timestamp {
+	if x != nil {
+		return x.PreviousSecretExpiresAt
+	}
+	return nil
+}
+
+// CreateWebhookRequest describes an endpoint to add.
+type CreateWebhookRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// http or https URL of the endpoint. Required.
+	Url string `protobuf:"bytes,1,opt,name=url,proto3" json:"url,omitempty"`
+	// The event types to send; empty sends all.
+	EventTypes []string `protobuf:"bytes,2,rep,name=event_types,json=eventTypes,proto3" json:"event_types,omitempty"`
+	// Whether the endpoint receives events; defaults to true.
+	Enabled *bool `protobuf:"varint,3,opt,name=enabled,proto3,oneof" json:"enabled,omitempty"`
+	// A label for people, at most 500 characters.
+	Description   string `protobuf:"bytes,4,opt,name=description,proto3" json:"description,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *CreateWebhookRequest) Reset() {
+	*x = CreateWebhookRequest{}
+	mi := &file_posthaste_v1_mail_proto_msgTypes[33]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *CreateWebhookRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*CreateWebhookRequest) ProtoMessage() {}
+
+func (x *CreateWebhookRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_posthaste_v1_mail_proto_msgTypes[33]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use CreateWebhookRequest.ProtoReflect.Descriptor instead.
+func (*CreateWebhookRequest) Descriptor() ([]byte, []int) {
+	return file_posthaste_v1_mail_proto_rawDescGZIP(), []int{33}
+}
+
+func (x *CreateWebhookRequest) GetUrl() string {
+	if x != nil {
+		return x.Url
+	}
+	return ""
+}
+
+func (x *CreateWebhookRequest) GetEventTypes() []string {
+	if x != nil {
+		return x.EventTypes
+	}
+	return nil
+}
+
+func (x *CreateWebhookRequest) GetEnabled() bool {
+	if x != nil && x.Enabled != nil {
+		return *x.Enabled
+	}
+	return false
+}
+
+func (x *CreateWebhookRequest) GetDescription() string {
+	if x != nil {
+		return x.Description
+	}
+	return ""
+}
+
+// CreateWebhookResponse carries the new endpoint and its secret.
+type CreateWebhookResponse struct {
+	state   protoimpl.MessageState `protogen:"open.v1"`
+	Webhook *Webhook               `protobuf:"bytes,1,opt,name=webhook,proto3" json:"webhook,omitempty"`
+	// The signing secret ("whsec_..."), shown this once.
+	Secret        string `protobuf:"bytes,2,opt,name=secret,proto3" json:"secret,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *CreateWebhookResponse) Reset() {
+	*x = CreateWebhookResponse{}
+	mi := &file_posthaste_v1_mail_proto_msgTypes[34]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *CreateWebhookResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*CreateWebhookResponse) ProtoMessage() {}
+
+func (x *CreateWebhookResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_posthaste_v1_mail_proto_msgTypes[34]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use CreateWebhookResponse.ProtoReflect.Descriptor instead.
+func (*CreateWebhookResponse) Descriptor() ([]byte, []int) {
+	return file_posthaste_v1_mail_proto_rawDescGZIP(), []int{34}
+}
+
+func (x *CreateWebhookResponse) GetWebhook() *Webhook {
+	if x != nil {
+		return x.Webhook
+	}
+	return nil
+}
+
+func (x *CreateWebhookResponse) GetSecret() string {
+	if x != nil {
+		return x.Secret
+	}
+	return ""
+}
+
+// ListWebhooksRequest lists the endpoints of the caller's project.
+type ListWebhooksRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ListWebhooksRequest) Reset() {
+	*x = ListWebhooksRequest{}
+	mi := &file_posthaste_v1_mail_proto_msgTypes[35]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ListWebhooksRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ListWebhooksRequest) ProtoMessage() {}
+
+func (x *ListWebhooksRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_posthaste_v1_mail_proto_msgTypes[35]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ListWebhooksRequest.ProtoReflect.Descriptor instead.
+func (*ListWebhooksRequest) Descriptor() ([]byte, []int) {
+	return file_posthaste_v1_mail_proto_rawDescGZIP(), []int{35}
+}
+
+// ListWebhooksResponse is every endpoint of the caller's project.
+type ListWebhooksResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Webhooks      []*Webhook             `protobuf:"bytes,1,rep,name=webhooks,proto3" json:"webhooks,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ListWebhooksResponse) Reset() {
+	*x = ListWebhooksResponse{}
+	mi := &file_posthaste_v1_mail_proto_msgTypes[36]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ListWebhooksResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ListWebhooksResponse) ProtoMessage() {}
+
+func (x *ListWebhooksResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_posthaste_v1_mail_proto_msgTypes[36]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ListWebhooksResponse.ProtoReflect.Descriptor instead.
+func (*ListWebhooksResponse) Descriptor() ([]byte, []int) {
+	return file_posthaste_v1_mail_proto_rawDescGZIP(), []int{36}
+}
+
+func (x *ListWebhooksResponse) GetWebhooks() []*Webhook {
+	if x != nil {
+		return x.Webhooks
+	}
+	return nil
+}
+
+// GetWebhookRequest names one endpoint.
+type GetWebhookRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Id            string                 `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *GetWebhookRequest) Reset() {
+	*x = GetWebhookRequest{}
+	mi := &file_posthaste_v1_mail_proto_msgTypes[37]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *GetWebhookRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*GetWebhookRequest) ProtoMessage() {}
+
+func (x *GetWebhookRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_posthaste_v1_mail_proto_msgTypes[37]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use GetWebhookRequest.ProtoReflect.Descriptor instead.
+func (*GetWebhookRequest) Descriptor() ([]byte, []int) {
+	return file_posthaste_v1_mail_proto_rawDescGZIP(), []int{37}
+}
+
+func (x *GetWebhookRequest) GetId() string {
+	if x != nil {
+		return x.Id
+	}
+	return ""
+}
+
+// UpdateWebhookRequest changes an endpoint.
+type UpdateWebhookRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The endpoint to change.
+	Id string `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
+	// The new values of the fields in update_mask; other fields are ignored.
+	Webhook *Webhook `protobuf:"bytes,2,opt,name=webhook,proto3" json:"webhook,omitempty"`
+	// url, event_types, enabled, description. Empty changes all four.
+	UpdateMask    *fieldmaskpb.FieldMask `protobuf:"bytes,3,opt,name=update_mask,json=updateMask,proto3" json:"update_mask,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *UpdateWebhookRequest) Reset() {
+	*x = UpdateWebhookRequest{}
+	mi := &file_posthaste_v1_mail_proto_msgTypes[38]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *UpdateWebhookRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*UpdateWebhookRequest) ProtoMessage() {}
+
+func (x *UpdateWebhookRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_posthaste_v1_mail_proto_msgTypes[38]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use UpdateWebhookRequest.ProtoReflect.Descriptor instead.
+func (*UpdateWebhookRequest) Descriptor() ([]byte, []int) {
+	return file_posthaste_v1_mail_proto_rawDescGZIP(), []int{38}
+}
+
+func (x *UpdateWebhookRequest) GetId() string {
+	if x != nil {
+		return x.Id
+	}
+	return ""
+}
+
+func (x *UpdateWebhookRequest) GetWebhook() *Webhook {
+	if x != nil {
+		return x.Webhook
+	}
+	return nil
+}
+
+func (x *UpdateWebhookRequest) GetUpdateMask() *fieldmaskpb.FieldMask {
+	if x != nil {
+		return x.UpdateMask
+	}
+	return nil
+}
+
+// DeleteWebhookRequest names one endpoint.
+type DeleteWebhookRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Id            string                 `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *DeleteWebhookRequest) Reset() {
+	*x = DeleteWebhookRequest{}
+	mi := &file_posthaste_v1_mail_proto_msgTypes[39]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *DeleteWebhookRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*DeleteWebhookRequest) ProtoMessage() {}
+
+func (x *DeleteWebhookRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_posthaste_v1_mail_proto_msgTypes[39]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use DeleteWebhookRequest.ProtoReflect.Descriptor instead.
+func (*DeleteWebhookRequest) Descriptor() ([]byte, []int) {
+	return file_posthaste_v1_mail_proto_rawDescGZIP(), []int{39}
+}
+
+func (x *DeleteWebhookRequest) GetId() string {
+	if x != nil {
+		return x.Id
+	}
+	return ""
+}
+
+// DeleteWebhookResponse is empty.
+type DeleteWebhookResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *DeleteWebhookResponse) Reset() {
+	*x = DeleteWebhookResponse{}
+	mi := &file_posthaste_v1_mail_proto_msgTypes[40]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *DeleteWebhookResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*DeleteWebhookResponse) ProtoMessage() {}
+
+func (x *DeleteWebhookResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_posthaste_v1_mail_proto_msgTypes[40]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use DeleteWebhookResponse.ProtoReflect.Descriptor instead.
+func (*DeleteWebhookResponse) Descriptor() ([]byte, []int) {
+	return file_posthaste_v1_mail_proto_rawDescGZIP(), []int{40}
+}
+
+// RotateWebhookSecretRequest names one endpoint.
+type RotateWebhookSecretRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Id            string                 `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *RotateWebhookSecretRequest) Reset() {
+	*x = RotateWebhookSecretRequest{}
+	mi := &file_posthaste_v1_mail_proto_msgTypes[41]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *RotateWebhookSecretRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*RotateWebhookSecretRequest) ProtoMessage() {}
+
+func (x *RotateWebhookSecretRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_posthaste_v1_mail_proto_msgTypes[41]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use RotateWebhookSecretRequest.ProtoReflect.Descriptor instead.
+func (*RotateWebhookSecretRequest) Descriptor() ([]byte, []int) {
+	return file_posthaste_v1_mail_proto_rawDescGZIP(), []int{41}
+}
+
+func (x *RotateWebhookSecretRequest) GetId() string {
+	if x != nil {
+		return x.Id
+	}
+	return ""
+}
+
+// RotateWebhookSecretResponse carries the new secret.
+type RotateWebhookSecretResponse struct {
+	state   protoimpl.MessageState `protogen:"open.v1"`
+	Webhook *Webhook               `protobuf:"bytes,1,opt,name=webhook,proto3" json:"webhook,omitempty"`
+	// The new signing secret, shown this once.
+	Secret        string `protobuf:"bytes,2,opt,name=secret,proto3" json:"secret,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *RotateWebhookSecretResponse) Reset() {
+	*x = RotateWebhookSecretResponse{}
+	mi := &file_posthaste_v1_mail_proto_msgTypes[42]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *RotateWebhookSecretResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*RotateWebhookSecretResponse) ProtoMessage() {}
+
+func (x *RotateWebhookSecretResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_posthaste_v1_mail_proto_msgTypes[42]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use RotateWebhookSecretResponse.ProtoReflect.Descriptor instead.
+func (*RotateWebhookSecretResponse) Descriptor() ([]byte, []int) {
+	return file_posthaste_v1_mail_proto_rawDescGZIP(), []int{42}
+}
+
+func (x *RotateWebhookSecretResponse) GetWebhook() *Webhook {
+	if x != nil {
+		return x.Webhook
+	}
+	return nil
+}
+
+func (x *RotateWebhookSecretResponse) GetSecret() string {
+	if x != nil {
+		return x.Secret
+	}
+	return ""
+}
+
+// WebhookDelivery is one event sent (or to be sent) to one endpoint.
+type WebhookDelivery struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Id    string                 `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
+	// The endpoint's id.
+	WebhookId string `protobuf:"bytes,2,opt,name=webhook_id,json=webhookId,proto3" json:"webhook_id,omitempty"`
+	// The event's id, sent as webhook-id and in the body.
+	EventId   string `protobuf:"bytes,3,opt,name=event_id,json=eventId,proto3" json:"event_id,omitempty"`
+	EventType string `protobuf:"bytes,4,opt,name=event_type,json=eventType,proto3" json:"event_type,omitempty"`
+	// The message the event is about; empty for endpoint events.
+	MessageId string `protobuf:"bytes,5,opt,name=message_id,json=messageId,proto3" json:"message_id,omitempty"`
+	// pending, sending, delivered or failed.
+	State string `protobuf:"bytes,6,opt,name=state,proto3" json:"state,omitempty"`
+	// Attempts made (since the last retry asked for).
+	Attempts int32 `protobuf:"varint,7,opt,name=attempts,proto3" json:"attempts,omitempty"`
+	// When the delivery is due; meaningful while pending.
+	NextAttemptAt *timestamppb.Timestamp `protobuf:"bytes,8,opt,name=next_attempt_at,json=nextAttemptAt,proto3" json:"next_attempt_at,omitempty"`
+	// The last attempt: when, the HTTP status (0 when no response came), how
+	// long it took, and what went wrong.
+	LastAttemptAt  *timestamppb.Timestamp `protobuf:"bytes,9,opt,name=last_attempt_at,json=lastAttemptAt,proto3" json:"last_attempt_at,omitempty"`
+	LastStatusCode int32                  `protobuf:"varint,10,opt,name=last_status_code,json=lastStatusCode,proto3" json:"last_status_code,omitempty"`
+	LastLatency    *durationpb.Duration   `protobuf:"bytes,11,opt,name=last_latency,json=lastLatency,proto3" json:"last_latency,omitempty"`
+	LastError      string                 `protobuf:"bytes,12,opt,name=last_error,json=lastError,proto3" json:"last_error,omitempty"`
+	CreatedAt      *timestamppb.Timestamp `protobuf:"bytes,13,opt,name=created_at,json=createdAt,proto3" json:"created_at,omitempty"`
+	unknownFields  protoimpl.UnknownFields
+	sizeCache      protoimpl.SizeCache
+}
+
+func (x *WebhookDelivery) Reset() {
+	*x = WebhookDelivery{}
+	mi := &file_posthaste_v1_mail_proto_msgTypes[43]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *WebhookDelivery) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*WebhookDelivery) ProtoMessage() {}
+
+func (x *WebhookDelivery) ProtoReflect() protoreflect.Message {
+	mi := &file_posthaste_v1_mail_proto_msgTypes[43]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use WebhookDelivery.ProtoReflect.Descriptor instead.
+func (*WebhookDelivery) Descriptor() ([]byte, []int) {
+	return file_posthaste_v1_mail_proto_rawDescGZIP(), []int{43}
+}
+
+func (x *WebhookDelivery) GetId() string {
+	if x != nil {
+		return x.Id
+	}
+	return ""
+}
+
+func (x *WebhookDelivery) GetWebhookId() string {
+	if x != nil {
+		return x.WebhookId
+	}
+	return ""
+}
+
+func (x *WebhookDelivery) GetEventId() string {
+	if x != nil {
+		return x.EventId
+	}
+	return ""
+}
+
+func (x *WebhookDelivery) GetEventType() string {
+	if x != nil {
+		return x.EventType
+	}
+	return ""
+}
+
+func (x *WebhookDelivery) GetMessageId() string {
+	if x != nil {
+		return x.MessageId
+	}
+	return ""
+}
+
+func (x *WebhookDelivery) GetState() string {
+	if x != nil {
+		return x.State
+	}
+	return ""
+}
+
+func (x *WebhookDelivery) GetAttempts() int32 {
+	if x != nil {
+		return x.Attempts
+	}
+	return 0
+}
+
+func (x *WebhookDelivery) GetNextAttemptAt() *timestamppb.Timestamp {
+	if x != nil {
+		return x.NextAttemptAt
+	}
+	return nil
+}
+
+func (x *WebhookDelivery) GetLastAttemptAt() *timestamppb.Timestamp {
+	if x != nil {
+		return x.LastAttemptAt
+	}
+	return nil
+}
+
+func (x *WebhookDelivery) GetLastStatusCode() int32 {
+	if x != nil {
+		return x.LastStatusCode
+	}
+	return 0
+}
+
+func (x *WebhookDelivery) GetLastLatency() *durationpb.Duration {
+	if x != nil {
+		return x.LastLatency
+	}
+	return nil
+}
+
+func (x *WebhookDelivery) GetLastError() string {
+	if x != nil {
+		return x.LastError
+	}
+	return ""
+}
+
+func (x *WebhookDelivery) GetCreatedAt() *timestamppb.Timestamp {
+	if x != nil {
+		return x.CreatedAt
+	}
+	return nil
+}
+
+// ListWebhookDeliveriesRequest selects a page of an endpoint's deliveries.
+type ListWebhookDeliveriesRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The endpoint.
+	Id string `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
+	// Keep deliveries in this state: pending, sending, delivered or failed.
+	State string `protobuf:"bytes,2,opt,name=state,proto3" json:"state,omitempty"`
+	// At most this many; 1 to 100, 0 means 50.
+	PageSize int32 `protobuf:"varint,3,opt,name=page_size,json=pageSize,proto3" json:"page_size,omitempty"`
+	// next_page_token of the previous page.
+	PageToken     string `protobuf:"bytes,4,opt,name=page_token,json=pageToken,proto3" json:"page_token,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ListWebhookDeliveriesRequest) Reset() {
+	*x = ListWebhookDeliveriesRequest{}
+	mi := &file_posthaste_v1_mail_proto_msgTypes[44]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ListWebhookDeliveriesRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ListWebhookDeliveriesRequest) ProtoMessage() {}
+
+func (x *ListWebhookDeliveriesRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_posthaste_v1_mail_proto_msgTypes[44]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ListWebhookDeliveriesRequest.ProtoReflect.Descriptor instead.
+func (*ListWebhookDeliveriesRequest) Descriptor() ([]byte, []int) {
+	return file_posthaste_v1_mail_proto_rawDescGZIP(), []int{44}
+}
+
+func (x *ListWebhookDeliveriesRequest) GetId() string {
+	if x != nil {
+		return x.Id
+	}
+	return ""
+}
+
+func (x *ListWebhookDeliveriesRequest) GetState() string {
+	if x != nil {
+		return x.State
+	}
+	return ""
+}
+
+func (x *ListWebhookDeliveriesRequest) GetPageSize() int32 {
+	if x != nil {
+		return x.PageSize
+	}
+	return 0
+}
+
+func (x *ListWebhookDeliveriesRequest) GetPageToken() string {
+	if x != nil {
+		return x.PageToken
+	}
+	return ""
+}
+
+// ListWebhookDeliveriesResponse is one page of deliveries.
+type ListWebhookDeliveriesResponse struct {
+	state      protoimpl.MessageState `protogen:"open.v1"`
+	Deliveries []*WebhookDelivery     `protobuf:"bytes,1,rep,name=deliveries,proto3" json:"deliveries,omitempty"`
+	// Pass as page_token for the next page; empty on the last one.
+	NextPageToken string `protobuf:"bytes,2,opt,name=next_page_token,json=nextPageToken,proto3" json:"next_page_token,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ListWebhookDeliveriesResponse) Reset() {
+	*x = ListWebhookDeliveriesResponse{}
+	mi := &file_posthaste_v1_mail_proto_msgTypes[45]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ListWebhookDeliveriesResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ListWebhookDeliveriesResponse) ProtoMessage() {}
+
+func (x *ListWebhookDeliveriesResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_posthaste_v1_mail_proto_msgTypes[45]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ListWebhookDeliveriesResponse.ProtoReflect.Descriptor instead.
+func (*ListWebhookDeliveriesResponse) Descriptor() ([]byte, []int) {
+	return file_posthaste_v1_mail_proto_rawDescGZIP(), []int{45}
+}
+
+func (x *ListWebhookDeliveriesResponse) GetDeliveries() []*WebhookDelivery {
+	if x != nil {
+		return x.Deliveries
+	}
+	return nil
+}
+
+func (x *ListWebhookDeliveriesResponse) GetNextPageToken() string {
+	if x != nil {
+		return x.NextPageToken
+	}
+	return ""
+}
+
+// RetryWebhookDeliveryRequest names one delivery of one endpoint.
+type RetryWebhookDeliveryRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The endpoint.
+	Id            string `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
+	DeliveryId    string `protobuf:"bytes,2,opt,name=delivery_id,json=deliveryId,proto3" json:"delivery_id,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *RetryWebhookDeliveryRequest) Reset() {
+	*x = RetryWebhookDeliveryRequest{}
+	mi := &file_posthaste_v1_mail_proto_msgTypes[46]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *RetryWebhookDeliveryRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*RetryWebhookDeliveryRequest) ProtoMessage() {}
+
+func (x *RetryWebhookDeliveryRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_posthaste_v1_mail_proto_msgTypes[46]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use RetryWebhookDeliveryRequest.ProtoReflect.Descriptor instead.
+func (*RetryWebhookDeliveryRequest) Descriptor() ([]byte, []int) {
+	return file_posthaste_v1_mail_proto_rawDescGZIP(), []int{46}
+}
+
+func (x *RetryWebhookDeliveryRequest) GetId() string {
+	if x != nil {
+		return x.Id
+	}
+	return ""
+}
+
+func (x *RetryWebhookDeliveryRequest) GetDeliveryId() string {
+	if x != nil {
+		return x.DeliveryId
+	}
+	return ""
+}
+
 var File_posthaste_v1_mail_proto protoreflect.FileDescriptor
 
 const file_posthaste_v1_mail_proto_rawDesc = "" +
 	"\n" +
-	"\x17posthaste/v1/mail.proto\x12\fposthaste.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"7\n" +
+	"\x17posthaste/v1/mail.proto\x12\fposthaste.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1egoogle/protobuf/duration.proto\x1a google/protobuf/field_mask.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"7\n" +
 	"\aAddress\x12\x18\n" +
 	"\aaddress\x18\x01 \x01(\tR\aaddress\x12\x12\n" +
 	"\x04name\x18\x02 \x01(\tR\x04name\"\x84\x01\n" +
@@ -2758,8 +3725,88 @@ const file_posthaste_v1_mail_proto_rawDesc = "" +
 	"\x06reason\x18\x05 \x01(\tR\x06reason\"H\n" +
 	"\x0eFieldViolation\x12\x14\n" +
 	"\x05field\x18\x01 \x01(\tR\x05field\x12 \n" +
-	"\vdescription\x18\x02 \x01(\tR\vdescription2\x81\n" +
+	"\vdescription\x18\x02 \x01(\tR\vdescription\"\xf0\x03\n" +
+	"\aWebhook\x12\x0e\n" +
+	"\x02id\x18\x01 \x01(\tR\x02id\x12\x10\n" +
+	"\x03url\x18\x02 \x01(\tR\x03url\x12\x1f\n" +
+	"\vevent_types\x18\x03 \x03(\tR\n" +
+	"eventTypes\x12\x18\n" +
+	"\aenabled\x18\x04 \x01(\bR\aenabled\x12 \n" +
+	"\vdescription\x18\x05 \x01(\tR\vdescription\x129\n" +
 	"\n" +
+	"created_at\x18\x06 \x01(\v2\x1a.google.protobuf.TimestampR\tcreatedAt\x129\n" +
+	"\n" +
+	"updated_at\x18\a \x01(\v2\x1a.google.protobuf.TimestampR\tupdatedAt\x12;\n" +
+	"\vdisabled_at\x18\b \x01(\v2\x1a.google.protobuf.TimestampR\n" +
+	"disabledAt\x12'\n" +
+	"\x0fdisabled_reason\x18\t \x01(\tR\x0edisabledReason\x121\n" +
+	"\x14consecutive_failures\x18\n" +
+	" \x01(\x05R\x13consecutiveFailures\x12W\n" +
+	"\x1aprevious_secret_expires_at\x18\v \x01(\v2\x1a.google.protobuf.TimestampR\x17previousSecretExpiresAt\"\x96\x01\n" +
+	"\x14CreateWebhookRequest\x12\x10\n" +
+	"\x03url\x18\x01 \x01(\tR\x03url\x12\x1f\n" +
+	"\vevent_types\x18\x02 \x03(\tR\n" +
+	"eventTypes\x12\x1d\n" +
+	"\aenabled\x18\x03 \x01(\bH\x00R\aenabled\x88\x01\x01\x12 \n" +
+	"\vdescription\x18\x04 \x01(\tR\vdescriptionB\n" +
+	"\n" +
+	"\b_enabled\"`\n" +
+	"\x15CreateWebhookResponse\x12/\n" +
+	"\awebhook\x18\x01 \x01(\v2\x15.posthaste.v1.WebhookR\awebhook\x12\x16\n" +
+	"\x06secret\x18\x02 \x01(\tR\x06secret\"\x15\n" +
+	"\x13ListWebhooksRequest\"I\n" +
+	"\x14ListWebhooksResponse\x121\n" +
+	"\bwebhooks\x18\x01 \x03(\v2\x15.posthaste.v1.WebhookR\bwebhooks\"#\n" +
+	"\x11GetWebhookRequest\x12\x0e\n" +
+	"\x02id\x18\x01 \x01(\tR\x02id\"\x94\x01\n" +
+	"\x14UpdateWebhookRequest\x12\x0e\n" +
+	"\x02id\x18\x01 \x01(\tR\x02id\x12/\n" +
+	"\awebhook\x18\x02 \x01(\v2\x15.posthaste.v1.WebhookR\awebhook\x12;\n" +
+	"\vupdate_mask\x18\x03 \x01(\v2\x1a.google.protobuf.FieldMaskR\n" +
+	"updateMask\"&\n" +
+	"\x14DeleteWebhookRequest\x12\x0e\n" +
+	"\x02id\x18\x01 \x01(\tR\x02id\"\x17\n" +
+	"\x15DeleteWebhookResponse\",\n" +
+	"\x1aRotateWebhookSecretRequest\x12\x0e\n" +
+	"\x02id\x18\x01 \x01(\tR\x02id\"f\n" +
+	"\x1bRotateWebhookSecretResponse\x12/\n" +
+	"\awebhook\x18\x01 \x01(\v2\x15.posthaste.v1.WebhookR\awebhook\x12\x16\n" +
+	"\x06secret\x18\x02 \x01(\tR\x06secret\"\x95\x04\n" +
+	"\x0fWebhookDelivery\x12\x0e\n" +
+	"\x02id\x18\x01 \x01(\tR\x02id\x12\x1d\n" +
+	"\n" +
+	"webhook_id\x18\x02 \x01(\tR\twebhookId\x12\x19\n" +
+	"\bevent_id\x18\x03 \x01(\tR\aeventId\x12\x1d\n" +
+	"\n" +
+	"event_type\x18\x04 \x01(\tR\teventType\x12\x1d\n" +
+	"\n" +
+	"message_id\x18\x05 \x01(\tR\tmessageId\x12\x14\n" +
+	"\x05state\x18\x06 \x01(\tR\x05state\x12\x1a\n" +
+	"\battempts\x18\a \x01(\x05R\battempts\x12B\n" +
+	"\x0fnext_attempt_at\x18\b \x01(\v2\x1a.google.protobuf.TimestampR\rnextAttemptAt\x12B\n" +
+	"\x0flast_attempt_at\x18\t \x01(\v2\x1a.google.protobuf.TimestampR\rlastAttemptAt\x12(\n" +
+	"\x10last_status_code\x18\n" +
+	" \x01(\x05R\x0elastStatusCode\x12<\n" +
+	"\flast_latency\x18\v \x01(\v2\x19.google.protobuf.DurationR\vlastLatency\x12\x1d\n" +
+	"\n" +
+	"last_error\x18\f \x01(\tR\tlastError\x129\n" +
+	"\n" +
+	"created_at\x18\r \x01(\v2\x1a.google.protobuf.TimestampR\tcreatedAt\"\x80\x01\n" +
+	"\x1cListWebhookDeliveriesRequest\x12\x0e\n" +
+	"\x02id\x18\x01 \x01(\tR\x02id\x12\x14\n" +
+	"\x05state\x18\x02 \x01(\tR\x05state\x12\x1b\n" +
+	"\tpage_size\x18\x03 \x01(\x05R\bpageSize\x12\x1d\n" +
+	"\n" +
+	"page_token\x18\x04 \x01(\tR\tpageToken\"\x86\x01\n" +
+	"\x1dListWebhookDeliveriesResponse\x12=\n" +
+	"\n" +
+	"deliveries\x18\x01 \x03(\v2\x1d.posthaste.v1.WebhookDeliveryR\n" +
+	"deliveries\x12&\n" +
+	"\x0fnext_page_token\x18\x02 \x01(\tR\rnextPageToken\"N\n" +
+	"\x1bRetryWebhookDeliveryRequest\x12\x0e\n" +
+	"\x02id\x18\x01 \x01(\tR\x02id\x12\x1f\n" +
+	"\vdelivery_id\x18\x02 \x01(\tR\n" +
+	"deliveryId2\xf8\x11\n" +
 	"\vMailService\x12k\n" +
 	"\vSendMessage\x12 .posthaste.v1.SendMessageRequest\x1a!.posthaste.v1.SendMessageResponse\"\x17\x82\xd3\xe4\x93\x02\x11:\x01*\"\f/v1/messages\x12y\n" +
 	"\x0eSendRawMessage\x12#.posthaste.v1.SendRawMessageRequest\x1a!.posthaste.v1.SendMessageResponse\"\x1f\x82\xd3\xe4\x93\x02\x19:\x01*\"\x14/v1/messages:sendRaw\x12_\n" +
@@ -2776,7 +3823,16 @@ const file_posthaste_v1_mail_proto_rawDesc = "" +
 	"\fCreateApiKey\x12!.posthaste.v1.CreateApiKeyRequest\x1a\".posthaste.v1.CreateApiKeyResponse\"\x13\x82\xd3\xe4\x93\x02\r:\x01*\"\b/v1/keys\x12d\n" +
 	"\vListApiKeys\x12 .posthaste.v1.ListApiKeysRequest\x1a!.posthaste.v1.ListApiKeysResponse\"\x10\x82\xd3\xe4\x93\x02\n" +
 	"\x12\b/v1/keys\x12h\n" +
-	"\fRevokeApiKey\x12!.posthaste.v1.RevokeApiKeyRequest\x1a\x14.posthaste.v1.ApiKey\"\x1f\x82\xd3\xe4\x93\x02\x19:\x01*\"\x14/v1/keys/{id}:revokeB?Z=github.com/posthaste/posthaste/proto/posthaste/v1;posthastev1b\x06proto3"
+	"\fRevokeApiKey\x12!.posthaste.v1.RevokeApiKeyRequest\x1a\x14.posthaste.v1.ApiKey\"\x1f\x82\xd3\xe4\x93\x02\x19:\x01*\"\x14/v1/keys/{id}:revoke\x12q\n" +
+	"\rCreateWebhook\x12\".posthaste.v1.CreateWebhookRequest\x1a#.posthaste.v1.CreateWebhookResponse\"\x17\x82\xd3\xe4\x93\x02\x11:\x01*\"\f/v1/webhooks\x12k\n" +
+	"\fListWebhooks\x12!.posthaste.v1.ListWebhooksRequest\x1a\".posthaste.v1.ListWebhooksResponse\"\x14\x82\xd3\xe4\x93\x02\x0e\x12\f/v1/webhooks\x12_\n" +
+	"\n" +
+	"GetWebhook\x12\x1f.posthaste.v1.GetWebhookRequest\x1a\x15.posthaste.v1.Webhook\"\x19\x82\xd3\xe4\x93\x02\x13\x12\x11/v1/webhooks/{id}\x12n\n" +
+	"\rUpdateWebhook\x12\".posthaste.v1.UpdateWebhookRequest\x1a\x15.posthaste.v1.Webhook\"\"\x82\xd3\xe4\x93\x02\x1c:\awebhook2\x11/v1/webhooks/{id}\x12s\n" +
+	"\rDeleteWebhook\x12\".posthaste.v1.DeleteWebhookRequest\x1a#.posthaste.v1.DeleteWebhookResponse\"\x19\x82\xd3\xe4\x93\x02\x13*\x11/v1/webhooks/{id}\x12\x95\x01\n" +
+	"\x13RotateWebhookSecret\x12(.posthaste.v1.RotateWebhookSecretRequest\x1a).posthaste.v1.RotateWebhookSecretResponse\")\x82\xd3\xe4\x93\x02#:\x01*\"\x1e/v1/webhooks/{id}:rotateSecret\x12\x96\x01\n" +
+	"\x15ListWebhookDeliveries\x12*.posthaste.v1.ListWebhookDeliveriesRequest\x1a+.posthaste.v1.ListWebhookDeliveriesResponse\"$\x82\xd3\xe4\x93\x02\x1e\x12\x1c/v1/webhooks/{id}/deliveries\x12\x9d\x01\n" +
+	"\x14RetryWebhookDelivery\x12).posthaste.v1.RetryWebhookDeliveryRequest\x1a\x1d.posthaste.v1.WebhookDelivery\";\x82\xd3\xe4\x93\x025:\x01*\"0/v1/webhooks/{id}/deliveries/{delivery_id}:retryB?Z=github.com/posthaste/posthaste/proto/posthaste/v1;posthastev1b\x06proto3"
 
 var (
 	file_posthaste_v1_mail_proto_rawDescOnce sync.Once
@@ -2790,45 +3846,61 @@ func file_posthaste_v1_mail_proto_rawDescGZIP() []byte {
 	return file_posthaste_v1_mail_proto_rawDescData
 }
 
-var file_posthaste_v1_mail_proto_msgTypes = make([]protoimpl.MessageInfo, 35)
+var file_posthaste_v1_mail_proto_msgTypes = make([]protoimpl.MessageInfo, 50)
 var file_posthaste_v1_mail_proto_goTypes = []any{
-	(*Address)(nil),                   // 0: posthaste.v1.Address
-	(*Attachment)(nil),                // 1: posthaste.v1.Attachment
-	(*Header)(nil),                    // 2: posthaste.v1.Header
-	(*SendMessageRequest)(nil),        // 3: posthaste.v1.SendMessageRequest
-	(*SendRawMessageRequest)(nil),     // 4: posthaste.v1.SendRawMessageRequest
-	(*SendMessageResponse)(nil),       // 5: posthaste.v1.SendMessageResponse
-	(*RecipientSummary)(nil),          // 6: posthaste.v1.RecipientSummary
-	(*GetMessageRequest)(nil),         // 7: posthaste.v1.GetMessageRequest
-	(*CancelMessageRequest)(nil),      // 8: posthaste.v1.CancelMessageRequest
-	(*ListMessagesRequest)(nil),       // 9: posthaste.v1.ListMessagesRequest
-	(*ListMessagesResponse)(nil),      // 10: posthaste.v1.ListMessagesResponse
-	(*Message)(nil),                   // 11: posthaste.v1.Message
-	(*Recipient)(nil),                 // 12: posthaste.v1.Recipient
-	(*SmtpReply)(nil),                 // 13: posthaste.v1.SmtpReply
-	(*Attempt)(nil),                   // 14: posthaste.v1.Attempt
-	(*ApiKey)(nil),                    // 15: posthaste.v1.ApiKey
-	(*CreateApiKeyRequest)(nil),       // 16: posthaste.v1.CreateApiKeyRequest
-	(*CreateApiKeyResponse)(nil),      // 17: posthaste.v1.CreateApiKeyResponse
-	(*ListApiKeysRequest)(nil),        // 18: posthaste.v1.ListApiKeysRequest
-	(*ListApiKeysResponse)(nil),       // 19: posthaste.v1.ListApiKeysResponse
-	(*RevokeApiKeyRequest)(nil),       // 20: posthaste.v1.RevokeApiKeyRequest
-	(*Event)(nil),                     // 21: posthaste.v1.Event
-	(*ListMessageEventsRequest)(nil),  // 22: posthaste.v1.ListMessageEventsRequest
-	(*ListMessageEventsResponse)(nil), // 23: posthaste.v1.ListMessageEventsResponse
-	(*ListEventsRequest)(nil),         // 24: posthaste.v1.ListEventsRequest
-	(*ListEventsResponse)(nil),        // 25: posthaste.v1.ListEventsResponse
-	(*StreamEventsRequest)(nil),       // 26: posthaste.v1.StreamEventsRequest
-	(*StreamEventsResponse)(nil),      // 27: posthaste.v1.StreamEventsResponse
-	(*WatchMessageRequest)(nil),       // 28: posthaste.v1.WatchMessageRequest
-	(*ErrorResponse)(nil),             // 29: posthaste.v1.ErrorResponse
-	(*Error)(nil),                     // 30: posthaste.v1.Error
-	(*FieldViolation)(nil),            // 31: posthaste.v1.FieldViolation
-	nil,                               // 32: posthaste.v1.SendMessageRequest.MetadataEntry
-	nil,                               // 33: posthaste.v1.SendRawMessageRequest.MetadataEntry
-	nil,                               // 34: posthaste.v1.Message.MetadataEntry
-	(*timestamppb.Timestamp)(nil),     // 35: google.protobuf.Timestamp
-	(*durationpb.Duration)(nil),       // 36: google.protobuf.Duration
+	(*Address)(nil),                       // 0: posthaste.v1.Address
+	(*Attachment)(nil),                    // 1: posthaste.v1.Attachment
+	(*Header)(nil),                        // 2: posthaste.v1.Header
+	(*SendMessageRequest)(nil),            // 3: posthaste.v1.SendMessageRequest
+	(*SendRawMessageRequest)(nil),         // 4: posthaste.v1.SendRawMessageRequest
+	(*SendMessageResponse)(nil),           // 5: posthaste.v1.SendMessageResponse
+	(*RecipientSummary)(nil),              // 6: posthaste.v1.RecipientSummary
+	(*GetMessageRequest)(nil),             // 7: posthaste.v1.GetMessageRequest
+	(*CancelMessageRequest)(nil),          // 8: posthaste.v1.CancelMessageRequest
+	(*ListMessagesRequest)(nil),           // 9: posthaste.v1.ListMessagesRequest
+	(*ListMessagesResponse)(nil),          // 10: posthaste.v1.ListMessagesResponse
+	(*Message)(nil),                       // 11: posthaste.v1.Message
+	(*Recipient)(nil),                     // 12: posthaste.v1.Recipient
+	(*SmtpReply)(nil),                     // 13: posthaste.v1.SmtpReply
+	(*Attempt)(nil),                       // 14: posthaste.v1.Attempt
+	(*ApiKey)(nil),                        // 15: posthaste.v1.ApiKey
+	(*CreateApiKeyRequest)(nil),           // 16: posthaste.v1.CreateApiKeyRequest
+	(*CreateApiKeyResponse)(nil),          // 17: posthaste.v1.CreateApiKeyResponse
+	(*ListApiKeysRequest)(nil),            // 18: posthaste.v1.ListApiKeysRequest
+	(*ListApiKeysResponse)(nil),           // 19: posthaste.v1.ListApiKeysResponse
+	(*RevokeApiKeyRequest)(nil),           // 20: posthaste.v1.RevokeApiKeyRequest
+	(*Event)(nil),                         // 21: posthaste.v1.Event
+	(*ListMessageEventsRequest)(nil),      // 22: posthaste.v1.ListMessageEventsRequest
+	(*ListMessageEventsResponse)(nil),     // 23: posthaste.v1.ListMessageEventsResponse
+	(*ListEventsRequest)(nil),             // 24: posthaste.v1.ListEventsRequest
+	(*ListEventsResponse)(nil),            // 25: posthaste.v1.ListEventsResponse
+	(*StreamEventsRequest)(nil),           // 26: posthaste.v1.StreamEventsRequest
+	(*StreamEventsResponse)(nil),          // 27: posthaste.v1.StreamEventsResponse
+	(*WatchMessageRequest)(nil),           // 28: posthaste.v1.WatchMessageRequest
+	(*ErrorResponse)(nil),                 // 29: posthaste.v1.ErrorResponse
+	(*Error)(nil),                         // 30: posthaste.v1.Error
+	(*FieldViolation)(nil),                // 31: posthaste.v1.FieldViolation
+	(*Webhook)(nil),                       // 32: posthaste.v1.Webhook
+	(*CreateWebhookRequest)(nil),          // 33: posthaste.v1.CreateWebhookRequest
+	(*CreateWebhookResponse)(nil),         // 34: posthaste.v1.CreateWebhookResponse
+	(*ListWebhooksRequest)(nil),           // 35: posthaste.v1.ListWebhooksRequest
+	(*ListWebhooksResponse)(nil),          // 36: posthaste.v1.ListWebhooksResponse
+	(*GetWebhookRequest)(nil),             // 37: posthaste.v1.GetWebhookRequest
+	(*UpdateWebhookRequest)(nil),          // 38: posthaste.v1.UpdateWebhookRequest
+	(*DeleteWebhookRequest)(nil),          // 39: posthaste.v1.DeleteWebhookRequest
+	(*DeleteWebhookResponse)(nil),         // 40: posthaste.v1.DeleteWebhookResponse
+	(*RotateWebhookSecretRequest)(nil),    // 41: posthaste.v1.RotateWebhookSecretRequest
+	(*RotateWebhookSecretResponse)(nil),   // 42: posthaste.v1.RotateWebhookSecretResponse
+	(*WebhookDelivery)(nil),               // 43: posthaste.v1.WebhookDelivery
+	(*ListWebhookDeliveriesRequest)(nil),  // 44: posthaste.v1.ListWebhookDeliveriesRequest
+	(*ListWebhookDeliveriesResponse)(nil), // 45: posthaste.v1.ListWebhookDeliveriesResponse
+	(*RetryWebhookDeliveryRequest)(nil),   // 46: posthaste.v1.RetryWebhookDeliveryRequest
+	nil,                                   // 47: posthaste.v1.SendMessageRequest.MetadataEntry
+	nil,                                   // 48: posthaste.v1.SendRawMessageRequest.MetadataEntry
+	nil,                                   // 49: posthaste.v1.Message.MetadataEntry
+	(*timestamppb.Timestamp)(nil),         // 50: google.protobuf.Timestamp
+	(*durationpb.Duration)(nil),           // 51: google.protobuf.Duration
+	(*fieldmaskpb.FieldMask)(nil),         // 52: google.protobuf.FieldMask
 }
 var file_posthaste_v1_mail_proto_depIdxs = []int32{
 	0,  // 0: posthaste.v1.SendMessageRequest.from:type_name -> posthaste.v1.Address
@@ -2838,70 +3910,100 @@ var file_posthaste_v1_mail_proto_depIdxs = []int32{
 	0,  // 4: posthaste.v1.SendMessageRequest.bcc:type_name -> posthaste.v1.Address
 	1,  // 5: posthaste.v1.SendMessageRequest.attachments:type_name -> posthaste.v1.Attachment
 	2,  // 6: posthaste.v1.SendMessageRequest.headers:type_name -> posthaste.v1.Header
-	32, // 7: posthaste.v1.SendMessageRequest.metadata:type_name -> posthaste.v1.SendMessageRequest.MetadataEntry
-	35, // 8: posthaste.v1.SendMessageRequest.send_at:type_name -> google.protobuf.Timestamp
-	33, // 9: posthaste.v1.SendRawMessageRequest.metadata:type_name -> posthaste.v1.SendRawMessageRequest.MetadataEntry
-	35, // 10: posthaste.v1.SendRawMessageRequest.send_at:type_name -> google.protobuf.Timestamp
+	47, // 7: posthaste.v1.SendMessageRequest.metadata:type_name -> posthaste.v1.SendMessageRequest.MetadataEntry
+	50, // 8: posthaste.v1.SendMessageRequest.send_at:type_name -> google.protobuf.Timestamp
+	48, // 9: posthaste.v1.SendRawMessageRequest.metadata:type_name -> posthaste.v1.SendRawMessageRequest.MetadataEntry
+	50, // 10: posthaste.v1.SendRawMessageRequest.send_at:type_name -> google.protobuf.Timestamp
 	6,  // 11: posthaste.v1.SendMessageResponse.recipients:type_name -> posthaste.v1.RecipientSummary
-	35, // 12: posthaste.v1.ListMessagesRequest.created_after:type_name -> google.protobuf.Timestamp
-	35, // 13: posthaste.v1.ListMessagesRequest.created_before:type_name -> google.protobuf.Timestamp
+	50, // 12: posthaste.v1.ListMessagesRequest.created_after:type_name -> google.protobuf.Timestamp
+	50, // 13: posthaste.v1.ListMessagesRequest.created_before:type_name -> google.protobuf.Timestamp
 	11, // 14: posthaste.v1.ListMessagesResponse.messages:type_name -> posthaste.v1.Message
-	34, // 15: posthaste.v1.Message.metadata:type_name -> posthaste.v1.Message.MetadataEntry
-	35, // 16: posthaste.v1.Message.send_at:type_name -> google.protobuf.Timestamp
-	35, // 17: posthaste.v1.Message.created_at:type_name -> google.protobuf.Timestamp
-	35, // 18: posthaste.v1.Message.updated_at:type_name -> google.protobuf.Timestamp
+	49, // 15: posthaste.v1.Message.metadata:type_name -> posthaste.v1.Message.MetadataEntry
+	50, // 16: posthaste.v1.Message.send_at:type_name -> google.protobuf.Timestamp
+	50, // 17: posthaste.v1.Message.created_at:type_name -> google.protobuf.Timestamp
+	50, // 18: posthaste.v1.Message.updated_at:type_name -> google.protobuf.Timestamp
 	12, // 19: posthaste.v1.Message.recipients:type_name -> posthaste.v1.Recipient
 	14, // 20: posthaste.v1.Message.attempts:type_name -> posthaste.v1.Attempt
-	35, // 21: posthaste.v1.Recipient.next_attempt_at:type_name -> google.protobuf.Timestamp
+	50, // 21: posthaste.v1.Recipient.next_attempt_at:type_name -> google.protobuf.Timestamp
 	13, // 22: posthaste.v1.Recipient.last_reply:type_name -> posthaste.v1.SmtpReply
-	35, // 23: posthaste.v1.Recipient.delivered_at:type_name -> google.protobuf.Timestamp
-	35, // 24: posthaste.v1.Recipient.updated_at:type_name -> google.protobuf.Timestamp
-	35, // 25: posthaste.v1.Attempt.started_at:type_name -> google.protobuf.Timestamp
-	36, // 26: posthaste.v1.Attempt.duration:type_name -> google.protobuf.Duration
+	50, // 23: posthaste.v1.Recipient.delivered_at:type_name -> google.protobuf.Timestamp
+	50, // 24: posthaste.v1.Recipient.updated_at:type_name -> google.protobuf.Timestamp
+	50, // 25: posthaste.v1.Attempt.started_at:type_name -> google.protobuf.Timestamp
+	51, // 26: posthaste.v1.Attempt.duration:type_name -> google.protobuf.Duration
 	13, // 27: posthaste.v1.Attempt.reply:type_name -> posthaste.v1.SmtpReply
-	35, // 28: posthaste.v1.ApiKey.created_at:type_name -> google.protobuf.Timestamp
-	35, // 29: posthaste.v1.ApiKey.last_used_at:type_name -> google.protobuf.Timestamp
-	35, // 30: posthaste.v1.ApiKey.revoked_at:type_name -> google.protobuf.Timestamp
+	50, // 28: posthaste.v1.ApiKey.created_at:type_name -> google.protobuf.Timestamp
+	50, // 29: posthaste.v1.ApiKey.last_used_at:type_name -> google.protobuf.Timestamp
+	50, // 30: posthaste.v1.ApiKey.revoked_at:type_name -> google.protobuf.Timestamp
 	15, // 31: posthaste.v1.CreateApiKeyResponse.api_key:type_name -> posthaste.v1.ApiKey
 	15, // 32: posthaste.v1.ListApiKeysResponse.api_keys:type_name -> posthaste.v1.ApiKey
-	35, // 33: posthaste.v1.Event.created_at:type_name -> google.protobuf.Timestamp
-	35, // 34: posthaste.v1.Event.send_at:type_name -> google.protobuf.Timestamp
+	50, // 33: posthaste.v1.Event.created_at:type_name -> google.protobuf.Timestamp
+	50, // 34: posthaste.v1.Event.send_at:type_name -> google.protobuf.Timestamp
 	13, // 35: posthaste.v1.Event.reply:type_name -> posthaste.v1.SmtpReply
-	35, // 36: posthaste.v1.Event.next_attempt_at:type_name -> google.protobuf.Timestamp
+	50, // 36: posthaste.v1.Event.next_attempt_at:type_name -> google.protobuf.Timestamp
 	21, // 37: posthaste.v1.ListMessageEventsResponse.events:type_name -> posthaste.v1.Event
 	21, // 38: posthaste.v1.ListEventsResponse.events:type_name -> posthaste.v1.Event
 	21, // 39: posthaste.v1.StreamEventsResponse.event:type_name -> posthaste.v1.Event
 	30, // 40: posthaste.v1.ErrorResponse.error:type_name -> posthaste.v1.Error
 	31, // 41: posthaste.v1.Error.field_violations:type_name -> posthaste.v1.FieldViolation
-	3,  // 42: posthaste.v1.MailService.SendMessage:input_type -> posthaste.v1.SendMessageRequest
-	4,  // 43: posthaste.v1.MailService.SendRawMessage:input_type -> posthaste.v1.SendRawMessageRequest
-	7,  // 44: posthaste.v1.MailService.GetMessage:input_type -> posthaste.v1.GetMessageRequest
-	9,  // 45: posthaste.v1.MailService.ListMessages:input_type -> posthaste.v1.ListMessagesRequest
-	8,  // 46: posthaste.v1.MailService.CancelMessage:input_type -> posthaste.v1.CancelMessageRequest
-	22, // 47: posthaste.v1.MailService.ListMessageEvents:input_type -> posthaste.v1.ListMessageEventsRequest
-	24, // 48: posthaste.v1.MailService.ListEvents:input_type -> posthaste.v1.ListEventsRequest
-	26, // 49: posthaste.v1.MailService.StreamEvents:input_type -> posthaste.v1.StreamEventsRequest
-	28, // 50: posthaste.v1.MailService.WatchMessage:input_type -> posthaste.v1.WatchMessageRequest
-	16, // 51: posthaste.v1.MailService.CreateApiKey:input_type -> posthaste.v1.CreateApiKeyRequest
-	18, // 52: posthaste.v1.MailService.ListApiKeys:input_type -> posthaste.v1.ListApiKeysRequest
-	20, // 53: posthaste.v1.MailService.RevokeApiKey:input_type -> posthaste.v1.RevokeApiKeyRequest
-	5,  // 54: posthaste.v1.MailService.SendMessage:output_type -> posthaste.v1.SendMessageResponse
-	5,  // 55: posthaste.v1.MailService.SendRawMessage:output_type -> posthaste.v1.SendMessageResponse
-	11, // 56: posthaste.v1.MailService.GetMessage:output_type -> posthaste.v1.Message
-	10, // 57: posthaste.v1.MailService.ListMessages:output_type -> posthaste.v1.ListMessagesResponse
-	11, // 58: posthaste.v1.MailService.CancelMessage:output_type -> posthaste.v1.Message
-	23, // 59: posthaste.v1.MailService.ListMessageEvents:output_type -> posthaste.v1.ListMessageEventsResponse
-	25, // 60: posthaste.v1.MailService.ListEvents:output_type -> posthaste.v1.ListEventsResponse
-	27, // 61: posthaste.v1.MailService.StreamEvents:output_type -> posthaste.v1.StreamEventsResponse
-	21, // 62: posthaste.v1.MailService.WatchMessage:output_type -> posthaste.v1.Event
-	17, // 63: posthaste.v1.MailService.CreateApiKey:output_type -> posthaste.v1.CreateApiKeyResponse
-	19, // 64: posthaste.v1.MailService.ListApiKeys:output_type -> posthaste.v1.ListApiKeysResponse
-	15, // 65: posthaste.v1.MailService.RevokeApiKey:output_type -> posthaste.v1.ApiKey
-	54, // [54:66] is the sub-list for method output_type
-	42, // [42:54] is the sub-list for method input_type
-	42, // [42:42] is the sub-list for extension type_name
-	42, // [42:42] is the sub-list for extension extendee
-	0,  // [0:42] is the sub-list for field type_name
+	50, // 42: posthaste.v1.Webhook.created_at:type_name -> google.protobuf.Timestamp
+	50, // 43: posthaste.v1.Webhook.updated_at:type_name -> google.protobuf.Timestamp
+	50, // 44: posthaste.v1.Webhook.disabled_at:type_name -> google.protobuf.Timestamp
+	50, // 45: posthaste.v1.Webhook.previous_secret_expires_at:type_name -> google.protobuf.Timestamp
+	32, // 46: posthaste.v1.CreateWebhookResponse.webhook:type_name -> posthaste.v1.Webhook
+	32, // 47: posthaste.v1.ListWebhooksResponse.webhooks:type_name -> posthaste.v1.Webhook
+	32, // 48: posthaste.v1.UpdateWebhookRequest.webhook:type_name -> posthaste.v1.Webhook
+	52, // 49: posthaste.v1.UpdateWebhookRequest.update_mask:type_name -> google.protobuf.FieldMask
+	32, // 50: posthaste.v1.RotateWebhookSecretResponse.webhook:type_name -> posthaste.v1.Webhook
+	50, // 51: posthaste.v1.WebhookDelivery.next_attempt_at:type_name -> google.protobuf.Timestamp
+	50, // 52: posthaste.v1.WebhookDelivery.last_attempt_at:type_name -> google.protobuf.Timestamp
+	51, // 53: posthaste.v1.WebhookDelivery.last_latency:type_name -> google.protobuf.Duration
+	50, // 54: posthaste.v1.WebhookDelivery.created_at:type_name -> google.protobuf.Timestamp
+	43, // 55: posthaste.v1.ListWebhookDeliveriesResponse.deliveries:type_name -> posthaste.v1.WebhookDelivery
+	3,  // 56: posthaste.v1.MailService.SendMessage:input_type -> posthaste.v1.SendMessageRequest
+	4,  // 57: posthaste.v1.MailService.SendRawMessage:input_type -> posthaste.v1.SendRawMessageRequest
+	7,  // 58: posthaste.v1.MailService.GetMessage:input_type -> posthaste.v1.GetMessageRequest
+	9,  // 59: posthaste.v1.MailService.ListMessages:input_type -> posthaste.v1.ListMessagesRequest
+	8,  // 60: posthaste.v1.MailService.CancelMessage:input_type -> posthaste.v1.CancelMessageRequest
+	22, // 61: posthaste.v1.MailService.ListMessageEvents:input_type -> posthaste.v1.ListMessageEventsRequest
+	24, // 62: posthaste.v1.MailService.ListEvents:input_type -> posthaste.v1.ListEventsRequest
+	26, // 63: posthaste.v1.MailService.StreamEvents:input_type -> posthaste.v1.StreamEventsRequest
+	28, // 64: posthaste.v1.MailService.WatchMessage:input_type -> posthaste.v1.WatchMessageRequest
+	16, // 65: posthaste.v1.MailService.CreateApiKey:input_type -> posthaste.v1.CreateApiKeyRequest
+	18, // 66: posthaste.v1.MailService.ListApiKeys:input_type -> posthaste.v1.ListApiKeysRequest
+	20, // 67: posthaste.v1.MailService.RevokeApiKey:input_type -> posthaste.v1.RevokeApiKeyRequest
+	33, // 68: posthaste.v1.MailService.CreateWebhook:input_type -> posthaste.v1.CreateWebhookRequest
+	35, // 69: posthaste.v1.MailService.ListWebhooks:input_type -> posthaste.v1.ListWebhooksRequest
+	37, // 70: posthaste.v1.MailService.GetWebhook:input_type -> posthaste.v1.GetWebhookRequest
+	38, // 71: posthaste.v1.MailService.UpdateWebhook:input_type -> posthaste.v1.UpdateWebhookRequest
+	39, // 72: posthaste.v1.MailService.DeleteWebhook:input_type -> posthaste.v1.DeleteWebhookRequest
+	41, // 73: posthaste.v1.MailService.RotateWebhookSecret:input_type -> posthaste.v1.RotateWebhookSecretRequest
+	44, // 74: posthaste.v1.MailService.ListWebhookDeliveries:input_type -> posthaste.v1.ListWebhookDeliveriesRequest
+	46, // 75: posthaste.v1.MailService.RetryWebhookDelivery:input_type -> posthaste.v1.RetryWebhookDeliveryRequest
+	5,  // 76: posthaste.v1.MailService.SendMessage:output_type -> posthaste.v1.SendMessageResponse
+	5,  // 77: posthaste.v1.MailService.SendRawMessage:output_type -> posthaste.v1.SendMessageResponse
+	11, // 78: posthaste.v1.MailService.GetMessage:output_type -> posthaste.v1.Message
+	10, // 79: posthaste.v1.MailService.ListMessages:output_type -> posthaste.v1.ListMessagesResponse
+	11, // 80: posthaste.v1.MailService.CancelMessage:output_type -> posthaste.v1.Message
+	23, // 81: posthaste.v1.MailService.ListMessageEvents:output_type -> posthaste.v1.ListMessageEventsResponse
+	25, // 82: posthaste.v1.MailService.ListEvents:output_type -> posthaste.v1.ListEventsResponse
+	27, // 83: posthaste.v1.MailService.StreamEvents:output_type -> posthaste.v1.StreamEventsResponse
+	21, // 84: posthaste.v1.MailService.WatchMessage:output_type -> posthaste.v1.Event
+	17, // 85: posthaste.v1.MailService.CreateApiKey:output_type -> posthaste.v1.CreateApiKeyResponse
+	19, // 86: posthaste.v1.MailService.ListApiKeys:output_type -> posthaste.v1.ListApiKeysResponse
+	15, // 87: posthaste.v1.MailService.RevokeApiKey:output_type -> posthaste.v1.ApiKey
+	34, // 88: posthaste.v1.MailService.CreateWebhook:output_type -> posthaste.v1.CreateWebhookResponse
+	36, // 89: posthaste.v1.MailService.ListWebhooks:output_type -> posthaste.v1.ListWebhooksResponse
+	32, // 90: posthaste.v1.MailService.GetWebhook:output_type -> posthaste.v1.Webhook
+	32, // 91: posthaste.v1.MailService.UpdateWebhook:output_type -> posthaste.v1.Webhook
+	40, // 92: posthaste.v1.MailService.DeleteWebhook:output_type -> posthaste.v1.DeleteWebhookResponse
+	42, // 93: posthaste.v1.MailService.RotateWebhookSecret:output_type -> posthaste.v1.RotateWebhookSecretResponse
+	45, // 94: posthaste.v1.MailService.ListWebhookDeliveries:output_type -> posthaste.v1.ListWebhookDeliveriesResponse
+	43, // 95: posthaste.v1.MailService.RetryWebhookDelivery:output_type -> posthaste.v1.WebhookDelivery
+	76, // [76:96] is the sub-list for method output_type
+	56, // [56:76] is the sub-list for method input_type
+	56, // [56:56] is the sub-list for extension type_name
+	56, // [56:56] is the sub-list for extension extendee
+	0,  // [0:56] is the sub-list for field type_name
 }
 
 func init() { file_posthaste_v1_mail_proto_init() }
@@ -2909,13 +4011,14 @@ func file_posthaste_v1_mail_proto_init() {
 	if File_posthaste_v1_mail_proto != nil {
 		return
 	}
+	file_posthaste_v1_mail_proto_msgTypes[33].OneofWrappers = []any{}
 	type x struct{}
 	out := protoimpl.TypeBuilder{
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_posthaste_v1_mail_proto_rawDesc), len(file_posthaste_v1_mail_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   35,
+			NumMessages:   50,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

@@ -19,18 +19,26 @@ import (
 const _ = grpc.SupportPackageIsVersion9
 
 const (
-	MailService_SendMessage_FullMethodName       = "/posthaste.v1.MailService/SendMessage"
-	MailService_SendRawMessage_FullMethodName    = "/posthaste.v1.MailService/SendRawMessage"
-	MailService_GetMessage_FullMethodName        = "/posthaste.v1.MailService/GetMessage"
-	MailService_ListMessages_FullMethodName      = "/posthaste.v1.MailService/ListMessages"
-	MailService_CancelMessage_FullMethodName     = "/posthaste.v1.MailService/CancelMessage"
-	MailService_ListMessageEvents_FullMethodName = "/posthaste.v1.MailService/ListMessageEvents"
-	MailService_ListEvents_FullMethodName        = "/posthaste.v1.MailService/ListEvents"
-	MailService_StreamEvents_FullMethodName      = "/posthaste.v1.MailService/StreamEvents"
-	MailService_WatchMessage_FullMethodName      = "/posthaste.v1.MailService/WatchMessage"
-	MailService_CreateApiKey_FullMethodName      = "/posthaste.v1.MailService/CreateApiKey"
-	MailService_ListApiKeys_FullMethodName       = "/posthaste.v1.MailService/ListApiKeys"
-	MailService_RevokeApiKey_FullMethodName      = "/posthaste.v1.MailService/RevokeApiKey"
+	MailService_SendMessage_FullMethodName           = "/posthaste.v1.MailService/SendMessage"
+	MailService_SendRawMessage_FullMethodName        = "/posthaste.v1.MailService/SendRawMessage"
+	MailService_GetMessage_FullMethodName            = "/posthaste.v1.MailService/GetMessage"
+	MailService_ListMessages_FullMethodName          = "/posthaste.v1.MailService/ListMessages"
+	MailService_CancelMessage_FullMethodName         = "/posthaste.v1.MailService/CancelMessage"
+	MailService_ListMessageEvents_FullMethodName     = "/posthaste.v1.MailService/ListMessageEvents"
+	MailService_ListEvents_FullMethodName            = "/posthaste.v1.MailService/ListEvents"
+	MailService_StreamEvents_FullMethodName          = "/posthaste.v1.MailService/StreamEvents"
+	MailService_WatchMessage_FullMethodName          = "/posthaste.v1.MailService/WatchMessage"
+	MailService_CreateApiKey_FullMethodName          = "/posthaste.v1.MailService/CreateApiKey"
+	MailService_ListApiKeys_FullMethodName           = "/posthaste.v1.MailService/ListApiKeys"
+	MailService_RevokeApiKey_FullMethodName          = "/posthaste.v1.MailService/RevokeApiKey"
+	MailService_CreateWebhook_FullMethodName         = "/posthaste.v1.MailService/CreateWebhook"
+	MailService_ListWebhooks_FullMethodName          = "/posthaste.v1.MailService/ListWebhooks"
+	MailService_GetWebhook_FullMethodName            = "/posthaste.v1.MailService/GetWebhook"
+	MailService_UpdateWebhook_FullMethodName         = "/posthaste.v1.MailService/UpdateWebhook"
+	MailService_DeleteWebhook_FullMethodName         = "/posthaste.v1.MailService/DeleteWebhook"
+	MailService_RotateWebhookSecret_FullMethodName   = "/posthaste.v1.MailService/RotateWebhookSecret"
+	MailService_ListWebhookDeliveries_FullMethodName = "/posthaste.v1.MailService/ListWebhookDeliveries"
+	MailService_RetryWebhookDelivery_FullMethodName  = "/posthaste.v1.MailService/RetryWebhookDelivery"
 )
 
 // MailServiceClient is the client API for MailService service.
@@ -95,6 +103,38 @@ type MailServiceClient interface {
 	// with it are refused as Unauthenticated from then on. Revoking a revoked
 	// key changes nothing. Needs the admin scope.
 	RevokeApiKey(ctx context.Context, in *RevokeApiKeyRequest, opts ...grpc.CallOption) (*ApiKey, error)
+	// CreateWebhook adds an endpoint that receives the project's events,
+	// signed as the Standard Webhooks specification says. The signing secret
+	// is in the answer only, once. The URL must be http or https, without
+	// user info, and must not point at a loopback, private, link-local or
+	// metadata address. Needs the admin scope.
+	CreateWebhook(ctx context.Context, in *CreateWebhookRequest, opts ...grpc.CallOption) (*CreateWebhookResponse, error)
+	// ListWebhooks returns every endpoint of the caller's project, oldest
+	// first, never their secrets. Needs the admin scope.
+	ListWebhooks(ctx context.Context, in *ListWebhooksRequest, opts ...grpc.CallOption) (*ListWebhooksResponse, error)
+	// GetWebhook returns one endpoint of the caller's project. Needs the
+	// admin scope.
+	GetWebhook(ctx context.Context, in *GetWebhookRequest, opts ...grpc.CallOption) (*Webhook, error)
+	// UpdateWebhook changes the fields named in update_mask (over REST, the
+	// fields present in the body): url, event_types, enabled, description.
+	// Enabling a disabled endpoint starts its count of failures afresh.
+	// Needs the admin scope.
+	UpdateWebhook(ctx context.Context, in *UpdateWebhookRequest, opts ...grpc.CallOption) (*Webhook, error)
+	// DeleteWebhook deletes an endpoint and its delivery log. Needs the admin
+	// scope.
+	DeleteWebhook(ctx context.Context, in *DeleteWebhookRequest, opts ...grpc.CallOption) (*DeleteWebhookResponse, error)
+	// RotateWebhookSecret gives an endpoint a new signing secret, returned
+	// once. The previous secret keeps signing alongside it (two signatures
+	// in webhook-signature) until previous_secret_expires_at. Needs the
+	// admin scope.
+	RotateWebhookSecret(ctx context.Context, in *RotateWebhookSecretRequest, opts ...grpc.CallOption) (*RotateWebhookSecretResponse, error)
+	// ListWebhookDeliveries returns an endpoint's deliveries, newest first.
+	// Needs the admin scope.
+	ListWebhookDeliveries(ctx context.Context, in *ListWebhookDeliveriesRequest, opts ...grpc.CallOption) (*ListWebhookDeliveriesResponse, error)
+	// RetryWebhookDelivery sends a failed (or delivered) delivery again, with
+	// the whole retry schedule; a delivery still pending or sending is left
+	// as it is. Needs the admin scope.
+	RetryWebhookDelivery(ctx context.Context, in *RetryWebhookDeliveryRequest, opts ...grpc.CallOption) (*WebhookDelivery, error)
 }
 
 type mailServiceClient struct {
@@ -243,6 +283,86 @@ func (c *mailServiceClient) RevokeApiKey(ctx context.Context, in *RevokeApiKeyRe
 	return out, nil
 }
 
+func (c *mailServiceClient) CreateWebhook(ctx context.Context, in *CreateWebhookRequest, opts ...grpc.CallOption) (*CreateWebhookResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(CreateWebhookResponse)
+	err := c.cc.Invoke(ctx, MailService_CreateWebhook_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *mailServiceClient) ListWebhooks(ctx context.Context, in *ListWebhooksRequest, opts ...grpc.CallOption) (*ListWebhooksResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(ListWebhooksResponse)
+	err := c.cc.Invoke(ctx, MailService_ListWebhooks_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *mailServiceClient) GetWebhook(ctx context.Context, in *GetWebhookRequest, opts ...grpc.CallOption) (*Webhook, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(Webhook)
+	err := c.cc.Invoke(ctx, MailService_GetWebhook_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *mailServiceClient) UpdateWebhook(ctx context.Context, in *UpdateWebhookRequest, opts ...grpc.CallOption) (*Webhook, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(Webhook)
+	err := c.cc.Invoke(ctx, MailService_UpdateWebhook_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *mailServiceClient) DeleteWebhook(ctx context.Context, in *DeleteWebhookRequest, opts ...grpc.CallOption) (*DeleteWebhookResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(DeleteWebhookResponse)
+	err := c.cc.Invoke(ctx, MailService_DeleteWebhook_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *mailServiceClient) RotateWebhookSecret(ctx context.Context, in *RotateWebhookSecretRequest, opts ...grpc.CallOption) (*RotateWebhookSecretResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(RotateWebhookSecretResponse)
+	err := c.cc.Invoke(ctx, MailService_RotateWebhookSecret_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *mailServiceClient) ListWebhookDeliveries(ctx context.Context, in *ListWebhookDeliveriesRequest, opts ...grpc.CallOption) (*ListWebhookDeliveriesResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(ListWebhookDeliveriesResponse)
+	err := c.cc.Invoke(ctx, MailService_ListWebhookDeliveries_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *mailServiceClient) RetryWebhookDelivery(ctx context.Context, in *RetryWebhookDeliveryRequest, opts ...grpc.CallOption) (*WebhookDelivery, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(WebhookDelivery)
+	err := c.cc.Invoke(ctx, MailService_RetryWebhookDelivery_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // MailServiceServer is the server API for MailService service.
 // All implementations must embed UnimplementedMailServiceServer
 // for forward compatibility.
@@ -305,6 +425,38 @@ type MailServiceServer interface {
 	// with it are refused as Unauthenticated from then on. Revoking a revoked
 	// key changes nothing. Needs the admin scope.
 	RevokeApiKey(context.Context, *RevokeApiKeyRequest) (*ApiKey, error)
+	// CreateWebhook adds an endpoint that receives the project's events,
+	// signed as the Standard Webhooks specification says. The signing secret
+	// is in the answer only, once. The URL must be http or https, without
+	// user info, and must not point at a loopback, private, link-local or
+	// metadata address. Needs the admin scope.
+	CreateWebhook(context.Context, *CreateWebhookRequest) (*CreateWebhookResponse, error)
+	// ListWebhooks returns every endpoint of the caller's project, oldest
+	// first, never their secrets. Needs the admin scope.
+	ListWebhooks(context.Context, *ListWebhooksRequest) (*ListWebhooksResponse, error)
+	// GetWebhook returns one endpoint of the caller's project. Needs the
+	// admin scope.
+	GetWebhook(context.Context, *GetWebhookRequest) (*Webhook, error)
+	// UpdateWebhook changes the fields named in update_mask (over REST, the
+	// fields present in the body): url, event_types, enabled, description.
+	// Enabling a disabled endpoint starts its count of failures afresh.
+	// Needs the admin scope.
+	UpdateWebhook(context.Context, *UpdateWebhookRequest) (*Webhook, error)
+	// DeleteWebhook deletes an endpoint and its delivery log. Needs the admin
+	// scope.
+	DeleteWebhook(context.Context, *DeleteWebhookRequest) (*DeleteWebhookResponse, error)
+	// RotateWebhookSecret gives an endpoint a new signing secret, returned
+	// once. The previous secret keeps signing alongside it (two signatures
+	// in webhook-signature) until previous_secret_expires_at. Needs the
+	// admin scope.
+	RotateWebhookSecret(context.Context, *RotateWebhookSecretRequest) (*RotateWebhookSecretResponse, error)
+	// ListWebhookDeliveries returns an endpoint's deliveries, newest first.
+	// Needs the admin scope.
+	ListWebhookDeliveries(context.Context, *ListWebhookDeliveriesRequest) (*ListWebhookDeliveriesResponse, error)
+	// RetryWebhookDelivery sends a failed (or delivered) delivery again, with
+	// the whole retry schedule; a delivery still pending or sending is left
+	// as it is. Needs the admin scope.
+	RetryWebhookDelivery(context.Context, *RetryWebhookDeliveryRequest) (*WebhookDelivery, error)
 	mustEmbedUnimplementedMailServiceServer()
 }
 
@@ -350,6 +502,30 @@ func (UnimplementedMailServiceServer) ListApiKeys(context.Context, *ListApiKeysR
 }
 func (UnimplementedMailServiceServer) RevokeApiKey(context.Context, *RevokeApiKeyRequest) (*ApiKey, error) {
 	return nil, status.Error(codes.Unimplemented, "method RevokeApiKey not implemented")
+}
+func (UnimplementedMailServiceServer) CreateWebhook(context.Context, *CreateWebhookRequest) (*CreateWebhookResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method CreateWebhook not implemented")
+}
+func (UnimplementedMailServiceServer) ListWebhooks(context.Context, *ListWebhooksRequest) (*ListWebhooksResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method ListWebhooks not implemented")
+}
+func (UnimplementedMailServiceServer) GetWebhook(context.Context, *GetWebhookRequest) (*Webhook, error) {
+	return nil, status.Error(codes.Unimplemented, "method GetWebhook not implemented")
+}
+func (UnimplementedMailServiceServer) UpdateWebhook(context.Context, *UpdateWebhookRequest) (*Webhook, error) {
+	return nil, status.Error(codes.Unimplemented, "method UpdateWebhook not implemented")
+}
+func (UnimplementedMailServiceServer) DeleteWebhook(context.Context, *DeleteWebhookRequest) (*DeleteWebhookResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method DeleteWebhook not implemented")
+}
+func (UnimplementedMailServiceServer) RotateWebhookSecret(context.Context, *RotateWebhookSecretRequest) (*RotateWebhookSecretResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method RotateWebhookSecret not implemented")
+}
+func (UnimplementedMailServiceServer) ListWebhookDeliveries(context.Context, *ListWebhookDeliveriesRequest) (*ListWebhookDeliveriesResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method ListWebhookDeliveries not implemented")
+}
+func (UnimplementedMailServiceServer) RetryWebhookDelivery(context.Context, *RetryWebhookDeliveryRequest) (*WebhookDelivery, error) {
+	return nil, status.Error(codes.Unimplemented, "method RetryWebhookDelivery not implemented")
 }
 func (UnimplementedMailServiceServer) mustEmbedUnimplementedMailServiceServer() {}
 func (UnimplementedMailServiceServer) testEmbeddedByValue()                     {}
@@ -574,6 +750,150 @@ func _MailService_RevokeApiKey_Handler(srv interface{}, ctx context.Context, dec
 	return interceptor(ctx, in, info, handler)
 }
 
+func _MailService_CreateWebhook_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(CreateWebhookRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(MailServiceServer).CreateWebhook(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: MailService_CreateWebhook_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(MailServiceServer).CreateWebhook(ctx, req.(*CreateWebhookRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _MailService_ListWebhooks_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(ListWebhooksRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(MailServiceServer).ListWebhooks(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: MailService_ListWebhooks_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(MailServiceServer).ListWebhooks(ctx, req.(*ListWebhooksRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _MailService_GetWebhook_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(GetWebhookRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(MailServiceServer).GetWebhook(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: MailService_GetWebhook_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(MailServiceServer).GetWebhook(ctx, req.(*GetWebhookRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _MailService_UpdateWebhook_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(UpdateWebhookRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(MailServiceServer).UpdateWebhook(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: MailService_UpdateWebhook_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(MailServiceServer).UpdateWebhook(ctx, req.(*UpdateWebhookRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _MailService_DeleteWebhook_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(DeleteWebhookRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(MailServiceServer).DeleteWebhook(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: MailService_DeleteWebhook_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(MailServiceServer).DeleteWebhook(ctx, req.(*DeleteWebhookRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _MailService_RotateWebhookSecret_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(RotateWebhookSecretRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(MailServiceServer).RotateWebhookSecret(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: MailService_RotateWebhookSecret_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(MailServiceServer).RotateWebhookSecret(ctx, req.(*RotateWebhookSecretRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _MailService_ListWebhookDeliveries_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(ListWebhookDeliveriesRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(MailServiceServer).ListWebhookDeliveries(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: MailService_ListWebhookDeliveries_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(MailServiceServer).ListWebhookDeliveries(ctx, req.(*ListWebhookDeliveriesRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _MailService_RetryWebhookDelivery_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(RetryWebhookDeliveryRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(MailServiceServer).RetryWebhookDelivery(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: MailService_RetryWebhookDelivery_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(MailServiceServer).RetryWebhookDelivery(ctx, req.(*RetryWebhookDeliveryRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // MailService_ServiceDesc is the grpc.ServiceDesc for MailService service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -620,6 +940,38 @@ var MailService_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "RevokeApiKey",
 			Handler:    _MailService_RevokeApiKey_Handler,
+		},
+		{
+			MethodName: "CreateWebhook",
+			Handler:    _MailService_CreateWebhook_Handler,
+		},
+		{
+			MethodName: "ListWebhooks",
+			Handler:    _MailService_ListWebhooks_Handler,
+		},
+		{
+			MethodName: "GetWebhook",
+			Handler:    _MailService_GetWebhook_Handler,
+		},
+		{
+			MethodName: "UpdateWebhook",
+			Handler:    _MailService_UpdateWebhook_Handler,
+		},
+		{
+			MethodName: "DeleteWebhook",
+			Handler:    _MailService_DeleteWebhook_Handler,
+		},
+		{
+			MethodName: "RotateWebhookSecret",
+			Handler:    _MailService_RotateWebhookSecret_Handler,
+		},
+		{
+			MethodName: "ListWebhookDeliveries",
+			Handler:    _MailService_ListWebhookDeliveries_Handler,
+		},
+		{
+			MethodName: "RetryWebhookDelivery",
+			Handler:    _MailService_RetryWebhookDelivery_Handler,
 		},
 	},
 	Streams: []grpc.StreamDesc{
