@@ -299,7 +299,6 @@ func TestParseReportBroken(t *testing.T) {
 	}
 }
 
-
 func TestFindCodes(t *testing.T) {
 	t.Parallel()
 	tests := []struct {
