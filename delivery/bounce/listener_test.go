@@ -365,7 +365,9 @@ func TestListenerStopCancelsHandler(t *testing.T) {
 	}
 	c := dial(t, l.Addr())
 	sendErr := make(chan error, 1)
-	go func() { sendErr <- send(c, []string{v.Address(testMsgID, RecipientRef{})}, readFixture(t, "exim_text.eml")) }()
+	go func() {
+		sendErr <- send(c, []string{v.Address(testMsgID, RecipientRef{})}, readFixture(t, "exim_text.eml"))
+	}()
 	<-entered
 	l.Stop()
 	<-canceled
