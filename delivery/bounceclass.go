@@ -92,7 +92,7 @@ var bounceRules = []bounceRule{
 	{name: "blocklist", class: BouncePolicy, text: rx(`blocked using|block ?list|black ?list|\blisted (in|on|at|by)\b|spamhaus|spamcop|barracuda|sorbs|dnsbl|\brbl\b|\bs5h\b|uceprotect`)},
 
 	{name: "rate-limit-code", class: BounceRateLimit, transient: true, codes: []string{"x.7.28", "x.4.5"}},
-	{name: "rate-limit-text", class: BounceRateLimit, transient: true, text: rx(`too many (connections|concurrent|messages|mails|emails|recipients|sessions)|rate ?limit|rate-limit|throttl|unusual rate|sending rate|receiving mail (at )?a rate|temporarily deferred|unexpected volume|\bts0[0-9]\b|server busy|try again later, closing connection|exceeded .*(sending|message) (limit|quota)|too many .* (per|in) (hour|day|minute)`)},
+	{name: "rate-limit-text", class: BounceRateLimit, transient: true, text: rx(`too many (connections|concurrent|messages|mails|emails|recipients|sessions)|rate ?limit|rate-limit|throttl|unusual rate|sending rate|receiving mail (at )?a rate|temporarily deferred|unexpected volume|\btss0[0-9]\b|server busy|try again later, closing connection|exceeded .*(sending|message) (limit|quota)|too many .* (per|in) (hour|day|minute)`)},
 
 	{name: "dmarc", class: BouncePolicy, codes: []string{"x.7.26", "x.7.27", "x.7.25", "x.7.23", "x.7.24"}},
 	{name: "authentication-text", class: BouncePolicy, text: rx(`dmarc|\bspf\b|\bdkim\b|unauthenticated|not authenticated|authentication (failed|required)|sender (policy|authentication)|reputation|poor reputation|banned sender`)},

@@ -69,6 +69,7 @@ func TestClassifyBounce(t *testing.T) {
 		{"exim too many connections", 421, "4.7.0", "Too many concurrent SMTP connections; please try again later.", BounceRateLimit, false, "rate-limit-text"},
 		{"yahoo deferred", 421, "4.7.0", "[TSS04] Messages from 198.51.100.7 temporarily deferred due to unexpected volume or user complaints - 4.16.55.1; see https://postmaster.yahooinc.com/error-codes",
 			BounceRateLimit, false, "rate-limit-text"},
+		{"yahoo tss code alone", 421, "4.7.0", "[TSS04] Mail from 198.51.100.7 deferred", BounceRateLimit, false, "rate-limit-text"},
 		{"outlook server busy", 451, "4.7.500", "Server busy. Please try again later from [198.51.100.7]. (S77714)", BounceRateLimit, false, "rate-limit-text"},
 		{"gmail unusual rate", 421, "4.7.28", "Our system has detected an unusual rate of unsolicited mail originating from your IP address.",
 			BounceRateLimit, false, "rate-limit-code"},
