@@ -37,9 +37,18 @@ func startCluster(t *testing.T) *cluster {
 	if _, err := pgserver.FindBinDir(context.Background()); err != nil {
 		t.Fatalf("the fault suite needs the PostgreSQL server binaries: %v", err)
 	}
-	root := t.TempDir()
-	// As root the server runs as another user, which must be able to enter
-	// the directory; t.TempDir makes it 0700.
+	// Not t.TempDir: as root the server runs as another user, which must
+	// be able to enter every directory above the cluster, and the test's
+	// temporary directories are private.
+	root, err := os.MkdirTemp("", "posthaste-chaos-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		if err := os.RemoveAll(root); err != nil {
+			t.Errorf("remove cluster directory: %v", err)
+		}
+	})
 	if err := os.Chmod(root, 0o755); err != nil {
 		t.Fatal(err)
 	}
@@ -49,7 +58,7 @@ func startCluster(t *testing.T) *cluster {
 	if err := c.start(ctx); err != nil {
 		t.Fatal(err)
 	}
-	u, err := url.Parse(c.srv.URL())
+	u, err := url.Parse(c.url)
 	if err != nil {
 		t.Fatal(err)
 	}

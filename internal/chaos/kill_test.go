@@ -26,7 +26,7 @@ func TestKillService(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	sk := startSink(t)
+	sk := startSink(t, 50*time.Millisecond)
 	svc := newService(t, buildPosthaste(t), serviceConfig{databaseURL: databaseURL, sinkAddr: sk.addr})
 	if err := svc.start(ctx); err != nil {
 		t.Fatal(err)
@@ -90,6 +90,9 @@ func TestKillService(t *testing.T) {
 		percentile(recoveries, 0.5).Round(time.Millisecond), percentile(recoveries, 0.9).Round(time.Millisecond),
 		percentile(recoveries, 1).Round(time.Millisecond), lease)
 
+	t.Logf("service log: %d rescues of expired leases, %d outcomes dropped or skipped for a lost lease",
+		svc.logCount("rescued expired leases"),
+		svc.logCount("outcomes dropped, lease lost")+svc.logCount("outcomes skipped, lease lost"))
 	if len(missing) > 0 {
 		t.Errorf("lost: %d accepted messages never delivered, e.g. %v", len(missing), firstN(missing, 5))
 	}

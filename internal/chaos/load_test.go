@@ -16,6 +16,7 @@ import (
 	"time"
 
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/backoff"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/metadata"
@@ -86,7 +87,17 @@ type loadConfig struct {
 }
 
 func startLoad(ctx context.Context, svc *service, cfg loadConfig) (*load, error) {
-	conn, err := grpc.NewClient(svc.grpcAddr, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	conn, err := grpc.NewClient(svc.grpcAddr,
+		grpc.WithTransportCredentials(insecure.NewCredentials()),
+		// A restarted service is back within a fraction of a second; the
+		// default backoff (up to two minutes) would idle the gRPC senders.
+		grpc.WithConnectParams(grpc.ConnectParams{
+			Backoff:           backoff.Config{BaseDelay: 50 * time.Millisecond, Multiplier: 1.6, Jitter: 0.2, MaxDelay: 500 * time.Millisecond},
+			MinConnectTimeout: 2 * time.Second,
+		}),
+		// Calls wait for the connection instead of failing at once while
+		// the service restarts; the 5s deadline still bounds them.
+		grpc.WithDefaultCallOptions(grpc.WaitForReady(true)))
 	if err != nil {
 		return nil, fmt.Errorf("grpc client for %s: %w", svc.grpcAddr, err)
 	}

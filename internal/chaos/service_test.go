@@ -94,7 +94,7 @@ func newService(t *testing.T, bin string, cfg serviceConfig) *service {
 			t.Errorf("stop posthaste: %v", err)
 		}
 		if t.Failed() {
-			t.Logf("posthaste log (last lines):\n%s", tail(s.logPath, 60))
+			t.Logf("posthaste log (last lines):\n%s", tail(s.logPath, 300))
 		}
 	})
 	return s

@@ -7,6 +7,7 @@ import (
 	"log"
 	"net"
 	"sync"
+	"time"
 	"testing"
 
 	"github.com/emersion/go-smtp"
@@ -17,8 +18,9 @@ import (
 // data). It also counts the sessions open at any moment: a kill can only
 // duplicate messages whose transaction was on one of those.
 type sink struct {
-	addr string
-	srv  *smtp.Server
+	addr  string
+	srv   *smtp.Server
+	delay time.Duration // before the reply to the end of the data
 
 	mu        sync.Mutex
 	delivered map[string]int
@@ -27,9 +29,12 @@ type sink struct {
 	changed   chan struct{} // closed and replaced on every delivery
 }
 
-func startSink(t *testing.T) *sink {
+// startSink starts a sink that takes delay to answer the end of the data,
+// like a receiver that scans and stores each message: the longer it takes,
+// the more sessions are in flight when a fault strikes.
+func startSink(t *testing.T, delay time.Duration) *sink {
 	t.Helper()
-	s := &sink{delivered: make(map[string]int), changed: make(chan struct{})}
+	s := &sink{delay: delay, delivered: make(map[string]int), changed: make(chan struct{})}
 	srv := smtp.NewServer(sinkBackend{s})
 	srv.Domain = "sink.test"
 	srv.MaxRecipients = 1000
@@ -115,6 +120,10 @@ func (ss *sinkSession) Data(r io.Reader) error {
 	// is not counted.
 	if _, err := io.Copy(io.Discard, r); err != nil {
 		return err
+	}
+	if ss.s.delay > 0 {
+		// Not waiting for async work: this is the receiver's own pace.
+		time.Sleep(ss.s.delay)
 	}
 	ss.s.mu.Lock()
 	defer ss.s.mu.Unlock()
