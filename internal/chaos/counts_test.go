@@ -92,8 +92,28 @@ func waitDelivered(ctx context.Context, sk *sink, rcpts []string) []string {
 	}
 }
 
+// waitFinal waits until every accepted message is delivered in the
+// database (the sink counts a message before its outcome is committed), and
+// returns those the database does not hold (a 2xx for something not
+// committed) and those still not delivered when ctx ends.
+func waitFinal(ctx context.Context, databaseURL string, sends []send) (absent, undelivered []string, err error) {
+	for {
+		absent, undelivered, err = notFinal(ctx, databaseURL, sends)
+		if err != nil || len(absent)+len(undelivered) == 0 {
+			return absent, undelivered, err
+		}
+		t := time.NewTimer(200 * time.Millisecond)
+		select {
+		case <-ctx.Done():
+			t.Stop()
+			return absent, undelivered, nil
+		case <-t.C:
+		}
+	}
+}
+
 // notFinal returns the accepted messages whose ids the database does not
-// hold (a 2xx for something not committed) and those not delivered.
+// hold and those not delivered.
 func notFinal(ctx context.Context, databaseURL string, sends []send) (absent, undelivered []string, err error) {
 	var ids []string
 	for _, s := range sends {

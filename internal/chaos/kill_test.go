@@ -102,7 +102,9 @@ func TestKillService(t *testing.T) {
 	if c.other > 0 {
 		t.Errorf("%d requests got an answer other than 2xx or 503: %v", c.other, otherAnswers(sends, 5))
 	}
-	absent, undelivered, err := notFinal(ctx, databaseURL, sends)
+	fctx, fcancel := context.WithTimeout(ctx, 10*lease)
+	absent, undelivered, err := waitFinal(fctx, databaseURL, sends)
+	fcancel()
 	if err != nil {
 		t.Fatal(err)
 	}

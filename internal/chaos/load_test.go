@@ -68,7 +68,7 @@ func (l *ledger) all() []send {
 // over REST and half over gRPC, each message to a recipient of its own,
 // until stopped.
 type load struct {
-	svc    *service
+	svc    *instance
 	ledger *ledger
 	seq    atomic.Int64
 	prefix string
@@ -86,7 +86,7 @@ type loadConfig struct {
 	prefix  string        // local-part prefix of the recipients
 }
 
-func startLoad(ctx context.Context, svc *service, cfg loadConfig) (*load, error) {
+func startLoad(ctx context.Context, svc *instance, cfg loadConfig) (*load, error) {
 	conn, err := grpc.NewClient(svc.grpcAddr,
 		grpc.WithTransportCredentials(insecure.NewCredentials()),
 		// A restarted service is back within a fraction of a second; the

@@ -153,7 +153,9 @@ func TestDatabaseCrash(t *testing.T) {
 	if duringDown > 0 && unavailableDuringDown == 0 {
 		t.Errorf("no request made while the database was down was answered 503 / Unavailable")
 	}
-	absent, undelivered, err := notFinal(ctx, databaseURL, sends)
+	fctx, fcancel := context.WithTimeout(ctx, 10*lease)
+	absent, undelivered, err := waitFinal(fctx, databaseURL, sends)
+	fcancel()
 	if err != nil {
 		t.Fatal(err)
 	}

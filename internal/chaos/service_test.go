@@ -40,9 +40,9 @@ func buildPosthaste(t *testing.T) string {
 	return bin
 }
 
-// service runs `posthaste serve` as a child process, again and again on
+// instance runs `posthaste serve` as a child process, again and again on
 // the same addresses, each run's log appended to one file.
-type service struct {
+type instance struct {
 	bin      string
 	args     []string
 	httpAddr string
@@ -63,12 +63,12 @@ type serviceConfig struct {
 	extra        []string
 }
 
-func newService(t *testing.T, bin string, cfg serviceConfig) *service {
+func newService(t *testing.T, bin string, cfg serviceConfig) *instance {
 	t.Helper()
 	if cfg.pollInterval == 0 {
 		cfg.pollInterval = time.Second
 	}
-	s := &service{
+	s := &instance{
 		bin:      bin,
 		httpAddr: freeAddr(t),
 		grpcAddr: freeAddr(t),
@@ -96,6 +96,11 @@ func newService(t *testing.T, bin string, cfg serviceConfig) *service {
 		if t.Failed() {
 			t.Logf("posthaste log (last lines):\n%s", tail(s.logPath, 300))
 		}
+		if dir := os.Getenv(keepLogsEnv); dir != "" {
+			if err := keepLog(s.logPath, dir, t.Name()); err != nil {
+				t.Errorf("keep posthaste log: %v", err)
+			}
+		}
 	})
 	return s
 }
@@ -116,7 +121,7 @@ func freeAddr(t *testing.T) string {
 }
 
 // start launches the service and waits until /healthz answers 200.
-func (s *service) start(ctx context.Context) error {
+func (s *instance) start(ctx context.Context) error {
 	logFile, err := os.OpenFile(s.logPath, os.O_WRONLY|os.O_CREATE|os.O_APPEND, 0o600)
 	if err != nil {
 		return fmt.Errorf("open service log: %w", err)
@@ -159,7 +164,7 @@ func (s *service) start(ctx context.Context) error {
 }
 
 // healthy reports whether /healthz answers 200 (the database is reachable).
-func (s *service) healthy(ctx context.Context, client *http.Client) bool {
+func (s *instance) healthy(ctx context.Context, client *http.Client) bool {
 	req, err := http.NewRequestWithContext(ctx, http.MethodGet, "http://"+s.httpAddr+"/healthz", nil)
 	if err != nil {
 		return false
@@ -173,7 +178,7 @@ func (s *service) healthy(ctx context.Context, client *http.Client) bool {
 }
 
 // running reports whether the current run's process is alive.
-func (s *service) running() bool {
+func (s *instance) running() bool {
 	s.mu.Lock()
 	exited := s.exited
 	s.mu.Unlock()
@@ -189,7 +194,7 @@ func (s *service) running() bool {
 }
 
 // pid is the current run's process id, 0 when none was started.
-func (s *service) pid() int {
+func (s *instance) pid() int {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if s.cmd == nil {
@@ -200,7 +205,7 @@ func (s *service) pid() int {
 
 // kill sends SIGKILL to the current run, if it is alive, and waits until it
 // has been reaped, so that its ports and SMTP connections are closed.
-func (s *service) kill() error {
+func (s *instance) kill() error {
 	s.mu.Lock()
 	cmd, exited := s.cmd, s.exited
 	s.mu.Unlock()
@@ -216,6 +221,22 @@ func (s *service) kill() error {
 	case <-time.After(30 * time.Second):
 		return fmt.Errorf("posthaste %d still running 30s after SIGKILL", cmd.Process.Pid)
 	}
+}
+
+// keepLogsEnv names a directory to copy each service's whole log into,
+// for reading after the run.
+const keepLogsEnv = "POSTHASTE_CHAOS_LOG_DIR"
+
+func keepLog(path, dir, name string) error {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return err
+	}
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		return err
+	}
+	dst := filepath.Join(dir, strings.NewReplacer("/", "_", " ", "_").Replace(name)+".log")
+	return os.WriteFile(dst, b, 0o644)
 }
 
 // tail returns the last n lines of a file, for failure messages.
@@ -237,11 +258,10 @@ func tail(path string, n int) string {
 }
 
 // logCount counts the lines of the service's log that contain substr.
-func (s *service) logCount(substr string) int {
+func (s *instance) logCount(substr string) int {
 	b, err := os.ReadFile(s.logPath)
 	if err != nil {
 		return 0
 	}
 	return bytes.Count(b, []byte(substr))
 }
-

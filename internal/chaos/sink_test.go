@@ -7,8 +7,8 @@ import (
 	"log"
 	"net"
 	"sync"
-	"time"
 	"testing"
+	"time"
 
 	"github.com/emersion/go-smtp"
 )
@@ -123,6 +123,8 @@ func (ss *sinkSession) Data(r io.Reader) error {
 	}
 	if ss.s.delay > 0 {
 		// Not waiting for async work: this is the receiver's own pace.
+		// Counted after it, right before the 250, so a message counts
+		// once the sender can learn it was taken.
 		time.Sleep(ss.s.delay)
 	}
 	ss.s.mu.Lock()
