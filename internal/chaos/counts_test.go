@@ -165,3 +165,24 @@ func percentile(ds []time.Duration, p float64) time.Duration {
 func firstN(s []string, n int) []string {
 	return s[:min(n, len(s))]
 }
+
+// leaseLostCopies tells, for the messages of lease lost warnings, how many
+// copies reached the sink: a warning whose recipient arrived once was
+// about an outcome that was in fact written.
+func leaseLostCopies(ids []string, sends []send, received map[string]int) (once, more int) {
+	rcpt := make(map[string]string, len(sends))
+	for _, s := range sends {
+		if s.id != "" {
+			rcpt[s.id] = s.rcpt
+		}
+	}
+	for _, id := range ids {
+		switch n := received[rcpt[id]]; {
+		case n == 1:
+			once++
+		case n > 1:
+			more++
+		}
+	}
+	return once, more
+}

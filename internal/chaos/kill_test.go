@@ -93,6 +93,10 @@ func TestKillService(t *testing.T) {
 	t.Logf("service log: %d rescues of expired leases, %d outcomes dropped or skipped for a lost lease",
 		svc.logCount("rescued expired leases"),
 		svc.logCount("outcomes dropped, lease lost")+svc.logCount("outcomes skipped, lease lost"))
+	lostIDs := svc.leaseLostMessages()
+	once, more := leaseLostCopies(lostIDs, sends, received)
+	t.Logf("lease lost warnings: %d; their recipients reached the sink once: %d, more than once: %d",
+		len(lostIDs), once, more)
 	if len(missing) > 0 {
 		t.Errorf("lost: %d accepted messages never delivered, e.g. %v", len(missing), firstN(missing, 5))
 	}

@@ -123,6 +123,10 @@ func TestDatabaseCrash(t *testing.T) {
 	t.Logf("service log: %d times outcomes kept while the database was down, %d times kept outcomes written, %d outcomes dropped or skipped for a lost lease",
 		svc.logCount("outcomes kept until it returns"), svc.logCount("kept outcomes written"),
 		svc.logCount("outcomes dropped, lease lost")+svc.logCount("outcomes skipped, lease lost"))
+	lostIDs := svc.leaseLostMessages()
+	once, more := leaseLostCopies(lostIDs, sends, received)
+	t.Logf("lease lost warnings: %d; their recipients reached the sink once: %d, more than once: %d",
+		len(lostIDs), once, more)
 	if len(missing) > 0 {
 		t.Errorf("lost: %d accepted messages never delivered, e.g. %v", len(missing), firstN(missing, 5))
 	}

@@ -12,6 +12,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
 	"strings"
 	"sync"
 	"syscall"
@@ -255,6 +256,24 @@ func tail(path string, n int) string {
 		sb.WriteByte('\n')
 	}
 	return sb.String()
+}
+
+// leaseLostRE matches the warnings of outcomes fenced off because the
+// lease was lost, which announce that the recipient will be sent again.
+var leaseLostRE = regexp.MustCompile(`msg="delivery: outcomes (?:dropped|skipped), lease lost".* message_id=(\S+)`)
+
+// leaseLostMessages returns the message ids of the service log's lease
+// lost warnings.
+func (s *instance) leaseLostMessages() []string {
+	b, err := os.ReadFile(s.logPath)
+	if err != nil {
+		return nil
+	}
+	var ids []string
+	for _, m := range leaseLostRE.FindAllSubmatch(b, -1) {
+		ids = append(ids, string(m[1]))
+	}
+	return ids
 }
 
 // logCount counts the lines of the service's log that contain substr.
