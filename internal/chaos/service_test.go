@@ -130,7 +130,9 @@ func (s *instance) start(ctx context.Context) error {
 	cmd := exec.Command(s.bin, s.args...)
 	cmd.Env = append(os.Environ(), "POSTHASTE_LOG_LEVEL=info")
 	cmd.Stdout, cmd.Stderr = logFile, logFile
-	// The service dies with the test process, whatever becomes of it.
+	// Should the test process die without its cleanups, the kernel kills
+	// the service too (the signal follows the forking thread, which the
+	// Go runtime keeps while the process lives).
 	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
 	if err := cmd.Start(); err != nil {
 		_ = logFile.Close()
