@@ -8,7 +8,7 @@
 // The tests carry the build tag chaos, so `go test ./...` leaves them out:
 //
 //	go test -tags chaos -count=1 -v -timeout 30m ./internal/chaos/         # long form (make chaos)
-//	go test -tags chaos -count=1 -v -timeout 10m -short ./internal/chaos/  # short form (CI)
+//	go test -tags chaos -count=1 -v -timeout 30m -short ./internal/chaos/  # short form (CI)
 //
 // They need Linux and the PostgreSQL server binaries; see
 // docs/operations.md for what each test checks.
