@@ -11,7 +11,7 @@ BIN := $(CURDIR)/bin
 # control directly, so tools come from the proxy or not at all.
 TOOLS_GOPROXY := $(shell go env GOPROXY | sed -e 's/[,|]direct$$//')
 
-.PHONY: generate lint tools test bench build check-generated
+.PHONY: generate lint tools test bench build check-generated chaos
 
 build:
 	go build -o $(BIN)/posthaste ./cmd/posthaste
@@ -40,3 +40,9 @@ test:
 # Throughput and allocation benchmarks; see docs/benchmarks.md.
 bench:
 	go test -run '^$$' -bench . -benchmem -count=1 ./delivery/... ./db/... ./internal/app/...
+
+# The fault suite (docs/operations.md#fault-suite): kills the service and
+# its database under load and checks that nothing accepted is lost.
+# CHAOS_FLAGS=-short runs the short form, as CI does.
+chaos:
+	go test -tags chaos -count=1 -v -timeout 30m $(CHAOS_FLAGS) ./internal/chaos/

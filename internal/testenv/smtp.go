@@ -78,6 +78,9 @@ type smtpOptions struct {
 	no8bit    bool
 	noPipe    bool
 	dropData  bool
+	hangData  bool
+	rcptLimit int
+	overLimit *smtp.SMTPError
 }
 
 // WithMailReply answers MAIL FROM with f(from); a nil result accepts.
@@ -139,6 +142,20 @@ func Without8BitMIME() SMTPOption { return func(o *smtpOptions) { o.no8bit = tru
 // connection without replying to the end of the data: the client cannot
 // know whether the message was taken. Nothing is recorded.
 func WithDropAfterData() SMTPOption { return func(o *smtpOptions) { o.dropData = true } }
+
+// WithNoReplyAfterData makes the server read the whole message, end of data
+// included, and then never reply, as a server that hangs while it stores
+// the message would: the client's wait for the reply runs into its data
+// timeout, and whether the message was taken stays unknown. The session is
+// released when the server stops. Nothing is recorded.
+func WithNoReplyAfterData() SMTPOption { return func(o *smtpOptions) { o.hangData = true } }
+
+// WithRcptLimit answers reply to every RCPT TO of a transaction past the
+// first n, as a server enforcing a recipient limit would (RFC 5321 section
+// 4.5.3.1.10 names 452 for this; 4.5.3.1.8 requires taking at least 100).
+func WithRcptLimit(n int, reply *smtp.SMTPError) SMTPOption {
+	return func(o *smtpOptions) { o.rcptLimit, o.overLimit = n, reply }
+}
 
 // StartSMTP starts an SMTP server on 127.0.0.1:0 that advertises SIZE and
 // stops it in t.Cleanup.
@@ -419,6 +436,9 @@ func (ss *smtpSession) Mail(from string, opts *smtp.MailOptions) error {
 }
 
 func (ss *smtpSession) Rcpt(to string, _ *smtp.RcptOptions) error {
+	if o := ss.s.opts; o.overLimit != nil && len(ss.to) >= o.rcptLimit {
+		return o.overLimit
+	}
 	if f := ss.s.opts.rcptReply; f != nil {
 		// A nil *SMTPError must not become a non-nil error.
 		if reply := f(to); reply != nil {
@@ -437,6 +457,10 @@ func (ss *smtpSession) Data(r io.Reader) error {
 	data, err := io.ReadAll(r)
 	if err != nil {
 		return err
+	}
+	if ss.s.opts.hangData {
+		<-ss.s.done
+		return &smtp.SMTPError{Code: 421, EnhancedCode: smtp.EnhancedCode{4, 3, 2}, Message: "shutting down"}
 	}
 	if ss.s.opts.dropData {
 		ss.conn.Conn().Close()

@@ -280,3 +280,52 @@ func TestSMTPServerStopsAtCleanup(t *testing.T) {
 		t.Fatal("SMTP server still listening after cleanup")
 	}
 }
+
+func TestSMTPServerRcptLimit(t *testing.T) {
+	t.Parallel()
+	full := &smtp.SMTPError{Code: 452, EnhancedCode: smtp.EnhancedCode{4, 5, 3}, Message: "too many recipients"}
+	s := StartSMTP(t, WithRcptLimit(2, full))
+	c := dialClient(t, s)
+	if err := c.Mail("a@client.test", nil); err != nil {
+		t.Fatal(err)
+	}
+	for i, want := range []int{0, 0, 452, 452} {
+		err := c.Rcpt(fmt.Sprintf("r%d@mx.test", i), nil)
+		var se *smtp.SMTPError
+		switch {
+		case want == 0 && err != nil:
+			t.Fatalf("RCPT %d: %v", i, err)
+		case want != 0 && (!errors.As(err, &se) || se.Code != want):
+			t.Fatalf("RCPT %d: %v, want %d", i, err, want)
+		}
+	}
+	// The limit is per transaction: after RSET the count starts again.
+	if err := c.Reset(); err != nil {
+		t.Fatal(err)
+	}
+	if err := send(c, "a@client.test", []string{"x@mx.test", "y@mx.test"}, "hi\r\n"); err != nil {
+		t.Fatal(err)
+	}
+	if msgs := s.Messages(); len(msgs) != 1 || len(msgs[0].To) != 2 {
+		t.Fatalf("messages %+v", msgs)
+	}
+}
+
+func TestSMTPServerNoReplyAfterData(t *testing.T) {
+	t.Parallel()
+	s := StartSMTP(t, WithNoReplyAfterData())
+	c := dialClient(t, s)
+	c.SubmissionTimeout = 300 * time.Millisecond
+	start := time.Now()
+	err := send(c, "a@client.test", []string{"b@mx.test"}, "hello\r\n")
+	var ne net.Error
+	if !errors.As(err, &ne) || !ne.Timeout() {
+		t.Fatalf("end of data: %v, want a timeout", err)
+	}
+	if took := time.Since(start); took > 5*time.Second {
+		t.Fatalf("took %s", took)
+	}
+	if len(s.Messages()) != 0 {
+		t.Fatalf("recorded %+v", s.Messages())
+	}
+}
