@@ -63,6 +63,11 @@ type MessageContent struct {
 
 // NewAttempt is one SMTP host tried for a recipient in a delivery attempt.
 type NewAttempt struct {
+	// ID identifies the attempt row; uuid.Nil makes one (NewAttemptID). A
+	// caller that may write the same outcome again, after an error that
+	// leaves unknown whether the first write committed, sets it once so
+	// that the second write recognises the first.
+	ID         uuid.UUID
 	StartedAt  time.Time
 	Duration   time.Duration
 	MXHost     string
@@ -84,6 +89,17 @@ type NewAttempt struct {
 	// DATA and before its reply: the receiver may have the message. Its row
 	// gets the outcome "ambiguous" whatever the recipient's status.
 	Ambiguous bool
+}
+
+// NewAttemptID makes an id for a NewAttempt. Version 7 ids grow with time,
+// so attempts that start within the same microsecond still list in the
+// order they were made.
+func NewAttemptID() (uuid.UUID, error) {
+	id, err := uuid.NewV7()
+	if err != nil {
+		return uuid.Nil, fmt.Errorf("attempt id: %w", err)
+	}
+	return id, nil
 }
 
 // Attempt sources: whose words an attempt's reply is.
@@ -433,8 +449,18 @@ WITH input AS (
         u.message_id, u.id AS recipient_id, u.status AS type,
         CASE WHEN u.status = 'canceled' THEN i.event - 'next_attempt_at' ELSE i.event END AS details
     FROM upd u JOIN input i ON i.id = u.id
-), ` + writeEventsCTE + `
-SELECT id FROM upd`
+), ` + writeEventsCTE + `,
+-- An outcome whose attempt rows are already stored was written by an
+-- earlier call whose commit succeeded but whose answer was lost (the
+-- connection or the server went down at the commit): it counts as applied,
+-- not as fenced off. Attempt ids are chosen by the caller and kept across
+-- its retries.
+prior AS (
+    SELECT DISTINCT recipient_id AS id FROM attempts WHERE id = ANY(@attempt_ids::uuid[])
+)
+SELECT id FROM upd
+UNION
+SELECT id FROM prior`
 
 func validateOutcome(o Outcome) error {
 	switch {
@@ -549,11 +575,12 @@ type attemptRowColumns struct {
 // gets o.Status.
 func (c *attemptRowColumns) add(o Outcome) error {
 	for i, a := range o.Attempts {
-		// Version 7 ids grow with time, so attempts that start within the
-		// same microsecond still list in the order they were made.
-		id, err := uuid.NewV7()
-		if err != nil {
-			return fmt.Errorf("attempt id: %w", err)
+		id := a.ID
+		if id == uuid.Nil {
+			var err error
+			if id, err = NewAttemptID(); err != nil {
+				return err
+			}
 		}
 		outcome := StatusDeferred
 		if i == len(o.Attempts)-1 {

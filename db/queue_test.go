@@ -571,6 +571,48 @@ func TestRecordOutcomesFencing(t *testing.T) {
 	}
 }
 
+// An outcome written again with the same attempt ids, as after a commit
+// whose answer was lost, counts as applied and writes nothing twice; a
+// stale owner's outcome with new ids stays fenced off.
+func TestRecordOutcomesRepeatedWrite(t *testing.T) {
+	t.Parallel()
+	b := setup(t)
+	ctx := context.Background()
+	m := newMessage(t, 1)
+	insert(t, b.db, m)
+	claimed := claimAll(t, b.db, time.Time{})
+	attemptID, err := db.NewAttemptID()
+	if err != nil {
+		t.Fatal(err)
+	}
+	out := db.Outcome{
+		RecipientID: claimed[0].ID, LeaseOwner: claimed[0].LeaseOwner, Status: db.StatusDelivered, Code: 250,
+		Attempts: []db.NewAttempt{{ID: attemptID, StartedAt: time.Now(), MXHost: "mx.example.test", Code: 250}},
+	}
+	for i := range 2 {
+		applied, err := b.db.RecordOutcomes(ctx, []db.Outcome{out})
+		if err != nil || len(applied) != 1 || applied[0] != claimed[0].ID {
+			t.Fatalf("write %d: applied %v, %v; want the recipient", i+1, applied, err)
+		}
+	}
+	got := get(t, b.db, m.ID)
+	if r := got.Recipients[0]; r.Status != db.StatusDelivered || r.Attempts != 1 {
+		t.Errorf("recipient = %+v, want delivered after one attempt", r)
+	}
+	if len(got.Attempts) != 1 || got.Attempts[0].ID != attemptID {
+		t.Errorf("attempt rows = %+v, want the one written", got.Attempts)
+	}
+	if types := eventTypes(t, b.raw, m.ID); len(types) != 2 {
+		t.Errorf("events = %v, want accepted and one delivered", types)
+	}
+
+	out.Attempts[0].ID = uuid.Nil
+	applied, err := b.db.RecordOutcomes(ctx, []db.Outcome{out})
+	if err != nil || len(applied) != 0 {
+		t.Errorf("new attempt on a final row: applied %v, %v; want none", applied, err)
+	}
+}
+
 func TestRecordOutcomesValidation(t *testing.T) {
 	t.Parallel()
 	b := setup(t)

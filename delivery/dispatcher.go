@@ -568,6 +568,12 @@ func hostReply(h hostTry) (int, string, string) {
 // rescuer took the recipients back, and never overwrites another
 // dispatcher's outcome.
 func (d *Dispatcher) recordOutcomes(j *job, lease *leaseWatch, outs []db.Outcome) (kept bool) {
+	if err := assignAttemptIDs(outs); err != nil {
+		d.logUnwritten(j.owner, outs, err)
+		return false
+	}
+	d.leases.recordingStarted(j.owner)
+	defer d.leases.recordingEnded(j.owner)
 	wait := 50 * time.Millisecond
 	for {
 		applied, err := d.tryRecord(lease, outs)
@@ -612,6 +618,25 @@ func (d *Dispatcher) tryRecord(lease *leaseWatch, outs []db.Outcome) ([]uuid.UUI
 		return d.rec.record(ctx, outs)
 	}
 	return d.rec.record(lease.ctx, outs)
+}
+
+// assignAttemptIDs gives every attempt row of outs its id before the first
+// write, so that a write repeated after an unknown commit result finds the
+// rows of the first and counts it as applied rather than fenced off.
+func assignAttemptIDs(outs []db.Outcome) error {
+	for i := range outs {
+		for k := range outs[i].Attempts {
+			if outs[i].Attempts[k].ID != uuid.Nil {
+				continue
+			}
+			id, err := db.NewAttemptID()
+			if err != nil {
+				return err
+			}
+			outs[i].Attempts[k].ID = id
+		}
+	}
+	return nil
 }
 
 // releaseLeases gives back a job's leases without an attempt.

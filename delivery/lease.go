@@ -56,6 +56,10 @@ type heldLease struct {
 	// count as stuck; an owner whose holders are all stuck is not renewed.
 	attempts map[*job]time.Time
 	lost     bool // a renewal found none of its rows
+	// recording counts jobs of this owner whose outcomes are being
+	// written: a renewal that finds none of the owner's rows then may have
+	// raced with that commit, which is no sign of a lost lease.
+	recording int
 	watches  map[*leaseWatch]struct{}
 }
 
@@ -108,6 +112,24 @@ func (l *leaseSet) attempted(j *job) {
 	}
 }
 
+// recordingStarted and recordingEnded mark a job of owner writing its
+// outcomes.
+func (l *leaseSet) recordingStarted(owner string) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if h := l.owners[owner]; h != nil {
+		h.recording++
+	}
+}
+
+func (l *leaseSet) recordingEnded(owner string) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if h := l.owners[owner]; h != nil && h.recording > 0 {
+		h.recording--
+	}
+}
+
 // toRenew lists the owners worth renewing at now: those with a holder
 // that is not a stuck attempt.
 func (l *leaseSet) toRenew(now time.Time) []string {
@@ -142,6 +164,12 @@ func (l *leaseSet) renewed(owners []string, held map[string]int, began time.Time
 			continue
 		}
 		if _, ok := held[owner]; !ok {
+			if h.recording > 0 {
+				// The rows may have just been made final by this
+				// dispatcher's own outcome; its write learns whether
+				// they were.
+				continue
+			}
 			h.lost = true
 			for w := range h.watches {
 				w.cancel(errLeaseLost)

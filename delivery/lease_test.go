@@ -449,6 +449,22 @@ func TestLeaseWatch(t *testing.T) {
 		t.Fatalf("to renew %v, want kept and expiring (not the lost one)", got)
 	}
 
+	// A renewal that finds no rows while a job of the owner is writing its
+	// outcome raced with that commit: the lease is not taken for lost.
+	l.add("recording", time.Now().Add(length), 1)
+	recording := l.watch("recording")
+	defer recording.stop()
+	l.recordingStarted("recording")
+	l.renewed([]string{"recording"}, map[string]int{}, time.Now())
+	if recording.lost() {
+		t.Fatal("owner writing its outcome taken for lost")
+	}
+	l.recordingEnded("recording")
+	l.renewed([]string{"recording"}, map[string]int{}, time.Now())
+	if !recording.lost() {
+		t.Fatal("owner with no rows and no outcome in flight not taken for lost")
+	}
+
 	// An attempt stuck past its cap stops the renewal of its owner.
 	j := &job{owner: "kept"}
 	l.attempting(j, time.Now().Add(-time.Millisecond))
@@ -462,6 +478,7 @@ func TestLeaseWatch(t *testing.T) {
 	l.release("expiring")
 	l.release("lost")
 	l.release("lost")
+	l.release("recording")
 	if l.count() != 0 {
 		t.Fatalf("%d owners held after every release", l.count())
 	}
