@@ -7,6 +7,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/posthaste/posthaste/db"
 	"github.com/posthaste/posthaste/delivery/message"
 	"github.com/posthaste/posthaste/internal/hostname"
 )
@@ -22,6 +23,9 @@ const (
 	// MinIdempotencyTTL is the shortest IdempotencyTTL: the API documents
 	// that keys are kept at least this long.
 	MinIdempotencyTTL = 24 * time.Hour
+	// DefaultAPIKeyCacheTTL is how long a looked-up API key is trusted by
+	// default.
+	DefaultAPIKeyCacheTTL = time.Second
 )
 
 // Config configures a Server.
@@ -41,6 +45,14 @@ type Config struct {
 	// The API promises callers at least MinIdempotencyTTL, so a retry sent
 	// the next day is still recognised. Defaults to 24h.
 	IdempotencyTTL time.Duration
+	// APIKeyCacheTTL is how long a looked-up API key is trusted before it is
+	// looked up again, so a busy key costs one query per TTL rather than one
+	// per call. A revoked key is therefore refused within this time.
+	// Negative looks every call up. Defaults to 1s.
+	APIKeyCacheTTL time.Duration
+	// Intake configures the group commit that stores accepted messages.
+	// Defaults to db.CommitterConfig's defaults.
+	Intake db.CommitterConfig
 	// Logger receives errors that are not the caller's fault. Defaults to a
 	// logger that discards everything.
 	Logger *slog.Logger
@@ -60,6 +72,10 @@ func (c Config) WithDefaults() Config {
 	if c.IdempotencyTTL == 0 {
 		c.IdempotencyTTL = DefaultIdempotencyTTL
 	}
+	if c.APIKeyCacheTTL == 0 {
+		c.APIKeyCacheTTL = DefaultAPIKeyCacheTTL
+	}
+	c.Intake = c.Intake.WithDefaults()
 	if c.Logger == nil {
 		c.Logger = slog.New(slog.DiscardHandler)
 	}
@@ -94,6 +110,9 @@ func (c Config) validate() error {
 	}
 	if _, _, err := message.NormalizeMailbox("postmaster@" + c.Hostname); err != nil {
 		return fmt.Errorf("Hostname: %q cannot be a Message-ID domain: %w", c.Hostname, err)
+	}
+	if err := c.Intake.Validate(); err != nil {
+		return fmt.Errorf("Intake.%w", err)
 	}
 	if c.IdempotencyTTL < MinIdempotencyTTL {
 		return fmt.Errorf("IdempotencyTTL: must be at least %s, got %s", MinIdempotencyTTL, c.IdempotencyTTL)

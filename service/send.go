@@ -292,8 +292,9 @@ type pending struct {
 	idempotencyKey                                     string
 }
 
-// commit stores p in one transaction and answers with its receipt, or
-// with the receipt of the first call when the idempotency key replays it.
+// commit stores p through the group commit and answers with its receipt
+// once it is committed, or with the receipt of the first call when the
+// idempotency key replays it.
 func (s *Server) commit(ctx context.Context, caller principal, req idempotentRequest, p pending, now time.Time) (*posthastev1.SendMessageResponse, error) {
 	id, err := uuid.NewV7()
 	if err != nil {
@@ -340,12 +341,15 @@ func (s *Server) commit(ctx context.Context, caller principal, req idempotentReq
 		}
 		nm.Idempotency = idem
 	}
-	res, err := s.store.InsertMessage(ctx, nm)
+	out, err := s.committer.Insert(ctx, []db.NewMessage{nm})
 	if err != nil {
 		return nil, fmt.Errorf("insert message: %w", err)
 	}
-	if res.Replayed {
-		return replayedResponse(res.Response)
+	if err := out[0].Err; err != nil {
+		return nil, err
+	}
+	if out[0].Result.Replayed {
+		return replayedResponse(out[0].Result.Response)
 	}
 	s.onCommit()
 	return resp, nil

@@ -367,6 +367,7 @@ func (a *App) Start(ctx context.Context) (err error) {
 	if err := a.bootstrapAPIKey(ctx); err != nil {
 		return err
 	}
+	a.api.Start(runCtx)
 
 	deliveryCfg := a.cfg.deliveryConfig()
 	if deliveryCfg.Logger == nil {
@@ -529,6 +530,12 @@ func (a *App) stop(ctx context.Context) error {
 				_ = l.Close()
 			}
 		}
+	}
+	if a.api != nil {
+		// After the servers: every call has been answered, and what was
+		// accepted for the group commit is committed before the database
+		// goes.
+		a.api.Stop()
 	}
 	if a.dispatcher != nil {
 		a.dispatcher.Stop()

@@ -125,6 +125,9 @@ func jsonFieldNames(t reflect.Type) []string {
 	var names []string
 	for i := range t.NumField() {
 		name, _, _ := strings.Cut(t.Field(i).Tag.Get("json"), ",")
+		if name == "-" {
+			continue // not written: a header, not part of the body
+		}
 		names = append(names, name)
 	}
 	slices.Sort(names)
