@@ -77,6 +77,7 @@ func runServe(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	fs.DurationVar(&dlv.DNSTimeout, "dns-timeout", 20*time.Second, "timeout for all DNS lookups of one domain")
 	fs.IntVar(&dlv.BatchSize, "batch-size", 100, "most recipients claimed in one query")
 	fs.BoolVar(&dlv.SMTP.VerifyTLS, "smtp-verify-tls", false, "refuse STARTTLS peers whose certificate does not verify")
+	fs.IntVar(&cfg.DatabaseMaxConns, "database-max-conns", app.DefaultDatabaseMaxConns(), "most connections to the database at once")
 	fs.DurationVar(&cfg.DatabaseWait, "database-wait", app.DefaultDatabaseWait, "how long to keep trying a database that does not accept connections yet; 0 tries once")
 	fs.DurationVar(&cfg.HTTPReadTimeout, "http-read-timeout", app.DefaultHTTPReadTimeout, "deadline for reading a whole REST request, body included")
 	// These two default to values derived from --http-read-timeout, so that
@@ -153,6 +154,7 @@ var configFlags = map[string]string{
 	"BootstrapAPIKey":                "bootstrap-api-key",
 	"ShutdownTimeout":                "shutdown-timeout",
 	"DatabaseWait":                   "database-wait",
+	"DatabaseMaxConns":               "database-max-conns",
 	"HTTPReadTimeout":                "http-read-timeout",
 	"HTTPWriteTimeout":               "http-write-timeout",
 	"HTTPReadHeaderTimeout":          "http-read-header-timeout",
