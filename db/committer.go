@@ -87,6 +87,8 @@ type CommitterStats struct {
 	Commits int64
 	// Messages is the number of messages handed to those transactions.
 	Messages int64
+	// Queued is the number of Insert calls waiting for a worker now.
+	Queued int
 }
 
 // Committer is the intake's group commit: concurrent Insert calls share one
@@ -182,7 +184,7 @@ func (c *Committer) Stop() {
 
 // Stats returns the counts so far.
 func (c *Committer) Stats() CommitterStats {
-	return CommitterStats{Commits: c.commits.Load(), Messages: c.messages.Load()}
+	return CommitterStats{Commits: c.commits.Load(), Messages: c.messages.Load(), Queued: len(c.queue)}
 }
 
 // Insert stores msgs in the next group commit and returns once that group

@@ -550,6 +550,184 @@ func (x *SendMessageResponse) GetRecipients() []*RecipientSummary {
 	return nil
 }
 
+// SendBatchRequest is several messages to send in one call.
+type SendBatchRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The messages, 1 to 500.
+	Messages      []*SendMessageRequest `protobuf:"bytes,1,rep,name=messages,proto3" json:"messages,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *SendBatchRequest) Reset() {
+	*x = SendBatchRequest{}
+	mi := &file_posthaste_v1_mail_proto_msgTypes[6]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *SendBatchRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*SendBatchRequest) ProtoMessage() {}
+
+func (x *SendBatchRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_posthaste_v1_mail_proto_msgTypes[6]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use SendBatchRequest.ProtoReflect.Descriptor instead.
+func (*SendBatchRequest) Descriptor() ([]byte, []int) {
+	return file_posthaste_v1_mail_proto_rawDescGZIP(), []int{6}
+}
+
+func (x *SendBatchRequest) GetMessages() []*SendMessageRequest {
+	if x != nil {
+		return x.Messages
+	}
+	return nil
+}
+
+// SendBatchResponse has one result per message of the request, in order.
+type SendBatchResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Results       []*SendBatchResult     `protobuf:"bytes,1,rep,name=results,proto3" json:"results,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *SendBatchResponse) Reset() {
+	*x = SendBatchResponse{}
+	mi := &file_posthaste_v1_mail_proto_msgTypes[7]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *SendBatchResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*SendBatchResponse) ProtoMessage() {}
+
+func (x *SendBatchResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_posthaste_v1_mail_proto_msgTypes[7]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use SendBatchResponse.ProtoReflect.Descriptor instead.
+func (*SendBatchResponse) Descriptor() ([]byte, []int) {
+	return file_posthaste_v1_mail_proto_rawDescGZIP(), []int{7}
+}
+
+func (x *SendBatchResponse) GetResults() []*SendBatchResult {
+	if x != nil {
+		return x.Results
+	}
+	return nil
+}
+
+// SendBatchResult is what became of one message of a batch.
+type SendBatchResult struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Types that are valid to be assigned to Result:
+	//
+	//	*SendBatchResult_Accepted
+	//	*SendBatchResult_Error
+	Result        isSendBatchResult_Result `protobuf_oneof:"result"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *SendBatchResult) Reset() {
+	*x = SendBatchResult{}
+	mi := &file_posthaste_v1_mail_proto_msgTypes[8]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *SendBatchResult) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*SendBatchResult) ProtoMessage() {}
+
+func (x *SendBatchResult) ProtoReflect() protoreflect.Message {
+	mi := &file_posthaste_v1_mail_proto_msgTypes[8]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use SendBatchResult.ProtoReflect.Descriptor instead.
+func (*SendBatchResult) Descriptor() ([]byte, []int) {
+	return file_posthaste_v1_mail_proto_rawDescGZIP(), []int{8}
+}
+
+func (x *SendBatchResult) GetResult() isSendBatchResult_Result {
+	if x != nil {
+		return x.Result
+	}
+	return nil
+}
+
+func (x *SendBatchResult) GetAccepted() *SendMessageResponse {
+	if x != nil {
+		if x, ok := x.Result.(*SendBatchResult_Accepted); ok {
+			return x.Accepted
+		}
+	}
+	return nil
+}
+
+func (x *SendBatchResult) GetError() *Error {
+	if x != nil {
+		if x, ok := x.Result.(*SendBatchResult_Error); ok {
+			return x.Error
+		}
+	}
+	return nil
+}
+
+type isSendBatchResult_Result interface {
+	isSendBatchResult_Result()
+}
+
+type SendBatchResult_Accepted struct {
+	// The message was stored: its receipt, as SendMessage answers it.
+	Accepted *SendMessageResponse `protobuf:"bytes,1,opt,name=accepted,proto3,oneof"`
+}
+
+type SendBatchResult_Error struct {
+	// The message was not stored, and why: what SendMessage would have
+	// answered for it alone, with its field names prefixed by
+	// "messages[<index>].".
+	Error *Error `protobuf:"bytes,2,opt,name=error,proto3,oneof"`
+}
+
+func (*SendBatchResult_Accepted) isSendBatchResult_Result() {}
+
+func (*SendBatchResult_Error) isSendBatchResult_Result() {}
+
 // RecipientSummary is a recipient as first stored.
 type RecipientSummary struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -565,7 +743,7 @@ type RecipientSummary struct {
 
 func (x *RecipientSummary) Reset() {
 	*x = RecipientSummary{}
-	mi := &file_posthaste_v1_mail_proto_msgTypes[6]
+	mi := &file_posthaste_v1_mail_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -577,7 +755,7 @@ func (x *RecipientSummary) String() string {
 func (*RecipientSummary) ProtoMessage() {}
 
 func (x *RecipientSummary) ProtoReflect() protoreflect.Message {
-	mi := &file_posthaste_v1_mail_proto_msgTypes[6]
+	mi := &file_posthaste_v1_mail_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -590,7 +768,7 @@ func (x *RecipientSummary) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RecipientSummary.ProtoReflect.Descriptor instead.
 func (*RecipientSummary) Descriptor() ([]byte, []int) {
-	return file_posthaste_v1_mail_proto_rawDescGZIP(), []int{6}
+	return file_posthaste_v1_mail_proto_rawDescGZIP(), []int{9}
 }
 
 func (x *RecipientSummary) GetId() string {
@@ -625,7 +803,7 @@ type GetMessageRequest struct {
 
 func (x *GetMessageRequest) Reset() {
 	*x = GetMessageRequest{}
-	mi := &file_posthaste_v1_mail_proto_msgTypes[7]
+	mi := &file_posthaste_v1_mail_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -637,7 +815,7 @@ func (x *GetMessageRequest) String() string {
 func (*GetMessageRequest) ProtoMessage() {}
 
 func (x *GetMessageRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_posthaste_v1_mail_proto_msgTypes[7]
+	mi := &file_posthaste_v1_mail_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -650,7 +828,7 @@ func (x *GetMessageRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetMessageRequest.ProtoReflect.Descriptor instead.
 func (*GetMessageRequest) Descriptor() ([]byte, []int) {
-	return file_posthaste_v1_mail_proto_rawDescGZIP(), []int{7}
+	return file_posthaste_v1_mail_proto_rawDescGZIP(), []int{10}
 }
 
 func (x *GetMessageRequest) GetId() string {
@@ -671,7 +849,7 @@ type CancelMessageRequest struct {
 
 func (x *CancelMessageRequest) Reset() {
 	*x = CancelMessageRequest{}
-	mi := &file_posthaste_v1_mail_proto_msgTypes[8]
+	mi := &file_posthaste_v1_mail_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -683,7 +861,7 @@ func (x *CancelMessageRequest) String() string {
 func (*CancelMessageRequest) ProtoMessage() {}
 
 func (x *CancelMessageRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_posthaste_v1_mail_proto_msgTypes[8]
+	mi := &file_posthaste_v1_mail_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -696,7 +874,7 @@ func (x *CancelMessageRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CancelMessageRequest.ProtoReflect.Descriptor instead.
 func (*CancelMessageRequest) Descriptor() ([]byte, []int) {
-	return file_posthaste_v1_mail_proto_rawDescGZIP(), []int{8}
+	return file_posthaste_v1_mail_proto_rawDescGZIP(), []int{11}
 }
 
 func (x *CancelMessageRequest) GetId() string {
@@ -729,7 +907,7 @@ type ListMessagesRequest struct {
 
 func (x *ListMessagesRequest) Reset() {
 	*x = ListMessagesRequest{}
-	mi := &file_posthaste_v1_mail_proto_msgTypes[9]
+	mi := &file_posthaste_v1_mail_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -741,7 +919,7 @@ func (x *ListMessagesRequest) String() string {
 func (*ListMessagesRequest) ProtoMessage() {}
 
 func (x *ListMessagesRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_posthaste_v1_mail_proto_msgTypes[9]
+	mi := &file_posthaste_v1_mail_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -754,7 +932,7 @@ func (x *ListMessagesRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListMessagesRequest.ProtoReflect.Descriptor instead.
 func (*ListMessagesRequest) Descriptor() ([]byte, []int) {
-	return file_posthaste_v1_mail_proto_rawDescGZIP(), []int{9}
+	return file_posthaste_v1_mail_proto_rawDescGZIP(), []int{12}
 }
 
 func (x *ListMessagesRequest) GetStatus() string {
@@ -819,7 +997,7 @@ type ListMessagesResponse struct {
 
 func (x *ListMessagesResponse) Reset() {
 	*x = ListMessagesResponse{}
-	mi := &file_posthaste_v1_mail_proto_msgTypes[10]
+	mi := &file_posthaste_v1_mail_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -831,7 +1009,7 @@ func (x *ListMessagesResponse) String() string {
 func (*ListMessagesResponse) ProtoMessage() {}
 
 func (x *ListMessagesResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_posthaste_v1_mail_proto_msgTypes[10]
+	mi := &file_posthaste_v1_mail_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -844,7 +1022,7 @@ func (x *ListMessagesResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListMessagesResponse.ProtoReflect.Descriptor instead.
 func (*ListMessagesResponse) Descriptor() ([]byte, []int) {
-	return file_posthaste_v1_mail_proto_rawDescGZIP(), []int{10}
+	return file_posthaste_v1_mail_proto_rawDescGZIP(), []int{13}
 }
 
 func (x *ListMessagesResponse) GetMessages() []*Message {
@@ -899,7 +1077,7 @@ type Message struct {
 
 func (x *Message) Reset() {
 	*x = Message{}
-	mi := &file_posthaste_v1_mail_proto_msgTypes[11]
+	mi := &file_posthaste_v1_mail_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -911,7 +1089,7 @@ func (x *Message) String() string {
 func (*Message) ProtoMessage() {}
 
 func (x *Message) ProtoReflect() protoreflect.Message {
-	mi := &file_posthaste_v1_mail_proto_msgTypes[11]
+	mi := &file_posthaste_v1_mail_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -924,7 +1102,7 @@ func (x *Message) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Message.ProtoReflect.Descriptor instead.
 func (*Message) Descriptor() ([]byte, []int) {
-	return file_posthaste_v1_mail_proto_rawDescGZIP(), []int{11}
+	return file_posthaste_v1_mail_proto_rawDescGZIP(), []int{14}
 }
 
 func (x *Message) GetId() string {
@@ -1053,7 +1231,7 @@ type Recipient struct {
 
 func (x *Recipient) Reset() {
 	*x = Recipient{}
-	mi := &file_posthaste_v1_mail_proto_msgTypes[12]
+	mi := &file_posthaste_v1_mail_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1065,7 +1243,7 @@ func (x *Recipient) String() string {
 func (*Recipient) ProtoMessage() {}
 
 func (x *Recipient) ProtoReflect() protoreflect.Message {
-	mi := &file_posthaste_v1_mail_proto_msgTypes[12]
+	mi := &file_posthaste_v1_mail_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1078,7 +1256,7 @@ func (x *Recipient) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Recipient.ProtoReflect.Descriptor instead.
 func (*Recipient) Descriptor() ([]byte, []int) {
-	return file_posthaste_v1_mail_proto_rawDescGZIP(), []int{12}
+	return file_posthaste_v1_mail_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *Recipient) GetId() string {
@@ -1160,7 +1338,7 @@ type SmtpReply struct {
 
 func (x *SmtpReply) Reset() {
 	*x = SmtpReply{}
-	mi := &file_posthaste_v1_mail_proto_msgTypes[13]
+	mi := &file_posthaste_v1_mail_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1172,7 +1350,7 @@ func (x *SmtpReply) String() string {
 func (*SmtpReply) ProtoMessage() {}
 
 func (x *SmtpReply) ProtoReflect() protoreflect.Message {
-	mi := &file_posthaste_v1_mail_proto_msgTypes[13]
+	mi := &file_posthaste_v1_mail_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1185,7 +1363,7 @@ func (x *SmtpReply) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SmtpReply.ProtoReflect.Descriptor instead.
 func (*SmtpReply) Descriptor() ([]byte, []int) {
-	return file_posthaste_v1_mail_proto_rawDescGZIP(), []int{13}
+	return file_posthaste_v1_mail_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *SmtpReply) GetCode() int32 {
@@ -1249,7 +1427,7 @@ type Attempt struct {
 
 func (x *Attempt) Reset() {
 	*x = Attempt{}
-	mi := &file_posthaste_v1_mail_proto_msgTypes[14]
+	mi := &file_posthaste_v1_mail_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1261,7 +1439,7 @@ func (x *Attempt) String() string {
 func (*Attempt) ProtoMessage() {}
 
 func (x *Attempt) ProtoReflect() protoreflect.Message {
-	mi := &file_posthaste_v1_mail_proto_msgTypes[14]
+	mi := &file_posthaste_v1_mail_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1274,7 +1452,7 @@ func (x *Attempt) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Attempt.ProtoReflect.Descriptor instead.
 func (*Attempt) Descriptor() ([]byte, []int) {
-	return file_posthaste_v1_mail_proto_rawDescGZIP(), []int{14}
+	return file_posthaste_v1_mail_proto_rawDescGZIP(), []int{17}
 }
 
 func (x *Attempt) GetId() string {
@@ -1380,7 +1558,7 @@ type ApiKey struct {
 
 func (x *ApiKey) Reset() {
 	*x = ApiKey{}
-	mi := &file_posthaste_v1_mail_proto_msgTypes[15]
+	mi := &file_posthaste_v1_mail_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1392,7 +1570,7 @@ func (x *ApiKey) String() string {
 func (*ApiKey) ProtoMessage() {}
 
 func (x *ApiKey) ProtoReflect() protoreflect.Message {
-	mi := &file_posthaste_v1_mail_proto_msgTypes[15]
+	mi := &file_posthaste_v1_mail_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1405,7 +1583,7 @@ func (x *ApiKey) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ApiKey.ProtoReflect.Descriptor instead.
 func (*ApiKey) Descriptor() ([]byte, []int) {
-	return file_posthaste_v1_mail_proto_rawDescGZIP(), []int{15}
+	return file_posthaste_v1_mail_proto_rawDescGZIP(), []int{18}
 }
 
 func (x *ApiKey) GetId() string {
@@ -1478,7 +1656,7 @@ type CreateApiKeyRequest struct {
 
 func (x *CreateApiKeyRequest) Reset() {
 	*x = CreateApiKeyRequest{}
-	mi := &file_posthaste_v1_mail_proto_msgTypes[16]
+	mi := &file_posthaste_v1_mail_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1490,7 +1668,7 @@ func (x *CreateApiKeyRequest) String() string {
 func (*CreateApiKeyRequest) ProtoMessage() {}
 
 func (x *CreateApiKeyRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_posthaste_v1_mail_proto_msgTypes[16]
+	mi := &file_posthaste_v1_mail_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1503,7 +1681,7 @@ func (x *CreateApiKeyRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateApiKeyRequest.ProtoReflect.Descriptor instead.
 func (*CreateApiKeyRequest) Descriptor() ([]byte, []int) {
-	return file_posthaste_v1_mail_proto_rawDescGZIP(), []int{16}
+	return file_posthaste_v1_mail_proto_rawDescGZIP(), []int{19}
 }
 
 func (x *CreateApiKeyRequest) GetName() string {
@@ -1534,7 +1712,7 @@ type CreateApiKeyResponse struct {
 
 func (x *CreateApiKeyResponse) Reset() {
 	*x = CreateApiKeyResponse{}
-	mi := &file_posthaste_v1_mail_proto_msgTypes[17]
+	mi := &file_posthaste_v1_mail_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1546,7 +1724,7 @@ func (x *CreateApiKeyResponse) String() string {
 func (*CreateApiKeyResponse) ProtoMessage() {}
 
 func (x *CreateApiKeyResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_posthaste_v1_mail_proto_msgTypes[17]
+	mi := &file_posthaste_v1_mail_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1559,7 +1737,7 @@ func (x *CreateApiKeyResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateApiKeyResponse.ProtoReflect.Descriptor instead.
 func (*CreateApiKeyResponse) Descriptor() ([]byte, []int) {
-	return file_posthaste_v1_mail_proto_rawDescGZIP(), []int{17}
+	return file_posthaste_v1_mail_proto_rawDescGZIP(), []int{20}
 }
 
 func (x *CreateApiKeyResponse) GetApiKey() *ApiKey {
@@ -1585,7 +1763,7 @@ type ListApiKeysRequest struct {
 
 func (x *ListApiKeysRequest) Reset() {
 	*x = ListApiKeysRequest{}
-	mi := &file_posthaste_v1_mail_proto_msgTypes[18]
+	mi := &file_posthaste_v1_mail_proto_msgTypes[21]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1597,7 +1775,7 @@ func (x *ListApiKeysRequest) String() string {
 func (*ListApiKeysRequest) ProtoMessage() {}
 
 func (x *ListApiKeysRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_posthaste_v1_mail_proto_msgTypes[18]
+	mi := &file_posthaste_v1_mail_proto_msgTypes[21]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1610,7 +1788,7 @@ func (x *ListApiKeysRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListApiKeysRequest.ProtoReflect.Descriptor instead.
 func (*ListApiKeysRequest) Descriptor() ([]byte, []int) {
-	return file_posthaste_v1_mail_proto_rawDescGZIP(), []int{18}
+	return file_posthaste_v1_mail_proto_rawDescGZIP(), []int{21}
 }
 
 // ListApiKeysResponse is every key of the caller's project.
@@ -1624,7 +1802,7 @@ type ListApiKeysResponse struct {
 
 func (x *ListApiKeysResponse) Reset() {
 	*x = ListApiKeysResponse{}
-	mi := &file_posthaste_v1_mail_proto_msgTypes[19]
+	mi := &file_posthaste_v1_mail_proto_msgTypes[22]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1636,7 +1814,7 @@ func (x *ListApiKeysResponse) String() string {
 func (*ListApiKeysResponse) ProtoMessage() {}
 
 func (x *ListApiKeysResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_posthaste_v1_mail_proto_msgTypes[19]
+	mi := &file_posthaste_v1_mail_proto_msgTypes[22]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1649,7 +1827,7 @@ func (x *ListApiKeysResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListApiKeysResponse.ProtoReflect.Descriptor instead.
 func (*ListApiKeysResponse) Descriptor() ([]byte, []int) {
-	return file_posthaste_v1_mail_proto_rawDescGZIP(), []int{19}
+	return file_posthaste_v1_mail_proto_rawDescGZIP(), []int{22}
 }
 
 func (x *ListApiKeysResponse) GetApiKeys() []*ApiKey {
@@ -1670,7 +1848,7 @@ type RevokeApiKeyRequest struct {
 
 func (x *RevokeApiKeyRequest) Reset() {
 	*x = RevokeApiKeyRequest{}
-	mi := &file_posthaste_v1_mail_proto_msgTypes[20]
+	mi := &file_posthaste_v1_mail_proto_msgTypes[23]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1682,7 +1860,7 @@ func (x *RevokeApiKeyRequest) String() string {
 func (*RevokeApiKeyRequest) ProtoMessage() {}
 
 func (x *RevokeApiKeyRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_posthaste_v1_mail_proto_msgTypes[20]
+	mi := &file_posthaste_v1_mail_proto_msgTypes[23]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1695,7 +1873,7 @@ func (x *RevokeApiKeyRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RevokeApiKeyRequest.ProtoReflect.Descriptor instead.
 func (*RevokeApiKeyRequest) Descriptor() ([]byte, []int) {
-	return file_posthaste_v1_mail_proto_rawDescGZIP(), []int{20}
+	return file_posthaste_v1_mail_proto_rawDescGZIP(), []int{23}
 }
 
 func (x *RevokeApiKeyRequest) GetId() string {
@@ -1719,7 +1897,7 @@ type ErrorResponse struct {
 
 func (x *ErrorResponse) Reset() {
 	*x = ErrorResponse{}
-	mi := &file_posthaste_v1_mail_proto_msgTypes[21]
+	mi := &file_posthaste_v1_mail_proto_msgTypes[24]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1731,7 +1909,7 @@ func (x *ErrorResponse) String() string {
 func (*ErrorResponse) ProtoMessage() {}
 
 func (x *ErrorResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_posthaste_v1_mail_proto_msgTypes[21]
+	mi := &file_posthaste_v1_mail_proto_msgTypes[24]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1744,7 +1922,7 @@ func (x *ErrorResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ErrorResponse.ProtoReflect.Descriptor instead.
 func (*ErrorResponse) Descriptor() ([]byte, []int) {
-	return file_posthaste_v1_mail_proto_rawDescGZIP(), []int{21}
+	return file_posthaste_v1_mail_proto_rawDescGZIP(), []int{24}
 }
 
 func (x *ErrorResponse) GetError() *Error {
@@ -1775,7 +1953,7 @@ type Error struct {
 
 func (x *Error) Reset() {
 	*x = Error{}
-	mi := &file_posthaste_v1_mail_proto_msgTypes[22]
+	mi := &file_posthaste_v1_mail_proto_msgTypes[25]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1787,7 +1965,7 @@ func (x *Error) String() string {
 func (*Error) ProtoMessage() {}
 
 func (x *Error) ProtoReflect() protoreflect.Message {
-	mi := &file_posthaste_v1_mail_proto_msgTypes[22]
+	mi := &file_posthaste_v1_mail_proto_msgTypes[25]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1800,7 +1978,7 @@ func (x *Error) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Error.ProtoReflect.Descriptor instead.
 func (*Error) Descriptor() ([]byte, []int) {
-	return file_posthaste_v1_mail_proto_rawDescGZIP(), []int{22}
+	return file_posthaste_v1_mail_proto_rawDescGZIP(), []int{25}
 }
 
 func (x *Error) GetCode() int32 {
@@ -1852,7 +2030,7 @@ type FieldViolation struct {
 
 func (x *FieldViolation) Reset() {
 	*x = FieldViolation{}
-	mi := &file_posthaste_v1_mail_proto_msgTypes[23]
+	mi := &file_posthaste_v1_mail_proto_msgTypes[26]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1864,7 +2042,7 @@ func (x *FieldViolation) String() string {
 func (*FieldViolation) ProtoMessage() {}
 
 func (x *FieldViolation) ProtoReflect() protoreflect.Message {
-	mi := &file_posthaste_v1_mail_proto_msgTypes[23]
+	mi := &file_posthaste_v1_mail_proto_msgTypes[26]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1877,7 +2055,7 @@ func (x *FieldViolation) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use FieldViolation.ProtoReflect.Descriptor instead.
 func (*FieldViolation) Descriptor() ([]byte, []int) {
-	return file_posthaste_v1_mail_proto_rawDescGZIP(), []int{23}
+	return file_posthaste_v1_mail_proto_rawDescGZIP(), []int{26}
 }
 
 func (x *FieldViolation) GetField() string {
@@ -1949,7 +2127,15 @@ const file_posthaste_v1_mail_proto_rawDesc = "" +
 	"\x11message_id_header\x18\x02 \x01(\tR\x0fmessageIdHeader\x12>\n" +
 	"\n" +
 	"recipients\x18\x03 \x03(\v2\x1e.posthaste.v1.RecipientSummaryR\n" +
-	"recipients\"T\n" +
+	"recipients\"P\n" +
+	"\x10SendBatchRequest\x12<\n" +
+	"\bmessages\x18\x01 \x03(\v2 .posthaste.v1.SendMessageRequestR\bmessages\"L\n" +
+	"\x11SendBatchResponse\x127\n" +
+	"\aresults\x18\x01 \x03(\v2\x1d.posthaste.v1.SendBatchResultR\aresults\"\x89\x01\n" +
+	"\x0fSendBatchResult\x12?\n" +
+	"\baccepted\x18\x01 \x01(\v2!.posthaste.v1.SendMessageResponseH\x00R\baccepted\x12+\n" +
+	"\x05error\x18\x02 \x01(\v2\x13.posthaste.v1.ErrorH\x00R\x05errorB\b\n" +
+	"\x06result\"T\n" +
 	"\x10RecipientSummary\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12\x18\n" +
 	"\aaddress\x18\x02 \x01(\tR\aaddress\x12\x16\n" +
@@ -2058,10 +2244,11 @@ const file_posthaste_v1_mail_proto_rawDesc = "" +
 	"\x06reason\x18\x05 \x01(\tR\x06reason\"H\n" +
 	"\x0eFieldViolation\x12\x14\n" +
 	"\x05field\x18\x01 \x01(\tR\x05field\x12 \n" +
-	"\vdescription\x18\x02 \x01(\tR\vdescription2\xf0\x06\n" +
+	"\vdescription\x18\x02 \x01(\tR\vdescription2\xe1\a\n" +
 	"\vMailService\x12k\n" +
 	"\vSendMessage\x12 .posthaste.v1.SendMessageRequest\x1a!.posthaste.v1.SendMessageResponse\"\x17\x82\xd3\xe4\x93\x02\x11:\x01*\"\f/v1/messages\x12y\n" +
-	"\x0eSendRawMessage\x12#.posthaste.v1.SendRawMessageRequest\x1a!.posthaste.v1.SendMessageResponse\"\x1f\x82\xd3\xe4\x93\x02\x19:\x01*\"\x14/v1/messages:sendRaw\x12_\n" +
+	"\x0eSendRawMessage\x12#.posthaste.v1.SendRawMessageRequest\x1a!.posthaste.v1.SendMessageResponse\"\x1f\x82\xd3\xe4\x93\x02\x19:\x01*\"\x14/v1/messages:sendRaw\x12o\n" +
+	"\tSendBatch\x12\x1e.posthaste.v1.SendBatchRequest\x1a\x1f.posthaste.v1.SendBatchResponse\"!\x82\xd3\xe4\x93\x02\x1b:\x01*\"\x16/v1/messages:batchSend\x12_\n" +
 	"\n" +
 	"GetMessage\x12\x1f.posthaste.v1.GetMessageRequest\x1a\x15.posthaste.v1.Message\"\x19\x82\xd3\xe4\x93\x02\x13\x12\x11/v1/messages/{id}\x12k\n" +
 	"\fListMessages\x12!.posthaste.v1.ListMessagesRequest\x1a\".posthaste.v1.ListMessagesResponse\"\x14\x82\xd3\xe4\x93\x02\x0e\x12\f/v1/messages\x12o\n" +
@@ -2083,7 +2270,7 @@ func file_posthaste_v1_mail_proto_rawDescGZIP() []byte {
 	return file_posthaste_v1_mail_proto_rawDescData
 }
 
-var file_posthaste_v1_mail_proto_msgTypes = make([]protoimpl.MessageInfo, 27)
+var file_posthaste_v1_mail_proto_msgTypes = make([]protoimpl.MessageInfo, 30)
 var file_posthaste_v1_mail_proto_goTypes = []any{
 	(*Address)(nil),               // 0: posthaste.v1.Address
 	(*Attachment)(nil),            // 1: posthaste.v1.Attachment
@@ -2091,29 +2278,32 @@ var file_posthaste_v1_mail_proto_goTypes = []any{
 	(*SendMessageRequest)(nil),    // 3: posthaste.v1.SendMessageRequest
 	(*SendRawMessageRequest)(nil), // 4: posthaste.v1.SendRawMessageRequest
 	(*SendMessageResponse)(nil),   // 5: posthaste.v1.SendMessageResponse
-	(*RecipientSummary)(nil),      // 6: posthaste.v1.RecipientSummary
-	(*GetMessageRequest)(nil),     // 7: posthaste.v1.GetMessageRequest
-	(*CancelMessageRequest)(nil),  // 8: posthaste.v1.CancelMessageRequest
-	(*ListMessagesRequest)(nil),   // 9: posthaste.v1.ListMessagesRequest
-	(*ListMessagesResponse)(nil),  // 10: posthaste.v1.ListMessagesResponse
-	(*Message)(nil),               // 11: posthaste.v1.Message
-	(*Recipient)(nil),             // 12: posthaste.v1.Recipient
-	(*SmtpReply)(nil),             // 13: posthaste.v1.SmtpReply
-	(*Attempt)(nil),               // 14: posthaste.v1.Attempt
-	(*ApiKey)(nil),                // 15: posthaste.v1.ApiKey
-	(*CreateApiKeyRequest)(nil),   // 16: posthaste.v1.CreateApiKeyRequest
-	(*CreateApiKeyResponse)(nil),  // 17: posthaste.v1.CreateApiKeyResponse
-	(*ListApiKeysRequest)(nil),    // 18: posthaste.v1.ListApiKeysRequest
-	(*ListApiKeysResponse)(nil),   // 19: posthaste.v1.ListApiKeysResponse
-	(*RevokeApiKeyRequest)(nil),   // 20: posthaste.v1.RevokeApiKeyRequest
-	(*ErrorResponse)(nil),         // 21: posthaste.v1.ErrorResponse
-	(*Error)(nil),                 // 22: posthaste.v1.Error
-	(*FieldViolation)(nil),        // 23: posthaste.v1.FieldViolation
-	nil,                           // 24: posthaste.v1.SendMessageRequest.MetadataEntry
-	nil,                           // 25: posthaste.v1.SendRawMessageRequest.MetadataEntry
-	nil,                           // 26: posthaste.v1.Message.MetadataEntry
-	(*timestamppb.Timestamp)(nil), // 27: google.protobuf.Timestamp
-	(*durationpb.Duration)(nil),   // 28: google.protobuf.Duration
+	(*SendBatchRequest)(nil),      // 6: posthaste.v1.SendBatchRequest
+	(*SendBatchResponse)(nil),     // 7: posthaste.v1.SendBatchResponse
+	(*SendBatchResult)(nil),       // 8: posthaste.v1.SendBatchResult
+	(*RecipientSummary)(nil),      // 9: posthaste.v1.RecipientSummary
+	(*GetMessageRequest)(nil),     // 10: posthaste.v1.GetMessageRequest
+	(*CancelMessageRequest)(nil),  // 11: posthaste.v1.CancelMessageRequest
+	(*ListMessagesRequest)(nil),   // 12: posthaste.v1.ListMessagesRequest
+	(*ListMessagesResponse)(nil),  // 13: posthaste.v1.ListMessagesResponse
+	(*Message)(nil),               // 14: posthaste.v1.Message
+	(*Recipient)(nil),             // 15: posthaste.v1.Recipient
+	(*SmtpReply)(nil),             // 16: posthaste.v1.SmtpReply
+	(*Attempt)(nil),               // 17: posthaste.v1.Attempt
+	(*ApiKey)(nil),                // 18: posthaste.v1.ApiKey
+	(*CreateApiKeyRequest)(nil),   // 19: posthaste.v1.CreateApiKeyRequest
+	(*CreateApiKeyResponse)(nil),  // 20: posthaste.v1.CreateApiKeyResponse
+	(*ListApiKeysRequest)(nil),    // 21: posthaste.v1.ListApiKeysRequest
+	(*ListApiKeysResponse)(nil),   // 22: posthaste.v1.ListApiKeysResponse
+	(*RevokeApiKeyRequest)(nil),   // 23: posthaste.v1.RevokeApiKeyRequest
+	(*ErrorResponse)(nil),         // 24: posthaste.v1.ErrorResponse
+	(*Error)(nil),                 // 25: posthaste.v1.Error
+	(*FieldViolation)(nil),        // 26: posthaste.v1.FieldViolation
+	nil,                           // 27: posthaste.v1.SendMessageRequest.MetadataEntry
+	nil,                           // 28: posthaste.v1.SendRawMessageRequest.MetadataEntry
+	nil,                           // 29: posthaste.v1.Message.MetadataEntry
+	(*timestamppb.Timestamp)(nil), // 30: google.protobuf.Timestamp
+	(*durationpb.Duration)(nil),   // 31: google.protobuf.Duration
 }
 var file_posthaste_v1_mail_proto_depIdxs = []int32{
 	0,  // 0: posthaste.v1.SendMessageRequest.from:type_name -> posthaste.v1.Address
@@ -2123,55 +2313,61 @@ var file_posthaste_v1_mail_proto_depIdxs = []int32{
 	0,  // 4: posthaste.v1.SendMessageRequest.bcc:type_name -> posthaste.v1.Address
 	1,  // 5: posthaste.v1.SendMessageRequest.attachments:type_name -> posthaste.v1.Attachment
 	2,  // 6: posthaste.v1.SendMessageRequest.headers:type_name -> posthaste.v1.Header
-	24, // 7: posthaste.v1.SendMessageRequest.metadata:type_name -> posthaste.v1.SendMessageRequest.MetadataEntry
-	27, // 8: posthaste.v1.SendMessageRequest.send_at:type_name -> google.protobuf.Timestamp
-	25, // 9: posthaste.v1.SendRawMessageRequest.metadata:type_name -> posthaste.v1.SendRawMessageRequest.MetadataEntry
-	27, // 10: posthaste.v1.SendRawMessageRequest.send_at:type_name -> google.protobuf.Timestamp
-	6,  // 11: posthaste.v1.SendMessageResponse.recipients:type_name -> posthaste.v1.RecipientSummary
-	27, // 12: posthaste.v1.ListMessagesRequest.created_after:type_name -> google.protobuf.Timestamp
-	27, // 13: posthaste.v1.ListMessagesRequest.created_before:type_name -> google.protobuf.Timestamp
-	11, // 14: posthaste.v1.ListMessagesResponse.messages:type_name -> posthaste.v1.Message
-	26, // 15: posthaste.v1.Message.metadata:type_name -> posthaste.v1.Message.MetadataEntry
-	27, // 16: posthaste.v1.Message.send_at:type_name -> google.protobuf.Timestamp
-	27, // 17: posthaste.v1.Message.created_at:type_name -> google.protobuf.Timestamp
-	27, // 18: posthaste.v1.Message.updated_at:type_name -> google.protobuf.Timestamp
-	12, // 19: posthaste.v1.Message.recipients:type_name -> posthaste.v1.Recipient
-	14, // 20: posthaste.v1.Message.attempts:type_name -> posthaste.v1.Attempt
-	27, // 21: posthaste.v1.Recipient.next_attempt_at:type_name -> google.protobuf.Timestamp
-	13, // 22: posthaste.v1.Recipient.last_reply:type_name -> posthaste.v1.SmtpReply
-	27, // 23: posthaste.v1.Recipient.delivered_at:type_name -> google.protobuf.Timestamp
-	27, // 24: posthaste.v1.Recipient.updated_at:type_name -> google.protobuf.Timestamp
-	27, // 25: posthaste.v1.Attempt.started_at:type_name -> google.protobuf.Timestamp
-	28, // 26: posthaste.v1.Attempt.duration:type_name -> google.protobuf.Duration
-	13, // 27: posthaste.v1.Attempt.reply:type_name -> posthaste.v1.SmtpReply
-	27, // 28: posthaste.v1.ApiKey.created_at:type_name -> google.protobuf.Timestamp
-	27, // 29: posthaste.v1.ApiKey.last_used_at:type_name -> google.protobuf.Timestamp
-	27, // 30: posthaste.v1.ApiKey.revoked_at:type_name -> google.protobuf.Timestamp
-	15, // 31: posthaste.v1.CreateApiKeyResponse.api_key:type_name -> posthaste.v1.ApiKey
-	15, // 32: posthaste.v1.ListApiKeysResponse.api_keys:type_name -> posthaste.v1.ApiKey
-	22, // 33: posthaste.v1.ErrorResponse.error:type_name -> posthaste.v1.Error
-	23, // 34: posthaste.v1.Error.field_violations:type_name -> posthaste.v1.FieldViolation
-	3,  // 35: posthaste.v1.MailService.SendMessage:input_type -> posthaste.v1.SendMessageRequest
-	4,  // 36: posthaste.v1.MailService.SendRawMessage:input_type -> posthaste.v1.SendRawMessageRequest
-	7,  // 37: posthaste.v1.MailService.GetMessage:input_type -> posthaste.v1.GetMessageRequest
-	9,  // 38: posthaste.v1.MailService.ListMessages:input_type -> posthaste.v1.ListMessagesRequest
-	8,  // 39: posthaste.v1.MailService.CancelMessage:input_type -> posthaste.v1.CancelMessageRequest
-	16, // 40: posthaste.v1.MailService.CreateApiKey:input_type -> posthaste.v1.CreateApiKeyRequest
-	18, // 41: posthaste.v1.MailService.ListApiKeys:input_type -> posthaste.v1.ListApiKeysRequest
-	20, // 42: posthaste.v1.MailService.RevokeApiKey:input_type -> posthaste.v1.RevokeApiKeyRequest
-	5,  // 43: posthaste.v1.MailService.SendMessage:output_type -> posthaste.v1.SendMessageResponse
-	5,  // 44: posthaste.v1.MailService.SendRawMessage:output_type -> posthaste.v1.SendMessageResponse
-	11, // 45: posthaste.v1.MailService.GetMessage:output_type -> posthaste.v1.Message
-	10, // 46: posthaste.v1.MailService.ListMessages:output_type -> posthaste.v1.ListMessagesResponse
-	11, // 47: posthaste.v1.MailService.CancelMessage:output_type -> posthaste.v1.Message
-	17, // 48: posthaste.v1.MailService.CreateApiKey:output_type -> posthaste.v1.CreateApiKeyResponse
-	19, // 49: posthaste.v1.MailService.ListApiKeys:output_type -> posthaste.v1.ListApiKeysResponse
-	15, // 50: posthaste.v1.MailService.RevokeApiKey:output_type -> posthaste.v1.ApiKey
-	43, // [43:51] is the sub-list for method output_type
-	35, // [35:43] is the sub-list for method input_type
-	35, // [35:35] is the sub-list for extension type_name
-	35, // [35:35] is the sub-list for extension extendee
-	0,  // [0:35] is the sub-list for field type_name
+	27, // 7: posthaste.v1.SendMessageRequest.metadata:type_name -> posthaste.v1.SendMessageRequest.MetadataEntry
+	30, // 8: posthaste.v1.SendMessageRequest.send_at:type_name -> google.protobuf.Timestamp
+	28, // 9: posthaste.v1.SendRawMessageRequest.metadata:type_name -> posthaste.v1.SendRawMessageRequest.MetadataEntry
+	30, // 10: posthaste.v1.SendRawMessageRequest.send_at:type_name -> google.protobuf.Timestamp
+	9,  // 11: posthaste.v1.SendMessageResponse.recipients:type_name -> posthaste.v1.RecipientSummary
+	3,  // 12: posthaste.v1.SendBatchRequest.messages:type_name -> posthaste.v1.SendMessageRequest
+	8,  // 13: posthaste.v1.SendBatchResponse.results:type_name -> posthaste.v1.SendBatchResult
+	5,  // 14: posthaste.v1.SendBatchResult.accepted:type_name -> posthaste.v1.SendMessageResponse
+	25, // 15: posthaste.v1.SendBatchResult.error:type_name -> posthaste.v1.Error
+	30, // 16: posthaste.v1.ListMessagesRequest.created_after:type_name -> google.protobuf.Timestamp
+	30, // 17: posthaste.v1.ListMessagesRequest.created_before:type_name -> google.protobuf.Timestamp
+	14, // 18: posthaste.v1.ListMessagesResponse.messages:type_name -> posthaste.v1.Message
+	29, // 19: posthaste.v1.Message.metadata:type_name -> posthaste.v1.Message.MetadataEntry
+	30, // 20: posthaste.v1.Message.send_at:type_name -> google.protobuf.Timestamp
+	30, // 21: posthaste.v1.Message.created_at:type_name -> google.protobuf.Timestamp
+	30, // 22: posthaste.v1.Message.updated_at:type_name -> google.protobuf.Timestamp
+	15, // 23: posthaste.v1.Message.recipients:type_name -> posthaste.v1.Recipient
+	17, // 24: posthaste.v1.Message.attempts:type_name -> posthaste.v1.Attempt
+	30, // 25: posthaste.v1.Recipient.next_attempt_at:type_name -> google.protobuf.Timestamp
+	16, // 26: posthaste.v1.Recipient.last_reply:type_name -> posthaste.v1.SmtpReply
+	30, // 27: posthaste.v1.Recipient.delivered_at:type_name -> google.protobuf.Timestamp
+	30, // 28: posthaste.v1.Recipient.updated_at:type_name -> google.protobuf.Timestamp
+	30, // 29: posthaste.v1.Attempt.started_at:type_name -> google.protobuf.Timestamp
+	31, // 30: posthaste.v1.Attempt.duration:type_name -> google.protobuf.Duration
+	16, // 31: posthaste.v1.Attempt.reply:type_name -> posthaste.v1.SmtpReply
+	30, // 32: posthaste.v1.ApiKey.created_at:type_name -> google.protobuf.Timestamp
+	30, // 33: posthaste.v1.ApiKey.last_used_at:type_name -> google.protobuf.Timestamp
+	30, // 34: posthaste.v1.ApiKey.revoked_at:type_name -> google.protobuf.Timestamp
+	18, // 35: posthaste.v1.CreateApiKeyResponse.api_key:type_name -> posthaste.v1.ApiKey
+	18, // 36: posthaste.v1.ListApiKeysResponse.api_keys:type_name -> posthaste.v1.ApiKey
+	25, // 37: posthaste.v1.ErrorResponse.error:type_name -> posthaste.v1.Error
+	26, // 38: posthaste.v1.Error.field_violations:type_name -> posthaste.v1.FieldViolation
+	3,  // 39: posthaste.v1.MailService.SendMessage:input_type -> posthaste.v1.SendMessageRequest
+	4,  // 40: posthaste.v1.MailService.SendRawMessage:input_type -> posthaste.v1.SendRawMessageRequest
+	6,  // 41: posthaste.v1.MailService.SendBatch:input_type -> posthaste.v1.SendBatchRequest
+	10, // 42: posthaste.v1.MailService.GetMessage:input_type -> posthaste.v1.GetMessageRequest
+	12, // 43: posthaste.v1.MailService.ListMessages:input_type -> posthaste.v1.ListMessagesRequest
+	11, // 44: posthaste.v1.MailService.CancelMessage:input_type -> posthaste.v1.CancelMessageRequest
+	19, // 45: posthaste.v1.MailService.CreateApiKey:input_type -> posthaste.v1.CreateApiKeyRequest
+	21, // 46: posthaste.v1.MailService.ListApiKeys:input_type -> posthaste.v1.ListApiKeysRequest
+	23, // 47: posthaste.v1.MailService.RevokeApiKey:input_type -> posthaste.v1.RevokeApiKeyRequest
+	5,  // 48: posthaste.v1.MailService.SendMessage:output_type -> posthaste.v1.SendMessageResponse
+	5,  // 49: posthaste.v1.MailService.SendRawMessage:output_type -> posthaste.v1.SendMessageResponse
+	7,  // 50: posthaste.v1.MailService.SendBatch:output_type -> posthaste.v1.SendBatchResponse
+	14, // 51: posthaste.v1.MailService.GetMessage:output_type -> posthaste.v1.Message
+	13, // 52: posthaste.v1.MailService.ListMessages:output_type -> posthaste.v1.ListMessagesResponse
+	14, // 53: posthaste.v1.MailService.CancelMessage:output_type -> posthaste.v1.Message
+	20, // 54: posthaste.v1.MailService.CreateApiKey:output_type -> posthaste.v1.CreateApiKeyResponse
+	22, // 55: posthaste.v1.MailService.ListApiKeys:output_type -> posthaste.v1.ListApiKeysResponse
+	18, // 56: posthaste.v1.MailService.RevokeApiKey:output_type -> posthaste.v1.ApiKey
+	48, // [48:57] is the sub-list for method output_type
+	39, // [39:48] is the sub-list for method input_type
+	39, // [39:39] is the sub-list for extension type_name
+	39, // [39:39] is the sub-list for extension extendee
+	0,  // [0:39] is the sub-list for field type_name
 }
 
 func init() { file_posthaste_v1_mail_proto_init() }
@@ -2179,13 +2375,17 @@ func file_posthaste_v1_mail_proto_init() {
 	if File_posthaste_v1_mail_proto != nil {
 		return
 	}
+	file_posthaste_v1_mail_proto_msgTypes[8].OneofWrappers = []any{
+		(*SendBatchResult_Accepted)(nil),
+		(*SendBatchResult_Error)(nil),
+	}
 	type x struct{}
 	out := protoimpl.TypeBuilder{
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_posthaste_v1_mail_proto_rawDesc), len(file_posthaste_v1_mail_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   27,
+			NumMessages:   30,
 			NumExtensions: 0,
 			NumServices:   1,
 		},
