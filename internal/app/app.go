@@ -503,6 +503,15 @@ func (a *App) DatabaseURL() string {
 	return a.database.URL
 }
 
+// IntakeStats counts the transactions and messages of the API's group
+// commit; zero before Start.
+func (a *App) IntakeStats() db.CommitterStats {
+	if a.api == nil {
+		return db.CommitterStats{}
+	}
+	return a.api.IntakeStats()
+}
+
 // Sandbox is the sandbox SMTP server, nil unless sandbox mode is on.
 func (a *App) Sandbox() *sandbox.Server { return a.sandbox }
 
