@@ -10,6 +10,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/posthaste/posthaste/db"
 	"github.com/posthaste/posthaste/delivery"
 	"github.com/posthaste/posthaste/internal/app"
 	"github.com/posthaste/posthaste/service"
@@ -57,6 +58,8 @@ func runServe(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	fs.StringVar(&hostname, "hostname", "", "name used in EHLO and in Message-IDs; empty uses the machine's host name when it is fully qualified, else localhost.localdomain")
 	fs.IntVar(&svc.MaxRecipients, "max-recipients", 50, "most recipients (to+cc+bcc) in one message")
 	fs.Int64Var(&svc.MaxMessageBytes, "max-message-bytes", 10<<20, "largest accepted message, encoded")
+	fs.DurationVar(&svc.APIKeyCacheTTL, "api-key-cache-ttl", service.DefaultAPIKeyCacheTTL, "how long a looked-up API key is trusted; a key revoked on another instance is refused within this long")
+	fs.IntVar(&svc.Intake.Queue, "intake-queue", db.DefaultCommitterQueue, "most send calls waiting to be committed; more are answered 503 / Unavailable with Retry-After")
 	fs.StringVar(&dlv.DNSServer, "dns-server", "", "DNS server (host:port) for MX lookups; empty uses the system's resolver configuration")
 	fs.IntVar(&dlv.SMTP.Port, "smtp-port", 25, "destination SMTP port")
 	fs.Var(&routes, "route", "static route domain=host:port (or *=host:port), repeatable; overrides MX lookup")
@@ -168,6 +171,8 @@ var configFlags = map[string]string{
 	"GRPCIdleTimeout":                "grpc-idle-timeout",
 	"Service.MaxRecipients":          "max-recipients",
 	"Service.MaxMessageBytes":        "max-message-bytes",
+	"Service.APIKeyCacheTTL":         "api-key-cache-ttl",
+	"Service.Intake.Queue":           "intake-queue",
 	"Service.Hostname":               "hostname",
 	"Delivery.SMTP.Hostname":         "hostname",
 	"Delivery.SMTP.Port":             "smtp-port",
