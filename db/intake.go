@@ -304,8 +304,12 @@ WITH u AS (
         CASE WHEN m.status = 'scheduled' THEN m.send_at ELSE now() END
     FROM unnest(@rcpt_ids::uuid[], @rcpt_message_ids::uuid[], @rcpt_positions::int[],
         @rcpt_addresses::text[], @rcpt_domains::text[], @rcpt_kinds::text[])
-        AS v(id, message_id, position, address, domain, kind)
+        WITH ORDINALITY AS v(id, message_id, position, address, domain, kind, ord)
     JOIN m ON m.id = v.message_id
+    -- Rows go in in the caller's order, whatever order the join yields:
+    -- recipients due at the same instant are claimed in the order they
+    -- were stored, so they reach the MX in the order they were given.
+    ORDER BY v.ord
 ), new_events AS (
     SELECT m.project_id, m.id AS message_id, NULL::uuid AS recipient_id, 'accepted' AS type,
         u.accepted::jsonb AS details

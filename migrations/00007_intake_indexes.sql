@@ -25,15 +25,6 @@ CREATE INDEX CONCURRENTLY messages_tags_nonempty_idx ON messages USING gin (tags
     WHERE tags <> '{}';
 DROP INDEX CONCURRENTLY IF EXISTS messages_tags_idx;
 
--- Give the planner statistics at once rather than at autovacuum's first
--- visit: on a fresh install the tables have none, and a plan chosen from
--- the default guesses can scan whole tables until then.
-ANALYZE messages;
-ANALYZE recipients;
-ANALYZE events;
-ANALYZE idempotency_keys;
-ANALYZE api_keys;
-
 -- +goose Down
 DROP INDEX CONCURRENTLY IF EXISTS messages_tags_idx;
 CREATE INDEX CONCURRENTLY messages_tags_idx ON messages USING gin (tags);
