@@ -131,21 +131,16 @@ UPDATE api_keys SET revoked_at = coalesce(revoked_at, now())
 WHERE id = $1 AND project_id = $2
 RETURNING ` + apiKeyColumns
 
-// lookupAPIKeySQL finds an active key and records the use, at most once a
-// minute per key so that a busy key does not turn every request into a
-// write.
+// lookupAPIKeySQL finds an active key. It only reads: recording the use
+// is TouchAPIKeys's, off the request's path.
 const lookupAPIKeySQL = `
-WITH k AS (
-    SELECT ` + apiKeyColumns + ` FROM api_keys WHERE hash = $1 AND revoked_at IS NULL
-), touched AS (
-    UPDATE api_keys a SET last_used_at = now()
-    FROM k
-    WHERE a.id = k.id AND (a.last_used_at IS NULL OR a.last_used_at < now() - interval '1 minute')
-    RETURNING a.last_used_at
-)
-SELECT k.id, k.project_id, k.name, k.prefix, k.scopes, k.created_at, k.revoked_at,
-    coalesce((SELECT last_used_at FROM touched), k.last_used_at)
-FROM k`
+SELECT ` + apiKeyColumns + ` FROM api_keys WHERE hash = $1 AND revoked_at IS NULL`
+
+// touchAPIKeysSQL records the use of keys, at most once a minute per key so
+// that a busy key does not turn every flush into a write.
+const touchAPIKeysSQL = `
+UPDATE api_keys SET last_used_at = now()
+WHERE id = ANY($1::uuid[]) AND (last_used_at IS NULL OR last_used_at < now() - interval '1 minute')`
 
 func scanAPIKey(row pgx.CollectableRow) (APIKey, error) {
 	var k APIKey
@@ -260,7 +255,7 @@ func (d *DB) RevokeAPIKey(ctx context.Context, projectID, id uuid.UUID) (APIKey,
 }
 
 // LookupAPIKey finds the active key with the given hash, or ErrNotFound
-// (also for a revoked key), and records that it was used.
+// (also for a revoked key). It does not record the use; see TouchAPIKeys.
 func (d *DB) LookupAPIKey(ctx context.Context, hash []byte) (APIKey, error) {
 	rows, _ := d.pool.Query(ctx, lookupAPIKeySQL, nonNilBytes(hash))
 	k, err := pgx.CollectExactlyOneRow(rows, scanAPIKey)
@@ -268,4 +263,17 @@ func (d *DB) LookupAPIKey(ctx context.Context, hash []byte) (APIKey, error) {
 		return APIKey{}, fmt.Errorf("look up api key: %w", mapError(err))
 	}
 	return k, nil
+}
+
+// TouchAPIKeys records that the keys with the given ids were used now. A
+// key whose use was recorded less than a minute ago is left alone, so
+// LastUsedAt is exact to the minute.
+func (d *DB) TouchAPIKeys(ctx context.Context, ids []uuid.UUID) error {
+	if len(ids) == 0 {
+		return nil
+	}
+	if _, err := d.pool.Exec(ctx, touchAPIKeysSQL, ids); err != nil {
+		return fmt.Errorf("touch %d api keys: %w", len(ids), mapError(err))
+	}
+	return nil
 }

@@ -48,15 +48,28 @@ func TestAPIKeys(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if found.ID != second.ID || found.LastUsedAt == nil {
-		t.Errorf("LookupAPIKey = %+v, want %s with LastUsedAt set", found, second.ID)
+	if found.ID != second.ID || found.LastUsedAt != nil {
+		t.Errorf("LookupAPIKey = %+v, want %s, its use not recorded by the lookup", found, second.ID)
+	}
+	if err := b.db.TouchAPIKeys(ctx, []uuid.UUID{second.ID}); err != nil {
+		t.Fatal(err)
+	}
+	found, err = b.db.LookupAPIKey(ctx, []byte("hash-2"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if found.LastUsedAt == nil {
+		t.Errorf("after TouchAPIKeys LastUsedAt is nil")
+	}
+	if err := b.db.TouchAPIKeys(ctx, []uuid.UUID{second.ID}); err != nil {
+		t.Fatal(err)
 	}
 	again, err := b.db.LookupAPIKey(ctx, []byte("hash-2"))
 	if err != nil {
 		t.Fatal(err)
 	}
 	if again.LastUsedAt == nil || !again.LastUsedAt.Equal(*found.LastUsedAt) {
-		t.Errorf("second lookup within a minute moved LastUsedAt: %v -> %v", found.LastUsedAt, again.LastUsedAt)
+		t.Errorf("second touch within a minute moved LastUsedAt: %v -> %v", found.LastUsedAt, again.LastUsedAt)
 	}
 	if _, err := b.db.LookupAPIKey(ctx, []byte("unknown")); !errors.Is(err, db.ErrNotFound) {
 		t.Errorf("unknown hash: err = %v, want ErrNotFound", err)

@@ -70,3 +70,33 @@ func BenchmarkClaimAndRecord(b *testing.B) {
 		})
 	}
 }
+
+// BenchmarkInsertMessages measures the intake's database side: messages
+// with two recipients each, stored one per transaction (group=1) or many
+// per transaction, as the group commit stores concurrent calls.
+func BenchmarkInsertMessages(b *testing.B) {
+	for _, group := range []int{1, 16, 128} {
+		b.Run(fmt.Sprintf("group=%d", group), func(b *testing.B) {
+			env := setup(b)
+			ctx := context.Background()
+			msgs := make([]db.NewMessage, group)
+			n := 0
+			for b.Loop() {
+				for i := range msgs {
+					msgs[i] = newMessage(b, 2)
+				}
+				out, err := env.db.InsertMessages(ctx, msgs)
+				if err != nil {
+					b.Fatal(err)
+				}
+				for _, o := range out {
+					if o.Err != nil {
+						b.Fatal(o.Err)
+					}
+				}
+				n += group
+			}
+			b.ReportMetric(float64(n)/b.Elapsed().Seconds(), "msgs/s")
+		})
+	}
+}

@@ -30,6 +30,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"math"
 	"net"
 	"strings"
 	"time"
@@ -119,13 +120,30 @@ var (
 // system gives up on TCP, minutes later, instead of answering Unavailable.
 const DefaultConnectTimeout = 10 * time.Second
 
+// OpenOption changes how Open sets up the pool.
+type OpenOption func(*pgxpool.Config)
+
+// WithMaxConns sizes the pool: at most n connections at once. Without it
+// the pool takes pool_max_conns from the URL, else pgxpool's default (the
+// larger of 4 and the number of CPUs). n < 1 changes nothing.
+func WithMaxConns(n int) OpenOption {
+	return func(cfg *pgxpool.Config) {
+		if n >= 1 {
+			cfg.MaxConns = int32(min(n, math.MaxInt32))
+		}
+	}
+}
+
 // Open connects a pool to the database at url (a postgres:// URL or a
 // keyword/value string) and checks that the server answers. A url without
 // connect_timeout (or with 0) gets DefaultConnectTimeout.
-func Open(ctx context.Context, url string) (*DB, error) {
+func Open(ctx context.Context, url string, opts ...OpenOption) (*DB, error) {
 	cfg, err := pgxpool.ParseConfig(url)
 	if err != nil {
 		return nil, fmt.Errorf("parse database url: %w", err)
+	}
+	for _, opt := range opts {
+		opt(cfg)
 	}
 	boundConnect(cfg.ConnConfig)
 	pool, err := pgxpool.NewWithConfig(ctx, cfg)

@@ -221,121 +221,14 @@ func (p NewMessage) validate() error {
 
 // InsertMessage stores a message, its recipients (queued, or scheduled when
 // SendAt is in the future) and its "accepted" event ("scheduled" too when
-// scheduled), all in one transaction.
-//
-// With Idempotency set, the key is taken first. If it is already held and
-// has not expired, nothing is written: the same request hash gives a result
-// with Replayed set, a different one ErrIdempotencyConflict. An expired key
-// is taken over. Callers racing with one key wait for each other, and exactly
-// one of them stores a message.
+// scheduled), all in one transaction. It is InsertMessages with one message;
+// see there for idempotency keys.
 func (d *DB) InsertMessage(ctx context.Context, p NewMessage) (InsertResult, error) {
-	if err := p.validate(); err != nil {
-		return InsertResult{}, fmt.Errorf("insert message: %w", err)
-	}
-	if p.Idempotency == nil {
-		if err := d.insertMessage(ctx, p); err != nil {
-			return InsertResult{}, fmt.Errorf("insert message %s: %w", p.ID, mapError(err))
-		}
-		return InsertResult{}, nil
-	}
-	var res InsertResult
-	err := d.atomic(ctx, func(tx *DB) error {
-		var err error
-		res, err = takeIdempotencyKey(ctx, tx.tx, projectOrDefault(p.ProjectID), p.ID, *p.Idempotency)
-		if err != nil || res.Replayed {
-			return err
-		}
-		return tx.insertMessage(ctx, p)
-	})
+	out, err := d.InsertMessages(ctx, []NewMessage{p})
 	if err != nil {
-		if errors.Is(err, ErrIdempotencyConflict) {
-			return InsertResult{}, fmt.Errorf("insert message %s: %w", p.ID, err)
-		}
-		return InsertResult{}, fmt.Errorf("insert message %s: %w", p.ID, mapError(err))
+		return InsertResult{}, err
 	}
-	return res, nil
-}
-
-// insertMessageSQL stores the message, its recipients (one row per element
-// of the recipient arrays, position from their order) and its events.
-const insertMessageSQL = `
-WITH m AS (
-    INSERT INTO messages (id, project_id, api_key_id, status, message_id_header, envelope_from, from_header,
-        subject, raw, size_bytes, tags, metadata, send_at)
-    VALUES (@id, @project_id, @api_key_id,
-        CASE WHEN @send_at::timestamptz > coalesce(@now::timestamptz, now()) THEN 'scheduled' ELSE 'queued' END,
-        @message_id_header, @envelope_from, @from_header, @subject, @raw, @size_bytes, @tags, @metadata,
-        @send_at)
-    RETURNING id, project_id, status, send_at
-), r AS (
-    INSERT INTO recipients (id, message_id, position, address, domain, kind, status, next_attempt_at)
-    SELECT u.id, m.id, u.position, u.address, u.domain, u.kind, m.status,
-        CASE WHEN m.status = 'scheduled' THEN m.send_at ELSE now() END
-    FROM m, unnest(@recipient_ids::uuid[], @recipient_addresses::text[], @recipient_domains::text[],
-        @recipient_kinds::text[]) WITH ORDINALITY AS u(id, address, domain, kind, position)
-), new_events AS (
-    SELECT m.project_id, m.id AS message_id, NULL::uuid AS recipient_id, 'accepted' AS type,
-        @accepted::jsonb AS details
-    FROM m
-    UNION ALL
-    SELECT m.project_id, m.id, NULL, 'scheduled', @scheduled::jsonb FROM m WHERE m.status = 'scheduled'
-), ` + writeEventsCTE + `
-SELECT 1`
-
-// insertMessage writes the message, its recipients and events in one batch;
-// on the pool the batch is its own transaction.
-func (d *DB) insertMessage(ctx context.Context, p NewMessage) error {
-	n := len(p.Recipients)
-	ids := make([]uuid.UUID, n)
-	addrs := make([]string, n)
-	domains := make([]string, n)
-	kinds := make([]string, n)
-	for i, r := range p.Recipients {
-		ids[i], addrs[i], domains[i], kinds[i] = r.ID, r.Address, r.Domain, r.Kind
-	}
-	var sendAt *time.Time
-	if !p.SendAt.IsZero() {
-		sendAt = &p.SendAt
-	}
-	tags := p.Tags
-	if tags == nil {
-		tags = []string{}
-	}
-	metadata := p.Metadata
-	if metadata == nil {
-		metadata = map[string]string{}
-	}
-	accepted, err := encodePayload(EventPayload{Recipients: n})
-	if err != nil {
-		return err
-	}
-	scheduled, err := encodePayload(EventPayload{SendAt: sendAt})
-	if err != nil {
-		return err
-	}
-	b := &pgx.Batch{}
-	b.Queue(insertMessageSQL, pgx.NamedArgs{
-		"id":                  p.ID,
-		"project_id":          projectOrDefault(p.ProjectID),
-		"api_key_id":          nullUUID(p.APIKeyID),
-		"message_id_header":   p.MessageIDHeader,
-		"envelope_from":       p.EnvelopeFrom,
-		"from_header":         p.FromHeader,
-		"subject":             p.Subject,
-		"raw":                 nonNilBytes(p.Raw),
-		"size_bytes":          int64(len(p.Raw)),
-		"tags":                tags,
-		"metadata":            metadata,
-		"send_at":             sendAt,
-		"now":                 nowParam(p.Now),
-		"recipient_ids":       ids,
-		"recipient_addresses": addrs,
-		"recipient_domains":   domains,
-		"recipient_kinds":     kinds,
-		"accepted":            accepted,
-		"scheduled":           scheduled,
-	})
-	return d.sendChange(ctx, b, messagesWithIDs([]uuid.UUID{p.ID}), nil)
+	return out[0].Result, out[0].Err
 }
 
 const messageColumns = `
@@ -477,11 +370,13 @@ func (a *Attempt) scanFields() []any {
 // The listing query is put together from these fragments; only the filters
 // in use are added, so every combination gets a plan that can use its index.
 const (
-	listMessagesSelect    = `SELECT ` + messageColumns + `, ` + recipientRecords + ` FROM messages m`
-	listFilterProject     = `m.project_id = @project_id`
-	listFilterStatus      = `m.status = @status`
-	listFilterRecipient   = `m.id IN (SELECT r.message_id FROM recipients r WHERE r.address = @recipient)`
-	listFilterTag         = `m.tags @> ARRAY[@tag::text]`
+	listMessagesSelect  = `SELECT ` + messageColumns + `, ` + recipientRecords + ` FROM messages m`
+	listFilterProject   = `m.project_id = @project_id`
+	listFilterStatus    = `m.status = @status`
+	listFilterRecipient = `m.id IN (SELECT r.message_id FROM recipients r WHERE r.address = @recipient)`
+	// The second clause lets the planner use the partial tag index
+	// (migration 00007); it never changes the result.
+	listFilterTag         = `m.tags @> ARRAY[@tag::text] AND m.tags <> '{}'`
 	listFilterAfterTime   = `m.created_at >= @created_after`
 	listFilterBeforeTime  = `m.created_at < @created_before`
 	listFilterCursor      = `(m.created_at, m.id) < (@cursor_created_at::timestamptz, @cursor_id::uuid)`

@@ -60,7 +60,7 @@ type heldLease struct {
 	// written: a renewal that finds none of the owner's rows then may have
 	// raced with that commit, which is no sign of a lost lease.
 	recording int
-	watches  map[*leaseWatch]struct{}
+	watches   map[*leaseWatch]struct{}
 }
 
 func newLeaseSet(length time.Duration) *leaseSet {

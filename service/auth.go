@@ -54,9 +54,9 @@ func requireScope(ctx context.Context, scope string) (principal, error) {
 }
 
 // authenticator checks the bearer key in incoming metadata against the
-// database.
+// database, through a cache.
 type authenticator struct {
-	store *db.DB
+	keys *keyCache
 }
 
 // authenticate returns ctx carrying the caller's key, project and scopes.
@@ -86,7 +86,7 @@ func (a authenticator) lookup(ctx context.Context, authorization string) (db.API
 	if !plausibleAPIKey(key) {
 		return db.APIKey{}, &unauthenticatedError{reason: "invalid API key"}
 	}
-	k, err := a.store.LookupAPIKey(ctx, HashAPIKey(key))
+	k, err := a.keys.lookup(ctx, HashAPIKey(key))
 	if errors.Is(err, db.ErrNotFound) {
 		// Unknown and revoked keys get the same answer so a caller cannot
 		// tell which keys once existed.
@@ -109,7 +109,7 @@ func (s *Server) CheckAuthorization(ctx context.Context, authorization string) e
 	if strings.TrimSpace(authorization) == "" {
 		return toStatus(ctx, s.log, &unauthenticatedError{reason: "missing API key (Authorization: Bearer <key>)"})
 	}
-	if _, err := (authenticator{store: s.store}).lookup(ctx, authorization); err != nil {
+	if _, err := (authenticator{keys: s.keys}).lookup(ctx, authorization); err != nil {
 		return toStatus(ctx, s.log, err)
 	}
 	return nil

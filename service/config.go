@@ -8,6 +8,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/posthaste/posthaste/db"
 	"github.com/posthaste/posthaste/delivery/message"
 	"github.com/posthaste/posthaste/internal/hostname"
 	"github.com/posthaste/posthaste/internal/netguard"
@@ -27,6 +28,9 @@ const (
 	// DefaultWebhookSecretGrace is how long a rotated webhook secret keeps
 	// signing by default.
 	DefaultWebhookSecretGrace = 24 * time.Hour
+	// DefaultAPIKeyCacheTTL is how long a looked-up API key is trusted by
+	// default.
+	DefaultAPIKeyCacheTTL = time.Second
 )
 
 // Config configures a Server.
@@ -57,6 +61,14 @@ type Config struct {
 	// WebhookSecretGrace is how long a rotated webhook secret keeps signing
 	// alongside the new one. Defaults to 24h.
 	WebhookSecretGrace time.Duration
+	// APIKeyCacheTTL is how long a looked-up API key is trusted before it is
+	// looked up again, so a busy key costs one query per TTL rather than one
+	// per call. A revoked key is therefore refused within this time.
+	// Negative looks every call up. Defaults to 1s.
+	APIKeyCacheTTL time.Duration
+	// Intake configures the group commit that stores accepted messages.
+	// Defaults to db.CommitterConfig's defaults.
+	Intake db.CommitterConfig
 	// Logger receives errors that are not the caller's fault. Defaults to a
 	// logger that discards everything.
 	Logger *slog.Logger
@@ -85,6 +97,10 @@ func (c Config) WithDefaults() Config {
 	if c.WebhookSecretGrace == 0 {
 		c.WebhookSecretGrace = DefaultWebhookSecretGrace
 	}
+	if c.APIKeyCacheTTL == 0 {
+		c.APIKeyCacheTTL = DefaultAPIKeyCacheTTL
+	}
+	c.Intake = c.Intake.WithDefaults()
 	if c.Logger == nil {
 		c.Logger = slog.New(slog.DiscardHandler)
 	}
@@ -119,6 +135,9 @@ func (c Config) validate() error {
 	}
 	if _, _, err := message.NormalizeMailbox("postmaster@" + c.Hostname); err != nil {
 		return fmt.Errorf("Hostname: %q cannot be a Message-ID domain: %w", c.Hostname, err)
+	}
+	if err := c.Intake.Validate(); err != nil {
+		return fmt.Errorf("Intake.%w", err)
 	}
 	if c.IdempotencyTTL < MinIdempotencyTTL {
 		return fmt.Errorf("IdempotencyTTL: must be at least %s, got %s", MinIdempotencyTTL, c.IdempotencyTTL)

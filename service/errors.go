@@ -6,12 +6,14 @@ import (
 	"fmt"
 	"log/slog"
 	"strconv"
+	"time"
 
 	"google.golang.org/genproto/googleapis/rpc/errdetails"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/protoadapt"
+	"google.golang.org/protobuf/types/known/durationpb"
 
 	"github.com/posthaste/posthaste/db"
 )
@@ -25,6 +27,15 @@ const ErrorDomain = "posthaste"
 // It tells a too-large message (which retrying cannot fix; HTTP 413) apart
 // from other exhausted resources.
 const ReasonMessageTooLarge = "MESSAGE_TOO_LARGE"
+
+// ReasonOverloaded is the google.rpc.ErrorInfo reason of the Unavailable
+// error returned when the intake's queue is full. Its RetryInfo says when to
+// try again; REST sends it as Retry-After.
+const ReasonOverloaded = "OVERLOADED"
+
+// overloadRetryDelay is the pause suggested to a caller refused for
+// overload: long enough for a full queue to be committed several times over.
+const overloadRetryDelay = time.Second
 
 // fieldViolation is one problem with one request field. field is a path in
 // proto field names, e.g. to[2].address or metadata["k"].
@@ -147,6 +158,13 @@ func toStatus(ctx context.Context, logger *slog.Logger, err error) error {
 	case errors.Is(err, db.ErrIdempotencyConflict):
 		return status.Error(codes.AlreadyExists,
 			"idempotency key was already used with a different request; use a new key for a new request")
+	case errors.Is(err, db.ErrOverloaded):
+		// Retrying after a pause is what helps, and RetryInfo says how long
+		// (the gateway turns it into Retry-After).
+		st := status.New(codes.Unavailable, "too many messages waiting to be stored, retry later")
+		return withDetails(ctx, logger, st,
+			&errdetails.ErrorInfo{Reason: ReasonOverloaded, Domain: ErrorDomain},
+			&errdetails.RetryInfo{RetryDelay: durationpb.New(overloadRetryDelay)})
 	case errors.Is(err, db.ErrUnavailable):
 		logger.WarnContext(ctx, "database unavailable", "method", methodName(ctx), "error", err)
 		return status.Error(codes.Unavailable, "service temporarily unavailable, retry later")

@@ -51,6 +51,8 @@ func setupEvents(t *testing.T) *eventsEnv {
 	if err != nil {
 		t.Fatal(err)
 	}
+	srv.Start(t.Context())
+	t.Cleanup(srv.Stop)
 	e.gs = service.NewGRPCServer(srv, e.store, logger)
 	lis, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {

@@ -53,7 +53,13 @@ func NewGRPCServer(srv *Server, store *db.DB, logger *slog.Logger, opts ...grpc.
 	if logger == nil {
 		logger = slog.New(slog.DiscardHandler)
 	}
-	ic := interceptors{logger: logger, auth: authenticator{store: store}}
+	keys := srv.keys
+	if store != srv.store {
+		// Keys are looked up where the caller said; the cache is the
+		// server's only when it reads the same database.
+		keys = newKeyCache(store, srv.cfg.APIKeyCacheTTL, logger)
+	}
+	ic := interceptors{logger: logger, auth: authenticator{keys: keys}}
 	gs := grpc.NewServer(append([]grpc.ServerOption{
 		grpc.MaxRecvMsgSize(int(2 * srv.cfg.MaxMessageBytes)),
 		grpc.ChainUnaryInterceptor(ic.logUnary, ic.recoverUnary, ic.authUnary),

@@ -124,6 +124,9 @@ func (s *Server) revokeAPIKey(ctx context.Context, req *posthastev1.RevokeApiKey
 	if err != nil {
 		return nil, fmt.Errorf("revoke api key: %w", err)
 	}
+	// This instance refuses the key from now on; others within their
+	// cache's TTL.
+	s.keys.forget(k.ID)
 	return apiKeyToProto(k, project.Name), nil
 }
 

@@ -32,15 +32,25 @@ func (s *Server) sendMessage(ctx context.Context, req *posthastev1.SendMessageRe
 	if err != nil {
 		return nil, err
 	}
+	now := time.Now()
+	p, err := s.prepareMessage(req, idempotencyKeyFromMetadata(ctx), now)
+	if err != nil {
+		return nil, err
+	}
+	return s.commit(ctx, caller, req, p, now)
+}
+
+// prepareMessage checks req and builds its message: everything SendMessage
+// does before storing. mdKey is the idempotency key sent as metadata.
+func (s *Server) prepareMessage(req *posthastev1.SendMessageRequest, mdKey string, now time.Time) (pending, error) {
 	// Refuse what cannot fit before decoding attachments or building: the
 	// bodies and the base64 attachments only grow when encoded.
 	if lower := minEncodedSize(req); lower > s.cfg.MaxMessageBytes {
-		return nil, &messageTooLargeError{size: lower, limit: s.cfg.MaxMessageBytes, estimate: true}
+		return pending{}, &messageTooLargeError{size: lower, limit: s.cfg.MaxMessageBytes, estimate: true}
 	}
-	now := time.Now()
-	p, spec, err := s.checkSendMessage(req, idempotencyKeyFromMetadata(ctx), now)
+	p, spec, err := s.checkSendMessage(req, mdKey, now)
 	if err != nil {
-		return nil, err
+		return pending{}, err
 	}
 	built, err := message.Build(spec)
 	if err != nil {
@@ -48,16 +58,16 @@ func (s *Server) sendMessage(ctx context.Context, req *posthastev1.SendMessageRe
 		// finer grammar of content ids); its field errors are the caller's.
 		var fe *message.FieldError
 		if errors.As(err, &fe) {
-			return nil, invalidField(fe.Field, fe.Reason)
+			return pending{}, invalidField(fe.Field, fe.Reason)
 		}
-		return nil, fmt.Errorf("build message: %w", err)
+		return pending{}, fmt.Errorf("build message: %w", err)
 	}
 	if size := int64(len(built.Raw)); size > s.cfg.MaxMessageBytes {
-		return nil, &messageTooLargeError{size: size, limit: s.cfg.MaxMessageBytes}
+		return pending{}, &messageTooLargeError{size: size, limit: s.cfg.MaxMessageBytes}
 	}
 	p.raw = built.Raw
 	p.messageIDHeader = built.MessageID
-	return s.commit(ctx, caller, req, p, now)
+	return p, nil
 }
 
 // minEncodedSize is a lower bound of the encoded size of req's message
@@ -292,12 +302,34 @@ type pending struct {
 	idempotencyKey                                     string
 }
 
-// commit stores p in one transaction and answers with its receipt, or
-// with the receipt of the first call when the idempotency key replays it.
+// commit stores p through the group commit and answers with its receipt
+// once it is committed, or with the receipt of the first call when the
+// idempotency key replays it.
 func (s *Server) commit(ctx context.Context, caller principal, req idempotentRequest, p pending, now time.Time) (*posthastev1.SendMessageResponse, error) {
+	nm, resp, err := s.newMessage(caller, req, p, now)
+	if err != nil {
+		return nil, err
+	}
+	out, err := s.committer.Insert(ctx, []db.NewMessage{nm})
+	if err != nil {
+		return nil, fmt.Errorf("insert message: %w", err)
+	}
+	if err := out[0].Err; err != nil {
+		return nil, err
+	}
+	if out[0].Result.Replayed {
+		return replayedResponse(out[0].Result.Response)
+	}
+	s.onCommit()
+	return resp, nil
+}
+
+// newMessage turns p into the row to store and the receipt to answer once
+// it is stored.
+func (s *Server) newMessage(caller principal, req idempotentRequest, p pending, now time.Time) (db.NewMessage, *posthastev1.SendMessageResponse, error) {
 	id, err := uuid.NewV7()
 	if err != nil {
-		return nil, fmt.Errorf("new message id: %w", err)
+		return db.NewMessage{}, nil, fmt.Errorf("new message id: %w", err)
 	}
 	status := db.StatusQueued
 	if p.sendAt.After(now) {
@@ -306,6 +338,7 @@ func (s *Server) commit(ctx context.Context, caller principal, req idempotentReq
 	resp := &posthastev1.SendMessageResponse{
 		Id:              id.String(),
 		MessageIdHeader: p.messageIDHeader,
+		Recipients:      make([]*posthastev1.RecipientSummary, len(p.recipients)),
 	}
 	nm := db.NewMessage{
 		ID:              id,
@@ -321,32 +354,27 @@ func (s *Server) commit(ctx context.Context, caller principal, req idempotentReq
 		SendAt:          p.sendAt,
 		// The receipt's statuses were decided by now; the stored ones must
 		// match them even if the database's clock differs a little.
-		Now: now,
+		Now:        now,
+		Recipients: make([]db.NewRecipient, len(p.recipients)),
 	}
-	for _, r := range p.recipients {
+	// One allocation for all the summaries rather than one each.
+	summaries := make([]posthastev1.RecipientSummary, len(p.recipients))
+	for i, r := range p.recipients {
 		rid, err := uuid.NewV7()
 		if err != nil {
-			return nil, fmt.Errorf("new recipient id: %w", err)
+			return db.NewMessage{}, nil, fmt.Errorf("new recipient id: %w", err)
 		}
-		nm.Recipients = append(nm.Recipients, db.NewRecipient{ID: rid, Address: r.address, Domain: r.domain, Kind: r.kind})
-		resp.Recipients = append(resp.Recipients, &posthastev1.RecipientSummary{
-			Id: rid.String(), Address: r.address, Status: status,
-		})
+		nm.Recipients[i] = db.NewRecipient{ID: rid, Address: r.address, Domain: r.domain, Kind: r.kind}
+		sum := &summaries[i]
+		sum.Id, sum.Address, sum.Status = rid.String(), r.address, status
+		resp.Recipients[i] = sum
 	}
 	if p.idempotencyKey != "" {
 		idem, err := s.idempotency(p.idempotencyKey, req, resp)
 		if err != nil {
-			return nil, err
+			return db.NewMessage{}, nil, err
 		}
 		nm.Idempotency = idem
 	}
-	res, err := s.store.InsertMessage(ctx, nm)
-	if err != nil {
-		return nil, fmt.Errorf("insert message: %w", err)
-	}
-	if res.Replayed {
-		return replayedResponse(res.Response)
-	}
-	s.onCommit()
-	return resp, nil
+	return nm, resp, nil
 }

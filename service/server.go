@@ -7,6 +7,7 @@
 package service
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -22,10 +23,12 @@ import (
 type Server struct {
 	posthastev1.UnimplementedMailServiceServer
 
-	cfg      Config
-	log      *slog.Logger
-	store    *db.DB
-	onCommit func()
+	cfg       Config
+	log       *slog.Logger
+	store     *db.DB
+	committer *db.Committer
+	keys      *keyCache
+	onCommit  func()
 	// events wakes the event streams; nil when the server serves none.
 	events *EventHub
 	// health is set by NewGRPCServer; Drain marks it NOT_SERVING.
@@ -66,14 +69,41 @@ func New(cfg Config, store *db.DB, onCommit func(), opts ...Option) (*Server, er
 	if onCommit == nil {
 		onCommit = func() {}
 	}
+	committer, err := db.NewCommitter(store, cfg.Intake)
+	if err != nil {
+		return nil, fmt.Errorf("service config: Intake.%w", err)
+	}
 	s := &Server{
-		cfg:      cfg,
-		log:      cfg.Logger,
-		store:    store,
-		onCommit: onCommit,
+		cfg:       cfg,
+		log:       cfg.Logger,
+		store:     store,
+		committer: committer,
+		keys:      newKeyCache(store, cfg.APIKeyCacheTTL, cfg.Logger),
+		onCommit:  onCommit,
 	}
 	for _, opt := range opts {
 		opt(s)
 	}
 	return s, nil
+}
+
+// Start starts what the server runs in the background, the intake's group
+// commit and the recording of key use, and returns at once. Sends fail as
+// Unavailable until it is called.
+func (s *Server) Start(ctx context.Context) {
+	s.committer.Start(ctx)
+	s.keys.start(ctx)
+}
+
+// Stop stores the messages already accepted for the group commit, refuses
+// new ones (Unavailable), and records the last key uses. Stop the gRPC
+// server first so that no call is cut off. It is idempotent and waits.
+func (s *Server) Stop() {
+	s.committer.Stop()
+	s.keys.stop()
+}
+
+// IntakeStats counts the group commit's transactions and messages.
+func (s *Server) IntakeStats() db.CommitterStats {
+	return s.committer.Stats()
 }

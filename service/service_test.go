@@ -71,6 +71,8 @@ func setup(t *testing.T, cfg service.Config) *env {
 		t.Fatal(err)
 	}
 	e.srv = srv
+	srv.Start(t.Context())
+	t.Cleanup(srv.Stop)
 	e.conn = serve(t, service.NewGRPCServer(srv, e.store, cfg.Logger))
 	e.client = posthastev1.NewMailServiceClient(e.conn)
 	e.key, e.keyID = createKey(t, e.store, "test")

@@ -138,6 +138,8 @@ func TestDatabaseDownAfterAuthIsUnavailable(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	srv.Start(t.Context())
+	t.Cleanup(srv.Stop)
 	conn := serve(t, service.NewGRPCServer(srv, open(t, e.direct), e.logger))
 	client := posthastev1.NewMailServiceClient(conn)
 	if _, err := client.GetMessage(e.ctx(t), &posthastev1.GetMessageRequest{Id: id}); err != nil {

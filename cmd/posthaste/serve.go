@@ -10,6 +10,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/posthaste/posthaste/db"
 	"github.com/posthaste/posthaste/delivery"
 	"github.com/posthaste/posthaste/delivery/webhook"
 	"github.com/posthaste/posthaste/internal/app"
@@ -59,6 +60,8 @@ func runServe(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	fs.StringVar(&hostname, "hostname", "", "name used in EHLO and in Message-IDs; empty uses the machine's host name when it is fully qualified, else localhost.localdomain")
 	fs.IntVar(&svc.MaxRecipients, "max-recipients", 50, "most recipients (to+cc+bcc) in one message")
 	fs.Int64Var(&svc.MaxMessageBytes, "max-message-bytes", 10<<20, "largest accepted message, encoded")
+	fs.DurationVar(&svc.APIKeyCacheTTL, "api-key-cache-ttl", service.DefaultAPIKeyCacheTTL, "how long a looked-up API key is trusted; a key revoked on another instance is refused within this long")
+	fs.IntVar(&svc.Intake.Queue, "intake-queue", db.DefaultCommitterQueue, "most send calls waiting to be committed; more are answered 503 / Unavailable with Retry-After")
 	fs.StringVar(&dlv.DNSServer, "dns-server", "", "DNS server (host:port) for MX lookups; empty uses the system's resolver configuration")
 	fs.IntVar(&dlv.SMTP.Port, "smtp-port", 25, "destination SMTP port")
 	fs.Var(&routes, "route", "static route domain=host:port (or *=host:port), repeatable; overrides MX lookup")
@@ -86,6 +89,7 @@ func runServe(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	fs.DurationVar(&cfg.Webhook.DisableAfter, "webhook-disable-after", webhook.DefaultDisableAfter, "disable a webhook endpoint whose attempts have all failed for this long; negative never")
 	fs.IntVar(&cfg.Webhook.DisableAfterFailures, "webhook-disable-after-failures", 0, "disable a webhook endpoint after this many failed attempts in a row; 0 leaves it to --webhook-disable-after")
 	fs.DurationVar(&cfg.Webhook.PollInterval, "webhook-poll-interval", webhook.DefaultPollInterval, "how often to read new events for webhooks and look for due webhook retries")
+	fs.IntVar(&cfg.DatabaseMaxConns, "database-max-conns", app.DefaultDatabaseMaxConns(), "most connections to the database at once")
 	fs.DurationVar(&cfg.DatabaseWait, "database-wait", app.DefaultDatabaseWait, "how long to keep trying a database that does not accept connections yet; 0 tries once")
 	fs.DurationVar(&cfg.HTTPReadTimeout, "http-read-timeout", app.DefaultHTTPReadTimeout, "deadline for reading a whole REST request, body included")
 	// These two default to values derived from --http-read-timeout, so that
@@ -165,6 +169,7 @@ var configFlags = map[string]string{
 	"BootstrapAPIKey":                "bootstrap-api-key",
 	"ShutdownTimeout":                "shutdown-timeout",
 	"DatabaseWait":                   "database-wait",
+	"DatabaseMaxConns":               "database-max-conns",
 	"HTTPReadTimeout":                "http-read-timeout",
 	"HTTPWriteTimeout":               "http-write-timeout",
 	"HTTPReadHeaderTimeout":          "http-read-header-timeout",
@@ -178,6 +183,8 @@ var configFlags = map[string]string{
 	"GRPCIdleTimeout":                "grpc-idle-timeout",
 	"Service.MaxRecipients":          "max-recipients",
 	"Service.MaxMessageBytes":        "max-message-bytes",
+	"Service.APIKeyCacheTTL":         "api-key-cache-ttl",
+	"Service.Intake.Queue":           "intake-queue",
 	"Service.Hostname":               "hostname",
 	"Delivery.SMTP.Hostname":         "hostname",
 	"Delivery.SMTP.Port":             "smtp-port",

@@ -481,9 +481,11 @@ func writeContent(w io.Writer, p *part) error {
 		_, err := w.Write(p.content)
 		return err
 	}
-	var chunk [32 << 10]byte
+	// The chunk escapes to the heap (w is an interface), so it is sized to
+	// the text: a typical body is a few hundred bytes, not 32 KiB.
+	chunk := make([]byte, min(len(p.text), 32<<10))
 	for s := p.text; s != ""; {
-		n := copy(chunk[:], s)
+		n := copy(chunk, s)
 		if _, err := w.Write(chunk[:n]); err != nil {
 			return err
 		}

@@ -13,6 +13,7 @@ import (
 	"net"
 	"net/http"
 	"regexp"
+	"runtime"
 	"sync"
 	"time"
 
@@ -39,6 +40,11 @@ type Config struct {
 	// DatabaseURL is the PostgreSQL connection string. Defaults to an
 	// embedded PostgreSQL in DataDir.
 	DatabaseURL string
+	// DatabaseMaxConns is the most connections the process opens to the
+	// database. The intake's group commit holds one per worker while it
+	// commits, delivery one per claim and outcome in flight, and API reads
+	// one each. Defaults to DefaultDatabaseMaxConns().
+	DatabaseMaxConns int
 	// DataDir holds the embedded database. Defaults to DefaultDataDir().
 	DataDir string
 	// Sandbox routes every domain to an in-process SMTP server whose replies
@@ -143,8 +149,19 @@ const (
 	DefaultGRPCIdleTimeout          = 15 * time.Minute
 )
 
+// DefaultDatabaseMaxConns is the default of Config.DatabaseMaxConns: four
+// connections per CPU the process may use, and at least 8, so that a burst
+// of commits does not wait for reads on a small machine while a large one
+// keeps its database busy.
+func DefaultDatabaseMaxConns() int {
+	return max(8, 4*runtime.GOMAXPROCS(0))
+}
+
 // WithDefaults returns cfg with zero fields set to their defaults.
 func (cfg Config) WithDefaults() Config {
+	if cfg.DatabaseMaxConns == 0 {
+		cfg.DatabaseMaxConns = DefaultDatabaseMaxConns()
+	}
 	if cfg.HTTPAddr == "" {
 		cfg.HTTPAddr = ":8080"
 	}
@@ -240,6 +257,7 @@ func (cfg Config) validate() error {
 		field string
 		v     int
 	}{
+		{"DatabaseMaxConns", cfg.DatabaseMaxConns},
 		{"HTTPMaxConnections", cfg.HTTPMaxConnections},
 		{"GRPCMaxConnections", cfg.GRPCMaxConnections},
 		{"GRPCMaxConcurrentStreams", cfg.GRPCMaxConcurrentStreams},
@@ -313,7 +331,7 @@ type App struct {
 	sender     *webhook.Sender
 	grpcServer *grpc.Server
 	grpcLis    net.Listener
-	gatewayLis net.Listener
+	gatewayLis *gateway.PipeListener
 	httpServer *http.Server
 	httpLis    net.Listener
 	gwClose    func() error
@@ -361,7 +379,7 @@ func (a *App) Start(ctx context.Context) (err error) {
 	if err := db.Migrate(ctx, a.database.URL); err != nil {
 		return err
 	}
-	a.store, err = db.Open(ctx, a.database.URL)
+	a.store, err = db.Open(ctx, a.database.URL, db.WithMaxConns(a.cfg.DatabaseMaxConns))
 	if err != nil {
 		return err
 	}
@@ -398,6 +416,7 @@ func (a *App) Start(ctx context.Context) (err error) {
 	if err := a.bootstrapAPIKey(ctx); err != nil {
 		return err
 	}
+	a.api.Start(runCtx)
 
 	deliveryCfg := a.cfg.deliveryConfig()
 	if deliveryCfg.Logger == nil {
@@ -451,13 +470,13 @@ func (a *App) Start(ctx context.Context) (err error) {
 		return fmt.Errorf("listen grpc on %s: %w", a.cfg.GRPCAddr, err)
 	}
 	a.grpcLis = netutil.LimitListener(lis, a.cfg.GRPCMaxConnections)
-	// The gateway gets a listener of its own, on loopback and outside the
-	// connection cap: clients holding every gRPC slot must not lock REST
-	// out of the server it forwards to.
-	a.gatewayLis, err = net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		return fmt.Errorf("listen grpc for the gateway on loopback: %w", err)
-	}
+	// The gateway reaches the server in memory, on a listener of its own
+	// outside the connection cap: clients holding every gRPC slot must not
+	// lock REST out of the server it forwards to. Its calls still pass
+	// every interceptor, so REST and gRPC are authenticated, validated and
+	// logged by the same code.
+	pipe := gateway.NewPipeListener()
+	a.gatewayLis = pipe
 	for _, l := range []net.Listener{a.grpcLis, a.gatewayLis} {
 		a.wg.Add(1)
 		go func() {
@@ -471,7 +490,8 @@ func (a *App) Start(ctx context.Context) (err error) {
 	maxMessage := svcCfg.WithDefaults().MaxMessageBytes
 	// Base64 in JSON grows a message by a third; the gateway's bound only
 	// stops absurd bodies early, the service enforces the real limit.
-	handler, gwClose, err := gateway.New(runCtx, a.gatewayLis.Addr().String(), svcCfg.Logger,
+	handler, gwClose, err := gateway.New(runCtx, pipe.Addr().String(), svcCfg.Logger,
+		gateway.WithDialer(pipe.Dial),
 		gateway.WithMaxBodyBytes(2*maxMessage),
 		gateway.WithAuthCheck(a.api.CheckAuthorization))
 	if err != nil {
@@ -533,6 +553,15 @@ func (a *App) DatabaseURL() string {
 	return a.database.URL
 }
 
+// IntakeStats counts the transactions and messages of the API's group
+// commit; zero before Start.
+func (a *App) IntakeStats() db.CommitterStats {
+	if a.api == nil {
+		return db.CommitterStats{}
+	}
+	return a.api.IntakeStats()
+}
+
 // Sandbox is the sandbox SMTP server, nil unless sandbox mode is on.
 func (a *App) Sandbox() *sandbox.Server { return a.sandbox }
 
@@ -579,11 +608,18 @@ func (a *App) stop(ctx context.Context) error {
 			<-stopped
 		}
 	} else {
-		for _, l := range []net.Listener{a.grpcLis, a.gatewayLis} {
-			if l != nil {
-				_ = l.Close()
-			}
+		if a.grpcLis != nil {
+			_ = a.grpcLis.Close()
 		}
+		if a.gatewayLis != nil {
+			_ = a.gatewayLis.Close()
+		}
+	}
+	if a.api != nil {
+		// After the servers: every call has been answered, and what was
+		// accepted for the group commit is committed before the database
+		// goes.
+		a.api.Stop()
 	}
 	if a.dispatcher != nil {
 		a.dispatcher.Stop()

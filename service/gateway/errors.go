@@ -6,6 +6,7 @@ import (
 	"errors"
 	"net/http"
 	"strconv"
+	"time"
 
 	"github.com/grpc-ecosystem/grpc-gateway/v2/runtime"
 	"google.golang.org/genproto/googleapis/rpc/errdetails"
@@ -32,6 +33,9 @@ type errorDetail struct {
 	Message         string           `json:"message"`
 	Reason          string           `json:"reason,omitempty"`
 	FieldViolations []fieldViolation `json:"field_violations,omitempty"`
+	// RetryAfter, when positive, is sent as the Retry-After header, in
+	// seconds (RFC 9110 section 10.2.3), from the status's RetryInfo.
+	RetryAfter int `json:"-"`
 }
 
 type fieldViolation struct {
@@ -152,13 +156,16 @@ func (g *gateway) handleError(ctx context.Context, _ *runtime.ServeMux, _ runtim
 		Reason:  reasonOf(st),
 	}
 	for _, detail := range st.Details() {
-		if br, ok := detail.(*errdetails.BadRequest); ok {
-			for _, v := range br.GetFieldViolations() {
+		switch detail := detail.(type) {
+		case *errdetails.BadRequest:
+			for _, v := range detail.GetFieldViolations() {
 				d.FieldViolations = append(d.FieldViolations, fieldViolation{Field: v.GetField(), Description: v.GetDescription()})
 			}
+		case *errdetails.RetryInfo:
+			d.RetryAfter = retryAfterSeconds(detail.GetRetryDelay().AsDuration())
 		}
 	}
-	if st.Code() == codes.Unavailable && ctx.Err() == nil {
+	if st.Code() == codes.Unavailable && d.Reason == "" && ctx.Err() == nil {
 		// The connection to our own server failed; its text names internal
 		// addresses.
 		g.log.WarnContext(ctx, "grpc backend unavailable", "error", st.Message())
@@ -196,10 +203,22 @@ func (g *gateway) writeError(w http.ResponseWriter, r *http.Request, d errorDeta
 		// RFC 6750 section 3.
 		h.Set("WWW-Authenticate", `Bearer realm="posthaste"`)
 	}
+	if d.RetryAfter > 0 {
+		h.Set("Retry-After", strconv.Itoa(d.RetryAfter))
+	}
 	w.WriteHeader(d.Code)
 	enc := json.NewEncoder(w)
 	enc.SetEscapeHTML(false) // messages quote <key> and the like; this is not HTML
 	if err := enc.Encode(errorBody{Error: d}); err != nil {
 		g.log.DebugContext(r.Context(), "write error response", "error", err)
 	}
+}
+
+// retryAfterSeconds rounds a suggested delay up to whole seconds, the unit
+// of Retry-After; any positive delay is at least one.
+func retryAfterSeconds(d time.Duration) int {
+	if d <= 0 {
+		return 0
+	}
+	return int((d + time.Second - 1) / time.Second)
 }

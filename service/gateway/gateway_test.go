@@ -71,6 +71,8 @@ func setup(t *testing.T, cfg service.Config, opts ...gateway.Option) *env {
 	if err != nil {
 		t.Fatal(err)
 	}
+	srv.Start(t.Context())
+	t.Cleanup(srv.Stop)
 	gs := service.NewGRPCServer(srv, e.store, logger)
 	grpcAddr := testenv.ServeGRPC(t, gs)
 	// As the process wires it: the key is checked before the body is read.

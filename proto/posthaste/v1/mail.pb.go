@@ -551,6 +551,184 @@ func (x *SendMessageResponse) GetRecipients() []*RecipientSummary {
 	return nil
 }
 
+// SendBatchRequest is several messages to send in one call.
+type SendBatchRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The messages, 1 to 500.
+	Messages      []*SendMessageRequest `protobuf:"bytes,1,rep,name=messages,proto3" json:"messages,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *SendBatchRequest) Reset() {
+	*x = SendBatchRequest{}
+	mi := &file_posthaste_v1_mail_proto_msgTypes[6]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *SendBatchRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*SendBatchRequest) ProtoMessage() {}
+
+func (x *SendBatchRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_posthaste_v1_mail_proto_msgTypes[6]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use SendBatchRequest.ProtoReflect.Descriptor instead.
+func (*SendBatchRequest) Descriptor() ([]byte, []int) {
+	return file_posthaste_v1_mail_proto_rawDescGZIP(), []int{6}
+}
+
+func (x *SendBatchRequest) GetMessages() []*SendMessageRequest {
+	if x != nil {
+		return x.Messages
+	}
+	return nil
+}
+
+// SendBatchResponse has one result per message of the request, in order.
+type SendBatchResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Results       []*SendBatchResult     `protobuf:"bytes,1,rep,name=results,proto3" json:"results,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *SendBatchResponse) Reset() {
+	*x = SendBatchResponse{}
+	mi := &file_posthaste_v1_mail_proto_msgTypes[7]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *SendBatchResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*SendBatchResponse) ProtoMessage() {}
+
+func (x *SendBatchResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_posthaste_v1_mail_proto_msgTypes[7]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use SendBatchResponse.ProtoReflect.Descriptor instead.
+func (*SendBatchResponse) Descriptor() ([]byte, []int) {
+	return file_posthaste_v1_mail_proto_rawDescGZIP(), []int{7}
+}
+
+func (x *SendBatchResponse) GetResults() []*SendBatchResult {
+	if x != nil {
+		return x.Results
+	}
+	return nil
+}
+
+// SendBatchResult is what became of one message of a batch.
+type SendBatchResult struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Types that are valid to be assigned to Result:
+	//
+	//	*SendBatchResult_Accepted
+	//	*SendBatchResult_Error
+	Result        isSendBatchResult_Result `protobuf_oneof:"result"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *SendBatchResult) Reset() {
+	*x = SendBatchResult{}
+	mi := &file_posthaste_v1_mail_proto_msgTypes[8]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *SendBatchResult) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*SendBatchResult) ProtoMessage() {}
+
+func (x *SendBatchResult) ProtoReflect() protoreflect.Message {
+	mi := &file_posthaste_v1_mail_proto_msgTypes[8]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use SendBatchResult.ProtoReflect.Descriptor instead.
+func (*SendBatchResult) Descriptor() ([]byte, []int) {
+	return file_posthaste_v1_mail_proto_rawDescGZIP(), []int{8}
+}
+
+func (x *SendBatchResult) GetResult() isSendBatchResult_Result {
+	if x != nil {
+		return x.Result
+	}
+	return nil
+}
+
+func (x *SendBatchResult) GetAccepted() *SendMessageResponse {
+	if x != nil {
+		if x, ok := x.Result.(*SendBatchResult_Accepted); ok {
+			return x.Accepted
+		}
+	}
+	return nil
+}
+
+func (x *SendBatchResult) GetError() *Error {
+	if x != nil {
+		if x, ok := x.Result.(*SendBatchResult_Error); ok {
+			return x.Error
+		}
+	}
+	return nil
+}
+
+type isSendBatchResult_Result interface {
+	isSendBatchResult_Result()
+}
+
+type SendBatchResult_Accepted struct {
+	// The message was stored: its receipt, as SendMessage answers it.
+	Accepted *SendMessageResponse `protobuf:"bytes,1,opt,name=accepted,proto3,oneof"`
+}
+
+type SendBatchResult_Error struct {
+	// The message was not stored, and why: what SendMessage would have
+	// answered for it alone, with its field names prefixed by
+	// "messages[<index>].".
+	Error *Error `protobuf:"bytes,2,opt,name=error,proto3,oneof"`
+}
+
+func (*SendBatchResult_Accepted) isSendBatchResult_Result() {}
+
+func (*SendBatchResult_Error) isSendBatchResult_Result() {}
+
 // RecipientSummary is a recipient as first stored.
 type RecipientSummary struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -566,7 +744,7 @@ type RecipientSummary struct {
 
 func (x *RecipientSummary) Reset() {
 	*x = RecipientSummary{}
-	mi := &file_posthaste_v1_mail_proto_msgTypes[6]
+	mi := &file_posthaste_v1_mail_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -578,7 +756,7 @@ func (x *RecipientSummary) String() string {
 func (*RecipientSummary) ProtoMessage() {}
 
 func (x *RecipientSummary) ProtoReflect() protoreflect.Message {
-	mi := &file_posthaste_v1_mail_proto_msgTypes[6]
+	mi := &file_posthaste_v1_mail_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -591,7 +769,7 @@ func (x *RecipientSummary) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RecipientSummary.ProtoReflect.Descriptor instead.
 func (*RecipientSummary) Descriptor() ([]byte, []int) {
-	return file_posthaste_v1_mail_proto_rawDescGZIP(), []int{6}
+	return file_posthaste_v1_mail_proto_rawDescGZIP(), []int{9}
 }
 
 func (x *RecipientSummary) GetId() string {
@@ -626,7 +804,7 @@ type GetMessageRequest struct {
 
 func (x *GetMessageRequest) Reset() {
 	*x = GetMessageRequest{}
-	mi := &file_posthaste_v1_mail_proto_msgTypes[7]
+	mi := &file_posthaste_v1_mail_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -638,7 +816,7 @@ func (x *GetMessageRequest) String() string {
 func (*GetMessageRequest) ProtoMessage() {}
 
 func (x *GetMessageRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_posthaste_v1_mail_proto_msgTypes[7]
+	mi := &file_posthaste_v1_mail_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -651,7 +829,7 @@ func (x *GetMessageRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetMessageRequest.ProtoReflect.Descriptor instead.
 func (*GetMessageRequest) Descriptor() ([]byte, []int) {
-	return file_posthaste_v1_mail_proto_rawDescGZIP(), []int{7}
+	return file_posthaste_v1_mail_proto_rawDescGZIP(), []int{10}
 }
 
 func (x *GetMessageRequest) GetId() string {
@@ -672,7 +850,7 @@ type CancelMessageRequest struct {
 
 func (x *CancelMessageRequest) Reset() {
 	*x = CancelMessageRequest{}
-	mi := &file_posthaste_v1_mail_proto_msgTypes[8]
+	mi := &file_posthaste_v1_mail_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -684,7 +862,7 @@ func (x *CancelMessageRequest) String() string {
 func (*CancelMessageRequest) ProtoMessage() {}
 
 func (x *CancelMessageRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_posthaste_v1_mail_proto_msgTypes[8]
+	mi := &file_posthaste_v1_mail_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -697,7 +875,7 @@ func (x *CancelMessageRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CancelMessageRequest.ProtoReflect.Descriptor instead.
 func (*CancelMessageRequest) Descriptor() ([]byte, []int) {
-	return file_posthaste_v1_mail_proto_rawDescGZIP(), []int{8}
+	return file_posthaste_v1_mail_proto_rawDescGZIP(), []int{11}
 }
 
 func (x *CancelMessageRequest) GetId() string {
@@ -730,7 +908,7 @@ type ListMessagesRequest struct {
 
 func (x *ListMessagesRequest) Reset() {
 	*x = ListMessagesRequest{}
-	mi := &file_posthaste_v1_mail_proto_msgTypes[9]
+	mi := &file_posthaste_v1_mail_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -742,7 +920,7 @@ func (x *ListMessagesRequest) String() string {
 func (*ListMessagesRequest) ProtoMessage() {}
 
 func (x *ListMessagesRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_posthaste_v1_mail_proto_msgTypes[9]
+	mi := &file_posthaste_v1_mail_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -755,7 +933,7 @@ func (x *ListMessagesRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListMessagesRequest.ProtoReflect.Descriptor instead.
 func (*ListMessagesRequest) Descriptor() ([]byte, []int) {
-	return file_posthaste_v1_mail_proto_rawDescGZIP(), []int{9}
+	return file_posthaste_v1_mail_proto_rawDescGZIP(), []int{12}
 }
 
 func (x *ListMessagesRequest) GetStatus() string {
@@ -820,7 +998,7 @@ type ListMessagesResponse struct {
 
 func (x *ListMessagesResponse) Reset() {
 	*x = ListMessagesResponse{}
-	mi := &file_posthaste_v1_mail_proto_msgTypes[10]
+	mi := &file_posthaste_v1_mail_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -832,7 +1010,7 @@ func (x *ListMessagesResponse) String() string {
 func (*ListMessagesResponse) ProtoMessage() {}
 
 func (x *ListMessagesResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_posthaste_v1_mail_proto_msgTypes[10]
+	mi := &file_posthaste_v1_mail_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -845,7 +1023,7 @@ func (x *ListMessagesResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListMessagesResponse.ProtoReflect.Descriptor instead.
 func (*ListMessagesResponse) Descriptor() ([]byte, []int) {
-	return file_posthaste_v1_mail_proto_rawDescGZIP(), []int{10}
+	return file_posthaste_v1_mail_proto_rawDescGZIP(), []int{13}
 }
 
 func (x *ListMessagesResponse) GetMessages() []*Message {
@@ -900,7 +1078,7 @@ type Message struct {
 
 func (x *Message) Reset() {
 	*x = Message{}
-	mi := &file_posthaste_v1_mail_proto_msgTypes[11]
+	mi := &file_posthaste_v1_mail_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -912,7 +1090,7 @@ func (x *Message) String() string {
 func (*Message) ProtoMessage() {}
 
 func (x *Message) ProtoReflect() protoreflect.Message {
-	mi := &file_posthaste_v1_mail_proto_msgTypes[11]
+	mi := &file_posthaste_v1_mail_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -925,7 +1103,7 @@ func (x *Message) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Message.ProtoReflect.Descriptor instead.
 func (*Message) Descriptor() ([]byte, []int) {
-	return file_posthaste_v1_mail_proto_rawDescGZIP(), []int{11}
+	return file_posthaste_v1_mail_proto_rawDescGZIP(), []int{14}
 }
 
 func (x *Message) GetId() string {
@@ -1054,7 +1232,7 @@ type Recipient struct {
 
 func (x *Recipient) Reset() {
 	*x = Recipient{}
-	mi := &file_posthaste_v1_mail_proto_msgTypes[12]
+	mi := &file_posthaste_v1_mail_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1066,7 +1244,7 @@ func (x *Recipient) String() string {
 func (*Recipient) ProtoMessage() {}
 
 func (x *Recipient) ProtoReflect() protoreflect.Message {
-	mi := &file_posthaste_v1_mail_proto_msgTypes[12]
+	mi := &file_posthaste_v1_mail_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1079,7 +1257,7 @@ func (x *Recipient) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Recipient.ProtoReflect.Descriptor instead.
 func (*Recipient) Descriptor() ([]byte, []int) {
-	return file_posthaste_v1_mail_proto_rawDescGZIP(), []int{12}
+	return file_posthaste_v1_mail_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *Recipient) GetId() string {
@@ -1161,7 +1339,7 @@ type SmtpReply struct {
 
 func (x *SmtpReply) Reset() {
 	*x = SmtpReply{}
-	mi := &file_posthaste_v1_mail_proto_msgTypes[13]
+	mi := &file_posthaste_v1_mail_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1173,7 +1351,7 @@ func (x *SmtpReply) String() string {
 func (*SmtpReply) ProtoMessage() {}
 
 func (x *SmtpReply) ProtoReflect() protoreflect.Message {
-	mi := &file_posthaste_v1_mail_proto_msgTypes[13]
+	mi := &file_posthaste_v1_mail_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1186,7 +1364,7 @@ func (x *SmtpReply) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SmtpReply.ProtoReflect.Descriptor instead.
 func (*SmtpReply) Descriptor() ([]byte, []int) {
-	return file_posthaste_v1_mail_proto_rawDescGZIP(), []int{13}
+	return file_posthaste_v1_mail_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *SmtpReply) GetCode() int32 {
@@ -1250,7 +1428,7 @@ type Attempt struct {
 
 func (x *Attempt) Reset() {
 	*x = Attempt{}
-	mi := &file_posthaste_v1_mail_proto_msgTypes[14]
+	mi := &file_posthaste_v1_mail_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1262,7 +1440,7 @@ func (x *Attempt) String() string {
 func (*Attempt) ProtoMessage() {}
 
 func (x *Attempt) ProtoReflect() protoreflect.Message {
-	mi := &file_posthaste_v1_mail_proto_msgTypes[14]
+	mi := &file_posthaste_v1_mail_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1275,7 +1453,7 @@ func (x *Attempt) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Attempt.ProtoReflect.Descriptor instead.
 func (*Attempt) Descriptor() ([]byte, []int) {
-	return file_posthaste_v1_mail_proto_rawDescGZIP(), []int{14}
+	return file_posthaste_v1_mail_proto_rawDescGZIP(), []int{17}
 }
 
 func (x *Attempt) GetId() string {
@@ -1381,7 +1559,7 @@ type ApiKey struct {
 
 func (x *ApiKey) Reset() {
 	*x = ApiKey{}
-	mi := &file_posthaste_v1_mail_proto_msgTypes[15]
+	mi := &file_posthaste_v1_mail_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1393,7 +1571,7 @@ func (x *ApiKey) String() string {
 func (*ApiKey) ProtoMessage() {}
 
 func (x *ApiKey) ProtoReflect() protoreflect.Message {
-	mi := &file_posthaste_v1_mail_proto_msgTypes[15]
+	mi := &file_posthaste_v1_mail_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1406,7 +1584,7 @@ func (x *ApiKey) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ApiKey.ProtoReflect.Descriptor instead.
 func (*ApiKey) Descriptor() ([]byte, []int) {
-	return file_posthaste_v1_mail_proto_rawDescGZIP(), []int{15}
+	return file_posthaste_v1_mail_proto_rawDescGZIP(), []int{18}
 }
 
 func (x *ApiKey) GetId() string {
@@ -1479,7 +1657,7 @@ type CreateApiKeyRequest struct {
 
 func (x *CreateApiKeyRequest) Reset() {
 	*x = CreateApiKeyRequest{}
-	mi := &file_posthaste_v1_mail_proto_msgTypes[16]
+	mi := &file_posthaste_v1_mail_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1491,7 +1669,7 @@ func (x *CreateApiKeyRequest) String() string {
 func (*CreateApiKeyRequest) ProtoMessage() {}
 
 func (x *CreateApiKeyRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_posthaste_v1_mail_proto_msgTypes[16]
+	mi := &file_posthaste_v1_mail_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1504,7 +1682,7 @@ func (x *CreateApiKeyRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateApiKeyRequest.ProtoReflect.Descriptor instead.
 func (*CreateApiKeyRequest) Descriptor() ([]byte, []int) {
-	return file_posthaste_v1_mail_proto_rawDescGZIP(), []int{16}
+	return file_posthaste_v1_mail_proto_rawDescGZIP(), []int{19}
 }
 
 func (x *CreateApiKeyRequest) GetName() string {
@@ -1535,7 +1713,7 @@ type CreateApiKeyResponse struct {
 
 func (x *CreateApiKeyResponse) Reset() {
 	*x = CreateApiKeyResponse{}
-	mi := &file_posthaste_v1_mail_proto_msgTypes[17]
+	mi := &file_posthaste_v1_mail_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1547,7 +1725,7 @@ func (x *CreateApiKeyResponse) String() string {
 func (*CreateApiKeyResponse) ProtoMessage() {}
 
 func (x *CreateApiKeyResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_posthaste_v1_mail_proto_msgTypes[17]
+	mi := &file_posthaste_v1_mail_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1560,7 +1738,7 @@ func (x *CreateApiKeyResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateApiKeyResponse.ProtoReflect.Descriptor instead.
 func (*CreateApiKeyResponse) Descriptor() ([]byte, []int) {
-	return file_posthaste_v1_mail_proto_rawDescGZIP(), []int{17}
+	return file_posthaste_v1_mail_proto_rawDescGZIP(), []int{20}
 }
 
 func (x *CreateApiKeyResponse) GetApiKey() *ApiKey {
@@ -1586,7 +1764,7 @@ type ListApiKeysRequest struct {
 
 func (x *ListApiKeysRequest) Reset() {
 	*x = ListApiKeysRequest{}
-	mi := &file_posthaste_v1_mail_proto_msgTypes[18]
+	mi := &file_posthaste_v1_mail_proto_msgTypes[21]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1598,7 +1776,7 @@ func (x *ListApiKeysRequest) String() string {
 func (*ListApiKeysRequest) ProtoMessage() {}
 
 func (x *ListApiKeysRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_posthaste_v1_mail_proto_msgTypes[18]
+	mi := &file_posthaste_v1_mail_proto_msgTypes[21]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1611,7 +1789,7 @@ func (x *ListApiKeysRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListApiKeysRequest.ProtoReflect.Descriptor instead.
 func (*ListApiKeysRequest) Descriptor() ([]byte, []int) {
-	return file_posthaste_v1_mail_proto_rawDescGZIP(), []int{18}
+	return file_posthaste_v1_mail_proto_rawDescGZIP(), []int{21}
 }
 
 // ListApiKeysResponse is every key of the caller's project.
@@ -1625,7 +1803,7 @@ type ListApiKeysResponse struct {
 
 func (x *ListApiKeysResponse) Reset() {
 	*x = ListApiKeysResponse{}
-	mi := &file_posthaste_v1_mail_proto_msgTypes[19]
+	mi := &file_posthaste_v1_mail_proto_msgTypes[22]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1637,7 +1815,7 @@ func (x *ListApiKeysResponse) String() string {
 func (*ListApiKeysResponse) ProtoMessage() {}
 
 func (x *ListApiKeysResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_posthaste_v1_mail_proto_msgTypes[19]
+	mi := &file_posthaste_v1_mail_proto_msgTypes[22]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1650,7 +1828,7 @@ func (x *ListApiKeysResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListApiKeysResponse.ProtoReflect.Descriptor instead.
 func (*ListApiKeysResponse) Descriptor() ([]byte, []int) {
-	return file_posthaste_v1_mail_proto_rawDescGZIP(), []int{19}
+	return file_posthaste_v1_mail_proto_rawDescGZIP(), []int{22}
 }
 
 func (x *ListApiKeysResponse) GetApiKeys() []*ApiKey {
@@ -1671,7 +1849,7 @@ type RevokeApiKeyRequest struct {
 
 func (x *RevokeApiKeyRequest) Reset() {
 	*x = RevokeApiKeyRequest{}
-	mi := &file_posthaste_v1_mail_proto_msgTypes[20]
+	mi := &file_posthaste_v1_mail_proto_msgTypes[23]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1683,7 +1861,7 @@ func (x *RevokeApiKeyRequest) String() string {
 func (*RevokeApiKeyRequest) ProtoMessage() {}
 
 func (x *RevokeApiKeyRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_posthaste_v1_mail_proto_msgTypes[20]
+	mi := &file_posthaste_v1_mail_proto_msgTypes[23]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1696,7 +1874,7 @@ func (x *RevokeApiKeyRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RevokeApiKeyRequest.ProtoReflect.Descriptor instead.
 func (*RevokeApiKeyRequest) Descriptor() ([]byte, []int) {
-	return file_posthaste_v1_mail_proto_rawDescGZIP(), []int{20}
+	return file_posthaste_v1_mail_proto_rawDescGZIP(), []int{23}
 }
 
 func (x *RevokeApiKeyRequest) GetId() string {
@@ -1771,7 +1949,7 @@ type Event struct {
 
 func (x *Event) Reset() {
 	*x = Event{}
-	mi := &file_posthaste_v1_mail_proto_msgTypes[21]
+	mi := &file_posthaste_v1_mail_proto_msgTypes[24]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1783,7 +1961,7 @@ func (x *Event) String() string {
 func (*Event) ProtoMessage() {}
 
 func (x *Event) ProtoReflect() protoreflect.Message {
-	mi := &file_posthaste_v1_mail_proto_msgTypes[21]
+	mi := &file_posthaste_v1_mail_proto_msgTypes[24]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1796,7 +1974,7 @@ func (x *Event) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Event.ProtoReflect.Descriptor instead.
 func (*Event) Descriptor() ([]byte, []int) {
-	return file_posthaste_v1_mail_proto_rawDescGZIP(), []int{21}
+	return file_posthaste_v1_mail_proto_rawDescGZIP(), []int{24}
 }
 
 func (x *Event) GetId() int64 {
@@ -1950,7 +2128,7 @@ type ListMessageEventsRequest struct {
 
 func (x *ListMessageEventsRequest) Reset() {
 	*x = ListMessageEventsRequest{}
-	mi := &file_posthaste_v1_mail_proto_msgTypes[22]
+	mi := &file_posthaste_v1_mail_proto_msgTypes[25]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1962,7 +2140,7 @@ func (x *ListMessageEventsRequest) String() string {
 func (*ListMessageEventsRequest) ProtoMessage() {}
 
 func (x *ListMessageEventsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_posthaste_v1_mail_proto_msgTypes[22]
+	mi := &file_posthaste_v1_mail_proto_msgTypes[25]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1975,7 +2153,7 @@ func (x *ListMessageEventsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListMessageEventsRequest.ProtoReflect.Descriptor instead.
 func (*ListMessageEventsRequest) Descriptor() ([]byte, []int) {
-	return file_posthaste_v1_mail_proto_rawDescGZIP(), []int{22}
+	return file_posthaste_v1_mail_proto_rawDescGZIP(), []int{25}
 }
 
 func (x *ListMessageEventsRequest) GetId() string {
@@ -1998,7 +2176,7 @@ type ListMessageEventsResponse struct {
 
 func (x *ListMessageEventsResponse) Reset() {
 	*x = ListMessageEventsResponse{}
-	mi := &file_posthaste_v1_mail_proto_msgTypes[23]
+	mi := &file_posthaste_v1_mail_proto_msgTypes[26]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2010,7 +2188,7 @@ func (x *ListMessageEventsResponse) String() string {
 func (*ListMessageEventsResponse) ProtoMessage() {}
 
 func (x *ListMessageEventsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_posthaste_v1_mail_proto_msgTypes[23]
+	mi := &file_posthaste_v1_mail_proto_msgTypes[26]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2023,7 +2201,7 @@ func (x *ListMessageEventsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListMessageEventsResponse.ProtoReflect.Descriptor instead.
 func (*ListMessageEventsResponse) Descriptor() ([]byte, []int) {
-	return file_posthaste_v1_mail_proto_rawDescGZIP(), []int{23}
+	return file_posthaste_v1_mail_proto_rawDescGZIP(), []int{26}
 }
 
 func (x *ListMessageEventsResponse) GetEvents() []*Event {
@@ -2057,7 +2235,7 @@ type ListEventsRequest struct {
 
 func (x *ListEventsRequest) Reset() {
 	*x = ListEventsRequest{}
-	mi := &file_posthaste_v1_mail_proto_msgTypes[24]
+	mi := &file_posthaste_v1_mail_proto_msgTypes[27]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2069,7 +2247,7 @@ func (x *ListEventsRequest) String() string {
 func (*ListEventsRequest) ProtoMessage() {}
 
 func (x *ListEventsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_posthaste_v1_mail_proto_msgTypes[24]
+	mi := &file_posthaste_v1_mail_proto_msgTypes[27]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2082,7 +2260,7 @@ func (x *ListEventsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListEventsRequest.ProtoReflect.Descriptor instead.
 func (*ListEventsRequest) Descriptor() ([]byte, []int) {
-	return file_posthaste_v1_mail_proto_rawDescGZIP(), []int{24}
+	return file_posthaste_v1_mail_proto_rawDescGZIP(), []int{27}
 }
 
 func (x *ListEventsRequest) GetAfter() string {
@@ -2125,7 +2303,7 @@ type ListEventsResponse struct {
 
 func (x *ListEventsResponse) Reset() {
 	*x = ListEventsResponse{}
-	mi := &file_posthaste_v1_mail_proto_msgTypes[25]
+	mi := &file_posthaste_v1_mail_proto_msgTypes[28]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2137,7 +2315,7 @@ func (x *ListEventsResponse) String() string {
 func (*ListEventsResponse) ProtoMessage() {}
 
 func (x *ListEventsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_posthaste_v1_mail_proto_msgTypes[25]
+	mi := &file_posthaste_v1_mail_proto_msgTypes[28]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2150,7 +2328,7 @@ func (x *ListEventsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListEventsResponse.ProtoReflect.Descriptor instead.
 func (*ListEventsResponse) Descriptor() ([]byte, []int) {
-	return file_posthaste_v1_mail_proto_rawDescGZIP(), []int{25}
+	return file_posthaste_v1_mail_proto_rawDescGZIP(), []int{28}
 }
 
 func (x *ListEventsResponse) GetEvents() []*Event {
@@ -2193,7 +2371,7 @@ type StreamEventsRequest struct {
 
 func (x *StreamEventsRequest) Reset() {
 	*x = StreamEventsRequest{}
-	mi := &file_posthaste_v1_mail_proto_msgTypes[26]
+	mi := &file_posthaste_v1_mail_proto_msgTypes[29]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2205,7 +2383,7 @@ func (x *StreamEventsRequest) String() string {
 func (*StreamEventsRequest) ProtoMessage() {}
 
 func (x *StreamEventsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_posthaste_v1_mail_proto_msgTypes[26]
+	mi := &file_posthaste_v1_mail_proto_msgTypes[29]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2218,7 +2396,7 @@ func (x *StreamEventsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StreamEventsRequest.ProtoReflect.Descriptor instead.
 func (*StreamEventsRequest) Descriptor() ([]byte, []int) {
-	return file_posthaste_v1_mail_proto_rawDescGZIP(), []int{26}
+	return file_posthaste_v1_mail_proto_rawDescGZIP(), []int{29}
 }
 
 func (x *StreamEventsRequest) GetAfter() string {
@@ -2264,7 +2442,7 @@ type StreamEventsResponse struct {
 
 func (x *StreamEventsResponse) Reset() {
 	*x = StreamEventsResponse{}
-	mi := &file_posthaste_v1_mail_proto_msgTypes[27]
+	mi := &file_posthaste_v1_mail_proto_msgTypes[30]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2276,7 +2454,7 @@ func (x *StreamEventsResponse) String() string {
 func (*StreamEventsResponse) ProtoMessage() {}
 
 func (x *StreamEventsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_posthaste_v1_mail_proto_msgTypes[27]
+	mi := &file_posthaste_v1_mail_proto_msgTypes[30]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2289,7 +2467,7 @@ func (x *StreamEventsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StreamEventsResponse.ProtoReflect.Descriptor instead.
 func (*StreamEventsResponse) Descriptor() ([]byte, []int) {
-	return file_posthaste_v1_mail_proto_rawDescGZIP(), []int{27}
+	return file_posthaste_v1_mail_proto_rawDescGZIP(), []int{30}
 }
 
 func (x *StreamEventsResponse) GetEvent() *Event {
@@ -2317,7 +2495,7 @@ type WatchMessageRequest struct {
 
 func (x *WatchMessageRequest) Reset() {
 	*x = WatchMessageRequest{}
-	mi := &file_posthaste_v1_mail_proto_msgTypes[28]
+	mi := &file_posthaste_v1_mail_proto_msgTypes[31]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2329,7 +2507,7 @@ func (x *WatchMessageRequest) String() string {
 func (*WatchMessageRequest) ProtoMessage() {}
 
 func (x *WatchMessageRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_posthaste_v1_mail_proto_msgTypes[28]
+	mi := &file_posthaste_v1_mail_proto_msgTypes[31]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2342,7 +2520,7 @@ func (x *WatchMessageRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WatchMessageRequest.ProtoReflect.Descriptor instead.
 func (*WatchMessageRequest) Descriptor() ([]byte, []int) {
-	return file_posthaste_v1_mail_proto_rawDescGZIP(), []int{28}
+	return file_posthaste_v1_mail_proto_rawDescGZIP(), []int{31}
 }
 
 func (x *WatchMessageRequest) GetId() string {
@@ -2366,7 +2544,7 @@ type ErrorResponse struct {
 
 func (x *ErrorResponse) Reset() {
 	*x = ErrorResponse{}
-	mi := &file_posthaste_v1_mail_proto_msgTypes[29]
+	mi := &file_posthaste_v1_mail_proto_msgTypes[32]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2378,7 +2556,7 @@ func (x *ErrorResponse) String() string {
 func (*ErrorResponse) ProtoMessage() {}
 
 func (x *ErrorResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_posthaste_v1_mail_proto_msgTypes[29]
+	mi := &file_posthaste_v1_mail_proto_msgTypes[32]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2391,7 +2569,7 @@ func (x *ErrorResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ErrorResponse.ProtoReflect.Descriptor instead.
 func (*ErrorResponse) Descriptor() ([]byte, []int) {
-	return file_posthaste_v1_mail_proto_rawDescGZIP(), []int{29}
+	return file_posthaste_v1_mail_proto_rawDescGZIP(), []int{32}
 }
 
 func (x *ErrorResponse) GetError() *Error {
@@ -2422,7 +2600,7 @@ type Error struct {
 
 func (x *Error) Reset() {
 	*x = Error{}
-	mi := &file_posthaste_v1_mail_proto_msgTypes[30]
+	mi := &file_posthaste_v1_mail_proto_msgTypes[33]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2434,7 +2612,7 @@ func (x *Error) String() string {
 func (*Error) ProtoMessage() {}
 
 func (x *Error) ProtoReflect() protoreflect.Message {
-	mi := &file_posthaste_v1_mail_proto_msgTypes[30]
+	mi := &file_posthaste_v1_mail_proto_msgTypes[33]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2447,7 +2625,7 @@ func (x *Error) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Error.ProtoReflect.Descriptor instead.
 func (*Error) Descriptor() ([]byte, []int) {
-	return file_posthaste_v1_mail_proto_rawDescGZIP(), []int{30}
+	return file_posthaste_v1_mail_proto_rawDescGZIP(), []int{33}
 }
 
 func (x *Error) GetCode() int32 {
@@ -2499,7 +2677,7 @@ type FieldViolation struct {
 
 func (x *FieldViolation) Reset() {
 	*x = FieldViolation{}
-	mi := &file_posthaste_v1_mail_proto_msgTypes[31]
+	mi := &file_posthaste_v1_mail_proto_msgTypes[34]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2511,7 +2689,7 @@ func (x *FieldViolation) String() string {
 func (*FieldViolation) ProtoMessage() {}
 
 func (x *FieldViolation) ProtoReflect() protoreflect.Message {
-	mi := &file_posthaste_v1_mail_proto_msgTypes[31]
+	mi := &file_posthaste_v1_mail_proto_msgTypes[34]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2524,7 +2702,7 @@ func (x *FieldViolation) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use FieldViolation.ProtoReflect.Descriptor instead.
 func (*FieldViolation) Descriptor() ([]byte, []int) {
-	return file_posthaste_v1_mail_proto_rawDescGZIP(), []int{31}
+	return file_posthaste_v1_mail_proto_rawDescGZIP(), []int{34}
 }
 
 func (x *FieldViolation) GetField() string {
@@ -2573,7 +2751,7 @@ type Webhook struct {
 
 func (x *Webhook) Reset() {
 	*x = Webhook{}
-	mi := &file_posthaste_v1_mail_proto_msgTypes[32]
+	mi := &file_posthaste_v1_mail_proto_msgTypes[35]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2585,7 +2763,7 @@ func (x *Webhook) String() string {
 func (*Webhook) ProtoMessage() {}
 
 func (x *Webhook) ProtoReflect() protoreflect.Message {
-	mi := &file_posthaste_v1_mail_proto_msgTypes[32]
+	mi := &file_posthaste_v1_mail_proto_msgTypes[35]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2598,7 +2776,7 @@ func (x *Webhook) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Webhook.ProtoReflect.Descriptor instead.
 func (*Webhook) Descriptor() ([]byte, []int) {
-	return file_posthaste_v1_mail_proto_rawDescGZIP(), []int{32}
+	return file_posthaste_v1_mail_proto_rawDescGZIP(), []int{35}
 }
 
 func (x *Webhook) GetId() string {
@@ -2695,7 +2873,7 @@ type CreateWebhookRequest struct {
 
 func (x *CreateWebhookRequest) Reset() {
 	*x = CreateWebhookRequest{}
-	mi := &file_posthaste_v1_mail_proto_msgTypes[33]
+	mi := &file_posthaste_v1_mail_proto_msgTypes[36]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2707,7 +2885,7 @@ func (x *CreateWebhookRequest) String() string {
 func (*CreateWebhookRequest) ProtoMessage() {}
 
 func (x *CreateWebhookRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_posthaste_v1_mail_proto_msgTypes[33]
+	mi := &file_posthaste_v1_mail_proto_msgTypes[36]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2720,7 +2898,7 @@ func (x *CreateWebhookRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateWebhookRequest.ProtoReflect.Descriptor instead.
 func (*CreateWebhookRequest) Descriptor() ([]byte, []int) {
-	return file_posthaste_v1_mail_proto_rawDescGZIP(), []int{33}
+	return file_posthaste_v1_mail_proto_rawDescGZIP(), []int{36}
 }
 
 func (x *CreateWebhookRequest) GetUrl() string {
@@ -2763,7 +2941,7 @@ type CreateWebhookResponse struct {
 
 func (x *CreateWebhookResponse) Reset() {
 	*x = CreateWebhookResponse{}
-	mi := &file_posthaste_v1_mail_proto_msgTypes[34]
+	mi := &file_posthaste_v1_mail_proto_msgTypes[37]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2775,7 +2953,7 @@ func (x *CreateWebhookResponse) String() string {
 func (*CreateWebhookResponse) ProtoMessage() {}
 
 func (x *CreateWebhookResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_posthaste_v1_mail_proto_msgTypes[34]
+	mi := &file_posthaste_v1_mail_proto_msgTypes[37]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2788,7 +2966,7 @@ func (x *CreateWebhookResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateWebhookResponse.ProtoReflect.Descriptor instead.
 func (*CreateWebhookResponse) Descriptor() ([]byte, []int) {
-	return file_posthaste_v1_mail_proto_rawDescGZIP(), []int{34}
+	return file_posthaste_v1_mail_proto_rawDescGZIP(), []int{37}
 }
 
 func (x *CreateWebhookResponse) GetWebhook() *Webhook {
@@ -2814,7 +2992,7 @@ type ListWebhooksRequest struct {
 
 func (x *ListWebhooksRequest) Reset() {
 	*x = ListWebhooksRequest{}
-	mi := &file_posthaste_v1_mail_proto_msgTypes[35]
+	mi := &file_posthaste_v1_mail_proto_msgTypes[38]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2826,7 +3004,7 @@ func (x *ListWebhooksRequest) String() string {
 func (*ListWebhooksRequest) ProtoMessage() {}
 
 func (x *ListWebhooksRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_posthaste_v1_mail_proto_msgTypes[35]
+	mi := &file_posthaste_v1_mail_proto_msgTypes[38]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2839,7 +3017,7 @@ func (x *ListWebhooksRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListWebhooksRequest.ProtoReflect.Descriptor instead.
 func (*ListWebhooksRequest) Descriptor() ([]byte, []int) {
-	return file_posthaste_v1_mail_proto_rawDescGZIP(), []int{35}
+	return file_posthaste_v1_mail_proto_rawDescGZIP(), []int{38}
 }
 
 // ListWebhooksResponse is every endpoint of the caller's project.
@@ -2852,7 +3030,7 @@ type ListWebhooksResponse struct {
 
 func (x *ListWebhooksResponse) Reset() {
 	*x = ListWebhooksResponse{}
-	mi := &file_posthaste_v1_mail_proto_msgTypes[36]
+	mi := &file_posthaste_v1_mail_proto_msgTypes[39]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2864,7 +3042,7 @@ func (x *ListWebhooksResponse) String() string {
 func (*ListWebhooksResponse) ProtoMessage() {}
 
 func (x *ListWebhooksResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_posthaste_v1_mail_proto_msgTypes[36]
+	mi := &file_posthaste_v1_mail_proto_msgTypes[39]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2877,7 +3055,7 @@ func (x *ListWebhooksResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListWebhooksResponse.ProtoReflect.Descriptor instead.
 func (*ListWebhooksResponse) Descriptor() ([]byte, []int) {
-	return file_posthaste_v1_mail_proto_rawDescGZIP(), []int{36}
+	return file_posthaste_v1_mail_proto_rawDescGZIP(), []int{39}
 }
 
 func (x *ListWebhooksResponse) GetWebhooks() []*Webhook {
@@ -2897,7 +3075,7 @@ type GetWebhookRequest struct {
 
 func (x *GetWebhookRequest) Reset() {
 	*x = GetWebhookRequest{}
-	mi := &file_posthaste_v1_mail_proto_msgTypes[37]
+	mi := &file_posthaste_v1_mail_proto_msgTypes[40]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2909,7 +3087,7 @@ func (x *GetWebhookRequest) String() string {
 func (*GetWebhookRequest) ProtoMessage() {}
 
 func (x *GetWebhookRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_posthaste_v1_mail_proto_msgTypes[37]
+	mi := &file_posthaste_v1_mail_proto_msgTypes[40]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2922,7 +3100,7 @@ func (x *GetWebhookRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetWebhookRequest.ProtoReflect.Descriptor instead.
 func (*GetWebhookRequest) Descriptor() ([]byte, []int) {
-	return file_posthaste_v1_mail_proto_rawDescGZIP(), []int{37}
+	return file_posthaste_v1_mail_proto_rawDescGZIP(), []int{40}
 }
 
 func (x *GetWebhookRequest) GetId() string {
@@ -2947,7 +3125,7 @@ type UpdateWebhookRequest struct {
 
 func (x *UpdateWebhookRequest) Reset() {
 	*x = UpdateWebhookRequest{}
-	mi := &file_posthaste_v1_mail_proto_msgTypes[38]
+	mi := &file_posthaste_v1_mail_proto_msgTypes[41]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2959,7 +3137,7 @@ func (x *UpdateWebhookRequest) String() string {
 func (*UpdateWebhookRequest) ProtoMessage() {}
 
 func (x *UpdateWebhookRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_posthaste_v1_mail_proto_msgTypes[38]
+	mi := &file_posthaste_v1_mail_proto_msgTypes[41]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2972,7 +3150,7 @@ func (x *UpdateWebhookRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UpdateWebhookRequest.ProtoReflect.Descriptor instead.
 func (*UpdateWebhookRequest) Descriptor() ([]byte, []int) {
-	return file_posthaste_v1_mail_proto_rawDescGZIP(), []int{38}
+	return file_posthaste_v1_mail_proto_rawDescGZIP(), []int{41}
 }
 
 func (x *UpdateWebhookRequest) GetId() string {
@@ -3006,7 +3184,7 @@ type DeleteWebhookRequest struct {
 
 func (x *DeleteWebhookRequest) Reset() {
 	*x = DeleteWebhookRequest{}
-	mi := &file_posthaste_v1_mail_proto_msgTypes[39]
+	mi := &file_posthaste_v1_mail_proto_msgTypes[42]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3018,7 +3196,7 @@ func (x *DeleteWebhookRequest) String() string {
 func (*DeleteWebhookRequest) ProtoMessage() {}
 
 func (x *DeleteWebhookRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_posthaste_v1_mail_proto_msgTypes[39]
+	mi := &file_posthaste_v1_mail_proto_msgTypes[42]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3031,7 +3209,7 @@ func (x *DeleteWebhookRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeleteWebhookRequest.ProtoReflect.Descriptor instead.
 func (*DeleteWebhookRequest) Descriptor() ([]byte, []int) {
-	return file_posthaste_v1_mail_proto_rawDescGZIP(), []int{39}
+	return file_posthaste_v1_mail_proto_rawDescGZIP(), []int{42}
 }
 
 func (x *DeleteWebhookRequest) GetId() string {
@@ -3050,7 +3228,7 @@ type DeleteWebhookResponse struct {
 
 func (x *DeleteWebhookResponse) Reset() {
 	*x = DeleteWebhookResponse{}
-	mi := &file_posthaste_v1_mail_proto_msgTypes[40]
+	mi := &file_posthaste_v1_mail_proto_msgTypes[43]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3062,7 +3240,7 @@ func (x *DeleteWebhookResponse) String() string {
 func (*DeleteWebhookResponse) ProtoMessage() {}
 
 func (x *DeleteWebhookResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_posthaste_v1_mail_proto_msgTypes[40]
+	mi := &file_posthaste_v1_mail_proto_msgTypes[43]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3075,7 +3253,7 @@ func (x *DeleteWebhookResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeleteWebhookResponse.ProtoReflect.Descriptor instead.
 func (*DeleteWebhookResponse) Descriptor() ([]byte, []int) {
-	return file_posthaste_v1_mail_proto_rawDescGZIP(), []int{40}
+	return file_posthaste_v1_mail_proto_rawDescGZIP(), []int{43}
 }
 
 // RotateWebhookSecretRequest names one endpoint.
@@ -3088,7 +3266,7 @@ type RotateWebhookSecretRequest struct {
 
 func (x *RotateWebhookSecretRequest) Reset() {
 	*x = RotateWebhookSecretRequest{}
-	mi := &file_posthaste_v1_mail_proto_msgTypes[41]
+	mi := &file_posthaste_v1_mail_proto_msgTypes[44]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3100,7 +3278,7 @@ func (x *RotateWebhookSecretRequest) String() string {
 func (*RotateWebhookSecretRequest) ProtoMessage() {}
 
 func (x *RotateWebhookSecretRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_posthaste_v1_mail_proto_msgTypes[41]
+	mi := &file_posthaste_v1_mail_proto_msgTypes[44]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3113,7 +3291,7 @@ func (x *RotateWebhookSecretRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RotateWebhookSecretRequest.ProtoReflect.Descriptor instead.
 func (*RotateWebhookSecretRequest) Descriptor() ([]byte, []int) {
-	return file_posthaste_v1_mail_proto_rawDescGZIP(), []int{41}
+	return file_posthaste_v1_mail_proto_rawDescGZIP(), []int{44}
 }
 
 func (x *RotateWebhookSecretRequest) GetId() string {
@@ -3135,7 +3313,7 @@ type RotateWebhookSecretResponse struct {
 
 func (x *RotateWebhookSecretResponse) Reset() {
 	*x = RotateWebhookSecretResponse{}
-	mi := &file_posthaste_v1_mail_proto_msgTypes[42]
+	mi := &file_posthaste_v1_mail_proto_msgTypes[45]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3147,7 +3325,7 @@ func (x *RotateWebhookSecretResponse) String() string {
 func (*RotateWebhookSecretResponse) ProtoMessage() {}
 
 func (x *RotateWebhookSecretResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_posthaste_v1_mail_proto_msgTypes[42]
+	mi := &file_posthaste_v1_mail_proto_msgTypes[45]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3160,7 +3338,7 @@ func (x *RotateWebhookSecretResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RotateWebhookSecretResponse.ProtoReflect.Descriptor instead.
 func (*RotateWebhookSecretResponse) Descriptor() ([]byte, []int) {
-	return file_posthaste_v1_mail_proto_rawDescGZIP(), []int{42}
+	return file_posthaste_v1_mail_proto_rawDescGZIP(), []int{45}
 }
 
 func (x *RotateWebhookSecretResponse) GetWebhook() *Webhook {
@@ -3207,7 +3385,7 @@ type WebhookDelivery struct {
 
 func (x *WebhookDelivery) Reset() {
 	*x = WebhookDelivery{}
-	mi := &file_posthaste_v1_mail_proto_msgTypes[43]
+	mi := &file_posthaste_v1_mail_proto_msgTypes[46]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3219,7 +3397,7 @@ func (x *WebhookDelivery) String() string {
 func (*WebhookDelivery) ProtoMessage() {}
 
 func (x *WebhookDelivery) ProtoReflect() protoreflect.Message {
-	mi := &file_posthaste_v1_mail_proto_msgTypes[43]
+	mi := &file_posthaste_v1_mail_proto_msgTypes[46]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3232,7 +3410,7 @@ func (x *WebhookDelivery) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WebhookDelivery.ProtoReflect.Descriptor instead.
 func (*WebhookDelivery) Descriptor() ([]byte, []int) {
-	return file_posthaste_v1_mail_proto_rawDescGZIP(), []int{43}
+	return file_posthaste_v1_mail_proto_rawDescGZIP(), []int{46}
 }
 
 func (x *WebhookDelivery) GetId() string {
@@ -3343,7 +3521,7 @@ type ListWebhookDeliveriesRequest struct {
 
 func (x *ListWebhookDeliveriesRequest) Reset() {
 	*x = ListWebhookDeliveriesRequest{}
-	mi := &file_posthaste_v1_mail_proto_msgTypes[44]
+	mi := &file_posthaste_v1_mail_proto_msgTypes[47]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3355,7 +3533,7 @@ func (x *ListWebhookDeliveriesRequest) String() string {
 func (*ListWebhookDeliveriesRequest) ProtoMessage() {}
 
 func (x *ListWebhookDeliveriesRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_posthaste_v1_mail_proto_msgTypes[44]
+	mi := &file_posthaste_v1_mail_proto_msgTypes[47]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3368,7 +3546,7 @@ func (x *ListWebhookDeliveriesRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListWebhookDeliveriesRequest.ProtoReflect.Descriptor instead.
 func (*ListWebhookDeliveriesRequest) Descriptor() ([]byte, []int) {
-	return file_posthaste_v1_mail_proto_rawDescGZIP(), []int{44}
+	return file_posthaste_v1_mail_proto_rawDescGZIP(), []int{47}
 }
 
 func (x *ListWebhookDeliveriesRequest) GetId() string {
@@ -3411,7 +3589,7 @@ type ListWebhookDeliveriesResponse struct {
 
 func (x *ListWebhookDeliveriesResponse) Reset() {
 	*x = ListWebhookDeliveriesResponse{}
-	mi := &file_posthaste_v1_mail_proto_msgTypes[45]
+	mi := &file_posthaste_v1_mail_proto_msgTypes[48]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3423,7 +3601,7 @@ func (x *ListWebhookDeliveriesResponse) String() string {
 func (*ListWebhookDeliveriesResponse) ProtoMessage() {}
 
 func (x *ListWebhookDeliveriesResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_posthaste_v1_mail_proto_msgTypes[45]
+	mi := &file_posthaste_v1_mail_proto_msgTypes[48]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3436,7 +3614,7 @@ func (x *ListWebhookDeliveriesResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListWebhookDeliveriesResponse.ProtoReflect.Descriptor instead.
 func (*ListWebhookDeliveriesResponse) Descriptor() ([]byte, []int) {
-	return file_posthaste_v1_mail_proto_rawDescGZIP(), []int{45}
+	return file_posthaste_v1_mail_proto_rawDescGZIP(), []int{48}
 }
 
 func (x *ListWebhookDeliveriesResponse) GetDeliveries() []*WebhookDelivery {
@@ -3465,7 +3643,7 @@ type RetryWebhookDeliveryRequest struct {
 
 func (x *RetryWebhookDeliveryRequest) Reset() {
 	*x = RetryWebhookDeliveryRequest{}
-	mi := &file_posthaste_v1_mail_proto_msgTypes[46]
+	mi := &file_posthaste_v1_mail_proto_msgTypes[49]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3477,7 +3655,7 @@ func (x *RetryWebhookDeliveryRequest) String() string {
 func (*RetryWebhookDeliveryRequest) ProtoMessage() {}
 
 func (x *RetryWebhookDeliveryRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_posthaste_v1_mail_proto_msgTypes[46]
+	mi := &file_posthaste_v1_mail_proto_msgTypes[49]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3490,7 +3668,7 @@ func (x *RetryWebhookDeliveryRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RetryWebhookDeliveryRequest.ProtoReflect.Descriptor instead.
 func (*RetryWebhookDeliveryRequest) Descriptor() ([]byte, []int) {
-	return file_posthaste_v1_mail_proto_rawDescGZIP(), []int{46}
+	return file_posthaste_v1_mail_proto_rawDescGZIP(), []int{49}
 }
 
 func (x *RetryWebhookDeliveryRequest) GetId() string {
@@ -3562,7 +3740,15 @@ const file_posthaste_v1_mail_proto_rawDesc = "" +
 	"\x11message_id_header\x18\x02 \x01(\tR\x0fmessageIdHeader\x12>\n" +
 	"\n" +
 	"recipients\x18\x03 \x03(\v2\x1e.posthaste.v1.RecipientSummaryR\n" +
-	"recipients\"T\n" +
+	"recipients\"P\n" +
+	"\x10SendBatchRequest\x12<\n" +
+	"\bmessages\x18\x01 \x03(\v2 .posthaste.v1.SendMessageRequestR\bmessages\"L\n" +
+	"\x11SendBatchResponse\x127\n" +
+	"\aresults\x18\x01 \x03(\v2\x1d.posthaste.v1.SendBatchResultR\aresults\"\x89\x01\n" +
+	"\x0fSendBatchResult\x12?\n" +
+	"\baccepted\x18\x01 \x01(\v2!.posthaste.v1.SendMessageResponseH\x00R\baccepted\x12+\n" +
+	"\x05error\x18\x02 \x01(\v2\x13.posthaste.v1.ErrorH\x00R\x05errorB\b\n" +
+	"\x06result\"T\n" +
 	"\x10RecipientSummary\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12\x18\n" +
 	"\aaddress\x18\x02 \x01(\tR\aaddress\x12\x16\n" +
@@ -3806,10 +3992,11 @@ const file_posthaste_v1_mail_proto_rawDesc = "" +
 	"\x1bRetryWebhookDeliveryRequest\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12\x1f\n" +
 	"\vdelivery_id\x18\x02 \x01(\tR\n" +
-	"deliveryId2\xf8\x11\n" +
+	"deliveryId2\xe9\x12\n" +
 	"\vMailService\x12k\n" +
 	"\vSendMessage\x12 .posthaste.v1.SendMessageRequest\x1a!.posthaste.v1.SendMessageResponse\"\x17\x82\xd3\xe4\x93\x02\x11:\x01*\"\f/v1/messages\x12y\n" +
-	"\x0eSendRawMessage\x12#.posthaste.v1.SendRawMessageRequest\x1a!.posthaste.v1.SendMessageResponse\"\x1f\x82\xd3\xe4\x93\x02\x19:\x01*\"\x14/v1/messages:sendRaw\x12_\n" +
+	"\x0eSendRawMessage\x12#.posthaste.v1.SendRawMessageRequest\x1a!.posthaste.v1.SendMessageResponse\"\x1f\x82\xd3\xe4\x93\x02\x19:\x01*\"\x14/v1/messages:sendRaw\x12o\n" +
+	"\tSendBatch\x12\x1e.posthaste.v1.SendBatchRequest\x1a\x1f.posthaste.v1.SendBatchResponse\"!\x82\xd3\xe4\x93\x02\x1b:\x01*\"\x16/v1/messages:batchSend\x12_\n" +
 	"\n" +
 	"GetMessage\x12\x1f.posthaste.v1.GetMessageRequest\x1a\x15.posthaste.v1.Message\"\x19\x82\xd3\xe4\x93\x02\x13\x12\x11/v1/messages/{id}\x12k\n" +
 	"\fListMessages\x12!.posthaste.v1.ListMessagesRequest\x1a\".posthaste.v1.ListMessagesResponse\"\x14\x82\xd3\xe4\x93\x02\x0e\x12\f/v1/messages\x12o\n" +
@@ -3846,7 +4033,7 @@ func file_posthaste_v1_mail_proto_rawDescGZIP() []byte {
 	return file_posthaste_v1_mail_proto_rawDescData
 }
 
-var file_posthaste_v1_mail_proto_msgTypes = make([]protoimpl.MessageInfo, 50)
+var file_posthaste_v1_mail_proto_msgTypes = make([]protoimpl.MessageInfo, 53)
 var file_posthaste_v1_mail_proto_goTypes = []any{
 	(*Address)(nil),                       // 0: posthaste.v1.Address
 	(*Attachment)(nil),                    // 1: posthaste.v1.Attachment
@@ -3854,53 +4041,56 @@ var file_posthaste_v1_mail_proto_goTypes = []any{
 	(*SendMessageRequest)(nil),            // 3: posthaste.v1.SendMessageRequest
 	(*SendRawMessageRequest)(nil),         // 4: posthaste.v1.SendRawMessageRequest
 	(*SendMessageResponse)(nil),           // 5: posthaste.v1.SendMessageResponse
-	(*RecipientSummary)(nil),              // 6: posthaste.v1.RecipientSummary
-	(*GetMessageRequest)(nil),             // 7: posthaste.v1.GetMessageRequest
-	(*CancelMessageRequest)(nil),          // 8: posthaste.v1.CancelMessageRequest
-	(*ListMessagesRequest)(nil),           // 9: posthaste.v1.ListMessagesRequest
-	(*ListMessagesResponse)(nil),          // 10: posthaste.v1.ListMessagesResponse
-	(*Message)(nil),                       // 11: posthaste.v1.Message
-	(*Recipient)(nil),                     // 12: posthaste.v1.Recipient
-	(*SmtpReply)(nil),                     // 13: posthaste.v1.SmtpReply
-	(*Attempt)(nil),                       // 14: posthaste.v1.Attempt
-	(*ApiKey)(nil),                        // 15: posthaste.v1.ApiKey
-	(*CreateApiKeyRequest)(nil),           // 16: posthaste.v1.CreateApiKeyRequest
-	(*CreateApiKeyResponse)(nil),          // 17: posthaste.v1.CreateApiKeyResponse
-	(*ListApiKeysRequest)(nil),            // 18: posthaste.v1.ListApiKeysRequest
-	(*ListApiKeysResponse)(nil),           // 19: posthaste.v1.ListApiKeysResponse
-	(*RevokeApiKeyRequest)(nil),           // 20: posthaste.v1.RevokeApiKeyRequest
-	(*Event)(nil),                         // 21: posthaste.v1.Event
-	(*ListMessageEventsRequest)(nil),      // 22: posthaste.v1.ListMessageEventsRequest
-	(*ListMessageEventsResponse)(nil),     // 23: posthaste.v1.ListMessageEventsResponse
-	(*ListEventsRequest)(nil),             // 24: posthaste.v1.ListEventsRequest
-	(*ListEventsResponse)(nil),            // 25: posthaste.v1.ListEventsResponse
-	(*StreamEventsRequest)(nil),           // 26: posthaste.v1.StreamEventsRequest
-	(*StreamEventsResponse)(nil),          // 27: posthaste.v1.StreamEventsResponse
-	(*WatchMessageRequest)(nil),           // 28: posthaste.v1.WatchMessageRequest
-	(*ErrorResponse)(nil),                 // 29: posthaste.v1.ErrorResponse
-	(*Error)(nil),                         // 30: posthaste.v1.Error
-	(*FieldViolation)(nil),                // 31: posthaste.v1.FieldViolation
-	(*Webhook)(nil),                       // 32: posthaste.v1.Webhook
-	(*CreateWebhookRequest)(nil),          // 33: posthaste.v1.CreateWebhookRequest
-	(*CreateWebhookResponse)(nil),         // 34: posthaste.v1.CreateWebhookResponse
-	(*ListWebhooksRequest)(nil),           // 35: posthaste.v1.ListWebhooksRequest
-	(*ListWebhooksResponse)(nil),          // 36: posthaste.v1.ListWebhooksResponse
-	(*GetWebhookRequest)(nil),             // 37: posthaste.v1.GetWebhookRequest
-	(*UpdateWebhookRequest)(nil),          // 38: posthaste.v1.UpdateWebhookRequest
-	(*DeleteWebhookRequest)(nil),          // 39: posthaste.v1.DeleteWebhookRequest
-	(*DeleteWebhookResponse)(nil),         // 40: posthaste.v1.DeleteWebhookResponse
-	(*RotateWebhookSecretRequest)(nil),    // 41: posthaste.v1.RotateWebhookSecretRequest
-	(*RotateWebhookSecretResponse)(nil),   // 42: posthaste.v1.RotateWebhookSecretResponse
-	(*WebhookDelivery)(nil),               // 43: posthaste.v1.WebhookDelivery
-	(*ListWebhookDeliveriesRequest)(nil),  // 44: posthaste.v1.ListWebhookDeliveriesRequest
-	(*ListWebhookDeliveriesResponse)(nil), // 45: posthaste.v1.ListWebhookDeliveriesResponse
-	(*RetryWebhookDeliveryRequest)(nil),   // 46: posthaste.v1.RetryWebhookDeliveryRequest
-	nil,                                   // 47: posthaste.v1.SendMessageRequest.MetadataEntry
-	nil,                                   // 48: posthaste.v1.SendRawMessageRequest.MetadataEntry
-	nil,                                   // 49: posthaste.v1.Message.MetadataEntry
-	(*timestamppb.Timestamp)(nil),         // 50: google.protobuf.Timestamp
-	(*durationpb.Duration)(nil),           // 51: google.protobuf.Duration
-	(*fieldmaskpb.FieldMask)(nil),         // 52: google.protobuf.FieldMask
+	(*SendBatchRequest)(nil),              // 6: posthaste.v1.SendBatchRequest
+	(*SendBatchResponse)(nil),             // 7: posthaste.v1.SendBatchResponse
+	(*SendBatchResult)(nil),               // 8: posthaste.v1.SendBatchResult
+	(*RecipientSummary)(nil),              // 9: posthaste.v1.RecipientSummary
+	(*GetMessageRequest)(nil),             // 10: posthaste.v1.GetMessageRequest
+	(*CancelMessageRequest)(nil),          // 11: posthaste.v1.CancelMessageRequest
+	(*ListMessagesRequest)(nil),           // 12: posthaste.v1.ListMessagesRequest
+	(*ListMessagesResponse)(nil),          // 13: posthaste.v1.ListMessagesResponse
+	(*Message)(nil),                       // 14: posthaste.v1.Message
+	(*Recipient)(nil),                     // 15: posthaste.v1.Recipient
+	(*SmtpReply)(nil),                     // 16: posthaste.v1.SmtpReply
+	(*Attempt)(nil),                       // 17: posthaste.v1.Attempt
+	(*ApiKey)(nil),                        // 18: posthaste.v1.ApiKey
+	(*CreateApiKeyRequest)(nil),           // 19: posthaste.v1.CreateApiKeyRequest
+	(*CreateApiKeyResponse)(nil),          // 20: posthaste.v1.CreateApiKeyResponse
+	(*ListApiKeysRequest)(nil),            // 21: posthaste.v1.ListApiKeysRequest
+	(*ListApiKeysResponse)(nil),           // 22: posthaste.v1.ListApiKeysResponse
+	(*RevokeApiKeyRequest)(nil),           // 23: posthaste.v1.RevokeApiKeyRequest
+	(*Event)(nil),                         // 24: posthaste.v1.Event
+	(*ListMessageEventsRequest)(nil),      // 25: posthaste.v1.ListMessageEventsRequest
+	(*ListMessageEventsResponse)(nil),     // 26: posthaste.v1.ListMessageEventsResponse
+	(*ListEventsRequest)(nil),             // 27: posthaste.v1.ListEventsRequest
+	(*ListEventsResponse)(nil),            // 28: posthaste.v1.ListEventsResponse
+	(*StreamEventsRequest)(nil),           // 29: posthaste.v1.StreamEventsRequest
+	(*StreamEventsResponse)(nil),          // 30: posthaste.v1.StreamEventsResponse
+	(*WatchMessageRequest)(nil),           // 31: posthaste.v1.WatchMessageRequest
+	(*ErrorResponse)(nil),                 // 32: posthaste.v1.ErrorResponse
+	(*Error)(nil),                         // 33: posthaste.v1.Error
+	(*FieldViolation)(nil),                // 34: posthaste.v1.FieldViolation
+	(*Webhook)(nil),                       // 35: posthaste.v1.Webhook
+	(*CreateWebhookRequest)(nil),          // 36: posthaste.v1.CreateWebhookRequest
+	(*CreateWebhookResponse)(nil),         // 37: posthaste.v1.CreateWebhookResponse
+	(*ListWebhooksRequest)(nil),           // 38: posthaste.v1.ListWebhooksRequest
+	(*ListWebhooksResponse)(nil),          // 39: posthaste.v1.ListWebhooksResponse
+	(*GetWebhookRequest)(nil),             // 40: posthaste.v1.GetWebhookRequest
+	(*UpdateWebhookRequest)(nil),          // 41: posthaste.v1.UpdateWebhookRequest
+	(*DeleteWebhookRequest)(nil),          // 42: posthaste.v1.DeleteWebhookRequest
+	(*DeleteWebhookResponse)(nil),         // 43: posthaste.v1.DeleteWebhookResponse
+	(*RotateWebhookSecretRequest)(nil),    // 44: posthaste.v1.RotateWebhookSecretRequest
+	(*RotateWebhookSecretResponse)(nil),   // 45: posthaste.v1.RotateWebhookSecretResponse
+	(*WebhookDelivery)(nil),               // 46: posthaste.v1.WebhookDelivery
+	(*ListWebhookDeliveriesRequest)(nil),  // 47: posthaste.v1.ListWebhookDeliveriesRequest
+	(*ListWebhookDeliveriesResponse)(nil), // 48: posthaste.v1.ListWebhookDeliveriesResponse
+	(*RetryWebhookDeliveryRequest)(nil),   // 49: posthaste.v1.RetryWebhookDeliveryRequest
+	nil,                                   // 50: posthaste.v1.SendMessageRequest.MetadataEntry
+	nil,                                   // 51: posthaste.v1.SendRawMessageRequest.MetadataEntry
+	nil,                                   // 52: posthaste.v1.Message.MetadataEntry
+	(*timestamppb.Timestamp)(nil),         // 53: google.protobuf.Timestamp
+	(*durationpb.Duration)(nil),           // 54: google.protobuf.Duration
+	(*fieldmaskpb.FieldMask)(nil),         // 55: google.protobuf.FieldMask
 }
 var file_posthaste_v1_mail_proto_depIdxs = []int32{
 	0,  // 0: posthaste.v1.SendMessageRequest.from:type_name -> posthaste.v1.Address
@@ -3910,100 +4100,106 @@ var file_posthaste_v1_mail_proto_depIdxs = []int32{
 	0,  // 4: posthaste.v1.SendMessageRequest.bcc:type_name -> posthaste.v1.Address
 	1,  // 5: posthaste.v1.SendMessageRequest.attachments:type_name -> posthaste.v1.Attachment
 	2,  // 6: posthaste.v1.SendMessageRequest.headers:type_name -> posthaste.v1.Header
-	47, // 7: posthaste.v1.SendMessageRequest.metadata:type_name -> posthaste.v1.SendMessageRequest.MetadataEntry
-	50, // 8: posthaste.v1.SendMessageRequest.send_at:type_name -> google.protobuf.Timestamp
-	48, // 9: posthaste.v1.SendRawMessageRequest.metadata:type_name -> posthaste.v1.SendRawMessageRequest.MetadataEntry
-	50, // 10: posthaste.v1.SendRawMessageRequest.send_at:type_name -> google.protobuf.Timestamp
-	6,  // 11: posthaste.v1.SendMessageResponse.recipients:type_name -> posthaste.v1.RecipientSummary
-	50, // 12: posthaste.v1.ListMessagesRequest.created_after:type_name -> google.protobuf.Timestamp
-	50, // 13: posthaste.v1.ListMessagesRequest.created_before:type_name -> google.protobuf.Timestamp
-	11, // 14: posthaste.v1.ListMessagesResponse.messages:type_name -> posthaste.v1.Message
-	49, // 15: posthaste.v1.Message.metadata:type_name -> posthaste.v1.Message.MetadataEntry
-	50, // 16: posthaste.v1.Message.send_at:type_name -> google.protobuf.Timestamp
-	50, // 17: posthaste.v1.Message.created_at:type_name -> google.protobuf.Timestamp
-	50, // 18: posthaste.v1.Message.updated_at:type_name -> google.protobuf.Timestamp
-	12, // 19: posthaste.v1.Message.recipients:type_name -> posthaste.v1.Recipient
-	14, // 20: posthaste.v1.Message.attempts:type_name -> posthaste.v1.Attempt
-	50, // 21: posthaste.v1.Recipient.next_attempt_at:type_name -> google.protobuf.Timestamp
-	13, // 22: posthaste.v1.Recipient.last_reply:type_name -> posthaste.v1.SmtpReply
-	50, // 23: posthaste.v1.Recipient.delivered_at:type_name -> google.protobuf.Timestamp
-	50, // 24: posthaste.v1.Recipient.updated_at:type_name -> google.protobuf.Timestamp
-	50, // 25: posthaste.v1.Attempt.started_at:type_name -> google.protobuf.Timestamp
-	51, // 26: posthaste.v1.Attempt.duration:type_name -> google.protobuf.Duration
-	13, // 27: posthaste.v1.Attempt.reply:type_name -> posthaste.v1.SmtpReply
-	50, // 28: posthaste.v1.ApiKey.created_at:type_name -> google.protobuf.Timestamp
-	50, // 29: posthaste.v1.ApiKey.last_used_at:type_name -> google.protobuf.Timestamp
-	50, // 30: posthaste.v1.ApiKey.revoked_at:type_name -> google.protobuf.Timestamp
-	15, // 31: posthaste.v1.CreateApiKeyResponse.api_key:type_name -> posthaste.v1.ApiKey
-	15, // 32: posthaste.v1.ListApiKeysResponse.api_keys:type_name -> posthaste.v1.ApiKey
-	50, // 33: posthaste.v1.Event.created_at:type_name -> google.protobuf.Timestamp
-	50, // 34: posthaste.v1.Event.send_at:type_name -> google.protobuf.Timestamp
-	13, // 35: posthaste.v1.Event.reply:type_name -> posthaste.v1.SmtpReply
-	50, // 36: posthaste.v1.Event.next_attempt_at:type_name -> google.protobuf.Timestamp
-	21, // 37: posthaste.v1.ListMessageEventsResponse.events:type_name -> posthaste.v1.Event
-	21, // 38: posthaste.v1.ListEventsResponse.events:type_name -> posthaste.v1.Event
-	21, // 39: posthaste.v1.StreamEventsResponse.event:type_name -> posthaste.v1.Event
-	30, // 40: posthaste.v1.ErrorResponse.error:type_name -> posthaste.v1.Error
-	31, // 41: posthaste.v1.Error.field_violations:type_name -> posthaste.v1.FieldViolation
-	50, // 42: posthaste.v1.Webhook.created_at:type_name -> google.protobuf.Timestamp
-	50, // 43: posthaste.v1.Webhook.updated_at:type_name -> google.protobuf.Timestamp
-	50, // 44: posthaste.v1.Webhook.disabled_at:type_name -> google.protobuf.Timestamp
-	50, // 45: posthaste.v1.Webhook.previous_secret_expires_at:type_name -> google.protobuf.Timestamp
-	32, // 46: posthaste.v1.CreateWebhookResponse.webhook:type_name -> posthaste.v1.Webhook
-	32, // 47: posthaste.v1.ListWebhooksResponse.webhooks:type_name -> posthaste.v1.Webhook
-	32, // 48: posthaste.v1.UpdateWebhookRequest.webhook:type_name -> posthaste.v1.Webhook
-	52, // 49: posthaste.v1.UpdateWebhookRequest.update_mask:type_name -> google.protobuf.FieldMask
-	32, // 50: posthaste.v1.RotateWebhookSecretResponse.webhook:type_name -> posthaste.v1.Webhook
-	50, // 51: posthaste.v1.WebhookDelivery.next_attempt_at:type_name -> google.protobuf.Timestamp
-	50, // 52: posthaste.v1.WebhookDelivery.last_attempt_at:type_name -> google.protobuf.Timestamp
-	51, // 53: posthaste.v1.WebhookDelivery.last_latency:type_name -> google.protobuf.Duration
-	50, // 54: posthaste.v1.WebhookDelivery.created_at:type_name -> google.protobuf.Timestamp
-	43, // 55: posthaste.v1.ListWebhookDeliveriesResponse.deliveries:type_name -> posthaste.v1.WebhookDelivery
-	3,  // 56: posthaste.v1.MailService.SendMessage:input_type -> posthaste.v1.SendMessageRequest
-	4,  // 57: posthaste.v1.MailService.SendRawMessage:input_type -> posthaste.v1.SendRawMessageRequest
-	7,  // 58: posthaste.v1.MailService.GetMessage:input_type -> posthaste.v1.GetMessageRequest
-	9,  // 59: posthaste.v1.MailService.ListMessages:input_type -> posthaste.v1.ListMessagesRequest
-	8,  // 60: posthaste.v1.MailService.CancelMessage:input_type -> posthaste.v1.CancelMessageRequest
-	22, // 61: posthaste.v1.MailService.ListMessageEvents:input_type -> posthaste.v1.ListMessageEventsRequest
-	24, // 62: posthaste.v1.MailService.ListEvents:input_type -> posthaste.v1.ListEventsRequest
-	26, // 63: posthaste.v1.MailService.StreamEvents:input_type -> posthaste.v1.StreamEventsRequest
-	28, // 64: posthaste.v1.MailService.WatchMessage:input_type -> posthaste.v1.WatchMessageRequest
-	16, // 65: posthaste.v1.MailService.CreateApiKey:input_type -> posthaste.v1.CreateApiKeyRequest
-	18, // 66: posthaste.v1.MailService.ListApiKeys:input_type -> posthaste.v1.ListApiKeysRequest
-	20, // 67: posthaste.v1.MailService.RevokeApiKey:input_type -> posthaste.v1.RevokeApiKeyRequest
-	33, // 68: posthaste.v1.MailService.CreateWebhook:input_type -> posthaste.v1.CreateWebhookRequest
-	35, // 69: posthaste.v1.MailService.ListWebhooks:input_type -> posthaste.v1.ListWebhooksRequest
-	37, // 70: posthaste.v1.MailService.GetWebhook:input_type -> posthaste.v1.GetWebhookRequest
-	38, // 71: posthaste.v1.MailService.UpdateWebhook:input_type -> posthaste.v1.UpdateWebhookRequest
-	39, // 72: posthaste.v1.MailService.DeleteWebhook:input_type -> posthaste.v1.DeleteWebhookRequest
-	41, // 73: posthaste.v1.MailService.RotateWebhookSecret:input_type -> posthaste.v1.RotateWebhookSecretRequest
-	44, // 74: posthaste.v1.MailService.ListWebhookDeliveries:input_type -> posthaste.v1.ListWebhookDeliveriesRequest
-	46, // 75: posthaste.v1.MailService.RetryWebhookDelivery:input_type -> posthaste.v1.RetryWebhookDeliveryRequest
-	5,  // 76: posthaste.v1.MailService.SendMessage:output_type -> posthaste.v1.SendMessageResponse
-	5,  // 77: posthaste.v1.MailService.SendRawMessage:output_type -> posthaste.v1.SendMessageResponse
-	11, // 78: posthaste.v1.MailService.GetMessage:output_type -> posthaste.v1.Message
-	10, // 79: posthaste.v1.MailService.ListMessages:output_type -> posthaste.v1.ListMessagesResponse
-	11, // 80: posthaste.v1.MailService.CancelMessage:output_type -> posthaste.v1.Message
-	23, // 81: posthaste.v1.MailService.ListMessageEvents:output_type -> posthaste.v1.ListMessageEventsResponse
-	25, // 82: posthaste.v1.MailService.ListEvents:output_type -> posthaste.v1.ListEventsResponse
-	27, // 83: posthaste.v1.MailService.StreamEvents:output_type -> posthaste.v1.StreamEventsResponse
-	21, // 84: posthaste.v1.MailService.WatchMessage:output_type -> posthaste.v1.Event
-	17, // 85: posthaste.v1.MailService.CreateApiKey:output_type -> posthaste.v1.CreateApiKeyResponse
-	19, // 86: posthaste.v1.MailService.ListApiKeys:output_type -> posthaste.v1.ListApiKeysResponse
-	15, // 87: posthaste.v1.MailService.RevokeApiKey:output_type -> posthaste.v1.ApiKey
-	34, // 88: posthaste.v1.MailService.CreateWebhook:output_type -> posthaste.v1.CreateWebhookResponse
-	36, // 89: posthaste.v1.MailService.ListWebhooks:output_type -> posthaste.v1.ListWebhooksResponse
-	32, // 90: posthaste.v1.MailService.GetWebhook:output_type -> posthaste.v1.Webhook
-	32, // 91: posthaste.v1.MailService.UpdateWebhook:output_type -> posthaste.v1.Webhook
-	40, // 92: posthaste.v1.MailService.DeleteWebhook:output_type -> posthaste.v1.DeleteWebhookResponse
-	42, // 93: posthaste.v1.MailService.RotateWebhookSecret:output_type -> posthaste.v1.RotateWebhookSecretResponse
-	45, // 94: posthaste.v1.MailService.ListWebhookDeliveries:output_type -> posthaste.v1.ListWebhookDeliveriesResponse
-	43, // 95: posthaste.v1.MailService.RetryWebhookDelivery:output_type -> posthaste.v1.WebhookDelivery
-	76, // [76:96] is the sub-list for method output_type
-	56, // [56:76] is the sub-list for method input_type
-	56, // [56:56] is the sub-list for extension type_name
-	56, // [56:56] is the sub-list for extension extendee
-	0,  // [0:56] is the sub-list for field type_name
+	50, // 7: posthaste.v1.SendMessageRequest.metadata:type_name -> posthaste.v1.SendMessageRequest.MetadataEntry
+	53, // 8: posthaste.v1.SendMessageRequest.send_at:type_name -> google.protobuf.Timestamp
+	51, // 9: posthaste.v1.SendRawMessageRequest.metadata:type_name -> posthaste.v1.SendRawMessageRequest.MetadataEntry
+	53, // 10: posthaste.v1.SendRawMessageRequest.send_at:type_name -> google.protobuf.Timestamp
+	9,  // 11: posthaste.v1.SendMessageResponse.recipients:type_name -> posthaste.v1.RecipientSummary
+	3,  // 12: posthaste.v1.SendBatchRequest.messages:type_name -> posthaste.v1.SendMessageRequest
+	8,  // 13: posthaste.v1.SendBatchResponse.results:type_name -> posthaste.v1.SendBatchResult
+	5,  // 14: posthaste.v1.SendBatchResult.accepted:type_name -> posthaste.v1.SendMessageResponse
+	33, // 15: posthaste.v1.SendBatchResult.error:type_name -> posthaste.v1.Error
+	53, // 16: posthaste.v1.ListMessagesRequest.created_after:type_name -> google.protobuf.Timestamp
+	53, // 17: posthaste.v1.ListMessagesRequest.created_before:type_name -> google.protobuf.Timestamp
+	14, // 18: posthaste.v1.ListMessagesResponse.messages:type_name -> posthaste.v1.Message
+	52, // 19: posthaste.v1.Message.metadata:type_name -> posthaste.v1.Message.MetadataEntry
+	53, // 20: posthaste.v1.Message.send_at:type_name -> google.protobuf.Timestamp
+	53, // 21: posthaste.v1.Message.created_at:type_name -> google.protobuf.Timestamp
+	53, // 22: posthaste.v1.Message.updated_at:type_name -> google.protobuf.Timestamp
+	15, // 23: posthaste.v1.Message.recipients:type_name -> posthaste.v1.Recipient
+	17, // 24: posthaste.v1.Message.attempts:type_name -> posthaste.v1.Attempt
+	53, // 25: posthaste.v1.Recipient.next_attempt_at:type_name -> google.protobuf.Timestamp
+	16, // 26: posthaste.v1.Recipient.last_reply:type_name -> posthaste.v1.SmtpReply
+	53, // 27: posthaste.v1.Recipient.delivered_at:type_name -> google.protobuf.Timestamp
+	53, // 28: posthaste.v1.Recipient.updated_at:type_name -> google.protobuf.Timestamp
+	53, // 29: posthaste.v1.Attempt.started_at:type_name -> google.protobuf.Timestamp
+	54, // 30: posthaste.v1.Attempt.duration:type_name -> google.protobuf.Duration
+	16, // 31: posthaste.v1.Attempt.reply:type_name -> posthaste.v1.SmtpReply
+	53, // 32: posthaste.v1.ApiKey.created_at:type_name -> google.protobuf.Timestamp
+	53, // 33: posthaste.v1.ApiKey.last_used_at:type_name -> google.protobuf.Timestamp
+	53, // 34: posthaste.v1.ApiKey.revoked_at:type_name -> google.protobuf.Timestamp
+	18, // 35: posthaste.v1.CreateApiKeyResponse.api_key:type_name -> posthaste.v1.ApiKey
+	18, // 36: posthaste.v1.ListApiKeysResponse.api_keys:type_name -> posthaste.v1.ApiKey
+	53, // 37: posthaste.v1.Event.created_at:type_name -> google.protobuf.Timestamp
+	53, // 38: posthaste.v1.Event.send_at:type_name -> google.protobuf.Timestamp
+	16, // 39: posthaste.v1.Event.reply:type_name -> posthaste.v1.SmtpReply
+	53, // 40: posthaste.v1.Event.next_attempt_at:type_name -> google.protobuf.Timestamp
+	24, // 41: posthaste.v1.ListMessageEventsResponse.events:type_name -> posthaste.v1.Event
+	24, // 42: posthaste.v1.ListEventsResponse.events:type_name -> posthaste.v1.Event
+	24, // 43: posthaste.v1.StreamEventsResponse.event:type_name -> posthaste.v1.Event
+	33, // 44: posthaste.v1.ErrorResponse.error:type_name -> posthaste.v1.Error
+	34, // 45: posthaste.v1.Error.field_violations:type_name -> posthaste.v1.FieldViolation
+	53, // 46: posthaste.v1.Webhook.created_at:type_name -> google.protobuf.Timestamp
+	53, // 47: posthaste.v1.Webhook.updated_at:type_name -> google.protobuf.Timestamp
+	53, // 48: posthaste.v1.Webhook.disabled_at:type_name -> google.protobuf.Timestamp
+	53, // 49: posthaste.v1.Webhook.previous_secret_expires_at:type_name -> google.protobuf.Timestamp
+	35, // 50: posthaste.v1.CreateWebhookResponse.webhook:type_name -> posthaste.v1.Webhook
+	35, // 51: posthaste.v1.ListWebhooksResponse.webhooks:type_name -> posthaste.v1.Webhook
+	35, // 52: posthaste.v1.UpdateWebhookRequest.webhook:type_name -> posthaste.v1.Webhook
+	55, // 53: posthaste.v1.UpdateWebhookRequest.update_mask:type_name -> google.protobuf.FieldMask
+	35, // 54: posthaste.v1.RotateWebhookSecretResponse.webhook:type_name -> posthaste.v1.Webhook
+	53, // 55: posthaste.v1.WebhookDelivery.next_attempt_at:type_name -> google.protobuf.Timestamp
+	53, // 56: posthaste.v1.WebhookDelivery.last_attempt_at:type_name -> google.protobuf.Timestamp
+	54, // 57: posthaste.v1.WebhookDelivery.last_latency:type_name -> google.protobuf.Duration
+	53, // 58: posthaste.v1.WebhookDelivery.created_at:type_name -> google.protobuf.Timestamp
+	46, // 59: posthaste.v1.ListWebhookDeliveriesResponse.deliveries:type_name -> posthaste.v1.WebhookDelivery
+	3,  // 60: posthaste.v1.MailService.SendMessage:input_type -> posthaste.v1.SendMessageRequest
+	4,  // 61: posthaste.v1.MailService.SendRawMessage:input_type -> posthaste.v1.SendRawMessageRequest
+	6,  // 62: posthaste.v1.MailService.SendBatch:input_type -> posthaste.v1.SendBatchRequest
+	10, // 63: posthaste.v1.MailService.GetMessage:input_type -> posthaste.v1.GetMessageRequest
+	12, // 64: posthaste.v1.MailService.ListMessages:input_type -> posthaste.v1.ListMessagesRequest
+	11, // 65: posthaste.v1.MailService.CancelMessage:input_type -> posthaste.v1.CancelMessageRequest
+	25, // 66: posthaste.v1.MailService.ListMessageEvents:input_type -> posthaste.v1.ListMessageEventsRequest
+	27, // 67: posthaste.v1.MailService.ListEvents:input_type -> posthaste.v1.ListEventsRequest
+	29, // 68: posthaste.v1.MailService.StreamEvents:input_type -> posthaste.v1.StreamEventsRequest
+	31, // 69: posthaste.v1.MailService.WatchMessage:input_type -> posthaste.v1.WatchMessageRequest
+	19, // 70: posthaste.v1.MailService.CreateApiKey:input_type -> posthaste.v1.CreateApiKeyRequest
+	21, // 71: posthaste.v1.MailService.ListApiKeys:input_type -> posthaste.v1.ListApiKeysRequest
+	23, // 72: posthaste.v1.MailService.RevokeApiKey:input_type -> posthaste.v1.RevokeApiKeyRequest
+	36, // 73: posthaste.v1.MailService.CreateWebhook:input_type -> posthaste.v1.CreateWebhookRequest
+	38, // 74: posthaste.v1.MailService.ListWebhooks:input_type -> posthaste.v1.ListWebhooksRequest
+	40, // 75: posthaste.v1.MailService.GetWebhook:input_type -> posthaste.v1.GetWebhookRequest
+	41, // 76: posthaste.v1.MailService.UpdateWebhook:input_type -> posthaste.v1.UpdateWebhookRequest
+	42, // 77: posthaste.v1.MailService.DeleteWebhook:input_type -> posthaste.v1.DeleteWebhookRequest
+	44, // 78: posthaste.v1.MailService.RotateWebhookSecret:input_type -> posthaste.v1.RotateWebhookSecretRequest
+	47, // 79: posthaste.v1.MailService.ListWebhookDeliveries:input_type -> posthaste.v1.ListWebhookDeliveriesRequest
+	49, // 80: posthaste.v1.MailService.RetryWebhookDelivery:input_type -> posthaste.v1.RetryWebhookDeliveryRequest
+	5,  // 81: posthaste.v1.MailService.SendMessage:output_type -> posthaste.v1.SendMessageResponse
+	5,  // 82: posthaste.v1.MailService.SendRawMessage:output_type -> posthaste.v1.SendMessageResponse
+	7,  // 83: posthaste.v1.MailService.SendBatch:output_type -> posthaste.v1.SendBatchResponse
+	14, // 84: posthaste.v1.MailService.GetMessage:output_type -> posthaste.v1.Message
+	13, // 85: posthaste.v1.MailService.ListMessages:output_type -> posthaste.v1.ListMessagesResponse
+	14, // 86: posthaste.v1.MailService.CancelMessage:output_type -> posthaste.v1.Message
+	26, // 87: posthaste.v1.MailService.ListMessageEvents:output_type -> posthaste.v1.ListMessageEventsResponse
+	28, // 88: posthaste.v1.MailService.ListEvents:output_type -> posthaste.v1.ListEventsResponse
+	30, // 89: posthaste.v1.MailService.StreamEvents:output_type -> posthaste.v1.StreamEventsResponse
+	24, // 90: posthaste.v1.MailService.WatchMessage:output_type -> posthaste.v1.Event
+	20, // 91: posthaste.v1.MailService.CreateApiKey:output_type -> posthaste.v1.CreateApiKeyResponse
+	22, // 92: posthaste.v1.MailService.ListApiKeys:output_type -> posthaste.v1.ListApiKeysResponse
+	18, // 93: posthaste.v1.MailService.RevokeApiKey:output_type -> posthaste.v1.ApiKey
+	37, // 94: posthaste.v1.MailService.CreateWebhook:output_type -> posthaste.v1.CreateWebhookResponse
+	39, // 95: posthaste.v1.MailService.ListWebhooks:output_type -> posthaste.v1.ListWebhooksResponse
+	35, // 96: posthaste.v1.MailService.GetWebhook:output_type -> posthaste.v1.Webhook
+	35, // 97: posthaste.v1.MailService.UpdateWebhook:output_type -> posthaste.v1.Webhook
+	43, // 98: posthaste.v1.MailService.DeleteWebhook:output_type -> posthaste.v1.DeleteWebhookResponse
+	45, // 99: posthaste.v1.MailService.RotateWebhookSecret:output_type -> posthaste.v1.RotateWebhookSecretResponse
+	48, // 100: posthaste.v1.MailService.ListWebhookDeliveries:output_type -> posthaste.v1.ListWebhookDeliveriesResponse
+	46, // 101: posthaste.v1.MailService.RetryWebhookDelivery:output_type -> posthaste.v1.WebhookDelivery
+	81, // [81:102] is the sub-list for method output_type
+	60, // [60:81] is the sub-list for method input_type
+	60, // [60:60] is the sub-list for extension type_name
+	60, // [60:60] is the sub-list for extension extendee
+	0,  // [0:60] is the sub-list for field type_name
 }
 
 func init() { file_posthaste_v1_mail_proto_init() }
@@ -4011,14 +4207,18 @@ func file_posthaste_v1_mail_proto_init() {
 	if File_posthaste_v1_mail_proto != nil {
 		return
 	}
-	file_posthaste_v1_mail_proto_msgTypes[33].OneofWrappers = []any{}
+	file_posthaste_v1_mail_proto_msgTypes[8].OneofWrappers = []any{
+		(*SendBatchResult_Accepted)(nil),
+		(*SendBatchResult_Error)(nil),
+	}
+	file_posthaste_v1_mail_proto_msgTypes[36].OneofWrappers = []any{}
 	type x struct{}
 	out := protoimpl.TypeBuilder{
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_posthaste_v1_mail_proto_rawDesc), len(file_posthaste_v1_mail_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   50,
+			NumMessages:   53,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

@@ -21,6 +21,7 @@ const _ = grpc.SupportPackageIsVersion9
 const (
 	MailService_SendMessage_FullMethodName           = "/posthaste.v1.MailService/SendMessage"
 	MailService_SendRawMessage_FullMethodName        = "/posthaste.v1.MailService/SendRawMessage"
+	MailService_SendBatch_FullMethodName             = "/posthaste.v1.MailService/SendBatch"
 	MailService_GetMessage_FullMethodName            = "/posthaste.v1.MailService/GetMessage"
 	MailService_ListMessages_FullMethodName          = "/posthaste.v1.MailService/ListMessages"
 	MailService_CancelMessage_FullMethodName         = "/posthaste.v1.MailService/CancelMessage"
@@ -61,6 +62,19 @@ type MailServiceClient interface {
 	// SendRawMessage stores a complete RFC 5322 message as it is (a Date header
 	// is added when missing) with an explicit envelope.
 	SendRawMessage(ctx context.Context, in *SendRawMessageRequest, opts ...grpc.CallOption) (*SendMessageResponse, error)
+	// SendBatch sends up to 500 messages in one call. Each is checked on its
+	// own, like a SendMessage request; the valid ones are committed together
+	// before the call returns, the invalid ones are not stored, and the answer
+	// has one result per message in request order: its receipt, or its error
+	// with the fields named from the batch ("messages[3].to[0].address").
+	//
+	// Each message may carry its own idempotency_key. An Idempotency-Key
+	// header (idempotency-key metadata) covers the call: a message without a
+	// key of its own gets "<key>/<index>", so retrying the call replays every
+	// message. Only errors of the whole call (authentication, an empty or
+	// oversized batch, the database) fail the call. Needs the send scope.
+	// Over REST it answers 200 OK with the per-message results.
+	SendBatch(ctx context.Context, in *SendBatchRequest, opts ...grpc.CallOption) (*SendBatchResponse, error)
 	// GetMessage returns a message's derived status, its recipients and every
 	// delivery attempt.
 	GetMessage(ctx context.Context, in *GetMessageRequest, opts ...grpc.CallOption) (*Message, error)
@@ -159,6 +173,16 @@ func (c *mailServiceClient) SendRawMessage(ctx context.Context, in *SendRawMessa
 	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
 	out := new(SendMessageResponse)
 	err := c.cc.Invoke(ctx, MailService_SendRawMessage_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *mailServiceClient) SendBatch(ctx context.Context, in *SendBatchRequest, opts ...grpc.CallOption) (*SendBatchResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(SendBatchResponse)
+	err := c.cc.Invoke(ctx, MailService_SendBatch_FullMethodName, in, out, cOpts...)
 	if err != nil {
 		return nil, err
 	}
@@ -383,6 +407,19 @@ type MailServiceServer interface {
 	// SendRawMessage stores a complete RFC 5322 message as it is (a Date header
 	// is added when missing) with an explicit envelope.
 	SendRawMessage(context.Context, *SendRawMessageRequest) (*SendMessageResponse, error)
+	// SendBatch sends up to 500 messages in one call. Each is checked on its
+	// own, like a SendMessage request; the valid ones are committed together
+	// before the call returns, the invalid ones are not stored, and the answer
+	// has one result per message in request order: its receipt, or its error
+	// with the fields named from the batch ("messages[3].to[0].address").
+	//
+	// Each message may carry its own idempotency_key. An Idempotency-Key
+	// header (idempotency-key metadata) covers the call: a message without a
+	// key of its own gets "<key>/<index>", so retrying the call replays every
+	// message. Only errors of the whole call (authentication, an empty or
+	// oversized batch, the database) fail the call. Needs the send scope.
+	// Over REST it answers 200 OK with the per-message results.
+	SendBatch(context.Context, *SendBatchRequest) (*SendBatchResponse, error)
 	// GetMessage returns a message's derived status, its recipients and every
 	// delivery attempt.
 	GetMessage(context.Context, *GetMessageRequest) (*Message, error)
@@ -472,6 +509,9 @@ func (UnimplementedMailServiceServer) SendMessage(context.Context, *SendMessageR
 }
 func (UnimplementedMailServiceServer) SendRawMessage(context.Context, *SendRawMessageRequest) (*SendMessageResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method SendRawMessage not implemented")
+}
+func (UnimplementedMailServiceServer) SendBatch(context.Context, *SendBatchRequest) (*SendBatchResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method SendBatch not implemented")
 }
 func (UnimplementedMailServiceServer) GetMessage(context.Context, *GetMessageRequest) (*Message, error) {
 	return nil, status.Error(codes.Unimplemented, "method GetMessage not implemented")
@@ -580,6 +620,24 @@ func _MailService_SendRawMessage_Handler(srv interface{}, ctx context.Context, d
 	}
 	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
 		return srv.(MailServiceServer).SendRawMessage(ctx, req.(*SendRawMessageRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _MailService_SendBatch_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(SendBatchRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(MailServiceServer).SendBatch(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: MailService_SendBatch_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(MailServiceServer).SendBatch(ctx, req.(*SendBatchRequest))
 	}
 	return interceptor(ctx, in, info, handler)
 }
@@ -908,6 +966,10 @@ var MailService_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "SendRawMessage",
 			Handler:    _MailService_SendRawMessage_Handler,
+		},
+		{
+			MethodName: "SendBatch",
+			Handler:    _MailService_SendBatch_Handler,
 		},
 		{
 			MethodName: "GetMessage",
