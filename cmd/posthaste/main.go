@@ -6,6 +6,7 @@
 //	posthaste keys create --name N   create an API key (shown once)
 //	posthaste keys list              list API keys
 //	posthaste keys revoke ID         revoke an API key
+//	posthaste bench [flags]          measure intake and delivery rates and costs
 //
 // Every flag can also be set through an environment variable: --database-url
 // is POSTHASTE_DATABASE_URL, --http-addr is POSTHASTE_HTTP_ADDR, and so on.
@@ -39,6 +40,7 @@ Commands:
   serve     run the REST and gRPC API and the delivery workers
   migrate   apply database migrations and exit
   keys      create, list and revoke API keys
+  bench     measure how fast a server takes and delivers mail
   version   print the version
 
 Run "posthaste <command> -h" for the flags of a command.
@@ -74,6 +76,8 @@ func dispatch(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 			return nil
 		}
 		return runKeys(ctx, args[1:], stdout, stderr)
+	case "bench":
+		return runBench(ctx, args[1:], stdout, stderr)
 	case "version", "--version", "-version":
 		fmt.Fprintln(stdout, "posthaste", version)
 		return nil

@@ -72,9 +72,11 @@ type Config struct {
 	// route every domain there (--route '*=ADDR').
 	SinkAddr string
 	// StatsSettle is how long the run waits after the last delivery before
-	// it reads PostgreSQL's counters: backends report their WAL statistics
-	// at most once a second, so an immediate reading misses the last
-	// second's. A negative value does not wait. Defaults to 1.5s.
+	// it reads PostgreSQL's WAL counters: a backend reports its statistics
+	// at most once a second, and one that went idle right after an earlier
+	// report holds them up to 10s (PostgreSQL 15's PGSTAT_IDLE_INTERVAL), so
+	// an immediate reading misses the last commits' WAL flushes. A
+	// negative value does not wait. Defaults to 11s.
 	StatsSettle time.Duration
 
 	// Progress receives a line per ProgressInterval while the run goes.
@@ -90,6 +92,9 @@ type Config struct {
 // DefaultSinkAddr is where the sink listens when the run drives a running
 // server.
 const DefaultSinkAddr = "127.0.0.1:2526"
+
+// DefaultStatsSettle is StatsSettle's default.
+const DefaultStatsSettle = 11 * time.Second
 
 // InProcess reports whether the run starts its own server.
 func (c Config) InProcess() bool { return c.RESTURL == "" && c.GRPCAddr == "" }
@@ -127,7 +132,7 @@ func (c Config) WithDefaults() Config {
 		}
 	}
 	if c.StatsSettle == 0 {
-		c.StatsSettle = 1500 * time.Millisecond
+		c.StatsSettle = DefaultStatsSettle
 	}
 	if c.ProgressInterval == 0 {
 		c.ProgressInterval = time.Second

@@ -68,26 +68,16 @@ func openPGStats(ctx context.Context, url string) (*pgStats, error) {
 	return p, nil
 }
 
-// snapshot reads every counter it can; what fails is left nil and noted.
-func (p *pgStats) snapshot(ctx context.Context) pgSnapshot {
-	var s pgSnapshot
+// readProcesses fills the counters that belong to the machine: the CPU of
+// the server's processes and the disk's flushes. They are current at once,
+// unlike the WAL counters.
+func (p *pgStats) readProcesses(s *pgSnapshot) {
 	if p.postmaster != 0 {
 		if cpu, err := TreeCPU(p.postmaster); err == nil {
 			s.cpu = &cpu
 		} else {
 			p.note("postgresql cpu: %v", err)
 		}
-	}
-	var sync, write, bytes int64
-	// pg_stat_wal (PostgreSQL 14+) is cluster-wide; the LSN gives the exact
-	// WAL volume, while the sync and write counts are what backends and
-	// the WAL writer reported so far (see Config.StatsSettle).
-	err := p.conn.QueryRow(ctx, `SELECT wal_sync, wal_write,
-		pg_wal_lsn_diff(pg_current_wal_lsn(), '0/0')::bigint FROM pg_stat_wal`).Scan(&sync, &write, &bytes)
-	if err == nil {
-		s.walSync, s.walWrite, s.walBytes = &sync, &write, &bytes
-	} else {
-		p.note("wal: %v", err)
 	}
 	if p.devKnown {
 		name, n, err := DiskFlushes(p.devMajor, p.devMinor)
@@ -97,7 +87,21 @@ func (p *pgStats) snapshot(ctx context.Context) pgSnapshot {
 			p.note("disk flushes: %v", err)
 		}
 	}
-	return s
+}
+
+// readWAL fills the WAL counters. pg_stat_wal (PostgreSQL 14+) is
+// cluster-wide; the LSN gives the exact WAL volume, while the sync and
+// write counts are what backends and the WAL writer reported so far (see
+// Config.StatsSettle).
+func (p *pgStats) readWAL(ctx context.Context, s *pgSnapshot) {
+	var sync, write, bytes int64
+	err := p.conn.QueryRow(ctx, `SELECT wal_sync, wal_write,
+		pg_wal_lsn_diff(pg_current_wal_lsn(), '0/0')::bigint FROM pg_stat_wal`).Scan(&sync, &write, &bytes)
+	if err != nil {
+		p.note("wal: %v", err)
+		return
+	}
+	s.walSync, s.walWrite, s.walBytes = &sync, &write, &bytes
 }
 
 // note records a problem once.

@@ -153,11 +153,11 @@ func (r *Report) WriteText(w io.Writer) error {
 	if r.Server.IncludesHarness {
 		who = "server+harness"
 	}
-	p("  %-19s %s CPU s/msg (%s s in all), peak RSS %s", who+" cpu",
-		perMsg(r.Server.CPUPerMessage, 1e3, "m"), num(r.Server.CPUSeconds), mib(r.Server.PeakRSSBytes))
-	p("  postgresql cpu      %s CPU s/msg (%s s in all)", perMsg(r.Postgres.CPUPerMessage, 1e3, "m"), num(r.Postgres.CPUSeconds))
+	p("  %-19s %s CPU per msg (%s s in all), peak RSS %s", who+" cpu",
+		perMsg(r.Server.CPUPerMessage, 1e3, " ms"), num(r.Server.CPUSeconds), mib(r.Server.PeakRSSBytes))
+	p("  postgresql cpu      %s CPU per msg (%s s in all)", perMsg(r.Postgres.CPUPerMessage, 1e3, " ms"), num(r.Postgres.CPUSeconds))
 	p("  wal syncs           %s per msg (%s in all), %s WAL bytes per msg",
-		perMsg(r.Postgres.WALSyncsPerMessage, 1, ""), inum(r.Postgres.WALSyncs), perMsg(r.Postgres.WALBytesPerMessage, 1, ""))
+		perMsg(r.Postgres.WALSyncsPerMessage, 1, ""), inum(r.Postgres.WALSyncs), whole(r.Postgres.WALBytesPerMessage))
 	p("  disk flushes        %s per msg (%s in all, device %s)",
 		perMsg(r.Postgres.DiskFlushesPerMessage, 1, ""), inum(r.Postgres.DiskFlushes), orNA(r.Postgres.DiskDevice))
 	for _, n := range r.Notes {
@@ -174,6 +174,13 @@ func perMsg(v *float64, scale float64, prefix string) string {
 		return "n/a"
 	}
 	return fmt.Sprintf("%.3f%s", *v*scale, prefix)
+}
+
+func whole(v *float64) string {
+	if v == nil {
+		return "n/a"
+	}
+	return fmt.Sprintf("%.0f", *v)
 }
 
 func num(v *float64) string {

@@ -208,8 +208,8 @@ type costs struct {
 	pg        pgSnapshot
 }
 
-func (r *runner) readCosts(ctx context.Context) costs {
-	var c costs
+// readProcesses reads the counters of processes and disks into c.
+func (r *runner) readProcesses(c *costs) {
 	if pid := r.serverPID(); pid != 0 {
 		if cpu, err := ProcessCPU(pid); err == nil {
 			c.serverCPU = &cpu
@@ -218,9 +218,15 @@ func (r *runner) readCosts(ctx context.Context) costs {
 		}
 	}
 	if r.pg != nil {
-		c.pg = r.pg.snapshot(ctx)
+		r.pg.readProcesses(&c.pg)
 	}
-	return c
+}
+
+// readWAL reads PostgreSQL's WAL counters into c.
+func (r *runner) readWAL(ctx context.Context, c *costs) {
+	if r.pg != nil {
+		r.pg.readWAL(ctx, &c.pg)
+	}
 }
 
 func (r *runner) serverPID() int {
@@ -243,7 +249,9 @@ func (r *runner) run(ctx context.Context) (*Report, error) {
 	} else {
 		r.note("server cpu and memory: not measured (give the server's pid)")
 	}
-	before := r.readCosts(ctx)
+	var before, after costs
+	r.readWAL(ctx, &before)
+	r.readProcesses(&before)
 
 	samples := make([]sample, cfg.Messages)
 	var done atomic.Int64
@@ -278,16 +286,21 @@ func (r *runner) run(ctx context.Context) (*Report, error) {
 	stopProgress()
 	<-progressDone
 
+	// CPU and disk counters are current, so they are read at once: the
+	// settling time below would only add idle work and, on a shared
+	// server, other clients' work.
+	r.readProcesses(&after)
 	if cfg.StatsSettle > 0 && ctx.Err() == nil && r.pg != nil {
+		r.progress("waiting %s for PostgreSQL to report its WAL statistics", cfg.StatsSettle)
 		select {
 		case <-time.After(cfg.StatsSettle):
 		case <-ctx.Done():
 		}
 	}
-	// Counters are read with a fresh context so that an interrupted run
-	// still reports what it measured.
+	// Read with a fresh context so that an interrupted run still reports
+	// what it measured.
 	readCtx, cancelRead := context.WithTimeout(context.WithoutCancel(ctx), 10*time.Second)
-	after := r.readCosts(readCtx)
+	r.readWAL(readCtx, &after)
 	cancelRead()
 
 	rep := r.report(start, loadEnd, samples, before, after)
