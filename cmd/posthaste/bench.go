@@ -77,6 +77,16 @@ func runBench(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	if fs.NArg() > 0 {
 		return fmt.Errorf("bench: unexpected argument %q", fs.Arg(0))
 	}
+	// bench.Config reads zero as "the default"; on the command line a zero
+	// is a mistake.
+	for _, f := range []struct {
+		name string
+		v    int
+	}{{"n", cfg.Messages}, {"c", cfg.Concurrency}, {"size", cfg.Size}, {"recipients", cfg.Recipients}, {"domains", cfg.Domains}} {
+		if f.v < 1 {
+			return fmt.Errorf("%s: must be at least 1, got %d", flagRef(f.name), f.v)
+		}
+	}
 	if start {
 		// Addresses from the environment belong to a server's own
 		// configuration; only the command line conflicts with --start.
