@@ -4,7 +4,6 @@ import (
 	"context"
 	"crypto/rand"
 	"encoding/hex"
-	"errors"
 	"fmt"
 	"os"
 	"sync"
@@ -310,8 +309,8 @@ func (r *runner) run(ctx context.Context) (*Report, error) {
 	var errs []error
 	if rep.Interrupted {
 		errs = append(errs, fmt.Errorf("interrupted: %w", ctx.Err()))
-	}
-	if rep.Failed > 0 {
+	} else if rep.Failed > 0 {
+		// Calls cut by an interruption are in the report, not an error.
 		errs = append(errs, fmt.Errorf("%d of %d calls failed", rep.Failed, rep.Messages))
 	}
 	if rep.Missing > 0 && !rep.Interrupted {
@@ -321,7 +320,13 @@ func (r *runner) run(ctx context.Context) (*Report, error) {
 		}
 		errs = append(errs, fmt.Errorf("%d accepted messages did not arrive within %s%s", rep.Missing, cfg.Timeout, hint))
 	}
-	return rep, errors.Join(errs...)
+	if len(errs) == 0 {
+		return rep, nil
+	}
+	if len(errs) == 1 {
+		return rep, errs[0]
+	}
+	return rep, fmt.Errorf("%w; %w", errs[0], errs[1])
 }
 
 // generate sends every message, in a closed loop or at cfg.Rate, and
