@@ -4,18 +4,85 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"slices"
 	"time"
+	"unicode/utf8"
 
 	"github.com/google/uuid"
 	"github.com/jackc/pgx/v5"
 )
 
+// API key scopes. A key may do what its scopes allow; ScopeAdmin allows
+// everything (see HasScope).
+const (
+	// ScopeSend allows sending and canceling messages.
+	ScopeSend = "send"
+	// ScopeRead allows reading and listing messages.
+	ScopeRead = "read"
+	// ScopeAdmin allows managing the project's keys and settings, and
+	// everything the other scopes allow: an admin key can make itself a key
+	// of any scope, so withholding them would protect nothing.
+	ScopeAdmin = "admin"
+)
+
+// Scopes returns every scope in canonical order.
+func Scopes() []string { return []string{ScopeSend, ScopeRead, ScopeAdmin} }
+
+// NormalizeScopes checks scopes and returns them without duplicates, in
+// canonical order. It fails naming the first unknown scope, or when none is
+// given.
+func NormalizeScopes(scopes []string) ([]string, error) {
+	if len(scopes) == 0 {
+		return nil, errors.New("at least one scope is required (send, read, admin)")
+	}
+	for _, s := range scopes {
+		if !slices.Contains(Scopes(), s) {
+			return nil, fmt.Errorf("unknown scope %q; want send, read or admin", s)
+		}
+	}
+	var out []string
+	for _, s := range Scopes() {
+		if slices.Contains(scopes, s) {
+			out = append(out, s)
+		}
+	}
+	return out, nil
+}
+
+// MaxKeyNameLen bounds a key's name, in characters: it is a label for
+// people, shown in listings.
+const MaxKeyNameLen = 100
+
+// ValidateKeyName reports why name cannot name an API key, or nil. The API
+// and the command line both check with it, so neither stores a name the
+// other would refuse.
+func ValidateKeyName(name string) error {
+	switch {
+	case name == "":
+		return errors.New("is required")
+	case !utf8.ValidString(name):
+		return errors.New("must be valid UTF-8")
+	case utf8.RuneCountInString(name) > MaxKeyNameLen:
+		return fmt.Errorf("must be at most %d characters", MaxKeyNameLen)
+	}
+	for _, r := range name {
+		if r < 0x20 || r == 0x7f || r >= 0x80 && r < 0xa0 {
+			return errors.New("must not contain control characters")
+		}
+	}
+	return nil
+}
+
 // APIKey is a stored API key. The key itself is never stored, only its
 // hash.
 type APIKey struct {
-	ID        uuid.UUID
+	ID uuid.UUID
+	// ProjectID is the project whose data the key reaches.
+	ProjectID uuid.UUID
 	Name      string
 	Prefix    string
+	// Scopes are in canonical order (see NormalizeScopes).
+	Scopes    []string
 	CreatedAt time.Time
 	// RevokedAt is nil while the key is active.
 	RevokedAt *time.Time
@@ -23,11 +90,27 @@ type APIKey struct {
 	LastUsedAt *time.Time
 }
 
-const apiKeyColumns = `id, name, prefix, created_at, revoked_at, last_used_at`
+// HasScope reports whether the key may do what scope allows.
+func (k APIKey) HasScope(scope string) bool {
+	return slices.Contains(k.Scopes, scope) || slices.Contains(k.Scopes, ScopeAdmin)
+}
+
+// NewAPIKeyParams is a key to store.
+type NewAPIKeyParams struct {
+	// ProjectID is the key's project; uuid.Nil means the default project.
+	ProjectID uuid.UUID
+	Name      string
+	Prefix    string
+	Hash      []byte
+	// Scopes are checked and normalized with NormalizeScopes.
+	Scopes []string
+}
+
+const apiKeyColumns = `id, project_id, name, prefix, scopes, created_at, revoked_at, last_used_at`
 
 const createAPIKeySQL = `
-INSERT INTO api_keys (id, name, prefix, hash)
-VALUES ($1, $2, $3, $4)
+INSERT INTO api_keys (id, project_id, name, prefix, hash, scopes)
+VALUES ($1, $2, $3, $4, $5, $6)
 RETURNING ` + apiKeyColumns
 
 // bootstrapKeyLock is the transaction advisory lock key that serializes
@@ -38,11 +121,15 @@ const lockBootstrapSQL = `SELECT pg_advisory_xact_lock($1)`
 
 const anyAPIKeySQL = `SELECT EXISTS (SELECT 1 FROM api_keys)`
 
-const listAPIKeysSQL = `SELECT ` + apiKeyColumns + ` FROM api_keys ORDER BY created_at, id`
+const listAPIKeysSQL = `
+SELECT ` + apiKeyColumns + ` FROM api_keys WHERE project_id = $1 ORDER BY created_at, id`
 
-// Revoking a revoked key keeps the first revocation time.
+// Revoking a revoked key keeps the first revocation time. A key of another
+// project is not found, exactly like an unknown one.
 const revokeAPIKeySQL = `
-UPDATE api_keys SET revoked_at = coalesce(revoked_at, now()) WHERE id = $1`
+UPDATE api_keys SET revoked_at = coalesce(revoked_at, now())
+WHERE id = $1 AND project_id = $2
+RETURNING ` + apiKeyColumns
 
 // lookupAPIKeySQL finds an active key and records the use, at most once a
 // minute per key so that a busy key does not turn every request into a
@@ -56,55 +143,65 @@ WITH k AS (
     WHERE a.id = k.id AND (a.last_used_at IS NULL OR a.last_used_at < now() - interval '1 minute')
     RETURNING a.last_used_at
 )
-SELECT k.id, k.name, k.prefix, k.created_at, k.revoked_at,
+SELECT k.id, k.project_id, k.name, k.prefix, k.scopes, k.created_at, k.revoked_at,
     coalesce((SELECT last_used_at FROM touched), k.last_used_at)
 FROM k`
 
 func scanAPIKey(row pgx.CollectableRow) (APIKey, error) {
 	var k APIKey
-	err := row.Scan(&k.ID, &k.Name, &k.Prefix, &k.CreatedAt, &k.RevokedAt, &k.LastUsedAt)
+	err := row.Scan(&k.ID, &k.ProjectID, &k.Name, &k.Prefix, &k.Scopes, &k.CreatedAt, &k.RevokedAt, &k.LastUsedAt)
 	return k, err
 }
 
-func validateNewAPIKey(name, prefix string, hash []byte) error {
+func (p *NewAPIKeyParams) validate() error {
 	switch {
-	case name == "":
+	case p.Name == "":
 		return errors.New("name is required")
-	case prefix == "":
+	case p.Prefix == "":
 		return errors.New("prefix is required")
-	case len(hash) == 0:
+	case len(p.Hash) == 0:
 		return errors.New("hash is required")
 	}
+	scopes, err := NormalizeScopes(p.Scopes)
+	if err != nil {
+		return fmt.Errorf("scopes: %w", err)
+	}
+	p.Scopes = scopes
+	p.ProjectID = projectOrDefault(p.ProjectID)
 	return nil
 }
 
-// CreateAPIKey stores a new key under the hash of its secret.
-func (d *DB) CreateAPIKey(ctx context.Context, name, prefix string, hash []byte) (APIKey, error) {
-	if err := validateNewAPIKey(name, prefix, hash); err != nil {
+// CreateAPIKey stores a new key under the hash of its secret. An unknown
+// project is ErrNotFound.
+func (d *DB) CreateAPIKey(ctx context.Context, p NewAPIKeyParams) (APIKey, error) {
+	if err := p.validate(); err != nil {
 		return APIKey{}, fmt.Errorf("create api key: %w", err)
 	}
-	k, err := createAPIKey(ctx, d.pool, name, prefix, hash)
+	k, err := createAPIKey(ctx, d.pool, p)
 	if err != nil {
-		return APIKey{}, fmt.Errorf("create api key %q: %w", name, mapError(err))
+		if isForeignKeyViolation(err) {
+			return APIKey{}, fmt.Errorf("create api key %q: project %s: %w", p.Name, p.ProjectID, ErrNotFound)
+		}
+		return APIKey{}, fmt.Errorf("create api key %q: %w", p.Name, mapError(err))
 	}
 	return k, nil
 }
 
-func createAPIKey(ctx context.Context, q Querier, name, prefix string, hash []byte) (APIKey, error) {
+func createAPIKey(ctx context.Context, q Querier, p NewAPIKeyParams) (APIKey, error) {
 	id, err := uuid.NewV7()
 	if err != nil {
 		return APIKey{}, err
 	}
-	rows, _ := q.Query(ctx, createAPIKeySQL, id, name, prefix, hash)
+	rows, _ := q.Query(ctx, createAPIKeySQL, id, p.ProjectID, p.Name, p.Prefix, p.Hash, p.Scopes)
 	return pgx.CollectExactlyOneRow(rows, scanAPIKey)
 }
 
-// CreateAPIKeyIfNone stores a key only when there is no key at all, revoked
-// or not, and reports whether it did. It is how a first key is made on an
-// empty database; instances starting together make exactly one, because
-// they take turns under a transaction advisory lock.
-func (d *DB) CreateAPIKeyIfNone(ctx context.Context, name, prefix string, hash []byte) (APIKey, bool, error) {
-	if err := validateNewAPIKey(name, prefix, hash); err != nil {
+// CreateAPIKeyIfNone stores a key only when there is no key at all, in any
+// project, revoked or not, and reports whether it did. It is how a first key
+// is made on an empty database; instances starting together make exactly
+// one, because they take turns under a transaction advisory lock.
+func (d *DB) CreateAPIKeyIfNone(ctx context.Context, p NewAPIKeyParams) (APIKey, bool, error) {
+	if err := p.validate(); err != nil {
 		return APIKey{}, false, fmt.Errorf("create first api key: %w", err)
 	}
 	var (
@@ -123,7 +220,7 @@ func (d *DB) CreateAPIKeyIfNone(ctx context.Context, name, prefix string, hash [
 			return nil
 		}
 		var err error
-		k, err = createAPIKey(ctx, tx, name, prefix, hash)
+		k, err = createAPIKey(ctx, tx, p)
 		created = err == nil
 		return err
 	})
@@ -133,9 +230,13 @@ func (d *DB) CreateAPIKeyIfNone(ctx context.Context, name, prefix string, hash [
 	return k, created, nil
 }
 
-// ListAPIKeys returns every key, revoked ones included, oldest first.
-func (d *DB) ListAPIKeys(ctx context.Context) ([]APIKey, error) {
-	rows, _ := d.pool.Query(ctx, listAPIKeysSQL)
+// ListAPIKeys returns every key of a project, revoked ones included, oldest
+// first.
+func (d *DB) ListAPIKeys(ctx context.Context, projectID uuid.UUID) ([]APIKey, error) {
+	if projectID == uuid.Nil {
+		return nil, errors.New("list api keys: project is required")
+	}
+	rows, _ := d.pool.Query(ctx, listAPIKeysSQL, projectID)
 	keys, err := pgx.CollectRows(rows, scanAPIKey)
 	if err != nil {
 		return nil, fmt.Errorf("list api keys: %w", mapError(err))
@@ -143,17 +244,19 @@ func (d *DB) ListAPIKeys(ctx context.Context) ([]APIKey, error) {
 	return keys, nil
 }
 
-// RevokeAPIKey revokes a key for good. Revoking it again is not an error;
-// an unknown id is ErrNotFound.
-func (d *DB) RevokeAPIKey(ctx context.Context, id uuid.UUID) error {
-	tag, err := d.pool.Exec(ctx, revokeAPIKeySQL, id)
+// RevokeAPIKey revokes a key of a project for good and returns it. Revoking
+// it again is not an error; an unknown id, or the id of another project's
+// key, is ErrNotFound.
+func (d *DB) RevokeAPIKey(ctx context.Context, projectID, id uuid.UUID) (APIKey, error) {
+	if projectID == uuid.Nil {
+		return APIKey{}, fmt.Errorf("revoke api key %s: project is required", id)
+	}
+	rows, _ := d.pool.Query(ctx, revokeAPIKeySQL, id, projectID)
+	k, err := pgx.CollectExactlyOneRow(rows, scanAPIKey)
 	if err != nil {
-		return fmt.Errorf("revoke api key %s: %w", id, mapError(err))
+		return APIKey{}, fmt.Errorf("revoke api key %s: %w", id, mapError(err))
 	}
-	if tag.RowsAffected() == 0 {
-		return fmt.Errorf("revoke api key %s: %w", id, ErrNotFound)
-	}
-	return nil
+	return k, nil
 }
 
 // LookupAPIKey finds the active key with the given hash, or ErrNotFound

@@ -17,11 +17,11 @@ func TestAPIKeys(t *testing.T) {
 	b := setup(t)
 	ctx := context.Background()
 
-	first, err := b.db.CreateAPIKey(ctx, "first", "ph_1", []byte("hash-1"))
+	first, err := b.db.CreateAPIKey(ctx, db.NewAPIKeyParams{Name: "first", Prefix: "ph_1", Hash: []byte("hash-1"), Scopes: []string{db.ScopeSend}})
 	if err != nil {
 		t.Fatal(err)
 	}
-	second, err := b.db.CreateAPIKey(ctx, "second", "ph_2", []byte("hash-2"))
+	second, err := b.db.CreateAPIKey(ctx, db.NewAPIKeyParams{Name: "second", Prefix: "ph_2", Hash: []byte("hash-2"), Scopes: []string{db.ScopeSend}})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -29,14 +29,14 @@ func TestAPIKeys(t *testing.T) {
 		first.RevokedAt != nil || first.LastUsedAt != nil {
 		t.Errorf("created key = %+v", first)
 	}
-	if _, err := b.db.CreateAPIKey(ctx, "dup", "ph_3", []byte("hash-1")); err == nil {
+	if _, err := b.db.CreateAPIKey(ctx, db.NewAPIKeyParams{Name: "dup", Prefix: "ph_3", Hash: []byte("hash-1"), Scopes: []string{db.ScopeSend}}); err == nil {
 		t.Error("a second key with the same hash was stored")
 	}
-	if _, err := b.db.CreateAPIKey(ctx, "", "ph_4", []byte("hash-4")); err == nil {
+	if _, err := b.db.CreateAPIKey(ctx, db.NewAPIKeyParams{Name: "", Prefix: "ph_4", Hash: []byte("hash-4"), Scopes: []string{db.ScopeSend}}); err == nil {
 		t.Error("a key without a name was stored")
 	}
 
-	keys, err := b.db.ListAPIKeys(ctx)
+	keys, err := b.db.ListAPIKeys(ctx, db.DefaultProjectID())
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -62,19 +62,19 @@ func TestAPIKeys(t *testing.T) {
 		t.Errorf("unknown hash: err = %v, want ErrNotFound", err)
 	}
 
-	if err := b.db.RevokeAPIKey(ctx, second.ID); err != nil {
+	if _, err := b.db.RevokeAPIKey(ctx, db.DefaultProjectID(), second.ID); err != nil {
 		t.Fatal(err)
 	}
 	if _, err := b.db.LookupAPIKey(ctx, []byte("hash-2")); !errors.Is(err, db.ErrNotFound) {
 		t.Errorf("revoked key: err = %v, want ErrNotFound", err)
 	}
-	if err := b.db.RevokeAPIKey(ctx, second.ID); err != nil {
+	if _, err := b.db.RevokeAPIKey(ctx, db.DefaultProjectID(), second.ID); err != nil {
 		t.Errorf("revoking twice: %v", err)
 	}
-	if err := b.db.RevokeAPIKey(ctx, uuid.New()); !errors.Is(err, db.ErrNotFound) {
+	if _, err := b.db.RevokeAPIKey(ctx, db.DefaultProjectID(), uuid.New()); !errors.Is(err, db.ErrNotFound) {
 		t.Errorf("revoking an unknown key: err = %v, want ErrNotFound", err)
 	}
-	keys, err = b.db.ListAPIKeys(ctx)
+	keys, err = b.db.ListAPIKeys(ctx, db.DefaultProjectID())
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -85,7 +85,7 @@ func TestAPIKeys(t *testing.T) {
 		t.Errorf("the other key stopped working: %v", err)
 	}
 
-	if k, created, err := b.db.CreateAPIKeyIfNone(ctx, "boot", "ph_b", []byte("hash-b")); err != nil || created || k.ID != uuid.Nil {
+	if k, created, err := b.db.CreateAPIKeyIfNone(ctx, db.NewAPIKeyParams{Name: "boot", Prefix: "ph_b", Hash: []byte("hash-b"), Scopes: []string{db.ScopeAdmin}}); err != nil || created || k.ID != uuid.Nil {
 		t.Errorf("CreateAPIKeyIfNone with keys present = %+v, %v, %v", k, created, err)
 	}
 }
@@ -102,7 +102,7 @@ func TestCreateAPIKeyIfNoneRace(t *testing.T) {
 	for i := range callers {
 		wg.Go(func() {
 			k, ok, err := b.db.CreateAPIKeyIfNone(context.Background(),
-				"bootstrap", "ph_b", fmt.Appendf(nil, "hash-%d", i))
+				db.NewAPIKeyParams{Name: "bootstrap", Prefix: "ph_b", Hash: fmt.Appendf(nil, "hash-%d", i), Scopes: []string{db.ScopeAdmin}})
 			if err != nil {
 				t.Errorf("CreateAPIKeyIfNone: %v", err)
 				return
@@ -118,7 +118,7 @@ func TestCreateAPIKeyIfNoneRace(t *testing.T) {
 	if len(created) != 1 {
 		t.Fatalf("%d callers created a key, want exactly 1", len(created))
 	}
-	keys, err := b.db.ListAPIKeys(context.Background())
+	keys, err := b.db.ListAPIKeys(context.Background(), db.DefaultProjectID())
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -127,10 +127,10 @@ func TestCreateAPIKeyIfNoneRace(t *testing.T) {
 	}
 
 	// A revoked key still counts as a key.
-	if err := b.db.RevokeAPIKey(context.Background(), created[0].ID); err != nil {
+	if _, err := b.db.RevokeAPIKey(context.Background(), db.DefaultProjectID(), created[0].ID); err != nil {
 		t.Fatal(err)
 	}
-	if _, ok, err := b.db.CreateAPIKeyIfNone(context.Background(), "b", "p", []byte("h")); err != nil || ok {
+	if _, ok, err := b.db.CreateAPIKeyIfNone(context.Background(), db.NewAPIKeyParams{Name: "b", Prefix: "p", Hash: []byte("h"), Scopes: []string{db.ScopeAdmin}}); err != nil || ok {
 		t.Errorf("after revoking the only key: created %v, %v", ok, err)
 	}
 }

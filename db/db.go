@@ -1,14 +1,28 @@
 // Package db owns every SQL statement Posthaste runs: the message store, the
-// delivery queue (claims under leases, outcomes, rescue), idempotency keys,
-// API keys and the outbox wake-up channel. It is the only package that talks
-// to PostgreSQL; callers get the row types defined here.
+// delivery queue (claims under leases, outcomes, rescue), the event log,
+// idempotency keys, API keys and the outbox wake-up channel. It is the only
+// package that talks to PostgreSQL; callers get the row types defined here.
+//
+// A DB runs its statements on the pool, or, inside InTx, on one
+// transaction; the methods are the same either way, so several changes can
+// be composed into one transaction.
 //
 // Concurrency rests on two rules that every statement here keeps. Recipient
 // rows are locked either in id order or with SKIP LOCKED, and message rows
-// are locked last, in id order, just before messages.status is recomputed;
-// together they leave no lock cycle between workers. The recomputation runs
-// as its own statement after those locks are held, so under READ COMMITTED
-// it sees every recipient change committed by whoever held them before.
+// are locked last, in id order, just before messages.status is recomputed
+// (by sendChange, the one path every state change takes); together they
+// leave no lock cycle between workers. The recomputation runs as its own
+// statement after those locks are held, so under READ COMMITTED it sees
+// every recipient change committed by whoever held them before.
+//
+// Each method keeps the rules on its own, inside InTx too. A transaction
+// composed of several changes, though, still holds the message locks of the
+// first when the next one locks recipients, and its recipient locks from
+// different calls are not in one id order: against a concurrent worker that
+// can close a cycle. PostgreSQL then aborts one of the two with a deadlock
+// error (SQLSTATE 40P01) rather than waiting forever, so a caller that
+// composes several changes of recipients others may be working on must be
+// ready to run its transaction again.
 package db
 
 import (
@@ -64,10 +78,19 @@ const (
 // all final, not all alike, and at least one was delivered.
 const MessagePartiallyDelivered = "partially_delivered"
 
-// DB is the Posthaste database: a pgx connection pool and the statements run
-// on it. It is safe for concurrent use.
+// DB is the Posthaste database: the statements Posthaste runs, bound to the
+// executor they run on. The DB returned by Open runs each method on the
+// connection pool and is safe for concurrent use; the DB that InTx hands to
+// its function runs them in one transaction and belongs to that function.
 type DB struct {
-	pool *pgxpool.Pool
+	// pool is what statements run on: the connection pool, or the
+	// transaction this DB is bound to.
+	pool executor
+	// root is the connection pool itself, for what a transaction cannot
+	// do: open a connection of its own, ping, close.
+	root *pgxpool.Pool
+	// tx is the transaction this DB is bound to; nil on the pool.
+	tx pgx.Tx
 }
 
 // Querier is what a statement runs on: the pool, or a transaction begun on it.
@@ -78,9 +101,16 @@ type Querier interface {
 	SendBatch(ctx context.Context, b *pgx.Batch) pgx.BatchResults
 }
 
+// executor is a Querier that can begin a transaction: on the pool a real
+// one, on a transaction a savepoint.
+type executor interface {
+	Querier
+	Begin(ctx context.Context) (pgx.Tx, error)
+}
+
 var (
-	_ Querier = (*pgxpool.Pool)(nil)
-	_ Querier = (pgx.Tx)(nil)
+	_ executor = (*pgxpool.Pool)(nil)
+	_ executor = (pgx.Tx)(nil)
 )
 
 // DefaultConnectTimeout bounds each attempt to open a connection when the
@@ -106,7 +136,7 @@ func Open(ctx context.Context, url string) (*DB, error) {
 		pool.Close()
 		return nil, fmt.Errorf("ping database: %w", mapError(err))
 	}
-	return &DB{pool: pool}, nil
+	return &DB{pool: pool, root: pool}, nil
 }
 
 // boundConnect gives cfg DefaultConnectTimeout unless it has a timeout.
@@ -120,19 +150,73 @@ func boundConnect(cfg *pgx.ConnConfig) {
 // connection. Its error wraps ErrUnavailable when the database cannot be
 // reached or the DB was closed.
 func (d *DB) Ping(ctx context.Context) error {
-	if err := d.pool.Ping(ctx); err != nil {
+	if err := d.root.Ping(ctx); err != nil {
 		return fmt.Errorf("ping database: %w", mapError(err))
 	}
 	return nil
 }
 
 // Close closes every connection of the pool, waiting for the ones in use to
-// be given back.
+// be given back. On a DB bound to a transaction it does nothing: the pool
+// belongs to the DB that Open returned, and closing it from inside one of
+// its transactions would wait for that transaction forever.
 func (d *DB) Close() {
-	d.pool.Close()
+	if d.tx != nil {
+		return
+	}
+	d.root.Close()
 }
 
-// inTx runs fn in a transaction, committing when it returns nil.
+// InTx runs fn with a DB bound to one transaction and commits when fn
+// returns nil; when fn returns an error or panics, everything fn did is
+// rolled back and fn's error is returned as it is. The tx DB runs every
+// method of DB in that transaction, so several changes commit together or
+// not at all. It must not be used after fn returns, nor by several
+// goroutines at once: a transaction is one connection.
+//
+// On a DB that is already bound to a transaction, InTx opens a savepoint:
+// fn's work is still committed only with the outer transaction, but an
+// error in fn undoes just fn's work, and the caller may handle the error and
+// go on with the outer transaction.
+//
+// The transaction is READ COMMITTED, which the status recomputation relies
+// on (see the package comment).
+func (d *DB) InTx(ctx context.Context, fn func(tx *DB) error) error {
+	tx, err := d.pool.Begin(ctx)
+	if err != nil {
+		return fmt.Errorf("begin transaction: %w", mapError(err))
+	}
+	// Rollback after Commit is a no-op; after a panic or an error it undoes
+	// fn's work, with a context of its own so that a canceled ctx still
+	// gives the connection back clean.
+	defer func() {
+		rbCtx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 5*time.Second)
+		defer cancel()
+		_ = tx.Rollback(rbCtx)
+	}()
+	if err := fn(&DB{pool: tx, root: d.root, tx: tx}); err != nil {
+		return err
+	}
+	if err := tx.Commit(ctx); err != nil {
+		return fmt.Errorf("commit transaction: %w", mapError(err))
+	}
+	return nil
+}
+
+// atomic runs fn so that its statements commit together: on the pool in a
+// transaction of its own, on a transaction-bound DB in that transaction. No
+// savepoint is needed there: a statement that fails aborts the caller's
+// transaction anyway, and the methods' other errors (an idempotency
+// conflict) come before anything was written.
+func (d *DB) atomic(ctx context.Context, fn func(tx *DB) error) error {
+	if d.tx != nil {
+		return fn(d)
+	}
+	return d.InTx(ctx, fn)
+}
+
+// inTx runs fn in a transaction, committing when it returns nil; on a
+// transaction-bound DB, in a savepoint.
 func (d *DB) inTx(ctx context.Context, fn func(tx pgx.Tx) error) error {
 	return pgx.BeginFunc(ctx, d.pool, fn)
 }

@@ -82,3 +82,31 @@ func TestBoundConnect(t *testing.T) {
 		}
 	}
 }
+
+// TestRecordFieldsMatchColumns: a record column without a field would be
+// skipped without an error, so the column lists and the scan destinations
+// must have the same length.
+func TestRecordFieldsMatchColumns(t *testing.T) {
+	columns := func(list string) int {
+		n, depth := 1, 0
+		for _, c := range list {
+			switch c {
+			case '(':
+				depth++
+			case ')':
+				depth--
+			case ',':
+				if depth == 0 {
+					n++
+				}
+			}
+		}
+		return n
+	}
+	if got, want := len((&Recipient{}).scanFields()), columns(recipientColumns); got != want {
+		t.Errorf("Recipient has %d scan fields for %d columns", got, want)
+	}
+	if got, want := len((&Attempt{}).scanFields()), columns(attemptColumns); got != want {
+		t.Errorf("Attempt has %d scan fields for %d columns", got, want)
+	}
+}

@@ -11,9 +11,9 @@ import (
 )
 
 const takeIdempotencyKeySQL = `
-INSERT INTO idempotency_keys AS k (api_key_id, key, request_hash, message_id, response, expires_at)
+INSERT INTO idempotency_keys AS k (project_id, key, request_hash, message_id, response, expires_at)
 VALUES ($1, $2, $3, $4, $5, now() + $6::bigint * interval '1 microsecond')
-ON CONFLICT (api_key_id, key) DO UPDATE
+ON CONFLICT (project_id, key) DO UPDATE
 SET request_hash = excluded.request_hash,
     message_id = excluded.message_id,
     response = excluded.response,
@@ -24,12 +24,12 @@ RETURNING true`
 
 const getIdempotencyKeySQL = `
 SELECT request_hash, response FROM idempotency_keys
-WHERE api_key_id = $1 AND key = $2`
+WHERE project_id = $1 AND key = $2`
 
-// takeIdempotencyKey records the key for messageID, or reports the request
-// that holds it. An INSERT that meets an uncommitted row with the same key
+// takeIdempotencyKey records the key for messageID in its project, or
+// reports the request that holds it. An INSERT that meets an uncommitted row with the same key
 // waits for that transaction, so concurrent callers are serialized here.
-func takeIdempotencyKey(ctx context.Context, tx pgx.Tx, messageID uuid.UUID, k Idempotency) (InsertResult, error) {
+func takeIdempotencyKey(ctx context.Context, tx pgx.Tx, projectID, messageID uuid.UUID, k Idempotency) (InsertResult, error) {
 	ttl := k.TTL
 	if ttl == 0 {
 		ttl = DefaultIdempotencyTTL
@@ -39,7 +39,7 @@ func takeIdempotencyKey(ctx context.Context, tx pgx.Tx, messageID uuid.UUID, k I
 	for range 3 {
 		var taken bool
 		err := tx.QueryRow(ctx, takeIdempotencyKeySQL,
-			k.APIKeyID, k.Key, nonNilBytes(k.RequestHash), messageID, k.Response, ttl.Microseconds(),
+			projectID, k.Key, nonNilBytes(k.RequestHash), messageID, k.Response, ttl.Microseconds(),
 		).Scan(&taken)
 		if err == nil {
 			return InsertResult{}, nil
@@ -48,7 +48,7 @@ func takeIdempotencyKey(ctx context.Context, tx pgx.Tx, messageID uuid.UUID, k I
 			return InsertResult{}, fmt.Errorf("take idempotency key: %w", err)
 		}
 		var hash, response []byte
-		err = tx.QueryRow(ctx, getIdempotencyKeySQL, k.APIKeyID, k.Key).Scan(&hash, &response)
+		err = tx.QueryRow(ctx, getIdempotencyKeySQL, projectID, k.Key).Scan(&hash, &response)
 		if errors.Is(err, pgx.ErrNoRows) {
 			continue
 		}

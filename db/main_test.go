@@ -108,7 +108,7 @@ func insert(t testing.TB, d *db.DB, m db.NewMessage) {
 
 func get(t testing.TB, d *db.DB, id uuid.UUID) db.Message {
 	t.Helper()
-	m, err := d.GetMessage(context.Background(), id)
+	m, err := d.GetMessage(context.Background(), db.DefaultProjectID(), id)
 	if err != nil {
 		t.Fatalf("GetMessage(%s): %v", id, err)
 	}

@@ -36,10 +36,9 @@ type NewRecipient struct {
 	Kind string
 }
 
-// Idempotency ties a stored message to a caller's idempotency key.
+// Idempotency ties a stored message to a caller's idempotency key. Keys are
+// scoped to the message's project.
 type Idempotency struct {
-	// APIKeyID scopes the key; uuid.Nil for requests made without an API key.
-	APIKeyID uuid.UUID
 	// Key is the caller's idempotency key.
 	Key string
 	// RequestHash identifies the request; a reuse of Key with a different
@@ -55,6 +54,8 @@ type Idempotency struct {
 type NewMessage struct {
 	// ID is made by the caller (uuid.NewV7).
 	ID uuid.UUID
+	// ProjectID owns the message; uuid.Nil means the default project.
+	ProjectID uuid.UUID
 	// APIKeyID is the key the message was sent with; uuid.Nil for none.
 	APIKeyID        uuid.UUID
 	MessageIDHeader string
@@ -88,7 +89,8 @@ type InsertResult struct {
 
 // Message is a stored message and the state of its recipients.
 type Message struct {
-	ID uuid.UUID
+	ID        uuid.UUID
+	ProjectID uuid.UUID
 	// APIKeyID is uuid.Nil when the message was sent without an API key.
 	APIKeyID uuid.UUID
 	// Status is derived from the recipients; see MessagePartiallyDelivered.
@@ -160,6 +162,8 @@ type Cursor struct {
 // ListMessagesParams filters and pages ListMessages. Zero fields do not
 // filter.
 type ListMessagesParams struct {
+	// ProjectID is the project whose messages are listed. Required.
+	ProjectID uuid.UUID
 	// Status is a message status.
 	Status string
 	// Recipient is an envelope address, matched exactly.
@@ -229,19 +233,19 @@ func (d *DB) InsertMessage(ctx context.Context, p NewMessage) (InsertResult, err
 		return InsertResult{}, fmt.Errorf("insert message: %w", err)
 	}
 	if p.Idempotency == nil {
-		if err := insertMessage(ctx, d.pool, p); err != nil {
+		if err := d.insertMessage(ctx, p); err != nil {
 			return InsertResult{}, fmt.Errorf("insert message %s: %w", p.ID, mapError(err))
 		}
 		return InsertResult{}, nil
 	}
 	var res InsertResult
-	err := d.inTx(ctx, func(tx pgx.Tx) error {
+	err := d.atomic(ctx, func(tx *DB) error {
 		var err error
-		res, err = takeIdempotencyKey(ctx, tx, p.ID, *p.Idempotency)
+		res, err = takeIdempotencyKey(ctx, tx.tx, projectOrDefault(p.ProjectID), p.ID, *p.Idempotency)
 		if err != nil || res.Replayed {
 			return err
 		}
-		return insertMessage(ctx, tx, p)
+		return tx.insertMessage(ctx, p)
 	})
 	if err != nil {
 		if errors.Is(err, ErrIdempotencyConflict) {
@@ -252,28 +256,35 @@ func (d *DB) InsertMessage(ctx context.Context, p NewMessage) (InsertResult, err
 	return res, nil
 }
 
+// insertMessageSQL stores the message, its recipients (one row per element
+// of the recipient arrays, position from their order) and its events.
 const insertMessageSQL = `
 WITH m AS (
-    INSERT INTO messages (id, api_key_id, status, message_id_header, envelope_from, from_header,
+    INSERT INTO messages (id, project_id, api_key_id, status, message_id_header, envelope_from, from_header,
         subject, raw, size_bytes, tags, metadata, send_at)
-    VALUES ($1, $2, CASE WHEN $11::timestamptz > coalesce($16::timestamptz, now()) THEN 'scheduled' ELSE 'queued' END,
-        $3, $4, $5, $6, $7, $8, $9, $10, $11)
-    RETURNING id, status, send_at
+    VALUES (@id, @project_id, @api_key_id,
+        CASE WHEN @send_at::timestamptz > coalesce(@now::timestamptz, now()) THEN 'scheduled' ELSE 'queued' END,
+        @message_id_header, @envelope_from, @from_header, @subject, @raw, @size_bytes, @tags, @metadata,
+        @send_at)
+    RETURNING id, project_id, status, send_at
 ), r AS (
     INSERT INTO recipients (id, message_id, position, address, domain, kind, status, next_attempt_at)
     SELECT u.id, m.id, u.position, u.address, u.domain, u.kind, m.status,
         CASE WHEN m.status = 'scheduled' THEN m.send_at ELSE now() END
-    FROM m, unnest($12::uuid[], $13::text[], $14::text[], $15::text[])
-        WITH ORDINALITY AS u(id, address, domain, kind, position)
-)
-INSERT INTO events (message_id, type, details)
-SELECT m.id, 'accepted', jsonb_build_object('recipients', cardinality($12::uuid[])) FROM m
-UNION ALL
-SELECT m.id, 'scheduled', jsonb_build_object('send_at', m.send_at) FROM m WHERE m.status = 'scheduled'`
+    FROM m, unnest(@recipient_ids::uuid[], @recipient_addresses::text[], @recipient_domains::text[],
+        @recipient_kinds::text[]) WITH ORDINALITY AS u(id, address, domain, kind, position)
+), new_events AS (
+    SELECT m.project_id, m.id AS message_id, NULL::uuid AS recipient_id, 'accepted' AS type,
+        @accepted::jsonb AS details
+    FROM m
+    UNION ALL
+    SELECT m.project_id, m.id, NULL, 'scheduled', @scheduled::jsonb FROM m WHERE m.status = 'scheduled'
+), ` + writeEventsCTE + `
+SELECT 1`
 
 // insertMessage writes the message, its recipients and events in one batch;
 // on the pool the batch is its own transaction.
-func insertMessage(ctx context.Context, q Querier, p NewMessage) error {
+func (d *DB) insertMessage(ctx context.Context, p NewMessage) error {
 	n := len(p.Recipients)
 	ids := make([]uuid.UUID, n)
 	addrs := make([]string, n)
@@ -294,17 +305,41 @@ func insertMessage(ctx context.Context, q Querier, p NewMessage) error {
 	if metadata == nil {
 		metadata = map[string]string{}
 	}
+	accepted, err := encodePayload(EventPayload{Recipients: n})
+	if err != nil {
+		return err
+	}
+	scheduled, err := encodePayload(EventPayload{SendAt: sendAt})
+	if err != nil {
+		return err
+	}
 	b := &pgx.Batch{}
-	b.Queue(insertMessageSQL,
-		p.ID, nullUUID(p.APIKeyID), p.MessageIDHeader, p.EnvelopeFrom, p.FromHeader,
-		p.Subject, nonNilBytes(p.Raw), int64(len(p.Raw)), tags, metadata, sendAt,
-		ids, addrs, domains, kinds, nowParam(p.Now))
-	b.Queue(deriveStatusByID, []uuid.UUID{p.ID})
-	return q.SendBatch(ctx, b).Close()
+	b.Queue(insertMessageSQL, pgx.NamedArgs{
+		"id":                  p.ID,
+		"project_id":          projectOrDefault(p.ProjectID),
+		"api_key_id":          nullUUID(p.APIKeyID),
+		"message_id_header":   p.MessageIDHeader,
+		"envelope_from":       p.EnvelopeFrom,
+		"from_header":         p.FromHeader,
+		"subject":             p.Subject,
+		"raw":                 nonNilBytes(p.Raw),
+		"size_bytes":          int64(len(p.Raw)),
+		"tags":                tags,
+		"metadata":            metadata,
+		"send_at":             sendAt,
+		"now":                 nowParam(p.Now),
+		"recipient_ids":       ids,
+		"recipient_addresses": addrs,
+		"recipient_domains":   domains,
+		"recipient_kinds":     kinds,
+		"accepted":            accepted,
+		"scheduled":           scheduled,
+	})
+	return d.sendChange(ctx, b, messagesWithIDs([]uuid.UUID{p.ID}), nil)
 }
 
 const messageColumns = `
-m.id, m.api_key_id, m.status, m.message_id_header, m.envelope_from, m.from_header, m.subject,
+m.id, m.project_id, m.api_key_id, m.status, m.message_id_header, m.envelope_from, m.from_header, m.subject,
 m.size_bytes, m.tags, m.metadata, m.send_at, m.created_at, m.updated_at`
 
 const recipientColumns = `
@@ -316,102 +351,134 @@ const attemptColumns = `
 a.id, a.recipient_id, a.started_at, a.duration, a.mx_host, a.ip, a.tls, a.tls_version,
 a.code, a.enhanced_code, a.text, a.outcome, a.source`
 
-const getMessageSQL = `SELECT ` + messageColumns + ` FROM messages m WHERE m.id = $1`
-
-const getRecipientsSQL = `
-SELECT ` + recipientColumns + ` FROM recipients r
-WHERE r.message_id = ANY($1::uuid[])
-ORDER BY r.message_id, r.position`
-
-const getAttemptsSQL = `
-SELECT ` + attemptColumns + ` FROM attempts a
-WHERE a.message_id = $1
-ORDER BY a.started_at, a.id`
-
-// A read that spans several statements runs in one REPEATABLE READ
-// transaction, so a message, its recipients and its attempts come from the
-// same snapshot. BEGIN and COMMIT ride in the batch: one round trip.
+// A message is read with its recipients (and attempts) as arrays of records
+// in one statement, so that they all come from one snapshot whether the
+// statement runs on the pool or inside a caller's READ COMMITTED
+// transaction.
 const (
-	beginSnapshotSQL = `BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY`
-	commitSQL        = `COMMIT`
+	recipientRecords = `ARRAY(SELECT ROW(` + recipientColumns + `) FROM recipients r
+    WHERE r.message_id = m.id ORDER BY r.position)`
+	attemptRecords = `ARRAY(SELECT ROW(` + attemptColumns + `) FROM attempts a
+    WHERE a.message_id = m.id ORDER BY a.started_at, a.id)`
 )
 
-// GetMessage returns a message with its recipients and attempts, or
-// ErrNotFound.
-func (d *DB) GetMessage(ctx context.Context, id uuid.UUID) (Message, error) {
-	m, err := d.getMessage(ctx, id)
+const getMessageSQL = `SELECT ` + messageColumns + `, ` + recipientRecords + `, ` + attemptRecords + `
+FROM messages m WHERE m.id = $1 AND m.project_id = $2`
+
+// GetMessage returns a message of a project with its recipients and
+// attempts, or ErrNotFound (also when the message is another project's).
+func (d *DB) GetMessage(ctx context.Context, projectID, id uuid.UUID) (Message, error) {
+	m, err := d.getMessage(ctx, projectID, id)
 	if err != nil {
 		return Message{}, fmt.Errorf("get message %s: %w", id, mapError(err))
 	}
 	return m, nil
 }
 
-// getMessage runs on the pool only: its batch begins and commits its own
-// transaction.
-func (d *DB) getMessage(ctx context.Context, id uuid.UUID) (Message, error) {
-	b := &pgx.Batch{}
-	b.Queue(beginSnapshotSQL)
-	b.Queue(getMessageSQL, id)
-	b.Queue(getRecipientsSQL, []uuid.UUID{id})
-	b.Queue(getAttemptsSQL, id)
-	b.Queue(commitSQL)
-	br := d.pool.SendBatch(ctx, b)
-	defer br.Close()
-
-	if _, err := br.Exec(); err != nil {
-		return Message{}, err
-	}
-	rows, _ := br.Query()
-	m, err := pgx.CollectExactlyOneRow(rows, scanMessage)
-	if err != nil {
-		return Message{}, err
-	}
-	rows, _ = br.Query()
-	m.Recipients, err = pgx.CollectRows(rows, scanRecipient)
-	if err != nil {
-		return Message{}, err
-	}
-	rows, _ = br.Query()
-	m.Attempts, err = pgx.CollectRows(rows, scanAttempt)
-	if err != nil {
-		return Message{}, err
-	}
-	if _, err := br.Exec(); err != nil {
-		return Message{}, err
-	}
-	return m, br.Close()
+func (d *DB) getMessage(ctx context.Context, projectID, id uuid.UUID) (Message, error) {
+	rows, _ := d.pool.Query(ctx, getMessageSQL, id, projectID)
+	return pgx.CollectExactlyOneRow(rows, func(row pgx.CollectableRow) (Message, error) {
+		var (
+			rs []recipientRecord
+			as []attemptRecord
+		)
+		m, err := scanMessage(row, &rs, &as)
+		if err != nil {
+			return Message{}, err
+		}
+		m.Recipients = recipientsOf(rs)
+		if len(as) > 0 {
+			m.Attempts = make([]Attempt, len(as))
+			for i, a := range as {
+				m.Attempts[i] = a.Attempt
+			}
+		}
+		return m, nil
+	})
 }
 
-func scanMessage(row pgx.CollectableRow) (Message, error) {
+// scanMessage scans messageColumns and then any extra columns into extra.
+func scanMessage(row pgx.CollectableRow, extra ...any) (Message, error) {
 	var m Message
 	var apiKeyID *uuid.UUID
-	err := row.Scan(&m.ID, &apiKeyID, &m.Status, &m.MessageIDHeader, &m.EnvelopeFrom, &m.FromHeader,
-		&m.Subject, &m.Size, &m.Tags, &m.Metadata, &m.SendAt, &m.CreatedAt, &m.UpdatedAt)
+	err := row.Scan(append([]any{&m.ID, &m.ProjectID, &apiKeyID, &m.Status, &m.MessageIDHeader,
+		&m.EnvelopeFrom, &m.FromHeader, &m.Subject, &m.Size, &m.Tags, &m.Metadata, &m.SendAt,
+		&m.CreatedAt, &m.UpdatedAt}, extra...)...)
 	if apiKeyID != nil {
 		m.APIKeyID = *apiKeyID
 	}
 	return m, err
 }
 
-func scanRecipient(row pgx.CollectableRow) (Recipient, error) {
-	var r Recipient
-	err := row.Scan(&r.ID, &r.MessageID, &r.Address, &r.Domain, &r.Kind, &r.Status, &r.Attempts,
-		&r.NextAttemptAt, &r.LastCode, &r.LastEnhancedCode, &r.LastText, &r.DeliveredAt,
-		&r.CreatedAt, &r.UpdatedAt)
-	return r, err
+// recipientRecord scans one ROW(recipientColumns) of an array.
+type recipientRecord struct {
+	Recipient
+	fields []any
 }
 
-func scanAttempt(row pgx.CollectableRow) (Attempt, error) {
-	var a Attempt
-	err := row.Scan(&a.ID, &a.RecipientID, &a.StartedAt, &a.Duration, &a.MXHost, &a.IP, &a.TLS,
-		&a.TLSVersion, &a.Code, &a.EnhancedCode, &a.Text, &a.Outcome, &a.Source)
-	return a, err
+// ScanNull refuses a NULL record: ARRAY(SELECT ROW(...)) never holds one.
+func (r *recipientRecord) ScanNull() error { return errors.New("recipient record is NULL") }
+
+// ScanIndex returns where the i-th column of recipientColumns goes.
+func (r *recipientRecord) ScanIndex(i int) any {
+	if r.fields == nil {
+		r.fields = r.Recipient.scanFields()
+	}
+	if i >= len(r.fields) {
+		return nil // skipped; TestRecordFieldsMatchColumns keeps the lists in step
+	}
+	return r.fields[i]
+}
+
+// scanFields are the destinations of recipientColumns, in order.
+func (r *Recipient) scanFields() []any {
+	return []any{&r.ID, &r.MessageID, &r.Address, &r.Domain, &r.Kind, &r.Status, &r.Attempts,
+		&r.NextAttemptAt, &r.LastCode, &r.LastEnhancedCode, &r.LastText, &r.DeliveredAt,
+		&r.CreatedAt, &r.UpdatedAt}
+}
+
+func recipientsOf(rs []recipientRecord) []Recipient {
+	if len(rs) == 0 {
+		return nil
+	}
+	out := make([]Recipient, len(rs))
+	for i, r := range rs {
+		out[i] = r.Recipient
+	}
+	return out
+}
+
+// attemptRecord scans one ROW(attemptColumns) of an array.
+type attemptRecord struct {
+	Attempt
+	fields []any
+}
+
+// ScanNull refuses a NULL record: ARRAY(SELECT ROW(...)) never holds one.
+func (a *attemptRecord) ScanNull() error { return errors.New("attempt record is NULL") }
+
+// ScanIndex returns where the i-th column of attemptColumns goes.
+func (a *attemptRecord) ScanIndex(i int) any {
+	if a.fields == nil {
+		a.fields = a.Attempt.scanFields()
+	}
+	if i >= len(a.fields) {
+		return nil // skipped; TestRecordFieldsMatchColumns keeps the lists in step
+	}
+	return a.fields[i]
+}
+
+// scanFields are the destinations of attemptColumns, in order.
+func (a *Attempt) scanFields() []any {
+	return []any{&a.ID, &a.RecipientID, &a.StartedAt, &a.Duration, &a.MXHost, &a.IP, &a.TLS,
+		&a.TLSVersion, &a.Code, &a.EnhancedCode, &a.Text, &a.Outcome, &a.Source}
 }
 
 // The listing query is put together from these fragments; only the filters
 // in use are added, so every combination gets a plan that can use its index.
 const (
-	listMessagesSelect    = `SELECT ` + messageColumns + ` FROM messages m`
+	listMessagesSelect    = `SELECT ` + messageColumns + `, ` + recipientRecords + ` FROM messages m`
+	listFilterProject     = `m.project_id = @project_id`
 	listFilterStatus      = `m.status = @status`
 	listFilterRecipient   = `m.id IN (SELECT r.message_id FROM recipients r WHERE r.address = @recipient)`
 	listFilterTag         = `m.tags @> ARRAY[@tag::text]`
@@ -425,41 +492,24 @@ const (
 // first (by created_at, then id), with their recipients but no attempts.
 // A page after p.After starts right behind that message.
 func (d *DB) ListMessages(ctx context.Context, p ListMessagesParams) ([]Message, error) {
+	if p.ProjectID == uuid.Nil {
+		return nil, errors.New("list messages: ProjectID is required")
+	}
 	query, args := listMessagesQuery(p)
-	var out []Message
-	err := pgx.BeginTxFunc(ctx, d.pool, pgx.TxOptions{IsoLevel: pgx.RepeatableRead, AccessMode: pgx.ReadOnly},
-		func(tx pgx.Tx) error {
-			rows, _ := tx.Query(ctx, query, args)
-			msgs, err := pgx.CollectRows(rows, scanMessage)
-			if err != nil {
-				return err
-			}
-			if len(msgs) == 0 {
-				out = msgs
-				return nil
-			}
-			ids := make([]uuid.UUID, len(msgs))
-			index := make(map[uuid.UUID]int, len(msgs))
-			for i, m := range msgs {
-				ids[i] = m.ID
-				index[m.ID] = i
-			}
-			rows, _ = tx.Query(ctx, getRecipientsSQL, ids)
-			rcpts, err := pgx.CollectRows(rows, scanRecipient)
-			if err != nil {
-				return err
-			}
-			for _, r := range rcpts {
-				i := index[r.MessageID]
-				msgs[i].Recipients = append(msgs[i].Recipients, r)
-			}
-			out = msgs
-			return nil
-		})
+	rows, _ := d.pool.Query(ctx, query, args)
+	msgs, err := pgx.CollectRows(rows, func(row pgx.CollectableRow) (Message, error) {
+		var rs []recipientRecord
+		m, err := scanMessage(row, &rs)
+		if err != nil {
+			return Message{}, err
+		}
+		m.Recipients = recipientsOf(rs)
+		return m, nil
+	})
 	if err != nil {
 		return nil, fmt.Errorf("list messages: %w", mapError(err))
 	}
-	return out, nil
+	return msgs, nil
 }
 
 func listMessagesQuery(p ListMessagesParams) (string, pgx.NamedArgs) {
@@ -467,8 +517,9 @@ func listMessagesQuery(p ListMessagesParams) (string, pgx.NamedArgs) {
 	if limit <= 0 {
 		limit = DefaultListLimit
 	}
-	args := pgx.NamedArgs{"limit": limit}
-	var where []string
+	// The project comes first: every listing index leads with it.
+	args := pgx.NamedArgs{"limit": limit, "project_id": p.ProjectID}
+	where := []string{listFilterProject}
 	if p.Status != "" {
 		where = append(where, listFilterStatus)
 		args["status"] = p.Status
@@ -505,15 +556,20 @@ func listMessagesQuery(p ListMessagesParams) (string, pgx.NamedArgs) {
 	return query + listMessagesOrderedBy, args
 }
 
+// The cancel statements only reach recipients of a message of the project
+// ($2), so canceling another project's message changes nothing.
 const lockCancelableSQL = `
 SELECT id FROM recipients
-WHERE message_id = $1 AND status IN ('scheduled', 'queued', 'sending', 'deferred')
+WHERE message_id = (SELECT id FROM messages WHERE id = $1 AND project_id = $2)
+  AND status IN ('scheduled', 'queued', 'sending', 'deferred')
 ORDER BY id
 FOR NO KEY UPDATE`
 
 // A waiting recipient is canceled at once; one in flight is only marked, and
 // its outcome decides (see RecordOutcomes). A row already marked is left
 // alone, so canceling twice changes nothing.
+//
+// $1 message id, $2 its project, $3 the payload of the canceled events.
 const cancelRecipientsSQL = `
 WITH upd AS (
     UPDATE recipients
@@ -521,33 +577,37 @@ WITH upd AS (
         next_attempt_at = CASE WHEN status = 'sending' THEN next_attempt_at END,
         cancel_requested_at = coalesce(cancel_requested_at, now()),
         updated_at = now()
-    WHERE message_id = $1
+    WHERE message_id = (SELECT id FROM messages WHERE id = $1 AND project_id = $2)
       AND status IN ('scheduled', 'queued', 'sending', 'deferred')
       AND NOT (status = 'sending' AND cancel_requested_at IS NOT NULL)
     RETURNING id, message_id, status
-)
-INSERT INTO events (message_id, recipient_id, type)
-SELECT message_id, id, 'canceled' FROM upd WHERE status = 'canceled'`
+), new_events AS (
+    SELECT $2::uuid AS project_id, message_id, id AS recipient_id, status AS type, $3::jsonb AS details
+    FROM upd WHERE status = 'canceled'
+), ` + writeEventsCTE + `
+SELECT 1`
 
 // CancelMessage cancels the recipients of a message that are still waiting
 // (scheduled, queued, deferred), each with a "canceled" event. Recipients
 // being sent get a cancel request instead: if their attempt ends delivered or
 // bounced that stands, anything else becomes canceled. It returns the message
-// as it is afterwards, or ErrNotFound.
-func (d *DB) CancelMessage(ctx context.Context, id uuid.UUID) (Message, error) {
+// as it is afterwards, or ErrNotFound (also when the message is another
+// project's, which is left untouched).
+func (d *DB) CancelMessage(ctx context.Context, projectID, id uuid.UUID) (Message, error) {
+	canceled, err := encodePayload(EventPayload{})
+	if err != nil {
+		return Message{}, fmt.Errorf("cancel message %s: %w", id, err)
+	}
 	b := &pgx.Batch{}
-	b.Queue(lockCancelableSQL, id)
-	b.Queue(cancelRecipientsSQL, id)
-	b.Queue(lockMessagesByID, []uuid.UUID{id})
-	b.Queue(deriveStatusByID, []uuid.UUID{id})
-	err := func() error {
-		br := d.pool.SendBatch(ctx, b)
-		defer br.Close()
+	b.Queue(lockCancelableSQL, id, projectID)
+	b.Queue(cancelRecipientsSQL, id, projectID, canceled)
+	err = d.sendChange(ctx, b, projectMessagesWithIDs(projectID, []uuid.UUID{id}), func(br pgx.BatchResults) error {
 		for range 2 {
 			if _, err := br.Exec(); err != nil {
 				return err
 			}
 		}
+		// The message lock finds the message, or there is none.
 		tag, err := br.Exec()
 		if err != nil {
 			return err
@@ -555,12 +615,12 @@ func (d *DB) CancelMessage(ctx context.Context, id uuid.UUID) (Message, error) {
 		if tag.RowsAffected() == 0 {
 			return ErrNotFound
 		}
-		return br.Close()
-	}()
+		return nil
+	})
 	if err != nil {
 		return Message{}, fmt.Errorf("cancel message %s: %w", id, mapError(err))
 	}
-	m, err := d.getMessage(ctx, id)
+	m, err := d.getMessage(ctx, projectID, id)
 	if err != nil {
 		return Message{}, fmt.Errorf("cancel message %s: %w", id, mapError(err))
 	}

@@ -19,7 +19,7 @@ func TestInsertAndGetMessage(t *testing.T) {
 	t.Parallel()
 	b := setup(t)
 	ctx := context.Background()
-	key, err := b.db.CreateAPIKey(ctx, "main", "ph_abc", []byte("hash-1"))
+	key, err := b.db.CreateAPIKey(ctx, db.NewAPIKeyParams{Name: "main", Prefix: "ph_abc", Hash: []byte("hash-1"), Scopes: []string{db.ScopeSend}})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -34,8 +34,8 @@ func TestInsertAndGetMessage(t *testing.T) {
 	insert(t, b.db, m)
 
 	got := get(t, b.db, m.ID)
-	if got.ID != m.ID || got.APIKeyID != key.ID {
-		t.Errorf("ids = %s, %s; want %s, %s", got.ID, got.APIKeyID, m.ID, key.ID)
+	if got.ID != m.ID || got.APIKeyID != key.ID || got.ProjectID != db.DefaultProjectID() {
+		t.Errorf("ids = %s, %s, %s; want %s, %s in the default project", got.ID, got.APIKeyID, got.ProjectID, m.ID, key.ID)
 	}
 	if got.Status != db.StatusQueued {
 		t.Errorf("Status = %q, want queued", got.Status)
@@ -102,19 +102,6 @@ func TestInsertMessageWithoutOptionalFields(t *testing.T) {
 	}
 }
 
-func TestInsertMessageUnknownAPIKey(t *testing.T) {
-	t.Parallel()
-	b := setup(t)
-	m := newMessage(t, 1)
-	m.APIKeyID = newID(t)
-	if _, err := b.db.InsertMessage(context.Background(), m); err == nil {
-		t.Fatal("InsertMessage with an unknown API key succeeded")
-	}
-	if _, err := b.db.GetMessage(context.Background(), m.ID); !errors.Is(err, db.ErrNotFound) {
-		t.Errorf("GetMessage after failed insert: %v, want ErrNotFound", err)
-	}
-}
-
 // A message that cannot be stored must not keep its idempotency key either:
 // the key row is written first in the same transaction, and a retry with the
 // same key has to store the message, not replay an answer never given.
@@ -122,17 +109,21 @@ func TestInsertMessageFailureFreesIdempotencyKey(t *testing.T) {
 	t.Parallel()
 	b := setup(t)
 	ctx := context.Background()
-	bad := withKey(newMessage(t, 1), uuid.Nil, "retry-me", "hash")
-	bad.APIKeyID = newID(t) // no such API key: the message insert fails
+	bad := withKey(newMessage(t, 1), "retry-me", "hash")
+	// A recipient id given twice: the recipients insert fails after the
+	// key and the message row were written.
+	dup := bad.Recipients[0]
+	dup.Address = "other@" + dup.Domain
+	bad.Recipients = append(bad.Recipients, dup)
 	if _, err := b.db.InsertMessage(ctx, bad); err == nil {
-		t.Fatal("InsertMessage with an unknown API key succeeded")
+		t.Fatal("InsertMessage with a duplicate recipient id succeeded")
 	}
 	for _, table := range []string{"messages", "recipients", "events", "idempotency_keys"} {
 		if n := count(t, b.raw, `SELECT count(*) FROM `+table); n != 0 {
 			t.Errorf("%d rows left in %s by a failed insert", n, table)
 		}
 	}
-	good := withKey(newMessage(t, 1), uuid.Nil, "retry-me", "hash")
+	good := withKey(newMessage(t, 1), "retry-me", "hash")
 	res, err := b.db.InsertMessage(ctx, good)
 	if err != nil || res.Replayed {
 		t.Fatalf("retry with the same key: %+v, %v; want it stored", res, err)
@@ -232,15 +223,14 @@ func TestInsertMessageValidation(t *testing.T) {
 func TestGetMessageNotFound(t *testing.T) {
 	t.Parallel()
 	b := setup(t)
-	_, err := b.db.GetMessage(context.Background(), newID(t))
+	_, err := b.db.GetMessage(context.Background(), db.DefaultProjectID(), newID(t))
 	if !errors.Is(err, db.ErrNotFound) {
 		t.Fatalf("err = %v, want ErrNotFound", err)
 	}
 }
 
-func withKey(m db.NewMessage, apiKey uuid.UUID, key string, hash string) db.NewMessage {
+func withKey(m db.NewMessage, key string, hash string) db.NewMessage {
 	m.Idempotency = &db.Idempotency{
-		APIKeyID:    apiKey,
 		Key:         key,
 		RequestHash: []byte(hash),
 		Response:    []byte("response for " + m.ID.String()),
@@ -253,13 +243,13 @@ func TestIdempotencyReplayAndConflict(t *testing.T) {
 	b := setup(t)
 	ctx := context.Background()
 
-	first := withKey(newMessage(t, 1), uuid.Nil, "k1", "hash-a")
+	first := withKey(newMessage(t, 1), "k1", "hash-a")
 	res, err := b.db.InsertMessage(ctx, first)
 	if err != nil || res.Replayed {
 		t.Fatalf("first insert: %+v, %v", res, err)
 	}
 
-	again := withKey(newMessage(t, 1), uuid.Nil, "k1", "hash-a")
+	again := withKey(newMessage(t, 1), "k1", "hash-a")
 	res, err = b.db.InsertMessage(ctx, again)
 	if err != nil {
 		t.Fatalf("replay: %v", err)
@@ -267,28 +257,28 @@ func TestIdempotencyReplayAndConflict(t *testing.T) {
 	if !res.Replayed || string(res.Response) != "response for "+first.ID.String() {
 		t.Errorf("replay = %+v, want the first response", res)
 	}
-	if _, err := b.db.GetMessage(ctx, again.ID); !errors.Is(err, db.ErrNotFound) {
+	if _, err := b.db.GetMessage(ctx, db.DefaultProjectID(), again.ID); !errors.Is(err, db.ErrNotFound) {
 		t.Errorf("replayed message was stored: %v", err)
 	}
 
-	other := withKey(newMessage(t, 1), uuid.Nil, "k1", "hash-b")
+	other := withKey(newMessage(t, 1), "k1", "hash-b")
 	_, err = b.db.InsertMessage(ctx, other)
 	if !errors.Is(err, db.ErrIdempotencyConflict) {
 		t.Errorf("different request: err = %v, want ErrIdempotencyConflict", err)
 	}
-	if _, err := b.db.GetMessage(ctx, other.ID); !errors.Is(err, db.ErrNotFound) {
+	if _, err := b.db.GetMessage(ctx, db.DefaultProjectID(), other.ID); !errors.Is(err, db.ErrNotFound) {
 		t.Errorf("conflicting message was stored: %v", err)
 	}
 
-	// The same key under another API key is a different key.
-	apiKey, err := b.db.CreateAPIKey(ctx, "k", "ph_k", []byte("h"))
+	// The same key in another project is a different key.
+	proj, err := b.db.CreateProject(ctx, "other")
 	if err != nil {
 		t.Fatal(err)
 	}
-	scoped := withKey(newMessage(t, 1), apiKey.ID, "k1", "hash-b")
-	scoped.APIKeyID = apiKey.ID
+	scoped := withKey(newMessage(t, 1), "k1", "hash-b")
+	scoped.ProjectID = proj.ID
 	if res, err := b.db.InsertMessage(ctx, scoped); err != nil || res.Replayed {
-		t.Errorf("same key, other API key: %+v, %v", res, err)
+		t.Errorf("same key, other project: %+v, %v", res, err)
 	}
 	if n := count(t, b.raw, `SELECT count(*) FROM messages`); n != 2 {
 		t.Errorf("%d messages stored, want 2", n)
@@ -300,9 +290,9 @@ func TestIdempotencyExpiredKey(t *testing.T) {
 	b := setup(t)
 	ctx := context.Background()
 
-	first := withKey(newMessage(t, 1), uuid.Nil, "k", "hash-a")
+	first := withKey(newMessage(t, 1), "k", "hash-a")
 	insert(t, b.db, first)
-	live := withKey(newMessage(t, 1), uuid.Nil, "live", "hash")
+	live := withKey(newMessage(t, 1), "live", "hash")
 	insert(t, b.db, live)
 	if _, err := b.raw.Exec(ctx,
 		`UPDATE idempotency_keys SET expires_at = now() - interval '1 second' WHERE key = 'k'`); err != nil {
@@ -310,7 +300,7 @@ func TestIdempotencyExpiredKey(t *testing.T) {
 	}
 
 	// An expired key is free again, even for a different request.
-	second := withKey(newMessage(t, 1), uuid.Nil, "k", "hash-b")
+	second := withKey(newMessage(t, 1), "k", "hash-b")
 	res, err := b.db.InsertMessage(ctx, second)
 	if err != nil || res.Replayed {
 		t.Fatalf("insert with expired key: %+v, %v", res, err)
@@ -347,7 +337,7 @@ func TestIdempotencyConcurrentSameKey(t *testing.T) {
 		replayed [][]byte
 	)
 	for range callers {
-		m := withKey(newMessage(t, 2), uuid.Nil, "same", "same-hash")
+		m := withKey(newMessage(t, 2), "same", "same-hash")
 		wg.Go(func() {
 			res, err := b.db.InsertMessage(context.Background(), m)
 			if err != nil {
@@ -391,7 +381,7 @@ func TestCancelQueuedMessage(t *testing.T) {
 	insert(t, b.db, sched)
 
 	for _, id := range []uuid.UUID{m.ID, sched.ID} {
-		got, err := b.db.CancelMessage(ctx, id)
+		got, err := b.db.CancelMessage(ctx, db.DefaultProjectID(), id)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -413,7 +403,7 @@ func TestCancelQueuedMessage(t *testing.T) {
 
 	// Canceling again changes nothing, not even updated_at.
 	before := get(t, b.db, m.ID)
-	after, err := b.db.CancelMessage(ctx, m.ID)
+	after, err := b.db.CancelMessage(ctx, db.DefaultProjectID(), m.ID)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -428,7 +418,7 @@ func TestCancelQueuedMessage(t *testing.T) {
 func TestCancelMessageNotFound(t *testing.T) {
 	t.Parallel()
 	b := setup(t)
-	if _, err := b.db.CancelMessage(context.Background(), newID(t)); !errors.Is(err, db.ErrNotFound) {
+	if _, err := b.db.CancelMessage(context.Background(), db.DefaultProjectID(), newID(t)); !errors.Is(err, db.ErrNotFound) {
 		t.Fatalf("err = %v, want ErrNotFound", err)
 	}
 }
@@ -444,7 +434,7 @@ func TestCancelInFlight(t *testing.T) {
 		t.Fatalf("claimed %d, want 4", len(claimed))
 	}
 
-	got, err := b.db.CancelMessage(ctx, m.ID)
+	got, err := b.db.CancelMessage(ctx, db.DefaultProjectID(), m.ID)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -523,7 +513,7 @@ func TestListMessagesFilters(t *testing.T) {
 	m1 := mk(10, []string{"b"}, "special@x.example.test")
 	m2 := mk(20, nil, "special@x.example.test")
 	m3 := mk(30, []string{"a"}, "")
-	if _, err := b.db.CancelMessage(ctx, m2.ID); err != nil {
+	if _, err := b.db.CancelMessage(ctx, db.DefaultProjectID(), m2.ID); err != nil {
 		t.Fatal(err)
 	}
 	at := func(minutes int) *time.Time {
@@ -552,6 +542,7 @@ func TestListMessagesFilters(t *testing.T) {
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
+			tt.p.ProjectID = db.DefaultProjectID()
 			got, err := b.db.ListMessages(ctx, tt.p)
 			if err != nil {
 				t.Fatal(err)
@@ -605,7 +596,7 @@ func TestListMessagesPaging(t *testing.T) {
 	var after *db.Cursor
 	pages := 0
 	for {
-		page, err := b.db.ListMessages(ctx, db.ListMessagesParams{Limit: 10, After: after})
+		page, err := b.db.ListMessages(ctx, db.ListMessagesParams{ProjectID: db.DefaultProjectID(), Limit: 10, After: after})
 		if err != nil {
 			t.Fatal(err)
 		}

@@ -16,7 +16,7 @@ import (
 	"github.com/posthaste/posthaste/migrations"
 )
 
-var tables = []string{"api_keys", "messages", "recipients", "attempts", "events", "idempotency_keys"}
+var tables = []string{"projects", "api_keys", "messages", "recipients", "attempts", "events", "idempotency_keys"}
 
 func tableCount(t *testing.T, conn *pgx.Conn) int {
 	t.Helper()

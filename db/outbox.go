@@ -19,7 +19,9 @@ const (
 	listenOutboxSQL = `LISTEN ` + OutboxChannel
 )
 
-// NotifyOutbox wakes every listener on OutboxChannel.
+// NotifyOutbox wakes every listener on OutboxChannel. Inside InTx the
+// notification goes out when the transaction commits, and not at all if it
+// rolls back.
 func (d *DB) NotifyOutbox(ctx context.Context) error {
 	if _, err := d.pool.Exec(ctx, notifyOutboxSQL); err != nil {
 		return fmt.Errorf("notify outbox: %w", mapError(err))
@@ -33,7 +35,7 @@ func (d *DB) NotifyOutbox(ctx context.Context) error {
 // fails; the caller reconnects, and should look for due work then, since
 // notifications sent while it was away are lost.
 func (d *DB) ListenOutbox(ctx context.Context, onNotify func()) error {
-	conn, err := pgx.ConnectConfig(ctx, d.pool.Config().ConnConfig.Copy())
+	conn, err := pgx.ConnectConfig(ctx, d.root.Config().ConnConfig.Copy())
 	if err != nil {
 		if ctx.Err() != nil {
 			return nil

@@ -185,43 +185,112 @@ RETURNING r.id, r.message_id, r.address, r.domain, r.attempts, m.created_at,
 // p.Limit rows, then the other due rows of their groups (see
 // ClaimParams.Limit). Rows another claimer holds are skipped.
 func (d *DB) ClaimRecipients(ctx context.Context, p ClaimParams) ([]ClaimedRecipient, error) {
+	c, err := d.claim(ctx, p, false)
+	if err != nil {
+		return nil, err
+	}
+	return c.Recipients, nil
+}
+
+// Claim is what ClaimWithContents leased: the recipients, and the envelope
+// sender and bytes of each of their messages, once per message.
+type Claim struct {
+	Recipients []ClaimedRecipient
+	// Messages holds the claimed recipients' messages by id. A message
+	// deleted since its recipients were queued is missing.
+	Messages map[uuid.UUID]MessageContent
+}
+
+// claimAsyncCommitSQL lets a claim's commit return before its WAL reaches
+// the disk (synchronous_commit off, for this transaction only). A claim lost
+// in a crash of the database server leaves its rows due, as if it had not
+// run, and every outcome of the claim commits synchronously after it: the
+// log is flushed in order, so an outcome that survives a crash has its
+// claim with it. One disk flush fewer lies between accepting a message and
+// sending it.
+const claimAsyncCommitSQL = `SELECT set_config('synchronous_commit', 'off', true)`
+
+// loadLeasedContentsSQL reads the messages of the rows a claim leased. It
+// runs right after the claim, in its transaction, so it sees them.
+//
+// $1 owner.
+const loadLeasedContentsSQL = `
+SELECT id, envelope_from, raw FROM messages
+WHERE id IN (SELECT message_id FROM recipients WHERE lease_owner = $1 AND status = 'sending')`
+
+// ClaimWithContents is ClaimRecipients that also returns the messages to
+// send, read in the same round trip and transaction as the claim, each once
+// however many of its recipients were claimed.
+func (d *DB) ClaimWithContents(ctx context.Context, p ClaimParams) (Claim, error) {
+	return d.claim(ctx, p, true)
+}
+
+func (d *DB) claim(ctx context.Context, p ClaimParams, withContents bool) (Claim, error) {
 	switch {
 	case p.Owner == "":
-		return nil, errors.New("claim recipients: Owner is required")
+		return Claim{}, errors.New("claim recipients: Owner is required")
 	case p.Limit <= 0:
-		return nil, errors.New("claim recipients: Limit must be positive")
+		return Claim{}, errors.New("claim recipients: Limit must be positive")
 	case p.LeaseFor <= 0:
-		return nil, errors.New("claim recipients: LeaseFor must be positive")
+		return Claim{}, errors.New("claim recipients: LeaseFor must be positive")
 	}
 	b := &pgx.Batch{}
+	// Inside a caller's transaction the setting would cover the caller's
+	// changes too; there the claim commits as the caller does.
+	async := d.tx == nil
+	if async {
+		b.Queue(claimAsyncCommitSQL)
+	}
 	b.Queue(claimSQL, p.Owner, p.Limit, p.LeaseFor.Microseconds(), nowParam(p.Now))
-	b.Queue(lockMessagesLeasedBy, p.Owner)
-	b.Queue(deriveStatusLeasedBy, p.Owner)
-	claimed, err := func() ([]ClaimedRecipient, error) {
-		br := d.pool.SendBatch(ctx, b)
-		defer br.Close()
+	if withContents {
+		b.Queue(loadLeasedContentsSQL, p.Owner)
+	}
+	var c Claim
+	err := d.sendChange(ctx, b, messagesLeasedTo(p.Owner), func(br pgx.BatchResults) error {
+		if async {
+			if _, err := br.Exec(); err != nil {
+				return err
+			}
+		}
 		rows, _ := br.Query()
-		claimed, err := pgx.CollectRows(rows, func(row pgx.CollectableRow) (ClaimedRecipient, error) {
+		var err error
+		c.Recipients, err = pgx.CollectRows(rows, func(row pgx.CollectableRow) (ClaimedRecipient, error) {
 			var c ClaimedRecipient
 			err := row.Scan(&c.ID, &c.MessageID, &c.Address, &c.Domain, &c.Attempts,
 				&c.MessageCreatedAt, &c.DueSince, &c.AmbiguousAttempts, &c.LeaseOwner, &c.LeaseUntil)
 			return c, err
 		})
-		if err != nil {
-			return nil, err
+		if err != nil || !withContents {
+			return err
 		}
-		return claimed, br.Close()
-	}()
+		c.Messages, err = collectContents(br.Query())
+		return err
+	})
 	if err != nil {
-		return nil, fmt.Errorf("claim recipients: %w", mapError(err))
+		return Claim{}, fmt.Errorf("claim recipients: %w", mapError(err))
 	}
-	return claimed, nil
+	return c, nil
+}
+
+// collectContents reads rows of (id, envelope_from, raw) by id.
+func collectContents(rows pgx.Rows, err error) (map[uuid.UUID]MessageContent, error) {
+	if err != nil {
+		return nil, err
+	}
+	out := make(map[uuid.UUID]MessageContent)
+	var c MessageContent
+	_, err = pgx.ForEachRow(rows, []any{&c.ID, &c.EnvelopeFrom, &c.Raw}, func() error {
+		out[c.ID] = c
+		c = MessageContent{}
+		return nil
+	})
+	return out, err
 }
 
 // rescueSQL gives expired leases back. Rows locked right now are skipped:
 // whoever holds them is changing them, and the next run sees the result.
 //
-// $1 now or NULL.
+// $1 now or NULL, $2 the payload of the canceled events.
 const rescueSQL = `
 WITH expired AS (
     SELECT id FROM recipients
@@ -237,10 +306,11 @@ WITH expired AS (
     FROM expired e
     WHERE r.id = e.id
     RETURNING r.id, r.message_id, r.status
-), ev AS (
-    INSERT INTO events (message_id, recipient_id, type)
-    SELECT message_id, id, 'canceled' FROM upd WHERE status = 'canceled'
-)
+), new_events AS (
+    SELECT (SELECT m.project_id FROM messages m WHERE m.id = upd.message_id) AS project_id,
+        message_id, id AS recipient_id, status AS type, $2::jsonb AS details
+    FROM upd WHERE status = 'canceled'
+), ` + writeEventsCTE + `
 SELECT message_id, count(*) FROM upd GROUP BY message_id`
 
 // RescueExpiredLeases returns recipients whose lease ran out before now
@@ -249,9 +319,17 @@ SELECT message_id, count(*) FROM upd GROUP BY message_id`
 // count is left alone: whether the lost worker got as far as an attempt is
 // unknown.
 func (d *DB) RescueExpiredLeases(ctx context.Context, now time.Time) (int, error) {
+	canceled, err := encodePayload(EventPayload{})
+	if err != nil {
+		return 0, fmt.Errorf("rescue expired leases: %w", err)
+	}
 	var total int
-	err := d.inTx(ctx, func(tx pgx.Tx) error {
-		rows, _ := tx.Query(ctx, rescueSQL, nowParam(now))
+	// Which messages the rescue touched is known only from its result, so
+	// the status recomputation takes a second round trip, in the same
+	// transaction.
+	err = d.atomic(ctx, func(tx *DB) error {
+		total = 0
+		rows, _ := tx.pool.Query(ctx, rescueSQL, nowParam(now), canceled)
 		var ids []uuid.UUID
 		var id uuid.UUID
 		var n int
@@ -263,10 +341,7 @@ func (d *DB) RescueExpiredLeases(ctx context.Context, now time.Time) (int, error
 		if err != nil || len(ids) == 0 {
 			return err
 		}
-		b := &pgx.Batch{}
-		b.Queue(lockMessagesByID, ids)
-		b.Queue(deriveStatusByID, ids)
-		return tx.SendBatch(ctx, b).Close()
+		return tx.sendChange(ctx, &pgx.Batch{}, messagesWithIDs(ids), nil)
 	})
 	if err != nil {
 		return 0, fmt.Errorf("rescue expired leases: %w", mapError(err))
@@ -280,17 +355,10 @@ SELECT id, envelope_from, raw FROM messages WHERE id = ANY($1::uuid[])`
 // LoadMessageContents returns the envelope sender and raw bytes of the
 // messages with the given ids. Ids that do not exist are left out of the map.
 func (d *DB) LoadMessageContents(ctx context.Context, ids []uuid.UUID) (map[uuid.UUID]MessageContent, error) {
-	out := make(map[uuid.UUID]MessageContent, len(ids))
 	if len(ids) == 0 {
-		return out, nil
+		return map[uuid.UUID]MessageContent{}, nil
 	}
-	rows, _ := d.pool.Query(ctx, loadMessageContentsSQL, ids)
-	var c MessageContent
-	_, err := pgx.ForEachRow(rows, []any{&c.ID, &c.EnvelopeFrom, &c.Raw}, func() error {
-		out[c.ID] = c
-		c = MessageContent{}
-		return nil
-	})
+	out, err := collectContents(d.pool.Query(ctx, loadMessageContentsSQL, ids))
 	if err != nil {
 		return nil, fmt.Errorf("load message contents: %w", mapError(err))
 	}
@@ -309,25 +377,22 @@ FOR NO KEY UPDATE`
 
 // recordOutcomesSQL applies a batch of outcomes in one statement. A row is
 // applied only while it is still sending under the lease it was claimed
-// with; anything else (rescued, re-claimed), and its attempt rows, are
-// skipped.
+// with; anything else (rescued, re-claimed), and its attempt rows and event,
+// are skipped.
 //
-// The outcomes, one per recipient: $1 recipient ids, $2 lease owners,
-// $3 outcomes, $4 next attempt times, $5 codes, $6 enhanced codes, $7 texts,
-// $8 the MX host of the last attempt (empty when there was none).
-//
-// The attempt rows, any number per recipient: $9 id, $10 recipient id,
-// $11 outcome, $12 start, $13 duration in microseconds, $14 MX host, $15 IP,
-// $16 TLS, $17 TLS version, $18 code, $19 enhanced code, $20 text,
-// $22 source.
-//
-// $21, per outcome again: whether the attempt was ambiguous.
+// The outcomes, one element per recipient in each @outcome_ array (see
+// outcomeColumns); the attempt rows, any number per recipient, one element
+// per row in each @attempt_ array (see attemptRowColumns). An applied row's
+// event is of its new status, with the outcome's payload; a canceled one
+// says nothing of a retry that will not happen.
 const recordOutcomesSQL = `
 WITH input AS (
     SELECT * FROM unnest(
-        $1::uuid[], $2::text[], $3::text[], $4::timestamptz[], $5::integer[], $6::text[], $7::text[],
-        $8::text[], $21::boolean[]
-    ) AS i(id, owner, outcome, next_attempt_at, code, enhanced_code, text, mx_host, ambiguous)
+        @outcome_ids::uuid[], @outcome_owners::text[], @outcome_statuses::text[],
+        @outcome_next_attempt_at::timestamptz[], @outcome_codes::integer[],
+        @outcome_enhanced_codes::text[], @outcome_texts::text[], @outcome_ambiguous::boolean[],
+        @outcome_events::jsonb[]
+    ) AS i(id, owner, outcome, next_attempt_at, code, enhanced_code, text, ambiguous, event)
 ), upd AS (
     UPDATE recipients r
     SET status = CASE
@@ -348,31 +413,27 @@ WITH input AS (
         updated_at = now()
     FROM input i
     WHERE r.id = i.id AND r.lease_owner = i.owner AND r.status = 'sending'
-    RETURNING r.id, r.message_id, r.status, r.attempts, r.next_attempt_at
+    RETURNING r.id, r.message_id, r.status
 ), att AS (
     INSERT INTO attempts (id, recipient_id, message_id, started_at, duration, mx_host, ip, tls,
         tls_version, code, enhanced_code, text, outcome, source)
     SELECT a.id, u.id, u.message_id, a.started_at, a.duration_us * interval '1 microsecond',
         a.mx_host, a.ip, a.tls, a.tls_version, a.code, a.enhanced_code, a.text, a.outcome, a.source
     FROM unnest(
-        $9::uuid[], $10::uuid[], $11::text[], $12::timestamptz[], $13::bigint[], $14::text[],
-        $15::text[], $16::boolean[], $17::text[], $18::integer[], $19::text[], $20::text[],
-        $22::text[]
+        @attempt_ids::uuid[], @attempt_recipient_ids::uuid[], @attempt_outcomes::text[],
+        @attempt_started_at::timestamptz[], @attempt_durations_us::bigint[], @attempt_mx_hosts::text[],
+        @attempt_ips::text[], @attempt_tls::boolean[], @attempt_tls_versions::text[],
+        @attempt_codes::integer[], @attempt_enhanced_codes::text[], @attempt_texts::text[],
+        @attempt_sources::text[]
     ) AS a(id, recipient_id, outcome, started_at, duration_us, mx_host, ip, tls, tls_version,
            code, enhanced_code, text, source)
     JOIN upd u ON u.id = a.recipient_id
-), ev AS (
-    INSERT INTO events (message_id, recipient_id, type, details)
-    SELECT u.message_id, u.id, u.status, jsonb_strip_nulls(jsonb_build_object(
-        'outcome', i.outcome,
-        'code', i.code,
-        'enhanced_code', nullif(i.enhanced_code, ''),
-        'text', nullif(i.text, ''),
-        'mx_host', nullif(i.mx_host, ''),
-        'attempt', u.attempts,
-        'next_attempt_at', u.next_attempt_at))
+), new_events AS (
+    SELECT (SELECT m.project_id FROM messages m WHERE m.id = u.message_id) AS project_id,
+        u.message_id, u.id AS recipient_id, u.status AS type,
+        CASE WHEN u.status = 'canceled' THEN i.event - 'next_attempt_at' ELSE i.event END AS details
     FROM upd u JOIN input i ON i.id = u.id
-)
+), ` + writeEventsCTE + `
 SELECT id FROM upd`
 
 func validateOutcome(o Outcome) error {
@@ -404,9 +465,71 @@ func validateOutcome(o Outcome) error {
 	return nil
 }
 
-// newAttemptRows are the attempt rows of a RecordOutcomes call as the
-// columns recordOutcomesSQL takes.
-type newAttemptRows struct {
+// outcomeColumns are the outcomes of a RecordOutcomes call as the
+// @outcome_ arrays of recordOutcomesSQL: one element per recipient.
+type outcomeColumns struct {
+	ids          []uuid.UUID
+	owners       []string
+	statuses     []string
+	nextAttempts []pgtype.Timestamptz
+	codes        []int32
+	enhanced     []string
+	texts        []string
+	ambiguous    []bool
+	events       []string
+}
+
+func newOutcomeColumns(n int) outcomeColumns {
+	return outcomeColumns{
+		ids:          make([]uuid.UUID, 0, n),
+		owners:       make([]string, 0, n),
+		statuses:     make([]string, 0, n),
+		nextAttempts: make([]pgtype.Timestamptz, 0, n),
+		codes:        make([]int32, 0, n),
+		enhanced:     make([]string, 0, n),
+		texts:        make([]string, 0, n),
+		ambiguous:    make([]bool, 0, n),
+		events:       make([]string, 0, n),
+	}
+}
+
+// add appends o and the payload of the event it writes if it applies.
+func (c *outcomeColumns) add(o Outcome) error {
+	event, err := encodePayload(outcomePayload(o))
+	if err != nil {
+		return err
+	}
+	var next pgtype.Timestamptz
+	if o.Status == StatusDeferred {
+		next = pgtype.Timestamptz{Time: o.NextAttemptAt, Valid: true}
+	}
+	c.ids = append(c.ids, o.RecipientID)
+	c.owners = append(c.owners, o.LeaseOwner)
+	c.statuses = append(c.statuses, o.Status)
+	c.nextAttempts = append(c.nextAttempts, next)
+	c.codes = append(c.codes, int32(o.Code))
+	c.enhanced = append(c.enhanced, o.EnhancedCode)
+	c.texts = append(c.texts, o.Text)
+	c.ambiguous = append(c.ambiguous, o.Ambiguous)
+	c.events = append(c.events, event)
+	return nil
+}
+
+func (c *outcomeColumns) addArgs(args pgx.NamedArgs) {
+	args["outcome_ids"] = c.ids
+	args["outcome_owners"] = c.owners
+	args["outcome_statuses"] = c.statuses
+	args["outcome_next_attempt_at"] = c.nextAttempts
+	args["outcome_codes"] = c.codes
+	args["outcome_enhanced_codes"] = c.enhanced
+	args["outcome_texts"] = c.texts
+	args["outcome_ambiguous"] = c.ambiguous
+	args["outcome_events"] = c.events
+}
+
+// attemptRowColumns are the attempt rows of a RecordOutcomes call as the
+// @attempt_ arrays of recordOutcomesSQL: one element per row.
+type attemptRowColumns struct {
 	ids          []uuid.UUID
 	recipientIDs []uuid.UUID
 	outcomes     []string
@@ -424,7 +547,7 @@ type newAttemptRows struct {
 
 // add appends the rows of o's attempts: deferred but for the last, which
 // gets o.Status.
-func (c *newAttemptRows) add(o Outcome) error {
+func (c *attemptRowColumns) add(o Outcome) error {
 	for i, a := range o.Attempts {
 		// Version 7 ids grow with time, so attempts that start within the
 		// same microsecond still list in the order they were made.
@@ -460,6 +583,22 @@ func (c *newAttemptRows) add(o Outcome) error {
 	return nil
 }
 
+func (c *attemptRowColumns) addArgs(args pgx.NamedArgs) {
+	args["attempt_ids"] = c.ids
+	args["attempt_recipient_ids"] = c.recipientIDs
+	args["attempt_outcomes"] = c.outcomes
+	args["attempt_started_at"] = c.startedAt
+	args["attempt_durations_us"] = c.durations
+	args["attempt_mx_hosts"] = c.mxHosts
+	args["attempt_ips"] = c.ips
+	args["attempt_tls"] = c.tls
+	args["attempt_tls_versions"] = c.tlsVersions
+	args["attempt_codes"] = c.codes
+	args["attempt_enhanced_codes"] = c.enhanced
+	args["attempt_texts"] = c.texts
+	args["attempt_sources"] = c.sources
+}
+
 // RecordOutcomes applies delivery outcomes in one transaction and returns
 // the recipient ids it applied.
 //
@@ -475,19 +614,10 @@ func (d *DB) RecordOutcomes(ctx context.Context, outcomes []Outcome) ([]uuid.UUI
 	if len(outcomes) == 0 {
 		return nil, nil
 	}
-	n := len(outcomes)
 	var (
-		ids          = make([]uuid.UUID, n)
-		owners       = make([]string, n)
-		statuses     = make([]string, n)
-		nextAttempts = make([]pgtype.Timestamptz, n)
-		codes        = make([]int32, n)
-		enhanced     = make([]string, n)
-		texts        = make([]string, n)
-		lastHosts    = make([]string, n)
-		ambiguous    = make([]bool, n)
-		attempts     newAttemptRows
-		seen         = make(map[uuid.UUID]struct{}, n)
+		rows     = newOutcomeColumns(len(outcomes))
+		attempts attemptRowColumns
+		seen     = make(map[uuid.UUID]struct{}, len(outcomes))
 	)
 	for i, o := range outcomes {
 		if err := validateOutcome(o); err != nil {
@@ -497,41 +627,30 @@ func (d *DB) RecordOutcomes(ctx context.Context, outcomes []Outcome) ([]uuid.UUI
 			return nil, fmt.Errorf("record outcomes: outcomes[%d]: recipient %s appears twice", i, o.RecipientID)
 		}
 		seen[o.RecipientID] = struct{}{}
-		ids[i], owners[i], statuses[i] = o.RecipientID, o.LeaseOwner, o.Status
-		if o.Status == StatusDeferred {
-			nextAttempts[i] = pgtype.Timestamptz{Time: o.NextAttemptAt, Valid: true}
-		}
-		codes[i], enhanced[i], texts[i] = int32(o.Code), o.EnhancedCode, o.Text
-		ambiguous[i] = o.Ambiguous
-		if len(o.Attempts) > 0 {
-			lastHosts[i] = o.Attempts[len(o.Attempts)-1].MXHost
+		if err := rows.add(o); err != nil {
+			return nil, fmt.Errorf("record outcomes: %w", err)
 		}
 		if err := attempts.add(o); err != nil {
 			return nil, fmt.Errorf("record outcomes: %w", err)
 		}
 	}
+	args := pgx.NamedArgs{}
+	rows.addArgs(args)
+	attempts.addArgs(args)
 
 	b := &pgx.Batch{}
-	b.Queue(lockRecipientsSQL, ids)
-	b.Queue(recordOutcomesSQL, ids, owners, statuses, nextAttempts, codes, enhanced, texts, lastHosts,
-		attempts.ids, attempts.recipientIDs, attempts.outcomes, attempts.startedAt, attempts.durations,
-		attempts.mxHosts, attempts.ips, attempts.tls, attempts.tlsVersions, attempts.codes,
-		attempts.enhanced, attempts.texts, ambiguous, attempts.sources)
-	b.Queue(lockMessagesOfRecipients, ids)
-	b.Queue(deriveStatusOfRecipients, ids)
-	applied, err := func() ([]uuid.UUID, error) {
-		br := d.pool.SendBatch(ctx, b)
-		defer br.Close()
+	b.Queue(lockRecipientsSQL, rows.ids)
+	b.Queue(recordOutcomesSQL, args)
+	var applied []uuid.UUID
+	err := d.sendChange(ctx, b, messagesOfRecipientIDs(rows.ids), func(br pgx.BatchResults) error {
 		if _, err := br.Exec(); err != nil {
-			return nil, err
+			return err
 		}
-		rows, _ := br.Query()
-		applied, err := pgx.CollectRows(rows, pgx.RowTo[uuid.UUID])
-		if err != nil {
-			return nil, err
-		}
-		return applied, br.Close()
-	}()
+		r, _ := br.Query()
+		var err error
+		applied, err = pgx.CollectRows(r, pgx.RowTo[uuid.UUID])
+		return err
+	})
 	if err != nil {
 		return nil, fmt.Errorf("record outcomes: %w", mapError(err))
 	}
@@ -540,7 +659,7 @@ func (d *DB) RecordOutcomes(ctx context.Context, outcomes []Outcome) ([]uuid.UUI
 
 // releaseSQL gives leases back without counting an attempt.
 //
-// $1 owner, $2 recipient ids.
+// $1 owner, $2 recipient ids, $3 the payload of the canceled events.
 const releaseSQL = `
 WITH upd AS (
     UPDATE recipients r
@@ -551,9 +670,12 @@ WITH upd AS (
         updated_at = now()
     WHERE r.id = ANY($2::uuid[]) AND r.lease_owner = $1 AND r.status = 'sending'
     RETURNING r.id, r.message_id, r.status
-)
-INSERT INTO events (message_id, recipient_id, type)
-SELECT message_id, id, 'canceled' FROM upd WHERE status = 'canceled'`
+), new_events AS (
+    SELECT (SELECT m.project_id FROM messages m WHERE m.id = upd.message_id) AS project_id,
+        message_id, id AS recipient_id, status AS type, $3::jsonb AS details
+    FROM upd WHERE status = 'canceled'
+), ` + writeEventsCTE + `
+SELECT 1`
 
 // ReleaseLeases gives back the leases owner holds on the given recipients
 // without an attempt, as on shutdown: they become queued again (canceled if
@@ -566,12 +688,14 @@ func (d *DB) ReleaseLeases(ctx context.Context, owner string, ids []uuid.UUID) e
 	if owner == "" {
 		return errors.New("release leases: owner is required")
 	}
+	canceled, err := encodePayload(EventPayload{})
+	if err != nil {
+		return fmt.Errorf("release leases of %s: %w", owner, err)
+	}
 	b := &pgx.Batch{}
 	b.Queue(lockRecipientsSQL, ids)
-	b.Queue(releaseSQL, owner, ids)
-	b.Queue(lockMessagesOfRecipients, ids)
-	b.Queue(deriveStatusOfRecipients, ids)
-	if err := d.pool.SendBatch(ctx, b).Close(); err != nil {
+	b.Queue(releaseSQL, owner, ids, canceled)
+	if err := d.sendChange(ctx, b, messagesOfRecipientIDs(ids), nil); err != nil {
 		return fmt.Errorf("release leases of %s: %w", owner, mapError(err))
 	}
 	return nil

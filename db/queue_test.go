@@ -617,7 +617,7 @@ func TestRescueExpiredLeases(t *testing.T) {
 	if err != nil || len(claimed) != 3 {
 		t.Fatalf("claim = %v, %v", claimed, err)
 	}
-	if _, err := b.db.CancelMessage(ctx, cancel.ID); err != nil {
+	if _, err := b.db.CancelMessage(ctx, db.DefaultProjectID(), cancel.ID); err != nil {
 		t.Fatal(err)
 	}
 
@@ -669,7 +669,7 @@ func TestReleaseLeases(t *testing.T) {
 	for _, r := range claimed {
 		ids = append(ids, r.ID)
 	}
-	if _, err := b.db.CancelMessage(ctx, c.ID); err != nil {
+	if _, err := b.db.CancelMessage(ctx, db.DefaultProjectID(), c.ID); err != nil {
 		t.Fatal(err)
 	}
 
@@ -775,7 +775,7 @@ func TestConcurrentWorkersAndCancels(t *testing.T) {
 	}
 	wg.Go(func() {
 		for _, id := range ids[:messages/2] {
-			if _, err := b.db.CancelMessage(ctx, id); err != nil {
+			if _, err := b.db.CancelMessage(ctx, db.DefaultProjectID(), id); err != nil {
 				t.Errorf("CancelMessage: %v", err)
 			}
 		}
@@ -793,5 +793,47 @@ func TestConcurrentWorkersAndCancels(t *testing.T) {
 				t.Errorf("recipient %s left %q", r.ID, r.Status)
 			}
 		}
+	}
+}
+
+func TestClaimWithContentsReturnsEachMessageOnce(t *testing.T) {
+	t.Parallel()
+	b := setup(t)
+	ctx := context.Background()
+	three := newMessageTo(t, "a.example.test", "a.example.test", "b.example.test")
+	three.Raw = []byte("Subject: first\r\n\r\none\r\n")
+	insert(t, b.db, three)
+	one := newMessage(t, 1)
+	one.EnvelopeFrom = "other@example.test"
+	insert(t, b.db, one)
+	later := newMessage(t, 1)
+	later.SendAt = usec(time.Now().Add(time.Hour))
+	insert(t, b.db, later)
+
+	c, err := b.db.ClaimWithContents(ctx, db.ClaimParams{Owner: "first", Limit: 10, LeaseFor: time.Minute})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(c.Recipients) != 4 {
+		t.Fatalf("claimed %d rows, want the 4 due", len(c.Recipients))
+	}
+	if len(c.Messages) != 2 {
+		t.Fatalf("contents of %d messages, want 2: %v", len(c.Messages), c.Messages)
+	}
+	for _, m := range []db.NewMessage{three, one} {
+		got, ok := c.Messages[m.ID]
+		if !ok || got.ID != m.ID || got.EnvelopeFrom != m.EnvelopeFrom || string(got.Raw) != string(m.Raw) {
+			t.Fatalf("contents of %s: %+v", m.ID, got)
+		}
+	}
+
+	// The rows leased to the first claim are not this one's, nor are
+	// their messages.
+	c, err = b.db.ClaimWithContents(ctx, db.ClaimParams{Owner: "second", Limit: 10, LeaseFor: time.Minute})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(c.Recipients) != 0 || len(c.Messages) != 0 {
+		t.Fatalf("second claim: %d rows, %d messages", len(c.Recipients), len(c.Messages))
 	}
 }

@@ -1,8 +1,15 @@
 package db
 
+import (
+	"context"
+
+	"github.com/google/uuid"
+	"github.com/jackc/pgx/v5"
+)
+
 // The message status is derived from its recipients in exactly one place,
-// the statement below, and every transaction that changes recipients runs it
-// for the messages it touched:
+// the statement below, and every change of recipients runs it for the
+// messages it touched, through sendChange:
 //
 //   - if any recipient is not final, the first present of sending, deferred,
 //     queued, scheduled;
@@ -13,7 +20,7 @@ package db
 // updated_at becomes the latest updated_at of the message's recipients, so a
 // statement that changed nothing leaves the message untouched.
 //
-// Before it runs, the transaction locks the message rows in id order
+// Before it runs, sendChange locks the message rows in id order
 // (lockMessages...) as a separate statement. That is what makes the result
 // right under concurrency: the derivation statement takes its snapshot only
 // after every earlier holder of those locks has committed, so the last
@@ -60,6 +67,9 @@ const (
 	messagesOfRecipients = `SELECT message_id FROM recipients WHERE id = ANY($1::uuid[])`
 	// $1: lease owner.
 	messagesLeasedBy = `SELECT message_id FROM recipients WHERE lease_owner = $1 AND status = 'sending'`
+	// $1: message ids, $2: their project. Another project's ids are left
+	// out, so a change made through them finds nothing.
+	messagesOfProjectByID = `SELECT id FROM messages WHERE id = ANY($1::uuid[]) AND project_id = $2`
 )
 
 const (
@@ -69,4 +79,56 @@ const (
 	deriveStatusOfRecipients = deriveStatusHead + messagesOfRecipients + deriveStatusTail
 	lockMessagesLeasedBy     = lockMessagesHead + messagesLeasedBy + lockMessagesTail
 	deriveStatusLeasedBy     = deriveStatusHead + messagesLeasedBy + deriveStatusTail
+	lockProjectMessagesByID  = lockMessagesHead + messagesOfProjectByID + lockMessagesTail
+	deriveProjectMessages    = deriveStatusHead + messagesOfProjectByID + deriveStatusTail
 )
+
+// messageSet is the set of messages a change touched: the lock and derive
+// statements for it, and their arguments.
+type messageSet struct {
+	lock, derive string
+	args         []any
+}
+
+// messagesWithIDs is the set of the given messages.
+func messagesWithIDs(ids []uuid.UUID) messageSet {
+	return messageSet{lockMessagesByID, deriveStatusByID, []any{ids}}
+}
+
+// messagesOfRecipientIDs is the set of the messages of the given recipients.
+func messagesOfRecipientIDs(ids []uuid.UUID) messageSet {
+	return messageSet{lockMessagesOfRecipients, deriveStatusOfRecipients, []any{ids}}
+}
+
+// messagesLeasedTo is the set of the messages with recipients being sent
+// under owner's lease.
+func messagesLeasedTo(owner string) messageSet {
+	return messageSet{lockMessagesLeasedBy, deriveStatusLeasedBy, []any{owner}}
+}
+
+// projectMessagesWithIDs is the set of the given messages that belong to
+// the project.
+func projectMessagesWithIDs(projectID uuid.UUID, ids []uuid.UUID) messageSet {
+	return messageSet{lockProjectMessagesByID, deriveProjectMessages, []any{ids, projectID}}
+}
+
+// sendChange is how every change of recipients reaches the database. b
+// holds the change: its statements lock recipients (in id order or with
+// SKIP LOCKED), change them and write their events. sendChange appends the
+// recomputation of the status of the touched messages (lock them in id
+// order, then derive) and sends it all as one batch: one round trip, and on
+// the pool one implicit transaction. read, when not nil, reads results in
+// order: b's statements, then, if it wants, the message lock's, whose row
+// count is the number of touched messages that exist.
+func (d *DB) sendChange(ctx context.Context, b *pgx.Batch, touched messageSet, read func(pgx.BatchResults) error) error {
+	b.Queue(touched.lock, touched.args...)
+	b.Queue(touched.derive, touched.args...)
+	br := d.pool.SendBatch(ctx, b)
+	defer br.Close()
+	if read != nil {
+		if err := read(br); err != nil {
+			return err
+		}
+	}
+	return br.Close()
+}

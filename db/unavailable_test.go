@@ -26,11 +26,11 @@ func everyCall(t *testing.T, msgID uuid.UUID, ids []uuid.UUID) []call {
 	return []call{
 		{"Ping", func(ctx context.Context, d *db.DB) error { return d.Ping(ctx) }},
 		{"GetMessage", func(ctx context.Context, d *db.DB) error {
-			_, err := d.GetMessage(ctx, msgID)
+			_, err := d.GetMessage(ctx, db.DefaultProjectID(), msgID)
 			return err
 		}},
 		{"ListMessages", func(ctx context.Context, d *db.DB) error {
-			_, err := d.ListMessages(ctx, db.ListMessagesParams{})
+			_, err := d.ListMessages(ctx, db.ListMessagesParams{ProjectID: db.DefaultProjectID()})
 			return err
 		}},
 		{"InsertMessage", func(ctx context.Context, d *db.DB) error {
@@ -38,11 +38,11 @@ func everyCall(t *testing.T, msgID uuid.UUID, ids []uuid.UUID) []call {
 			return err
 		}},
 		{"InsertMessage with idempotency key", func(ctx context.Context, d *db.DB) error {
-			_, err := d.InsertMessage(ctx, withKey(newMessage(t, 1), uuid.Nil, "k", "h"))
+			_, err := d.InsertMessage(ctx, withKey(newMessage(t, 1), "k", "h"))
 			return err
 		}},
 		{"CancelMessage", func(ctx context.Context, d *db.DB) error {
-			_, err := d.CancelMessage(ctx, msgID)
+			_, err := d.CancelMessage(ctx, db.DefaultProjectID(), msgID)
 			return err
 		}},
 		{"ClaimRecipients", func(ctx context.Context, d *db.DB) error {
@@ -68,18 +68,21 @@ func everyCall(t *testing.T, msgID uuid.UUID, ids []uuid.UUID) []call {
 			return err
 		}},
 		{"CreateAPIKey", func(ctx context.Context, d *db.DB) error {
-			_, err := d.CreateAPIKey(ctx, "k", "ph_k", []byte("h-"+uuid.NewString()))
+			_, err := d.CreateAPIKey(ctx, db.NewAPIKeyParams{Name: "k", Prefix: "ph_k", Hash: []byte("h-" + uuid.NewString()), Scopes: []string{db.ScopeSend}})
 			return err
 		}},
 		{"CreateAPIKeyIfNone", func(ctx context.Context, d *db.DB) error {
-			_, _, err := d.CreateAPIKeyIfNone(ctx, "k", "ph_k", []byte("h"))
+			_, _, err := d.CreateAPIKeyIfNone(ctx, db.NewAPIKeyParams{Name: "k", Prefix: "ph_k", Hash: []byte("h"), Scopes: []string{db.ScopeAdmin}})
 			return err
 		}},
 		{"ListAPIKeys", func(ctx context.Context, d *db.DB) error {
-			_, err := d.ListAPIKeys(ctx)
+			_, err := d.ListAPIKeys(ctx, db.DefaultProjectID())
 			return err
 		}},
-		{"RevokeAPIKey", func(ctx context.Context, d *db.DB) error { return d.RevokeAPIKey(ctx, uuid.New()) }},
+		{"RevokeAPIKey", func(ctx context.Context, d *db.DB) error {
+			_, err := d.RevokeAPIKey(ctx, db.DefaultProjectID(), uuid.New())
+			return err
+		}},
 		{"LookupAPIKey", func(ctx context.Context, d *db.DB) error {
 			_, err := d.LookupAPIKey(ctx, []byte("h"))
 			return err

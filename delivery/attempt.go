@@ -30,6 +30,10 @@ type envelope struct {
 type attemptResult struct {
 	Rcpts []rcptResult
 	Hosts []hostTry
+	// Started and Elapsed time the whole attempt, DNS included: they are
+	// what is recorded of an attempt that tried no host.
+	Started time.Time
+	Elapsed time.Duration
 }
 
 // hostTry is one address tried in an attempt.
@@ -55,9 +59,14 @@ type hostTry struct {
 //
 // Only a transaction decides a bounce: a host that fails before MAIL FROM,
 // even with a 5yz reply to the greeting or to EHLO, is skipped, and when no
-// host is left the recipients are deferred with the last host's error.
-func (s *sender) attempt(ctx context.Context, env envelope) attemptResult {
-	var res attemptResult
+// host is left the recipients are deferred with the last host's error. The
+// exception is a host whose EHLO rules the message out (larger than its
+// SIZE, or 8-bit content that cannot be converted for a host without
+// 8BITMIME): its recipients fail permanently before MAIL, as if it had
+// refused the message after DATA.
+func (s *sender) attempt(ctx context.Context, env envelope) (res attemptResult) {
+	res = attemptResult{Started: time.Now()}
+	defer func() { res.Elapsed = time.Since(res.Started) }()
 	dctx, cancel := context.WithTimeout(ctx, s.dnsTimeout)
 	targets, serr := s.router.targets(dctx, env.Domain)
 	cancel()
@@ -72,7 +81,7 @@ func (s *sender) attempt(ctx context.Context, env envelope) attemptResult {
 			break
 		}
 		h := hostTry{MXHost: t.Host, IP: t.IP.String(), Started: time.Now()}
-		sc, err := s.connect(ctx, t)
+		sc, rcpts, err := s.transact(ctx, t, env)
 		if err != nil {
 			// RFC 5321 section 5.1: on a connection failure or a
 			// greeting that is not 220, go on to the next address.
@@ -82,7 +91,7 @@ func (s *sender) attempt(ctx context.Context, env envelope) attemptResult {
 			continue
 		}
 		h.TLS, h.TLSVersion = sc.tls, sc.tlsVersion
-		res.Rcpts = sc.transaction(ctx, env.From, env.To, env.Data)
+		res.Rcpts = rcpts
 		h.Elapsed = time.Since(h.Started)
 		res.Hosts = append(res.Hosts, h)
 		s.pool.put(sc)
@@ -96,13 +105,39 @@ func (s *sender) attempt(ctx context.Context, env envelope) attemptResult {
 	return res
 }
 
-// connect returns a pooled connection to t that still answers RSET, or a new
-// one.
+// transact makes env's transaction with t on a pooled connection or a new
+// one. A pooled connection that turns out to have been dropped while idle
+// (its pipelined RSET went unanswered) is closed and the next one tried;
+// the error is the one of opening a new connection.
+func (s *sender) transact(ctx context.Context, t target, env envelope) (*smtpConn, []rcptResult, error) {
+	for {
+		sc, err := s.connect(ctx, t)
+		if err != nil {
+			return nil, nil, err
+		}
+		rcpts, err := sc.transaction(ctx, env.From, env.To, env.Data)
+		if err == nil {
+			return sc, rcpts, nil
+		}
+		// errStale: nothing was accepted on it; try the next one.
+		sc.raw.Close()
+	}
+}
+
+// connect returns a pooled connection to t, or a new one. A pooled
+// connection is reset before it is used: with a server that pipelines, the
+// RSET goes out with the transaction's commands (RFC 2920 section 3.1 lets
+// it lead a group), otherwise it is sent here and a connection that does
+// not answer it is closed.
 func (s *sender) connect(ctx context.Context, t target) (*smtpConn, error) {
 	for {
 		sc := s.pool.get(keyOf(t))
 		if sc == nil {
 			break
+		}
+		if sc.pipelining() {
+			sc.reused = true
+			return sc, nil
 		}
 		if err := sc.reset(ctx); err == nil {
 			return sc, nil

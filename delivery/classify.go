@@ -43,6 +43,16 @@ type SMTPError struct {
 	// Only replies to MAIL, RCPT and DATA, and the DNS answers NXDOMAIN and
 	// null MX, bounce mail.
 	Greeting bool
+	// Remote reports that Code, EnhancedCode and Message are the remote
+	// server's reply. Everything else (DNS answers, network failures,
+	// timeouts, refusals decided here such as a message over the server's
+	// SIZE) is a reply made up locally, and is recorded as such so that
+	// nobody mistakes it for the server's words.
+	Remote bool
+	// Ambiguous marks a failure after the end of the data was sent and
+	// before the reply to it came: the server may have taken the message
+	// (RFC 1047), so a retry may deliver it twice. It is temporary.
+	Ambiguous bool
 }
 
 // Error formats the error like an SMTP reply followed by its cause.
@@ -75,10 +85,32 @@ func (e *SMTPError) Temporary() bool { return e.Code/100 != 5 || e.Greeting }
 
 // Codes chosen for failures that are not replies from the remote server.
 const (
-	codeTempFailure = 451 // RFC 5321 4.2.3: local error in processing
-	codePermFailure = 550
-	codeNullMX      = 556 // RFC 7505 section 4: domain does not accept mail
+	codeTempFailure   = 451 // RFC 5321 4.2.3: local error in processing
+	codePermFailure   = 550
+	codeTooBig        = 552 // RFC 1870 section 6.1: message size exceeds the fixed maximum
+	codeTransactionNo = 554 // RFC 5321 4.2.3: transaction failed
+	codeNullMX        = 556 // RFC 7505 section 4: domain does not accept mail
 )
+
+// ambiguousError marks cause, a failure to get the reply to the end of the
+// data, as an outcome nobody knows (see SMTPError.Ambiguous). The code is
+// made up here: the server never answered.
+func ambiguousError(cause error) *SMTPError {
+	what := "connection lost after end of data"
+	switch {
+	case errors.Is(cause, context.DeadlineExceeded) || errors.Is(cause, os.ErrDeadlineExceeded):
+		what = "timed out waiting for the reply to end of data"
+	case errors.Is(cause, context.Canceled):
+		what = "delivery interrupted after end of data"
+	}
+	return &SMTPError{
+		Code:         codeTempFailure,
+		EnhancedCode: "4.4.2", // RFC 3463 X.4.2: bad connection
+		Message:      what + "; the receiver may have the message",
+		Err:          cause,
+		Ambiguous:    true,
+	}
+}
 
 // asSMTPError is the boundary where go-smtp, net, TLS and DNS errors become
 // an *SMTPError. It returns nil for nil.
@@ -94,11 +126,12 @@ func asSMTPError(err error) *SMTPError {
 			Code:         se.Code,
 			EnhancedCode: formatEnhancedCode(se.Code, se.EnhancedCode),
 			Message:      se.Message,
+			Remote:       true,
 		}
 	}
 	if pe, ok := errors.AsType[*textproto.Error](err); ok {
 		code, msg := splitEnhancedCode(pe.Msg)
-		return &SMTPError{Code: pe.Code, EnhancedCode: code, Message: msg}
+		return &SMTPError{Code: pe.Code, EnhancedCode: code, Message: msg, Remote: true}
 	}
 	if de, ok := errors.AsType[*dnsError](err); ok {
 		return &SMTPError{Code: codeTempFailure, EnhancedCode: "4.4.3", Message: "DNS lookup failed", Err: de}

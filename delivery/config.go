@@ -27,26 +27,31 @@ type Config struct {
 	// PollInterval is how often the outbox is checked without a wake-up, which
 	// is what picks up scheduled messages and retries. Defaults to 5s.
 	PollInterval time.Duration
-	// RescueInterval is how often leases that expired (their holder died)
-	// are returned to the queue. Defaults to 30s.
+	// RescueInterval is how often leases that expired (their holder died or
+	// lost the database) are returned to the queue, after this dispatcher
+	// has written the outcomes it was keeping for the database to return. A
+	// crashed instance's recipients go back to the queue at most
+	// LeaseDuration plus RescueInterval after its last renewal (when no
+	// other instance rescues them sooner), so it should not be much longer
+	// than LeaseDuration. Defaults to a quarter of LeaseDuration.
 	RescueInterval time.Duration
 	// MaxAttemptDuration caps one delivery attempt as a whole: the DNS
 	// lookups, every address tried and the SMTP session, whose steps keep
 	// their own timeouts (DNSTimeout, SMTP.ConnectTimeout, CommandTimeout,
-	// DataTimeout) inside it. An attempt cut off by the cap is deferred.
-	// The cap is what bounds the lease: without it the longest attempt
-	// would be every timeout of every host in a row, well over an hour.
-	// Defaults to 10m.
+	// DataTimeout) inside it. An attempt cut off by the cap is deferred; one
+	// still running 5s past it is taken to be stuck, and its lease is no
+	// longer renewed. Defaults to 10m.
 	MaxAttemptDuration time.Duration
-	// LeaseDuration is how long claimed recipients stay reserved. It must
-	// outlast the longest possible attempt (MaxAttemptDuration) plus 10s to
-	// record the outcome: if the lease ran out while a live instance was
-	// still talking to the receiver, another instance could claim the same
-	// recipients and deliver them a second time, and the first instance's
-	// outcome would be fenced off. It is also how long the recipients of a
-	// crashed instance wait before another takes them over, which is why it
-	// should not be much longer than that. Defaults to MaxAttemptDuration
-	// plus 5m10s (the commit, and time to wait for a concurrency slot).
+	// LeaseDuration is how long a claim reserves its recipients without a
+	// renewal. The dispatcher renews every lease it holds, in one statement,
+	// every third of it, so an attempt may last longer than the lease; a
+	// dispatcher that dies or freezes stops renewing, and its recipients go
+	// back to the queue within about one lease (see RescueInterval). An
+	// attempt whose lease could not be renewed for five sixths of it (the
+	// database was unreachable) stops before the end of the data, since
+	// another dispatcher may take the recipients. Shorter leases recover
+	// faster from a crash and tolerate shorter database outages during an
+	// attempt. At least 1s. Defaults to 30s.
 	LeaseDuration time.Duration
 	// Concurrency is the most SMTP transactions in flight at once.
 	// Defaults to 100.
@@ -61,6 +66,16 @@ type Config struct {
 	// Retry is the retry policy for temporary failures. Defaults to the
 	// RetryConfig defaults.
 	Retry RetryConfig
+	// MaxAmbiguousRetries is how many times a recipient is retried after
+	// attempts whose outcome stayed unknown: the connection dropped or
+	// timed out after the end of the data was sent and before the reply, so
+	// the receiver may have the message. The attempt that would need one
+	// retry more ends the recipient failed instead: a limit trades a
+	// possible duplicate for a possible loss (see docs/operations.md).
+	// Ambiguous attempts are counted over the recipient's life, whatever
+	// came between them. 0 retries them like any temporary failure, until
+	// Retry.MaxAge. Defaults to 0.
+	MaxAmbiguousRetries int
 	// SMTP configures the SMTP client. Defaults to the SMTPConfig defaults.
 	SMTP SMTPConfig
 	// DNSServer is the DNS server ("host" or "host:port") asked for MX and
@@ -119,15 +134,6 @@ type SMTPConfig struct {
 	// Defaults to false, as is usual between MTAs (RFC 7435).
 	VerifyTLS bool
 }
-
-// leaseQueueAllowance is how long, in the default lease, a claimed job may
-// wait for a free slot before it would be released.
-const leaseQueueAllowance = 5 * time.Minute
-
-// commitReserve is the part of a lease kept for writing the outcome after
-// the attempt: the database may be slow, and a lease lost before the commit
-// means the recipient is delivered twice.
-const commitReserve = 10 * time.Second
 
 // WithDefaults returns the config with zero fields set to their defaults.
 func (c SMTPConfig) WithDefaults() SMTPConfig {
@@ -197,9 +203,6 @@ func (c Config) WithDefaults() Config {
 	if c.PollInterval == 0 {
 		c.PollInterval = 5 * time.Second
 	}
-	if c.RescueInterval == 0 {
-		c.RescueInterval = 30 * time.Second
-	}
 	if c.Concurrency == 0 {
 		c.Concurrency = 100
 	}
@@ -221,7 +224,10 @@ func (c Config) WithDefaults() Config {
 		c.MaxAttemptDuration = 10 * time.Minute
 	}
 	if c.LeaseDuration == 0 {
-		c.LeaseDuration = c.MaxAttemptDuration + commitReserve + leaseQueueAllowance
+		c.LeaseDuration = 30 * time.Second
+	}
+	if c.RescueInterval == 0 {
+		c.RescueInterval = c.LeaseDuration / 4
 	}
 	if c.ShutdownTimeout == 0 {
 		c.ShutdownTimeout = 30 * time.Second
@@ -240,8 +246,12 @@ const maxStopReserve = 5 * time.Second
 // interrupts the transactions in flight.
 func (c Config) stopReserve() time.Duration { return min(c.ShutdownTimeout/4, maxStopReserve) }
 
-// minLease is the shortest lease that covers an attempt and its commit.
-func (c Config) minLease() time.Duration { return c.MaxAttemptDuration + commitReserve }
+// minLease is the shortest LeaseDuration allowed: renewed every third of
+// it, a shorter lease could be lost to one slow query.
+const minLease = time.Second
+
+// renewInterval is how often the heartbeat renews leases.
+func (c Config) renewInterval() time.Duration { return c.LeaseDuration / 3 }
 
 func (c Config) validate() error {
 	switch {
@@ -259,6 +269,8 @@ func (c Config) validate() error {
 		return errors.New("PerDomainConcurrency: must be at least 1")
 	case c.MaxRecipientsPerTransaction < 1:
 		return errors.New("MaxRecipientsPerTransaction: must be at least 1")
+	case c.MaxAmbiguousRetries < 0:
+		return errors.New("MaxAmbiguousRetries: must not be negative")
 	case c.DNSTimeout <= 0:
 		return errors.New("DNSTimeout: must be positive")
 	case c.MaxAttemptDuration <= 0:
@@ -272,9 +284,8 @@ func (c Config) validate() error {
 	if err := c.SMTP.validate(); err != nil {
 		return fmt.Errorf("SMTP.%w", err)
 	}
-	if c.LeaseDuration < c.minLease() {
-		return fmt.Errorf("LeaseDuration: %s is shorter than MaxAttemptDuration plus the time to record the outcome (%s)",
-			c.LeaseDuration, c.minLease())
+	if c.LeaseDuration < minLease {
+		return fmt.Errorf("LeaseDuration: %s is shorter than %s", c.LeaseDuration, minLease)
 	}
 	if _, err := parseRoutes(c.Routes); err != nil {
 		return err

@@ -24,17 +24,14 @@ func TestConfigDefaults(t *testing.T) {
 	if r.InitialInterval != time.Minute || r.Multiplier != 2 || r.MaxInterval != time.Hour || r.Jitter != 0.2 || r.MaxAge != 48*time.Hour {
 		t.Fatalf("Retry defaults: %+v", r)
 	}
-	// One attempt is capped as a whole, and the default lease outlasts the
-	// cap, the commit and a wait for a slot: about a quarter of an hour, not
-	// every timeout of every host in a row.
+	// One attempt is capped as a whole; the lease is short and renewed, so
+	// it does not follow the cap, and a crash costs about one lease.
 	if c.MaxAttemptDuration != 10*time.Minute {
 		t.Fatalf("MaxAttemptDuration = %s, want 10m", c.MaxAttemptDuration)
 	}
-	if want := 10*time.Minute + commitReserve + leaseQueueAllowance; c.LeaseDuration != want {
-		t.Fatalf("LeaseDuration = %s, want %s", c.LeaseDuration, want)
-	}
-	if c.LeaseDuration < c.MaxAttemptDuration+commitReserve || c.LeaseDuration > 16*time.Minute {
-		t.Fatalf("LeaseDuration %s does not fit an attempt of %s plus its commit, or is far longer", c.LeaseDuration, c.MaxAttemptDuration)
+	if c.LeaseDuration != 30*time.Second || c.RescueInterval != c.LeaseDuration/4 || c.renewInterval() != 10*time.Second {
+		t.Fatalf("LeaseDuration = %s, RescueInterval = %s, renewal every %s; want 30s, 7.5s, 10s",
+			c.LeaseDuration, c.RescueInterval, c.renewInterval())
 	}
 	if err := c.validate(); err != nil {
 		t.Fatal(err)
@@ -42,14 +39,13 @@ func TestConfigDefaults(t *testing.T) {
 	if Config.WithDefaults(Config{}).InstanceID == c.InstanceID {
 		t.Fatal("two default InstanceIDs are equal")
 	}
-	// The default lease follows the cap, not the per-step timeouts.
-	short := Config{MaxAttemptDuration: 4 * time.Second}.WithDefaults()
-	if short.LeaseDuration != 4*time.Second+commitReserve+leaseQueueAllowance {
-		t.Fatalf("derived lease %s", short.LeaseDuration)
+	// The rescuer follows the lease.
+	short := Config{LeaseDuration: 2 * time.Second}.WithDefaults()
+	if short.RescueInterval != 500*time.Millisecond || short.MaxAttemptDuration != 10*time.Minute {
+		t.Fatalf("with a 2s lease: %+v", short)
 	}
-	long := Config{SMTP: SMTPConfig{DataTimeout: time.Hour, MaxHosts: 10}}.WithDefaults()
-	if long.LeaseDuration != c.LeaseDuration {
-		t.Fatalf("lease %s grew with the per-step timeouts", long.LeaseDuration)
+	if err := short.validate(); err != nil {
+		t.Fatal(err)
 	}
 }
 
@@ -68,6 +64,7 @@ func TestConfigValidate(t *testing.T) {
 		{"concurrency", func(c *Config) { c.Concurrency = -1 }, "Concurrency:"},
 		{"per domain", func(c *Config) { c.PerDomainConcurrency = -1 }, "PerDomainConcurrency:"},
 		{"recipients per transaction", func(c *Config) { c.MaxRecipientsPerTransaction = -5 }, "MaxRecipientsPerTransaction:"},
+		{"ambiguous retries", func(c *Config) { c.MaxAmbiguousRetries = -1 }, "MaxAmbiguousRetries:"},
 		{"dns timeout", func(c *Config) { c.DNSTimeout = -1 }, "DNSTimeout:"},
 		{"max attempt duration", func(c *Config) { c.MaxAttemptDuration = -time.Second }, "MaxAttemptDuration:"},
 		{"shutdown timeout", func(c *Config) { c.ShutdownTimeout = -1 }, "ShutdownTimeout:"},
@@ -77,10 +74,9 @@ func TestConfigValidate(t *testing.T) {
 		{"smtp max reuse", func(c *Config) { c.SMTP.MaxReuse = -1 }, "SMTP.MaxReuse:"},
 		{"smtp max hosts", func(c *Config) { c.SMTP.MaxHosts = -1 }, "SMTP.MaxHosts:"},
 		{"smtp timeouts", func(c *Config) { c.SMTP.DataTimeout = -1 }, "SMTP.DataTimeout:"},
-		{"lease shorter than an attempt", func(c *Config) { c.LeaseDuration = c.MaxAttemptDuration }, "LeaseDuration:"},
-		{"lease without room to commit", func(c *Config) { c.LeaseDuration = c.MaxAttemptDuration + commitReserve - time.Millisecond }, "LeaseDuration:"},
-		{"lease just long enough", func(c *Config) { c.LeaseDuration = c.MaxAttemptDuration + commitReserve }, ""},
-		{"cap raised past the lease", func(c *Config) { c.MaxAttemptDuration = time.Hour }, "LeaseDuration:"},
+		{"lease too short", func(c *Config) { c.LeaseDuration = minLease - time.Millisecond }, "LeaseDuration:"},
+		{"shortest lease", func(c *Config) { c.LeaseDuration, c.RescueInterval = minLease, minLease }, ""},
+		{"lease shorter than an attempt", func(c *Config) { c.LeaseDuration = c.MaxAttemptDuration / 10 }, ""},
 		{"bad route", func(c *Config) { c.Routes = map[string]string{"a.test": "mx.test:x"} }, "Routes:"},
 	}
 	for _, tt := range tests {
@@ -94,7 +90,7 @@ func TestConfigValidate(t *testing.T) {
 
 func TestNewDispatcherRejectsBadConfig(t *testing.T) {
 	t.Parallel()
-	_, err := NewDispatcher(Config{LeaseDuration: time.Minute}, nil)
+	_, err := NewDispatcher(Config{LeaseDuration: time.Millisecond}, nil)
 	if err == nil || !strings.Contains(err.Error(), "LeaseDuration:") {
 		t.Fatalf("err = %v", err)
 	}

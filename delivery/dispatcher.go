@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"log/slog"
 	"net"
+	"runtime/debug"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -35,6 +36,16 @@ type Dispatcher struct {
 	pool   *pool
 	retry  retryPolicy
 	limits *limiter
+	leases *leaseSet
+	// rec commits the outcomes of concurrent transactions together.
+	rec *recorder
+
+	// unwritten holds outcomes that could not be written before their
+	// lease may have run out (see recordOutcomes); flushMu serializes the
+	// calls that write them.
+	unwrittenMu sync.Mutex
+	unwritten   []unwrittenOutcomes
+	flushMu     sync.Mutex
 
 	wake   chan struct{}
 	freed  chan struct{}
@@ -60,8 +71,11 @@ type Dispatcher struct {
 	stopOnce       sync.Once
 	cancelClaims   context.CancelFunc
 	cancelSessions context.CancelFunc
+	cancelBeat     context.CancelFunc
 	loops          sync.WaitGroup // claim loop, listener, rescuer
 	jobs           sync.WaitGroup
+	beat           sync.WaitGroup // heartbeat: runs until the jobs are done
+	recording      sync.WaitGroup // the recorder: runs until the jobs are done
 }
 
 // NewDispatcher checks cfg (after WithDefaults) and returns a dispatcher
@@ -104,12 +118,14 @@ func NewDispatcher(cfg Config, store *db.DB) (*Dispatcher, error) {
 		},
 		retry:    newRetryPolicy(cfg.Retry),
 		limits:   newLimiter(cfg.Concurrency, cfg.PerDomainConcurrency),
+		leases:   newLeaseSet(cfg.LeaseDuration),
 		wake:     make(chan struct{}, 1),
 		freed:    make(chan struct{}, 1),
 		stopping: make(chan struct{}),
 		dbCtx:    dbCtx,
 		cancelDB: cancelDB,
 	}
+	d.rec = newRecorder(dbCtx, store.RecordOutcomes)
 	return d, nil
 }
 
@@ -133,6 +149,12 @@ func (d *Dispatcher) Start(ctx context.Context) {
 	// rather than cutting them off when claiming stops.
 	sessionCtx, cancelSessions := context.WithCancel(context.WithoutCancel(ctx))
 	d.cancelClaims, d.cancelSessions = cancelClaims, cancelSessions
+	// The heartbeat outlives ctx as the sessions do: leases of jobs in
+	// flight must be renewed until they are done.
+	beatCtx, cancelBeat := context.WithCancel(d.dbCtx)
+	d.cancelBeat = cancelBeat
+	d.beat.Go(func() { d.heartbeat(beatCtx) })
+	d.recording.Go(d.rec.run)
 	d.loops.Go(func() { d.claimLoop(claimCtx, sessionCtx) })
 	d.loops.Go(func() { d.listen(claimCtx) })
 	d.loops.Go(func() { d.rescue(claimCtx) })
@@ -143,9 +165,11 @@ func (d *Dispatcher) Start(ctx context.Context) {
 // connections, and returns when all of that is done, within ShutdownTimeout.
 // Transactions still in flight when only the last part of ShutdownTimeout
 // is left (see Config.ShutdownTimeout) are interrupted and their recipients
-// deferred; database calls and QUITs still running when it is up are cut
+// deferred; outcomes kept while the database was unreachable are written if
+// it is back; database calls and QUITs still running when it is up are cut
 // off, and recipients whose outcome was not recorded go back to the queue
-// when their lease runs out. It may be called more than once.
+// when their lease runs out. Leases stay renewed until the transactions in
+// flight are done. It may be called more than once.
 func (d *Dispatcher) Stop() {
 	d.stopOnce.Do(func() {
 		deadline := time.Now().Add(d.cfg.ShutdownTimeout)
@@ -186,6 +210,16 @@ func (d *Dispatcher) Stop() {
 			<-done
 		}
 		d.cancelSessions()
+		// Outcomes kept for the database get a last chance while there is
+		// time; the heartbeat renews their leases meanwhile.
+		if err := d.flushPending(d.dbCtx); err != nil {
+			d.dropPending(err)
+		}
+		// Every job has had its outcomes answered by now.
+		d.rec.close()
+		d.recording.Wait()
+		d.cancelBeat()
+		d.beat.Wait()
 		d.pool.close(deadline)
 	})
 }
@@ -212,7 +246,11 @@ func (d *Dispatcher) claimLoop(ctx, sessionCtx context.Context) {
 				full = true
 				break
 			}
-			n, err := d.claim(sessionCtx)
+			var n int
+			err := d.guard("claim", func() (err error) {
+				n, err = d.claim(sessionCtx)
+				return err
+			})
 			if err != nil {
 				d.log.Error("delivery: claim", "err", err)
 				break
@@ -249,11 +287,10 @@ func (d *Dispatcher) hasRoom() bool {
 // job is one SMTP transaction to make: recipients of one message and one
 // domain, all claimed under one lease owner.
 type job struct {
-	owner    string
-	leaseEnd time.Time // by the local clock, measured from before the claim
-	domain   string
-	msg      db.MessageContent
-	rcpts    []db.ClaimedRecipient
+	owner  string
+	domain string
+	msg    db.MessageContent
+	rcpts  []db.ClaimedRecipient
 }
 
 func (j *job) ids() []uuid.UUID {
@@ -275,35 +312,26 @@ func (d *Dispatcher) claim(sessionCtx context.Context) (int, error) {
 	// The lease is measured on the local clock from before the query, so
 	// it ends no later than the database's, whatever the clocks say.
 	leaseEnd := time.Now().Add(d.cfg.LeaseDuration)
-	claimed, err := d.store.ClaimRecipients(qctx, db.ClaimParams{
+	// The messages' bytes come back with the claim, in the same round
+	// trip: each message once, however many of its recipients were taken.
+	c, err := d.store.ClaimWithContents(qctx, db.ClaimParams{
 		Owner: owner, Limit: d.cfg.BatchSize, LeaseFor: d.cfg.LeaseDuration,
 	})
 	d.claims.Add(1)
 	if err != nil {
 		return 0, err
 	}
+	claimed := c.Recipients
 	if len(claimed) == 0 {
 		return 0, nil
 	}
-	ids := make([]uuid.UUID, 0, len(claimed))
-	seen := make(map[uuid.UUID]bool)
-	for _, r := range claimed {
-		if !seen[r.MessageID] {
-			seen[r.MessageID] = true
-			ids = append(ids, r.MessageID)
-		}
-	}
-	contents, err := d.store.LoadMessageContents(qctx, ids)
-	if err != nil {
-		all := &job{owner: owner, rcpts: claimed}
-		d.releaseLeases(all)
-		return 0, err
-	}
 
-	jobs, missing := groupJobs(claimed, contents, owner, leaseEnd, d.cfg.MaxRecipientsPerTransaction)
+	jobs, missing := groupJobs(claimed, c.Messages, owner, d.cfg.MaxRecipientsPerTransaction)
 	if len(missing) > 0 {
 		d.failMissing(owner, missing)
 	}
+	// From here the heartbeat renews the lease, until the last job lets go.
+	d.leases.add(owner, leaseEnd, len(jobs))
 	for _, j := range jobs {
 		d.pending.Add(1)
 		d.waiting.Add(1)
@@ -317,7 +345,7 @@ func (d *Dispatcher) claim(sessionCtx context.Context) (int, error) {
 // groupJobs puts the recipients of one message and domain into one job,
 // at most maxRcpt per job, keeping the claim order.
 func groupJobs(claimed []db.ClaimedRecipient, contents map[uuid.UUID]db.MessageContent,
-	owner string, leaseEnd time.Time, maxRcpt int) (jobs []*job, missing []db.ClaimedRecipient) {
+	owner string, maxRcpt int) (jobs []*job, missing []db.ClaimedRecipient) {
 	type key struct {
 		msg    uuid.UUID
 		domain string
@@ -332,7 +360,7 @@ func groupJobs(claimed []db.ClaimedRecipient, contents map[uuid.UUID]db.MessageC
 		k := key{r.MessageID, strings.ToLower(r.Domain)}
 		j := open[k]
 		if j == nil || len(j.rcpts) >= maxRcpt {
-			j = &job{owner: owner, leaseEnd: leaseEnd, domain: k.domain, msg: msg}
+			j = &job{owner: owner, domain: k.domain, msg: msg}
 			open[k] = j
 			jobs = append(jobs, j)
 		}
@@ -342,11 +370,17 @@ func groupJobs(claimed []db.ClaimedRecipient, contents map[uuid.UUID]db.MessageC
 }
 
 // run waits for a slot, makes the attempt and records the outcomes. A job
-// that cannot start early enough for the attempt and its commit to fit in
-// the lease, or that is still waiting when Stop begins, gives its lease back
-// without an attempt.
+// whose lease is no longer known to be held while it waits, or that is
+// still waiting when Stop begins, gives its lease back without an attempt.
+// A panic is contained to the job: see attempt.
 func (d *Dispatcher) run(sessionCtx context.Context, j *job) {
+	lease := d.leases.watch(j.owner)
+	keep := false // an outcome waiting for the database holds the lease
 	defer func() {
+		lease.stop()
+		if !keep {
+			d.leases.release(j.owner)
+		}
 		d.pending.Add(-1)
 		d.jobs.Done()
 		select {
@@ -354,15 +388,23 @@ func (d *Dispatcher) run(sessionCtx context.Context, j *job) {
 		default:
 		}
 	}()
-	latestStart := j.leaseEnd.Add(-d.cfg.minLease())
-	ok := d.limits.acquireDomain(j.domain, latestStart, d.stopping)
+	defer func() {
+		// The attempt recovers its own panics and defers the recipients;
+		// one elsewhere leaves them leased without renewal, so they go back
+		// to the queue within a lease.
+		if r := recover(); r != nil {
+			d.log.Error("delivery: panic while handling a job", "owner", j.owner, "message_id", j.msg.ID,
+				"panic", r, "stack", string(debug.Stack()))
+		}
+	}()
+	ok := d.limits.acquireDomain(j.domain, lease.ctx.Done(), d.stopping)
 	d.waiting.Add(-1)
 	if !ok {
 		d.releaseLeases(j)
 		return
 	}
 	defer d.limits.releaseDomain(j.domain)
-	if !d.limits.acquireGlobal(latestStart, d.stopping) {
+	if !d.limits.acquireGlobal(lease.ctx.Done(), d.stopping) {
 		d.releaseLeases(j)
 		return
 	}
@@ -371,36 +413,57 @@ func (d *Dispatcher) run(sessionCtx context.Context, j *job) {
 	case <-d.stopping:
 		d.releaseLeases(j)
 		return
+	case <-lease.ctx.Done():
+		d.releaseLeases(j)
+		return
 	default:
 	}
+	outs := d.attempt(sessionCtx, j, lease)
+	keep = d.recordOutcomes(j, lease, outs)
+}
+
+// attempt makes the SMTP attempt of j and returns its outcomes. The attempt
+// ends at MaxAttemptDuration, when Stop interrupts it, or when the lease is
+// no longer known to be held: past that point another dispatcher may be
+// sending the same message, so the attempt stops short of the end of the
+// data (see sender.attempt). A panic during the attempt is recovered and
+// defers the recipients with a local reply.
+func (d *Dispatcher) attempt(sessionCtx context.Context, j *job, lease *leaseWatch) (outs []db.Outcome) {
+	started := time.Now()
+	d.leases.attempting(j, started.Add(d.cfg.MaxAttemptDuration+stuckGrace))
+	defer d.leases.attempted(j)
+	defer func() {
+		if r := recover(); r != nil {
+			d.log.Error("delivery: panic while delivering, recipients deferred", "owner", j.owner,
+				"message_id", j.msg.ID, "domain", j.domain, "panic", r, "stack", string(debug.Stack()))
+			outs = d.internalErrorOutcomes(j, started, time.Now())
+		}
+	}()
 
 	rcpts := make([]string, len(j.rcpts))
 	for i, r := range j.rcpts {
 		rcpts[i] = r.Address
 	}
-	// The cap on the attempt is what keeps it inside the lease: the job
-	// started no later than latestStart, so the attempt ends at least
-	// commitReserve before the lease does. The deadline is also bounded by
-	// the lease itself, so that a worker paused since latestStart cannot
-	// talk to the receiver once another dispatcher may have the recipients.
-	end := time.Now().Add(d.cfg.MaxAttemptDuration)
-	if byLease := j.leaseEnd.Add(-commitReserve); byLease.Before(end) {
-		end = byLease
-	}
-	actx, cancel := context.WithDeadlineCause(sessionCtx, end,
+	capped, cancelCap := context.WithDeadlineCause(sessionCtx, started.Add(d.cfg.MaxAttemptDuration),
 		fmt.Errorf("attempt cut off after MaxAttemptDuration (%s): %w", d.cfg.MaxAttemptDuration, context.DeadlineExceeded))
+	defer cancelCap()
+	actx, cancel := context.WithCancelCause(capped)
+	defer cancel(nil)
+	stop := context.AfterFunc(lease.ctx, func() { cancel(context.Cause(lease.ctx)) })
+	defer stop()
 	res := d.sender.attempt(actx, envelope{Domain: j.domain, From: j.msg.EnvelopeFrom, To: rcpts, Data: j.msg.Raw})
-	cancel()
-	d.recordOutcomes(j, d.outcomes(j, res, time.Now()))
+	return d.outcomes(j, res, time.Now())
 }
 
 // outcomes turns an attempt's results into the rows to record: each
-// recipient's outcome, with one attempt row per host tried.
+// recipient's outcome, with one attempt row per host tried, or a single row
+// without a host when none was (DNS failures, null MX).
 func (d *Dispatcher) outcomes(j *job, res attemptResult, now time.Time) []db.Outcome {
 	out := make([]db.Outcome, len(j.rcpts))
 	for i, r := range j.rcpts {
 		o := db.Outcome{RecipientID: r.ID, LeaseOwner: j.owner}
 		rr := res.Rcpts[i]
+		source := db.AttemptSourceRemote
 		switch {
 		case rr.Err == nil:
 			o.Status = db.StatusDelivered
@@ -408,26 +471,55 @@ func (d *Dispatcher) outcomes(j *job, res attemptResult, now time.Time) []db.Out
 		case !rr.Err.Temporary():
 			o.Status = db.StatusBounced
 			o.Code, o.EnhancedCode, o.Text = errorReply(rr.Err)
+			source = errorSource(rr.Err)
 		default:
 			o.Code, o.EnhancedCode, o.Text = errorReply(rr.Err)
+			source = errorSource(rr.Err)
+			o.Ambiguous = rr.Err.Ambiguous
 			next, expired := d.retry.next(now, r.Attempts+1, r.DueSince)
-			if expired {
+			switch {
+			case expired:
 				o.Status = db.StatusFailed
-			} else {
+			case o.Ambiguous && d.cfg.MaxAmbiguousRetries > 0 && r.AmbiguousAttempts+1 > d.cfg.MaxAmbiguousRetries:
+				// The recipient's last reply stays the attempt's (the
+				// ambiguous row below); the recipient's says why it
+				// ends here.
+				o.Status = db.StatusFailed
+				o.Code, o.EnhancedCode = codeTransactionNo, "5.4.2" // RFC 3463 X.4.2: bad connection
+				o.Text = fmt.Sprintf("outcome stayed unknown: %d attempts lost the connection after end of data, "+
+					"more than the %d retries allowed (MaxAmbiguousRetries); the receiver may have the message",
+					r.AmbiguousAttempts+1, d.cfg.MaxAmbiguousRetries)
+			default:
 				o.Status, o.NextAttemptAt = db.StatusDeferred, next
 			}
 		}
-		if len(res.Hosts) > 0 {
+		if len(res.Hosts) == 0 {
+			if rr.Err != nil {
+				// No host was tried (NXDOMAIN, null MX, a DNS failure or
+				// timeout, an attempt cut off before it could connect):
+				// one row without a host keeps the attempt visible.
+				code, enhanced, text := errorReply(rr.Err)
+				o.Attempts = []db.NewAttempt{{StartedAt: res.Started, Duration: res.Elapsed,
+					Code: code, EnhancedCode: enhanced, Text: text, Source: errorSource(rr.Err)}}
+			}
+		} else {
 			o.Attempts = make([]db.NewAttempt, len(res.Hosts))
 			for k, h := range res.Hosts {
 				a := db.NewAttempt{StartedAt: h.Started, Duration: h.Elapsed,
 					MXHost: h.MXHost, IP: h.IP, TLS: h.TLS, TLSVersion: h.TLSVersion}
 				if h.Err == nil {
 					// The host that took the transaction: its reply is
-					// the recipient's.
-					a.Code, a.EnhancedCode, a.Text = o.Code, o.EnhancedCode, o.Text
+					// the recipient's, unless the recipient failed for
+					// the number of ambiguous attempts.
+					if rr.Err != nil {
+						a.Code, a.EnhancedCode, a.Text = errorReply(rr.Err)
+					} else {
+						a.Code, a.EnhancedCode, a.Text = o.Code, o.EnhancedCode, o.Text
+					}
+					a.Source, a.Ambiguous = source, o.Ambiguous
 				} else {
 					a.Code, a.EnhancedCode, a.Text = hostReply(h)
+					a.Source = errorSource(h.Err)
 				}
 				o.Attempts[k] = a
 			}
@@ -435,6 +527,14 @@ func (d *Dispatcher) outcomes(j *job, res attemptResult, now time.Time) []db.Out
 		out[i] = o
 	}
 	return out
+}
+
+// errorSource says whose words the reply stored of e is.
+func errorSource(e *SMTPError) string {
+	if e.Remote {
+		return db.AttemptSourceRemote
+	}
+	return db.AttemptSourceLocal
 }
 
 // errorReply is what is stored of an error: the reply, with the cause of a
@@ -458,47 +558,60 @@ func hostReply(h hostTry) (int, string, string) {
 	return code, enhanced, text
 }
 
-// recordOutcomes writes the outcomes right after the reply, retrying for up
-// to commitReserve (while Stop's time is not up): an outcome that never gets
-// written means the recipient is attempted again once its lease expires. It
-// is written even when the lease has run out by the local clock: the
-// database applies it only if the lease was not taken over meanwhile.
-func (d *Dispatcher) recordOutcomes(j *job, outs []db.Outcome) {
-	ctx, cancel := context.WithTimeout(d.dbCtx, commitReserve)
-	defer cancel()
+// recordOutcomes writes the outcomes right after the reply, retrying at
+// least every maxRecordWait while the lease is known to be held (the
+// heartbeat keeps renewing it as soon as the database answers). An outcome
+// that still could not be written is kept in memory and written when the
+// database is back (see flushPending), and recordOutcomes reports that it
+// kept the job's lease for it. The write is fenced on the lease owner and
+// the sending status, not on the lease's expiry: it applies as long as no
+// rescuer took the recipients back, and never overwrites another
+// dispatcher's outcome.
+func (d *Dispatcher) recordOutcomes(j *job, lease *leaseWatch, outs []db.Outcome) (kept bool) {
 	wait := 50 * time.Millisecond
 	for {
-		applied, err := d.store.RecordOutcomes(ctx, outs)
+		applied, err := d.tryRecord(lease, outs)
 		if err == nil {
-			if len(applied) < len(outs) {
-				// The lease was lost (rescued and claimed elsewhere):
-				// that dispatcher will attempt these recipients again.
-				d.log.Warn("delivery: outcomes skipped, lease lost", "owner", j.owner,
-					"skipped", len(outs)-len(applied))
-			}
-			d.logOutcomes(j, outs)
-			return
+			d.logOutcomes(j.owner, j.msg.ID, outs, applied)
+			return false
+		}
+		switch {
+		case d.dbCtx.Err() != nil:
+			d.logUnwritten(j.owner, outs, err)
+			return false
+		case lease.lost():
+			// Another dispatcher has the recipients: the outcome would be
+			// fenced off.
+			d.log.Warn("delivery: outcomes dropped, lease lost", "owner", j.owner, "message_id", j.msg.ID,
+				"recipients", len(outs), "err", err)
+			return false
+		case lease.ctx.Err() != nil:
+			d.keepUnwritten(j, outs, err)
+			return true
 		}
 		timer := time.NewTimer(wait)
 		select {
-		case <-ctx.Done():
-			timer.Stop()
-			d.log.Error("delivery: record outcomes", "owner", j.owner, "recipients", len(outs), "err", err)
-			return
+		case <-lease.ctx.Done():
+		case <-d.dbCtx.Done():
 		case <-timer.C:
 		}
-		wait *= 2
+		timer.Stop()
+		wait = min(2*wait, maxRecordWait)
 	}
 }
 
-func (d *Dispatcher) logOutcomes(j *job, outs []db.Outcome) {
-	if !d.log.Enabled(context.Background(), slog.LevelDebug) {
-		return
+// tryRecord makes one try at writing outs, in the recorder's next group
+// commit. A try that outlasts the lease is given up (the commit it is part
+// of is cancelled), so the outcome can be kept for later; one that starts
+// past it (an attempt cut off by the lease) still gets a short try of its
+// own.
+func (d *Dispatcher) tryRecord(lease *leaseWatch, outs []db.Outcome) ([]uuid.UUID, error) {
+	if lease.ctx.Err() != nil {
+		ctx, cancel := context.WithTimeout(d.dbCtx, maxRecordWait)
+		defer cancel()
+		return d.rec.record(ctx, outs)
 	}
-	for i, o := range outs {
-		d.log.Debug("delivery: outcome", "recipient", j.rcpts[i].Address, "status", o.Status,
-			"code", o.Code, "enhanced_code", o.EnhancedCode, "text", o.Text)
-	}
+	return d.rec.record(lease.ctx, outs)
 }
 
 // releaseLeases gives back a job's leases without an attempt.
@@ -533,7 +646,7 @@ func (d *Dispatcher) listen(ctx context.Context) {
 	wait := minWait
 	for {
 		began := time.Now()
-		err := d.store.ListenOutbox(ctx, d.Wake)
+		err := d.guard("outbox listener", func() error { return d.store.ListenOutbox(ctx, d.Wake) })
 		if ctx.Err() != nil {
 			return
 		}
@@ -556,14 +669,24 @@ func (d *Dispatcher) listen(ctx context.Context) {
 
 // rescue returns expired leases to the queue at start and every
 // RescueInterval. Many dispatchers may run it; the statement skips rows
-// another one is handling.
+// another one is handling. Outcomes this dispatcher kept while the database
+// was unreachable are written first: their leases may have run out, and
+// rescuing them would send those recipients again.
 func (d *Dispatcher) rescue(ctx context.Context) {
 	ticker := time.NewTicker(d.cfg.RescueInterval)
 	defer ticker.Stop()
 	for {
-		qctx, cancel := context.WithTimeout(ctx, dbTimeout)
-		n, err := d.store.RescueExpiredLeases(qctx, time.Time{})
-		cancel()
+		var n int
+		err := d.guard("rescue", func() error {
+			if err := d.flushPending(ctx); err != nil {
+				return fmt.Errorf("before rescuing: %w", err)
+			}
+			qctx, cancel := context.WithTimeout(ctx, dbTimeout)
+			defer cancel()
+			var err error
+			n, err = d.store.RescueExpiredLeases(qctx, time.Time{})
+			return err
+		})
 		switch {
 		case err != nil && ctx.Err() == nil:
 			d.log.Error("delivery: rescue expired leases", "err", err)
@@ -597,35 +720,30 @@ func newLimiter(global, perDomain int) *limiter {
 	return &limiter{global: make(chan struct{}, global), perDomain: perDomain, domains: make(map[string]*domainSlots)}
 }
 
-// acquire takes a slot of ch unless deadline passes or stop closes first.
-func acquire(ch chan struct{}, deadline time.Time, stop <-chan struct{}) bool {
-	if !time.Now().Before(deadline) {
-		return false
-	}
+// acquire takes a slot of ch unless lost or stop closes first.
+func acquire(ch chan struct{}, lost, stop <-chan struct{}) bool {
 	select {
-	case ch <- struct{}{}:
-		return true
+	case <-lost:
+		return false
 	default:
 	}
-	timer := time.NewTimer(time.Until(deadline))
-	defer timer.Stop()
 	select {
 	case ch <- struct{}{}:
 		return true
-	case <-timer.C:
+	case <-lost:
 		return false
 	case <-stop:
 		return false
 	}
 }
 
-func (l *limiter) acquireGlobal(deadline time.Time, stop <-chan struct{}) bool {
-	return acquire(l.global, deadline, stop)
+func (l *limiter) acquireGlobal(lost, stop <-chan struct{}) bool {
+	return acquire(l.global, lost, stop)
 }
 
 func (l *limiter) releaseGlobal() { <-l.global }
 
-func (l *limiter) acquireDomain(domain string, deadline time.Time, stop <-chan struct{}) bool {
+func (l *limiter) acquireDomain(domain string, lost, stop <-chan struct{}) bool {
 	l.mu.Lock()
 	s := l.domains[domain]
 	if s == nil {
@@ -634,7 +752,7 @@ func (l *limiter) acquireDomain(domain string, deadline time.Time, stop <-chan s
 	}
 	s.refs++
 	l.mu.Unlock()
-	if acquire(s.ch, deadline, stop) {
+	if acquire(s.ch, lost, stop) {
 		return true
 	}
 	l.unref(domain, s)

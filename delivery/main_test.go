@@ -7,6 +7,7 @@ import (
 	"os"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
@@ -27,6 +28,9 @@ type mapDialer struct {
 	mu    sync.Mutex
 	addrs map[string]string
 	dials []string
+	// turns counts, over every connection dialed, the times the client
+	// went from writing to reading: the round trips it waited for.
+	turns atomic.Int64
 }
 
 func newMapDialer() *mapDialer {
@@ -51,7 +55,41 @@ func (d *mapDialer) DialContext(ctx context.Context, network, addr string) (net.
 		return nil, &net.OpError{Op: "dial", Net: network, Err: os.NewSyscallError("connect", syscall.ECONNREFUSED)}
 	}
 	var nd net.Dialer
-	return nd.DialContext(ctx, network, real)
+	c, err := nd.DialContext(ctx, network, real)
+	if err != nil {
+		return nil, err
+	}
+	return &turnConn{Conn: c, turns: &d.turns}, nil
+}
+
+// roundTrips returns the round trips made so far on the connections dialed.
+func (d *mapDialer) roundTrips() int64 { return d.turns.Load() }
+
+// turnConn counts a round trip each time a read follows a write: a client
+// that pipelines writes several commands, then reads several replies, and
+// waits once.
+type turnConn struct {
+	net.Conn
+	turns   *atomic.Int64
+	mu      sync.Mutex
+	written bool
+}
+
+func (c *turnConn) Write(p []byte) (int, error) {
+	c.mu.Lock()
+	c.written = true
+	c.mu.Unlock()
+	return c.Conn.Write(p)
+}
+
+func (c *turnConn) Read(p []byte) (int, error) {
+	c.mu.Lock()
+	if c.written {
+		c.written = false
+		c.turns.Add(1)
+	}
+	c.mu.Unlock()
+	return c.Conn.Read(p)
 }
 
 func (d *mapDialer) dialed() []string {

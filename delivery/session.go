@@ -13,6 +13,8 @@ import (
 	"time"
 
 	"github.com/emersion/go-smtp"
+
+	"github.com/posthaste/posthaste/delivery/message"
 )
 
 // Dialer opens network connections. *net.Dialer implements it; another
@@ -32,7 +34,15 @@ type smtpConn struct {
 	tlsVersion string // "TLS 1.3"; "" without TLS
 	uses       int    // transactions started on this connection
 	broken     bool   // unusable for another transaction
-	cfg        *SMTPConfig
+	// reused marks a connection taken from the pool: when the server
+	// pipelines, its RSET goes out with the next transaction's commands.
+	reused bool
+	cfg    *SMTPConfig
+
+	// The reader and writer of pipelined transactions, on pipeOn.
+	pipeOn net.Conn
+	pipeR  *textproto.Reader
+	pipeW  *bufio.Writer
 
 	idle *time.Timer // set while the connection waits in the pool
 }
@@ -232,11 +242,38 @@ type rcptResult struct {
 	Reply reply      // the reply to the end of DATA, when Err is nil
 }
 
+// errStale reports that a pooled connection did not take its pipelined
+// RSET: the server dropped it while it was idle. Nothing of the
+// transaction reached the server's queue, and the caller tries another
+// connection.
+var errStale = errors.New("pooled connection did not answer RSET")
+
+// pipelining reports whether the server takes commands in groups (RFC 2920).
+func (sc *smtpConn) pipelining() bool {
+	ok, _ := sc.client.Extension("PIPELINING")
+	return ok
+}
+
 // transaction runs MAIL, RCPT for each recipient, DATA. A 5yz reply to RCPT
 // fails only that recipient; a reply to DATA applies to every recipient the
 // server accepted (RFC 5321 section 3.3). Errors that are not replies leave
 // the connection broken and every undecided recipient with that error.
-func (sc *smtpConn) transaction(ctx context.Context, from string, rcpts []string, data []byte) []rcptResult {
+//
+// With a server that offers PIPELINING the commands up to DATA go out in one
+// write (see pipelinedTransaction); otherwise each waits for its reply. A
+// pipelined transaction on a reused connection that finds it dropped
+// returns errStale and no results.
+func (sc *smtpConn) transaction(ctx context.Context, from string, rcpts []string, data []byte) ([]rcptResult, error) {
+	if sc.pipelining() {
+		return sc.pipelinedTransaction(ctx, from, rcpts, data)
+	}
+	return sc.lockstepTransaction(ctx, from, rcpts, data), nil
+}
+
+// lockstepTransaction is a transaction with a server that does not pipeline:
+// every command waits for the reply to the one before (RFC 5321 section
+// 4.1). The connection was reset already if it was reused.
+func (sc *smtpConn) lockstepTransaction(ctx context.Context, from string, rcpts []string, data []byte) []rcptResult {
 	sc.uses++
 	stop := context.AfterFunc(ctx, func() { sc.raw.Close() })
 	defer func() {
@@ -266,9 +303,13 @@ func (sc *smtpConn) transaction(ctx context.Context, from string, rcpts []string
 		return results
 	}
 
-	// SIZE (RFC 1870) is sent only when the server advertised it; go-smtp
-	// checks the EHLO keywords.
-	if err := sc.client.Mail(from, &smtp.MailOptions{Size: int64(len(data))}); err != nil {
+	data, body8, serr := sc.prepare(data)
+	if serr != nil {
+		// Refused before MAIL: no transaction was started, and the
+		// connection stays usable.
+		return failAll(len(rcpts), serr)
+	}
+	if err := sc.mail(from, len(data), body8); err != nil {
 		return failRest(err)
 	}
 	accepted := 0
@@ -315,6 +356,17 @@ func (sc *smtpConn) transaction(ctx context.Context, from string, rcpts []string
 	resp, err := w.CloseWithResponse()
 	accept, ok := acceptance(resp, err)
 	if !ok {
+		if !isReply(err) && !writeFailed(err) {
+			// The final "." was written (a failed write would have kept
+			// it, the last bytes, back): the server may have taken the
+			// message, and only its reply was lost (RFC 1047).
+			sc.broken = true
+			cause := err
+			if ctx.Err() != nil && !errors.Is(err, ctx.Err()) {
+				cause = fmt.Errorf("%w: %w", context.Cause(ctx), err)
+			}
+			return failRest(ambiguousError(cause))
+		}
 		return failRest(err)
 	}
 	for i := range results {
@@ -324,6 +376,79 @@ func (sc *smtpConn) transaction(ctx context.Context, from string, rcpts []string
 		}
 	}
 	return results
+}
+
+// prepare returns the bytes to send to this server and whether MAIL should
+// declare BODY=8BITMIME, or the local refusal that fails every recipient
+// before MAIL.
+//
+// This is the one place where the stored message is changed for a server, so
+// a DKIM signer (RFC 6376) must run on its output, not before it: the
+// conversion to 7 bits rewrites the body the signature covers.
+func (sc *smtpConn) prepare(data []byte) ([]byte, bool, *SMTPError) {
+	body8 := false
+	if message.Has8Bit(data) {
+		if ok, _ := sc.client.Extension("8BITMIME"); ok {
+			// RFC 6152 section 3: declared only for content that has
+			// 8-bit octets.
+			body8 = true
+		} else {
+			// RFC 6152 section 3 leaves a client whose server lacks
+			// 8BITMIME two choices: convert to 7 bits, or return the
+			// message as undeliverable.
+			converted, err := message.To7Bit(data)
+			if err != nil {
+				return nil, false, &SMTPError{Code: codeTransactionNo, EnhancedCode: "5.6.3", // RFC 3463: conversion required but not supported
+					Message: fmt.Sprintf("message has 8-bit content that cannot be converted to 7 bits for %s, which does not offer 8BITMIME", sc.target.Host),
+					Err:     err}
+			}
+			data = converted
+		}
+	}
+	// RFC 1870 section 6.1: a message larger than the fixed maximum the
+	// server declared would be refused after it was sent; it is not sent.
+	// "SIZE" without a number, or SIZE 0, declares no fixed maximum.
+	if limit, ok := sc.client.MaxMessageSize(); ok && limit > 0 && len(data) > limit {
+		return nil, false, &SMTPError{Code: codeTooBig, EnhancedCode: "5.3.4", // RFC 3463: message too big for system
+			Message: fmt.Sprintf("message size %d exceeds the limit %d advertised by %s", len(data), limit, sc.target.Host)}
+	}
+	return data, body8, nil
+}
+
+// mail sends MAIL FROM. go-smtp's Client.Mail declares BODY=8BITMIME to
+// every server that offers it, whatever the content, so the command is
+// written here: BODY=8BITMIME only with body8 (RFC 6152 section 3), SIZE
+// only when the server offered the extension (RFC 1870 section 6).
+//
+// go-smtp's client is not told that a transaction began. RCPT and DATA need
+// nothing from its Mail; the list of recipients it keeps for LMTP, which
+// Mail would have cleared, grows until the connection closes, bounded by
+// SMTPConfig.MaxReuse transactions.
+func (sc *smtpConn) mail(from string, size int, body8 bool) error {
+	line, err := sc.mailLine(from, size, body8)
+	if err != nil {
+		return err
+	}
+	_, err = sc.command(line, 250, sc.cfg.CommandTimeout)
+	return err
+}
+
+// mailLine is the MAIL FROM command for mail, without its line end.
+func (sc *smtpConn) mailLine(from string, size int, body8 bool) (string, error) {
+	if strings.ContainsAny(from, "\r\n") {
+		return "", fmt.Errorf("envelope sender %q holds a line break", from)
+	}
+	var b strings.Builder
+	b.WriteString("MAIL FROM:<")
+	b.WriteString(from)
+	b.WriteByte('>')
+	if body8 {
+		b.WriteString(" BODY=8BITMIME")
+	}
+	if ok, _ := sc.client.Extension("SIZE"); ok {
+		fmt.Fprintf(&b, " SIZE=%d", size)
+	}
+	return b.String(), nil
 }
 
 // acceptance returns the reply to the end of DATA when the server took the
@@ -339,6 +464,14 @@ func acceptance(resp *smtp.DataResponse, err error) (reply, bool) {
 		return reply{Code: se.Code, EnhancedCode: formatEnhancedCode(se.Code, se.EnhancedCode), Text: se.Message}, true
 	}
 	return reply{}, false
+}
+
+// writeFailed reports whether err is a failed write to the connection. The
+// end of the data is the last thing written, so when writing failed the
+// server cannot have received it.
+func writeFailed(err error) bool {
+	oe, ok := errors.AsType[*net.OpError](err)
+	return ok && oe.Op == "write"
 }
 
 // isReply reports whether err is a reply from the server, as opposed to a

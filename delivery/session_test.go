@@ -160,10 +160,12 @@ func TestAttemptPerRecipientReplies(t *testing.T) {
 	}
 }
 
+// Without PIPELINING the client waits for the RCPT replies and knows that
+// DATA would be refused.
 func TestAttemptEveryRecipientRefusedSkipsData(t *testing.T) {
 	t.Parallel()
 	e := newSenderEnv(t, testSMTPConfig(), nil)
-	srv := testenv.StartSMTP(t, testenv.WithRcptReply(func(string) *smtp.SMTPError {
+	srv := testenv.StartSMTP(t, testenv.WithoutPipelining(), testenv.WithRcptReply(func(string) *smtp.SMTPError {
 		return &smtp.SMTPError{Code: 550, EnhancedCode: smtp.EnhancedCode{5, 1, 1}, Message: "no such user"}
 	}))
 	e.addMX("nobody.test", "mx.nobody.test", "192.0.2.1", 10, srv)

@@ -16,29 +16,41 @@ import (
 // Authorization header under the same name.
 const authMetadataKey = "authorization"
 
-// apiKeyIDKey is the context key under which an authenticated call carries
-// the id of its API key.
-type apiKeyIDKey struct{}
+// principalKey is the context key under which an authenticated call
+// carries its caller.
+type principalKey struct{}
 
-// withAPIKeyID returns ctx carrying the id of the caller's API key.
-func withAPIKeyID(ctx context.Context, id uuid.UUID) context.Context {
-	return context.WithValue(ctx, apiKeyIDKey{}, id)
+// principal is who is calling: an API key, its project and its scopes.
+type principal struct {
+	keyID     uuid.UUID
+	projectID uuid.UUID
+	key       db.APIKey
 }
 
-// apiKeyIDFrom returns the id put in ctx by authentication.
-func apiKeyIDFrom(ctx context.Context) (uuid.UUID, bool) {
-	id, ok := ctx.Value(apiKeyIDKey{}).(uuid.UUID)
-	return id, ok
+// withPrincipal returns ctx carrying the caller's key.
+func withPrincipal(ctx context.Context, k db.APIKey) context.Context {
+	return context.WithValue(ctx, principalKey{}, principal{keyID: k.ID, projectID: k.ProjectID, key: k})
 }
 
-// requireAPIKeyID returns the caller's key id, failing closed when a handler
-// is reached without authentication (a wiring mistake, not a caller's).
-func requireAPIKeyID(ctx context.Context) (uuid.UUID, error) {
-	id, ok := apiKeyIDFrom(ctx)
-	if !ok {
-		return uuid.Nil, &unauthenticatedError{reason: "missing API key"}
+// principalFrom returns the caller put in ctx by authentication.
+func principalFrom(ctx context.Context) (principal, bool) {
+	p, ok := ctx.Value(principalKey{}).(principal)
+	return p, ok
+}
+
+// requireScope returns the caller when its key has scope, failing closed
+// when a handler is reached without authentication (a wiring mistake, not
+// a caller's). Every handler starts with it: the project it returns is the
+// only one the handler may touch.
+func requireScope(ctx context.Context, scope string) (principal, error) {
+	p, ok := principalFrom(ctx)
+	if !ok || p.projectID == uuid.Nil {
+		return principal{}, &unauthenticatedError{reason: "missing API key"}
 	}
-	return id, nil
+	if !p.key.HasScope(scope) {
+		return principal{}, &permissionDeniedError{scope: scope}
+	}
+	return p, nil
 }
 
 // authenticator checks the bearer key in incoming metadata against the
@@ -47,7 +59,7 @@ type authenticator struct {
 	store *db.DB
 }
 
-// authenticate returns ctx carrying the caller's key id.
+// authenticate returns ctx carrying the caller's key, project and scopes.
 func (a authenticator) authenticate(ctx context.Context) (context.Context, error) {
 	md, _ := metadata.FromIncomingContext(ctx)
 	values := md.Get(authMetadataKey)
@@ -57,33 +69,33 @@ func (a authenticator) authenticate(ctx context.Context) (context.Context, error
 	if len(values) > 1 {
 		return nil, &unauthenticatedError{reason: "more than one authorization value"}
 	}
-	id, err := a.lookup(ctx, values[0])
+	k, err := a.lookup(ctx, values[0])
 	if err != nil {
 		return nil, err
 	}
-	return withAPIKeyID(ctx, id), nil
+	return withPrincipal(ctx, k), nil
 }
 
-// lookup returns the id of the live key named by an authorization value
+// lookup returns the live key named by an authorization value
 // ("Bearer <key>").
-func (a authenticator) lookup(ctx context.Context, authorization string) (uuid.UUID, error) {
+func (a authenticator) lookup(ctx context.Context, authorization string) (db.APIKey, error) {
 	key, ok := bearerToken(authorization)
 	if !ok {
-		return uuid.Nil, &unauthenticatedError{reason: "authorization must use the Bearer scheme"}
+		return db.APIKey{}, &unauthenticatedError{reason: "authorization must use the Bearer scheme"}
 	}
 	if !plausibleAPIKey(key) {
-		return uuid.Nil, &unauthenticatedError{reason: "invalid API key"}
+		return db.APIKey{}, &unauthenticatedError{reason: "invalid API key"}
 	}
 	k, err := a.store.LookupAPIKey(ctx, HashAPIKey(key))
 	if errors.Is(err, db.ErrNotFound) {
 		// Unknown and revoked keys get the same answer so a caller cannot
 		// tell which keys once existed.
-		return uuid.Nil, &unauthenticatedError{reason: "invalid API key"}
+		return db.APIKey{}, &unauthenticatedError{reason: "invalid API key"}
 	}
 	if err != nil {
-		return uuid.Nil, fmt.Errorf("look up api key: %w", err)
+		return db.APIKey{}, fmt.Errorf("look up api key: %w", err)
 	}
-	return k.ID, nil
+	return k, nil
 }
 
 // CheckAuthorization checks an HTTP Authorization header value the way
@@ -92,7 +104,7 @@ func (a authenticator) lookup(ctx context.Context, authorization string) (uuid.U
 // cannot make the process hold a connection open while its body trickles
 // in. An empty value is a missing key. The error is a gRPC status:
 // Unauthenticated for a missing or invalid key, Unavailable when the
-// database cannot be asked.
+// database cannot be asked. Scopes are left to the call itself.
 func (s *Server) CheckAuthorization(ctx context.Context, authorization string) error {
 	if strings.TrimSpace(authorization) == "" {
 		return toStatus(ctx, s.log, &unauthenticatedError{reason: "missing API key (Authorization: Bearer <key>)"})

@@ -4,11 +4,13 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"net"
 	"strings"
 	"time"
 
 	"github.com/posthaste/posthaste/delivery/message"
 	"github.com/posthaste/posthaste/internal/hostname"
+	"github.com/posthaste/posthaste/internal/netguard"
 )
 
 // Defaults for Config.
@@ -22,6 +24,9 @@ const (
 	// MinIdempotencyTTL is the shortest IdempotencyTTL: the API documents
 	// that keys are kept at least this long.
 	MinIdempotencyTTL = 24 * time.Hour
+	// DefaultWebhookSecretGrace is how long a rotated webhook secret keeps
+	// signing by default.
+	DefaultWebhookSecretGrace = 24 * time.Hour
 )
 
 // Config configures a Server.
@@ -41,6 +46,17 @@ type Config struct {
 	// The API promises callers at least MinIdempotencyTTL, so a retry sent
 	// the next day is still recognised. Defaults to 24h.
 	IdempotencyTTL time.Duration
+	// WebhookGuard decides which addresses a webhook URL may point at: a
+	// URL whose host is, or resolves to, an address it refuses is refused.
+	// Defaults to netguard.New(), which refuses loopback, private,
+	// link-local and metadata addresses.
+	WebhookGuard *netguard.Guard
+	// WebhookResolver resolves webhook URL hosts for WebhookGuard.
+	// Defaults to net.DefaultResolver.
+	WebhookResolver netguard.Resolver
+	// WebhookSecretGrace is how long a rotated webhook secret keeps signing
+	// alongside the new one. Defaults to 24h.
+	WebhookSecretGrace time.Duration
 	// Logger receives errors that are not the caller's fault. Defaults to a
 	// logger that discards everything.
 	Logger *slog.Logger
@@ -59,6 +75,15 @@ func (c Config) WithDefaults() Config {
 	}
 	if c.IdempotencyTTL == 0 {
 		c.IdempotencyTTL = DefaultIdempotencyTTL
+	}
+	if c.WebhookGuard == nil {
+		c.WebhookGuard = netguard.New()
+	}
+	if c.WebhookResolver == nil {
+		c.WebhookResolver = net.DefaultResolver
+	}
+	if c.WebhookSecretGrace == 0 {
+		c.WebhookSecretGrace = DefaultWebhookSecretGrace
 	}
 	if c.Logger == nil {
 		c.Logger = slog.New(slog.DiscardHandler)
@@ -97,6 +122,9 @@ func (c Config) validate() error {
 	}
 	if c.IdempotencyTTL < MinIdempotencyTTL {
 		return fmt.Errorf("IdempotencyTTL: must be at least %s, got %s", MinIdempotencyTTL, c.IdempotencyTTL)
+	}
+	if c.WebhookSecretGrace < 0 {
+		return fmt.Errorf("WebhookSecretGrace: must not be negative, got %s", c.WebhookSecretGrace)
 	}
 	return nil
 }

@@ -80,6 +80,26 @@ type unauthenticatedError struct {
 
 func (e *unauthenticatedError) Error() string { return e.reason }
 
+// permissionDeniedError is a valid API key without the scope a call needs.
+type permissionDeniedError struct {
+	scope string
+}
+
+func (e *permissionDeniedError) Error() string {
+	return "the API key lacks the " + e.scope + " scope this call needs"
+}
+
+// notFoundError names what was not found, for resources other than
+// messages (a bare db.ErrNotFound answers "message not found"). Another
+// project's row answers the same as an unknown id.
+type notFoundError struct {
+	what string
+	err  error
+}
+
+func (e *notFoundError) Error() string { return e.what + " not found" }
+func (e *notFoundError) Unwrap() error { return e.err }
+
 // toStatus is the one place that turns an error into the gRPC status a
 // caller sees. Only errors whose text was written for the caller keep their
 // text; anything unexpected becomes a generic Internal error and the cause
@@ -92,6 +112,8 @@ func toStatus(ctx context.Context, logger *slog.Logger, err error) error {
 		invalid  *invalidArgumentError
 		tooLarge *messageTooLargeError
 		unauth   *unauthenticatedError
+		denied   *permissionDeniedError
+		notFound *notFoundError
 	)
 	switch {
 	case errors.As(err, &invalid):
@@ -116,6 +138,10 @@ func toStatus(ctx context.Context, logger *slog.Logger, err error) error {
 		})
 	case errors.As(err, &unauth):
 		return status.Error(codes.Unauthenticated, unauth.reason)
+	case errors.As(err, &denied):
+		return status.Error(codes.PermissionDenied, denied.Error())
+	case errors.As(err, &notFound):
+		return status.Error(codes.NotFound, notFound.Error())
 	case errors.Is(err, db.ErrNotFound):
 		return status.Error(codes.NotFound, "message not found")
 	case errors.Is(err, db.ErrIdempotencyConflict):

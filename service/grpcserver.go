@@ -101,8 +101,8 @@ func (ic interceptors) logCall(ctx context.Context, method string, start time.Ti
 		slog.String("code", code.String()),
 		slog.Duration("duration", time.Since(start)),
 	}
-	if id, ok := apiKeyIDFrom(ctx); ok {
-		attrs = append(attrs, slog.String("api_key_id", id.String()))
+	if p, ok := principalFrom(ctx); ok {
+		attrs = append(attrs, slog.String("api_key_id", p.keyID.String()), slog.String("project_id", p.projectID.String()))
 	}
 	if err != nil && code != codes.Internal {
 		// Internal errors were logged with their cause where they were mapped;

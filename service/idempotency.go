@@ -5,7 +5,6 @@ import (
 	"crypto/sha256"
 	"fmt"
 
-	"github.com/google/uuid"
 	"google.golang.org/grpc/metadata"
 	"google.golang.org/protobuf/proto"
 
@@ -34,9 +33,10 @@ func idempotencyKeyFromMetadata(ctx context.Context) string {
 }
 
 // idempotency returns the row that makes a retry of req with key replay
-// resp instead of sending again. Keys are scoped to the API key, so two
-// callers cannot collide or read each other's answers.
-func (s *Server) idempotency(keyID uuid.UUID, key string, req idempotentRequest, resp *posthastev1.SendMessageResponse) (*db.Idempotency, error) {
+// resp instead of sending again. Keys are scoped to the project the message
+// is stored in, so two projects cannot collide or read each other's
+// answers, while a client that rotates its API key keeps its retries safe.
+func (s *Server) idempotency(key string, req idempotentRequest, resp *posthastev1.SendMessageResponse) (*db.Idempotency, error) {
 	hash, err := requestHash(req)
 	if err != nil {
 		return nil, err
@@ -46,7 +46,6 @@ func (s *Server) idempotency(keyID uuid.UUID, key string, req idempotentRequest,
 		return nil, fmt.Errorf("marshal response for idempotency: %w", err)
 	}
 	return &db.Idempotency{
-		APIKeyID:    keyID,
 		Key:         key,
 		RequestHash: hash,
 		Response:    stored,

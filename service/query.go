@@ -42,14 +42,15 @@ func (s *Server) GetMessage(ctx context.Context, req *posthastev1.GetMessageRequ
 }
 
 func (s *Server) getMessage(ctx context.Context, rawID string) (*posthastev1.Message, error) {
-	if _, err := requireAPIKeyID(ctx); err != nil {
+	caller, err := requireScope(ctx, db.ScopeRead)
+	if err != nil {
 		return nil, err
 	}
 	id, err := parseID(rawID)
 	if err != nil {
 		return nil, err
 	}
-	m, err := s.store.GetMessage(ctx, id)
+	m, err := s.store.GetMessage(ctx, caller.projectID, id)
 	if err != nil {
 		return nil, fmt.Errorf("get message %s: %w", id, err)
 	}
@@ -57,7 +58,9 @@ func (s *Server) getMessage(ctx context.Context, rawID string) (*posthastev1.Mes
 }
 
 // CancelMessage cancels every recipient of a message that is not final yet
-// and returns the message as it stands afterwards.
+// and returns the message as it stands afterwards. It needs the send scope,
+// not read: canceling changes what is delivered, which a read-only key (a
+// dashboard, a support tool) must not do.
 func (s *Server) CancelMessage(ctx context.Context, req *posthastev1.CancelMessageRequest) (*posthastev1.Message, error) {
 	m, err := s.cancelMessage(ctx, req.GetId())
 	if err != nil {
@@ -67,14 +70,15 @@ func (s *Server) CancelMessage(ctx context.Context, req *posthastev1.CancelMessa
 }
 
 func (s *Server) cancelMessage(ctx context.Context, rawID string) (*posthastev1.Message, error) {
-	if _, err := requireAPIKeyID(ctx); err != nil {
+	caller, err := requireScope(ctx, db.ScopeSend)
+	if err != nil {
 		return nil, err
 	}
 	id, err := parseID(rawID)
 	if err != nil {
 		return nil, err
 	}
-	m, err := s.store.CancelMessage(ctx, id)
+	m, err := s.store.CancelMessage(ctx, caller.projectID, id)
 	if err != nil {
 		return nil, fmt.Errorf("cancel message %s: %w", id, err)
 	}
@@ -91,11 +95,12 @@ func (s *Server) ListMessages(ctx context.Context, req *posthastev1.ListMessages
 }
 
 func (s *Server) listMessages(ctx context.Context, req *posthastev1.ListMessagesRequest) (*posthastev1.ListMessagesResponse, error) {
-	if _, err := requireAPIKeyID(ctx); err != nil {
+	caller, err := requireScope(ctx, db.ScopeRead)
+	if err != nil {
 		return nil, err
 	}
 	var v violations
-	p := db.ListMessagesParams{Limit: defaultPageSize}
+	p := db.ListMessagesParams{ProjectID: caller.projectID, Limit: defaultPageSize}
 	switch n := req.GetPageSize(); {
 	case n < 0 || n > maxPageSize:
 		v.add("page_size", "must be between 1 and %d", maxPageSize)
@@ -239,6 +244,7 @@ func messageToProto(m db.Message) *posthastev1.Message {
 			TlsVersion:  a.TLSVersion,
 			Reply:       &posthastev1.SmtpReply{Code: int32(a.Code), EnhancedCode: a.EnhancedCode, Text: a.Text},
 			Outcome:     a.Outcome,
+			Source:      a.Source,
 		})
 	}
 	return out

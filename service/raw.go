@@ -26,7 +26,7 @@ func (s *Server) SendRawMessage(ctx context.Context, req *posthastev1.SendRawMes
 }
 
 func (s *Server) sendRawMessage(ctx context.Context, req *posthastev1.SendRawMessageRequest) (*posthastev1.SendMessageResponse, error) {
-	keyID, err := requireAPIKeyID(ctx)
+	caller, err := requireScope(ctx, db.ScopeSend)
 	if err != nil {
 		return nil, err
 	}
@@ -104,7 +104,7 @@ func (s *Server) sendRawMessage(ctx context.Context, req *posthastev1.SendRawMes
 	if size := int64(len(p.raw)); size > s.cfg.MaxMessageBytes {
 		return nil, &messageTooLargeError{size: size, limit: s.cfg.MaxMessageBytes}
 	}
-	return s.commit(ctx, keyID, req, p, now)
+	return s.commit(ctx, caller, req, p, now)
 }
 
 // summaryText makes a header decoded for display fit to store and show as

@@ -28,7 +28,7 @@ func (s *Server) SendMessage(ctx context.Context, req *posthastev1.SendMessageRe
 }
 
 func (s *Server) sendMessage(ctx context.Context, req *posthastev1.SendMessageRequest) (*posthastev1.SendMessageResponse, error) {
-	keyID, err := requireAPIKeyID(ctx)
+	caller, err := requireScope(ctx, db.ScopeSend)
 	if err != nil {
 		return nil, err
 	}
@@ -57,7 +57,7 @@ func (s *Server) sendMessage(ctx context.Context, req *posthastev1.SendMessageRe
 	}
 	p.raw = built.Raw
 	p.messageIDHeader = built.MessageID
-	return s.commit(ctx, keyID, req, p, now)
+	return s.commit(ctx, caller, req, p, now)
 }
 
 // minEncodedSize is a lower bound of the encoded size of req's message
@@ -294,7 +294,7 @@ type pending struct {
 
 // commit stores p in one transaction and answers with its receipt, or
 // with the receipt of the first call when the idempotency key replays it.
-func (s *Server) commit(ctx context.Context, keyID uuid.UUID, req idempotentRequest, p pending, now time.Time) (*posthastev1.SendMessageResponse, error) {
+func (s *Server) commit(ctx context.Context, caller principal, req idempotentRequest, p pending, now time.Time) (*posthastev1.SendMessageResponse, error) {
 	id, err := uuid.NewV7()
 	if err != nil {
 		return nil, fmt.Errorf("new message id: %w", err)
@@ -309,7 +309,8 @@ func (s *Server) commit(ctx context.Context, keyID uuid.UUID, req idempotentRequ
 	}
 	nm := db.NewMessage{
 		ID:              id,
-		APIKeyID:        keyID,
+		ProjectID:       caller.projectID,
+		APIKeyID:        caller.keyID,
 		MessageIDHeader: p.messageIDHeader,
 		EnvelopeFrom:    p.envelopeFrom,
 		FromHeader:      p.fromHeader,
@@ -333,7 +334,7 @@ func (s *Server) commit(ctx context.Context, keyID uuid.UUID, req idempotentRequ
 		})
 	}
 	if p.idempotencyKey != "" {
-		idem, err := s.idempotency(keyID, p.idempotencyKey, req, resp)
+		idem, err := s.idempotency(p.idempotencyKey, req, resp)
 		if err != nil {
 			return nil, err
 		}

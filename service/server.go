@@ -26,6 +26,8 @@ type Server struct {
 	log      *slog.Logger
 	store    *db.DB
 	onCommit func()
+	// events wakes the event streams; nil when the server serves none.
+	events *EventHub
 	// health is set by NewGRPCServer; Drain marks it NOT_SERVING.
 	health atomic.Pointer[dbHealth]
 }
@@ -39,10 +41,21 @@ func (s *Server) Drain() {
 	}
 }
 
+// Option adds an optional part to a Server.
+type Option func(*Server)
+
+// WithEventHub makes the server serve StreamEvents and WatchMessage, woken
+// by hub; without it they answer Unimplemented. The caller starts and stops
+// hub, and must stop it before a graceful stop of the gRPC server, which
+// would otherwise wait for the open streams.
+func WithEventHub(hub *EventHub) Option {
+	return func(s *Server) { s.events = hub }
+}
+
 // New returns a Server storing into store. onCommit, if not nil, is called
 // after each newly committed message (not for idempotent replays) so
 // delivery can start without waiting for its poll; it must not block.
-func New(cfg Config, store *db.DB, onCommit func()) (*Server, error) {
+func New(cfg Config, store *db.DB, onCommit func(), opts ...Option) (*Server, error) {
 	cfg = cfg.WithDefaults()
 	if err := cfg.validate(); err != nil {
 		return nil, fmt.Errorf("service config: %w", err)
@@ -53,10 +66,14 @@ func New(cfg Config, store *db.DB, onCommit func()) (*Server, error) {
 	if onCommit == nil {
 		onCommit = func() {}
 	}
-	return &Server{
+	s := &Server{
 		cfg:      cfg,
 		log:      cfg.Logger,
 		store:    store,
 		onCommit: onCommit,
-	}, nil
+	}
+	for _, opt := range opts {
+		opt(s)
+	}
+	return s, nil
 }

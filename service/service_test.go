@@ -99,13 +99,23 @@ func serve(t *testing.T, gs *grpc.Server) *grpc.ClientConn {
 	return conn
 }
 
+// createKey makes a send and read key in the default project.
 func createKey(t *testing.T, store *db.DB, name string) (string, uuid.UUID) {
+	t.Helper()
+	return createScopedKey(t, store, uuid.Nil, name, db.ScopeSend, db.ScopeRead)
+}
+
+// createScopedKey makes a key of project (uuid.Nil: the default one) with
+// the given scopes.
+func createScopedKey(t *testing.T, store *db.DB, project uuid.UUID, name string, scopes ...string) (string, uuid.UUID) {
 	t.Helper()
 	key, prefix, hash, err := service.NewAPIKey()
 	if err != nil {
 		t.Fatal(err)
 	}
-	k, err := store.CreateAPIKey(t.Context(), name, prefix, hash)
+	k, err := store.CreateAPIKey(t.Context(), db.NewAPIKeyParams{
+		ProjectID: project, Name: name, Prefix: prefix, Hash: hash, Scopes: scopes,
+	})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -186,7 +196,7 @@ func TestSendMessageStoresMessage(t *testing.T) {
 	}
 
 	id := uuid.MustParse(resp.GetId())
-	m, err := e.store.GetMessage(t.Context(), id)
+	m, err := e.store.GetMessage(t.Context(), db.DefaultProjectID(), id)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -285,7 +295,7 @@ func TestAuth(t *testing.T) {
 	t.Parallel()
 	e := setup(t, service.Config{})
 	revoked, revokedID := createKey(t, e.store, "old")
-	if err := e.store.RevokeAPIKey(t.Context(), revokedID); err != nil {
+	if _, err := e.store.RevokeAPIKey(t.Context(), db.DefaultProjectID(), revokedID); err != nil {
 		t.Fatal(err)
 	}
 	unknown, _, _, err := service.NewAPIKey()
@@ -388,14 +398,28 @@ func TestIdempotency(t *testing.T) {
 		t.Errorf("reuse with another request: %v, want AlreadyExists", err)
 	}
 
-	// Keys belong to an API key: another caller's identical key is theirs.
-	otherKey, _ := createKey(t, e.store, "other")
+	// Keys belong to the project: another API key of the same project
+	// replays (a client that rotated its key keeps its retries safe), while
+	// another project's identical key is theirs.
+	sameProject, _ := createKey(t, e.store, "rotated")
+	replayed, err := e.client.SendMessage(withKey(t.Context(), sameProject), req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if replayed.GetId() != first.GetId() {
+		t.Error("another key of the same project did not replay the first answer")
+	}
+	other, err := e.store.CreateProject(t.Context(), "other")
+	if err != nil {
+		t.Fatal(err)
+	}
+	otherKey, _ := createScopedKey(t, e.store, other.ID, "other", db.ScopeSend)
 	third, err := e.client.SendMessage(withKey(t.Context(), otherKey), req)
 	if err != nil {
 		t.Fatal(err)
 	}
 	if third.GetId() == first.GetId() {
-		t.Error("another API key replayed the first caller's message")
+		t.Error("another project's key replayed the first caller's message")
 	}
 
 	conflict := validRequest()

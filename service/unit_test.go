@@ -395,3 +395,26 @@ func TestAPIKeyListPrefixKeepsMostOfTheSecret(t *testing.T) {
 		t.Errorf("prefix of %q = %q, want a quarter of it", operator, got)
 	}
 }
+
+// TestMessageToProtoAttempts checks that each attempt keeps whose words its
+// reply is, and that the ambiguous outcome passes through.
+func TestMessageToProtoAttempts(t *testing.T) {
+	t.Parallel()
+	m := db.Message{ID: uuid.New(), Attempts: []db.Attempt{
+		{ID: uuid.New(), MXHost: "mx.example.test", Code: 250, EnhancedCode: "2.0.0", Text: "queued",
+			Outcome: db.StatusDelivered, Source: db.AttemptSourceRemote},
+		{ID: uuid.New(), MXHost: "mx.example.test", Code: 451, EnhancedCode: "4.4.2",
+			Text:    "connection lost after end of data; the receiver may have the message: EOF",
+			Outcome: db.AttemptAmbiguous, Source: db.AttemptSourceLocal},
+	}}
+	got := messageToProto(m).GetAttempts()
+	if len(got) != 2 {
+		t.Fatalf("%d attempts, want 2", len(got))
+	}
+	if a := got[0]; a.GetSource() != "remote" || a.GetOutcome() != "delivered" {
+		t.Errorf("attempt 0: source %q, outcome %q", a.GetSource(), a.GetOutcome())
+	}
+	if a := got[1]; a.GetSource() != "local" || a.GetOutcome() != "ambiguous" || a.GetReply().GetCode() != 451 {
+		t.Errorf("attempt 1: source %q, outcome %q, reply %v", a.GetSource(), a.GetOutcome(), a.GetReply())
+	}
+}

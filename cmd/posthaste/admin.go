@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"strings"
 	"text/tabwriter"
 	"time"
 
@@ -36,9 +37,15 @@ func runMigrate(ctx context.Context, args []string, stdout, stderr io.Writer) er
 }
 
 const keysUsage = `Usage:
-  posthaste keys create --name NAME   create a key; it is printed once
-  posthaste keys list                 list keys (never their secret)
-  posthaste keys revoke ID            revoke a key; requests with it get 401
+  posthaste keys create --name NAME [--project P] [--scopes send,read]
+                                      create a key; it is printed once
+  posthaste keys list [--project P]   list a project's keys (never their secret)
+  posthaste keys revoke ID [--project P]
+                                      revoke a key; requests with it get 401
+
+--project defaults to "default". Scopes: send (send and cancel messages),
+read (get and list messages), admin (manage the project's keys; allows
+everything). --scopes defaults to send,read.
 `
 
 func runKeys(ctx context.Context, args []string, stdout, stderr io.Writer) error {
@@ -47,12 +54,21 @@ func runKeys(ctx context.Context, args []string, stdout, stderr io.Writer) error
 		return errors.New("keys: no subcommand given")
 	}
 	sub, args := args[0], args[1:]
+	switch sub {
+	case "create", "list", "revoke":
+	default:
+		fmt.Fprint(stderr, keysUsage)
+		return fmt.Errorf("keys: unknown subcommand %q", sub)
+	}
 	fs := newFlagSet("keys "+sub, stderr)
 	var dbf databaseFlags
 	dbf.register(fs)
-	var name string
+	var name, projectName string
+	scopes := scopeList{scopes: []string{db.ScopeSend, db.ScopeRead}}
+	fs.StringVar(&projectName, "project", db.DefaultProjectName, "the project the key belongs to")
 	if sub == "create" {
 		fs.StringVar(&name, "name", "", "a name that says who uses the key (required)")
+		fs.Var(&scopes, "scopes", "comma-separated scopes: send, read, admin")
 	}
 	positional, err := parseInterspersed(fs, args)
 	if err != nil {
@@ -63,36 +79,43 @@ func runKeys(ctx context.Context, args []string, stdout, stderr io.Writer) error
 	}
 	switch sub {
 	case "create":
-		if name == "" {
-			return errors.New("keys create: --name is required")
+		if err := db.ValidateKeyName(name); err != nil {
+			return fmt.Errorf("keys create: --name %w", err)
 		}
-		return withStore(ctx, dbf, stderr, func(store *db.DB) error {
+		normalized, err := db.NormalizeScopes(scopes.scopes)
+		if err != nil {
+			return fmt.Errorf("keys create: --scopes: %w", err)
+		}
+		return withProject(ctx, dbf, projectName, stderr, func(store *db.DB, project db.Project) error {
 			key, prefix, hash, err := service.NewAPIKey()
 			if err != nil {
 				return err
 			}
-			k, err := store.CreateAPIKey(ctx, name, prefix, hash)
+			k, err := store.CreateAPIKey(ctx, db.NewAPIKeyParams{
+				ProjectID: project.ID, Name: name, Prefix: prefix, Hash: hash, Scopes: normalized,
+			})
 			if err != nil {
 				return fmt.Errorf("create key: %w", err)
 			}
-			fmt.Fprintf(stdout, "Created API key %s (%s). It is shown only this once:\n\n    %s\n", k.ID, k.Name, key)
+			fmt.Fprintf(stdout, "Created API key %s (%s) in project %s with scopes %s. It is shown only this once:\n\n    %s\n",
+				k.ID, k.Name, project.Name, strings.Join(k.Scopes, ","), key)
 			return nil
 		})
 	case "list":
-		return withStore(ctx, dbf, stderr, func(store *db.DB) error {
-			keys, err := store.ListAPIKeys(ctx)
+		return withProject(ctx, dbf, projectName, stderr, func(store *db.DB, project db.Project) error {
+			keys, err := store.ListAPIKeys(ctx, project.ID)
 			if err != nil {
 				return fmt.Errorf("list keys: %w", err)
 			}
 			tw := tabwriter.NewWriter(stdout, 0, 4, 2, ' ', 0)
-			fmt.Fprintln(tw, "ID\tNAME\tPREFIX\tCREATED\tLAST USED\tREVOKED")
+			fmt.Fprintln(tw, "ID\tNAME\tPREFIX\tSCOPES\tCREATED\tLAST USED\tREVOKED")
 			for _, k := range keys {
-				fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\n", k.ID, k.Name, k.Prefix,
+				fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\n", k.ID, k.Name, k.Prefix, strings.Join(k.Scopes, ","),
 					k.CreatedAt.UTC().Format(time.RFC3339), formatOptionalTime(k.LastUsedAt), formatOptionalTime(k.RevokedAt))
 			}
 			return tw.Flush()
 		})
-	case "revoke":
+	default: // revoke
 		if len(positional) != 1 {
 			return errors.New("keys revoke: give exactly one key ID")
 		}
@@ -100,20 +123,141 @@ func runKeys(ctx context.Context, args []string, stdout, stderr io.Writer) error
 		if err != nil {
 			return fmt.Errorf("keys revoke: %q is not a key ID", positional[0])
 		}
-		return withStore(ctx, dbf, stderr, func(store *db.DB) error {
-			if err := store.RevokeAPIKey(ctx, id); err != nil {
+		return withProject(ctx, dbf, projectName, stderr, func(store *db.DB, project db.Project) error {
+			if _, err := store.RevokeAPIKey(ctx, project.ID, id); err != nil {
 				if errors.Is(err, db.ErrNotFound) {
-					return fmt.Errorf("keys revoke: no key with ID %s", id)
+					return fmt.Errorf("keys revoke: no key with ID %s in project %s", id, project.Name)
 				}
 				return fmt.Errorf("revoke key: %w", err)
 			}
 			fmt.Fprintf(stdout, "revoked %s\n", id)
 			return nil
 		})
-	default:
-		fmt.Fprint(stderr, keysUsage)
-		return fmt.Errorf("keys: unknown subcommand %q", sub)
 	}
+}
+
+const projectsUsage = `Usage:
+  posthaste projects create NAME           create a project
+  posthaste projects list                  list projects and their active keys
+  posthaste projects delete NAME [--force] delete a project
+
+delete refuses while the project has active keys or stored messages; with
+--force it deletes them too (messages with their recipients and history).
+The default project cannot be deleted. Names are 1 to 63 lowercase letters,
+digits, '-' or '_'.
+`
+
+func runProjects(ctx context.Context, args []string, stdout, stderr io.Writer) error {
+	if len(args) == 0 {
+		fmt.Fprint(stderr, projectsUsage)
+		return errors.New("projects: no subcommand given")
+	}
+	sub, args := args[0], args[1:]
+	switch sub {
+	case "create", "list", "delete":
+	default:
+		fmt.Fprint(stderr, projectsUsage)
+		return fmt.Errorf("projects: unknown subcommand %q", sub)
+	}
+	fs := newFlagSet("projects "+sub, stderr)
+	var dbf databaseFlags
+	dbf.register(fs)
+	var force bool
+	if sub == "delete" {
+		fs.BoolVar(&force, "force", false, "also delete the project's keys and messages")
+	}
+	positional, err := parseInterspersed(fs, args)
+	if err != nil {
+		return err
+	}
+	if sub == "list" {
+		if len(positional) > 0 {
+			return fmt.Errorf("projects list: unexpected argument %q", positional[0])
+		}
+		return withStore(ctx, dbf, stderr, func(store *db.DB) error {
+			ps, err := store.ListProjects(ctx)
+			if err != nil {
+				return fmt.Errorf("list projects: %w", err)
+			}
+			tw := tabwriter.NewWriter(stdout, 0, 4, 2, ' ', 0)
+			fmt.Fprintln(tw, "NAME\tID\tACTIVE KEYS\tCREATED")
+			for _, p := range ps {
+				fmt.Fprintf(tw, "%s\t%s\t%d\t%s\n", p.Name, p.ID, p.ActiveKeys, p.CreatedAt.UTC().Format(time.RFC3339))
+			}
+			return tw.Flush()
+		})
+	}
+	if len(positional) != 1 {
+		return fmt.Errorf("projects %s: give exactly one project name", sub)
+	}
+	name := positional[0]
+	if err := db.ValidateProjectName(name); err != nil {
+		return fmt.Errorf("projects %s: name %w", sub, err)
+	}
+	if sub == "create" {
+		return withStore(ctx, dbf, stderr, func(store *db.DB) error {
+			p, err := store.CreateProject(ctx, name)
+			if errors.Is(err, db.ErrAlreadyExists) {
+				return fmt.Errorf("projects create: project %s already exists", name)
+			}
+			if err != nil {
+				return err
+			}
+			fmt.Fprintf(stdout, "created project %s (%s)\n", p.Name, p.ID)
+			return nil
+		})
+	}
+	return withStore(ctx, dbf, stderr, func(store *db.DB) error {
+		err := store.DeleteProject(ctx, db.DeleteProjectParams{Name: name, Force: force})
+		var notEmpty *db.ProjectNotEmptyError
+		switch {
+		case errors.As(err, &notEmpty):
+			return fmt.Errorf("projects delete: %s: %w; revoke its keys first, or pass --force to delete them and its messages", name, notEmpty)
+		case errors.Is(err, db.ErrNotFound):
+			return fmt.Errorf("projects delete: no project named %s", name)
+		case errors.Is(err, db.ErrDefaultProject):
+			return fmt.Errorf("projects delete: %w", db.ErrDefaultProject)
+		case err != nil:
+			return err
+		}
+		fmt.Fprintf(stdout, "deleted project %s\n", name)
+		return nil
+	})
+}
+
+// withProject runs fn with the store and the project called name.
+func withProject(ctx context.Context, dbf databaseFlags, name string, stderr io.Writer, fn func(*db.DB, db.Project) error) error {
+	return withStore(ctx, dbf, stderr, func(store *db.DB) error {
+		p, err := store.ProjectByName(ctx, name)
+		if errors.Is(err, db.ErrNotFound) {
+			return fmt.Errorf("no project named %s (see posthaste projects list)", name)
+		}
+		if err != nil {
+			return err
+		}
+		return fn(store, p)
+	})
+}
+
+// scopeList is --scopes: a comma-separated list that replaces the default
+// when given (once or repeated).
+type scopeList struct {
+	scopes []string
+	set    bool
+}
+
+func (l *scopeList) String() string { return strings.Join(l.scopes, ",") }
+
+func (l *scopeList) Set(v string) error {
+	if !l.set {
+		l.scopes, l.set = nil, true
+	}
+	for _, part := range strings.Split(v, ",") {
+		if part = strings.TrimSpace(part); part != "" {
+			l.scopes = append(l.scopes, part)
+		}
+	}
+	return nil
 }
 
 func formatOptionalTime(t *time.Time) string {
@@ -127,8 +271,20 @@ func formatOptionalTime(t *time.Time) string {
 // stopping) the embedded database when none is configured and no running
 // serve already has it up.
 func withDatabase(ctx context.Context, dbf databaseFlags, stderr io.Writer, fn func(url string) error) error {
+	return useDatabase(ctx, dbf, stderr, app.OpenDatabase, fn)
+}
+
+// withExistingDatabase is withDatabase that refuses a data directory
+// without a database instead of creating one.
+func withExistingDatabase(ctx context.Context, dbf databaseFlags, stderr io.Writer, fn func(url string) error) error {
+	return useDatabase(ctx, dbf, stderr, app.OpenExistingDatabase, fn)
+}
+
+type openFunc func(ctx context.Context, url, dataDir string, logger *slog.Logger) (*app.Database, error)
+
+func useDatabase(ctx context.Context, dbf databaseFlags, stderr io.Writer, open openFunc, fn func(url string) error) error {
 	logger := slog.New(slog.NewTextHandler(stderr, &slog.HandlerOptions{Level: slog.LevelWarn}))
-	database, err := app.OpenDatabase(ctx, dbf.url, dbf.dataDir, logger)
+	database, err := open(ctx, dbf.url, dbf.dataDir, logger)
 	if err != nil {
 		return err
 	}
@@ -140,8 +296,11 @@ func withDatabase(ctx context.Context, dbf databaseFlags, stderr io.Writer, fn f
 	return fn(database.URL)
 }
 
+// withStore runs fn with the migrated database of an existing installation:
+// against a data directory that holds no database it fails and creates
+// nothing, since keys and projects only make sense for data that exists.
 func withStore(ctx context.Context, dbf databaseFlags, stderr io.Writer, fn func(*db.DB) error) error {
-	return withDatabase(ctx, dbf, stderr, func(url string) error {
+	return withExistingDatabase(ctx, dbf, stderr, func(url string) error {
 		// db's errors already start with the step ("migrate: ...", "open
 		// database: ...").
 		if err := db.Migrate(ctx, url); err != nil {

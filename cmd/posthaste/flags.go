@@ -7,6 +7,7 @@ import (
 	"log/slog"
 	"os"
 	"strings"
+	"time"
 )
 
 // envName is the environment variable that sets a flag: --http-addr is
@@ -39,7 +40,9 @@ func newFlagSet(name string, stderr io.Writer) *flag.FlagSet {
 		fmt.Fprintf(stderr, "Usage: posthaste %s [flags]\n\nFlags (each also read from the environment variable shown):\n", name)
 		fs.VisitAll(func(f *flag.Flag) {
 			fmt.Fprintf(stderr, "  --%s (%s)\n    \t%s", f.Name, envName(f.Name), f.Usage)
-			if f.DefValue != "" && f.DefValue != "0" && f.DefValue != "false" && f.DefValue != "[]" {
+			// A zero default means "derived from other flags", which the
+			// usage text then explains itself.
+			if f.DefValue != "" && f.DefValue != "0" && f.DefValue != "0s" && f.DefValue != "false" && f.DefValue != "[]" {
 				fmt.Fprintf(stderr, " (default %s)", f.DefValue)
 			}
 			fmt.Fprintln(stderr)
@@ -58,7 +61,13 @@ func parseFlags(fs *flag.FlagSet, args []string) error {
 			return
 		}
 		if err := fs.Set(f.Name, v); err != nil {
-			envErr = fmt.Errorf("%s: %w", envName(f.Name), err)
+			// The flag package's own error for a bad value is only "parse
+			// error"; say what the variable should hold.
+			kind, _ := flag.UnquoteUsage(f)
+			if kind == "" {
+				kind = "value"
+			}
+			envErr = fmt.Errorf("%s (--%s): invalid %s %q: %w", envName(f.Name), f.Name, kind, v, err)
 		}
 	})
 	if envErr != nil {
@@ -116,4 +125,36 @@ func newLogger(w io.Writer, level, format string) (*slog.Logger, error) {
 	default:
 		return nil, fmt.Errorf("%s: want text or json, got %q", flagRef("log-format"), format)
 	}
+}
+
+// durationListFlag is a comma-separated list of durations, such as a retry
+// schedule.
+type durationListFlag []time.Duration
+
+func (l *durationListFlag) String() string {
+	parts := make([]string, len(*l))
+	for i, d := range *l {
+		parts[i] = d.String()
+	}
+	return strings.Join(parts, ",")
+}
+
+func (l *durationListFlag) Set(v string) error {
+	var out durationListFlag
+	for _, part := range strings.Split(v, ",") {
+		part = strings.TrimSpace(part)
+		if part == "" {
+			continue
+		}
+		d, err := time.ParseDuration(part)
+		if err != nil {
+			return fmt.Errorf("%q: %w", part, err)
+		}
+		if d < 0 {
+			return fmt.Errorf("%q: must not be negative", part)
+		}
+		out = append(out, d)
+	}
+	*l = out
+	return nil
 }

@@ -62,4 +62,10 @@ func TestKeysCreateListRevoke(t *testing.T) {
 	if _, err := runCmd("keys", "create"); err == nil {
 		t.Error("create without --name succeeded")
 	}
+	// The API refuses these names; the command line must too.
+	for _, name := range []string{strings.Repeat("a", db.MaxKeyNameLen+1), "bad\x01name", "two\nlines"} {
+		if _, err := runCmd("keys", "create", "--name", name); err == nil || !strings.Contains(err.Error(), "--name") {
+			t.Errorf("create --name %q: %v, want an error naming --name", name, err)
+		}
+	}
 }

@@ -6,6 +6,9 @@
 //	posthaste keys create --name N   create an API key (shown once)
 //	posthaste keys list              list API keys
 //	posthaste keys revoke ID         revoke an API key
+//	posthaste projects create NAME   create a project
+//	posthaste projects list          list projects
+//	posthaste projects delete NAME   delete a project
 //	posthaste bench [flags]          measure intake and delivery rates and costs
 //
 // Every flag can also be set through an environment variable: --database-url
@@ -40,6 +43,7 @@ Commands:
   serve     run the REST and gRPC API and the delivery workers
   migrate   apply database migrations and exit
   keys      create, list and revoke API keys
+  projects  create, list and delete projects
   bench     measure how fast a server takes and delivers mail
   version   print the version
 
@@ -76,6 +80,12 @@ func dispatch(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 			return nil
 		}
 		return runKeys(ctx, args[1:], stdout, stderr)
+	case "projects":
+		if len(args) > 1 && isHelp(args[1]) {
+			fmt.Fprint(stdout, projectsUsage)
+			return nil
+		}
+		return runProjects(ctx, args[1:], stdout, stderr)
 	case "bench":
 		return runBench(ctx, args[1:], stdout, stderr)
 	case "version", "--version", "-version":

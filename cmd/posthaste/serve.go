@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/posthaste/posthaste/delivery"
+	"github.com/posthaste/posthaste/delivery/webhook"
 	"github.com/posthaste/posthaste/internal/app"
 	"github.com/posthaste/posthaste/service"
 )
@@ -46,6 +47,7 @@ func runServe(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 		dlv      delivery.Config
 		routes   listFlag
 		hostname string
+		whRetry  durationListFlag
 	)
 	dbf.register(fs)
 	logf.register(fs)
@@ -63,10 +65,12 @@ func runServe(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	fs.IntVar(&dlv.Concurrency, "concurrency", 100, "most SMTP sessions at once")
 	fs.IntVar(&dlv.PerDomainConcurrency, "per-domain-concurrency", 10, "most SMTP sessions at once to one destination domain")
 	fs.DurationVar(&dlv.MaxAttemptDuration, "max-attempt-duration", 10*time.Minute, "cap on one delivery attempt (DNS, every MX host, the SMTP session)")
+	fs.DurationVar(&dlv.LeaseDuration, "lease", 30*time.Second, "how long claimed recipients stay reserved without a renewal (renewed every third of it); a crashed instance's recipients are taken over after about this long")
 	fs.DurationVar(&dlv.PollInterval, "poll-interval", 5*time.Second, "how often to look for scheduled and retry work without a notification")
 	fs.DurationVar(&dlv.Retry.InitialInterval, "retry-initial", time.Minute, "delay before the first retry of a deferred recipient")
 	fs.DurationVar(&dlv.Retry.MaxInterval, "retry-max", time.Hour, "longest delay between retries")
 	fs.DurationVar(&dlv.Retry.MaxAge, "max-age", 48*time.Hour, "give up (status failed) on a recipient after this long")
+	fs.IntVar(&dlv.MaxAmbiguousRetries, "max-ambiguous-retries", 0, "give up (status failed) on a recipient after this many retries of attempts whose outcome stayed unknown (connection lost after the end of data); 0 retries until --max-age")
 	fs.DurationVar(&dlv.SMTP.ConnectTimeout, "smtp-connect-timeout", 30*time.Second, "timeout for the TCP connection to an MX")
 	fs.DurationVar(&dlv.SMTP.CommandTimeout, "smtp-command-timeout", 5*time.Minute, "timeout for each SMTP command's reply (RFC 5321 section 4.5.3.2)")
 	fs.DurationVar(&dlv.SMTP.DataTimeout, "smtp-data-timeout", 10*time.Minute, "timeout for writing the message and for the reply to its end")
@@ -75,6 +79,13 @@ func runServe(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	fs.DurationVar(&dlv.DNSTimeout, "dns-timeout", 20*time.Second, "timeout for all DNS lookups of one domain")
 	fs.IntVar(&dlv.BatchSize, "batch-size", 100, "most recipients claimed in one query")
 	fs.BoolVar(&dlv.SMTP.VerifyTLS, "smtp-verify-tls", false, "refuse STARTTLS peers whose certificate does not verify")
+	fs.BoolVar(&cfg.WebhookAllowPrivate, "webhook-allow-private", false, "let webhook URLs point at loopback, private and link-local addresses (local development and tests; never the cloud metadata service)")
+	fs.IntVar(&cfg.Webhook.Concurrency, "webhook-concurrency", webhook.DefaultConcurrency, "most webhook requests in flight at once")
+	fs.Var(&whRetry, "webhook-retry-schedule", "delays before each webhook retry, comma-separated (default 5s,5m,30m,2h,5h,10h,10h); after the last a delivery has failed")
+	fs.DurationVar(&cfg.Webhook.Timeout, "webhook-timeout", webhook.DefaultTimeout, "cap on one webhook request: connect, TLS, sending and reading the response")
+	fs.DurationVar(&cfg.Webhook.DisableAfter, "webhook-disable-after", webhook.DefaultDisableAfter, "disable a webhook endpoint whose attempts have all failed for this long; negative never")
+	fs.IntVar(&cfg.Webhook.DisableAfterFailures, "webhook-disable-after-failures", 0, "disable a webhook endpoint after this many failed attempts in a row; 0 leaves it to --webhook-disable-after")
+	fs.DurationVar(&cfg.Webhook.PollInterval, "webhook-poll-interval", webhook.DefaultPollInterval, "how often to read new events for webhooks and look for due webhook retries")
 	fs.DurationVar(&cfg.DatabaseWait, "database-wait", app.DefaultDatabaseWait, "how long to keep trying a database that does not accept connections yet; 0 tries once")
 	fs.DurationVar(&cfg.HTTPReadTimeout, "http-read-timeout", app.DefaultHTTPReadTimeout, "deadline for reading a whole REST request, body included")
 	// These two default to values derived from --http-read-timeout, so that
@@ -114,6 +125,9 @@ func runServe(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 		return fmt.Errorf("%s: must not be negative, got %s", flagRef("database-wait"), cfg.DatabaseWait)
 	case cfg.DatabaseWait == 0:
 		cfg.DatabaseWait = -1 // app's "try once"; its zero means the default
+	}
+	if len(whRetry) > 0 {
+		cfg.Webhook.RetrySchedule = whRetry
 	}
 	svc.Hostname = hostname
 	dlv.SMTP.Hostname = hostname
@@ -183,6 +197,14 @@ var configFlags = map[string]string{
 	"Delivery.DNSTimeout":            "dns-timeout",
 	"Delivery.BatchSize":             "batch-size",
 	"Delivery.ShutdownTimeout":       "shutdown-timeout",
+	"Delivery.LeaseDuration":         "lease",
+	"Delivery.MaxAmbiguousRetries":   "max-ambiguous-retries",
+	"Webhook.Concurrency":            "webhook-concurrency",
+	"Webhook.RetrySchedule":          "webhook-retry-schedule",
+	"Webhook.Timeout":                "webhook-timeout",
+	"Webhook.DisableAfter":           "webhook-disable-after",
+	"Webhook.DisableAfterFailures":   "webhook-disable-after-failures",
+	"Webhook.PollInterval":           "webhook-poll-interval",
 }
 
 // goName matches a Go field name inside a problem's text, such as the

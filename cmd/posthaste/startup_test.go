@@ -24,6 +24,7 @@ func TestHelpExitsZero(t *testing.T) {
 		{"migrate", "-h"},
 		{"keys", "-h"}, {"keys", "--help"},
 		{"keys", "create", "-h"}, {"keys", "list", "--help"},
+		{"projects", "-h"}, {"projects", "--help"}, {"projects", "create", "-h"},
 	} {
 		t.Run(strings.Join(args, " "), func(t *testing.T) {
 			var stdout, stderr bytes.Buffer
@@ -42,6 +43,11 @@ func TestHelpExitsZero(t *testing.T) {
 		if !strings.Contains(stderr.String(), want) {
 			t.Errorf("serve -h does not list %s", want)
 		}
+	}
+	// A default of 0 that stands for a derived one is explained by the
+	// flag's text, not shown as "(default 0s)".
+	if strings.Contains(stderr.String(), "(default 0s)") {
+		t.Errorf("serve -h shows a zero default:\n%s", stderr.String())
 	}
 }
 
@@ -80,6 +86,8 @@ func TestServeConfigErrorsNameFlags(t *testing.T) {
 		{[]string{"--http-max-connections", "-1"}, "--http-max-connections (POSTHASTE_HTTP_MAX_CONNECTIONS): must be at least 1"},
 		{[]string{"--database-wait", "-1s"}, "--database-wait (POSTHASTE_DATABASE_WAIT): must not be negative"},
 		{[]string{"--log-level", "loud"}, "--log-level (POSTHASTE_LOG_LEVEL):"},
+		{[]string{"--lease", "500ms"}, "--lease (POSTHASTE_LEASE): 500ms is shorter than 1s"},
+		{[]string{"--max-ambiguous-retries", "-1"}, "--max-ambiguous-retries (POSTHASTE_MAX_AMBIGUOUS_RETRIES): must not be negative"},
 	} {
 		t.Run(strings.Join(tc.args, " "), func(t *testing.T) {
 			var stdout, stderr bytes.Buffer
@@ -88,6 +96,18 @@ func TestServeConfigErrorsNameFlags(t *testing.T) {
 				t.Errorf("error %v, want it to start with %q", err, tc.want)
 			}
 		})
+	}
+}
+
+// A bad value in an environment variable names the variable, its flag and
+// what it should hold.
+func TestEnvironmentErrorsSayWhatIsExpected(t *testing.T) {
+	t.Setenv("POSTHASTE_LEASE", "abc")
+	var stdout, stderr bytes.Buffer
+	err := run(context.Background(), []string{"serve", "--database-wait", "0"}, &stdout, &stderr)
+	want := `POSTHASTE_LEASE (--lease): invalid duration "abc"`
+	if err == nil || !strings.HasPrefix(err.Error(), want) {
+		t.Errorf("error %v, want it to start with %q", err, want)
 	}
 }
 

@@ -3,10 +3,10 @@ package message
 import (
 	"bytes"
 	"crypto/rand"
-	"encoding/base64"
 	"fmt"
 	"io"
 	"mime"
+	"net/textproto"
 	"strings"
 	"time"
 	"unicode/utf8"
@@ -116,6 +116,7 @@ func Build(s Spec) (Built, error) {
 	if err != nil {
 		return Built{}, err
 	}
+	extra := make([]string, len(s.Headers))
 	for i, x := range s.Headers {
 		if r := checkHeaderName(x.Name); r != "" {
 			return Built{}, fieldErrorf(fmt.Sprintf("headers[%d].name", i), "%s", r)
@@ -123,9 +124,13 @@ func Build(s Spec) (Built, error) {
 		if r := checkText(x.Value, true); r != "" {
 			return Built{}, fieldErrorf(fmt.Sprintf("headers[%d].value", i), "%s", r)
 		}
-		if r := checkFoldable(x.Name, encodeText(x.Value)); r != "" {
+		// An extra field may be structured (List-Unsubscribe, say), where
+		// an encoded-word would not be read back: long words stay plain.
+		field, r := unstructuredField(textproto.CanonicalMIMEHeaderKey(x.Name), x.Value, false)
+		if r != "" {
 			return Built{}, fieldErrorf(fmt.Sprintf("headers[%d].value", i), "%s", r)
 		}
+		extra[i] = field
 	}
 
 	date := s.Date
@@ -145,13 +150,16 @@ func Build(s Spec) (Built, error) {
 	// in the envelope.
 	var h mail.Header
 	addContentFields(&h.Header, root)
-	for i := len(s.Headers) - 1; i >= 0; i-- {
-		h.Add(s.Headers[i].Name, encodeText(s.Headers[i].Value))
+	for i := len(extra) - 1; i >= 0; i-- {
+		h.AddRaw([]byte(extra[i]))
 	}
 	h.Set("MIME-Version", "1.0")
 	h.SetMessageID(msgID)
 	if s.Subject != "" {
-		h.Set("Subject", encodeText(s.Subject))
+		// The subject is unstructured text (RFC 5322 section 3.6.5): any
+		// word too long to fold is encoded, so every subject fits.
+		field, _ := unstructuredField("Subject", s.Subject, true)
+		h.AddRaw([]byte(field))
 	}
 	h.SetAddressList("Cc", addrs.cc)
 	h.SetAddressList("To", addrs.to)
@@ -183,34 +191,6 @@ func Build(s Spec) (Built, error) {
 	return Built{Raw: buf.Bytes(), MessageID: "<" + msgID + ">"}, nil
 }
 
-// encodeText encodes unstructured header text per RFC 2047, as go-message's
-// Header.SetText does, with one addition: ASCII text holding "=?" is encoded
-// too. Left as it is, a decoder would take a look-alike encoded-word in it
-// for a real one and show the recipient something the sender did not write.
-func encodeText(s string) string {
-	enc := mime.QEncoding.Encode("utf-8", s)
-	if enc != s || !strings.Contains(s, "=?") {
-		return enc
-	}
-	// The text is ASCII here, so any split keeps characters whole, as RFC
-	// 2047 section 5 requires. 45 octets make 60 base64 characters: with
-	// "=?utf-8?b?" and "?=" an encoded-word of 72, within the limit of 75.
-	var b strings.Builder
-	for len(s) > 0 {
-		n := min(len(s), 45)
-		if b.Len() > 0 {
-			// White space between adjacent encoded-words is dropped when
-			// decoding (RFC 2047 section 6.2).
-			b.WriteByte(' ')
-		}
-		b.WriteString("=?utf-8?b?")
-		b.WriteString(base64.StdEncoding.EncodeToString([]byte(s[:n])))
-		b.WriteString("?=")
-		s = s[n:]
-	}
-	return b.String()
-}
-
 // dateLayout is RFC 5322 section 3.3 date-time with a numeric zone.
 const dateLayout = "Mon, 02 Jan 2006 15:04:05 -0700"
 
@@ -225,9 +205,6 @@ func checkHeaderText(s *Spec) (addresses, error) {
 	var a addresses
 	if s.Subject != "" {
 		if r := checkText(s.Subject, true); r != "" {
-			return a, fieldErrorf("subject", "%s", r)
-		}
-		if r := checkFoldable("Subject", encodeText(s.Subject)); r != "" {
 			return a, fieldErrorf("subject", "%s", r)
 		}
 	}

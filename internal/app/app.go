@@ -1,6 +1,6 @@
 // Package app assembles one Posthaste process: database (configured or
 // embedded), migrations, the gRPC API with its REST gateway, the delivery
-// dispatcher and, in sandbox mode, the in-process SMTP server that stands in
+// dispatcher, the webhook fan-out and sender and, in sandbox mode, the in-process SMTP server that stands in
 // for every MX.
 package app
 
@@ -23,6 +23,8 @@ import (
 	"github.com/posthaste/posthaste/db"
 	"github.com/posthaste/posthaste/delivery"
 	"github.com/posthaste/posthaste/delivery/sandbox"
+	"github.com/posthaste/posthaste/delivery/webhook"
+	"github.com/posthaste/posthaste/internal/netguard"
 	"github.com/posthaste/posthaste/service"
 	"github.com/posthaste/posthaste/service/gateway"
 )
@@ -50,6 +52,15 @@ type Config struct {
 	// Delivery configures the dispatcher. Defaults to delivery.Config's
 	// defaults.
 	Delivery delivery.Config
+	// Webhook configures the webhook fan-out and sender. Defaults to
+	// webhook.Config's defaults.
+	Webhook webhook.Config
+	// WebhookAllowPrivate lets webhook URLs point at loopback, private and
+	// link-local addresses (never the cloud metadata service), for local
+	// development and tests; it sets the guard of both the API's URL check
+	// and the sender unless Service.WebhookGuard or Webhook.Guard is set.
+	// Defaults to false.
+	WebhookAllowPrivate bool
 	// SandboxServer configures the sandbox SMTP server. Defaults to
 	// sandbox.Config's defaults.
 	SandboxServer sandbox.Config
@@ -243,6 +254,9 @@ func (cfg Config) validate() error {
 	if err := cfg.deliveryConfig().Validate(); err != nil {
 		return fieldError("Delivery", err)
 	}
+	if err := cfg.Webhook.Validate(); err != nil {
+		return fieldError("Webhook", err)
+	}
 	return nil
 }
 
@@ -291,9 +305,12 @@ type App struct {
 	database   *Database
 	store      *db.DB
 	notifier   *db.OutboxNotifier
+	events     *service.EventHub
 	api        *service.Server
 	sandbox    *sandbox.Server
 	dispatcher *delivery.Dispatcher
+	fanOut     *webhook.FanOut
+	sender     *webhook.Sender
 	grpcServer *grpc.Server
 	grpcLis    net.Listener
 	gatewayLis net.Listener
@@ -349,18 +366,32 @@ func (a *App) Start(ctx context.Context) (err error) {
 		return err
 	}
 
+	// One guard for the URL check at the API and the connections of the
+	// sender, so what the API accepts is what the sender may reach.
+	guard := netguard.New()
+	if a.cfg.WebhookAllowPrivate {
+		guard = netguard.AllowAll()
+	}
 	svcCfg := a.cfg.Service
 	if svcCfg.Logger == nil {
 		svcCfg.Logger = a.log.With("component", "api")
 	}
+	a.events, err = service.NewEventHub(a.store, service.EventHubConfig{Logger: a.log.With("component", "events")})
+	if err != nil {
+		return err // "event hub config: ..."
+	}
+	if svcCfg.WebhookGuard == nil {
+		svcCfg.WebhookGuard = guard
+	}
 	// Built before anything else is started so that a bad configuration
 	// stops the process before it prints or stores anything.
 	a.api, err = service.New(svcCfg, a.store, func() {
-		// The local dispatcher wakes at once; other instances hear the
-		// coalesced NOTIFY.
+		// The local dispatcher and event streams wake at once; other
+		// instances hear the coalesced NOTIFY.
 		a.dispatcher.Wake()
+		a.events.Wake()
 		a.notifier.Kick()
-	})
+	}, service.WithEventHub(a.events))
 	if err != nil {
 		return err // "service config: ..."
 	}
@@ -392,8 +423,27 @@ func (a *App) Start(ctx context.Context) (err error) {
 	}
 	a.dispatcher.Start(runCtx)
 
+	whCfg := a.cfg.Webhook
+	if whCfg.Logger == nil {
+		whCfg.Logger = a.log.With("component", "webhook")
+	}
+	if whCfg.Guard == nil {
+		whCfg.Guard = guard
+	}
+	a.sender, err = webhook.NewSender(whCfg, a.store)
+	if err != nil {
+		return err // "webhook config: ..."
+	}
+	a.fanOut, err = webhook.NewFanOut(whCfg, a.store, a.sender.Wake)
+	if err != nil {
+		return err
+	}
+	a.sender.Start(runCtx)
+	a.fanOut.Start(runCtx)
+
 	a.notifier = db.NewOutboxNotifier(a.store, 0, a.log.With("component", "notify"))
 	a.notifier.Start(runCtx)
+	a.events.Start(runCtx)
 
 	a.grpcServer = service.NewGRPCServer(a.api, a.store, svcCfg.Logger, a.grpcOptions()...)
 	lis, err := net.Listen("tcp", a.cfg.GRPCAddr)
@@ -499,6 +549,11 @@ func (a *App) stop(ctx context.Context) error {
 	if a.api != nil {
 		a.api.Drain()
 	}
+	// Event streams would hold the graceful stop below until its deadline;
+	// they end now, and their clients resume from their cursors elsewhere.
+	if a.events != nil {
+		a.events.Stop()
+	}
 	if a.httpServer != nil {
 		if err := a.httpServer.Shutdown(ctx); err != nil {
 			errs = append(errs, fmt.Errorf("shutdown http: %w", err))
@@ -535,6 +590,15 @@ func (a *App) stop(ctx context.Context) error {
 	}
 	if a.notifier != nil {
 		a.notifier.Stop()
+	}
+	// The fan-out first: a batch it was writing is rolled back and read
+	// again by the next start. The sender then finishes its requests in
+	// flight (each bounded by its timeout) and writes their outcomes.
+	if a.fanOut != nil {
+		a.fanOut.Stop()
+	}
+	if a.sender != nil {
+		a.sender.Stop()
 	}
 	if a.cancel != nil {
 		a.cancel()
@@ -577,7 +641,8 @@ func (a *App) maintain(ctx context.Context) {
 }
 
 // bootstrapAPIKey makes sure a fresh database has one key, so the API is
-// usable right after the first start.
+// usable right after the first start. It is an admin key of the default
+// project, as every key made before projects existed became.
 func (a *App) bootstrapAPIKey(ctx context.Context) error {
 	key := a.cfg.BootstrapAPIKey
 	generated := key == ""
@@ -588,7 +653,13 @@ func (a *App) bootstrapAPIKey(ctx context.Context) error {
 			return fmt.Errorf("generate first api key: %w", err)
 		}
 	}
-	_, created, err := a.store.CreateAPIKeyIfNone(ctx, "bootstrap", service.APIKeyListPrefix(key), service.HashAPIKey(key))
+	_, created, err := a.store.CreateAPIKeyIfNone(ctx, db.NewAPIKeyParams{
+		ProjectID: db.DefaultProjectID(),
+		Name:      "bootstrap",
+		Prefix:    service.APIKeyListPrefix(key),
+		Hash:      service.HashAPIKey(key),
+		Scopes:    []string{db.ScopeAdmin},
+	})
 	if err != nil {
 		return fmt.Errorf("create first api key: %w", err)
 	}

@@ -47,9 +47,27 @@ type Database struct {
 	urlFile  string
 }
 
+// ErrNoDatabase is returned by OpenExistingDatabase when the data directory
+// holds no embedded database.
+var ErrNoDatabase = errors.New("no database in the data directory")
+
 // OpenDatabase returns url when it is set. Otherwise it reuses an embedded
-// server another posthaste process runs on dataDir, or starts one.
+// server another posthaste process runs on dataDir, or starts one, running
+// initdb first when dataDir holds none.
 func OpenDatabase(ctx context.Context, url, dataDir string, logger *slog.Logger) (*Database, error) {
+	return openDatabase(ctx, url, dataDir, logger, false)
+}
+
+// OpenExistingDatabase is OpenDatabase for commands that only make sense
+// against existing data (keys, projects): when no URL is given and dataDir
+// holds no embedded database, it creates nothing and returns an error
+// wrapping ErrNoDatabase, since a mistyped --data-dir would otherwise get a
+// new, empty database.
+func OpenExistingDatabase(ctx context.Context, url, dataDir string, logger *slog.Logger) (*Database, error) {
+	return openDatabase(ctx, url, dataDir, logger, true)
+}
+
+func openDatabase(ctx context.Context, url, dataDir string, logger *slog.Logger, existing bool) (*Database, error) {
 	if url != "" {
 		return &Database{URL: url}, nil
 	}
@@ -60,12 +78,21 @@ func OpenDatabase(ctx context.Context, url, dataDir string, logger *slog.Logger)
 	if b, err := os.ReadFile(urlFile); err == nil && reachable(ctx, string(b)) {
 		return &Database{URL: string(b)}, nil
 	}
+	if existing {
+		ok, err := pgserver.Exists(embeddedDir(dataDir))
+		if err != nil {
+			return nil, err
+		}
+		if !ok {
+			return nil, fmt.Errorf("%w %s (start posthaste serve there first, or pass --database-url)", ErrNoDatabase, dataDir)
+		}
+	}
 	if err := os.MkdirAll(dataDir, 0o755); err != nil {
 		return nil, fmt.Errorf("create data directory %s: %w", dataDir, err)
 	}
 	logger.Info("no database configured: starting the embedded PostgreSQL", "data_dir", dataDir)
 	srv, err := pgserver.Start(ctx, pgserver.Config{
-		DataDir: filepath.Join(dataDir, "postgres"),
+		DataDir: embeddedDir(dataDir),
 		Logger:  logger,
 	})
 	if err != nil {
@@ -78,6 +105,9 @@ func OpenDatabase(ctx context.Context, url, dataDir string, logger *slog.Logger)
 	}
 	return &Database{URL: srv.URL(), embedded: srv, urlFile: urlFile}, nil
 }
+
+// embeddedDir is where the embedded cluster lives inside a data directory.
+func embeddedDir(dataDir string) string { return filepath.Join(dataDir, "postgres") }
 
 // Embedded reports whether this process started the database.
 func (d *Database) Embedded() bool { return d.embedded != nil }

@@ -384,12 +384,13 @@ func TestBootstrapKeyStoredOnceAndHashed(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer store.Close()
-	keys, err := store.ListAPIKeys(context.Background())
+	keys, err := store.ListAPIKeys(context.Background(), db.DefaultProjectID())
 	if err != nil {
 		t.Fatal(err)
 	}
-	if len(keys) != 1 || keys[0].Name != "bootstrap" || keys[0].Prefix != service.APIKeyListPrefix(testKey) {
-		t.Fatalf("keys = %+v, want one bootstrap key with a short prefix", keys)
+	if len(keys) != 1 || keys[0].Name != "bootstrap" || keys[0].Prefix != service.APIKeyListPrefix(testKey) ||
+		!slices.Equal(keys[0].Scopes, []string{db.ScopeAdmin}) {
+		t.Fatalf("keys = %+v, want one admin bootstrap key of the default project with a short prefix", keys)
 	}
 	if _, err := store.LookupAPIKey(context.Background(), service.HashAPIKey(testKey)); err != nil {
 		t.Errorf("bootstrap key not found by its hash: %v", err)

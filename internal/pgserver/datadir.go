@@ -175,3 +175,17 @@ func initdb(ctx context.Context, bin string, l layout, own *owner, log *slog.Log
 	log.Debug("initdb output", "output", out.String())
 	return nil
 }
+
+// Exists reports whether dataDir holds a cluster that initdb completed,
+// without creating, repairing or starting anything. Commands that only make
+// sense against existing data use it to refuse a wrong directory.
+func Exists(dataDir string) (bool, error) {
+	_, err := os.Stat(filepath.Join(layout{root: dataDir}.pgdata(), "PG_VERSION"))
+	if err == nil {
+		return true, nil
+	}
+	if errors.Is(err, fs.ErrNotExist) {
+		return false, nil
+	}
+	return false, fmt.Errorf("DataDir: %w", err)
+}

@@ -39,7 +39,7 @@ func TestDatabaseIsFreshMigratedAndDropped(t *testing.T) {
 		}
 		// A DB from DB(t) is open and usable, and is closed before the drop.
 		d := DB(t)
-		if _, err := d.ListAPIKeys(ctx); err != nil {
+		if _, err := d.ListProjects(ctx); err != nil {
 			t.Errorf("DB(t): %v", err)
 		}
 	})

@@ -53,6 +53,9 @@ type ReceivedMessage struct {
 	// Size is the SIZE parameter of MAIL FROM (RFC 1870), 0 when the client
 	// sent none.
 	Size int
+	// Body is the BODY parameter of MAIL FROM (RFC 6152), "" when the client
+	// sent none.
+	Body string
 	// Helo is the name the client gave in EHLO.
 	Helo string
 	// TLS reports whether the message came over STARTTLS.
@@ -63,6 +66,7 @@ type ReceivedMessage struct {
 type SMTPOption func(*smtpOptions)
 
 type smtpOptions struct {
+	mailReply func(from string) *smtp.SMTPError
 	rcptReply func(to string) *smtp.SMTPError
 	dataReply func(from string, to []string, data []byte) *smtp.SMTPError
 	tls       bool
@@ -70,7 +74,21 @@ type smtpOptions struct {
 	greeting  *smtp.SMTPError
 	helo      *smtp.SMTPError
 	stall     bool
+	maxBytes  int64
+	no8bit    bool
+	noPipe    bool
+	dropData  bool
 }
+
+// WithMailReply answers MAIL FROM with f(from); a nil result accepts.
+func WithMailReply(f func(from string) *smtp.SMTPError) SMTPOption {
+	return func(o *smtpOptions) { o.mailReply = f }
+}
+
+// WithoutPipelining leaves PIPELINING (RFC 2920) out of the EHLO reply, as
+// an old server would, so that clients wait for each reply. It works on
+// plain-text sessions only.
+func WithoutPipelining() SMTPOption { return func(o *smtpOptions) { o.noPipe = true } }
 
 // WithRcptReply answers RCPT TO with f(to); a nil result accepts.
 func WithRcptReply(f func(to string) *smtp.SMTPError) SMTPOption {
@@ -109,6 +127,19 @@ func WithHeloReply(reply *smtp.SMTPError) SMTPOption {
 // fills the buffers and blocks the client's writes.
 func WithStalledData() SMTPOption { return func(o *smtpOptions) { o.stall = true } }
 
+// WithMaxMessageBytes advertises "SIZE n" (RFC 1870) instead of 64 MiB.
+func WithMaxMessageBytes(n int64) SMTPOption { return func(o *smtpOptions) { o.maxBytes = n } }
+
+// Without8BitMIME leaves 8BITMIME (RFC 6152) out of the EHLO reply, as an
+// old server would; go-smtp always offers it, so the line is cut from what
+// the server writes. It works on plain-text sessions only.
+func Without8BitMIME() SMTPOption { return func(o *smtpOptions) { o.no8bit = true } }
+
+// WithDropAfterData makes the server read the whole message, then close the
+// connection without replying to the end of the data: the client cannot
+// know whether the message was taken. Nothing is recorded.
+func WithDropAfterData() SMTPOption { return func(o *smtpOptions) { o.dropData = true } }
+
 // StartSMTP starts an SMTP server on 127.0.0.1:0 that advertises SIZE and
 // stops it in t.Cleanup.
 func StartSMTP(t testing.TB, opts ...SMTPOption) *SMTPServer {
@@ -127,6 +158,9 @@ func StartSMTP(t testing.TB, opts ...SMTPOption) *SMTPServer {
 	srv.AllowInsecureAuth = true
 	// A limit makes go-smtp advertise it as "SIZE n" (RFC 1870).
 	srv.MaxMessageBytes = 64 << 20
+	if s.opts.maxBytes > 0 {
+		srv.MaxMessageBytes = s.opts.maxBytes
+	}
 	srv.MaxRecipients = 1000
 	srv.ErrorLog = log.New(io.Discard, "", 0)
 	srv.Debug = commandCounter{s}
@@ -148,7 +182,8 @@ func StartSMTP(t testing.TB, opts ...SMTPOption) *SMTPServer {
 	if err != nil {
 		t.Fatalf("testenv: SMTP listen: %v", err)
 	}
-	s.ln = &trackingListener{Listener: ln, greeting: s.opts.greeting, conns: make(map[net.Conn]struct{})}
+	s.ln = &trackingListener{Listener: ln, greeting: s.opts.greeting, no8bit: s.opts.no8bit, noPipe: s.opts.noPipe,
+		conns: make(map[net.Conn]struct{})}
 	if s.opts.stall {
 		// A small receive buffer makes a client's body writes block after a
 		// few megabytes at most, whatever the system's buffer sizes.
@@ -253,6 +288,8 @@ type trackingListener struct {
 	net.Listener
 	greeting   *smtp.SMTPError
 	readBuffer int
+	no8bit     bool
+	noPipe     bool
 
 	mu       sync.Mutex
 	accepted int
@@ -280,11 +317,36 @@ func (l *trackingListener) Accept() (net.Conn, error) {
 		l.conns[c] = struct{}{}
 		l.mu.Unlock()
 		if l.greeting == nil {
+			if l.no8bit || l.noPipe {
+				return cutCapsConn{Conn: c, no8bit: l.no8bit, noPipe: l.noPipe}, nil
+			}
 			return c, nil
 		}
 		fmt.Fprintf(c, "%s\r\n", replyLine(l.greeting))
 		c.Close()
 	}
+}
+
+// cutCapsConn cuts the 8BITMIME or PIPELINING lines out of EHLO replies.
+// go-smtp writes a whole reply in one Write, so a line is never split
+// between two, and neither is ever the last line of the reply.
+type cutCapsConn struct {
+	net.Conn
+	no8bit, noPipe bool
+}
+
+func (c cutCapsConn) Write(p []byte) (int, error) {
+	out := p
+	if c.no8bit {
+		out = bytes.ReplaceAll(out, []byte("250-8BITMIME\r\n"), nil)
+	}
+	if c.noPipe {
+		out = bytes.ReplaceAll(out, []byte("250-PIPELINING\r\n"), nil)
+	}
+	if _, err := c.Conn.Write(out); err != nil {
+		return 0, err
+	}
+	return len(p), nil
 }
 
 // DropConnections closes the server's side of every open connection, as a
@@ -322,29 +384,36 @@ func (b smtpBackend) NewSession(c *smtp.Conn) (smtp.Session, error) {
 		return nil, reply
 	}
 	_, isTLS := c.TLSConnectionState()
-	return &smtpSession{s: b.s, helo: c.Hostname(), tls: isTLS}, nil
+	return &smtpSession{s: b.s, conn: c, helo: c.Hostname(), tls: isTLS}, nil
 }
 
 type smtpSession struct {
 	s    *SMTPServer
+	conn *smtp.Conn
 	helo string
 	tls  bool
 	from string
 	size int
+	body string
 	to   []string
 }
 
 func (ss *smtpSession) Reset() {
-	ss.from, ss.size, ss.to = "", 0, nil
+	ss.from, ss.size, ss.body, ss.to = "", 0, "", nil
 }
 
 func (ss *smtpSession) Logout() error { return nil }
 
 func (ss *smtpSession) Mail(from string, opts *smtp.MailOptions) error {
+	if f := ss.s.opts.mailReply; f != nil {
+		if reply := f(from); reply != nil {
+			return reply
+		}
+	}
 	ss.from = from
-	ss.size = 0
+	ss.size, ss.body = 0, ""
 	if opts != nil {
-		ss.size = int(opts.Size)
+		ss.size, ss.body = int(opts.Size), string(opts.Body)
 	}
 	return nil
 }
@@ -369,13 +438,17 @@ func (ss *smtpSession) Data(r io.Reader) error {
 	if err != nil {
 		return err
 	}
+	if ss.s.opts.dropData {
+		ss.conn.Conn().Close()
+		return errors.New("connection dropped")
+	}
 	to := append([]string(nil), ss.to...)
 	if f := ss.s.opts.dataReply; f != nil {
 		if reply := f(ss.from, to, data); reply != nil {
 			return reply
 		}
 	}
-	ss.s.record(ReceivedMessage{From: ss.from, To: to, Data: bytes.Clone(data), Size: ss.size, Helo: ss.helo, TLS: ss.tls})
+	ss.s.record(ReceivedMessage{From: ss.from, To: to, Data: bytes.Clone(data), Size: ss.size, Body: ss.body, Helo: ss.helo, TLS: ss.tls})
 	return nil
 }
 

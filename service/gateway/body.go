@@ -13,6 +13,7 @@ import (
 	"strconv"
 	"strings"
 	"unicode"
+	"unicode/utf8"
 
 	"github.com/grpc-ecosystem/grpc-gateway/v2/runtime"
 	"google.golang.org/grpc/codes"
@@ -127,7 +128,62 @@ func (m *jsonMarshaler) decode(r io.Reader, v any) error {
 	if bad, valid := checkUTF8(raw, md); !valid {
 		return &invalidUTF8Error{violations: bad}
 	}
-	return m.JSONPb.Unmarshal(raw, v)
+	if err := m.JSONPb.Unmarshal(raw, v); err != nil {
+		// A value of the wrong kind for its field (an object for a list,
+		// a bad timestamp) gets an error that gives only its position, and
+		// one in a nested message or an unknown field names only the last
+		// part of the path.
+		if off, ok := protojsonOffset(raw, err.Error()); ok {
+			if field := fieldAt(raw, md, off); field != "" {
+				return &badValueError{field: field, err: err}
+			}
+		}
+		return err
+	}
+	return nil
+}
+
+// badValueError is a value or a field name protojson refused, with the
+// path of the field.
+type badValueError struct {
+	field string
+	err   error
+}
+
+func (e *badValueError) Error() string { return e.err.Error() }
+
+// positionRE finds the position protojson puts in its errors: "(line
+// 1:17)", the column counted in characters from 1.
+var positionRE = regexp.MustCompile(`\(line (\d+):(\d+)\)`)
+
+// protojsonOffset turns the position in a protojson error into a byte
+// offset in body.
+func protojsonOffset(body []byte, msg string) (int64, bool) {
+	m := positionRE.FindStringSubmatch(msg)
+	if m == nil {
+		return 0, false
+	}
+	line, err1 := strconv.Atoi(m[1])
+	col, err2 := strconv.Atoi(m[2])
+	if err1 != nil || err2 != nil || line < 1 || col < 1 {
+		return 0, false
+	}
+	off := 0
+	for ; line > 1; line-- {
+		i := bytes.IndexByte(body[off:], '\n')
+		if i < 0 {
+			return 0, false
+		}
+		off += i + 1
+	}
+	for ; col > 1; col-- {
+		if off >= len(body) || body[off] == '\n' {
+			return 0, false
+		}
+		_, size := utf8.DecodeRune(body[off:])
+		off += size
+	}
+	return int64(off), true
 }
 
 // invalidUTF8Error is a body with strings that are not valid UTF-8.
@@ -187,10 +243,23 @@ func decodeErrorDetail(err error) errorDetail {
 	}
 	msg := strings.TrimLeftFunc(strings.TrimPrefix(err.Error(), "proto:"), unicode.IsSpace)
 	d.Message = "malformed JSON body: " + msg
-	if m := unknownFieldRE.FindStringSubmatch(msg); m != nil {
-		d.FieldViolations = []fieldViolation{{Field: m[1], Description: "unknown field"}}
-	} else if m := badValueRE.FindStringSubmatch(msg); m != nil {
-		d.FieldViolations = []fieldViolation{{Field: snakeCase(m[1]), Description: "invalid value for this field's type"}}
+	var bv *badValueError
+	isUnknown := unknownFieldRE.FindStringSubmatch(msg)
+	switch {
+	case errors.As(err, &bv):
+		// Located in the body: the whole path, to[1].address.
+		description := "invalid value for this field's type"
+		if isUnknown != nil {
+			description = "unknown field"
+		}
+		d.Message = "malformed JSON body: " + bv.field + ": " + msg
+		d.FieldViolations = []fieldViolation{{Field: bv.field, Description: description}}
+	case isUnknown != nil:
+		d.FieldViolations = []fieldViolation{{Field: isUnknown[1], Description: "unknown field"}}
+	default:
+		if m := badValueRE.FindStringSubmatch(msg); m != nil {
+			d.FieldViolations = []fieldViolation{{Field: snakeCase(m[1]), Description: "invalid value for this field's type"}}
+		}
 	}
 	return d
 }

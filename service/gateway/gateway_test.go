@@ -100,7 +100,9 @@ func setup(t *testing.T, cfg service.Config, opts ...gateway.Option) *env {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if _, err := e.store.CreateAPIKey(t.Context(), "test", prefix, hash); err != nil {
+	if _, err := e.store.CreateAPIKey(t.Context(), db.NewAPIKeyParams{
+		Name: "test", Prefix: prefix, Hash: hash, Scopes: []string{db.ScopeSend, db.ScopeRead},
+	}); err != nil {
 		t.Fatal(err)
 	}
 	e.key = key
@@ -489,11 +491,13 @@ func TestAuthOverREST(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	k, err := e.store.CreateAPIKey(t.Context(), "revoked", prefix, hash)
+	k, err := e.store.CreateAPIKey(t.Context(), db.NewAPIKeyParams{
+		Name: "revoked", Prefix: prefix, Hash: hash, Scopes: []string{db.ScopeSend, db.ScopeRead},
+	})
 	if err != nil {
 		t.Fatal(err)
 	}
-	if err := e.store.RevokeAPIKey(t.Context(), k.ID); err != nil {
+	if _, err := e.store.RevokeAPIKey(t.Context(), db.DefaultProjectID(), k.ID); err != nil {
 		t.Fatal(err)
 	}
 	wrongKey, _, _, _ := service.NewAPIKey()
@@ -574,6 +578,11 @@ func TestErrorShapes(t *testing.T) {
 		{"not an object", http.MethodPost, "/v1/messages", `[1]`, 400, "INVALID_ARGUMENT", ""},
 		{"unknown field", http.MethodPost, "/v1/messages", `{"subjekt": "x"}`, 400, "INVALID_ARGUMENT", "subjekt"},
 		{"wrong type", http.MethodPost, "/v1/messages", `{"subject": 5}`, 400, "INVALID_ARGUMENT", "subject"},
+		{"bad timestamp", http.MethodPost, "/v1/messages", `{"subject": "é", "send_at": "garbage"}`, 400, "INVALID_ARGUMENT", "send_at"},
+		{"nested unknown field", http.MethodPost, "/v1/messages", `{"to": [{"adress": "a@b.test"}]}`, 400, "INVALID_ARGUMENT", "to[0].adress"},
+		{"object for a list", http.MethodPost, "/v1/messages", `{"headers": {"X-A": "b"}}`, 400, "INVALID_ARGUMENT", "headers"},
+		{"wrong kind in a list", http.MethodPost, "/v1/messages", "{\n \"to\": [{\"address\": \"a@b.test\"},\n  {\"address\": []}]}", 400, "INVALID_ARGUMENT", "to[1].address"},
+		{"wrong kind for bytes", http.MethodPost, "/v1/messages", `{"attachments": [{"filename": "a", "content": {}}]}`, 400, "INVALID_ARGUMENT", "attachments[0].content"},
 		{"no route", http.MethodGet, "/v2/nothing", "", 404, "NOT_FOUND", ""},
 		{"wrong method", http.MethodDelete, "/v1/messages", "", 405, "UNIMPLEMENTED", ""},
 	} {

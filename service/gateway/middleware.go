@@ -6,6 +6,7 @@ import (
 	"net/http"
 	"runtime/debug"
 	"strings"
+	"time"
 
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
@@ -117,7 +118,9 @@ func (g *gateway) requireAuth(next http.Handler) http.Handler {
 
 // requireJSON answers 415 to a request whose body is declared as anything
 // but JSON, before reading it. A body without a Content-Type is taken as
-// JSON: that is what curl -d sends unless told otherwise.
+// JSON, so that clients which send none keep working. curl -d declares
+// application/x-www-form-urlencoded and is refused: the README's examples
+// set the header.
 func (g *gateway) requireJSON(next http.Handler) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		ct := r.Header.Get("Content-Type")
@@ -153,13 +156,27 @@ func isJSON(contentType string) bool {
 // connection afterwards. Without "Connection: close", net/http would read
 // what is left of a small body before sending the answer, to keep the
 // connection, and a body that trickles in would delay the refusal by as
-// long as the client likes.
+// long as the client likes. Even with it, net/http still reads up to 256
+// KiB of the unread body after the answer before it closes, bounded only
+// by the server's read timeout; the short read deadline ends that, so a
+// refused client cannot keep its connection (and a slot under
+// --http-max-connections) by trickling a body.
 func (g *gateway) refuseUnread(w http.ResponseWriter, r *http.Request, d errorDetail) {
-	if r.ContentLength != 0 {
-		w.Header().Set("Connection", "close")
+	if r.ContentLength == 0 {
+		g.writeError(w, r, d)
+		return
 	}
+	w.Header().Set("Connection", "close")
 	g.writeError(w, r, d)
+	// The grace lets the answer reach the client before the close: closing
+	// with unread data in the socket sends a reset, which can discard the
+	// answer on the client's side.
+	_ = http.NewResponseController(w).SetReadDeadline(time.Now().Add(refusedBodyGrace))
 }
+
+// refusedBodyGrace is how long a refused request's body may go on arriving
+// before its connection is closed.
+const refusedBodyGrace = 500 * time.Millisecond
 
 // statusDetail describes an error from an injected check, which should be
 // a gRPC status; anything else is a bug whose text is not for the caller.

@@ -59,6 +59,21 @@ func readResponse(t *testing.T, conn net.Conn) (response, bool) {
 	return response{code: resp.StatusCode, header: resp.Header, body: b}, resp.Close
 }
 
+// expectClosed fails the test unless the server closes conn soon, although
+// the body it announced never arrives (the test server has no read
+// timeout, so only the refusal itself can end the connection).
+func expectClosed(t *testing.T, conn net.Conn) {
+	t.Helper()
+	if err := conn.SetReadDeadline(time.Now().Add(10 * time.Second)); err != nil {
+		t.Fatal(err)
+	}
+	if n, err := io.Copy(io.Discard, conn); err != nil {
+		t.Errorf("connection still open after the refusal (%v)", err)
+	} else if n != 0 {
+		t.Errorf("%d bytes after the refusal", n)
+	}
+}
+
 // A request without a valid key is refused while its body is still
 // arriving: the server answers before the client sent it, and closes the
 // connection instead of waiting for the rest.
@@ -83,6 +98,7 @@ func TestUnauthenticatedRefusedBeforeBody(t *testing.T) {
 			if !closing {
 				t.Error("no Connection: close; the rest of the body is never read")
 			}
+			expectClosed(t, conn)
 		})
 	}
 	// Public routes need no key.
@@ -92,6 +108,19 @@ func TestUnauthenticatedRefusedBeforeBody(t *testing.T) {
 	if m, _ := e.counts(t); m != 0 {
 		t.Errorf("stored %d messages", m)
 	}
+}
+
+// A body declared as something other than JSON is refused before it
+// arrives, and its connection closed, like one without a key.
+func TestUnsupportedContentTypeRefusedBeforeBody(t *testing.T) {
+	t.Parallel()
+	e := setup(t, service.Config{})
+	conn := openBody(t, e.url, "POST /v1/messages HTTP/1.1\r\nHost: posthaste.test\r\nContent-Type: text/plain\r\nAuthorization: Bearer "+e.key+"\r\n")
+	r, closing := readResponse(t, conn)
+	if r.code != http.StatusUnsupportedMediaType || !closing {
+		t.Fatalf("HTTP %d (closing %v) %s, want 415 and Connection: close", r.code, closing, r.body)
+	}
+	expectClosed(t, conn)
 }
 
 func TestUnsupportedContentType(t *testing.T) {
@@ -109,7 +138,7 @@ func TestUnsupportedContentType(t *testing.T) {
 		{"application/json", http.StatusAccepted},
 		{"application/json; charset=utf-8", http.StatusAccepted},
 		{"Application/JSON; charset=UTF-8", http.StatusAccepted},
-		{"", http.StatusAccepted}, // curl -d without -H 'Content-Type: ...'
+		{"", http.StatusAccepted},
 	} {
 		r := e.do(t, http.MethodPost, "/v1/messages", strings.NewReader(body), "Content-Type", tc.contentType)
 		if r.code != tc.code {

@@ -64,11 +64,24 @@ func TestOpenAPIDocument(t *testing.T) {
 		success string
 		errors  []string
 	}{
-		"MailService_SendMessage":    {"202", []string{"400", "401", "409", "413", "429", "500", "503"}},
-		"MailService_SendRawMessage": {"202", []string{"400", "401", "409", "413", "429", "500", "503"}},
-		"MailService_GetMessage":     {"200", []string{"400", "401", "404", "500", "503"}},
-		"MailService_ListMessages":   {"200", []string{"400", "401", "500", "503"}},
-		"MailService_CancelMessage":  {"200", []string{"400", "401", "404", "500", "503"}},
+		"MailService_SendMessage":           {"202", []string{"400", "401", "403", "409", "413", "429", "500", "503"}},
+		"MailService_SendRawMessage":        {"202", []string{"400", "401", "403", "409", "413", "429", "500", "503"}},
+		"MailService_GetMessage":            {"200", []string{"400", "401", "403", "404", "500", "503"}},
+		"MailService_ListMessages":          {"200", []string{"400", "401", "403", "500", "503"}},
+		"MailService_CancelMessage":         {"200", []string{"400", "401", "403", "404", "500", "503"}},
+		"MailService_CreateApiKey":          {"200", []string{"400", "401", "403", "500", "503"}},
+		"MailService_ListApiKeys":           {"200", []string{"401", "403", "500", "503"}},
+		"MailService_RevokeApiKey":          {"200", []string{"400", "401", "403", "404", "500", "503"}},
+		"MailService_CreateWebhook":         {"200", []string{"400", "401", "403", "500", "503"}},
+		"MailService_ListWebhooks":          {"200", []string{"401", "403", "500", "503"}},
+		"MailService_GetWebhook":            {"200", []string{"400", "401", "403", "404", "500", "503"}},
+		"MailService_UpdateWebhook":         {"200", []string{"400", "401", "403", "404", "500", "503"}},
+		"MailService_DeleteWebhook":         {"200", []string{"400", "401", "403", "404", "500", "503"}},
+		"MailService_RotateWebhookSecret":   {"200", []string{"400", "401", "403", "404", "500", "503"}},
+		"MailService_ListWebhookDeliveries": {"200", []string{"400", "401", "403", "404", "500", "503"}},
+		"MailService_RetryWebhookDelivery":  {"200", []string{"400", "401", "403", "404", "500", "503"}},
+		"MailService_ListMessageEvents": {"200", []string{"400", "401", "403", "404", "500", "503"}},
+		"MailService_ListEvents":        {"200", []string{"400", "401", "403", "500", "503"}},
 	}
 	seen := 0
 	for path, ops := range doc.Paths {

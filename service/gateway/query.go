@@ -45,8 +45,14 @@ func queryRequest(r *http.Request) proto.Message {
 	if !ok {
 		return nil
 	}
-	if r.Method == http.MethodGet && pat.String() == "/v1/messages" {
+	if r.Method != http.MethodGet {
+		return nil
+	}
+	switch pat.String() {
+	case "/v1/messages":
 		return &posthastev1.ListMessagesRequest{}
+	case "/v1/events":
+		return &posthastev1.ListEventsRequest{}
 	}
 	return nil
 }

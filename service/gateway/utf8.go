@@ -28,16 +28,42 @@ func checkUTF8(body []byte, md protoreflect.MessageDescriptor) (bad []fieldViola
 	return w.bad, false
 }
 
+// fieldAt names, as the service names fields, the field whose value or
+// name starts at byte offset in body, one syntactically valid JSON value meant
+// for a message md. It returns "" for the top-level value or an offset
+// where no value starts.
+func fieldAt(body []byte, md protoreflect.MessageDescriptor, offset int64) string {
+	w := utf8Walker{dec: json.NewDecoder(bytes.NewReader(body)), body: body, seek: true, target: offset}
+	w.dec.UseNumber()
+	_ = w.value("", shape{msg: md})
+	return w.found
+}
+
 // utf8Walker reads a JSON value token by token, keeping the path of the
 // current value. encoding/json replaces invalid bytes in strings with
 // U+FFFD, so each token's validity is judged on its raw bytes:
 // body[prev:InputOffset()], the token and the whitespace, commas and
-// colons before it (all ASCII).
+// colons before it (all ASCII). When seek is set it also remembers the
+// path of the value that starts at target (see fieldAt).
 type utf8Walker struct {
 	dec  *json.Decoder
 	body []byte
 	prev int64
 	bad  []fieldViolation
+
+	seek   bool
+	target int64
+	found  string
+}
+
+// start is where the next token begins: past the whitespace, commas and
+// colons that follow the previous one.
+func (w *utf8Walker) start() int64 {
+	i := w.prev
+	for i < int64(len(w.body)) && bytes.IndexByte([]byte(" \t\r\n,:"), w.body[i]) >= 0 {
+		i++
+	}
+	return i
 }
 
 // shape is what is known about a JSON value: the message whose fields an
@@ -85,6 +111,9 @@ func (w *utf8Walker) add(field, description string) {
 }
 
 func (w *utf8Walker) value(path string, s shape) error {
+	if w.seek && w.found == "" && w.start() == w.target {
+		w.found = path
+	}
 	tok, valid, err := w.next()
 	if err != nil {
 		return err
@@ -107,11 +136,16 @@ func (w *utf8Walker) value(path string, s shape) error {
 
 func (w *utf8Walker) object(path string, s shape) error {
 	for w.dec.More() {
+		keyStart := w.start()
 		tok, valid, err := w.next()
 		if err != nil {
 			return err
 		}
 		key, _ := tok.(string)
+		if w.seek && w.found == "" && keyStart == w.target {
+			// protojson points at the name of a field it does not know.
+			w.found = joinPath(path, key)
+		}
 		childPath, child := path, shape{}
 		switch {
 		case s.field != nil && s.field.IsMap():

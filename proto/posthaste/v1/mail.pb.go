@@ -11,6 +11,7 @@ import (
 	protoreflect "google.golang.org/protobuf/reflect/protoreflect"
 	protoimpl "google.golang.org/protobuf/runtime/protoimpl"
 	durationpb "google.golang.org/protobuf/types/known/durationpb"
+	fieldmaskpb "google.golang.org/protobuf/types/known/fieldmaskpb"
 	timestamppb "google.golang.org/protobuf/types/known/timestamppb"
 	reflect "reflect"
 	sync "sync"
@@ -1220,7 +1221,8 @@ type Attempt struct {
 	StartedAt *timestamppb.Timestamp `protobuf:"bytes,3,opt,name=started_at,json=startedAt,proto3" json:"started_at,omitempty"`
 	// How long the attempt took.
 	Duration *durationpb.Duration `protobuf:"bytes,4,opt,name=duration,proto3" json:"duration,omitempty"`
-	// The MX host name tried last.
+	// The MX host name tried last; empty when no host was tried (the domain
+	// does not exist, has a null MX, or its DNS lookup failed).
 	MxHost string `protobuf:"bytes,5,opt,name=mx_host,json=mxHost,proto3" json:"mx_host,omitempty"`
 	// The IP address of that host tried last; empty when DNS gave none.
 	Ip string `protobuf:"bytes,6,opt,name=ip,proto3" json:"ip,omitempty"`
@@ -1228,10 +1230,20 @@ type Attempt struct {
 	Tls bool `protobuf:"varint,7,opt,name=tls,proto3" json:"tls,omitempty"`
 	// e.g. "TLS 1.3"; empty without TLS.
 	TlsVersion string `protobuf:"bytes,8,opt,name=tls_version,json=tlsVersion,proto3" json:"tls_version,omitempty"`
-	// The reply that decided the outcome.
+	// The reply that decided the outcome; see source for whose words it is.
 	Reply *SmtpReply `protobuf:"bytes,9,opt,name=reply,proto3" json:"reply,omitempty"`
-	// delivered, deferred, bounced or failed.
-	Outcome       string `protobuf:"bytes,10,opt,name=outcome,proto3" json:"outcome,omitempty"`
+	// delivered, deferred, bounced, failed, or ambiguous: the connection was
+	// lost after the end of the message was sent and before the server's
+	// reply, so the server may have the message (the recipient is retried,
+	// and may receive it twice).
+	Outcome string `protobuf:"bytes,10,opt,name=outcome,proto3" json:"outcome,omitempty"`
+	// Whose words the reply is: "remote" when the server sent it, "local"
+	// when Posthaste made it up because no reply decided the attempt (a DNS
+	// failure, a refused connection, a timeout, a TLS failure, a message over
+	// the server's SIZE limit or with 8-bit content it cannot take, an
+	// ambiguous outcome). A local reply's code is Posthaste's choice; its
+	// text says what happened.
+	Source        string `protobuf:"bytes,11,opt,name=source,proto3" json:"source,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1336,6 +1348,1010 @@ func (x *Attempt) GetOutcome() string {
 	return ""
 }
 
+func (x *Attempt) GetSource() string {
+	if x != nil {
+		return x.Source
+	}
+	return ""
+}
+
+// ApiKey is an API key as stored: never its secret.
+type ApiKey struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The key's id.
+	Id string `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
+	// Who uses the key.
+	Name string `protobuf:"bytes,2,opt,name=name,proto3" json:"name,omitempty"`
+	// The first characters of the key, to tell keys apart.
+	Prefix string `protobuf:"bytes,3,opt,name=prefix,proto3" json:"prefix,omitempty"`
+	// What the key may do: send (send and cancel messages), read (get and list
+	// messages and read events), admin (manage the project's keys, and everything else).
+	Scopes []string `protobuf:"bytes,4,rep,name=scopes,proto3" json:"scopes,omitempty"`
+	// The name of the key's project.
+	Project string `protobuf:"bytes,5,opt,name=project,proto3" json:"project,omitempty"`
+	// When the key was made.
+	CreatedAt *timestamppb.Timestamp `protobuf:"bytes,6,opt,name=created_at,json=createdAt,proto3" json:"created_at,omitempty"`
+	// When the key was last used, to the minute; unset if never.
+	LastUsedAt *timestamppb.Timestamp `protobuf:"bytes,7,opt,name=last_used_at,json=lastUsedAt,proto3" json:"last_used_at,omitempty"`
+	// When the key was revoked; unset while it is active.
+	RevokedAt     *timestamppb.Timestamp `protobuf:"bytes,8,opt,name=revoked_at,json=revokedAt,proto3" json:"revoked_at,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ApiKey) Reset() {
+	*x = ApiKey{}
+	mi := &file_posthaste_v1_mail_proto_msgTypes[15]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ApiKey) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ApiKey) ProtoMessage() {}
+
+func (x *ApiKey) ProtoReflect() protoreflect.Message {
+	mi := &file_posthaste_v1_mail_proto_msgTypes[15]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ApiKey.ProtoReflect.Descriptor instead.
+func (*ApiKey) Descriptor() ([]byte, []int) {
+	return file_posthaste_v1_mail_proto_rawDescGZIP(), []int{15}
+}
+
+func (x *ApiKey) GetId() string {
+	if x != nil {
+		return x.Id
+	}
+	return ""
+}
+
+func (x *ApiKey) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *ApiKey) GetPrefix() string {
+	if x != nil {
+		return x.Prefix
+	}
+	return ""
+}
+
+func (x *ApiKey) GetScopes() []string {
+	if x != nil {
+		return x.Scopes
+	}
+	return nil
+}
+
+func (x *ApiKey) GetProject() string {
+	if x != nil {
+		return x.Project
+	}
+	return ""
+}
+
+func (x *ApiKey) GetCreatedAt() *timestamppb.Timestamp {
+	if x != nil {
+		return x.CreatedAt
+	}
+	return nil
+}
+
+func (x *ApiKey) GetLastUsedAt() *timestamppb.Timestamp {
+	if x != nil {
+		return x.LastUsedAt
+	}
+	return nil
+}
+
+func (x *ApiKey) GetRevokedAt() *timestamppb.Timestamp {
+	if x != nil {
+		return x.RevokedAt
+	}
+	return nil
+}
+
+// CreateApiKeyRequest describes a key to make in the caller's project.
+type CreateApiKeyRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Who uses the key; at most 100 characters, without control characters.
+	// Required.
+	Name string `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	// send, read and/or admin; at least one. Required.
+	Scopes        []string `protobuf:"bytes,2,rep,name=scopes,proto3" json:"scopes,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *CreateApiKeyRequest) Reset() {
+	*x = CreateApiKeyRequest{}
+	mi := &file_posthaste_v1_mail_proto_msgTypes[16]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *CreateApiKeyRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*CreateApiKeyRequest) ProtoMessage() {}
+
+func (x *CreateApiKeyRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_posthaste_v1_mail_proto_msgTypes[16]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use CreateApiKeyRequest.ProtoReflect.Descriptor instead.
+func (*CreateApiKeyRequest) Descriptor() ([]byte, []int) {
+	return file_posthaste_v1_mail_proto_rawDescGZIP(), []int{16}
+}
+
+func (x *CreateApiKeyRequest) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *CreateApiKeyRequest) GetScopes() []string {
+	if x != nil {
+		return x.Scopes
+	}
+	return nil
+}
+
+// CreateApiKeyResponse carries a new key and its secret.
+type CreateApiKeyResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The stored key.
+	ApiKey *ApiKey `protobuf:"bytes,1,opt,name=api_key,json=apiKey,proto3" json:"api_key,omitempty"`
+	// The secret to send as "Authorization: Bearer <key>". It is shown only
+	// here; the service keeps only its hash.
+	Key           string `protobuf:"bytes,2,opt,name=key,proto3" json:"key,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *CreateApiKeyResponse) Reset() {
+	*x = CreateApiKeyResponse{}
+	mi := &file_posthaste_v1_mail_proto_msgTypes[17]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *CreateApiKeyResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*CreateApiKeyResponse) ProtoMessage() {}
+
+func (x *CreateApiKeyResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_posthaste_v1_mail_proto_msgTypes[17]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use CreateApiKeyResponse.ProtoReflect.Descriptor instead.
+func (*CreateApiKeyResponse) Descriptor() ([]byte, []int) {
+	return file_posthaste_v1_mail_proto_rawDescGZIP(), []int{17}
+}
+
+func (x *CreateApiKeyResponse) GetApiKey() *ApiKey {
+	if x != nil {
+		return x.ApiKey
+	}
+	return nil
+}
+
+func (x *CreateApiKeyResponse) GetKey() string {
+	if x != nil {
+		return x.Key
+	}
+	return ""
+}
+
+// ListApiKeysRequest lists the keys of the caller's project.
+type ListApiKeysRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ListApiKeysRequest) Reset() {
+	*x = ListApiKeysRequest{}
+	mi := &file_posthaste_v1_mail_proto_msgTypes[18]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ListApiKeysRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ListApiKeysRequest) ProtoMessage() {}
+
+func (x *ListApiKeysRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_posthaste_v1_mail_proto_msgTypes[18]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ListApiKeysRequest.ProtoReflect.Descriptor instead.
+func (*ListApiKeysRequest) Descriptor() ([]byte, []int) {
+	return file_posthaste_v1_mail_proto_rawDescGZIP(), []int{18}
+}
+
+// ListApiKeysResponse is every key of the caller's project.
+type ListApiKeysResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Oldest first, revoked ones included.
+	ApiKeys       []*ApiKey `protobuf:"bytes,1,rep,name=api_keys,json=apiKeys,proto3" json:"api_keys,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ListApiKeysResponse) Reset() {
+	*x = ListApiKeysResponse{}
+	mi := &file_posthaste_v1_mail_proto_msgTypes[19]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ListApiKeysResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ListApiKeysResponse) ProtoMessage() {}
+
+func (x *ListApiKeysResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_posthaste_v1_mail_proto_msgTypes[19]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ListApiKeysResponse.ProtoReflect.Descriptor instead.
+func (*ListApiKeysResponse) Descriptor() ([]byte, []int) {
+	return file_posthaste_v1_mail_proto_rawDescGZIP(), []int{19}
+}
+
+func (x *ListApiKeysResponse) GetApiKeys() []*ApiKey {
+	if x != nil {
+		return x.ApiKeys
+	}
+	return nil
+}
+
+// RevokeApiKeyRequest names one key of the caller's project.
+type RevokeApiKeyRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The key's id.
+	Id            string `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *RevokeApiKeyRequest) Reset() {
+	*x = RevokeApiKeyRequest{}
+	mi := &file_posthaste_v1_mail_proto_msgTypes[20]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *RevokeApiKeyRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*RevokeApiKeyRequest) ProtoMessage() {}
+
+func (x *RevokeApiKeyRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_posthaste_v1_mail_proto_msgTypes[20]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use RevokeApiKeyRequest.ProtoReflect.Descriptor instead.
+func (*RevokeApiKeyRequest) Descriptor() ([]byte, []int) {
+	return file_posthaste_v1_mail_proto_rawDescGZIP(), []int{20}
+}
+
+func (x *RevokeApiKeyRequest) GetId() string {
+	if x != nil {
+		return x.Id
+	}
+	return ""
+}
+
+// Event is something that happened to a message or to one of its
+// recipients. Which fields are set depends on the type.
+type Event struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The event's id, unique and increasing in the order events were written
+	// (which is not always the order they commit in; see cursor).
+	Id int64 `protobuf:"varint,1,opt,name=id,proto3" json:"id,omitempty"`
+	// What happened. About the message: accepted (stored), scheduled (waits
+	// for send_at). About one recipient, the status it moved to: deferred,
+	// delivered, bounced, failed, canceled. About one recipient, what was
+	// learnt of it: suppressed (not sent: the address is suppressed),
+	// complained (reported as spam), delayed (a delivery status notification
+	// said the message is delayed on the way), auto_replied (an automatic
+	// answer such as a vacation notice).
+	Type string `protobuf:"bytes,2,opt,name=type,proto3" json:"type,omitempty"`
+	// The message the event is about.
+	MessageId string `protobuf:"bytes,3,opt,name=message_id,json=messageId,proto3" json:"message_id,omitempty"`
+	// The recipient the event is about; empty for accepted and scheduled.
+	RecipientId string `protobuf:"bytes,4,opt,name=recipient_id,json=recipientId,proto3" json:"recipient_id,omitempty"`
+	// When the event was written.
+	CreatedAt *timestamppb.Timestamp `protobuf:"bytes,5,opt,name=created_at,json=createdAt,proto3" json:"created_at,omitempty"`
+	// The event's position in the feed: pass it as after (ListEvents,
+	// StreamEvents) to continue after this event. Set only by ListEvents and
+	// StreamEvents; the timeline calls show events before the feed does, so
+	// their positions could skip events of the feed.
+	Cursor string `protobuf:"bytes,6,opt,name=cursor,proto3" json:"cursor,omitempty"`
+	// accepted: the number of envelope recipients.
+	Recipients int32 `protobuf:"varint,7,opt,name=recipients,proto3" json:"recipients,omitempty"`
+	// scheduled: when the message becomes due.
+	SendAt *timestamppb.Timestamp `protobuf:"bytes,8,opt,name=send_at,json=sendAt,proto3" json:"send_at,omitempty"`
+	// deferred, delivered, bounced, failed, canceled: the outcome of the
+	// attempt that ended in the event (delivered, deferred, bounced or
+	// failed); it differs from type only for canceled.
+	Outcome string `protobuf:"bytes,9,opt,name=outcome,proto3" json:"outcome,omitempty"`
+	// The attempt ended without knowing whether the receiver took the
+	// message.
+	Ambiguous bool `protobuf:"varint,10,opt,name=ambiguous,proto3" json:"ambiguous,omitempty"`
+	// The reply that decided the attempt, as in Attempt; unset when there
+	// was none.
+	Reply *SmtpReply `protobuf:"bytes,11,opt,name=reply,proto3" json:"reply,omitempty"`
+	// The MX host tried last; empty when none was.
+	MxHost string `protobuf:"bytes,12,opt,name=mx_host,json=mxHost,proto3" json:"mx_host,omitempty"`
+	// deferred: when the recipient is due again.
+	NextAttemptAt *timestamppb.Timestamp `protobuf:"bytes,13,opt,name=next_attempt_at,json=nextAttemptAt,proto3" json:"next_attempt_at,omitempty"`
+	// bounced: the kind of refusal, e.g. mailbox, policy, spam.
+	Class string `protobuf:"bytes,14,opt,name=class,proto3" json:"class,omitempty"`
+	// bounced: the refusal is for good (a hard bounce).
+	Permanent bool `protobuf:"varint,15,opt,name=permanent,proto3" json:"permanent,omitempty"`
+	// suppressed: why the address is suppressed.
+	Reason string `protobuf:"bytes,16,opt,name=reason,proto3" json:"reason,omitempty"`
+	// bounced, delayed, when learnt from a delivery status notification
+	// (RFC 3464): its Action field (failed, delayed, ...).
+	DsnAction string `protobuf:"bytes,17,opt,name=dsn_action,json=dsnAction,proto3" json:"dsn_action,omitempty"`
+	// Its Status field, an RFC 3463 code such as "4.4.7".
+	DsnStatus string `protobuf:"bytes,18,opt,name=dsn_status,json=dsnStatus,proto3" json:"dsn_status,omitempty"`
+	// Its Remote-MTA field, e.g. "mx.example.net".
+	RemoteMta string `protobuf:"bytes,19,opt,name=remote_mta,json=remoteMta,proto3" json:"remote_mta,omitempty"`
+	// Its Diagnostic-Code field: the remote server's own reply.
+	DiagnosticCode string `protobuf:"bytes,20,opt,name=diagnostic_code,json=diagnosticCode,proto3" json:"diagnostic_code,omitempty"`
+	unknownFields  protoimpl.UnknownFields
+	sizeCache      protoimpl.SizeCache
+}
+
+func (x *Event) Reset() {
+	*x = Event{}
+	mi := &file_posthaste_v1_mail_proto_msgTypes[21]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *Event) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*Event) ProtoMessage() {}
+
+func (x *Event) ProtoReflect() protoreflect.Message {
+	mi := &file_posthaste_v1_mail_proto_msgTypes[21]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use Event.ProtoReflect.Descriptor instead.
+func (*Event) Descriptor() ([]byte, []int) {
+	return file_posthaste_v1_mail_proto_rawDescGZIP(), []int{21}
+}
+
+func (x *Event) GetId() int64 {
+	if x != nil {
+		return x.Id
+	}
+	return 0
+}
+
+func (x *Event) GetType() string {
+	if x != nil {
+		return x.Type
+	}
+	return ""
+}
+
+func (x *Event) GetMessageId() string {
+	if x != nil {
+		return x.MessageId
+	}
+	return ""
+}
+
+func (x *Event) GetRecipientId() string {
+	if x != nil {
+		return x.RecipientId
+	}
+	return ""
+}
+
+func (x *Event) GetCreatedAt() *timestamppb.Timestamp {
+	if x != nil {
+		return x.CreatedAt
+	}
+	return nil
+}
+
+func (x *Event) GetCursor() string {
+	if x != nil {
+		return x.Cursor
+	}
+	return ""
+}
+
+func (x *Event) GetRecipients() int32 {
+	if x != nil {
+		return x.Recipients
+	}
+	return 0
+}
+
+func (x *Event) GetSendAt() *timestamppb.Timestamp {
+	if x != nil {
+		return x.SendAt
+	}
+	return nil
+}
+
+func (x *Event) GetOutcome() string {
+	if x != nil {
+		return x.Outcome
+	}
+	return ""
+}
+
+func (x *Event) GetAmbiguous() bool {
+	if x != nil {
+		return x.Ambiguous
+	}
+	return false
+}
+
+func (x *Event) GetReply() *SmtpReply {
+	if x != nil {
+		return x.Reply
+	}
+	return nil
+}
+
+func (x *Event) GetMxHost() string {
+	if x != nil {
+		return x.MxHost
+	}
+	return ""
+}
+
+func (x *Event) GetNextAttemptAt() *timestamppb.Timestamp {
+	if x != nil {
+		return x.NextAttemptAt
+	}
+	return nil
+}
+
+func (x *Event) GetClass() string {
+	if x != nil {
+		return x.Class
+	}
+	return ""
+}
+
+func (x *Event) GetPermanent() bool {
+	if x != nil {
+		return x.Permanent
+	}
+	return false
+}
+
+func (x *Event) GetReason() string {
+	if x != nil {
+		return x.Reason
+	}
+	return ""
+}
+
+func (x *Event) GetDsnAction() string {
+	if x != nil {
+		return x.DsnAction
+	}
+	return ""
+}
+
+func (x *Event) GetDsnStatus() string {
+	if x != nil {
+		return x.DsnStatus
+	}
+	return ""
+}
+
+func (x *Event) GetRemoteMta() string {
+	if x != nil {
+		return x.RemoteMta
+	}
+	return ""
+}
+
+func (x *Event) GetDiagnosticCode() string {
+	if x != nil {
+		return x.DiagnosticCode
+	}
+	return ""
+}
+
+// ListMessageEventsRequest names one message.
+type ListMessageEventsRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The message's id, as returned by the send calls.
+	Id            string `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ListMessageEventsRequest) Reset() {
+	*x = ListMessageEventsRequest{}
+	mi := &file_posthaste_v1_mail_proto_msgTypes[22]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ListMessageEventsRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ListMessageEventsRequest) ProtoMessage() {}
+
+func (x *ListMessageEventsRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_posthaste_v1_mail_proto_msgTypes[22]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ListMessageEventsRequest.ProtoReflect.Descriptor instead.
+func (*ListMessageEventsRequest) Descriptor() ([]byte, []int) {
+	return file_posthaste_v1_mail_proto_rawDescGZIP(), []int{22}
+}
+
+func (x *ListMessageEventsRequest) GetId() string {
+	if x != nil {
+		return x.Id
+	}
+	return ""
+}
+
+// ListMessageEventsResponse is a message's timeline.
+type ListMessageEventsResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Every event of the message so far, oldest first.
+	Events []*Event `protobuf:"bytes,1,rep,name=events,proto3" json:"events,omitempty"`
+	// The message's derived status, as in Message.
+	Status        string `protobuf:"bytes,2,opt,name=status,proto3" json:"status,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ListMessageEventsResponse) Reset() {
+	*x = ListMessageEventsResponse{}
+	mi := &file_posthaste_v1_mail_proto_msgTypes[23]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ListMessageEventsResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ListMessageEventsResponse) ProtoMessage() {}
+
+func (x *ListMessageEventsResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_posthaste_v1_mail_proto_msgTypes[23]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ListMessageEventsResponse.ProtoReflect.Descriptor instead.
+func (*ListMessageEventsResponse) Descriptor() ([]byte, []int) {
+	return file_posthaste_v1_mail_proto_rawDescGZIP(), []int{23}
+}
+
+func (x *ListMessageEventsResponse) GetEvents() []*Event {
+	if x != nil {
+		return x.Events
+	}
+	return nil
+}
+
+func (x *ListMessageEventsResponse) GetStatus() string {
+	if x != nil {
+		return x.Status
+	}
+	return ""
+}
+
+// ListEventsRequest asks for the project's events after a position.
+type ListEventsRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Continue after this position: a cursor or next_cursor from an earlier
+	// answer. Empty reads from the first event.
+	After string `protobuf:"bytes,1,opt,name=after,proto3" json:"after,omitempty"`
+	// Only events of these types (see Event.type). Over REST, repeat the
+	// parameter or separate types with commas: types=bounced,complained.
+	Types []string `protobuf:"bytes,2,rep,name=types,proto3" json:"types,omitempty"`
+	// At most this many events (1 to 1000). Defaults to 100.
+	Limit         int32 `protobuf:"varint,3,opt,name=limit,proto3" json:"limit,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ListEventsRequest) Reset() {
+	*x = ListEventsRequest{}
+	mi := &file_posthaste_v1_mail_proto_msgTypes[24]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ListEventsRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ListEventsRequest) ProtoMessage() {}
+
+func (x *ListEventsRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_posthaste_v1_mail_proto_msgTypes[24]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ListEventsRequest.ProtoReflect.Descriptor instead.
+func (*ListEventsRequest) Descriptor() ([]byte, []int) {
+	return file_posthaste_v1_mail_proto_rawDescGZIP(), []int{24}
+}
+
+func (x *ListEventsRequest) GetAfter() string {
+	if x != nil {
+		return x.After
+	}
+	return ""
+}
+
+func (x *ListEventsRequest) GetTypes() []string {
+	if x != nil {
+		return x.Types
+	}
+	return nil
+}
+
+func (x *ListEventsRequest) GetLimit() int32 {
+	if x != nil {
+		return x.Limit
+	}
+	return 0
+}
+
+// ListEventsResponse is one page of the feed.
+type ListEventsResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The events, in feed order.
+	Events []*Event `protobuf:"bytes,1,rep,name=events,proto3" json:"events,omitempty"`
+	// Where to continue; always set, also when events is empty, so a client
+	// can poll from it. With a types filter it may be past the last event
+	// returned: it is the position of the last event looked at, so that the
+	// next call does not look at the skipped ones again.
+	NextCursor string `protobuf:"bytes,2,opt,name=next_cursor,json=nextCursor,proto3" json:"next_cursor,omitempty"`
+	// More events could be read at once: call again with next_cursor right
+	// away rather than after a pause.
+	HasMore       bool `protobuf:"varint,3,opt,name=has_more,json=hasMore,proto3" json:"has_more,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ListEventsResponse) Reset() {
+	*x = ListEventsResponse{}
+	mi := &file_posthaste_v1_mail_proto_msgTypes[25]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ListEventsResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ListEventsResponse) ProtoMessage() {}
+
+func (x *ListEventsResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_posthaste_v1_mail_proto_msgTypes[25]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ListEventsResponse.ProtoReflect.Descriptor instead.
+func (*ListEventsResponse) Descriptor() ([]byte, []int) {
+	return file_posthaste_v1_mail_proto_rawDescGZIP(), []int{25}
+}
+
+func (x *ListEventsResponse) GetEvents() []*Event {
+	if x != nil {
+		return x.Events
+	}
+	return nil
+}
+
+func (x *ListEventsResponse) GetNextCursor() string {
+	if x != nil {
+		return x.NextCursor
+	}
+	return ""
+}
+
+func (x *ListEventsResponse) GetHasMore() bool {
+	if x != nil {
+		return x.HasMore
+	}
+	return false
+}
+
+// StreamEventsRequest says where to start the stream and which events to
+// send.
+type StreamEventsRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Start after this position, as in ListEventsRequest.after. Empty starts
+	// from the first event.
+	After string `protobuf:"bytes,1,opt,name=after,proto3" json:"after,omitempty"`
+	// Only events of these types.
+	Types []string `protobuf:"bytes,2,rep,name=types,proto3" json:"types,omitempty"`
+	// Only events of messages carrying at least one of these tags.
+	Tags []string `protobuf:"bytes,3,rep,name=tags,proto3" json:"tags,omitempty"`
+	// Only events of this message.
+	MessageId     string `protobuf:"bytes,4,opt,name=message_id,json=messageId,proto3" json:"message_id,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *StreamEventsRequest) Reset() {
+	*x = StreamEventsRequest{}
+	mi := &file_posthaste_v1_mail_proto_msgTypes[26]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *StreamEventsRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*StreamEventsRequest) ProtoMessage() {}
+
+func (x *StreamEventsRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_posthaste_v1_mail_proto_msgTypes[26]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use StreamEventsRequest.ProtoReflect.Descriptor instead.
+func (*StreamEventsRequest) Descriptor() ([]byte, []int) {
+	return file_posthaste_v1_mail_proto_rawDescGZIP(), []int{26}
+}
+
+func (x *StreamEventsRequest) GetAfter() string {
+	if x != nil {
+		return x.After
+	}
+	return ""
+}
+
+func (x *StreamEventsRequest) GetTypes() []string {
+	if x != nil {
+		return x.Types
+	}
+	return nil
+}
+
+func (x *StreamEventsRequest) GetTags() []string {
+	if x != nil {
+		return x.Tags
+	}
+	return nil
+}
+
+func (x *StreamEventsRequest) GetMessageId() string {
+	if x != nil {
+		return x.MessageId
+	}
+	return ""
+}
+
+// StreamEventsResponse carries one event, or only a new position.
+type StreamEventsResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The event; unset in a checkpoint, sent when the stream looked at events
+	// its filters left out.
+	Event *Event `protobuf:"bytes,1,opt,name=event,proto3" json:"event,omitempty"`
+	// Where to resume after this response: the event's cursor, or the
+	// position of the last event looked at.
+	Cursor        string `protobuf:"bytes,2,opt,name=cursor,proto3" json:"cursor,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *StreamEventsResponse) Reset() {
+	*x = StreamEventsResponse{}
+	mi := &file_posthaste_v1_mail_proto_msgTypes[27]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *StreamEventsResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*StreamEventsResponse) ProtoMessage() {}
+
+func (x *StreamEventsResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_posthaste_v1_mail_proto_msgTypes[27]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use StreamEventsResponse.ProtoReflect.Descriptor instead.
+func (*StreamEventsResponse) Descriptor() ([]byte, []int) {
+	return file_posthaste_v1_mail_proto_rawDescGZIP(), []int{27}
+}
+
+func (x *StreamEventsResponse) GetEvent() *Event {
+	if x != nil {
+		return x.Event
+	}
+	return nil
+}
+
+func (x *StreamEventsResponse) GetCursor() string {
+	if x != nil {
+		return x.Cursor
+	}
+	return ""
+}
+
+// WatchMessageRequest names one message.
+type WatchMessageRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The message's id, as returned by the send calls.
+	Id            string `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *WatchMessageRequest) Reset() {
+	*x = WatchMessageRequest{}
+	mi := &file_posthaste_v1_mail_proto_msgTypes[28]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *WatchMessageRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*WatchMessageRequest) ProtoMessage() {}
+
+func (x *WatchMessageRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_posthaste_v1_mail_proto_msgTypes[28]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use WatchMessageRequest.ProtoReflect.Descriptor instead.
+func (*WatchMessageRequest) Descriptor() ([]byte, []int) {
+	return file_posthaste_v1_mail_proto_rawDescGZIP(), []int{28}
+}
+
+func (x *WatchMessageRequest) GetId() string {
+	if x != nil {
+		return x.Id
+	}
+	return ""
+}
+
 // ErrorResponse is the body of every REST error response. It describes the
 // JSON the gateway writes and is never sent over gRPC, where the same
 // information travels as a google.rpc.Status with google.rpc.BadRequest and
@@ -1350,7 +2366,7 @@ type ErrorResponse struct {
 
 func (x *ErrorResponse) Reset() {
 	*x = ErrorResponse{}
-	mi := &file_posthaste_v1_mail_proto_msgTypes[15]
+	mi := &file_posthaste_v1_mail_proto_msgTypes[29]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1362,7 +2378,7 @@ func (x *ErrorResponse) String() string {
 func (*ErrorResponse) ProtoMessage() {}
 
 func (x *ErrorResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_posthaste_v1_mail_proto_msgTypes[15]
+	mi := &file_posthaste_v1_mail_proto_msgTypes[29]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1375,7 +2391,7 @@ func (x *ErrorResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ErrorResponse.ProtoReflect.Descriptor instead.
 func (*ErrorResponse) Descriptor() ([]byte, []int) {
-	return file_posthaste_v1_mail_proto_rawDescGZIP(), []int{15}
+	return file_posthaste_v1_mail_proto_rawDescGZIP(), []int{29}
 }
 
 func (x *ErrorResponse) GetError() *Error {
@@ -1406,7 +2422,7 @@ type Error struct {
 
 func (x *Error) Reset() {
 	*x = Error{}
-	mi := &file_posthaste_v1_mail_proto_msgTypes[16]
+	mi := &file_posthaste_v1_mail_proto_msgTypes[30]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1418,7 +2434,7 @@ func (x *Error) String() string {
 func (*Error) ProtoMessage() {}
 
 func (x *Error) ProtoReflect() protoreflect.Message {
-	mi := &file_posthaste_v1_mail_proto_msgTypes[16]
+	mi := &file_posthaste_v1_mail_proto_msgTypes[30]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1431,7 +2447,7 @@ func (x *Error) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Error.ProtoReflect.Descriptor instead.
 func (*Error) Descriptor() ([]byte, []int) {
-	return file_posthaste_v1_mail_proto_rawDescGZIP(), []int{16}
+	return file_posthaste_v1_mail_proto_rawDescGZIP(), []int{30}
 }
 
 func (x *Error) GetCode() int32 {
@@ -1483,7 +2499,7 @@ type FieldViolation struct {
 
 func (x *FieldViolation) Reset() {
 	*x = FieldViolation{}
-	mi := &file_posthaste_v1_mail_proto_msgTypes[17]
+	mi := &file_posthaste_v1_mail_proto_msgTypes[31]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1495,7 +2511,7 @@ func (x *FieldViolation) String() string {
 func (*FieldViolation) ProtoMessage() {}
 
 func (x *FieldViolation) ProtoReflect() protoreflect.Message {
-	mi := &file_posthaste_v1_mail_proto_msgTypes[17]
+	mi := &file_posthaste_v1_mail_proto_msgTypes[31]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1508,7 +2524,7 @@ func (x *FieldViolation) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use FieldViolation.ProtoReflect.Descriptor instead.
 func (*FieldViolation) Descriptor() ([]byte, []int) {
-	return file_posthaste_v1_mail_proto_rawDescGZIP(), []int{17}
+	return file_posthaste_v1_mail_proto_rawDescGZIP(), []int{31}
 }
 
 func (x *FieldViolation) GetField() string {
@@ -1525,11 +2541,977 @@ func (x *FieldViolation) GetDescription() string {
 	return ""
 }
 
+// Webhook is an endpoint that receives the project's events. Its secret is
+// only ever in CreateWebhookResponse and RotateWebhookSecretResponse.
+type Webhook struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The endpoint's id.
+	Id string `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
+	// Where events are posted.
+	Url string `protobuf:"bytes,2,opt,name=url,proto3" json:"url,omitempty"`
+	// The event types sent: accepted, scheduled, deferred, delivered,
+	// bounced, failed, canceled, endpoint.disabled. Empty sends all.
+	EventTypes []string `protobuf:"bytes,3,rep,name=event_types,json=eventTypes,proto3" json:"event_types,omitempty"`
+	// Disabled endpoints get no new events, and their pending deliveries
+	// wait until they are enabled again.
+	Enabled bool `protobuf:"varint,4,opt,name=enabled,proto3" json:"enabled,omitempty"`
+	// A label for people.
+	Description string                 `protobuf:"bytes,5,opt,name=description,proto3" json:"description,omitempty"`
+	CreatedAt   *timestamppb.Timestamp `protobuf:"bytes,6,opt,name=created_at,json=createdAt,proto3" json:"created_at,omitempty"`
+	UpdatedAt   *timestamppb.Timestamp `protobuf:"bytes,7,opt,name=updated_at,json=updatedAt,proto3" json:"updated_at,omitempty"`
+	// When the endpoint was disabled for failing too long, and why; unset
+	// after it is enabled again.
+	DisabledAt     *timestamppb.Timestamp `protobuf:"bytes,8,opt,name=disabled_at,json=disabledAt,proto3" json:"disabled_at,omitempty"`
+	DisabledReason string                 `protobuf:"bytes,9,opt,name=disabled_reason,json=disabledReason,proto3" json:"disabled_reason,omitempty"`
+	// Failed attempts since the last success.
+	ConsecutiveFailures int32 `protobuf:"varint,10,opt,name=consecutive_failures,json=consecutiveFailures,proto3" json:"consecutive_failures,omitempty"`
+	// Until when the previous secret signs too, after a rotation.
+	PreviousSecretExpiresAt *timestamppb.Timestamp `protobuf:"bytes,11,opt,name=previous_secret_expires_at,json=previousSecretExpiresAt,proto3" json:"previous_secret_expires_at,omitempty"`
+	unknownFields           protoimpl.UnknownFields
+	sizeCache               protoimpl.SizeCache
+}
+
+func (x *Webhook) Reset() {
+	*x = Webhook{}
+	mi := &file_posthaste_v1_mail_proto_msgTypes[32]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *Webhook) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*Webhook) ProtoMessage() {}
+
+func (x *Webhook) ProtoReflect() protoreflect.Message {
+	mi := &file_posthaste_v1_mail_proto_msgTypes[32]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use Webhook.ProtoReflect.Descriptor instead.
+func (*Webhook) Descriptor() ([]byte, []int) {
+	return file_posthaste_v1_mail_proto_rawDescGZIP(), []int{32}
+}
+
+func (x *Webhook) GetId() string {
+	if x != nil {
+		return x.Id
+	}
+	return ""
+}
+
+func (x *Webhook) GetUrl() string {
+	if x != nil {
+		return x.Url
+	}
+	return ""
+}
+
+func (x *Webhook) GetEventTypes() []string {
+	if x != nil {
+		return x.EventTypes
+	}
+	return nil
+}
+
+func (x *Webhook) GetEnabled() bool {
+	if x != nil {
+		return x.Enabled
+	}
+	return false
+}
+
+func (x *Webhook) GetDescription() string {
+	if x != nil {
+		return x.Description
+	}
+	return ""
+}
+
+func (x *Webhook) GetCreatedAt() *timestamppb.Timestamp {
+	if x != nil {
+		return x.CreatedAt
+	}
+	return nil
+}
+
+func (x *Webhook) GetUpdatedAt() *timestamppb.Timestamp {
+	if x != nil {
+		return x.UpdatedAt
+	}
+	return nil
+}
+
+func (x *Webhook) GetDisabledAt() *timestamppb.Timestamp {
+	if x != nil {
+		return x.DisabledAt
+	}
+	return nil
+}
+
+func (x *Webhook) GetDisabledReason() string {
+	if x != nil {
+		return x.DisabledReason
+	}
+	return ""
+}
+
+func (x *Webhook) GetConsecutiveFailures() int32 {
+	if x != nil {
+		return x.ConsecutiveFailures
+	}
+	return 0
+}
+
+func (x *Webhook) GetPreviousSecretExpiresAt() *timestamppb.Timestamp {
+	if x != nil {
+		return x.PreviousSecretExpiresAt
+	}
+	return nil
+}
+
+// CreateWebhookRequest describes an endpoint to add.
+type CreateWebhookRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// http or https URL of the endpoint. Required.
+	Url string `protobuf:"bytes,1,opt,name=url,proto3" json:"url,omitempty"`
+	// The event types to send; empty sends all.
+	EventTypes []string `protobuf:"bytes,2,rep,name=event_types,json=eventTypes,proto3" json:"event_types,omitempty"`
+	// Whether the endpoint receives events; defaults to true.
+	Enabled *bool `protobuf:"varint,3,opt,name=enabled,proto3,oneof" json:"enabled,omitempty"`
+	// A label for people, at most 500 characters.
+	Description   string `protobuf:"bytes,4,opt,name=description,proto3" json:"description,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *CreateWebhookRequest) Reset() {
+	*x = CreateWebhookRequest{}
+	mi := &file_posthaste_v1_mail_proto_msgTypes[33]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *CreateWebhookRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*CreateWebhookRequest) ProtoMessage() {}
+
+func (x *CreateWebhookRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_posthaste_v1_mail_proto_msgTypes[33]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use CreateWebhookRequest.ProtoReflect.Descriptor instead.
+func (*CreateWebhookRequest) Descriptor() ([]byte, []int) {
+	return file_posthaste_v1_mail_proto_rawDescGZIP(), []int{33}
+}
+
+func (x *CreateWebhookRequest) GetUrl() string {
+	if x != nil {
+		return x.Url
+	}
+	return ""
+}
+
+func (x *CreateWebhookRequest) GetEventTypes() []string {
+	if x != nil {
+		return x.EventTypes
+	}
+	return nil
+}
+
+func (x *CreateWebhookRequest) GetEnabled() bool {
+	if x != nil && x.Enabled != nil {
+		return *x.Enabled
+	}
+	return false
+}
+
+func (x *CreateWebhookRequest) GetDescription() string {
+	if x != nil {
+		return x.Description
+	}
+	return ""
+}
+
+// CreateWebhookResponse carries the new endpoint and its secret.
+type CreateWebhookResponse struct {
+	state   protoimpl.MessageState `protogen:"open.v1"`
+	Webhook *Webhook               `protobuf:"bytes,1,opt,name=webhook,proto3" json:"webhook,omitempty"`
+	// The signing secret ("whsec_..."), shown this once.
+	Secret        string `protobuf:"bytes,2,opt,name=secret,proto3" json:"secret,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *CreateWebhookResponse) Reset() {
+	*x = CreateWebhookResponse{}
+	mi := &file_posthaste_v1_mail_proto_msgTypes[34]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *CreateWebhookResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*CreateWebhookResponse) ProtoMessage() {}
+
+func (x *CreateWebhookResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_posthaste_v1_mail_proto_msgTypes[34]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use CreateWebhookResponse.ProtoReflect.Descriptor instead.
+func (*CreateWebhookResponse) Descriptor() ([]byte, []int) {
+	return file_posthaste_v1_mail_proto_rawDescGZIP(), []int{34}
+}
+
+func (x *CreateWebhookResponse) GetWebhook() *Webhook {
+	if x != nil {
+		return x.Webhook
+	}
+	return nil
+}
+
+func (x *CreateWebhookResponse) GetSecret() string {
+	if x != nil {
+		return x.Secret
+	}
+	return ""
+}
+
+// ListWebhooksRequest lists the endpoints of the caller's project.
+type ListWebhooksRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ListWebhooksRequest) Reset() {
+	*x = ListWebhooksRequest{}
+	mi := &file_posthaste_v1_mail_proto_msgTypes[35]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ListWebhooksRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ListWebhooksRequest) ProtoMessage() {}
+
+func (x *ListWebhooksRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_posthaste_v1_mail_proto_msgTypes[35]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ListWebhooksRequest.ProtoReflect.Descriptor instead.
+func (*ListWebhooksRequest) Descriptor() ([]byte, []int) {
+	return file_posthaste_v1_mail_proto_rawDescGZIP(), []int{35}
+}
+
+// ListWebhooksResponse is every endpoint of the caller's project.
+type ListWebhooksResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Webhooks      []*Webhook             `protobuf:"bytes,1,rep,name=webhooks,proto3" json:"webhooks,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ListWebhooksResponse) Reset() {
+	*x = ListWebhooksResponse{}
+	mi := &file_posthaste_v1_mail_proto_msgTypes[36]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ListWebhooksResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ListWebhooksResponse) ProtoMessage() {}
+
+func (x *ListWebhooksResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_posthaste_v1_mail_proto_msgTypes[36]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ListWebhooksResponse.ProtoReflect.Descriptor instead.
+func (*ListWebhooksResponse) Descriptor() ([]byte, []int) {
+	return file_posthaste_v1_mail_proto_rawDescGZIP(), []int{36}
+}
+
+func (x *ListWebhooksResponse) GetWebhooks() []*Webhook {
+	if x != nil {
+		return x.Webhooks
+	}
+	return nil
+}
+
+// GetWebhookRequest names one endpoint.
+type GetWebhookRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Id            string                 `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *GetWebhookRequest) Reset() {
+	*x = GetWebhookRequest{}
+	mi := &file_posthaste_v1_mail_proto_msgTypes[37]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *GetWebhookRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*GetWebhookRequest) ProtoMessage() {}
+
+func (x *GetWebhookRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_posthaste_v1_mail_proto_msgTypes[37]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use GetWebhookRequest.ProtoReflect.Descriptor instead.
+func (*GetWebhookRequest) Descriptor() ([]byte, []int) {
+	return file_posthaste_v1_mail_proto_rawDescGZIP(), []int{37}
+}
+
+func (x *GetWebhookRequest) GetId() string {
+	if x != nil {
+		return x.Id
+	}
+	return ""
+}
+
+// UpdateWebhookRequest changes an endpoint.
+type UpdateWebhookRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The endpoint to change.
+	Id string `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
+	// The new values of the fields in update_mask; other fields are ignored.
+	Webhook *Webhook `protobuf:"bytes,2,opt,name=webhook,proto3" json:"webhook,omitempty"`
+	// url, event_types, enabled, description. Empty changes all four.
+	UpdateMask    *fieldmaskpb.FieldMask `protobuf:"bytes,3,opt,name=update_mask,json=updateMask,proto3" json:"update_mask,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *UpdateWebhookRequest) Reset() {
+	*x = UpdateWebhookRequest{}
+	mi := &file_posthaste_v1_mail_proto_msgTypes[38]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *UpdateWebhookRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*UpdateWebhookRequest) ProtoMessage() {}
+
+func (x *UpdateWebhookRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_posthaste_v1_mail_proto_msgTypes[38]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use UpdateWebhookRequest.ProtoReflect.Descriptor instead.
+func (*UpdateWebhookRequest) Descriptor() ([]byte, []int) {
+	return file_posthaste_v1_mail_proto_rawDescGZIP(), []int{38}
+}
+
+func (x *UpdateWebhookRequest) GetId() string {
+	if x != nil {
+		return x.Id
+	}
+	return ""
+}
+
+func (x *UpdateWebhookRequest) GetWebhook() *Webhook {
+	if x != nil {
+		return x.Webhook
+	}
+	return nil
+}
+
+func (x *UpdateWebhookRequest) GetUpdateMask() *fieldmaskpb.FieldMask {
+	if x != nil {
+		return x.UpdateMask
+	}
+	return nil
+}
+
+// DeleteWebhookRequest names one endpoint.
+type DeleteWebhookRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Id            string                 `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *DeleteWebhookRequest) Reset() {
+	*x = DeleteWebhookRequest{}
+	mi := &file_posthaste_v1_mail_proto_msgTypes[39]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *DeleteWebhookRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*DeleteWebhookRequest) ProtoMessage() {}
+
+func (x *DeleteWebhookRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_posthaste_v1_mail_proto_msgTypes[39]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use DeleteWebhookRequest.ProtoReflect.Descriptor instead.
+func (*DeleteWebhookRequest) Descriptor() ([]byte, []int) {
+	return file_posthaste_v1_mail_proto_rawDescGZIP(), []int{39}
+}
+
+func (x *DeleteWebhookRequest) GetId() string {
+	if x != nil {
+		return x.Id
+	}
+	return ""
+}
+
+// DeleteWebhookResponse is empty.
+type DeleteWebhookResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *DeleteWebhookResponse) Reset() {
+	*x = DeleteWebhookResponse{}
+	mi := &file_posthaste_v1_mail_proto_msgTypes[40]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *DeleteWebhookResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*DeleteWebhookResponse) ProtoMessage() {}
+
+func (x *DeleteWebhookResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_posthaste_v1_mail_proto_msgTypes[40]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use DeleteWebhookResponse.ProtoReflect.Descriptor instead.
+func (*DeleteWebhookResponse) Descriptor() ([]byte, []int) {
+	return file_posthaste_v1_mail_proto_rawDescGZIP(), []int{40}
+}
+
+// RotateWebhookSecretRequest names one endpoint.
+type RotateWebhookSecretRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Id            string                 `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *RotateWebhookSecretRequest) Reset() {
+	*x = RotateWebhookSecretRequest{}
+	mi := &file_posthaste_v1_mail_proto_msgTypes[41]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *RotateWebhookSecretRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*RotateWebhookSecretRequest) ProtoMessage() {}
+
+func (x *RotateWebhookSecretRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_posthaste_v1_mail_proto_msgTypes[41]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use RotateWebhookSecretRequest.ProtoReflect.Descriptor instead.
+func (*RotateWebhookSecretRequest) Descriptor() ([]byte, []int) {
+	return file_posthaste_v1_mail_proto_rawDescGZIP(), []int{41}
+}
+
+func (x *RotateWebhookSecretRequest) GetId() string {
+	if x != nil {
+		return x.Id
+	}
+	return ""
+}
+
+// RotateWebhookSecretResponse carries the new secret.
+type RotateWebhookSecretResponse struct {
+	state   protoimpl.MessageState `protogen:"open.v1"`
+	Webhook *Webhook               `protobuf:"bytes,1,opt,name=webhook,proto3" json:"webhook,omitempty"`
+	// The new signing secret, shown this once.
+	Secret        string `protobuf:"bytes,2,opt,name=secret,proto3" json:"secret,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *RotateWebhookSecretResponse) Reset() {
+	*x = RotateWebhookSecretResponse{}
+	mi := &file_posthaste_v1_mail_proto_msgTypes[42]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *RotateWebhookSecretResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*RotateWebhookSecretResponse) ProtoMessage() {}
+
+func (x *RotateWebhookSecretResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_posthaste_v1_mail_proto_msgTypes[42]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use RotateWebhookSecretResponse.ProtoReflect.Descriptor instead.
+func (*RotateWebhookSecretResponse) Descriptor() ([]byte, []int) {
+	return file_posthaste_v1_mail_proto_rawDescGZIP(), []int{42}
+}
+
+func (x *RotateWebhookSecretResponse) GetWebhook() *Webhook {
+	if x != nil {
+		return x.Webhook
+	}
+	return nil
+}
+
+func (x *RotateWebhookSecretResponse) GetSecret() string {
+	if x != nil {
+		return x.Secret
+	}
+	return ""
+}
+
+// WebhookDelivery is one event sent (or to be sent) to one endpoint.
+type WebhookDelivery struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Id    string                 `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
+	// The endpoint's id.
+	WebhookId string `protobuf:"bytes,2,opt,name=webhook_id,json=webhookId,proto3" json:"webhook_id,omitempty"`
+	// The event's id, sent as webhook-id and in the body.
+	EventId   string `protobuf:"bytes,3,opt,name=event_id,json=eventId,proto3" json:"event_id,omitempty"`
+	EventType string `protobuf:"bytes,4,opt,name=event_type,json=eventType,proto3" json:"event_type,omitempty"`
+	// The message the event is about; empty for endpoint events.
+	MessageId string `protobuf:"bytes,5,opt,name=message_id,json=messageId,proto3" json:"message_id,omitempty"`
+	// pending, sending, delivered or failed.
+	State string `protobuf:"bytes,6,opt,name=state,proto3" json:"state,omitempty"`
+	// Attempts made (since the last retry asked for).
+	Attempts int32 `protobuf:"varint,7,opt,name=attempts,proto3" json:"attempts,omitempty"`
+	// When the delivery is due; meaningful while pending.
+	NextAttemptAt *timestamppb.Timestamp `protobuf:"bytes,8,opt,name=next_attempt_at,json=nextAttemptAt,proto3" json:"next_attempt_at,omitempty"`
+	// The last attempt: when, the HTTP status (0 when no response came), how
+	// long it took, and what went wrong.
+	LastAttemptAt  *timestamppb.Timestamp `protobuf:"bytes,9,opt,name=last_attempt_at,json=lastAttemptAt,proto3" json:"last_attempt_at,omitempty"`
+	LastStatusCode int32                  `protobuf:"varint,10,opt,name=last_status_code,json=lastStatusCode,proto3" json:"last_status_code,omitempty"`
+	LastLatency    *durationpb.Duration   `protobuf:"bytes,11,opt,name=last_latency,json=lastLatency,proto3" json:"last_latency,omitempty"`
+	LastError      string                 `protobuf:"bytes,12,opt,name=last_error,json=lastError,proto3" json:"last_error,omitempty"`
+	CreatedAt      *timestamppb.Timestamp `protobuf:"bytes,13,opt,name=created_at,json=createdAt,proto3" json:"created_at,omitempty"`
+	unknownFields  protoimpl.UnknownFields
+	sizeCache      protoimpl.SizeCache
+}
+
+func (x *WebhookDelivery) Reset() {
+	*x = WebhookDelivery{}
+	mi := &file_posthaste_v1_mail_proto_msgTypes[43]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *WebhookDelivery) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*WebhookDelivery) ProtoMessage() {}
+
+func (x *WebhookDelivery) ProtoReflect() protoreflect.Message {
+	mi := &file_posthaste_v1_mail_proto_msgTypes[43]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use WebhookDelivery.ProtoReflect.Descriptor instead.
+func (*WebhookDelivery) Descriptor() ([]byte, []int) {
+	return file_posthaste_v1_mail_proto_rawDescGZIP(), []int{43}
+}
+
+func (x *WebhookDelivery) GetId() string {
+	if x != nil {
+		return x.Id
+	}
+	return ""
+}
+
+func (x *WebhookDelivery) GetWebhookId() string {
+	if x != nil {
+		return x.WebhookId
+	}
+	return ""
+}
+
+func (x *WebhookDelivery) GetEventId() string {
+	if x != nil {
+		return x.EventId
+	}
+	return ""
+}
+
+func (x *WebhookDelivery) GetEventType() string {
+	if x != nil {
+		return x.EventType
+	}
+	return ""
+}
+
+func (x *WebhookDelivery) GetMessageId() string {
+	if x != nil {
+		return x.MessageId
+	}
+	return ""
+}
+
+func (x *WebhookDelivery) GetState() string {
+	if x != nil {
+		return x.State
+	}
+	return ""
+}
+
+func (x *WebhookDelivery) GetAttempts() int32 {
+	if x != nil {
+		return x.Attempts
+	}
+	return 0
+}
+
+func (x *WebhookDelivery) GetNextAttemptAt() *timestamppb.Timestamp {
+	if x != nil {
+		return x.NextAttemptAt
+	}
+	return nil
+}
+
+func (x *WebhookDelivery) GetLastAttemptAt() *timestamppb.Timestamp {
+	if x != nil {
+		return x.LastAttemptAt
+	}
+	return nil
+}
+
+func (x *WebhookDelivery) GetLastStatusCode() int32 {
+	if x != nil {
+		return x.LastStatusCode
+	}
+	return 0
+}
+
+func (x *WebhookDelivery) GetLastLatency() *durationpb.Duration {
+	if x != nil {
+		return x.LastLatency
+	}
+	return nil
+}
+
+func (x *WebhookDelivery) GetLastError() string {
+	if x != nil {
+		return x.LastError
+	}
+	return ""
+}
+
+func (x *WebhookDelivery) GetCreatedAt() *timestamppb.Timestamp {
+	if x != nil {
+		return x.CreatedAt
+	}
+	return nil
+}
+
+// ListWebhookDeliveriesRequest selects a page of an endpoint's deliveries.
+type ListWebhookDeliveriesRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The endpoint.
+	Id string `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
+	// Keep deliveries in this state: pending, sending, delivered or failed.
+	State string `protobuf:"bytes,2,opt,name=state,proto3" json:"state,omitempty"`
+	// At most this many; 1 to 100, 0 means 50.
+	PageSize int32 `protobuf:"varint,3,opt,name=page_size,json=pageSize,proto3" json:"page_size,omitempty"`
+	// next_page_token of the previous page.
+	PageToken     string `protobuf:"bytes,4,opt,name=page_token,json=pageToken,proto3" json:"page_token,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ListWebhookDeliveriesRequest) Reset() {
+	*x = ListWebhookDeliveriesRequest{}
+	mi := &file_posthaste_v1_mail_proto_msgTypes[44]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ListWebhookDeliveriesRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ListWebhookDeliveriesRequest) ProtoMessage() {}
+
+func (x *ListWebhookDeliveriesRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_posthaste_v1_mail_proto_msgTypes[44]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ListWebhookDeliveriesRequest.ProtoReflect.Descriptor instead.
+func (*ListWebhookDeliveriesRequest) Descriptor() ([]byte, []int) {
+	return file_posthaste_v1_mail_proto_rawDescGZIP(), []int{44}
+}
+
+func (x *ListWebhookDeliveriesRequest) GetId() string {
+	if x != nil {
+		return x.Id
+	}
+	return ""
+}
+
+func (x *ListWebhookDeliveriesRequest) GetState() string {
+	if x != nil {
+		return x.State
+	}
+	return ""
+}
+
+func (x *ListWebhookDeliveriesRequest) GetPageSize() int32 {
+	if x != nil {
+		return x.PageSize
+	}
+	return 0
+}
+
+func (x *ListWebhookDeliveriesRequest) GetPageToken() string {
+	if x != nil {
+		return x.PageToken
+	}
+	return ""
+}
+
+// ListWebhookDeliveriesResponse is one page of deliveries.
+type ListWebhookDeliveriesResponse struct {
+	state      protoimpl.MessageState `protogen:"open.v1"`
+	Deliveries []*WebhookDelivery     `protobuf:"bytes,1,rep,name=deliveries,proto3" json:"deliveries,omitempty"`
+	// Pass as page_token for the next page; empty on the last one.
+	NextPageToken string `protobuf:"bytes,2,opt,name=next_page_token,json=nextPageToken,proto3" json:"next_page_token,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ListWebhookDeliveriesResponse) Reset() {
+	*x = ListWebhookDeliveriesResponse{}
+	mi := &file_posthaste_v1_mail_proto_msgTypes[45]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ListWebhookDeliveriesResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ListWebhookDeliveriesResponse) ProtoMessage() {}
+
+func (x *ListWebhookDeliveriesResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_posthaste_v1_mail_proto_msgTypes[45]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ListWebhookDeliveriesResponse.ProtoReflect.Descriptor instead.
+func (*ListWebhookDeliveriesResponse) Descriptor() ([]byte, []int) {
+	return file_posthaste_v1_mail_proto_rawDescGZIP(), []int{45}
+}
+
+func (x *ListWebhookDeliveriesResponse) GetDeliveries() []*WebhookDelivery {
+	if x != nil {
+		return x.Deliveries
+	}
+	return nil
+}
+
+func (x *ListWebhookDeliveriesResponse) GetNextPageToken() string {
+	if x != nil {
+		return x.NextPageToken
+	}
+	return ""
+}
+
+// RetryWebhookDeliveryRequest names one delivery of one endpoint.
+type RetryWebhookDeliveryRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The endpoint.
+	Id            string `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
+	DeliveryId    string `protobuf:"bytes,2,opt,name=delivery_id,json=deliveryId,proto3" json:"delivery_id,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *RetryWebhookDeliveryRequest) Reset() {
+	*x = RetryWebhookDeliveryRequest{}
+	mi := &file_posthaste_v1_mail_proto_msgTypes[46]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *RetryWebhookDeliveryRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*RetryWebhookDeliveryRequest) ProtoMessage() {}
+
+func (x *RetryWebhookDeliveryRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_posthaste_v1_mail_proto_msgTypes[46]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use RetryWebhookDeliveryRequest.ProtoReflect.Descriptor instead.
+func (*RetryWebhookDeliveryRequest) Descriptor() ([]byte, []int) {
+	return file_posthaste_v1_mail_proto_rawDescGZIP(), []int{46}
+}
+
+func (x *RetryWebhookDeliveryRequest) GetId() string {
+	if x != nil {
+		return x.Id
+	}
+	return ""
+}
+
+func (x *RetryWebhookDeliveryRequest) GetDeliveryId() string {
+	if x != nil {
+		return x.DeliveryId
+	}
+	return ""
+}
+
 var File_posthaste_v1_mail_proto protoreflect.FileDescriptor
 
 const file_posthaste_v1_mail_proto_rawDesc = "" +
 	"\n" +
-	"\x17posthaste/v1/mail.proto\x12\fposthaste.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"7\n" +
+	"\x17posthaste/v1/mail.proto\x12\fposthaste.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1egoogle/protobuf/duration.proto\x1a google/protobuf/field_mask.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"7\n" +
 	"\aAddress\x12\x18\n" +
 	"\aaddress\x18\x01 \x01(\tR\aaddress\x12\x12\n" +
 	"\x04name\x18\x02 \x01(\tR\x04name\"\x84\x01\n" +
@@ -1640,7 +3622,7 @@ const file_posthaste_v1_mail_proto_rawDesc = "" +
 	"\tSmtpReply\x12\x12\n" +
 	"\x04code\x18\x01 \x01(\x05R\x04code\x12#\n" +
 	"\renhanced_code\x18\x02 \x01(\tR\fenhancedCode\x12\x12\n" +
-	"\x04text\x18\x03 \x01(\tR\x04text\"\xd3\x02\n" +
+	"\x04text\x18\x03 \x01(\tR\x04text\"\xeb\x02\n" +
 	"\aAttempt\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12!\n" +
 	"\frecipient_id\x18\x02 \x01(\tR\vrecipientId\x129\n" +
@@ -1654,7 +3636,85 @@ const file_posthaste_v1_mail_proto_rawDesc = "" +
 	"tlsVersion\x12-\n" +
 	"\x05reply\x18\t \x01(\v2\x17.posthaste.v1.SmtpReplyR\x05reply\x12\x18\n" +
 	"\aoutcome\x18\n" +
-	" \x01(\tR\aoutcome\":\n" +
+	" \x01(\tR\aoutcome\x12\x16\n" +
+	"\x06source\x18\v \x01(\tR\x06source\"\xaa\x02\n" +
+	"\x06ApiKey\x12\x0e\n" +
+	"\x02id\x18\x01 \x01(\tR\x02id\x12\x12\n" +
+	"\x04name\x18\x02 \x01(\tR\x04name\x12\x16\n" +
+	"\x06prefix\x18\x03 \x01(\tR\x06prefix\x12\x16\n" +
+	"\x06scopes\x18\x04 \x03(\tR\x06scopes\x12\x18\n" +
+	"\aproject\x18\x05 \x01(\tR\aproject\x129\n" +
+	"\n" +
+	"created_at\x18\x06 \x01(\v2\x1a.google.protobuf.TimestampR\tcreatedAt\x12<\n" +
+	"\flast_used_at\x18\a \x01(\v2\x1a.google.protobuf.TimestampR\n" +
+	"lastUsedAt\x129\n" +
+	"\n" +
+	"revoked_at\x18\b \x01(\v2\x1a.google.protobuf.TimestampR\trevokedAt\"A\n" +
+	"\x13CreateApiKeyRequest\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\x12\x16\n" +
+	"\x06scopes\x18\x02 \x03(\tR\x06scopes\"W\n" +
+	"\x14CreateApiKeyResponse\x12-\n" +
+	"\aapi_key\x18\x01 \x01(\v2\x14.posthaste.v1.ApiKeyR\x06apiKey\x12\x10\n" +
+	"\x03key\x18\x02 \x01(\tR\x03key\"\x14\n" +
+	"\x12ListApiKeysRequest\"F\n" +
+	"\x13ListApiKeysResponse\x12/\n" +
+	"\bapi_keys\x18\x01 \x03(\v2\x14.posthaste.v1.ApiKeyR\aapiKeys\"%\n" +
+	"\x13RevokeApiKeyRequest\x12\x0e\n" +
+	"\x02id\x18\x01 \x01(\tR\x02id\"\xab\x05\n" +
+	"\x05Event\x12\x0e\n" +
+	"\x02id\x18\x01 \x01(\x03R\x02id\x12\x12\n" +
+	"\x04type\x18\x02 \x01(\tR\x04type\x12\x1d\n" +
+	"\n" +
+	"message_id\x18\x03 \x01(\tR\tmessageId\x12!\n" +
+	"\frecipient_id\x18\x04 \x01(\tR\vrecipientId\x129\n" +
+	"\n" +
+	"created_at\x18\x05 \x01(\v2\x1a.google.protobuf.TimestampR\tcreatedAt\x12\x16\n" +
+	"\x06cursor\x18\x06 \x01(\tR\x06cursor\x12\x1e\n" +
+	"\n" +
+	"recipients\x18\a \x01(\x05R\n" +
+	"recipients\x123\n" +
+	"\asend_at\x18\b \x01(\v2\x1a.google.protobuf.TimestampR\x06sendAt\x12\x18\n" +
+	"\aoutcome\x18\t \x01(\tR\aoutcome\x12\x1c\n" +
+	"\tambiguous\x18\n" +
+	" \x01(\bR\tambiguous\x12-\n" +
+	"\x05reply\x18\v \x01(\v2\x17.posthaste.v1.SmtpReplyR\x05reply\x12\x17\n" +
+	"\amx_host\x18\f \x01(\tR\x06mxHost\x12B\n" +
+	"\x0fnext_attempt_at\x18\r \x01(\v2\x1a.google.protobuf.TimestampR\rnextAttemptAt\x12\x14\n" +
+	"\x05class\x18\x0e \x01(\tR\x05class\x12\x1c\n" +
+	"\tpermanent\x18\x0f \x01(\bR\tpermanent\x12\x16\n" +
+	"\x06reason\x18\x10 \x01(\tR\x06reason\x12\x1d\n" +
+	"\n" +
+	"dsn_action\x18\x11 \x01(\tR\tdsnAction\x12\x1d\n" +
+	"\n" +
+	"dsn_status\x18\x12 \x01(\tR\tdsnStatus\x12\x1d\n" +
+	"\n" +
+	"remote_mta\x18\x13 \x01(\tR\tremoteMta\x12'\n" +
+	"\x0fdiagnostic_code\x18\x14 \x01(\tR\x0ediagnosticCode\"*\n" +
+	"\x18ListMessageEventsRequest\x12\x0e\n" +
+	"\x02id\x18\x01 \x01(\tR\x02id\"`\n" +
+	"\x19ListMessageEventsResponse\x12+\n" +
+	"\x06events\x18\x01 \x03(\v2\x13.posthaste.v1.EventR\x06events\x12\x16\n" +
+	"\x06status\x18\x02 \x01(\tR\x06status\"U\n" +
+	"\x11ListEventsRequest\x12\x14\n" +
+	"\x05after\x18\x01 \x01(\tR\x05after\x12\x14\n" +
+	"\x05types\x18\x02 \x03(\tR\x05types\x12\x14\n" +
+	"\x05limit\x18\x03 \x01(\x05R\x05limit\"}\n" +
+	"\x12ListEventsResponse\x12+\n" +
+	"\x06events\x18\x01 \x03(\v2\x13.posthaste.v1.EventR\x06events\x12\x1f\n" +
+	"\vnext_cursor\x18\x02 \x01(\tR\n" +
+	"nextCursor\x12\x19\n" +
+	"\bhas_more\x18\x03 \x01(\bR\ahasMore\"t\n" +
+	"\x13StreamEventsRequest\x12\x14\n" +
+	"\x05after\x18\x01 \x01(\tR\x05after\x12\x14\n" +
+	"\x05types\x18\x02 \x03(\tR\x05types\x12\x12\n" +
+	"\x04tags\x18\x03 \x03(\tR\x04tags\x12\x1d\n" +
+	"\n" +
+	"message_id\x18\x04 \x01(\tR\tmessageId\"Y\n" +
+	"\x14StreamEventsResponse\x12)\n" +
+	"\x05event\x18\x01 \x01(\v2\x13.posthaste.v1.EventR\x05event\x12\x16\n" +
+	"\x06cursor\x18\x02 \x01(\tR\x06cursor\"%\n" +
+	"\x13WatchMessageRequest\x12\x0e\n" +
+	"\x02id\x18\x01 \x01(\tR\x02id\":\n" +
 	"\rErrorResponse\x12)\n" +
 	"\x05error\x18\x01 \x01(\v2\x13.posthaste.v1.ErrorR\x05error\"\xae\x01\n" +
 	"\x05Error\x12\x12\n" +
@@ -1665,14 +3725,114 @@ const file_posthaste_v1_mail_proto_rawDesc = "" +
 	"\x06reason\x18\x05 \x01(\tR\x06reason\"H\n" +
 	"\x0eFieldViolation\x12\x14\n" +
 	"\x05field\x18\x01 \x01(\tR\x05field\x12 \n" +
-	"\vdescription\x18\x02 \x01(\tR\vdescription2\xb4\x04\n" +
+	"\vdescription\x18\x02 \x01(\tR\vdescription\"\xf0\x03\n" +
+	"\aWebhook\x12\x0e\n" +
+	"\x02id\x18\x01 \x01(\tR\x02id\x12\x10\n" +
+	"\x03url\x18\x02 \x01(\tR\x03url\x12\x1f\n" +
+	"\vevent_types\x18\x03 \x03(\tR\n" +
+	"eventTypes\x12\x18\n" +
+	"\aenabled\x18\x04 \x01(\bR\aenabled\x12 \n" +
+	"\vdescription\x18\x05 \x01(\tR\vdescription\x129\n" +
+	"\n" +
+	"created_at\x18\x06 \x01(\v2\x1a.google.protobuf.TimestampR\tcreatedAt\x129\n" +
+	"\n" +
+	"updated_at\x18\a \x01(\v2\x1a.google.protobuf.TimestampR\tupdatedAt\x12;\n" +
+	"\vdisabled_at\x18\b \x01(\v2\x1a.google.protobuf.TimestampR\n" +
+	"disabledAt\x12'\n" +
+	"\x0fdisabled_reason\x18\t \x01(\tR\x0edisabledReason\x121\n" +
+	"\x14consecutive_failures\x18\n" +
+	" \x01(\x05R\x13consecutiveFailures\x12W\n" +
+	"\x1aprevious_secret_expires_at\x18\v \x01(\v2\x1a.google.protobuf.TimestampR\x17previousSecretExpiresAt\"\x96\x01\n" +
+	"\x14CreateWebhookRequest\x12\x10\n" +
+	"\x03url\x18\x01 \x01(\tR\x03url\x12\x1f\n" +
+	"\vevent_types\x18\x02 \x03(\tR\n" +
+	"eventTypes\x12\x1d\n" +
+	"\aenabled\x18\x03 \x01(\bH\x00R\aenabled\x88\x01\x01\x12 \n" +
+	"\vdescription\x18\x04 \x01(\tR\vdescriptionB\n" +
+	"\n" +
+	"\b_enabled\"`\n" +
+	"\x15CreateWebhookResponse\x12/\n" +
+	"\awebhook\x18\x01 \x01(\v2\x15.posthaste.v1.WebhookR\awebhook\x12\x16\n" +
+	"\x06secret\x18\x02 \x01(\tR\x06secret\"\x15\n" +
+	"\x13ListWebhooksRequest\"I\n" +
+	"\x14ListWebhooksResponse\x121\n" +
+	"\bwebhooks\x18\x01 \x03(\v2\x15.posthaste.v1.WebhookR\bwebhooks\"#\n" +
+	"\x11GetWebhookRequest\x12\x0e\n" +
+	"\x02id\x18\x01 \x01(\tR\x02id\"\x94\x01\n" +
+	"\x14UpdateWebhookRequest\x12\x0e\n" +
+	"\x02id\x18\x01 \x01(\tR\x02id\x12/\n" +
+	"\awebhook\x18\x02 \x01(\v2\x15.posthaste.v1.WebhookR\awebhook\x12;\n" +
+	"\vupdate_mask\x18\x03 \x01(\v2\x1a.google.protobuf.FieldMaskR\n" +
+	"updateMask\"&\n" +
+	"\x14DeleteWebhookRequest\x12\x0e\n" +
+	"\x02id\x18\x01 \x01(\tR\x02id\"\x17\n" +
+	"\x15DeleteWebhookResponse\",\n" +
+	"\x1aRotateWebhookSecretRequest\x12\x0e\n" +
+	"\x02id\x18\x01 \x01(\tR\x02id\"f\n" +
+	"\x1bRotateWebhookSecretResponse\x12/\n" +
+	"\awebhook\x18\x01 \x01(\v2\x15.posthaste.v1.WebhookR\awebhook\x12\x16\n" +
+	"\x06secret\x18\x02 \x01(\tR\x06secret\"\x95\x04\n" +
+	"\x0fWebhookDelivery\x12\x0e\n" +
+	"\x02id\x18\x01 \x01(\tR\x02id\x12\x1d\n" +
+	"\n" +
+	"webhook_id\x18\x02 \x01(\tR\twebhookId\x12\x19\n" +
+	"\bevent_id\x18\x03 \x01(\tR\aeventId\x12\x1d\n" +
+	"\n" +
+	"event_type\x18\x04 \x01(\tR\teventType\x12\x1d\n" +
+	"\n" +
+	"message_id\x18\x05 \x01(\tR\tmessageId\x12\x14\n" +
+	"\x05state\x18\x06 \x01(\tR\x05state\x12\x1a\n" +
+	"\battempts\x18\a \x01(\x05R\battempts\x12B\n" +
+	"\x0fnext_attempt_at\x18\b \x01(\v2\x1a.google.protobuf.TimestampR\rnextAttemptAt\x12B\n" +
+	"\x0flast_attempt_at\x18\t \x01(\v2\x1a.google.protobuf.TimestampR\rlastAttemptAt\x12(\n" +
+	"\x10last_status_code\x18\n" +
+	" \x01(\x05R\x0elastStatusCode\x12<\n" +
+	"\flast_latency\x18\v \x01(\v2\x19.google.protobuf.DurationR\vlastLatency\x12\x1d\n" +
+	"\n" +
+	"last_error\x18\f \x01(\tR\tlastError\x129\n" +
+	"\n" +
+	"created_at\x18\r \x01(\v2\x1a.google.protobuf.TimestampR\tcreatedAt\"\x80\x01\n" +
+	"\x1cListWebhookDeliveriesRequest\x12\x0e\n" +
+	"\x02id\x18\x01 \x01(\tR\x02id\x12\x14\n" +
+	"\x05state\x18\x02 \x01(\tR\x05state\x12\x1b\n" +
+	"\tpage_size\x18\x03 \x01(\x05R\bpageSize\x12\x1d\n" +
+	"\n" +
+	"page_token\x18\x04 \x01(\tR\tpageToken\"\x86\x01\n" +
+	"\x1dListWebhookDeliveriesResponse\x12=\n" +
+	"\n" +
+	"deliveries\x18\x01 \x03(\v2\x1d.posthaste.v1.WebhookDeliveryR\n" +
+	"deliveries\x12&\n" +
+	"\x0fnext_page_token\x18\x02 \x01(\tR\rnextPageToken\"N\n" +
+	"\x1bRetryWebhookDeliveryRequest\x12\x0e\n" +
+	"\x02id\x18\x01 \x01(\tR\x02id\x12\x1f\n" +
+	"\vdelivery_id\x18\x02 \x01(\tR\n" +
+	"deliveryId2\xf8\x11\n" +
 	"\vMailService\x12k\n" +
 	"\vSendMessage\x12 .posthaste.v1.SendMessageRequest\x1a!.posthaste.v1.SendMessageResponse\"\x17\x82\xd3\xe4\x93\x02\x11:\x01*\"\f/v1/messages\x12y\n" +
 	"\x0eSendRawMessage\x12#.posthaste.v1.SendRawMessageRequest\x1a!.posthaste.v1.SendMessageResponse\"\x1f\x82\xd3\xe4\x93\x02\x19:\x01*\"\x14/v1/messages:sendRaw\x12_\n" +
 	"\n" +
 	"GetMessage\x12\x1f.posthaste.v1.GetMessageRequest\x1a\x15.posthaste.v1.Message\"\x19\x82\xd3\xe4\x93\x02\x13\x12\x11/v1/messages/{id}\x12k\n" +
 	"\fListMessages\x12!.posthaste.v1.ListMessagesRequest\x1a\".posthaste.v1.ListMessagesResponse\"\x14\x82\xd3\xe4\x93\x02\x0e\x12\f/v1/messages\x12o\n" +
-	"\rCancelMessage\x12\".posthaste.v1.CancelMessageRequest\x1a\x15.posthaste.v1.Message\"#\x82\xd3\xe4\x93\x02\x1d:\x01*\"\x18/v1/messages/{id}:cancelB?Z=github.com/posthaste/posthaste/proto/posthaste/v1;posthastev1b\x06proto3"
+	"\rCancelMessage\x12\".posthaste.v1.CancelMessageRequest\x1a\x15.posthaste.v1.Message\"#\x82\xd3\xe4\x93\x02\x1d:\x01*\"\x18/v1/messages/{id}:cancel\x12\x86\x01\n" +
+	"\x11ListMessageEvents\x12&.posthaste.v1.ListMessageEventsRequest\x1a'.posthaste.v1.ListMessageEventsResponse\" \x82\xd3\xe4\x93\x02\x1a\x12\x18/v1/messages/{id}/events\x12c\n" +
+	"\n" +
+	"ListEvents\x12\x1f.posthaste.v1.ListEventsRequest\x1a .posthaste.v1.ListEventsResponse\"\x12\x82\xd3\xe4\x93\x02\f\x12\n" +
+	"/v1/events\x12W\n" +
+	"\fStreamEvents\x12!.posthaste.v1.StreamEventsRequest\x1a\".posthaste.v1.StreamEventsResponse0\x01\x12H\n" +
+	"\fWatchMessage\x12!.posthaste.v1.WatchMessageRequest\x1a\x13.posthaste.v1.Event0\x01\x12j\n" +
+	"\fCreateApiKey\x12!.posthaste.v1.CreateApiKeyRequest\x1a\".posthaste.v1.CreateApiKeyResponse\"\x13\x82\xd3\xe4\x93\x02\r:\x01*\"\b/v1/keys\x12d\n" +
+	"\vListApiKeys\x12 .posthaste.v1.ListApiKeysRequest\x1a!.posthaste.v1.ListApiKeysResponse\"\x10\x82\xd3\xe4\x93\x02\n" +
+	"\x12\b/v1/keys\x12h\n" +
+	"\fRevokeApiKey\x12!.posthaste.v1.RevokeApiKeyRequest\x1a\x14.posthaste.v1.ApiKey\"\x1f\x82\xd3\xe4\x93\x02\x19:\x01*\"\x14/v1/keys/{id}:revoke\x12q\n" +
+	"\rCreateWebhook\x12\".posthaste.v1.CreateWebhookRequest\x1a#.posthaste.v1.CreateWebhookResponse\"\x17\x82\xd3\xe4\x93\x02\x11:\x01*\"\f/v1/webhooks\x12k\n" +
+	"\fListWebhooks\x12!.posthaste.v1.ListWebhooksRequest\x1a\".posthaste.v1.ListWebhooksResponse\"\x14\x82\xd3\xe4\x93\x02\x0e\x12\f/v1/webhooks\x12_\n" +
+	"\n" +
+	"GetWebhook\x12\x1f.posthaste.v1.GetWebhookRequest\x1a\x15.posthaste.v1.Webhook\"\x19\x82\xd3\xe4\x93\x02\x13\x12\x11/v1/webhooks/{id}\x12n\n" +
+	"\rUpdateWebhook\x12\".posthaste.v1.UpdateWebhookRequest\x1a\x15.posthaste.v1.Webhook\"\"\x82\xd3\xe4\x93\x02\x1c:\awebhook2\x11/v1/webhooks/{id}\x12s\n" +
+	"\rDeleteWebhook\x12\".posthaste.v1.DeleteWebhookRequest\x1a#.posthaste.v1.DeleteWebhookResponse\"\x19\x82\xd3\xe4\x93\x02\x13*\x11/v1/webhooks/{id}\x12\x95\x01\n" +
+	"\x13RotateWebhookSecret\x12(.posthaste.v1.RotateWebhookSecretRequest\x1a).posthaste.v1.RotateWebhookSecretResponse\")\x82\xd3\xe4\x93\x02#:\x01*\"\x1e/v1/webhooks/{id}:rotateSecret\x12\x96\x01\n" +
+	"\x15ListWebhookDeliveries\x12*.posthaste.v1.ListWebhookDeliveriesRequest\x1a+.posthaste.v1.ListWebhookDeliveriesResponse\"$\x82\xd3\xe4\x93\x02\x1e\x12\x1c/v1/webhooks/{id}/deliveries\x12\x9d\x01\n" +
+	"\x14RetryWebhookDelivery\x12).posthaste.v1.RetryWebhookDeliveryRequest\x1a\x1d.posthaste.v1.WebhookDelivery\";\x82\xd3\xe4\x93\x025:\x01*\"0/v1/webhooks/{id}/deliveries/{delivery_id}:retryB?Z=github.com/posthaste/posthaste/proto/posthaste/v1;posthastev1b\x06proto3"
 
 var (
 	file_posthaste_v1_mail_proto_rawDescOnce sync.Once
@@ -1686,31 +3846,61 @@ func file_posthaste_v1_mail_proto_rawDescGZIP() []byte {
 	return file_posthaste_v1_mail_proto_rawDescData
 }
 
-var file_posthaste_v1_mail_proto_msgTypes = make([]protoimpl.MessageInfo, 21)
+var file_posthaste_v1_mail_proto_msgTypes = make([]protoimpl.MessageInfo, 50)
 var file_posthaste_v1_mail_proto_goTypes = []any{
-	(*Address)(nil),               // 0: posthaste.v1.Address
-	(*Attachment)(nil),            // 1: posthaste.v1.Attachment
-	(*Header)(nil),                // 2: posthaste.v1.Header
-	(*SendMessageRequest)(nil),    // 3: posthaste.v1.SendMessageRequest
-	(*SendRawMessageRequest)(nil), // 4: posthaste.v1.SendRawMessageRequest
-	(*SendMessageResponse)(nil),   // 5: posthaste.v1.SendMessageResponse
-	(*RecipientSummary)(nil),      // 6: posthaste.v1.RecipientSummary
-	(*GetMessageRequest)(nil),     // 7: posthaste.v1.GetMessageRequest
-	(*CancelMessageRequest)(nil),  // 8: posthaste.v1.CancelMessageRequest
-	(*ListMessagesRequest)(nil),   // 9: posthaste.v1.ListMessagesRequest
-	(*ListMessagesResponse)(nil),  // 10: posthaste.v1.ListMessagesResponse
-	(*Message)(nil),               // 11: posthaste.v1.Message
-	(*Recipient)(nil),             // 12: posthaste.v1.Recipient
-	(*SmtpReply)(nil),             // 13: posthaste.v1.SmtpReply
-	(*Attempt)(nil),               // 14: posthaste.v1.Attempt
-	(*ErrorResponse)(nil),         // 15: posthaste.v1.ErrorResponse
-	(*Error)(nil),                 // 16: posthaste.v1.Error
-	(*FieldViolation)(nil),        // 17: posthaste.v1.FieldViolation
-	nil,                           // 18: posthaste.v1.SendMessageRequest.MetadataEntry
-	nil,                           // 19: posthaste.v1.SendRawMessageRequest.MetadataEntry
-	nil,                           // 20: posthaste.v1.Message.MetadataEntry
-	(*timestamppb.Timestamp)(nil), // 21: google.protobuf.Timestamp
-	(*durationpb.Duration)(nil),   // 22: google.protobuf.Duration
+	(*Address)(nil),                       // 0: posthaste.v1.Address
+	(*Attachment)(nil),                    // 1: posthaste.v1.Attachment
+	(*Header)(nil),                        // 2: posthaste.v1.Header
+	(*SendMessageRequest)(nil),            // 3: posthaste.v1.SendMessageRequest
+	(*SendRawMessageRequest)(nil),         // 4: posthaste.v1.SendRawMessageRequest
+	(*SendMessageResponse)(nil),           // 5: posthaste.v1.SendMessageResponse
+	(*RecipientSummary)(nil),              // 6: posthaste.v1.RecipientSummary
+	(*GetMessageRequest)(nil),             // 7: posthaste.v1.GetMessageRequest
+	(*CancelMessageRequest)(nil),          // 8: posthaste.v1.CancelMessageRequest
+	(*ListMessagesRequest)(nil),           // 9: posthaste.v1.ListMessagesRequest
+	(*ListMessagesResponse)(nil),          // 10: posthaste.v1.ListMessagesResponse
+	(*Message)(nil),                       // 11: posthaste.v1.Message
+	(*Recipient)(nil),                     // 12: posthaste.v1.Recipient
+	(*SmtpReply)(nil),                     // 13: posthaste.v1.SmtpReply
+	(*Attempt)(nil),                       // 14: posthaste.v1.Attempt
+	(*ApiKey)(nil),                        // 15: posthaste.v1.ApiKey
+	(*CreateApiKeyRequest)(nil),           // 16: posthaste.v1.CreateApiKeyRequest
+	(*CreateApiKeyResponse)(nil),          // 17: posthaste.v1.CreateApiKeyResponse
+	(*ListApiKeysRequest)(nil),            // 18: posthaste.v1.ListApiKeysRequest
+	(*ListApiKeysResponse)(nil),           // 19: posthaste.v1.ListApiKeysResponse
+	(*RevokeApiKeyRequest)(nil),           // 20: posthaste.v1.RevokeApiKeyRequest
+	(*Event)(nil),                         // 21: posthaste.v1.Event
+	(*ListMessageEventsRequest)(nil),      // 22: posthaste.v1.ListMessageEventsRequest
+	(*ListMessageEventsResponse)(nil),     // 23: posthaste.v1.ListMessageEventsResponse
+	(*ListEventsRequest)(nil),             // 24: posthaste.v1.ListEventsRequest
+	(*ListEventsResponse)(nil),            // 25: posthaste.v1.ListEventsResponse
+	(*StreamEventsRequest)(nil),           // 26: posthaste.v1.StreamEventsRequest
+	(*StreamEventsResponse)(nil),          // 27: posthaste.v1.StreamEventsResponse
+	(*WatchMessageRequest)(nil),           // 28: posthaste.v1.WatchMessageRequest
+	(*ErrorResponse)(nil),                 // 29: posthaste.v1.ErrorResponse
+	(*Error)(nil),                         // 30: posthaste.v1.Error
+	(*FieldViolation)(nil),                // 31: posthaste.v1.FieldViolation
+	(*Webhook)(nil),                       // 32: posthaste.v1.Webhook
+	(*CreateWebhookRequest)(nil),          // 33: posthaste.v1.CreateWebhookRequest
+	(*CreateWebhookResponse)(nil),         // 34: posthaste.v1.CreateWebhookResponse
+	(*ListWebhooksRequest)(nil),           // 35: posthaste.v1.ListWebhooksRequest
+	(*ListWebhooksResponse)(nil),          // 36: posthaste.v1.ListWebhooksResponse
+	(*GetWebhookRequest)(nil),             // 37: posthaste.v1.GetWebhookRequest
+	(*UpdateWebhookRequest)(nil),          // 38: posthaste.v1.UpdateWebhookRequest
+	(*DeleteWebhookRequest)(nil),          // 39: posthaste.v1.DeleteWebhookRequest
+	(*DeleteWebhookResponse)(nil),         // 40: posthaste.v1.DeleteWebhookResponse
+	(*RotateWebhookSecretRequest)(nil),    // 41: posthaste.v1.RotateWebhookSecretRequest
+	(*RotateWebhookSecretResponse)(nil),   // 42: posthaste.v1.RotateWebhookSecretResponse
+	(*WebhookDelivery)(nil),               // 43: posthaste.v1.WebhookDelivery
+	(*ListWebhookDeliveriesRequest)(nil),  // 44: posthaste.v1.ListWebhookDeliveriesRequest
+	(*ListWebhookDeliveriesResponse)(nil), // 45: posthaste.v1.ListWebhookDeliveriesResponse
+	(*RetryWebhookDeliveryRequest)(nil),   // 46: posthaste.v1.RetryWebhookDeliveryRequest
+	nil,                                   // 47: posthaste.v1.SendMessageRequest.MetadataEntry
+	nil,                                   // 48: posthaste.v1.SendRawMessageRequest.MetadataEntry
+	nil,                                   // 49: posthaste.v1.Message.MetadataEntry
+	(*timestamppb.Timestamp)(nil),         // 50: google.protobuf.Timestamp
+	(*durationpb.Duration)(nil),           // 51: google.protobuf.Duration
+	(*fieldmaskpb.FieldMask)(nil),         // 52: google.protobuf.FieldMask
 }
 var file_posthaste_v1_mail_proto_depIdxs = []int32{
 	0,  // 0: posthaste.v1.SendMessageRequest.from:type_name -> posthaste.v1.Address
@@ -1720,44 +3910,100 @@ var file_posthaste_v1_mail_proto_depIdxs = []int32{
 	0,  // 4: posthaste.v1.SendMessageRequest.bcc:type_name -> posthaste.v1.Address
 	1,  // 5: posthaste.v1.SendMessageRequest.attachments:type_name -> posthaste.v1.Attachment
 	2,  // 6: posthaste.v1.SendMessageRequest.headers:type_name -> posthaste.v1.Header
-	18, // 7: posthaste.v1.SendMessageRequest.metadata:type_name -> posthaste.v1.SendMessageRequest.MetadataEntry
-	21, // 8: posthaste.v1.SendMessageRequest.send_at:type_name -> google.protobuf.Timestamp
-	19, // 9: posthaste.v1.SendRawMessageRequest.metadata:type_name -> posthaste.v1.SendRawMessageRequest.MetadataEntry
-	21, // 10: posthaste.v1.SendRawMessageRequest.send_at:type_name -> google.protobuf.Timestamp
+	47, // 7: posthaste.v1.SendMessageRequest.metadata:type_name -> posthaste.v1.SendMessageRequest.MetadataEntry
+	50, // 8: posthaste.v1.SendMessageRequest.send_at:type_name -> google.protobuf.Timestamp
+	48, // 9: posthaste.v1.SendRawMessageRequest.metadata:type_name -> posthaste.v1.SendRawMessageRequest.MetadataEntry
+	50, // 10: posthaste.v1.SendRawMessageRequest.send_at:type_name -> google.protobuf.Timestamp
 	6,  // 11: posthaste.v1.SendMessageResponse.recipients:type_name -> posthaste.v1.RecipientSummary
-	21, // 12: posthaste.v1.ListMessagesRequest.created_after:type_name -> google.protobuf.Timestamp
-	21, // 13: posthaste.v1.ListMessagesRequest.created_before:type_name -> google.protobuf.Timestamp
+	50, // 12: posthaste.v1.ListMessagesRequest.created_after:type_name -> google.protobuf.Timestamp
+	50, // 13: posthaste.v1.ListMessagesRequest.created_before:type_name -> google.protobuf.Timestamp
 	11, // 14: posthaste.v1.ListMessagesResponse.messages:type_name -> posthaste.v1.Message
-	20, // 15: posthaste.v1.Message.metadata:type_name -> posthaste.v1.Message.MetadataEntry
-	21, // 16: posthaste.v1.Message.send_at:type_name -> google.protobuf.Timestamp
-	21, // 17: posthaste.v1.Message.created_at:type_name -> google.protobuf.Timestamp
-	21, // 18: posthaste.v1.Message.updated_at:type_name -> google.protobuf.Timestamp
+	49, // 15: posthaste.v1.Message.metadata:type_name -> posthaste.v1.Message.MetadataEntry
+	50, // 16: posthaste.v1.Message.send_at:type_name -> google.protobuf.Timestamp
+	50, // 17: posthaste.v1.Message.created_at:type_name -> google.protobuf.Timestamp
+	50, // 18: posthaste.v1.Message.updated_at:type_name -> google.protobuf.Timestamp
 	12, // 19: posthaste.v1.Message.recipients:type_name -> posthaste.v1.Recipient
 	14, // 20: posthaste.v1.Message.attempts:type_name -> posthaste.v1.Attempt
-	21, // 21: posthaste.v1.Recipient.next_attempt_at:type_name -> google.protobuf.Timestamp
+	50, // 21: posthaste.v1.Recipient.next_attempt_at:type_name -> google.protobuf.Timestamp
 	13, // 22: posthaste.v1.Recipient.last_reply:type_name -> posthaste.v1.SmtpReply
-	21, // 23: posthaste.v1.Recipient.delivered_at:type_name -> google.protobuf.Timestamp
-	21, // 24: posthaste.v1.Recipient.updated_at:type_name -> google.protobuf.Timestamp
-	21, // 25: posthaste.v1.Attempt.started_at:type_name -> google.protobuf.Timestamp
-	22, // 26: posthaste.v1.Attempt.duration:type_name -> google.protobuf.Duration
+	50, // 23: posthaste.v1.Recipient.delivered_at:type_name -> google.protobuf.Timestamp
+	50, // 24: posthaste.v1.Recipient.updated_at:type_name -> google.protobuf.Timestamp
+	50, // 25: posthaste.v1.Attempt.started_at:type_name -> google.protobuf.Timestamp
+	51, // 26: posthaste.v1.Attempt.duration:type_name -> google.protobuf.Duration
 	13, // 27: posthaste.v1.Attempt.reply:type_name -> posthaste.v1.SmtpReply
-	16, // 28: posthaste.v1.ErrorResponse.error:type_name -> posthaste.v1.Error
-	17, // 29: posthaste.v1.Error.field_violations:type_name -> posthaste.v1.FieldViolation
-	3,  // 30: posthaste.v1.MailService.SendMessage:input_type -> posthaste.v1.SendMessageRequest
-	4,  // 31: posthaste.v1.MailService.SendRawMessage:input_type -> posthaste.v1.SendRawMessageRequest
-	7,  // 32: posthaste.v1.MailService.GetMessage:input_type -> posthaste.v1.GetMessageRequest
-	9,  // 33: posthaste.v1.MailService.ListMessages:input_type -> posthaste.v1.ListMessagesRequest
-	8,  // 34: posthaste.v1.MailService.CancelMessage:input_type -> posthaste.v1.CancelMessageRequest
-	5,  // 35: posthaste.v1.MailService.SendMessage:output_type -> posthaste.v1.SendMessageResponse
-	5,  // 36: posthaste.v1.MailService.SendRawMessage:output_type -> posthaste.v1.SendMessageResponse
-	11, // 37: posthaste.v1.MailService.GetMessage:output_type -> posthaste.v1.Message
-	10, // 38: posthaste.v1.MailService.ListMessages:output_type -> posthaste.v1.ListMessagesResponse
-	11, // 39: posthaste.v1.MailService.CancelMessage:output_type -> posthaste.v1.Message
-	35, // [35:40] is the sub-list for method output_type
-	30, // [30:35] is the sub-list for method input_type
-	30, // [30:30] is the sub-list for extension type_name
-	30, // [30:30] is the sub-list for extension extendee
-	0,  // [0:30] is the sub-list for field type_name
+	50, // 28: posthaste.v1.ApiKey.created_at:type_name -> google.protobuf.Timestamp
+	50, // 29: posthaste.v1.ApiKey.last_used_at:type_name -> google.protobuf.Timestamp
+	50, // 30: posthaste.v1.ApiKey.revoked_at:type_name -> google.protobuf.Timestamp
+	15, // 31: posthaste.v1.CreateApiKeyResponse.api_key:type_name -> posthaste.v1.ApiKey
+	15, // 32: posthaste.v1.ListApiKeysResponse.api_keys:type_name -> posthaste.v1.ApiKey
+	50, // 33: posthaste.v1.Event.created_at:type_name -> google.protobuf.Timestamp
+	50, // 34: posthaste.v1.Event.send_at:type_name -> google.protobuf.Timestamp
+	13, // 35: posthaste.v1.Event.reply:type_name -> posthaste.v1.SmtpReply
+	50, // 36: posthaste.v1.Event.next_attempt_at:type_name -> google.protobuf.Timestamp
+	21, // 37: posthaste.v1.ListMessageEventsResponse.events:type_name -> posthaste.v1.Event
+	21, // 38: posthaste.v1.ListEventsResponse.events:type_name -> posthaste.v1.Event
+	21, // 39: posthaste.v1.StreamEventsResponse.event:type_name -> posthaste.v1.Event
+	30, // 40: posthaste.v1.ErrorResponse.error:type_name -> posthaste.v1.Error
+	31, // 41: posthaste.v1.Error.field_violations:type_name -> posthaste.v1.FieldViolation
+	50, // 42: posthaste.v1.Webhook.created_at:type_name -> google.protobuf.Timestamp
+	50, // 43: posthaste.v1.Webhook.updated_at:type_name -> google.protobuf.Timestamp
+	50, // 44: posthaste.v1.Webhook.disabled_at:type_name -> google.protobuf.Timestamp
+	50, // 45: posthaste.v1.Webhook.previous_secret_expires_at:type_name -> google.protobuf.Timestamp
+	32, // 46: posthaste.v1.CreateWebhookResponse.webhook:type_name -> posthaste.v1.Webhook
+	32, // 47: posthaste.v1.ListWebhooksResponse.webhooks:type_name -> posthaste.v1.Webhook
+	32, // 48: posthaste.v1.UpdateWebhookRequest.webhook:type_name -> posthaste.v1.Webhook
+	52, // 49: posthaste.v1.UpdateWebhookRequest.update_mask:type_name -> google.protobuf.FieldMask
+	32, // 50: posthaste.v1.RotateWebhookSecretResponse.webhook:type_name -> posthaste.v1.Webhook
+	50, // 51: posthaste.v1.WebhookDelivery.next_attempt_at:type_name -> google.protobuf.Timestamp
+	50, // 52: posthaste.v1.WebhookDelivery.last_attempt_at:type_name -> google.protobuf.Timestamp
+	51, // 53: posthaste.v1.WebhookDelivery.last_latency:type_name -> google.protobuf.Duration
+	50, // 54: posthaste.v1.WebhookDelivery.created_at:type_name -> google.protobuf.Timestamp
+	43, // 55: posthaste.v1.ListWebhookDeliveriesResponse.deliveries:type_name -> posthaste.v1.WebhookDelivery
+	3,  // 56: posthaste.v1.MailService.SendMessage:input_type -> posthaste.v1.SendMessageRequest
+	4,  // 57: posthaste.v1.MailService.SendRawMessage:input_type -> posthaste.v1.SendRawMessageRequest
+	7,  // 58: posthaste.v1.MailService.GetMessage:input_type -> posthaste.v1.GetMessageRequest
+	9,  // 59: posthaste.v1.MailService.ListMessages:input_type -> posthaste.v1.ListMessagesRequest
+	8,  // 60: posthaste.v1.MailService.CancelMessage:input_type -> posthaste.v1.CancelMessageRequest
+	22, // 61: posthaste.v1.MailService.ListMessageEvents:input_type -> posthaste.v1.ListMessageEventsRequest
+	24, // 62: posthaste.v1.MailService.ListEvents:input_type -> posthaste.v1.ListEventsRequest
+	26, // 63: posthaste.v1.MailService.StreamEvents:input_type -> posthaste.v1.StreamEventsRequest
+	28, // 64: posthaste.v1.MailService.WatchMessage:input_type -> posthaste.v1.WatchMessageRequest
+	16, // 65: posthaste.v1.MailService.CreateApiKey:input_type -> posthaste.v1.CreateApiKeyRequest
+	18, // 66: posthaste.v1.MailService.ListApiKeys:input_type -> posthaste.v1.ListApiKeysRequest
+	20, // 67: posthaste.v1.MailService.RevokeApiKey:input_type -> posthaste.v1.RevokeApiKeyRequest
+	33, // 68: posthaste.v1.MailService.CreateWebhook:input_type -> posthaste.v1.CreateWebhookRequest
+	35, // 69: posthaste.v1.MailService.ListWebhooks:input_type -> posthaste.v1.ListWebhooksRequest
+	37, // 70: posthaste.v1.MailService.GetWebhook:input_type -> posthaste.v1.GetWebhookRequest
+	38, // 71: posthaste.v1.MailService.UpdateWebhook:input_type -> posthaste.v1.UpdateWebhookRequest
+	39, // 72: posthaste.v1.MailService.DeleteWebhook:input_type -> posthaste.v1.DeleteWebhookRequest
+	41, // 73: posthaste.v1.MailService.RotateWebhookSecret:input_type -> posthaste.v1.RotateWebhookSecretRequest
+	44, // 74: posthaste.v1.MailService.ListWebhookDeliveries:input_type -> posthaste.v1.ListWebhookDeliveriesRequest
+	46, // 75: posthaste.v1.MailService.RetryWebhookDelivery:input_type -> posthaste.v1.RetryWebhookDeliveryRequest
+	5,  // 76: posthaste.v1.MailService.SendMessage:output_type -> posthaste.v1.SendMessageResponse
+	5,  // 77: posthaste.v1.MailService.SendRawMessage:output_type -> posthaste.v1.SendMessageResponse
+	11, // 78: posthaste.v1.MailService.GetMessage:output_type -> posthaste.v1.Message
+	10, // 79: posthaste.v1.MailService.ListMessages:output_type -> posthaste.v1.ListMessagesResponse
+	11, // 80: posthaste.v1.MailService.CancelMessage:output_type -> posthaste.v1.Message
+	23, // 81: posthaste.v1.MailService.ListMessageEvents:output_type -> posthaste.v1.ListMessageEventsResponse
+	25, // 82: posthaste.v1.MailService.ListEvents:output_type -> posthaste.v1.ListEventsResponse
+	27, // 83: posthaste.v1.MailService.StreamEvents:output_type -> posthaste.v1.StreamEventsResponse
+	21, // 84: posthaste.v1.MailService.WatchMessage:output_type -> posthaste.v1.Event
+	17, // 85: posthaste.v1.MailService.CreateApiKey:output_type -> posthaste.v1.CreateApiKeyResponse
+	19, // 86: posthaste.v1.MailService.ListApiKeys:output_type -> posthaste.v1.ListApiKeysResponse
+	15, // 87: posthaste.v1.MailService.RevokeApiKey:output_type -> posthaste.v1.ApiKey
+	34, // 88: posthaste.v1.MailService.CreateWebhook:output_type -> posthaste.v1.CreateWebhookResponse
+	36, // 89: posthaste.v1.MailService.ListWebhooks:output_type -> posthaste.v1.ListWebhooksResponse
+	32, // 90: posthaste.v1.MailService.GetWebhook:output_type -> posthaste.v1.Webhook
+	32, // 91: posthaste.v1.MailService.UpdateWebhook:output_type -> posthaste.v1.Webhook
+	40, // 92: posthaste.v1.MailService.DeleteWebhook:output_type -> posthaste.v1.DeleteWebhookResponse
+	42, // 93: posthaste.v1.MailService.RotateWebhookSecret:output_type -> posthaste.v1.RotateWebhookSecretResponse
+	45, // 94: posthaste.v1.MailService.ListWebhookDeliveries:output_type -> posthaste.v1.ListWebhookDeliveriesResponse
+	43, // 95: posthaste.v1.MailService.RetryWebhookDelivery:output_type -> posthaste.v1.WebhookDelivery
+	76, // [76:96] is the sub-list for method output_type
+	56, // [56:76] is the sub-list for method input_type
+	56, // [56:56] is the sub-list for extension type_name
+	56, // [56:56] is the sub-list for extension extendee
+	0,  // [0:56] is the sub-list for field type_name
 }
 
 func init() { file_posthaste_v1_mail_proto_init() }
@@ -1765,13 +4011,14 @@ func file_posthaste_v1_mail_proto_init() {
 	if File_posthaste_v1_mail_proto != nil {
 		return
 	}
+	file_posthaste_v1_mail_proto_msgTypes[33].OneofWrappers = []any{}
 	type x struct{}
 	out := protoimpl.TypeBuilder{
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_posthaste_v1_mail_proto_rawDesc), len(file_posthaste_v1_mail_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   21,
+			NumMessages:   50,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

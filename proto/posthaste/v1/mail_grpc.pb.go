@@ -19,11 +19,26 @@ import (
 const _ = grpc.SupportPackageIsVersion9
 
 const (
-	MailService_SendMessage_FullMethodName    = "/posthaste.v1.MailService/SendMessage"
-	MailService_SendRawMessage_FullMethodName = "/posthaste.v1.MailService/SendRawMessage"
-	MailService_GetMessage_FullMethodName     = "/posthaste.v1.MailService/GetMessage"
-	MailService_ListMessages_FullMethodName   = "/posthaste.v1.MailService/ListMessages"
-	MailService_CancelMessage_FullMethodName  = "/posthaste.v1.MailService/CancelMessage"
+	MailService_SendMessage_FullMethodName           = "/posthaste.v1.MailService/SendMessage"
+	MailService_SendRawMessage_FullMethodName        = "/posthaste.v1.MailService/SendRawMessage"
+	MailService_GetMessage_FullMethodName            = "/posthaste.v1.MailService/GetMessage"
+	MailService_ListMessages_FullMethodName          = "/posthaste.v1.MailService/ListMessages"
+	MailService_CancelMessage_FullMethodName         = "/posthaste.v1.MailService/CancelMessage"
+	MailService_ListMessageEvents_FullMethodName     = "/posthaste.v1.MailService/ListMessageEvents"
+	MailService_ListEvents_FullMethodName            = "/posthaste.v1.MailService/ListEvents"
+	MailService_StreamEvents_FullMethodName          = "/posthaste.v1.MailService/StreamEvents"
+	MailService_WatchMessage_FullMethodName          = "/posthaste.v1.MailService/WatchMessage"
+	MailService_CreateApiKey_FullMethodName          = "/posthaste.v1.MailService/CreateApiKey"
+	MailService_ListApiKeys_FullMethodName           = "/posthaste.v1.MailService/ListApiKeys"
+	MailService_RevokeApiKey_FullMethodName          = "/posthaste.v1.MailService/RevokeApiKey"
+	MailService_CreateWebhook_FullMethodName         = "/posthaste.v1.MailService/CreateWebhook"
+	MailService_ListWebhooks_FullMethodName          = "/posthaste.v1.MailService/ListWebhooks"
+	MailService_GetWebhook_FullMethodName            = "/posthaste.v1.MailService/GetWebhook"
+	MailService_UpdateWebhook_FullMethodName         = "/posthaste.v1.MailService/UpdateWebhook"
+	MailService_DeleteWebhook_FullMethodName         = "/posthaste.v1.MailService/DeleteWebhook"
+	MailService_RotateWebhookSecret_FullMethodName   = "/posthaste.v1.MailService/RotateWebhookSecret"
+	MailService_ListWebhookDeliveries_FullMethodName = "/posthaste.v1.MailService/ListWebhookDeliveries"
+	MailService_RetryWebhookDelivery_FullMethodName  = "/posthaste.v1.MailService/RetryWebhookDelivery"
 )
 
 // MailServiceClient is the client API for MailService service.
@@ -34,7 +49,10 @@ const (
 // became of every recipient.
 //
 // Every call needs an API key: `authorization: Bearer <key>` in gRPC metadata,
-// or the `Authorization` header over REST.
+// or the `Authorization` header over REST. A key belongs to one project and
+// only ever sees that project's data: another project's message answers
+// NotFound exactly like an unknown id. Each call needs a scope of the key
+// (send, read or admin; admin allows everything), else PermissionDenied.
 type MailServiceClient interface {
 	// SendMessage validates the request, builds the MIME message once and stores
 	// it with one row per envelope recipient. It returns only after the message
@@ -53,6 +71,70 @@ type MailServiceClient interface {
 	// or failed. A recipient whose attempt is in flight is canceled unless that
 	// attempt delivers or bounces it.
 	CancelMessage(ctx context.Context, in *CancelMessageRequest, opts ...grpc.CallOption) (*Message, error)
+	// ListMessageEvents returns every event of one message of the caller's
+	// project so far, oldest first: its timeline. An event shows here as soon
+	// as it is committed. Needs the read scope.
+	ListMessageEvents(ctx context.Context, in *ListMessageEventsRequest, opts ...grpc.CallOption) (*ListMessageEventsResponse, error)
+	// ListEvents returns the caller's project's events after a cursor, in feed
+	// order. Reading on from next_cursor never misses an event and never
+	// returns one twice, whatever order the writing transactions committed
+	// in; the price is that an event shows only once every transaction that
+	// began before it has ended (usually milliseconds). Needs the read scope.
+	ListEvents(ctx context.Context, in *ListEventsRequest, opts ...grpc.CallOption) (*ListEventsResponse, error)
+	// StreamEvents sends the caller's project's events after a cursor, in feed
+	// order, and keeps sending new ones as they commit, until the client goes
+	// away or the server shuts down (Unavailable: reconnect with the last
+	// cursor received). gRPC only; over REST, poll ListEvents. Needs the read
+	// scope.
+	StreamEvents(ctx context.Context, in *StreamEventsRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[StreamEventsResponse], error)
+	// WatchMessage sends the events of one message of the caller's project,
+	// those already written first, and then new ones as they commit, and ends
+	// with OK once every recipient is final (delivered, bounced, failed or
+	// canceled). gRPC only; over REST, poll ListMessageEvents. Needs the read
+	// scope.
+	WatchMessage(ctx context.Context, in *WatchMessageRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[Event], error)
+	// CreateApiKey makes a key in the caller's project. The secret is in the
+	// answer only, once. Needs the admin scope.
+	CreateApiKey(ctx context.Context, in *CreateApiKeyRequest, opts ...grpc.CallOption) (*CreateApiKeyResponse, error)
+	// ListApiKeys returns every key of the caller's project, revoked ones
+	// included, oldest first, never their secrets. Needs the admin scope.
+	ListApiKeys(ctx context.Context, in *ListApiKeysRequest, opts ...grpc.CallOption) (*ListApiKeysResponse, error)
+	// RevokeApiKey revokes a key of the caller's project for good; requests
+	// with it are refused as Unauthenticated from then on. Revoking a revoked
+	// key changes nothing. Needs the admin scope.
+	RevokeApiKey(ctx context.Context, in *RevokeApiKeyRequest, opts ...grpc.CallOption) (*ApiKey, error)
+	// CreateWebhook adds an endpoint that receives the project's events,
+	// signed as the Standard Webhooks specification says. The signing secret
+	// is in the answer only, once. The URL must be http or https, without
+	// user info, and must not point at a loopback, private, link-local or
+	// metadata address. Needs the admin scope.
+	CreateWebhook(ctx context.Context, in *CreateWebhookRequest, opts ...grpc.CallOption) (*CreateWebhookResponse, error)
+	// ListWebhooks returns every endpoint of the caller's project, oldest
+	// first, never their secrets. Needs the admin scope.
+	ListWebhooks(ctx context.Context, in *ListWebhooksRequest, opts ...grpc.CallOption) (*ListWebhooksResponse, error)
+	// GetWebhook returns one endpoint of the caller's project. Needs the
+	// admin scope.
+	GetWebhook(ctx context.Context, in *GetWebhookRequest, opts ...grpc.CallOption) (*Webhook, error)
+	// UpdateWebhook changes the fields named in update_mask (over REST, the
+	// fields present in the body): url, event_types, enabled, description.
+	// Enabling a disabled endpoint starts its count of failures afresh.
+	// Needs the admin scope.
+	UpdateWebhook(ctx context.Context, in *UpdateWebhookRequest, opts ...grpc.CallOption) (*Webhook, error)
+	// DeleteWebhook deletes an endpoint and its delivery log. Needs the admin
+	// scope.
+	DeleteWebhook(ctx context.Context, in *DeleteWebhookRequest, opts ...grpc.CallOption) (*DeleteWebhookResponse, error)
+	// RotateWebhookSecret gives an endpoint a new signing secret, returned
+	// once. The previous secret keeps signing alongside it (two signatures
+	// in webhook-signature) until previous_secret_expires_at. Needs the
+	// admin scope.
+	RotateWebhookSecret(ctx context.Context, in *RotateWebhookSecretRequest, opts ...grpc.CallOption) (*RotateWebhookSecretResponse, error)
+	// ListWebhookDeliveries returns an endpoint's deliveries, newest first.
+	// Needs the admin scope.
+	ListWebhookDeliveries(ctx context.Context, in *ListWebhookDeliveriesRequest, opts ...grpc.CallOption) (*ListWebhookDeliveriesResponse, error)
+	// RetryWebhookDelivery sends a failed (or delivered) delivery again, with
+	// the whole retry schedule; a delivery still pending or sending is left
+	// as it is. Needs the admin scope.
+	RetryWebhookDelivery(ctx context.Context, in *RetryWebhookDeliveryRequest, opts ...grpc.CallOption) (*WebhookDelivery, error)
 }
 
 type mailServiceClient struct {
@@ -113,6 +195,174 @@ func (c *mailServiceClient) CancelMessage(ctx context.Context, in *CancelMessage
 	return out, nil
 }
 
+func (c *mailServiceClient) ListMessageEvents(ctx context.Context, in *ListMessageEventsRequest, opts ...grpc.CallOption) (*ListMessageEventsResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(ListMessageEventsResponse)
+	err := c.cc.Invoke(ctx, MailService_ListMessageEvents_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *mailServiceClient) ListEvents(ctx context.Context, in *ListEventsRequest, opts ...grpc.CallOption) (*ListEventsResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(ListEventsResponse)
+	err := c.cc.Invoke(ctx, MailService_ListEvents_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *mailServiceClient) StreamEvents(ctx context.Context, in *StreamEventsRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[StreamEventsResponse], error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	stream, err := c.cc.NewStream(ctx, &MailService_ServiceDesc.Streams[0], MailService_StreamEvents_FullMethodName, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	x := &grpc.GenericClientStream[StreamEventsRequest, StreamEventsResponse]{ClientStream: stream}
+	if err := x.ClientStream.SendMsg(in); err != nil {
+		return nil, err
+	}
+	if err := x.ClientStream.CloseSend(); err != nil {
+		return nil, err
+	}
+	return x, nil
+}
+
+// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
+type MailService_StreamEventsClient = grpc.ServerStreamingClient[StreamEventsResponse]
+
+func (c *mailServiceClient) WatchMessage(ctx context.Context, in *WatchMessageRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[Event], error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	stream, err := c.cc.NewStream(ctx, &MailService_ServiceDesc.Streams[1], MailService_WatchMessage_FullMethodName, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	x := &grpc.GenericClientStream[WatchMessageRequest, Event]{ClientStream: stream}
+	if err := x.ClientStream.SendMsg(in); err != nil {
+		return nil, err
+	}
+	if err := x.ClientStream.CloseSend(); err != nil {
+		return nil, err
+	}
+	return x, nil
+}
+
+// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
+type MailService_WatchMessageClient = grpc.ServerStreamingClient[Event]
+
+func (c *mailServiceClient) CreateApiKey(ctx context.Context, in *CreateApiKeyRequest, opts ...grpc.CallOption) (*CreateApiKeyResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(CreateApiKeyResponse)
+	err := c.cc.Invoke(ctx, MailService_CreateApiKey_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *mailServiceClient) ListApiKeys(ctx context.Context, in *ListApiKeysRequest, opts ...grpc.CallOption) (*ListApiKeysResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(ListApiKeysResponse)
+	err := c.cc.Invoke(ctx, MailService_ListApiKeys_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *mailServiceClient) RevokeApiKey(ctx context.Context, in *RevokeApiKeyRequest, opts ...grpc.CallOption) (*ApiKey, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(ApiKey)
+	err := c.cc.Invoke(ctx, MailService_RevokeApiKey_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *mailServiceClient) CreateWebhook(ctx context.Context, in *CreateWebhookRequest, opts ...grpc.CallOption) (*CreateWebhookResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(CreateWebhookResponse)
+	err := c.cc.Invoke(ctx, MailService_CreateWebhook_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *mailServiceClient) ListWebhooks(ctx context.Context, in *ListWebhooksRequest, opts ...grpc.CallOption) (*ListWebhooksResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(ListWebhooksResponse)
+	err := c.cc.Invoke(ctx, MailService_ListWebhooks_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *mailServiceClient) GetWebhook(ctx context.Context, in *GetWebhookRequest, opts ...grpc.CallOption) (*Webhook, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(Webhook)
+	err := c.cc.Invoke(ctx, MailService_GetWebhook_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *mailServiceClient) UpdateWebhook(ctx context.Context, in *UpdateWebhookRequest, opts ...grpc.CallOption) (*Webhook, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(Webhook)
+	err := c.cc.Invoke(ctx, MailService_UpdateWebhook_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *mailServiceClient) DeleteWebhook(ctx context.Context, in *DeleteWebhookRequest, opts ...grpc.CallOption) (*DeleteWebhookResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(DeleteWebhookResponse)
+	err := c.cc.Invoke(ctx, MailService_DeleteWebhook_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *mailServiceClient) RotateWebhookSecret(ctx context.Context, in *RotateWebhookSecretRequest, opts ...grpc.CallOption) (*RotateWebhookSecretResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(RotateWebhookSecretResponse)
+	err := c.cc.Invoke(ctx, MailService_RotateWebhookSecret_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *mailServiceClient) ListWebhookDeliveries(ctx context.Context, in *ListWebhookDeliveriesRequest, opts ...grpc.CallOption) (*ListWebhookDeliveriesResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(ListWebhookDeliveriesResponse)
+	err := c.cc.Invoke(ctx, MailService_ListWebhookDeliveries_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *mailServiceClient) RetryWebhookDelivery(ctx context.Context, in *RetryWebhookDeliveryRequest, opts ...grpc.CallOption) (*WebhookDelivery, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(WebhookDelivery)
+	err := c.cc.Invoke(ctx, MailService_RetryWebhookDelivery_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // MailServiceServer is the server API for MailService service.
 // All implementations must embed UnimplementedMailServiceServer
 // for forward compatibility.
@@ -121,7 +371,10 @@ func (c *mailServiceClient) CancelMessage(ctx context.Context, in *CancelMessage
 // became of every recipient.
 //
 // Every call needs an API key: `authorization: Bearer <key>` in gRPC metadata,
-// or the `Authorization` header over REST.
+// or the `Authorization` header over REST. A key belongs to one project and
+// only ever sees that project's data: another project's message answers
+// NotFound exactly like an unknown id. Each call needs a scope of the key
+// (send, read or admin; admin allows everything), else PermissionDenied.
 type MailServiceServer interface {
 	// SendMessage validates the request, builds the MIME message once and stores
 	// it with one row per envelope recipient. It returns only after the message
@@ -140,6 +393,70 @@ type MailServiceServer interface {
 	// or failed. A recipient whose attempt is in flight is canceled unless that
 	// attempt delivers or bounces it.
 	CancelMessage(context.Context, *CancelMessageRequest) (*Message, error)
+	// ListMessageEvents returns every event of one message of the caller's
+	// project so far, oldest first: its timeline. An event shows here as soon
+	// as it is committed. Needs the read scope.
+	ListMessageEvents(context.Context, *ListMessageEventsRequest) (*ListMessageEventsResponse, error)
+	// ListEvents returns the caller's project's events after a cursor, in feed
+	// order. Reading on from next_cursor never misses an event and never
+	// returns one twice, whatever order the writing transactions committed
+	// in; the price is that an event shows only once every transaction that
+	// began before it has ended (usually milliseconds). Needs the read scope.
+	ListEvents(context.Context, *ListEventsRequest) (*ListEventsResponse, error)
+	// StreamEvents sends the caller's project's events after a cursor, in feed
+	// order, and keeps sending new ones as they commit, until the client goes
+	// away or the server shuts down (Unavailable: reconnect with the last
+	// cursor received). gRPC only; over REST, poll ListEvents. Needs the read
+	// scope.
+	StreamEvents(*StreamEventsRequest, grpc.ServerStreamingServer[StreamEventsResponse]) error
+	// WatchMessage sends the events of one message of the caller's project,
+	// those already written first, and then new ones as they commit, and ends
+	// with OK once every recipient is final (delivered, bounced, failed or
+	// canceled). gRPC only; over REST, poll ListMessageEvents. Needs the read
+	// scope.
+	WatchMessage(*WatchMessageRequest, grpc.ServerStreamingServer[Event]) error
+	// CreateApiKey makes a key in the caller's project. The secret is in the
+	// answer only, once. Needs the admin scope.
+	CreateApiKey(context.Context, *CreateApiKeyRequest) (*CreateApiKeyResponse, error)
+	// ListApiKeys returns every key of the caller's project, revoked ones
+	// included, oldest first, never their secrets. Needs the admin scope.
+	ListApiKeys(context.Context, *ListApiKeysRequest) (*ListApiKeysResponse, error)
+	// RevokeApiKey revokes a key of the caller's project for good; requests
+	// with it are refused as Unauthenticated from then on. Revoking a revoked
+	// key changes nothing. Needs the admin scope.
+	RevokeApiKey(context.Context, *RevokeApiKeyRequest) (*ApiKey, error)
+	// CreateWebhook adds an endpoint that receives the project's events,
+	// signed as the Standard Webhooks specification says. The signing secret
+	// is in the answer only, once. The URL must be http or https, without
+	// user info, and must not point at a loopback, private, link-local or
+	// metadata address. Needs the admin scope.
+	CreateWebhook(context.Context, *CreateWebhookRequest) (*CreateWebhookResponse, error)
+	// ListWebhooks returns every endpoint of the caller's project, oldest
+	// first, never their secrets. Needs the admin scope.
+	ListWebhooks(context.Context, *ListWebhooksRequest) (*ListWebhooksResponse, error)
+	// GetWebhook returns one endpoint of the caller's project. Needs the
+	// admin scope.
+	GetWebhook(context.Context, *GetWebhookRequest) (*Webhook, error)
+	// UpdateWebhook changes the fields named in update_mask (over REST, the
+	// fields present in the body): url, event_types, enabled, description.
+	// Enabling a disabled endpoint starts its count of failures afresh.
+	// Needs the admin scope.
+	UpdateWebhook(context.Context, *UpdateWebhookRequest) (*Webhook, error)
+	// DeleteWebhook deletes an endpoint and its delivery log. Needs the admin
+	// scope.
+	DeleteWebhook(context.Context, *DeleteWebhookRequest) (*DeleteWebhookResponse, error)
+	// RotateWebhookSecret gives an endpoint a new signing secret, returned
+	// once. The previous secret keeps signing alongside it (two signatures
+	// in webhook-signature) until previous_secret_expires_at. Needs the
+	// admin scope.
+	RotateWebhookSecret(context.Context, *RotateWebhookSecretRequest) (*RotateWebhookSecretResponse, error)
+	// ListWebhookDeliveries returns an endpoint's deliveries, newest first.
+	// Needs the admin scope.
+	ListWebhookDeliveries(context.Context, *ListWebhookDeliveriesRequest) (*ListWebhookDeliveriesResponse, error)
+	// RetryWebhookDelivery sends a failed (or delivered) delivery again, with
+	// the whole retry schedule; a delivery still pending or sending is left
+	// as it is. Needs the admin scope.
+	RetryWebhookDelivery(context.Context, *RetryWebhookDeliveryRequest) (*WebhookDelivery, error)
 	mustEmbedUnimplementedMailServiceServer()
 }
 
@@ -164,6 +481,51 @@ func (UnimplementedMailServiceServer) ListMessages(context.Context, *ListMessage
 }
 func (UnimplementedMailServiceServer) CancelMessage(context.Context, *CancelMessageRequest) (*Message, error) {
 	return nil, status.Error(codes.Unimplemented, "method CancelMessage not implemented")
+}
+func (UnimplementedMailServiceServer) ListMessageEvents(context.Context, *ListMessageEventsRequest) (*ListMessageEventsResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method ListMessageEvents not implemented")
+}
+func (UnimplementedMailServiceServer) ListEvents(context.Context, *ListEventsRequest) (*ListEventsResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method ListEvents not implemented")
+}
+func (UnimplementedMailServiceServer) StreamEvents(*StreamEventsRequest, grpc.ServerStreamingServer[StreamEventsResponse]) error {
+	return status.Error(codes.Unimplemented, "method StreamEvents not implemented")
+}
+func (UnimplementedMailServiceServer) WatchMessage(*WatchMessageRequest, grpc.ServerStreamingServer[Event]) error {
+	return status.Error(codes.Unimplemented, "method WatchMessage not implemented")
+}
+func (UnimplementedMailServiceServer) CreateApiKey(context.Context, *CreateApiKeyRequest) (*CreateApiKeyResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method CreateApiKey not implemented")
+}
+func (UnimplementedMailServiceServer) ListApiKeys(context.Context, *ListApiKeysRequest) (*ListApiKeysResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method ListApiKeys not implemented")
+}
+func (UnimplementedMailServiceServer) RevokeApiKey(context.Context, *RevokeApiKeyRequest) (*ApiKey, error) {
+	return nil, status.Error(codes.Unimplemented, "method RevokeApiKey not implemented")
+}
+func (UnimplementedMailServiceServer) CreateWebhook(context.Context, *CreateWebhookRequest) (*CreateWebhookResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method CreateWebhook not implemented")
+}
+func (UnimplementedMailServiceServer) ListWebhooks(context.Context, *ListWebhooksRequest) (*ListWebhooksResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method ListWebhooks not implemented")
+}
+func (UnimplementedMailServiceServer) GetWebhook(context.Context, *GetWebhookRequest) (*Webhook, error) {
+	return nil, status.Error(codes.Unimplemented, "method GetWebhook not implemented")
+}
+func (UnimplementedMailServiceServer) UpdateWebhook(context.Context, *UpdateWebhookRequest) (*Webhook, error) {
+	return nil, status.Error(codes.Unimplemented, "method UpdateWebhook not implemented")
+}
+func (UnimplementedMailServiceServer) DeleteWebhook(context.Context, *DeleteWebhookRequest) (*DeleteWebhookResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method DeleteWebhook not implemented")
+}
+func (UnimplementedMailServiceServer) RotateWebhookSecret(context.Context, *RotateWebhookSecretRequest) (*RotateWebhookSecretResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method RotateWebhookSecret not implemented")
+}
+func (UnimplementedMailServiceServer) ListWebhookDeliveries(context.Context, *ListWebhookDeliveriesRequest) (*ListWebhookDeliveriesResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method ListWebhookDeliveries not implemented")
+}
+func (UnimplementedMailServiceServer) RetryWebhookDelivery(context.Context, *RetryWebhookDeliveryRequest) (*WebhookDelivery, error) {
+	return nil, status.Error(codes.Unimplemented, "method RetryWebhookDelivery not implemented")
 }
 func (UnimplementedMailServiceServer) mustEmbedUnimplementedMailServiceServer() {}
 func (UnimplementedMailServiceServer) testEmbeddedByValue()                     {}
@@ -276,6 +638,262 @@ func _MailService_CancelMessage_Handler(srv interface{}, ctx context.Context, de
 	return interceptor(ctx, in, info, handler)
 }
 
+func _MailService_ListMessageEvents_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(ListMessageEventsRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(MailServiceServer).ListMessageEvents(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: MailService_ListMessageEvents_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(MailServiceServer).ListMessageEvents(ctx, req.(*ListMessageEventsRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _MailService_ListEvents_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(ListEventsRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(MailServiceServer).ListEvents(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: MailService_ListEvents_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(MailServiceServer).ListEvents(ctx, req.(*ListEventsRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _MailService_StreamEvents_Handler(srv interface{}, stream grpc.ServerStream) error {
+	m := new(StreamEventsRequest)
+	if err := stream.RecvMsg(m); err != nil {
+		return err
+	}
+	return srv.(MailServiceServer).StreamEvents(m, &grpc.GenericServerStream[StreamEventsRequest, StreamEventsResponse]{ServerStream: stream})
+}
+
+// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
+type MailService_StreamEventsServer = grpc.ServerStreamingServer[StreamEventsResponse]
+
+func _MailService_WatchMessage_Handler(srv interface{}, stream grpc.ServerStream) error {
+	m := new(WatchMessageRequest)
+	if err := stream.RecvMsg(m); err != nil {
+		return err
+	}
+	return srv.(MailServiceServer).WatchMessage(m, &grpc.GenericServerStream[WatchMessageRequest, Event]{ServerStream: stream})
+}
+
+// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
+type MailService_WatchMessageServer = grpc.ServerStreamingServer[Event]
+
+func _MailService_CreateApiKey_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(CreateApiKeyRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(MailServiceServer).CreateApiKey(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: MailService_CreateApiKey_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(MailServiceServer).CreateApiKey(ctx, req.(*CreateApiKeyRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _MailService_ListApiKeys_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(ListApiKeysRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(MailServiceServer).ListApiKeys(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: MailService_ListApiKeys_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(MailServiceServer).ListApiKeys(ctx, req.(*ListApiKeysRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _MailService_RevokeApiKey_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(RevokeApiKeyRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(MailServiceServer).RevokeApiKey(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: MailService_RevokeApiKey_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(MailServiceServer).RevokeApiKey(ctx, req.(*RevokeApiKeyRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _MailService_CreateWebhook_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(CreateWebhookRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(MailServiceServer).CreateWebhook(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: MailService_CreateWebhook_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(MailServiceServer).CreateWebhook(ctx, req.(*CreateWebhookRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _MailService_ListWebhooks_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(ListWebhooksRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(MailServiceServer).ListWebhooks(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: MailService_ListWebhooks_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(MailServiceServer).ListWebhooks(ctx, req.(*ListWebhooksRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _MailService_GetWebhook_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(GetWebhookRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(MailServiceServer).GetWebhook(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: MailService_GetWebhook_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(MailServiceServer).GetWebhook(ctx, req.(*GetWebhookRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _MailService_UpdateWebhook_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(UpdateWebhookRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(MailServiceServer).UpdateWebhook(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: MailService_UpdateWebhook_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(MailServiceServer).UpdateWebhook(ctx, req.(*UpdateWebhookRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _MailService_DeleteWebhook_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(DeleteWebhookRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(MailServiceServer).DeleteWebhook(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: MailService_DeleteWebhook_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(MailServiceServer).DeleteWebhook(ctx, req.(*DeleteWebhookRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _MailService_RotateWebhookSecret_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(RotateWebhookSecretRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(MailServiceServer).RotateWebhookSecret(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: MailService_RotateWebhookSecret_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(MailServiceServer).RotateWebhookSecret(ctx, req.(*RotateWebhookSecretRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _MailService_ListWebhookDeliveries_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(ListWebhookDeliveriesRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(MailServiceServer).ListWebhookDeliveries(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: MailService_ListWebhookDeliveries_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(MailServiceServer).ListWebhookDeliveries(ctx, req.(*ListWebhookDeliveriesRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _MailService_RetryWebhookDelivery_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(RetryWebhookDeliveryRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(MailServiceServer).RetryWebhookDelivery(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: MailService_RetryWebhookDelivery_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(MailServiceServer).RetryWebhookDelivery(ctx, req.(*RetryWebhookDeliveryRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // MailService_ServiceDesc is the grpc.ServiceDesc for MailService service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -303,7 +921,70 @@ var MailService_ServiceDesc = grpc.ServiceDesc{
 			MethodName: "CancelMessage",
 			Handler:    _MailService_CancelMessage_Handler,
 		},
+		{
+			MethodName: "ListMessageEvents",
+			Handler:    _MailService_ListMessageEvents_Handler,
+		},
+		{
+			MethodName: "ListEvents",
+			Handler:    _MailService_ListEvents_Handler,
+		},
+		{
+			MethodName: "CreateApiKey",
+			Handler:    _MailService_CreateApiKey_Handler,
+		},
+		{
+			MethodName: "ListApiKeys",
+			Handler:    _MailService_ListApiKeys_Handler,
+		},
+		{
+			MethodName: "RevokeApiKey",
+			Handler:    _MailService_RevokeApiKey_Handler,
+		},
+		{
+			MethodName: "CreateWebhook",
+			Handler:    _MailService_CreateWebhook_Handler,
+		},
+		{
+			MethodName: "ListWebhooks",
+			Handler:    _MailService_ListWebhooks_Handler,
+		},
+		{
+			MethodName: "GetWebhook",
+			Handler:    _MailService_GetWebhook_Handler,
+		},
+		{
+			MethodName: "UpdateWebhook",
+			Handler:    _MailService_UpdateWebhook_Handler,
+		},
+		{
+			MethodName: "DeleteWebhook",
+			Handler:    _MailService_DeleteWebhook_Handler,
+		},
+		{
+			MethodName: "RotateWebhookSecret",
+			Handler:    _MailService_RotateWebhookSecret_Handler,
+		},
+		{
+			MethodName: "ListWebhookDeliveries",
+			Handler:    _MailService_ListWebhookDeliveries_Handler,
+		},
+		{
+			MethodName: "RetryWebhookDelivery",
+			Handler:    _MailService_RetryWebhookDelivery_Handler,
+		},
 	},
-	Streams:  []grpc.StreamDesc{},
+	Streams: []grpc.StreamDesc{
+		{
+			StreamName:    "StreamEvents",
+			Handler:       _MailService_StreamEvents_Handler,
+			ServerStreams: true,
+		},
+		{
+			StreamName:    "WatchMessage",
+			Handler:       _MailService_WatchMessage_Handler,
+			ServerStreams: true,
+		},
+	},
 	Metadata: "posthaste/v1/mail.proto",
 }
