@@ -9,6 +9,7 @@
 //	posthaste projects create NAME   create a project
 //	posthaste projects list          list projects
 //	posthaste projects delete NAME   delete a project
+//	posthaste bench [flags]          measure intake and delivery rates and costs
 //
 // Every flag can also be set through an environment variable: --database-url
 // is POSTHASTE_DATABASE_URL, --http-addr is POSTHASTE_HTTP_ADDR, and so on.
@@ -43,6 +44,7 @@ Commands:
   migrate   apply database migrations and exit
   keys      create, list and revoke API keys
   projects  create, list and delete projects
+  bench     measure how fast a server takes and delivers mail
   version   print the version
 
 Run "posthaste <command> -h" for the flags of a command.
@@ -84,6 +86,8 @@ func dispatch(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 			return nil
 		}
 		return runProjects(ctx, args[1:], stdout, stderr)
+	case "bench":
+		return runBench(ctx, args[1:], stdout, stderr)
 	case "version", "--version", "-version":
 		fmt.Fprintln(stdout, "posthaste", version)
 		return nil

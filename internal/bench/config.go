@@ -1,0 +1,180 @@
+package bench
+
+import (
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"time"
+)
+
+// Config configures one benchmark run.
+type Config struct {
+	// RESTURL is the base URL of a running Posthaste's REST API, e.g.
+	// "http://127.0.0.1:8080". Defaults to "": with GRPCAddr also empty,
+	// the run starts Posthaste in-process.
+	RESTURL string
+	// GRPCAddr is a running Posthaste's gRPC address. Defaults to "".
+	GRPCAddr string
+	// APIKey authenticates the calls; it needs the right to send (and,
+	// for the check before the run, is better allowed to read). When the
+	// run starts Posthaste itself it also becomes the bootstrap key.
+	// Defaults to a random key, usable only with an in-process server on a
+	// database without keys.
+	APIKey string
+
+	// DatabaseURL is the PostgreSQL whose statistics are read; for an
+	// in-process server it is also the database it uses. Defaults to "":
+	// no PostgreSQL statistics for a running server, an embedded database
+	// in DataDir for an in-process one.
+	DatabaseURL string
+	// DataDir holds the in-process server's embedded database. Defaults
+	// to a temporary directory removed after the run.
+	DataDir string
+	// ServerPID is a running server's process id, for its CPU and peak
+	// memory. Defaults to 0: not measured (the in-process server is this
+	// process).
+	ServerPID int
+	// DeliveryConcurrency and PerDomainConcurrency configure the
+	// in-process server's dispatcher. Default to the server's defaults.
+	DeliveryConcurrency  int
+	PerDomainConcurrency int
+
+	// Proto is "rest" or "grpc". Defaults to "rest".
+	Proto string
+	// Messages is how many messages are sent. Defaults to 1000.
+	Messages int
+	// Concurrency is how many calls are in flight at most: in a closed
+	// loop, every caller sends its next message as soon as the last one is
+	// answered. Defaults to 10.
+	Concurrency int
+	// Rate, when positive, sends at this many messages per second instead
+	// (an open loop), still with at most Concurrency calls in flight; API
+	// latency is then measured from when each call was due, so a server
+	// that falls behind shows it. Defaults to 0.
+	Rate float64
+	// Size is the length of each message's text body in bytes. Defaults
+	// to 2048.
+	Size int
+	// Recipients is the number of To addresses per message. Defaults to 1.
+	Recipients int
+	// Domains spreads the recipients over this many .test domains, message
+	// by message; the server limits its sessions per domain. Defaults to 1.
+	Domains int
+	// RequestTimeout bounds one API call. Defaults to 30s.
+	RequestTimeout time.Duration
+	// Timeout is how long the run waits, after the last call, for the
+	// accepted messages to arrive at the sink. Defaults to 2m.
+	Timeout time.Duration
+
+	// SinkAddr is where the sink listens. Defaults to "127.0.0.1:0" for an
+	// in-process server and DefaultSinkAddr for a running one, which must
+	// route every domain there (--route '*=ADDR').
+	SinkAddr string
+	// StatsSettle is how long the run waits after the last delivery before
+	// it reads PostgreSQL's WAL counters: a backend reports its statistics
+	// at most once a second, and one that went idle right after an earlier
+	// report holds them up to 10s (PostgreSQL 15's PGSTAT_IDLE_INTERVAL), so
+	// an immediate reading misses the last commits' WAL flushes. A
+	// negative value does not wait. Defaults to 11s.
+	StatsSettle time.Duration
+
+	// Progress receives a line per ProgressInterval while the run goes.
+	// Defaults to nil: no progress lines.
+	Progress io.Writer
+	// ProgressInterval defaults to 1s.
+	ProgressInterval time.Duration
+	// Logger receives the in-process server's and the sink's log.
+	// Defaults to a discarding logger.
+	Logger *slog.Logger
+}
+
+// DefaultSinkAddr is where the sink listens when the run drives a running
+// server.
+const DefaultSinkAddr = "127.0.0.1:2526"
+
+// DefaultStatsSettle is StatsSettle's default.
+const DefaultStatsSettle = 11 * time.Second
+
+// InProcess reports whether the run starts its own server.
+func (c Config) InProcess() bool { return c.RESTURL == "" && c.GRPCAddr == "" }
+
+// WithDefaults returns c with zero fields set to their defaults.
+func (c Config) WithDefaults() Config {
+	if c.Proto == "" {
+		c.Proto = "rest"
+	}
+	if c.Messages == 0 {
+		c.Messages = 1000
+	}
+	if c.Concurrency == 0 {
+		c.Concurrency = 10
+	}
+	if c.Size == 0 {
+		c.Size = 2048
+	}
+	if c.Recipients == 0 {
+		c.Recipients = 1
+	}
+	if c.Domains == 0 {
+		c.Domains = 1
+	}
+	if c.RequestTimeout == 0 {
+		c.RequestTimeout = 30 * time.Second
+	}
+	if c.Timeout == 0 {
+		c.Timeout = 2 * time.Minute
+	}
+	if c.SinkAddr == "" {
+		c.SinkAddr = "127.0.0.1:0"
+		if !c.InProcess() {
+			c.SinkAddr = DefaultSinkAddr
+		}
+	}
+	if c.StatsSettle == 0 {
+		c.StatsSettle = DefaultStatsSettle
+	}
+	if c.ProgressInterval == 0 {
+		c.ProgressInterval = time.Second
+	}
+	if c.Logger == nil {
+		c.Logger = slog.New(slog.DiscardHandler)
+	}
+	return c
+}
+
+// Validate checks a configuration that WithDefaults has filled. Errors
+// start with the field's name.
+func (c Config) Validate() error {
+	switch {
+	case c.Proto != "rest" && c.Proto != "grpc":
+		return fmt.Errorf("Proto: want rest or grpc, got %q", c.Proto)
+	case c.Proto == "rest" && c.RESTURL == "" && !c.InProcess():
+		return errors.New("RESTURL: needed to drive a running server over REST")
+	case c.Proto == "grpc" && c.GRPCAddr == "" && !c.InProcess():
+		return errors.New("GRPCAddr: needed to drive a running server over gRPC")
+	case !c.InProcess() && c.APIKey == "":
+		return errors.New("APIKey: needed to drive a running server")
+	case c.Messages < 1:
+		return fmt.Errorf("Messages: must be at least 1, got %d", c.Messages)
+	case c.Concurrency < 1:
+		return fmt.Errorf("Concurrency: must be at least 1, got %d", c.Concurrency)
+	case c.Rate < 0:
+		return fmt.Errorf("Rate: must not be negative, got %g", c.Rate)
+	case c.Size < 1:
+		return fmt.Errorf("Size: must be at least 1, got %d", c.Size)
+	case c.Recipients < 1:
+		return fmt.Errorf("Recipients: must be at least 1, got %d", c.Recipients)
+	case c.Domains < 1:
+		return fmt.Errorf("Domains: must be at least 1, got %d", c.Domains)
+	case c.RequestTimeout < 0:
+		return fmt.Errorf("RequestTimeout: must not be negative, got %s", c.RequestTimeout)
+	case c.Timeout < 0:
+		return fmt.Errorf("Timeout: must not be negative, got %s", c.Timeout)
+	case c.ServerPID < 0:
+		return fmt.Errorf("ServerPID: must not be negative, got %d", c.ServerPID)
+	case c.InProcess() && c.ServerPID != 0:
+		return errors.New("ServerPID: the in-process server is this process; give it only with RESTURL or GRPCAddr")
+	}
+	return nil
+}

@@ -1,0 +1,533 @@
+package bench
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"fmt"
+	"os"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/posthaste/posthaste/delivery"
+	"github.com/posthaste/posthaste/internal/app"
+)
+
+// Run sends cfg.Messages messages, waits for them at the sink and returns
+// the report. It stops everything it started before it returns, also when
+// ctx is cancelled. The report is returned with an error too when the run
+// got far enough to measure something: messages missing after the timeout,
+// failed calls, or an interruption.
+func Run(ctx context.Context, cfg Config) (*Report, error) {
+	cfg = cfg.WithDefaults()
+	if err := cfg.Validate(); err != nil {
+		return nil, fmt.Errorf("bench config: %w", err)
+	}
+	r := &runner{cfg: cfg}
+	defer r.stop()
+	if err := r.setup(ctx); err != nil {
+		return nil, err
+	}
+	return r.run(ctx)
+}
+
+// runner holds what one run started.
+type runner struct {
+	cfg     Config
+	runID   string
+	tracker *tracker
+	sink    *Sink
+	server  *app.App
+	tempDir string
+	sender  sender
+	pg      *pgStats
+	notes   []string
+}
+
+func (r *runner) setup(ctx context.Context) error {
+	id := make([]byte, 4)
+	if _, err := rand.Read(id); err != nil {
+		return fmt.Errorf("run id: %w", err)
+	}
+	r.runID = "b" + hex.EncodeToString(id)
+	r.tracker = newTracker(r.runID, r.cfg.Messages, r.cfg.Recipients)
+
+	r.sink = NewSink(SinkConfig{Addr: r.cfg.SinkAddr, OnArrival: r.tracker.arrived, Logger: r.cfg.Logger.With("component", "sink")})
+	if err := r.sink.Start(ctx); err != nil {
+		return err
+	}
+
+	restURL, grpcAddr, key := r.cfg.RESTURL, r.cfg.GRPCAddr, r.cfg.APIKey
+	if r.cfg.InProcess() {
+		var err error
+		if restURL, grpcAddr, key, err = r.startServer(ctx); err != nil {
+			return err
+		}
+	} else {
+		r.progress("sink listening on %s: the server must run with --route '*=%s'", r.sink.Addr(), r.sink.Addr())
+	}
+
+	tmpl := messageTemplate{from: "bench@sender.bench.test", text: bodyText(r.cfg.Size)}
+	if r.cfg.Proto == "grpc" {
+		s, err := newGRPCSender(grpcAddr, key, tmpl)
+		if err != nil {
+			return err
+		}
+		r.sender = s
+	} else {
+		r.sender = newRESTSender(restURL, key, r.cfg.Concurrency, r.cfg.RequestTimeout, tmpl)
+	}
+	checkCtx, cancel := context.WithTimeout(ctx, r.cfg.RequestTimeout)
+	defer cancel()
+	if err := r.sender.check(checkCtx); err != nil {
+		if r.cfg.InProcess() && r.cfg.APIKey == "" {
+			return fmt.Errorf("%w (the database already has API keys: pass one)", err)
+		}
+		return err
+	}
+
+	dbURL := r.cfg.DatabaseURL
+	if r.server != nil {
+		dbURL = r.server.DatabaseURL()
+	}
+	if dbURL == "" {
+		r.notes = append(r.notes, "postgresql: not measured (no database URL given)")
+		return nil
+	}
+	pg, err := openPGStats(ctx, dbURL)
+	if err != nil {
+		return err
+	}
+	r.pg = pg
+	return nil
+}
+
+// startServer starts Posthaste in this process with every domain routed to
+// the sink, and returns its addresses and API key.
+func (r *runner) startServer(ctx context.Context) (restURL, grpcAddr, key string, err error) {
+	key = r.cfg.APIKey
+	if key == "" {
+		b := make([]byte, 24)
+		if _, err := rand.Read(b); err != nil {
+			return "", "", "", fmt.Errorf("generate api key: %w", err)
+		}
+		key = "ph_bench_" + hex.EncodeToString(b)
+	}
+	dataDir := r.cfg.DataDir
+	if r.cfg.DatabaseURL == "" && dataDir == "" {
+		if dataDir, err = os.MkdirTemp("", "posthaste-bench-"); err != nil {
+			return "", "", "", fmt.Errorf("embedded database directory: %w", err)
+		}
+		r.tempDir = dataDir
+		// Run as root, the database runs as another user that must be able
+		// to enter the directory.
+		if err := os.Chmod(dataDir, 0o755); err != nil {
+			return "", "", "", fmt.Errorf("embedded database directory: %w", err)
+		}
+	}
+	cfg := app.Config{
+		HTTPAddr:        "127.0.0.1:0",
+		GRPCAddr:        "127.0.0.1:0",
+		DatabaseURL:     r.cfg.DatabaseURL,
+		DataDir:         dataDir,
+		BootstrapAPIKey: key,
+		ShutdownTimeout: 10 * time.Second,
+		Logger:          r.cfg.Logger.With("component", "server"),
+		Delivery: delivery.Config{
+			Routes:               map[string]string{"*": r.sink.Addr()},
+			Concurrency:          r.cfg.DeliveryConcurrency,
+			PerDomainConcurrency: r.cfg.PerDomainConcurrency,
+		},
+	}
+	a, err := app.New(cfg)
+	if err != nil {
+		return "", "", "", fmt.Errorf("in-process server: %w", err)
+	}
+	r.progress("starting Posthaste in-process (database: %s)", orDefault(r.cfg.DatabaseURL, "embedded in "+dataDir))
+	if err := a.Start(ctx); err != nil {
+		return "", "", "", fmt.Errorf("start in-process server: %w", err)
+	}
+	r.server = a
+	return "http://" + a.HTTPAddr(), a.GRPCAddr(), key, nil
+}
+
+func orDefault(s, def string) string {
+	if s == "" {
+		return def
+	}
+	return s
+}
+
+// stop stops whatever setup started, in reverse order.
+func (r *runner) stop() {
+	ctx, cancel := context.WithTimeout(context.Background(), 45*time.Second)
+	defer cancel()
+	if r.pg != nil {
+		if err := r.pg.close(ctx); err != nil {
+			r.cfg.Logger.Warn("stop", "err", err)
+		}
+	}
+	if r.sender != nil {
+		if err := r.sender.close(); err != nil {
+			r.cfg.Logger.Warn("stop", "err", err)
+		}
+	}
+	if r.server != nil {
+		if err := r.server.Stop(ctx); err != nil {
+			r.cfg.Logger.Warn("stop in-process server", "err", err)
+		}
+	}
+	if r.sink != nil {
+		r.sink.Stop()
+	}
+	if r.tempDir != "" {
+		if err := os.RemoveAll(r.tempDir); err != nil {
+			r.cfg.Logger.Warn("remove embedded database directory", "err", err)
+		}
+	}
+}
+
+func (r *runner) progress(format string, args ...any) {
+	if r.cfg.Progress != nil {
+		fmt.Fprintf(r.cfg.Progress, format+"\n", args...)
+	}
+}
+
+// sample is one call's outcome.
+type sample struct {
+	sent    bool
+	latency time.Duration
+	err     error
+}
+
+// costs is one reading of what the server and the database have used.
+type costs struct {
+	serverCPU *time.Duration
+	pg        pgSnapshot
+}
+
+// readProcesses reads the counters of processes and disks into c.
+func (r *runner) readProcesses(c *costs) {
+	if pid := r.serverPID(); pid != 0 {
+		if cpu, err := ProcessCPU(pid); err == nil {
+			c.serverCPU = &cpu
+		} else {
+			r.note("server cpu: %v", err)
+		}
+	}
+	if r.pg != nil {
+		r.pg.readProcesses(&c.pg)
+	}
+}
+
+// readWAL reads PostgreSQL's WAL counters into c.
+func (r *runner) readWAL(ctx context.Context, c *costs) {
+	if r.pg != nil {
+		r.pg.readWAL(ctx, &c.pg)
+	}
+}
+
+func (r *runner) serverPID() int {
+	if r.server != nil {
+		return os.Getpid()
+	}
+	return r.cfg.ServerPID
+}
+
+func (r *runner) note(format string, args ...any) {
+	r.notes = append(r.notes, fmt.Sprintf(format, args...))
+}
+
+func (r *runner) run(ctx context.Context) (*Report, error) {
+	cfg := r.cfg
+	if pid := r.serverPID(); pid != 0 {
+		if err := resetPeakRSS(pid); err != nil {
+			r.note("peak rss is the process's peak since it started: %v", err)
+		}
+	} else {
+		r.note("server cpu and memory: not measured (give the server's pid)")
+	}
+	var before, after costs
+	r.readWAL(ctx, &before)
+	r.readProcesses(&before)
+
+	samples := make([]sample, cfg.Messages)
+	var done atomic.Int64
+	progressCtx, stopProgress := context.WithCancel(ctx)
+	progressDone := make(chan struct{})
+	start := time.Now()
+	go func() {
+		defer close(progressDone)
+		r.reportProgress(progressCtx, start, &done)
+	}()
+
+	r.generate(ctx, start, samples, &done)
+	loadEnd := time.Now()
+
+	// Wait for every accepted message at the sink, up to the timeout.
+	var timedOut bool
+	waitCtx, cancel := context.WithTimeout(ctx, cfg.Timeout)
+	for {
+		outstanding, changed := r.tracker.state()
+		if outstanding == 0 {
+			break
+		}
+		select {
+		case <-changed:
+			continue
+		case <-waitCtx.Done():
+			timedOut = ctx.Err() == nil
+		}
+		break
+	}
+	cancel()
+	stopProgress()
+	<-progressDone
+
+	// CPU and disk counters are current, so they are read at once: the
+	// settling time below would only add idle work and, on a shared
+	// server, other clients' work.
+	r.readProcesses(&after)
+	if cfg.StatsSettle > 0 && ctx.Err() == nil && r.pg != nil {
+		r.progress("waiting %s for PostgreSQL to report its WAL statistics", cfg.StatsSettle)
+		select {
+		case <-time.After(cfg.StatsSettle):
+		case <-ctx.Done():
+		}
+	}
+	// Read with a fresh context so that an interrupted run still reports
+	// what it measured.
+	readCtx, cancelRead := context.WithTimeout(context.WithoutCancel(ctx), 10*time.Second)
+	r.readWAL(readCtx, &after)
+	cancelRead()
+
+	rep := r.report(start, loadEnd, samples, before, after)
+	rep.TimedOut = timedOut
+	rep.Interrupted = ctx.Err() != nil
+
+	var errs []error
+	if rep.Interrupted {
+		errs = append(errs, fmt.Errorf("interrupted: %w", ctx.Err()))
+	} else if rep.Failed > 0 {
+		// Calls cut by an interruption are in the report, not an error.
+		errs = append(errs, fmt.Errorf("%d of %d calls failed", rep.Failed, rep.Messages))
+	}
+	if rep.Missing > 0 && !rep.Interrupted {
+		hint := ""
+		if !cfg.InProcess() {
+			hint = fmt.Sprintf(" (does the server route every domain to the sink, --route '*=%s'?)", r.sink.Addr())
+		}
+		errs = append(errs, fmt.Errorf("%d accepted messages did not arrive within %s%s", rep.Missing, cfg.Timeout, hint))
+	}
+	if len(errs) == 0 {
+		return rep, nil
+	}
+	if len(errs) == 1 {
+		return rep, errs[0]
+	}
+	return rep, fmt.Errorf("%w; %w", errs[0], errs[1])
+}
+
+// generate sends every message, in a closed loop or at cfg.Rate, and
+// records each call in samples.
+func (r *runner) generate(ctx context.Context, start time.Time, samples []sample, done *atomic.Int64) {
+	cfg := r.cfg
+	call := func(i int, due time.Time) {
+		to := make([]string, cfg.Recipients)
+		for j := range to {
+			to[j] = r.tracker.recipient(i, j, cfg.Domains)
+		}
+		m := outMessage{id: fmt.Sprintf("%s-%d", r.runID, i), subject: fmt.Sprintf("bench %s message %d", r.runID, i), to: to}
+		callCtx, cancel := context.WithTimeout(ctx, cfg.RequestTimeout)
+		err := r.sender.send(callCtx, m)
+		cancel()
+		now := time.Now()
+		if err == nil {
+			r.tracker.accepted(i, now)
+		}
+		samples[i] = sample{sent: true, latency: now.Sub(due), err: err}
+		done.Add(1)
+	}
+
+	var wg sync.WaitGroup
+	if cfg.Rate <= 0 {
+		// Closed loop: each caller takes the next message when its last
+		// call was answered.
+		var next atomic.Int64
+		for range cfg.Concurrency {
+			wg.Go(func() {
+				for {
+					i := int(next.Add(1) - 1)
+					if i >= cfg.Messages || ctx.Err() != nil {
+						return
+					}
+					call(i, time.Now())
+				}
+			})
+		}
+		wg.Wait()
+		return
+	}
+
+	// Open loop: message i is due at start + i/rate whatever happened to
+	// the ones before, with at most Concurrency calls in flight.
+	slots := make(chan struct{}, cfg.Concurrency)
+	interval := float64(time.Second) / cfg.Rate
+	timer := time.NewTimer(0)
+	defer timer.Stop()
+	for i := range cfg.Messages {
+		due := start.Add(time.Duration(float64(i) * interval))
+		if d := time.Until(due); d > 0 {
+			timer.Reset(d)
+			select {
+			case <-timer.C:
+			case <-ctx.Done():
+			}
+		}
+		if ctx.Err() != nil {
+			break
+		}
+		select {
+		case slots <- struct{}{}:
+		case <-ctx.Done():
+		}
+		if ctx.Err() != nil {
+			break
+		}
+		wg.Go(func() {
+			defer func() { <-slots }()
+			call(i, due)
+		})
+	}
+	wg.Wait()
+}
+
+// reportProgress writes a line per interval until ctx ends.
+func (r *runner) reportProgress(ctx context.Context, start time.Time, done *atomic.Int64) {
+	if r.cfg.Progress == nil {
+		return
+	}
+	t := time.NewTicker(r.cfg.ProgressInterval)
+	defer t.Stop()
+	last, lastArrived := int64(0), 0
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		n := done.Load()
+		arrived := r.sink.Stats().Messages
+		secs := r.cfg.ProgressInterval.Seconds()
+		r.progress("[%6.1fs] answered %d/%d (%.0f/s), at sink %d (%.0f/s)",
+			time.Since(start).Seconds(), n, r.cfg.Messages, float64(n-last)/secs, arrived, float64(arrived-lastArrived)/secs)
+		last, lastArrived = n, arrived
+	}
+}
+
+// report computes the figures of a finished run.
+func (r *runner) report(start, loadEnd time.Time, samples []sample, before, after costs) *Report {
+	cfg := r.cfg
+	c := r.tracker.tally()
+	sinkStats := r.sink.Stats()
+	rep := &Report{
+		Mode:              "external",
+		Proto:             cfg.Proto,
+		RunID:             r.runID,
+		Messages:          cfg.Messages,
+		Concurrency:       cfg.Concurrency,
+		Rate:              cfg.Rate,
+		SizeBytes:         cfg.Size,
+		Recipients:        cfg.Recipients,
+		Domains:           cfg.Domains,
+		SinkAddr:          r.sink.Addr(),
+		Accepted:          c.accepted,
+		Delivered:         c.delivered,
+		Missing:           c.accepted - c.delivered,
+		RecipientsArrived: c.recipientsArrived,
+		Duplicates:        c.duplicates,
+		ArrivedUnaccepted: c.deliveredUnaccepted,
+		Foreign:           c.foreign,
+		SinkMessages:      sinkStats.Messages,
+		SinkBytes:         sinkStats.Bytes,
+	}
+	if r.server != nil {
+		rep.Mode = "in-process"
+		rep.Server.IncludesHarness = true
+		r.note("in-process: server cpu and peak rss include the load generator and the sink; drive a separate server with --server-pid for the server alone")
+	}
+
+	var latencies []time.Duration
+	for _, s := range samples {
+		switch {
+		case !s.sent:
+		case s.err == nil:
+			latencies = append(latencies, s.latency)
+		default:
+			if rep.Errors == nil {
+				rep.Errors = make(map[string]int)
+			}
+			rep.Failed++
+			rep.Errors[errorKind(s.err)]++
+		}
+	}
+	rep.APILatency = summarize(latencies)
+	rep.ToSinkLatency = summarize(c.toSink)
+
+	load := loadEnd.Sub(start)
+	rep.LoadSeconds = load.Seconds()
+	rep.IntakeRate = rate(c.accepted, load)
+	if !c.firstArrival.IsZero() && c.lastCompletion.After(c.firstArrival) {
+		d := c.lastCompletion.Sub(c.firstArrival)
+		rep.DeliverySeconds = d.Seconds()
+		rep.DeliveryRate = rate(c.delivered, d)
+	}
+	if !c.lastCompletion.IsZero() {
+		d := c.lastCompletion.Sub(start)
+		rep.EndToEndSeconds = d.Seconds()
+		rep.EndToEndRate = rate(c.delivered, d)
+	}
+
+	perMessage := func(v float64) *float64 {
+		if c.accepted == 0 {
+			return nil
+		}
+		x := v / float64(c.accepted)
+		return &x
+	}
+	rep.Server.PID = r.serverPID()
+	if before.serverCPU != nil && after.serverCPU != nil {
+		s := (*after.serverCPU - *before.serverCPU).Seconds()
+		rep.Server.CPUSeconds, rep.Server.CPUPerMessage = &s, perMessage(s)
+	}
+	if pid := r.serverPID(); pid != 0 {
+		if rss, err := PeakRSS(pid); err == nil {
+			rep.Server.PeakRSSBytes = &rss
+		} else {
+			r.note("server peak rss: %v", err)
+		}
+	}
+	if r.pg != nil {
+		rep.Postgres.PostmasterPID = r.pg.postmaster
+		b, a := before.pg, after.pg
+		if b.cpu != nil && a.cpu != nil {
+			s := (*a.cpu - *b.cpu).Seconds()
+			rep.Postgres.CPUSeconds, rep.Postgres.CPUPerMessage = &s, perMessage(s)
+		}
+		if b.walSync != nil && a.walSync != nil {
+			syncs, writes := *a.walSync-*b.walSync, *a.walWrite-*b.walWrite
+			rep.Postgres.WALSyncs, rep.Postgres.WALWrites = &syncs, &writes
+			rep.Postgres.WALSyncsPerMessage = perMessage(float64(syncs))
+			rep.Postgres.WALBytesPerMessage = perMessage(float64(*a.walBytes - *b.walBytes))
+		}
+		if b.flushes != nil && a.flushes != nil {
+			f := *a.flushes - *b.flushes
+			rep.Postgres.DiskDevice, rep.Postgres.DiskFlushes = a.disk, &f
+			rep.Postgres.DiskFlushesPerMessage = perMessage(float64(f))
+		}
+		r.notes = append(r.notes, r.pg.notes...)
+	}
+	rep.Notes = r.notes
+	return rep
+}
