@@ -217,15 +217,6 @@ type Claim struct {
 	Messages map[uuid.UUID]MessageContent
 }
 
-// claimAsyncCommitSQL lets a claim's commit return before its WAL reaches
-// the disk (synchronous_commit off, for this transaction only). A claim lost
-// in a crash of the database server leaves its rows due, as if it had not
-// run, and every outcome of the claim commits synchronously after it: the
-// log is flushed in order, so an outcome that survives a crash has its
-// claim with it. One disk flush fewer lies between accepting a message and
-// sending it.
-const claimAsyncCommitSQL = `SELECT set_config('synchronous_commit', 'off', true)`
-
 // loadLeasedContentsSQL reads the messages of the rows a claim leased. It
 // runs right after the claim, in its transaction, so it sees them.
 //
@@ -250,24 +241,19 @@ func (d *DB) claim(ctx context.Context, p ClaimParams, withContents bool) (Claim
 	case p.LeaseFor <= 0:
 		return Claim{}, errors.New("claim recipients: LeaseFor must be positive")
 	}
+	// The claim commits synchronously, like every change. A claim that
+	// returned before its commit reached the disk could be lost in a crash of
+	// the database server while its dispatcher goes on sending; once the
+	// server is back the rows would be due again and a second send could
+	// start before the first one's outcome is written. A durable claim keeps
+	// them leased until that outcome, kept in memory meanwhile, is written.
 	b := &pgx.Batch{}
-	// Inside a caller's transaction the setting would cover the caller's
-	// changes too; there the claim commits as the caller does.
-	async := d.tx == nil
-	if async {
-		b.Queue(claimAsyncCommitSQL)
-	}
 	b.Queue(claimSQL, p.Owner, p.Limit, p.LeaseFor.Microseconds(), nowParam(p.Now))
 	if withContents {
 		b.Queue(loadLeasedContentsSQL, p.Owner)
 	}
 	var c Claim
 	err := d.sendChange(ctx, b, messagesLeasedTo(p.Owner), func(br pgx.BatchResults) error {
-		if async {
-			if _, err := br.Exec(); err != nil {
-				return err
-			}
-		}
 		rows, _ := br.Query()
 		var err error
 		c.Recipients, err = pgx.CollectRows(rows, func(row pgx.CollectableRow) (ClaimedRecipient, error) {
