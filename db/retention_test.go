@@ -427,4 +427,3 @@ func TestVacuumRetainedTables(t *testing.T) {
 		t.Error("VacuumRetainedTables inside a transaction did not refuse")
 	}
 }
-
