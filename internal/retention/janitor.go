@@ -143,7 +143,8 @@ type RunStats struct {
 type Stats struct {
 	// Runs counts the runs that held the lock; Skipped those that found
 	// another instance holding it; Failed the runs that ended on an error
-	// (their work up to the error counts in Total).
+	// other than being stopped (their work up to the error counts in
+	// Total).
 	Runs    int64
 	Skipped int64
 	Failed  int64
@@ -244,7 +245,7 @@ func (j *Janitor) RunOnce(ctx context.Context) (RunStats, error) {
 	switch {
 	case run.Skipped:
 		j.stats.Skipped++
-	case err != nil:
+	case err != nil && ctx.Err() == nil:
 		j.stats.Runs++
 		j.stats.Failed++
 	default:
