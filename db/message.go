@@ -105,7 +105,12 @@ type Message struct {
 	// SendAt is nil when the message was not scheduled.
 	SendAt    *time.Time
 	CreatedAt time.Time
+	// UpdatedAt is the latest change of the message's recipients; once the
+	// message is final, when it became final.
 	UpdatedAt time.Time
+	// RawPurgedAt is when retention emptied the message's raw body, nil
+	// while the body is kept. Size still says how large it was.
+	RawPurgedAt *time.Time
 	// Recipients are in the order they were given.
 	Recipients []Recipient
 	// Attempts are oldest first. Only GetMessage fills them.
@@ -233,7 +238,7 @@ func (d *DB) InsertMessage(ctx context.Context, p NewMessage) (InsertResult, err
 
 const messageColumns = `
 m.id, m.project_id, m.api_key_id, m.status, m.message_id_header, m.envelope_from, m.from_header, m.subject,
-m.size_bytes, m.tags, m.metadata, m.send_at, m.created_at, m.updated_at`
+m.size_bytes, m.tags, m.metadata, m.send_at, m.created_at, m.updated_at, m.raw_purged_at`
 
 const recipientColumns = `
 r.id, r.message_id, r.address, r.domain, r.kind, r.status, r.attempts, r.next_attempt_at,
@@ -296,7 +301,7 @@ func scanMessage(row pgx.CollectableRow, extra ...any) (Message, error) {
 	var apiKeyID *uuid.UUID
 	err := row.Scan(append([]any{&m.ID, &m.ProjectID, &apiKeyID, &m.Status, &m.MessageIDHeader,
 		&m.EnvelopeFrom, &m.FromHeader, &m.Subject, &m.Size, &m.Tags, &m.Metadata, &m.SendAt,
-		&m.CreatedAt, &m.UpdatedAt}, extra...)...)
+		&m.CreatedAt, &m.UpdatedAt, &m.RawPurgedAt}, extra...)...)
 	if apiKeyID != nil {
 		m.APIKeyID = *apiKeyID
 	}

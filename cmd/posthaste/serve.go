@@ -14,6 +14,7 @@ import (
 	"github.com/posthaste/posthaste/delivery"
 	"github.com/posthaste/posthaste/delivery/webhook"
 	"github.com/posthaste/posthaste/internal/app"
+	"github.com/posthaste/posthaste/internal/retention"
 	"github.com/posthaste/posthaste/service"
 )
 
@@ -89,6 +90,10 @@ func runServe(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	fs.DurationVar(&cfg.Webhook.DisableAfter, "webhook-disable-after", webhook.DefaultDisableAfter, "disable a webhook endpoint whose attempts have all failed for this long; negative never")
 	fs.IntVar(&cfg.Webhook.DisableAfterFailures, "webhook-disable-after-failures", 0, "disable a webhook endpoint after this many failed attempts in a row; 0 leaves it to --webhook-disable-after")
 	fs.DurationVar(&cfg.Webhook.PollInterval, "webhook-poll-interval", webhook.DefaultPollInterval, "how often to read new events for webhooks and look for due webhook retries")
+	fs.DurationVar(&cfg.Retention.BodyRetention, "retain-bodies", retention.DefaultBodyRetention, "empty a message's raw body this long after every recipient is final (delivered, bounced, failed, canceled); negative keeps bodies")
+	fs.DurationVar(&cfg.Retention.MessageRetention, "retain-messages", retention.DefaultMessageRetention, "delete a final message with its recipients, attempts and events this long after it became final; negative keeps them")
+	fs.DurationVar(&cfg.Retention.Interval, "retention-interval", retention.DefaultInterval, "how often one instance runs retention")
+	fs.IntVar(&cfg.Retention.BatchSize, "retention-batch-size", retention.DefaultBatchSize, "most rows retention purges or deletes in one transaction")
 	fs.IntVar(&cfg.DatabaseMaxConns, "database-max-conns", app.DefaultDatabaseMaxConns(), "most connections to the database at once")
 	fs.DurationVar(&cfg.DatabaseWait, "database-wait", app.DefaultDatabaseWait, "how long to keep trying a database that does not accept connections yet; 0 tries once")
 	fs.DurationVar(&cfg.HTTPReadTimeout, "http-read-timeout", app.DefaultHTTPReadTimeout, "deadline for reading a whole REST request, body included")
@@ -212,6 +217,10 @@ var configFlags = map[string]string{
 	"Webhook.DisableAfter":           "webhook-disable-after",
 	"Webhook.DisableAfterFailures":   "webhook-disable-after-failures",
 	"Webhook.PollInterval":           "webhook-poll-interval",
+	"Retention.BodyRetention":        "retain-bodies",
+	"Retention.MessageRetention":     "retain-messages",
+	"Retention.Interval":             "retention-interval",
+	"Retention.BatchSize":            "retention-batch-size",
 }
 
 // goName matches a Go field name inside a problem's text, such as the

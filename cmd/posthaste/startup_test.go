@@ -87,6 +87,7 @@ func TestServeConfigErrorsNameFlags(t *testing.T) {
 		{[]string{"--database-wait", "-1s"}, "--database-wait (POSTHASTE_DATABASE_WAIT): must not be negative"},
 		{[]string{"--log-level", "loud"}, "--log-level (POSTHASTE_LOG_LEVEL):"},
 		{[]string{"--lease", "500ms"}, "--lease (POSTHASTE_LEASE): 500ms is shorter than 1s"},
+		{[]string{"--retention-interval", "-1s"}, "--retention-interval (POSTHASTE_RETENTION_INTERVAL): must not be negative"},
 		{[]string{"--max-ambiguous-retries", "-1"}, "--max-ambiguous-retries (POSTHASTE_MAX_AMBIGUOUS_RETRIES): must not be negative"},
 	} {
 		t.Run(strings.Join(tc.args, " "), func(t *testing.T) {

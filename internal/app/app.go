@@ -1,7 +1,7 @@
 // Package app assembles one Posthaste process: database (configured or
 // embedded), migrations, the gRPC API with its REST gateway, the delivery
-// dispatcher, the webhook fan-out and sender and, in sandbox mode, the in-process SMTP server that stands in
-// for every MX.
+// dispatcher, the webhook fan-out and sender, the retention janitor and, in
+// sandbox mode, the in-process SMTP server that stands in for every MX.
 package app
 
 import (
@@ -26,6 +26,7 @@ import (
 	"github.com/posthaste/posthaste/delivery/sandbox"
 	"github.com/posthaste/posthaste/delivery/webhook"
 	"github.com/posthaste/posthaste/internal/netguard"
+	"github.com/posthaste/posthaste/internal/retention"
 	"github.com/posthaste/posthaste/service"
 	"github.com/posthaste/posthaste/service/gateway"
 )
@@ -67,6 +68,10 @@ type Config struct {
 	// and the sender unless Service.WebhookGuard or Webhook.Guard is set.
 	// Defaults to false.
 	WebhookAllowPrivate bool
+	// Retention configures how long message bodies and rows are kept, and
+	// the janitor that removes them. Defaults to retention.Config's
+	// defaults.
+	Retention retention.Config
 	// SandboxServer configures the sandbox SMTP server. Defaults to
 	// sandbox.Config's defaults.
 	SandboxServer sandbox.Config
@@ -275,6 +280,9 @@ func (cfg Config) validate() error {
 	if err := cfg.Webhook.Validate(); err != nil {
 		return fieldError("Webhook", err)
 	}
+	if err := cfg.Retention.WithDefaults().Validate(); err != nil {
+		return fieldError("Retention", err)
+	}
 	return nil
 }
 
@@ -329,6 +337,7 @@ type App struct {
 	dispatcher *delivery.Dispatcher
 	fanOut     *webhook.FanOut
 	sender     *webhook.Sender
+	janitor    *retention.Janitor
 	grpcServer *grpc.Server
 	grpcLis    net.Listener
 	gatewayLis *gateway.PipeListener
@@ -460,6 +469,16 @@ func (a *App) Start(ctx context.Context) (err error) {
 	a.sender.Start(runCtx)
 	a.fanOut.Start(runCtx)
 
+	retCfg := a.cfg.Retention
+	if retCfg.Logger == nil {
+		retCfg.Logger = a.log.With("component", "retention")
+	}
+	a.janitor, err = retention.New(retCfg, a.store)
+	if err != nil {
+		return err // "retention config: ..."
+	}
+	a.janitor.Start(runCtx)
+
 	a.notifier = db.NewOutboxNotifier(a.store, 0, a.log.With("component", "notify"))
 	a.notifier.Start(runCtx)
 	a.events.Start(runCtx)
@@ -519,12 +538,6 @@ func (a *App) Start(ctx context.Context) (err error) {
 		}
 	}()
 
-	a.wg.Add(1)
-	go func() {
-		defer a.wg.Done()
-		a.maintain(runCtx)
-	}()
-
 	a.log.Info("posthaste started", "http", a.HTTPAddr(), "grpc", a.GRPCAddr(), "embedded_database", a.database.Embedded())
 	return nil
 }
@@ -560,6 +573,15 @@ func (a *App) IntakeStats() db.CommitterStats {
 		return db.CommitterStats{}
 	}
 	return a.api.IntakeStats()
+}
+
+// RetentionStats is what the retention janitor did so far; zero before
+// Start.
+func (a *App) RetentionStats() retention.Stats {
+	if a.janitor == nil {
+		return retention.Stats{}
+	}
+	return a.janitor.Stats()
 }
 
 // Sandbox is the sandbox SMTP server, nil unless sandbox mode is on.
@@ -636,6 +658,10 @@ func (a *App) stop(ctx context.Context) error {
 	if a.sender != nil {
 		a.sender.Stop()
 	}
+	// A batch in flight is rolled back and done again by a later run.
+	if a.janitor != nil {
+		a.janitor.Stop()
+	}
 	if a.cancel != nil {
 		a.cancel()
 	}
@@ -652,28 +678,6 @@ func (a *App) stop(ctx context.Context) error {
 		}
 	}
 	return errors.Join(errs...)
-}
-
-// maintain runs periodic housekeeping that belongs to no request.
-func (a *App) maintain(ctx context.Context) {
-	t := time.NewTicker(10 * time.Minute)
-	defer t.Stop()
-	for {
-		n, err := a.store.DeleteExpiredIdempotencyKeys(ctx)
-		switch {
-		case ctx.Err() != nil:
-			return
-		case err != nil:
-			a.log.Warn("delete expired idempotency keys", "err", err)
-		case n > 0:
-			a.log.Debug("deleted expired idempotency keys", "count", n)
-		}
-		select {
-		case <-ctx.Done():
-			return
-		case <-t.C:
-		}
-	}
 }
 
 // bootstrapAPIKey makes sure a fresh database has one key, so the API is
