@@ -235,11 +235,36 @@ func bounceChange(id uuid.UUID, e bounce.RecipientReport) db.ReportChange {
 	payload.Outcome = db.StatusBounced
 	payload.Class, payload.Permanent = string(c.Class), c.Permanent
 	change := db.ReportChange{RecipientID: id, Event: db.EventBounced, Payload: payload,
-		Code: e.ReplyCode, EnhancedCode: e.Status, Text: e.Diagnostic}
+		Code: e.ReplyCode, EnhancedCode: e.Status, Text: payload.Text}
 	if BounceSuppression(c.Class, c.Permanent) != SuppressionNone {
 		change.Suppress = db.SuppressionHardBounce
 	}
 	return change
+}
+
+// replyText is a diagnostic without the reply code and enhanced code it
+// starts with ("550 5.1.1 text", RFC 5321 section 4.2, RFC 2034 section
+// 4): the event's reply carries those in fields of their own, as the
+// replies recorded during delivery do. The DSN's Diagnostic-Code keeps
+// them.
+func replyText(diag string) string {
+	rest := strings.TrimSpace(diag)
+	if len(rest) >= 4 && (rest[3] == ' ' || rest[3] == '-') && isDigits(rest[:3]) {
+		rest = strings.TrimLeft(rest[3:], " -")
+	}
+	if first, after, ok := strings.Cut(rest, " "); ok && isEnhancedCode(first) {
+		rest = strings.TrimSpace(after)
+	}
+	return rest
+}
+
+func isDigits(s string) bool {
+	for _, c := range s {
+		if c < '0' || c > '9' {
+			return false
+		}
+	}
+	return s != ""
 }
 
 // dsnPayload carries a DSN part's fields (RFC 3464 section 2.3) into an
@@ -249,7 +274,7 @@ func dsnPayload(e bounce.RecipientReport) db.EventPayload {
 	return db.EventPayload{
 		Code:           e.ReplyCode,
 		EnhancedCode:   e.Status,
-		Text:           e.Diagnostic,
+		Text:           replyText(e.Diagnostic),
 		DSNAction:      e.Action,
 		DSNStatus:      e.Status,
 		RemoteMTA:      e.RemoteMTA,
