@@ -150,7 +150,11 @@ func runServe(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	if err := a.Start(ctx); err != nil {
 		return err
 	}
-	fmt.Fprintf(stdout, "Posthaste is running: REST on %s, gRPC on %s. Press Ctrl-C to stop.\n", a.HTTPAddr(), a.GRPCAddr())
+	bounces := ""
+	if addr := a.BounceAddr(); addr != "" {
+		bounces = ", bounces on " + addr
+	}
+	fmt.Fprintf(stdout, "Posthaste is running: REST on %s, gRPC on %s%s. Press Ctrl-C to stop.\n", a.HTTPAddr(), a.GRPCAddr(), bounces)
 	<-ctx.Done()
 	logger.Info("shutting down")
 	// Past the drain deadline, leave time to release leases and to stop the
