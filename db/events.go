@@ -106,7 +106,8 @@ type EventPayload struct {
 	// than a soft one (bounced, suppressed).
 	Permanent bool `json:"permanent,omitempty"`
 	// Reason says why the address is suppressed: hard_bounce, complaint or
-	// manual (suppressed).
+	// manual (suppressed); for complained, the feedback report's
+	// Feedback-Type (RFC 5965 section 3.1), such as abuse.
 	Reason string `json:"reason,omitempty"`
 
 	// The fields of a delivery status notification's per-recipient part
