@@ -36,8 +36,10 @@ const (
 	EventFailed EventType = "failed"
 	// EventCanceled: the recipient was canceled before it was delivered.
 	EventCanceled EventType = "canceled"
-	// EventSuppressed: the recipient was not sent to because its address is
-	// suppressed; Reason says why.
+	// EventSuppressed: the recipient's address was put on its project's
+	// suppression list (by this recipient's hard bounce or complaint), or,
+	// from the intake check, the recipient was not sent to because its
+	// address is on it; Reason says why.
 	EventSuppressed EventType = "suppressed"
 	// EventComplained: the recipient reported the message as spam (a
 	// feedback loop report).
@@ -95,13 +97,17 @@ type EventPayload struct {
 	// NextAttemptAt is when the recipient is due again (deferred).
 	NextAttemptAt *time.Time `json:"next_attempt_at,omitempty"`
 
-	// Class is what kind of refusal a bounce was, e.g. "mailbox",
-	// "policy", "spam" (bounced).
+	// Class is what kind of refusal a bounce was (see
+	// delivery.BounceClass): "recipient", "mailbox_full", "policy",
+	// "rate_limit", ... (bounced; deferred when a 5yz reply was taken as
+	// temporary; suppressed).
 	Class string `json:"class,omitempty"`
-	// Permanent says whether the refusal is for good (bounced): a hard
-	// bounce rather than a soft one reported after the session.
+	// Permanent says whether the refusal is for good: a hard bounce rather
+	// than a soft one (bounced, suppressed).
 	Permanent bool `json:"permanent,omitempty"`
-	// Reason says why the address is suppressed (suppressed).
+	// Reason says why the address is suppressed: hard_bounce, complaint or
+	// manual (suppressed); for complained, the feedback report's
+	// Feedback-Type (RFC 5965 section 3.1), such as abuse.
 	Reason string `json:"reason,omitempty"`
 
 	// The fields of a delivery status notification's per-recipient part
@@ -138,6 +144,8 @@ func outcomePayload(o Outcome) EventPayload {
 		Code:         o.Code,
 		EnhancedCode: o.EnhancedCode,
 		Text:         o.Text,
+		Class:        o.Class,
+		Permanent:    o.Permanent,
 	}
 	if n := len(o.Attempts); n > 0 {
 		p.MXHost = o.Attempts[n-1].MXHost

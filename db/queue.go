@@ -36,8 +36,11 @@ type ClaimParams struct {
 type ClaimedRecipient struct {
 	ID        uuid.UUID
 	MessageID uuid.UUID
-	Address   string
-	Domain    string
+	// Position is the recipient's place in its message, unique per message:
+	// the VERP address of a transaction with one recipient names it.
+	Position int
+	Address  string
+	Domain   string
 	// Attempts counts the attempts made before this one.
 	Attempts int
 	// MessageCreatedAt is when the message was accepted.
@@ -129,6 +132,15 @@ type Outcome struct {
 	// receiver took the message; the recipient's AmbiguousAttempts grows by
 	// one.
 	Ambiguous bool
+	// Class and Permanent classify a refusal (see delivery.ClassifyBounce);
+	// they go into the event's payload. Empty for a delivery.
+	Class     string
+	Permanent bool
+	// Suppress, on a bounced outcome, adds the recipient's address to its
+	// project's suppression list in the same statement, with a suppressed
+	// event when the entry is new. Empty adds nothing, and an outcome batch
+	// without any runs the statement without the suppression part.
+	Suppress SuppressionReason
 	// Attempts are the rows to write for this attempt, in order: one per
 	// SMTP host tried, or a single row without a host when none was tried
 	// (null MX, NXDOMAIN, a DNS failure), carrying the local reply. Every
@@ -192,7 +204,7 @@ SET status = 'sending',
     updated_at = now()
 FROM due, messages m
 WHERE r.id = due.id AND m.id = r.message_id
-RETURNING r.id, r.message_id, r.address, r.domain, r.attempts, m.created_at,
+RETURNING r.id, r.message_id, r.position, r.address, r.domain, r.attempts, m.created_at,
     greatest(m.created_at, m.send_at), r.ambiguous_attempts, r.lease_owner, r.lease_until`
 
 // ClaimRecipients leases due recipients (queued, scheduled or deferred, with
@@ -258,7 +270,7 @@ func (d *DB) claim(ctx context.Context, p ClaimParams, withContents bool) (Claim
 		var err error
 		c.Recipients, err = pgx.CollectRows(rows, func(row pgx.CollectableRow) (ClaimedRecipient, error) {
 			var c ClaimedRecipient
-			err := row.Scan(&c.ID, &c.MessageID, &c.Address, &c.Domain, &c.Attempts,
+			err := row.Scan(&c.ID, &c.MessageID, &c.Position, &c.Address, &c.Domain, &c.Attempts,
 				&c.MessageCreatedAt, &c.DueSince, &c.AmbiguousAttempts, &c.LeaseOwner, &c.LeaseUntil)
 			return c, err
 		})
@@ -387,7 +399,12 @@ FOR NO KEY UPDATE`
 // per row in each @attempt_ array (see attemptRowColumns). An applied row's
 // event is of its new status, with the outcome's payload; a canceled one
 // says nothing of a retry that will not happen.
-const recordOutcomesSQL = `
+//
+// recordOutcomesSuppressingSQL is the same statement with the suppression
+// part (suppressCTE) added; RecordOutcomes sends it only for a batch that
+// holds an outcome that suppresses, so deliveries never pay for it.
+const (
+	recordOutcomesHead = `
 WITH input AS (
     SELECT * FROM unnest(
         @outcome_ids::uuid[], @outcome_owners::text[], @outcome_statuses::text[],
@@ -415,7 +432,7 @@ WITH input AS (
         updated_at = now()
     FROM input i
     WHERE r.id = i.id AND r.lease_owner = i.owner AND r.status = 'sending'
-    RETURNING r.id, r.message_id, r.status
+    RETURNING r.id, r.message_id, r.address, r.status
 ), att AS (
     INSERT INTO attempts (id, recipient_id, message_id, started_at, duration, mx_host, ip, tls,
         tls_version, code, enhanced_code, text, outcome, source)
@@ -430,23 +447,60 @@ WITH input AS (
     ) AS a(id, recipient_id, outcome, started_at, duration_us, mx_host, ip, tls, tls_version,
            code, enhanced_code, text, source)
     JOIN upd u ON u.id = a.recipient_id
-), new_events AS (
+), `
+
+	// suppressCTE adds the addresses of the applied bounced rows named in
+	// the @supp_ arrays (see suppressColumns) to their projects'
+	// suppression lists. Only rows that passed the fence and ended bounced
+	// count (a cancel does not undo a bounce, see upd). One entry per
+	// address: two outcomes of one batch to the same address (two messages)
+	// would otherwise make ON CONFLICT meet its own row twice. An entry that
+	// exists stays as it is, its first reason kept, unless it expired; an
+	// expired one is renewed. supp returns the recipients whose entry was
+	// added or renewed: they get a suppressed event.
+	suppressCTE = `supp_input AS (
+    SELECT * FROM unnest(@supp_recipient_ids::uuid[], @supp_ids::uuid[], @supp_reasons::text[],
+        @supp_events::jsonb[]) AS s(recipient_id, id, reason, event)
+), supp_rows AS (
+    SELECT DISTINCT ON (m.project_id, lower(u.address))
+        si.id, m.project_id, lower(u.address) AS address, si.reason, u.message_id,
+        u.id AS recipient_id, i.code, i.enhanced_code, i.text, si.event
+    FROM supp_input si
+    JOIN upd u ON u.id = si.recipient_id AND u.status = 'bounced'
+    JOIN input i ON i.id = u.id
+    JOIN messages m ON m.id = u.message_id
+    ORDER BY m.project_id, lower(u.address), u.id
+), supp AS (
+    ` + insertSuppressionsSQL + `
+), `
+
+	outcomeEventsSQL = `
     SELECT (SELECT m.project_id FROM messages m WHERE m.id = u.message_id) AS project_id,
         u.message_id, u.id AS recipient_id, u.status AS type,
         CASE WHEN u.status = 'canceled' THEN i.event - 'next_attempt_at' ELSE i.event END AS details
-    FROM upd u JOIN input i ON i.id = u.id
-), ` + writeEventsCTE + `,
--- An outcome whose attempt rows are already stored was written by an
--- earlier call whose commit succeeded but whose answer was lost (the
--- connection or the server went down at the commit): it counts as applied,
--- not as fenced off. Attempt ids are chosen by the caller and kept across
--- its retries.
+    FROM upd u JOIN input i ON i.id = u.id`
+
+	// An outcome whose attempt rows are already stored was written by an
+	// earlier call whose commit succeeded but whose answer was lost (the
+	// connection or the server went down at the commit): it counts as
+	// applied, not as fenced off. Attempt ids are chosen by the caller and
+	// kept across its retries.
+	recordOutcomesTail = `,
 prior AS (
     SELECT DISTINCT recipient_id AS id FROM attempts WHERE id = ANY(@attempt_ids::uuid[])
 )
 SELECT id FROM upd
 UNION
 SELECT id FROM prior`
+
+	recordOutcomesSQL = recordOutcomesHead + `new_events AS (` + outcomeEventsSQL + `
+), ` + writeEventsCTE + recordOutcomesTail
+
+	recordOutcomesSuppressingSQL = recordOutcomesHead + suppressCTE + `new_events AS (` + outcomeEventsSQL + `
+    UNION ALL
+    ` + suppressedEventsSQL + `
+), ` + writeEventsCTE + recordOutcomesTail
+)
 
 func validateOutcome(o Outcome) error {
 	switch {
@@ -596,6 +650,42 @@ func (c *attemptRowColumns) add(o Outcome) error {
 	return nil
 }
 
+// suppressColumns are the outcomes of a RecordOutcomes call that suppress
+// their address, as the @supp_ arrays of recordOutcomesSuppressingSQL.
+type suppressColumns struct {
+	recipientIDs []uuid.UUID
+	ids          []uuid.UUID
+	reasons      []string
+	events       []string
+}
+
+// add appends o when it is a bounce that suppresses.
+func (c *suppressColumns) add(o Outcome) error {
+	if o.Suppress == "" || o.Status != StatusBounced {
+		return nil
+	}
+	id, err := uuid.NewV7()
+	if err != nil {
+		return fmt.Errorf("suppression id: %w", err)
+	}
+	event, err := encodePayload(suppressedPayload(o.Suppress, o.Class, o.Permanent, o.Code, o.EnhancedCode, o.Text))
+	if err != nil {
+		return err
+	}
+	c.recipientIDs = append(c.recipientIDs, o.RecipientID)
+	c.ids = append(c.ids, id)
+	c.reasons = append(c.reasons, string(o.Suppress))
+	c.events = append(c.events, event)
+	return nil
+}
+
+func (c *suppressColumns) addArgs(args pgx.NamedArgs) {
+	args["supp_recipient_ids"] = c.recipientIDs
+	args["supp_ids"] = c.ids
+	args["supp_reasons"] = c.reasons
+	args["supp_events"] = c.events
+}
+
 func (c *attemptRowColumns) addArgs(args pgx.NamedArgs) {
 	args["attempt_ids"] = c.ids
 	args["attempt_recipient_ids"] = c.recipientIDs
@@ -621,8 +711,10 @@ func (c *attemptRowColumns) addArgs(args pgx.NamedArgs) {
 // counts one more attempt, keeps the reply, clears its lease, gets one
 // attempt row per host in o.Attempts and an event of its new status. A row
 // whose message was canceled while it was in flight ends canceled unless it
-// was delivered or bounced. Finally the status of the affected messages is
-// brought up to date.
+// was delivered or bounced. An applied bounce with o.Suppress set adds its
+// address to the project's suppression list, and a suppressed event when the
+// entry is new, in the same statement. Finally the status of the affected
+// messages is brought up to date.
 func (d *DB) RecordOutcomes(ctx context.Context, outcomes []Outcome) ([]uuid.UUID, error) {
 	if len(outcomes) == 0 {
 		return nil, nil
@@ -630,6 +722,7 @@ func (d *DB) RecordOutcomes(ctx context.Context, outcomes []Outcome) ([]uuid.UUI
 	var (
 		rows     = newOutcomeColumns(len(outcomes))
 		attempts attemptRowColumns
+		supp     suppressColumns
 		seen     = make(map[uuid.UUID]struct{}, len(outcomes))
 	)
 	for i, o := range outcomes {
@@ -646,14 +739,22 @@ func (d *DB) RecordOutcomes(ctx context.Context, outcomes []Outcome) ([]uuid.UUI
 		if err := attempts.add(o); err != nil {
 			return nil, fmt.Errorf("record outcomes: %w", err)
 		}
+		if err := supp.add(o); err != nil {
+			return nil, fmt.Errorf("record outcomes: %w", err)
+		}
 	}
 	args := pgx.NamedArgs{}
 	rows.addArgs(args)
 	attempts.addArgs(args)
+	query := recordOutcomesSQL
+	if len(supp.ids) > 0 {
+		query = recordOutcomesSuppressingSQL
+		supp.addArgs(args)
+	}
 
 	b := &pgx.Batch{}
 	b.Queue(lockRecipientsSQL, rows.ids)
-	b.Queue(recordOutcomesSQL, args)
+	b.Queue(query, args)
 	var applied []uuid.UUID
 	err := d.sendChange(ctx, b, messagesOfRecipientIDs(rows.ids), func(br pgx.BatchResults) error {
 		if _, err := br.Exec(); err != nil {

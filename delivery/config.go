@@ -10,6 +10,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/posthaste/posthaste/delivery/bounce"
 	"github.com/posthaste/posthaste/internal/hostname"
 )
 
@@ -98,6 +99,14 @@ type Config struct {
 	// interrupted, and that time is kept to record their outcomes (their
 	// recipients are deferred) and to close connections. Defaults to 30s.
 	ShutdownTimeout time.Duration
+	// VERP, when set, makes the envelope sender of every transaction a
+	// VERP address at its bounce domain, naming the message and, for a
+	// transaction with one recipient, the recipient (see
+	// Dispatcher.returnPath); the From header is unchanged. Bounces,
+	// complaints and automatic replies then come back to the bounce
+	// listener. Defaults to nil: the message's own envelope sender is used,
+	// and they go to that mailbox.
+	VERP *bounce.VERP
 	// Dialer opens SMTP connections. Defaults to a *net.Dialer.
 	Dialer Dialer
 	// Logger receives the dispatcher's logs. Defaults to discarding them.

@@ -15,6 +15,7 @@ import (
 	"github.com/google/uuid"
 
 	"github.com/posthaste/posthaste/db"
+	"github.com/posthaste/posthaste/delivery/bounce"
 )
 
 // dbTimeout bounds one database call made by the dispatcher.
@@ -451,8 +452,27 @@ func (d *Dispatcher) attempt(sessionCtx context.Context, j *job, lease *leaseWat
 	defer cancel(nil)
 	stop := context.AfterFunc(lease.ctx, func() { cancel(context.Cause(lease.ctx)) })
 	defer stop()
-	res := d.sender.attempt(actx, envelope{Domain: j.domain, From: j.msg.EnvelopeFrom, To: rcpts, Data: j.msg.Raw})
+	res := d.sender.attempt(actx, envelope{Domain: j.domain, From: d.returnPath(j), To: rcpts, Data: j.msg.Raw})
 	return d.outcomes(j, res, time.Now())
+}
+
+// returnPath is the envelope sender (RFC 5321 section 4.1.1.2) of j's
+// transaction. With a VERP codec configured it is a VERP address at the
+// bounce domain naming the message, and the recipient when the transaction
+// carries only one, so that whatever comes back to it says what it is
+// about; it costs an HMAC and no database work. Without one it is the
+// message's own envelope sender, and bounces go to that mailbox. A null
+// reverse-path stays null: mail sent with one must not cause bounces
+// (RFC 5321 section 4.5.5).
+func (d *Dispatcher) returnPath(j *job) string {
+	if d.cfg.VERP == nil || j.msg.EnvelopeFrom == "" {
+		return j.msg.EnvelopeFrom
+	}
+	var rcpt bounce.RecipientRef
+	if len(j.rcpts) == 1 && j.rcpts[0].Position >= 0 {
+		rcpt = bounce.RecipientAt(uint32(j.rcpts[0].Position))
+	}
+	return d.cfg.VERP.Address(j.msg.ID, rcpt)
 }
 
 // outcomes turns an attempt's results into the rows to record: each
@@ -468,11 +488,13 @@ func (d *Dispatcher) outcomes(j *job, res attemptResult, now time.Time) []db.Out
 		case rr.Err == nil:
 			o.Status = db.StatusDelivered
 			o.Code, o.EnhancedCode, o.Text = rr.Reply.Code, rr.Reply.EnhancedCode, rr.Reply.Text
-		case !rr.Err.Temporary():
+		case !rr.Err.Temporary() && d.classify(&o, rr.Err):
 			o.Status = db.StatusBounced
 			o.Code, o.EnhancedCode, o.Text = errorReply(rr.Err)
 			source = errorSource(rr.Err)
 		default:
+			// Temporary, or a 5yz the classification does not take as
+			// permanent: a rate limit (see classify).
 			o.Code, o.EnhancedCode, o.Text = errorReply(rr.Err)
 			source = errorSource(rr.Err)
 			o.Ambiguous = rr.Err.Ambiguous
@@ -527,6 +549,22 @@ func (d *Dispatcher) outcomes(j *job, res attemptResult, now time.Time) []db.Out
 		out[i] = o
 	}
 	return out
+}
+
+// classify sets o's bounce class from e, a refusal that is not temporary,
+// and whether the refusal suppresses the address, and reports whether it
+// is permanent. It runs only for refusals, so deliveries never pay for the
+// rule table. A 5yz reply that says it is about a rate ("too many
+// messages", Gmail's 5.4.5 quota) is classified as not permanent: the same
+// mail is accepted later, so the recipient is deferred rather than bounced
+// and its address is never suppressed.
+func (d *Dispatcher) classify(o *db.Outcome, e *SMTPError) bool {
+	c := ClassifySMTPError(e)
+	o.Class, o.Permanent = string(c.Class), c.Permanent
+	if c.Permanent && BounceSuppression(c.Class, c.Permanent) != SuppressionNone {
+		o.Suppress = db.SuppressionHardBounce
+	}
+	return c.Permanent
 }
 
 // errorSource says whose words the reply stored of e is.

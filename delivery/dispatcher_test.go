@@ -18,6 +18,7 @@ import (
 	"github.com/miekg/dns"
 
 	"github.com/posthaste/posthaste/db"
+	"github.com/posthaste/posthaste/delivery/bounce"
 	"github.com/posthaste/posthaste/internal/testenv"
 )
 
@@ -1251,7 +1252,19 @@ func TestTwoDispatchersDeliverEachRecipientOnce(t *testing.T) {
 
 // BenchmarkDispatch measures a dispatcher delivering b.N messages to one
 // loopback SMTP server.
-func BenchmarkDispatch(b *testing.B) {
+func BenchmarkDispatch(b *testing.B) { benchDispatch(b, nil) }
+
+// BenchmarkDispatchVERP is BenchmarkDispatch with every transaction sent
+// from a VERP address: an HMAC per transaction, no database work.
+func BenchmarkDispatchVERP(b *testing.B) {
+	verp, err := bounce.NewVERP("bounces.bench.test", "", [][]byte{[]byte("bench-secret-0123456789")})
+	if err != nil {
+		b.Fatal(err)
+	}
+	benchDispatch(b, verp)
+}
+
+func benchDispatch(b *testing.B, verp *bounce.VERP) {
 	e := newDispatchEnv(b)
 	srv := testenv.StartSMTP(b)
 	e.mx("bench.test", srv)
@@ -1260,6 +1273,7 @@ func BenchmarkDispatch(b *testing.B) {
 	}
 	cfg := e.config()
 	cfg.PerDomainConcurrency = 50
+	cfg.VERP = verp
 	walBefore := walPosition(b, e.store)
 	b.ResetTimer()
 	start := time.Now()

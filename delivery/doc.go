@@ -12,9 +12,17 @@
 // server's SIZE, or with 8-bit content that cannot be converted for a server
 // without 8BITMIME); or deferred with a backoff (4yz, network and DNS
 // trouble, hosts that refuse the session even with 5yz, outcomes left
-// unknown) until the message is too old, when it fails. Every failure is
-// expressed as an *SMTPError, which says whether its reply is the server's
-// or was made up here.
+// unknown, and 5yz replies that ClassifyBounce takes for a rate limit)
+// until the message is too old, when it fails. Every failure is expressed
+// as an *SMTPError, which says whether its reply is the server's or was
+// made up here, and every 5yz refusal gets a BounceClass; a permanent refusal
+// of the address itself puts it on the project's suppression list in the
+// same statement as the outcome.
+//
+// With Config.VERP set, each transaction is sent from a VERP address that
+// names its message (and its recipient, when it has one), and a
+// ReportHandler applies what the bounce listener receives at those
+// addresses: later bounces, complaints, automatic replies.
 //
 // # Delivery is at least once
 //

@@ -50,12 +50,16 @@ func runServe(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 		routes   listFlag
 		hostname string
 		whRetry  durationListFlag
+		secrets  listFlag
 	)
 	dbf.register(fs)
 	logf.register(fs)
 	fs.StringVar(&cfg.HTTPAddr, "http-addr", ":8080", "REST API listen address")
 	fs.StringVar(&cfg.GRPCAddr, "grpc-addr", ":9090", "gRPC API listen address")
 	fs.BoolVar(&cfg.Sandbox, "sandbox", false, "deliver every message to an in-process SMTP server whose replies depend on the recipient (see README)")
+	fs.StringVar(&cfg.BounceDomain, "bounce-domain", "", "send every message from a VERP address at this domain and receive its bounces, complaints and automatic replies with the bounce listener (its MX must point there); empty sends from the message's own envelope sender, and bounces go to that mailbox (sandbox mode: "+app.SandboxBounceDomain+")")
+	fs.Var(&secrets, "bounce-secret", "secret that signs VERP addresses, at least 16 bytes; repeatable or comma-separated: the first signs, all verify (rotation); required with --bounce-domain (sandbox mode generates one per run)")
+	fs.StringVar(&cfg.BounceListener.Addr, "bounce-addr", "", "bounce listener address (default :2525; sandbox mode without --bounce-domain: a free port on 127.0.0.1)")
 	fs.StringVar(&cfg.BootstrapAPIKey, "bootstrap-api-key", "", "API key to store when the database has none (otherwise one is generated and printed once)")
 	fs.DurationVar(&cfg.ShutdownTimeout, "shutdown-timeout", 30*time.Second, "how long API calls and SMTP sessions in flight may take to finish when stopping")
 	fs.StringVar(&hostname, "hostname", "", "name used in EHLO and in Message-IDs; empty uses the machine's host name when it is fully qualified, else localhost.localdomain")
@@ -138,6 +142,7 @@ func runServe(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	if len(whRetry) > 0 {
 		cfg.Webhook.RetrySchedule = whRetry
 	}
+	cfg.BounceSecrets = secrets
 	svc.Hostname = hostname
 	dlv.SMTP.Hostname = hostname
 	cfg.DatabaseURL = dbf.url
@@ -154,7 +159,11 @@ func runServe(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	if err := a.Start(ctx); err != nil {
 		return err
 	}
-	fmt.Fprintf(stdout, "Posthaste is running: REST on %s, gRPC on %s. Press Ctrl-C to stop.\n", a.HTTPAddr(), a.GRPCAddr())
+	bounces := ""
+	if addr := a.BounceAddr(); addr != "" {
+		bounces = ", bounces on " + addr
+	}
+	fmt.Fprintf(stdout, "Posthaste is running: REST on %s, gRPC on %s%s. Press Ctrl-C to stop.\n", a.HTTPAddr(), a.GRPCAddr(), bounces)
 	<-ctx.Done()
 	logger.Info("shutting down")
 	// Past the drain deadline, leave time to release leases and to stop the
@@ -172,6 +181,9 @@ func runServe(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 // typed rather than a Go field.
 var configFlags = map[string]string{
 	"BootstrapAPIKey":                "bootstrap-api-key",
+	"BounceDomain":                   "bounce-domain",
+	"BounceSecrets":                  "bounce-secret",
+	"BounceListener.Addr":            "bounce-addr",
 	"ShutdownTimeout":                "shutdown-timeout",
 	"DatabaseWait":                   "database-wait",
 	"DatabaseMaxConns":               "database-max-conns",

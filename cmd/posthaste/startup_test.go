@@ -89,6 +89,11 @@ func TestServeConfigErrorsNameFlags(t *testing.T) {
 		{[]string{"--lease", "500ms"}, "--lease (POSTHASTE_LEASE): 500ms is shorter than 1s"},
 		{[]string{"--retention-interval", "-1s"}, "--retention-interval (POSTHASTE_RETENTION_INTERVAL): must not be negative"},
 		{[]string{"--max-ambiguous-retries", "-1"}, "--max-ambiguous-retries (POSTHASTE_MAX_AMBIGUOUS_RETRIES): must not be negative"},
+		{[]string{"--bounce-domain", "bounces.example.test"}, "--bounce-secret (POSTHASTE_BOUNCE_SECRET): required with --bounce-domain"},
+		{[]string{"--bounce-domain", "bounces.example.test", "--bounce-secret", "0123456789abcdef,short"}, "--bounce-secret (POSTHASTE_BOUNCE_SECRET): secret 1 is 5 bytes, at least 16 are required"},
+		{[]string{"--bounce-domain", "not a domain", "--bounce-secret", "0123456789abcdef"}, "--bounce-domain (POSTHASTE_BOUNCE_DOMAIN): "},
+		{[]string{"--bounce-secret", "0123456789abcdef"}, "--bounce-secret (POSTHASTE_BOUNCE_SECRET): set without a bounce domain (--bounce-domain)"},
+		{[]string{"--bounce-domain", "bounces.example.test", "--bounce-secret", "0123456789abcdef", "--bounce-addr", "2525"}, "--bounce-addr (POSTHASTE_BOUNCE_ADDR): \"2525\" is not host:port"},
 	} {
 		t.Run(strings.Join(tc.args, " "), func(t *testing.T) {
 			var stdout, stderr bytes.Buffer

@@ -30,6 +30,8 @@ const (
 	behaviourRejectData
 	behaviourFull
 	behaviourSlow
+	behaviourBounceAsync
+	behaviourComplaint
 )
 
 // The replies follow RFC 3463 enhanced status codes: X.1.1 bad destination
@@ -105,6 +107,22 @@ func Outcomes() []Outcome {
 				"long enough to watch the recipient in \"sending\".",
 		},
 		{
+			LocalPart: "bounce-async",
+			Stage:     "DATA",
+			Reply:     "250 2.0.0 " + acceptedPrefix + "<id>",
+			Description: "Accepted, then a moment later (500ms by default) a delivery status notification " +
+				"(RFC 3464, as Postfix writes it: Action failed, Status 5.1.1) is sent over SMTP from <> to the " +
+				"MAIL FROM address, at the bounce listener: delivered, then bounced. Only when a bounce listener runs.",
+		},
+		{
+			LocalPart: "complaint",
+			Stage:     "DATA",
+			Reply:     "250 2.0.0 " + acceptedPrefix + "<id>",
+			Description: "Accepted, then a moment later an abuse feedback report (RFC 5965) is sent the same way, " +
+				"as a mailbox provider's feedback loop would: delivered, then complained and suppressed. Only when " +
+				"a bounce listener runs.",
+		},
+		{
 			LocalPart:   "*",
 			Stage:       "DATA",
 			Reply:       "250 2.0.0 " + acceptedPrefix + "<id>",
@@ -140,6 +158,10 @@ func classify(addr string) behaviour {
 		return behaviourFull
 	case "slow":
 		return behaviourSlow
+	case "bounce-async":
+		return behaviourBounceAsync
+	case "complaint":
+		return behaviourComplaint
 	default:
 		return behaviourAccept
 	}

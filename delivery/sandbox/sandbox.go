@@ -42,6 +42,15 @@ type Config struct {
 	// MaxMessageBytes is the largest message accepted, advertised with the
 	// SIZE extension (RFC 1870). Defaults to 40 MiB.
 	MaxMessageBytes int64
+	// ReportAddr is the host:port the reports that follow bounce-async@ and
+	// complaint@ recipients are sent to: the bounce listener. They go to the
+	// transaction's MAIL FROM address (a VERP address) over SMTP, whatever
+	// its domain. Defaults to "": those recipients are then accepted like
+	// any other and nothing follows.
+	ReportAddr string
+	// ReportDelay is how long after accepting a message its reports are
+	// sent. Defaults to 500ms.
+	ReportDelay time.Duration
 	// Logger receives a line per accepted message and per refused recipient.
 	// Defaults to discarding.
 	Logger *slog.Logger
@@ -61,6 +70,9 @@ func (c Config) WithDefaults() Config {
 	if c.MaxMessageBytes == 0 {
 		c.MaxMessageBytes = 40 << 20
 	}
+	if c.ReportDelay == 0 {
+		c.ReportDelay = 500 * time.Millisecond
+	}
 	if c.Logger == nil {
 		c.Logger = slog.New(slog.DiscardHandler)
 	}
@@ -79,6 +91,14 @@ func (c Config) validate() error {
 	}
 	if c.MaxMessageBytes < 0 {
 		return fmt.Errorf("MaxMessageBytes: must not be negative, got %d", c.MaxMessageBytes)
+	}
+	if c.ReportAddr != "" {
+		if _, _, err := net.SplitHostPort(c.ReportAddr); err != nil {
+			return fmt.Errorf("ReportAddr: %q is not host:port: %w", c.ReportAddr, err)
+		}
+	}
+	if c.ReportDelay < 0 {
+		return fmt.Errorf("ReportDelay: must not be negative, got %s", c.ReportDelay)
 	}
 	return nil
 }
@@ -105,6 +125,11 @@ type Server struct {
 	// stopping is closed by Stop; slow replies give up waiting on it.
 	stopping chan struct{}
 	stopOnce sync.Once
+	// reportCtx ends when Stop begins: reports waiting or being sent give
+	// up. reports tracks their goroutines.
+	reportCtx     context.Context
+	cancelReports context.CancelFunc
+	reports       sync.WaitGroup
 
 	mu        sync.Mutex
 	started   bool
@@ -121,11 +146,14 @@ type Server struct {
 // reports an invalid config.
 func New(cfg Config) *Server {
 	cfg = cfg.WithDefaults()
+	reportCtx, cancelReports := context.WithCancel(context.Background())
 	return &Server{
-		cfg:      cfg,
-		log:      cfg.Logger,
-		stopping: make(chan struct{}),
-		defers:   pendingDefers{seq: make(map[pair]uint64)},
+		cfg:           cfg,
+		log:           cfg.Logger,
+		stopping:      make(chan struct{}),
+		reportCtx:     reportCtx,
+		cancelReports: cancelReports,
+		defers:        pendingDefers{seq: make(map[pair]uint64)},
 	}
 }
 
@@ -188,10 +216,13 @@ func (s *Server) Addr() string {
 
 // Stop closes the listener and every connection, and returns once all of the
 // server's goroutines are done. A reply to DATA still waiting for a slow@
-// recipient is abandoned. Stop may be called more than once, and before Start.
+// recipient is abandoned, and so are reports not sent yet. Stop may be
+// called more than once, and before Start.
 func (s *Server) Stop() {
 	s.stopOnce.Do(func() {
 		close(s.stopping)
+		s.cancelReports()
+		defer s.reports.Wait()
 		s.mu.Lock()
 		s.stopped = true
 		srv, ln, serveDone := s.smtp, s.ln, s.serveDone

@@ -13,6 +13,9 @@ import (
 
 	"github.com/emersion/go-smtp"
 	"go.uber.org/goleak"
+
+	"github.com/posthaste/posthaste/delivery/bounce"
+	"github.com/posthaste/posthaste/internal/testenv"
 )
 
 func TestMain(m *testing.M) {
@@ -529,6 +532,8 @@ func TestClassify(t *testing.T) {
 		{"reject-data@example.test", behaviourRejectData},
 		{"full@example.test", behaviourFull},
 		{"slow@example.test", behaviourSlow},
+		{"Bounce-Async+x@example.test", behaviourBounceAsync},
+		{"complaint@example.test", behaviourComplaint},
 		{"\"bounce@x\"@example.test", behaviourAccept},
 		{"bounce", behaviourBounce},
 		{"+bounce@example.test", behaviourAccept},
@@ -648,5 +653,49 @@ func TestGreetingNamesHost(t *testing.T) {
 	}
 	if _, _, err := tc.ReadResponse(221); err != nil {
 		t.Fatalf("reply to QUIT: %v", err)
+	}
+}
+
+// TestAsyncReports: bounce-async@ and complaint@ are accepted, and then a
+// DSN and a feedback report go from <> to the MAIL FROM address at
+// ReportAddr. Mail from the null sender gets none.
+func TestAsyncReports(t *testing.T) {
+	t.Parallel()
+	listener := testenv.StartSMTP(t)
+	s := startSandbox(t, Config{ReportAddr: listener.Addr, ReportDelay: time.Millisecond})
+	c := dial(t, s.Addr())
+	const from = "b+token@bounces.sandbox.invalid"
+	if _, err := send(t, c, from, "Bounce-Async@example.test", "someone@example.test", "complaint+x@example.test"); err != nil {
+		t.Fatalf("send: %v", err)
+	}
+	if _, err := send(t, c, "", "bounce-async@example.test"); err != nil {
+		t.Fatalf("send from <>: %v", err)
+	}
+	got := listener.WaitMessages(t, 2, 10*time.Second)
+	kinds := map[bounce.Kind]bounce.Report{}
+	for _, m := range got {
+		if m.From != "" || len(m.To) != 1 || m.To[0] != from {
+			t.Errorf("report from %q to %v, want from <> to %s", m.From, m.To, from)
+		}
+		r := bounce.ParseReport(m.Data)
+		kinds[r.Kind] = r
+	}
+	dsn, ok := kinds[bounce.KindDSN]
+	if !ok || len(dsn.Recipients) != 1 {
+		t.Fatalf("no DSN with one recipient among %+v", kinds)
+	}
+	if r := dsn.Recipients[0]; r.FinalRecipient != "Bounce-Async@example.test" || r.Action != "failed" || r.Status != "5.1.1" || r.ReplyCode != 550 {
+		t.Errorf("DSN recipient %+v", r)
+	}
+	if dsn.OriginalMessageID == "" && !strings.Contains(string(got[0].Data)+string(got[1].Data), "Subject: sandbox test") {
+		t.Error("the original header was not returned")
+	}
+	arf, ok := kinds[bounce.KindComplaint]
+	if !ok || arf.Feedback == nil || arf.Feedback.Type != "abuse" ||
+		len(arf.Feedback.OriginalRcptTo) != 1 || arf.Feedback.OriginalRcptTo[0] != "complaint+x@example.test" {
+		t.Errorf("feedback report %+v", arf)
+	}
+	if n := len(listener.Messages()); n != 2 {
+		t.Errorf("%d reports, want 2 (none for mail from <>)", n)
 	}
 }

@@ -64,7 +64,8 @@ func (s *session) Rcpt(to string, _ *smtp.RcptOptions) error {
 // (RFC 5321 section 4.1.1.4): a reject-data@ recipient fails every recipient
 // of its transaction, and a slow@ one delays them all.
 func (s *session) Data(r io.Reader) error {
-	n, err := io.Copy(io.Discard, r)
+	var header headerCapture
+	n, err := io.Copy(&header, r)
 	if err != nil {
 		// go-smtp reports an oversized message as an *SMTPError (552 5.3.4)
 		// and sends it as is.
@@ -99,12 +100,35 @@ func (s *session) Data(r io.Reader) error {
 	})
 	s.srv.log.Info("sandbox accepted message",
 		"queue_id", id, "from", s.from, "to", s.rcpts, "size", n, "remote", s.remote)
+	s.report(id, header.buf.Bytes())
 	// A 250 "error" is how go-smtp lets a backend choose the reply text, here
 	// to carry the queue id.
 	return &smtp.SMTPError{
 		Code:         250,
 		EnhancedCode: smtp.EnhancedCode{2, 0, 0},
 		Message:      acceptedPrefix + id,
+	}
+}
+
+// report schedules the reports that follow the bounce-async@ and complaint@
+// recipients of an accepted transaction, when there is a listener to send
+// them to and a reverse-path to send them to: mail from the null sender
+// gets none (RFC 5321 section 4.5.5).
+func (s *session) report(id string, header []byte) {
+	if s.srv.cfg.ReportAddr == "" || s.from == "" {
+		return
+	}
+	r := pendingReport{from: s.from, queueID: id, arrived: time.Now(), header: append([]byte(nil), header...)}
+	for i, k := range s.kinds {
+		switch k {
+		case behaviourBounceAsync:
+			r.bounced = append(r.bounced, s.rcpts[i])
+		case behaviourComplaint:
+			r.complained = append(r.complained, s.rcpts[i])
+		}
+	}
+	if len(r.bounced) > 0 || len(r.complained) > 0 {
+		s.srv.scheduleReport(r)
 	}
 }
 

@@ -1,11 +1,13 @@
 // Package app assembles one Posthaste process: database (configured or
 // embedded), migrations, the gRPC API with its REST gateway, the delivery
-// dispatcher, the webhook fan-out and sender, the retention janitor and, in
-// sandbox mode, the in-process SMTP server that stands in for every MX.
+// dispatcher, the bounce listener, the webhook fan-out and sender, the
+// retention janitor and, in sandbox mode, the in-process SMTP server that
+// stands in for every MX.
 package app
 
 import (
 	"context"
+	"crypto/rand"
 	"errors"
 	"fmt"
 	"io"
@@ -14,6 +16,7 @@ import (
 	"net/http"
 	"regexp"
 	"runtime"
+	"strings"
 	"sync"
 	"time"
 
@@ -23,6 +26,7 @@ import (
 
 	"github.com/posthaste/posthaste/db"
 	"github.com/posthaste/posthaste/delivery"
+	"github.com/posthaste/posthaste/delivery/bounce"
 	"github.com/posthaste/posthaste/delivery/sandbox"
 	"github.com/posthaste/posthaste/delivery/webhook"
 	"github.com/posthaste/posthaste/internal/netguard"
@@ -73,8 +77,29 @@ type Config struct {
 	// defaults.
 	Retention retention.Config
 	// SandboxServer configures the sandbox SMTP server. Defaults to
-	// sandbox.Config's defaults.
+	// sandbox.Config's defaults; its ReportAddr is set to the bounce
+	// listener's address.
 	SandboxServer sandbox.Config
+	// BounceDomain is the domain of the envelope senders: each SMTP
+	// transaction is sent from a VERP address at it (see delivery/bounce),
+	// and the bounce listener receives what comes back. Defaults to "": the
+	// message's own envelope sender is used, bounces and complaints go to
+	// that mailbox, and no listener runs. In sandbox mode it defaults to
+	// SandboxBounceDomain, whose reports the sandbox sends straight to the
+	// local listener.
+	BounceDomain string
+	// BounceSecrets are the VERP secrets: the first signs new addresses,
+	// every one verifies (keep an old secret for a week after replacing it:
+	// bounces arrive for days). Each must be at least 16 bytes. Required
+	// with BounceDomain; in sandbox mode, when none is given, one is
+	// generated at each start, so addresses of an earlier run no longer
+	// verify. Defaults to none.
+	BounceSecrets []string
+	// BounceListener configures the bounce listener; Start sets its VERP
+	// and Handler. Its Addr defaults to ":2525", and in sandbox mode
+	// without BounceDomain to a free port on 127.0.0.1, since only the
+	// sandbox sends to it.
+	BounceListener bounce.Config
 	// ShutdownTimeout is how long a graceful stop lets API calls and SMTP
 	// sessions in flight finish; it becomes the dispatcher's
 	// ShutdownTimeout unless Delivery sets one. Stopping the embedded
@@ -138,6 +163,11 @@ type Config struct {
 	// Defaults to 15m.
 	GRPCIdleTimeout time.Duration
 }
+
+// SandboxBounceDomain is the bounce domain in sandbox mode when none is
+// configured. .invalid (RFC 2606) cannot exist in DNS, so nothing sent
+// from it can reach a real server.
+const SandboxBounceDomain = "bounces.sandbox.invalid"
 
 // Defaults for Config.
 const (
@@ -271,6 +301,9 @@ func (cfg Config) validate() error {
 			return &FieldError{Field: n.field, Problem: fmt.Sprintf("must be at least 1, got %d", n.v)}
 		}
 	}
+	if err := cfg.validateBounce(); err != nil {
+		return err
+	}
 	if err := cfg.Service.Validate(); err != nil {
 		return fieldError("Service", err)
 	}
@@ -284,6 +317,56 @@ func (cfg Config) validate() error {
 		return fieldError("Retention", err)
 	}
 	return nil
+}
+
+// bounceDomain is the bounce domain in use: BounceDomain, or in sandbox
+// mode SandboxBounceDomain; "" when there is none.
+func (cfg Config) bounceDomain() string {
+	if cfg.BounceDomain == "" && cfg.Sandbox {
+		return SandboxBounceDomain
+	}
+	return cfg.BounceDomain
+}
+
+// validateBounce checks the bounce settings the way Start uses them.
+func (cfg Config) validateBounce() error {
+	domain := cfg.bounceDomain()
+	if domain == "" {
+		if len(cfg.BounceSecrets) > 0 {
+			return &FieldError{Field: "BounceSecrets", Problem: "set without a bounce domain (BounceDomain), which they would sign for"}
+		}
+		return nil
+	}
+	if len(cfg.BounceSecrets) == 0 && !cfg.Sandbox {
+		return &FieldError{Field: "BounceSecrets", Problem: "required with BounceDomain: at least one secret of 16 bytes or more"}
+	}
+	if _, err := bounce.NewVERP(domain, "", verpSecrets(cfg.BounceSecrets, []byte("0123456789abcdef"))); err != nil {
+		field := "BounceSecrets"
+		if strings.HasPrefix(err.Error(), "verp domain") {
+			field = "BounceDomain"
+		}
+		_, problem, _ := strings.Cut(err.Error(), ": ")
+		return &FieldError{Field: field, Problem: problem}
+	}
+	if addr := cfg.BounceListener.Addr; addr != "" {
+		if _, _, err := net.SplitHostPort(addr); err != nil {
+			return &FieldError{Field: "BounceListener.Addr", Problem: fmt.Sprintf("%q is not host:port", addr)}
+		}
+	}
+	return nil
+}
+
+// verpSecrets converts the configured secrets, or uses generated when there
+// are none.
+func verpSecrets(configured []string, generated []byte) [][]byte {
+	if len(configured) == 0 {
+		return [][]byte{generated}
+	}
+	out := make([][]byte, len(configured))
+	for i, s := range configured {
+		out[i] = []byte(s)
+	}
+	return out
 }
 
 // deliveryConfig is the dispatcher's configuration as Start builds it,
@@ -334,6 +417,7 @@ type App struct {
 	events     *service.EventHub
 	api        *service.Server
 	sandbox    *sandbox.Server
+	bounces    *bounce.Listener
 	dispatcher *delivery.Dispatcher
 	fanOut     *webhook.FanOut
 	sender     *webhook.Sender
@@ -431,8 +515,14 @@ func (a *App) Start(ctx context.Context) (err error) {
 	if deliveryCfg.Logger == nil {
 		deliveryCfg.Logger = a.log.With("component", "delivery")
 	}
+	if err := a.startBounceListener(runCtx, &deliveryCfg); err != nil {
+		return err
+	}
 	if a.cfg.Sandbox {
 		sbCfg := a.cfg.SandboxServer
+		if a.bounces != nil && sbCfg.ReportAddr == "" {
+			sbCfg.ReportAddr = dialable(a.bounces.Addr())
+		}
 		if sbCfg.Logger == nil {
 			sbCfg.Logger = a.log.With("component", "sandbox")
 		}
@@ -540,6 +630,67 @@ func (a *App) Start(ctx context.Context) (err error) {
 
 	a.log.Info("posthaste started", "http", a.HTTPAddr(), "grpc", a.GRPCAddr(), "embedded_database", a.database.Embedded())
 	return nil
+}
+
+// startBounceListener starts the bounce listener when there is a bounce
+// domain, and has the dispatcher send from VERP addresses at it. It runs
+// before the sandbox, which sends its reports to the listener, and before
+// the dispatcher, so no mail goes out from an address nobody listens at.
+func (a *App) startBounceListener(ctx context.Context, deliveryCfg *delivery.Config) error {
+	domain := a.cfg.bounceDomain()
+	if domain == "" {
+		return nil
+	}
+	var generated []byte
+	if len(a.cfg.BounceSecrets) == 0 {
+		generated = make([]byte, 32)
+		_, _ = rand.Read(generated) // crypto/rand.Read never fails; it crashes the program instead
+		a.log.Warn("bounce: no --bounce-secret given, generated one for this run; VERP addresses of earlier runs no longer verify")
+	}
+	verp, err := bounce.NewVERP(domain, "", verpSecrets(a.cfg.BounceSecrets, generated))
+	if err != nil {
+		return fmt.Errorf("bounce: %w", err)
+	}
+	lcfg := a.cfg.BounceListener
+	lcfg.VERP = verp
+	lcfg.Handler = delivery.NewReportHandler(a.store, a.log.With("component", "bounce"))
+	if lcfg.Addr == "" {
+		lcfg.Addr = ":2525"
+		if a.cfg.BounceDomain == "" {
+			lcfg.Addr = "127.0.0.1:0"
+		}
+	}
+	if lcfg.Logger == nil {
+		lcfg.Logger = a.log.With("component", "bounce")
+	}
+	a.bounces = bounce.New(lcfg)
+	if err := a.bounces.Start(ctx); err != nil {
+		return err // "bounce listener: ..."
+	}
+	deliveryCfg.VERP = verp
+	return nil
+}
+
+// dialable turns a listener's address into one to connect to: an
+// unspecified host (":2525" listens on every address) becomes loopback.
+func dialable(addr string) string {
+	host, port, err := net.SplitHostPort(addr)
+	if err != nil {
+		return addr
+	}
+	if ip := net.ParseIP(host); host == "" || ip != nil && ip.IsUnspecified() {
+		return net.JoinHostPort("127.0.0.1", port)
+	}
+	return addr
+}
+
+// BounceAddr is the address the bounce listener listens on, "" when it
+// does not run.
+func (a *App) BounceAddr() string {
+	if a.bounces == nil {
+		return ""
+	}
+	return a.bounces.Addr()
 }
 
 // HTTPAddr is the address the REST API listens on.
@@ -668,6 +819,12 @@ func (a *App) stop(ctx context.Context) error {
 	a.wg.Wait()
 	if a.sandbox != nil {
 		a.sandbox.Stop()
+	}
+	// After the sandbox, whose reports it receives, and before the store
+	// its handler writes to. A report cut off here gets no reply, and its
+	// sender tries again later.
+	if a.bounces != nil {
+		a.bounces.Stop()
 	}
 	if a.store != nil {
 		a.store.Close()

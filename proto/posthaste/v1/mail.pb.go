@@ -1894,14 +1894,17 @@ type Event struct {
 	// What happened. About the message: accepted (stored), scheduled (waits
 	// for send_at). About one recipient, the status it moved to: deferred,
 	// delivered, bounced, failed, canceled. About one recipient, what was
-	// learnt of it: suppressed (not sent: the address is suppressed),
-	// complained (reported as spam), delayed (a delivery status notification
-	// said the message is delayed on the way), auto_replied (an automatic
-	// answer such as a vacation notice).
+	// learnt of it: suppressed (its address was put on the project's
+	// suppression list by its hard bounce or complaint, or it was not sent
+	// because the address is on it), complained (reported as spam), delayed
+	// (a delivery status notification said the message is delayed on the
+	// way), auto_replied (an automatic answer such as a vacation notice).
 	Type string `protobuf:"bytes,2,opt,name=type,proto3" json:"type,omitempty"`
 	// The message the event is about.
 	MessageId string `protobuf:"bytes,3,opt,name=message_id,json=messageId,proto3" json:"message_id,omitempty"`
-	// The recipient the event is about; empty for accepted and scheduled.
+	// The recipient the event is about; empty for accepted and scheduled,
+	// and for a complained, delayed or auto_replied event whose report named
+	// none of the message's recipients.
 	RecipientId string `protobuf:"bytes,4,opt,name=recipient_id,json=recipientId,proto3" json:"recipient_id,omitempty"`
 	// When the event was written.
 	CreatedAt *timestamppb.Timestamp `protobuf:"bytes,5,opt,name=created_at,json=createdAt,proto3" json:"created_at,omitempty"`
@@ -1928,11 +1931,14 @@ type Event struct {
 	MxHost string `protobuf:"bytes,12,opt,name=mx_host,json=mxHost,proto3" json:"mx_host,omitempty"`
 	// deferred: when the recipient is due again.
 	NextAttemptAt *timestamppb.Timestamp `protobuf:"bytes,13,opt,name=next_attempt_at,json=nextAttemptAt,proto3" json:"next_attempt_at,omitempty"`
-	// bounced: the kind of refusal, e.g. mailbox, policy, spam.
+	// bounced, suppressed, and deferred after a 5yz taken as temporary: the
+	// kind of refusal: recipient, mailbox_full, mailbox_disabled, domain,
+	// policy, rate_limit, content, tls, dns, network or unclassified.
 	Class string `protobuf:"bytes,14,opt,name=class,proto3" json:"class,omitempty"`
-	// bounced: the refusal is for good (a hard bounce).
+	// bounced, suppressed: the refusal is for good (a hard bounce).
 	Permanent bool `protobuf:"varint,15,opt,name=permanent,proto3" json:"permanent,omitempty"`
-	// suppressed: why the address is suppressed.
+	// suppressed: why the address is suppressed (hard_bounce, complaint,
+	// manual); complained: the feedback report's Feedback-Type (abuse, ...).
 	Reason string `protobuf:"bytes,16,opt,name=reason,proto3" json:"reason,omitempty"`
 	// bounced, delayed, when learnt from a delivery status notification
 	// (RFC 3464): its Action field (failed, delayed, ...).
