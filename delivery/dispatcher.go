@@ -1,12 +1,15 @@
 package delivery
 
 import (
+	"bytes"
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
 	"log/slog"
 	"net"
 	"runtime/debug"
+	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -351,6 +354,15 @@ func groupJobs(claimed []db.ClaimedRecipient, contents map[uuid.UUID]db.MessageC
 		msg    uuid.UUID
 		domain string
 	}
+	// RCPT commands go in the order the caller gave the recipients, whatever
+	// order the claim's plan returned the rows in.
+	claimed = slices.Clone(claimed)
+	slices.SortStableFunc(claimed, func(a, b db.ClaimedRecipient) int {
+		if c := bytes.Compare(a.MessageID[:], b.MessageID[:]); c != 0 {
+			return c
+		}
+		return cmp.Compare(a.Position, b.Position)
+	})
 	open := make(map[key]*job)
 	for _, r := range claimed {
 		msg, ok := contents[r.MessageID]

@@ -3,16 +3,19 @@ package delivery
 import (
 	"context"
 	"errors"
+	"fmt"
 	"log/slog"
 	"net"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
 	"time"
 
 	"github.com/emersion/go-smtp"
+	"github.com/google/uuid"
 	"github.com/jackc/pgx/v5"
 
 	"github.com/posthaste/posthaste/db"
@@ -481,5 +484,30 @@ func TestLeaseWatch(t *testing.T) {
 	l.release("recording")
 	if l.count() != 0 {
 		t.Fatalf("%d owners held after every release", l.count())
+	}
+}
+
+// A job's recipients go out in the order the caller gave them, whatever
+// order the claim returned them in.
+func TestGroupJobsKeepsRecipientOrder(t *testing.T) {
+	t.Parallel()
+	msg := uuid.New()
+	var claimed []db.ClaimedRecipient
+	for _, pos := range []int{3, 1, 2, 0} {
+		claimed = append(claimed, db.ClaimedRecipient{ID: uuid.New(), MessageID: msg, Domain: "example.test",
+			Position: pos, Address: fmt.Sprintf("r%d@example.test", pos)})
+	}
+	jobs, missing := groupJobs(claimed, map[uuid.UUID]db.MessageContent{msg: {ID: msg}}, "owner", 3)
+	if len(missing) != 0 || len(jobs) != 2 {
+		t.Fatalf("jobs %d, missing %d; want 2 jobs", len(jobs), len(missing))
+	}
+	var got []int
+	for _, j := range jobs {
+		for _, r := range j.rcpts {
+			got = append(got, r.Position)
+		}
+	}
+	if !slices.Equal(got, []int{0, 1, 2, 3}) {
+		t.Errorf("positions in send order = %v, want 0 1 2 3", got)
 	}
 }
