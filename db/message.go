@@ -370,9 +370,9 @@ func (a *Attempt) scanFields() []any {
 // The listing query is put together from these fragments; only the filters
 // in use are added, so every combination gets a plan that can use its index.
 const (
-	listMessagesSelect  = `SELECT ` + messageColumns + `, ` + recipientRecords + ` FROM messages m`
-	listFilterProject   = `m.project_id = @project_id`
-	listFilterStatus    = `m.status = ANY(@statuses::text[])`
+	listMessagesSelect = `SELECT ` + messageColumns + `, ` + recipientRecords + ` FROM messages m`
+	listFilterProject  = `m.project_id = @project_id`
+	listFilterStatus   = `m.status = ANY(@statuses::text[])`
 	// lower(address) is what the expression index of migration 00015 holds;
 	// addresses are ASCII (A-label domains, ASCII local parts), so lower()
 	// is the same under every collation.
