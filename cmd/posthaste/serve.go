@@ -54,6 +54,8 @@ func runServe(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	logf.register(fs)
 	fs.StringVar(&cfg.HTTPAddr, "http-addr", ":8080", "REST API listen address")
 	fs.StringVar(&cfg.GRPCAddr, "grpc-addr", ":9090", "gRPC API listen address")
+	fs.StringVar(&cfg.TLSCertFile, "tls-cert-file", "", "PEM certificate (chain) for TLS on the REST and gRPC listeners; needs --tls-key-file")
+	fs.StringVar(&cfg.TLSKeyFile, "tls-key-file", "", "PEM private key of --tls-cert-file")
 	fs.BoolVar(&cfg.Sandbox, "sandbox", false, "deliver every message to an in-process SMTP server whose replies depend on the recipient (see README)")
 	fs.StringVar(&cfg.BootstrapAPIKey, "bootstrap-api-key", "", "API key to store when the database has none (otherwise one is generated and printed once)")
 	fs.DurationVar(&cfg.ShutdownTimeout, "shutdown-timeout", 30*time.Second, "how long API calls and SMTP sessions in flight may take to finish when stopping")
@@ -167,6 +169,8 @@ func runServe(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 // typed rather than a Go field.
 var configFlags = map[string]string{
 	"BootstrapAPIKey":                "bootstrap-api-key",
+	"TLSCertFile":                    "tls-cert-file",
+	"TLSKeyFile":                     "tls-key-file",
 	"ShutdownTimeout":                "shutdown-timeout",
 	"DatabaseWait":                   "database-wait",
 	"DatabaseMaxConns":               "database-max-conns",
