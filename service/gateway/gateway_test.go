@@ -748,7 +748,9 @@ func TestConcurrentIdempotencyOverREST(t *testing.T) {
 	wg.Wait()
 	// One caller stored the message, the others replay its receipt.
 	firsts := 0
-	norm := func(b []byte) []byte { return bytes.Replace(b, []byte(`"replayed":true`), []byte(`"replayed":false`), 1) }
+	norm := func(b []byte) []byte {
+		return bytes.Replace(b, []byte(`"replayed":true`), []byte(`"replayed":false`), 1)
+	}
 	for i, r := range resps {
 		if r.code != http.StatusAccepted {
 			t.Errorf("caller %d: HTTP %d %s", i, r.code, r.body)
