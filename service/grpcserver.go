@@ -104,9 +104,9 @@ func (ic interceptors) logCall(ctx context.Context, method string, start time.Ti
 	}
 	attrs := []slog.Attr{
 		slog.String("method", method),
-		slog.String("request_id", RequestIDFrom(ctx)),
 		slog.String("code", code.String()),
 		slog.Duration("duration", time.Since(start)),
+		slog.String("request_id", RequestIDFrom(ctx)),
 	}
 	if p, ok := principalFrom(ctx); ok {
 		attrs = append(attrs, slog.String("api_key_id", p.keyID.String()), slog.String("project_id", p.projectID.String()))
