@@ -23,8 +23,11 @@ tools:
 	GOBIN=$(BIN) GOPROXY=$(TOOLS_GOPROXY) go install github.com/grpc-ecosystem/grpc-gateway/v2/protoc-gen-grpc-gateway@$(GRPC_GATEWAY_VERSION)
 	GOBIN=$(BIN) GOPROXY=$(TOOLS_GOPROXY) go install github.com/grpc-ecosystem/grpc-gateway/v2/protoc-gen-openapiv2@$(GRPC_GATEWAY_VERSION)
 
+# The OpenAPI 3 document is converted from the version 2 one that buf
+# writes, by our own program (internal/openapiconv), and validated on the way.
 generate: tools
 	$(BIN)/buf generate
+	go run ./cmd/openapiconv -in proto/posthaste/v1/mail.swagger.json -out proto/posthaste/v1/mail.openapi3.json
 
 lint: tools
 	$(BIN)/buf lint

@@ -44,6 +44,10 @@ import (
 // ErrNotFound is returned when the requested row does not exist.
 var ErrNotFound = errors.New("not found")
 
+// ErrNothingToCancel is returned by CancelMessage when every recipient of the
+// message is already final, so canceling would change nothing.
+var ErrNothingToCancel = errors.New("nothing to cancel")
+
 // ErrIdempotencyConflict is returned when an idempotency key that is still
 // live is used again for a request with a different hash.
 var ErrIdempotencyConflict = errors.New("idempotency key reused with a different request")

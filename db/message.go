@@ -169,12 +169,12 @@ type Cursor struct {
 type ListMessagesParams struct {
 	// ProjectID is the project whose messages are listed. Required.
 	ProjectID uuid.UUID
-	// Status is a message status.
-	Status string
-	// Recipient is an envelope address, matched exactly.
+	// Statuses keeps messages in one of these statuses.
+	Statuses []string
+	// Recipient is an envelope address, matched without regard to case.
 	Recipient string
-	// Tag must be one of the message's tags.
-	Tag string
+	// Tags keeps messages carrying at least one of these tags.
+	Tags []string
 	// CreatedAfter keeps messages created at or after it.
 	CreatedAfter *time.Time
 	// CreatedBefore keeps messages created before it.
@@ -375,13 +375,17 @@ func (a *Attempt) scanFields() []any {
 // The listing query is put together from these fragments; only the filters
 // in use are added, so every combination gets a plan that can use its index.
 const (
-	listMessagesSelect  = `SELECT ` + messageColumns + `, ` + recipientRecords + ` FROM messages m`
-	listFilterProject   = `m.project_id = @project_id`
-	listFilterStatus    = `m.status = @status`
-	listFilterRecipient = `m.id IN (SELECT r.message_id FROM recipients r WHERE r.address = @recipient)`
-	// The second clause lets the planner use the partial tag index
-	// (migration 00007); it never changes the result.
-	listFilterTag         = `m.tags @> ARRAY[@tag::text] AND m.tags <> '{}'`
+	listMessagesSelect = `SELECT ` + messageColumns + `, ` + recipientRecords + ` FROM messages m`
+	listFilterProject  = `m.project_id = @project_id`
+	listFilterStatus   = `m.status = ANY(@statuses::text[])`
+	// lower(address) is what the expression index of migration 00015 holds;
+	// addresses are ASCII (A-label domains, ASCII local parts), so lower()
+	// is the same under every collation.
+	listFilterRecipient = `m.id IN (SELECT r.message_id FROM recipients r WHERE lower(r.address) = lower(@recipient))`
+	// Overlap (&&) keeps messages with any of the tags, and the GIN index
+	// serves it. The second clause lets the planner use the partial tag
+	// index (migration 00007); it never changes the result.
+	listFilterTag         = `m.tags && @tags::text[] AND m.tags <> '{}'`
 	listFilterAfterTime   = `m.created_at >= @created_after`
 	listFilterBeforeTime  = `m.created_at < @created_before`
 	listFilterCursor      = `(m.created_at, m.id) < (@cursor_created_at::timestamptz, @cursor_id::uuid)`
@@ -420,17 +424,17 @@ func listMessagesQuery(p ListMessagesParams) (string, pgx.NamedArgs) {
 	// The project comes first: every listing index leads with it.
 	args := pgx.NamedArgs{"limit": limit, "project_id": p.ProjectID}
 	where := []string{listFilterProject}
-	if p.Status != "" {
+	if len(p.Statuses) > 0 {
 		where = append(where, listFilterStatus)
-		args["status"] = p.Status
+		args["statuses"] = p.Statuses
 	}
 	if p.Recipient != "" {
 		where = append(where, listFilterRecipient)
 		args["recipient"] = p.Recipient
 	}
-	if p.Tag != "" {
+	if len(p.Tags) > 0 {
 		where = append(where, listFilterTag)
-		args["tag"] = p.Tag
+		args["tags"] = p.Tags
 	}
 	if p.CreatedAfter != nil {
 		where = append(where, listFilterAfterTime)
@@ -491,8 +495,9 @@ SELECT 1`
 // (scheduled, queued, deferred), each with a "canceled" event. Recipients
 // being sent get a cancel request instead: if their attempt ends delivered or
 // bounced that stands, anything else becomes canceled. It returns the message
-// as it is afterwards, or ErrNotFound (also when the message is another
-// project's, which is left untouched).
+// as it is afterwards, ErrNothingToCancel when every recipient was already
+// final (nothing is changed), or ErrNotFound (also when the message is
+// another project's, which is left untouched).
 func (d *DB) CancelMessage(ctx context.Context, projectID, id uuid.UUID) (Message, error) {
 	canceled, err := encodePayload(EventPayload{})
 	if err != nil {
@@ -502,10 +507,13 @@ func (d *DB) CancelMessage(ctx context.Context, projectID, id uuid.UUID) (Messag
 	b.Queue(lockCancelableSQL, id, projectID)
 	b.Queue(cancelRecipientsSQL, id, projectID, canceled)
 	err = d.sendChange(ctx, b, projectMessagesWithIDs(projectID, []uuid.UUID{id}), func(br pgx.BatchResults) error {
-		for range 2 {
-			if _, err := br.Exec(); err != nil {
-				return err
-			}
+		// The rows locked are the recipients not yet final.
+		locked, err := br.Exec()
+		if err != nil {
+			return err
+		}
+		if _, err := br.Exec(); err != nil {
+			return err
 		}
 		// The message lock finds the message, or there is none.
 		tag, err := br.Exec()
@@ -514,6 +522,11 @@ func (d *DB) CancelMessage(ctx context.Context, projectID, id uuid.UUID) (Messag
 		}
 		if tag.RowsAffected() == 0 {
 			return ErrNotFound
+		}
+		if locked.RowsAffected() == 0 {
+			// Nothing was updated either, and the batch's transaction
+			// commits no change.
+			return ErrNothingToCancel
 		}
 		return nil
 	})

@@ -401,12 +401,13 @@ func TestCancelQueuedMessage(t *testing.T) {
 		t.Errorf("events = %v", got)
 	}
 
-	// Canceling again changes nothing, not even updated_at.
+	// Canceling again says there is nothing to cancel and changes nothing,
+	// not even updated_at.
 	before := get(t, b.db, m.ID)
-	after, err := b.db.CancelMessage(ctx, db.DefaultProjectID(), m.ID)
-	if err != nil {
-		t.Fatal(err)
+	if _, err := b.db.CancelMessage(ctx, db.DefaultProjectID(), m.ID); !errors.Is(err, db.ErrNothingToCancel) {
+		t.Fatalf("second cancel: err = %v, want ErrNothingToCancel", err)
 	}
+	after := get(t, b.db, m.ID)
 	if !after.UpdatedAt.Equal(before.UpdatedAt) || len(eventTypes(t, b.raw, m.ID)) != 3 {
 		t.Errorf("second cancel changed the message: %v -> %v", before.UpdatedAt, after.UpdatedAt)
 	}
@@ -527,18 +528,23 @@ func TestListMessagesFilters(t *testing.T) {
 		want []uuid.UUID
 	}{
 		{"all, newest first", db.ListMessagesParams{}, []uuid.UUID{m3.ID, m2.ID, m1.ID, m0.ID}},
-		{"status", db.ListMessagesParams{Status: db.StatusCanceled}, []uuid.UUID{m2.ID}},
-		{"status queued", db.ListMessagesParams{Status: db.StatusQueued}, []uuid.UUID{m3.ID, m1.ID, m0.ID}},
+		{"status", db.ListMessagesParams{Statuses: []string{db.StatusCanceled}}, []uuid.UUID{m2.ID}},
+		{"status queued", db.ListMessagesParams{Statuses: []string{db.StatusQueued}}, []uuid.UUID{m3.ID, m1.ID, m0.ID}},
 		{"recipient", db.ListMessagesParams{Recipient: "special@x.example.test"}, []uuid.UUID{m2.ID, m1.ID}},
 		{"unknown recipient", db.ListMessagesParams{Recipient: "nobody@x.example.test"}, nil},
-		{"tag a", db.ListMessagesParams{Tag: "a"}, []uuid.UUID{m3.ID, m0.ID}},
-		{"tag b", db.ListMessagesParams{Tag: "b"}, []uuid.UUID{m1.ID, m0.ID}},
+		{"tag a", db.ListMessagesParams{Tags: []string{"a"}}, []uuid.UUID{m3.ID, m0.ID}},
+		{"tag b", db.ListMessagesParams{Tags: []string{"b"}}, []uuid.UUID{m1.ID, m0.ID}},
 		{"created after is inclusive", db.ListMessagesParams{CreatedAfter: at(10)}, []uuid.UUID{m3.ID, m2.ID, m1.ID}},
 		{"created before is exclusive", db.ListMessagesParams{CreatedBefore: at(20)}, []uuid.UUID{m1.ID, m0.ID}},
 		{"time range", db.ListMessagesParams{CreatedAfter: at(5), CreatedBefore: at(25)}, []uuid.UUID{m2.ID, m1.ID}},
-		{"combined", db.ListMessagesParams{Tag: "b", Recipient: "special@x.example.test", Status: db.StatusQueued},
+		{"combined", db.ListMessagesParams{Tags: []string{"b"}, Recipient: "special@x.example.test", Statuses: []string{db.StatusQueued}},
 			[]uuid.UUID{m1.ID}},
 		{"limit", db.ListMessagesParams{Limit: 2}, []uuid.UUID{m3.ID, m2.ID}},
+		{"recipient in another case", db.ListMessagesParams{Recipient: "SPECIAL@X.Example.test"}, []uuid.UUID{m2.ID, m1.ID}},
+		{"several statuses", db.ListMessagesParams{Statuses: []string{db.StatusCanceled, db.StatusBounced, db.StatusQueued}},
+			[]uuid.UUID{m3.ID, m2.ID, m1.ID, m0.ID}},
+		{"several tags: any of them", db.ListMessagesParams{Tags: []string{"b", "nope"}}, []uuid.UUID{m1.ID, m0.ID}},
+		{"tags a or b", db.ListMessagesParams{Tags: []string{"a", "b"}}, []uuid.UUID{m3.ID, m1.ID, m0.ID}},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {

@@ -319,22 +319,3 @@ func (l *SessionLock) Release(ctx context.Context) error {
 	}
 	return nil
 }
-
-const getMessageRawSQL = `SELECT raw, raw_purged_at FROM messages WHERE id = $1 AND project_id = $2`
-
-// GetMessageRaw returns the raw body of a message of a project, ErrNotFound
-// when there is no such message, or ErrRawPurged when retention emptied it.
-func (d *DB) GetMessageRaw(ctx context.Context, projectID, id uuid.UUID) ([]byte, error) {
-	var (
-		raw    []byte
-		purged *time.Time
-	)
-	err := d.pool.QueryRow(ctx, getMessageRawSQL, id, projectOrDefault(projectID)).Scan(&raw, &purged)
-	if err != nil {
-		return nil, fmt.Errorf("get message %s raw: %w", id, mapError(err))
-	}
-	if purged != nil {
-		return nil, fmt.Errorf("get message %s raw: %w", id, ErrRawPurged)
-	}
-	return raw, nil
-}

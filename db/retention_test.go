@@ -161,8 +161,8 @@ func TestPurgeMessageBodies(t *testing.T) {
 			t.Errorf("message %s (%s) was purged", id, m.Status)
 		}
 		raw, err := b.db.GetMessageRaw(ctx, db.DefaultProjectID(), id)
-		if err != nil || len(raw) == 0 {
-			t.Errorf("GetMessageRaw(%s) = %d bytes, %v", id, len(raw), err)
+		if err != nil || len(raw.Raw) == 0 {
+			t.Errorf("GetMessageRaw(%s) = %d bytes, %v", id, len(raw.Raw), err)
 		}
 	}
 

@@ -133,9 +133,10 @@ func (s *Server) itemError(ctx context.Context, field string, err error) (*posth
 	}
 	st := status.Convert(toStatus(ctx, s.log, err))
 	e := &posthastev1.Error{
-		Code:    int32(itemHTTPStatus(st)),
-		Status:  statusName(st),
-		Message: st.Message(),
+		Code:      int32(itemHTTPStatus(st)),
+		Status:    statusName(st),
+		Message:   st.Message(),
+		RequestId: RequestIDFrom(ctx),
 	}
 	if tooLarge != nil {
 		e.Message = field + ": " + e.Message

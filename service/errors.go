@@ -22,16 +22,53 @@ import (
 // service attaches to errors.
 const ErrorDomain = "posthaste"
 
-// ReasonMessageTooLarge is the google.rpc.ErrorInfo reason of the
-// ResourceExhausted error returned for a message over Config.MaxMessageBytes.
-// It tells a too-large message (which retrying cannot fix; HTTP 413) apart
-// from other exhausted resources.
-const ReasonMessageTooLarge = "MESSAGE_TOO_LARGE"
-
-// ReasonOverloaded is the google.rpc.ErrorInfo reason of the Unavailable
-// error returned when the intake's queue is full. Its RetryInfo says when to
-// try again; REST sends it as Retry-After.
-const ReasonOverloaded = "OVERLOADED"
+// The google.rpc.ErrorInfo reasons of the errors this service returns.
+// Every error a call can get carries one, so that a program branches on the
+// reason rather than on the wording of a message or on a status code that
+// several causes share. REST sends it as the error body's reason. Reasons
+// are stable: new ones may be added, existing ones keep their meaning.
+const (
+	// ReasonFieldInvalid is InvalidArgument for request fields that fail
+	// validation; google.rpc.BadRequest names every one.
+	ReasonFieldInvalid = "FIELD_INVALID"
+	// ReasonMessageTooLarge is the ResourceExhausted error returned for a
+	// message over Config.MaxMessageBytes. It tells a too-large message
+	// (which retrying cannot fix; HTTP 413) apart from other exhausted
+	// resources.
+	ReasonMessageTooLarge = "MESSAGE_TOO_LARGE"
+	// ReasonUnauthenticated is a missing, malformed, unknown or revoked API
+	// key.
+	ReasonUnauthenticated = "UNAUTHENTICATED"
+	// ReasonMissingScope is PermissionDenied: the key lacks the scope the
+	// call needs, named in the metadata under "scope".
+	ReasonMissingScope = "MISSING_SCOPE"
+	// ReasonNotFound is NotFound: no such resource in the caller's project.
+	// The metadata's "resource" says which kind.
+	ReasonNotFound = "NOT_FOUND"
+	// ReasonIdempotencyConflict is AlreadyExists: the idempotency key was
+	// used with a different request.
+	ReasonIdempotencyConflict = "IDEMPOTENCY_CONFLICT"
+	// ReasonNothingToCancel is FailedPrecondition from CancelMessage when
+	// every recipient is already final.
+	ReasonNothingToCancel = "NOTHING_TO_CANCEL"
+	// ReasonRawPurged is FailedPrecondition from GetMessageRaw when
+	// retention has emptied the message's body.
+	ReasonRawPurged = "RAW_PURGED"
+	// ReasonOverloaded is the Unavailable error returned when the intake's
+	// queue is full. Its RetryInfo says when to try again; REST sends it as
+	// Retry-After.
+	ReasonOverloaded = "OVERLOADED"
+	// ReasonDatabaseUnavailable is Unavailable: the database cannot be
+	// reached. Retrying later, with the same idempotency key, is safe.
+	ReasonDatabaseUnavailable = "DATABASE_UNAVAILABLE"
+	// ReasonCanceled is Canceled: the caller went away.
+	ReasonCanceled = "CANCELED"
+	// ReasonDeadlineExceeded is DeadlineExceeded: the caller's deadline
+	// passed before the call finished.
+	ReasonDeadlineExceeded = "DEADLINE_EXCEEDED"
+	// ReasonInternal is Internal: a bug; the server's log has the cause.
+	ReasonInternal = "INTERNAL"
+)
 
 // overloadRetryDelay is the pause suggested to a caller refused for
 // overload: long enough for a full queue to be committed several times over.
@@ -136,46 +173,69 @@ func toStatus(ctx context.Context, logger *slog.Logger, err error) error {
 				Description: v.description,
 			})
 		}
-		return withDetails(ctx, logger, st, br)
+		return withDetails(ctx, logger, st, errorInfo(ReasonFieldInvalid, nil), br)
 	case errors.As(err, &tooLarge):
 		st := status.New(codes.ResourceExhausted, tooLarge.Error())
-		return withDetails(ctx, logger, st, &errdetails.ErrorInfo{
-			Reason: ReasonMessageTooLarge,
-			Domain: ErrorDomain,
-			Metadata: map[string]string{
-				"size":  strconv.FormatInt(tooLarge.size, 10),
-				"limit": strconv.FormatInt(tooLarge.limit, 10),
-			},
-		})
+		return withDetails(ctx, logger, st, errorInfo(ReasonMessageTooLarge, map[string]string{
+			"size":  strconv.FormatInt(tooLarge.size, 10),
+			"limit": strconv.FormatInt(tooLarge.limit, 10),
+		}))
 	case errors.As(err, &unauth):
-		return status.Error(codes.Unauthenticated, unauth.reason)
+		return withReason(ctx, logger, codes.Unauthenticated, unauth.reason, ReasonUnauthenticated, nil)
 	case errors.As(err, &denied):
-		return status.Error(codes.PermissionDenied, denied.Error())
+		return withReason(ctx, logger, codes.PermissionDenied, denied.Error(), ReasonMissingScope,
+			map[string]string{"scope": denied.scope})
 	case errors.As(err, &notFound):
-		return status.Error(codes.NotFound, notFound.Error())
+		return withReason(ctx, logger, codes.NotFound, notFound.Error(), ReasonNotFound,
+			map[string]string{"resource": notFound.what})
 	case errors.Is(err, db.ErrNotFound):
-		return status.Error(codes.NotFound, "message not found")
+		return withReason(ctx, logger, codes.NotFound, "message not found", ReasonNotFound,
+			map[string]string{"resource": "message"})
+	case errors.Is(err, db.ErrNothingToCancel):
+		return withReason(ctx, logger, codes.FailedPrecondition,
+			"nothing to cancel: every recipient is already delivered, bounced, failed or canceled",
+			ReasonNothingToCancel, nil)
+	case errors.Is(err, db.ErrRawPurged):
+		return withReason(ctx, logger, codes.FailedPrecondition,
+			"the message's body was removed by retention (--retain-bodies)", ReasonRawPurged, nil)
 	case errors.Is(err, db.ErrIdempotencyConflict):
-		return status.Error(codes.AlreadyExists,
-			"idempotency key was already used with a different request; use a new key for a new request")
+		return withReason(ctx, logger, codes.AlreadyExists,
+			"idempotency key was already used with a different request; use a new key for a new request",
+			ReasonIdempotencyConflict, nil)
 	case errors.Is(err, db.ErrOverloaded):
 		// Retrying after a pause is what helps, and RetryInfo says how long
 		// (the gateway turns it into Retry-After).
 		st := status.New(codes.Unavailable, "too many messages waiting to be stored, retry later")
 		return withDetails(ctx, logger, st,
-			&errdetails.ErrorInfo{Reason: ReasonOverloaded, Domain: ErrorDomain},
+			errorInfo(ReasonOverloaded, nil),
 			&errdetails.RetryInfo{RetryDelay: durationpb.New(overloadRetryDelay)})
 	case errors.Is(err, db.ErrUnavailable):
-		logger.WarnContext(ctx, "database unavailable", "method", methodName(ctx), "error", err)
-		return status.Error(codes.Unavailable, "service temporarily unavailable, retry later")
+		logger.WarnContext(ctx, "database unavailable", "method", methodName(ctx), "request_id", RequestIDFrom(ctx), "error", err)
+		return withReason(ctx, logger, codes.Unavailable, "service temporarily unavailable, retry later",
+			ReasonDatabaseUnavailable, nil)
 	case errors.Is(err, context.Canceled):
-		return status.Error(codes.Canceled, "request canceled")
+		return withReason(ctx, logger, codes.Canceled, "request canceled", ReasonCanceled, nil)
 	case errors.Is(err, context.DeadlineExceeded):
-		return status.Error(codes.DeadlineExceeded, "deadline exceeded")
+		return withReason(ctx, logger, codes.DeadlineExceeded, "deadline exceeded", ReasonDeadlineExceeded, nil)
 	default:
-		logger.ErrorContext(ctx, "internal error", "method", methodName(ctx), "error", err)
-		return status.Error(codes.Internal, "internal error")
+		logger.ErrorContext(ctx, "internal error", "method", methodName(ctx), "request_id", RequestIDFrom(ctx), "error", err)
+		return internalError(ctx, logger)
 	}
+}
+
+// internalError is the one answer to a bug: generic text, the cause only
+// in the log.
+func internalError(ctx context.Context, logger *slog.Logger) error {
+	return withReason(ctx, logger, codes.Internal, "internal error", ReasonInternal, nil)
+}
+
+func errorInfo(reason string, md map[string]string) *errdetails.ErrorInfo {
+	return &errdetails.ErrorInfo{Reason: reason, Domain: ErrorDomain, Metadata: md}
+}
+
+// withReason is a status of code with msg and an ErrorInfo of reason.
+func withReason(ctx context.Context, logger *slog.Logger, code codes.Code, msg, reason string, md map[string]string) error {
+	return withDetails(ctx, logger, status.New(code, msg), errorInfo(reason, md))
 }
 
 func withDetails(ctx context.Context, logger *slog.Logger, st *status.Status, d ...protoadapt.MessageV1) error {

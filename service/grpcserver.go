@@ -62,8 +62,8 @@ func NewGRPCServer(srv *Server, store *db.DB, logger *slog.Logger, opts ...grpc.
 	ic := interceptors{logger: logger, auth: authenticator{keys: keys}}
 	gs := grpc.NewServer(append([]grpc.ServerOption{
 		grpc.MaxRecvMsgSize(int(2 * srv.cfg.MaxMessageBytes)),
-		grpc.ChainUnaryInterceptor(ic.logUnary, ic.recoverUnary, ic.authUnary),
-		grpc.ChainStreamInterceptor(ic.logStream, ic.recoverStream, ic.authStream),
+		grpc.ChainUnaryInterceptor(ic.requestIDUnary, ic.logUnary, ic.recoverUnary, ic.authUnary),
+		grpc.ChainStreamInterceptor(ic.requestIDStream, ic.logStream, ic.recoverStream, ic.authStream),
 	}, opts...)...)
 	posthastev1.RegisterMailServiceServer(gs, srv)
 	h := newDBHealth(store.Ping, logger)
@@ -106,6 +106,7 @@ func (ic interceptors) logCall(ctx context.Context, method string, start time.Ti
 		slog.String("method", method),
 		slog.String("code", code.String()),
 		slog.Duration("duration", time.Since(start)),
+		slog.String("request_id", RequestIDFrom(ctx)),
 	}
 	if p, ok := principalFrom(ctx); ok {
 		attrs = append(attrs, slog.String("api_key_id", p.keyID.String()), slog.String("project_id", p.projectID.String()))
@@ -139,9 +140,9 @@ func (ic interceptors) recoverStream(srv any, ss grpc.ServerStream, info *grpc.S
 // panicked turns a recovered panic into an Internal error; a bug in one
 // handler must not take the whole process down with it.
 func (ic interceptors) panicked(ctx context.Context, method string, r any) error {
-	ic.logger.ErrorContext(ctx, "panic in grpc handler", "method", method,
+	ic.logger.ErrorContext(ctx, "panic in grpc handler", "method", method, "request_id", RequestIDFrom(ctx),
 		"panic", fmt.Sprint(r), "stack", string(debug.Stack()))
-	return status.Error(codes.Internal, "internal error")
+	return internalError(ctx, ic.logger)
 }
 
 func (ic interceptors) authUnary(ctx context.Context, req any, info *grpc.UnaryServerInfo, handler grpc.UnaryHandler) (any, error) {
@@ -166,7 +167,8 @@ func (ic interceptors) authStream(srv any, ss grpc.ServerStream, info *grpc.Stre
 	return handler(srv, &authedStream{ServerStream: ss, ctx: authed})
 }
 
-// authedStream hands the authenticated context to a stream handler.
+// authedStream hands a stream handler a context with more in it: the
+// caller, the request id.
 type authedStream struct {
 	grpc.ServerStream
 	ctx context.Context

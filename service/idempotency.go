@@ -76,11 +76,13 @@ func requestHash(req idempotentRequest) ([]byte, error) {
 	return h.Sum(nil), nil
 }
 
-// replayedResponse decodes the receipt stored by the first call.
+// replayedResponse decodes the receipt stored by the first call, marked as
+// a replay so the caller can tell that nothing new was stored.
 func replayedResponse(stored []byte) (*posthastev1.SendMessageResponse, error) {
 	var resp posthastev1.SendMessageResponse
 	if err := proto.Unmarshal(stored, &resp); err != nil {
 		return nil, fmt.Errorf("decode stored idempotent response: %w", err)
 	}
+	resp.Replayed = true
 	return &resp, nil
 }

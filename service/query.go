@@ -5,6 +5,7 @@ import (
 	"encoding/base64"
 	"encoding/binary"
 	"fmt"
+	"slices"
 	"time"
 
 	"github.com/google/uuid"
@@ -85,6 +86,38 @@ func (s *Server) cancelMessage(ctx context.Context, rawID string) (*posthastev1.
 	return messageToProto(m), nil
 }
 
+// GetMessageRaw returns a message of the caller's project as it is sent:
+// its envelope and its bytes. It needs the read scope, like GetMessage: it
+// shows nothing the caller did not send.
+func (s *Server) GetMessageRaw(ctx context.Context, req *posthastev1.GetMessageRawRequest) (*posthastev1.GetMessageRawResponse, error) {
+	resp, err := s.getMessageRaw(ctx, req.GetId())
+	if err != nil {
+		return nil, toStatus(ctx, s.log, err)
+	}
+	return resp, nil
+}
+
+func (s *Server) getMessageRaw(ctx context.Context, rawID string) (*posthastev1.GetMessageRawResponse, error) {
+	caller, err := requireScope(ctx, db.ScopeRead)
+	if err != nil {
+		return nil, err
+	}
+	id, err := parseID(rawID)
+	if err != nil {
+		return nil, err
+	}
+	m, err := s.store.GetMessageRaw(ctx, caller.projectID, id)
+	if err != nil {
+		return nil, fmt.Errorf("get raw message %s: %w", id, err)
+	}
+	return &posthastev1.GetMessageRawResponse{
+		Id:           m.ID.String(),
+		EnvelopeFrom: m.EnvelopeFrom,
+		Recipients:   m.Recipients,
+		Raw:          m.Raw,
+	}, nil
+}
+
 // ListMessages returns a page of messages, newest first.
 func (s *Server) ListMessages(ctx context.Context, req *posthastev1.ListMessagesRequest) (*posthastev1.ListMessagesResponse, error) {
 	resp, err := s.listMessages(ctx, req)
@@ -101,18 +134,20 @@ func (s *Server) listMessages(ctx context.Context, req *posthastev1.ListMessages
 	}
 	var v violations
 	p := db.ListMessagesParams{ProjectID: caller.projectID, Limit: defaultPageSize}
+	// A page size over the maximum is taken as the maximum (AIP-158): the
+	// caller asked for "as many as you give", and paging works either way.
 	switch n := req.GetPageSize(); {
-	case n < 0 || n > maxPageSize:
-		v.add("page_size", "must be between 1 and %d", maxPageSize)
+	case n < 0:
+		v.add("page_size", "must not be negative")
 	case n > 0:
-		p.Limit = int(n)
+		p.Limit = int(min(n, maxPageSize))
 	}
+	// The singular fields came first and still work; they add to the
+	// repeated ones.
 	if st := req.GetStatus(); st != "" {
-		if !messageStatuses[st] {
-			v.add("status", "must be one of scheduled, queued, sending, deferred, delivered, bounced, failed, canceled, partially_delivered")
-		}
-		p.Status = st
+		p.Statuses = listStatuses(&v, "status", []string{st}, p.Statuses)
 	}
+	p.Statuses = listStatuses(&v, "statuses", req.GetStatuses(), p.Statuses)
 	if r := req.GetRecipient(); r != "" {
 		// Stored addresses are in envelope form; compare like with like.
 		if addr, _, ok := v.mailbox("recipient", r); ok {
@@ -120,9 +155,9 @@ func (s *Server) listMessages(ctx context.Context, req *posthastev1.ListMessages
 		}
 	}
 	if t := req.GetTag(); t != "" {
-		v.line("tag", t, maxTagLen)
-		p.Tag = t
+		p.Tags = listTags(&v, "tag", []string{t}, p.Tags)
 	}
+	p.Tags = listTags(&v, "tags", req.GetTags(), p.Tags)
 	p.CreatedAfter = optionalTime(&v, "created_after", req.GetCreatedAfter())
 	p.CreatedBefore = optionalTime(&v, "created_before", req.GetCreatedBefore())
 	if tok := req.GetPageToken(); tok != "" {
@@ -154,6 +189,46 @@ func (s *Server) listMessages(ctx context.Context, req *posthastev1.ListMessages
 		resp.Messages = append(resp.Messages, messageToProto(m))
 	}
 	return resp, nil
+}
+
+// listStatuses checks the statuses of a filter and adds them to into,
+// each once.
+func listStatuses(v *violations, field string, in, into []string) []string {
+	for i, st := range in {
+		if !messageStatuses[st] {
+			f := field
+			if field != "status" {
+				f = fmt.Sprintf("%s[%d]", field, i)
+			}
+			v.add(f, "must be one of scheduled, queued, sending, deferred, delivered, bounced, failed, canceled, partially_delivered")
+			continue
+		}
+		if !slices.Contains(into, st) {
+			into = append(into, st)
+		}
+	}
+	return into
+}
+
+// listTags checks the tags of a filter and adds them to into, each once.
+func listTags(v *violations, field string, in, into []string) []string {
+	for i, t := range in {
+		f := field
+		if field != "tag" {
+			f = fmt.Sprintf("%s[%d]", field, i)
+		}
+		if t == "" {
+			v.add(f, "must not be empty")
+			continue
+		}
+		if v.line(f, t, maxTagLen) && !slices.Contains(into, t) {
+			into = append(into, t)
+		}
+	}
+	if len(into) > maxTags {
+		v.add(field, "at most %d tags can be filtered on, got %d", maxTags, len(into))
+	}
+	return into
 }
 
 func optionalTime(v *violations, field string, ts *timestamppb.Timestamp) *time.Time {

@@ -382,6 +382,11 @@ func TestIdempotency(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	// The first receipt, marked as a replay.
+	if first.GetReplayed() || !second.GetReplayed() {
+		t.Errorf("replayed: first %v, replay %v; want false, true", first.GetReplayed(), second.GetReplayed())
+	}
+	second.Replayed = false
 	if !proto.Equal(first, second) {
 		t.Errorf("replay answered %v, first call %v", second, first)
 	}
@@ -616,7 +621,7 @@ func TestGetListCancel(t *testing.T) {
 			return err
 		}, codes.NotFound, ""},
 		{"page size", func() error {
-			_, err := e.client.ListMessages(ctx, &posthastev1.ListMessagesRequest{PageSize: 101})
+			_, err := e.client.ListMessages(ctx, &posthastev1.ListMessagesRequest{PageSize: -1})
 			return err
 		}, codes.InvalidArgument, "page_size"},
 		{"status", func() error {
@@ -676,8 +681,20 @@ func TestIdempotencyConcurrent(t *testing.T) {
 	if t.Failed() {
 		t.FailNow()
 	}
+	// One caller stored the message; the others replay its receipt.
+	firsts := 0
+	for _, r := range resps {
+		if !r.GetReplayed() {
+			firsts++
+		}
+	}
+	if firsts != 1 {
+		t.Errorf("%d callers were answered as the first, want 1", firsts)
+	}
 	for i, r := range resps[1:] {
-		if !proto.Equal(r, resps[0]) {
+		a, b := proto.Clone(r).(*posthastev1.SendMessageResponse), proto.Clone(resps[0]).(*posthastev1.SendMessageResponse)
+		a.Replayed, b.Replayed = false, false
+		if !proto.Equal(a, b) {
 			t.Errorf("caller %d got %v, caller 0 got %v", i+1, r, resps[0])
 		}
 	}

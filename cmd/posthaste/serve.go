@@ -56,6 +56,8 @@ func runServe(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	logf.register(fs)
 	fs.StringVar(&cfg.HTTPAddr, "http-addr", ":8080", "REST API listen address")
 	fs.StringVar(&cfg.GRPCAddr, "grpc-addr", ":9090", "gRPC API listen address")
+	fs.StringVar(&cfg.TLSCertFile, "tls-cert-file", "", "PEM certificate (chain) for TLS on the REST and gRPC listeners; needs --tls-key-file")
+	fs.StringVar(&cfg.TLSKeyFile, "tls-key-file", "", "PEM private key of --tls-cert-file")
 	fs.BoolVar(&cfg.Sandbox, "sandbox", false, "deliver every message to an in-process SMTP server whose replies depend on the recipient (see README)")
 	fs.StringVar(&cfg.BounceDomain, "bounce-domain", "", "send every message from a VERP address at this domain and receive its bounces, complaints and automatic replies with the bounce listener (its MX must point there); empty sends from the message's own envelope sender, and bounces go to that mailbox (sandbox mode: "+app.SandboxBounceDomain+")")
 	fs.Var(&secrets, "bounce-secret", "secret that signs VERP addresses, at least 16 bytes; repeatable or comma-separated: the first signs, all verify (rotation); required with --bounce-domain (sandbox mode generates one per run)")
@@ -184,6 +186,8 @@ var configFlags = map[string]string{
 	"BounceDomain":                   "bounce-domain",
 	"BounceSecrets":                  "bounce-secret",
 	"BounceListener.Addr":            "bounce-addr",
+	"TLSCertFile":                    "tls-cert-file",
+	"TLSKeyFile":                     "tls-key-file",
 	"ShutdownTimeout":                "shutdown-timeout",
 	"DatabaseWait":                   "database-wait",
 	"DatabaseMaxConns":               "database-max-conns",

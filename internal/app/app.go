@@ -8,6 +8,7 @@ package app
 import (
 	"context"
 	"crypto/rand"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"io"
@@ -42,6 +43,12 @@ type Config struct {
 	HTTPAddr string
 	// GRPCAddr is where the gRPC API listens. Defaults to ":9090".
 	GRPCAddr string
+	// TLSCertFile and TLSKeyFile, both or neither, name a PEM certificate
+	// (chain) and its key. With them the REST and gRPC listeners serve TLS
+	// only; the files are read once at Start. Defaults to "": plain TCP,
+	// for a deployment that terminates TLS in front of the process.
+	TLSCertFile string
+	TLSKeyFile  string
 	// DatabaseURL is the PostgreSQL connection string. Defaults to an
 	// embedded PostgreSQL in DataDir.
 	DatabaseURL string
@@ -285,6 +292,13 @@ func (cfg Config) validate() error {
 	if cfg.HTTPWriteTimeout <= cfg.HTTPReadTimeout {
 		return &FieldError{Field: "HTTPWriteTimeout", Problem: fmt.Sprintf("must be longer than the read timeout (%s), which it includes", cfg.HTTPReadTimeout)}
 	}
+	if (cfg.TLSCertFile == "") != (cfg.TLSKeyFile == "") {
+		field := "TLSKeyFile"
+		if cfg.TLSCertFile == "" {
+			field = "TLSCertFile"
+		}
+		return &FieldError{Field: field, Problem: "must be set together with the other of TLSCertFile and TLSKeyFile"}
+	}
 	if cfg.HTTPReadHeaderTimeout > cfg.HTTPReadTimeout {
 		return &FieldError{Field: "HTTPReadHeaderTimeout", Problem: fmt.Sprintf("must not be longer than the read timeout (%s), which it is part of", cfg.HTTPReadTimeout)}
 	}
@@ -458,6 +472,13 @@ func (a *App) Start(ctx context.Context) (err error) {
 	runCtx, cancel := context.WithCancel(context.WithoutCancel(ctx))
 	a.cancel = cancel
 
+	// First: a certificate that cannot be used stops the process before it
+	// starts a database, prints a key or stores anything.
+	tlsCfg, err := a.tlsConfig()
+	if err != nil {
+		return err
+	}
+
 	a.database, err = OpenDatabase(ctx, a.cfg.DatabaseURL, a.cfg.DataDir, a.log)
 	if err != nil {
 		return err
@@ -579,6 +600,14 @@ func (a *App) Start(ctx context.Context) (err error) {
 		return fmt.Errorf("listen grpc on %s: %w", a.cfg.GRPCAddr, err)
 	}
 	a.grpcLis = netutil.LimitListener(lis, a.cfg.GRPCMaxConnections)
+	if tlsCfg != nil {
+		// TLS on the listener rather than as the server's credentials: the
+		// server also serves the gateway's in-memory listener, which stays
+		// plain. gRPC clients insist on ALPN h2 (RFC 7540 section 3.3).
+		grpcTLS := tlsCfg.Clone()
+		grpcTLS.NextProtos = []string{"h2"}
+		a.grpcLis = tls.NewListener(a.grpcLis, grpcTLS)
+	}
 	// The gateway reaches the server in memory, on a listener of its own
 	// outside the connection cap: clients holding every gRPC slot must not
 	// lock REST out of the server it forwards to. Its calls still pass
@@ -619,16 +648,25 @@ func (a *App) Start(ctx context.Context) (err error) {
 		ReadHeaderTimeout: a.cfg.HTTPReadHeaderTimeout,
 		IdleTimeout:       a.cfg.HTTPIdleTimeout,
 		ErrorLog:          slog.NewLogLogger(a.log.With("component", "http").Handler(), slog.LevelWarn),
+		TLSConfig:         tlsCfg,
 	}
 	a.wg.Add(1)
 	go func() {
 		defer a.wg.Done()
-		if err := a.httpServer.Serve(a.httpLis); err != nil && !errors.Is(err, http.ErrServerClosed) {
+		var err error
+		if tlsCfg != nil {
+			// The certificate is in TLSConfig; ServeTLS adds HTTP/2 by ALPN.
+			err = a.httpServer.ServeTLS(a.httpLis, "", "")
+		} else {
+			err = a.httpServer.Serve(a.httpLis)
+		}
+		if err != nil && !errors.Is(err, http.ErrServerClosed) {
 			a.log.Error("http server stopped", "err", err)
 		}
 	}()
 
-	a.log.Info("posthaste started", "http", a.HTTPAddr(), "grpc", a.GRPCAddr(), "embedded_database", a.database.Embedded())
+	a.log.Info("posthaste started", "http", a.HTTPAddr(), "grpc", a.GRPCAddr(), "tls", tlsCfg != nil,
+		"embedded_database", a.database.Embedded())
 	return nil
 }
 
@@ -691,6 +729,18 @@ func (a *App) BounceAddr() string {
 		return ""
 	}
 	return a.bounces.Addr()
+}
+
+// tlsConfig loads the configured certificate, nil when none is configured.
+func (a *App) tlsConfig() (*tls.Config, error) {
+	if a.cfg.TLSCertFile == "" {
+		return nil, nil
+	}
+	cert, err := tls.LoadX509KeyPair(a.cfg.TLSCertFile, a.cfg.TLSKeyFile)
+	if err != nil {
+		return nil, fmt.Errorf("load tls certificate %s and key %s: %w", a.cfg.TLSCertFile, a.cfg.TLSKeyFile, err)
+	}
+	return &tls.Config{Certificates: []tls.Certificate{cert}, MinVersion: tls.VersionTLS12}, nil
 }
 
 // HTTPAddr is the address the REST API listens on.

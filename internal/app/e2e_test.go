@@ -366,7 +366,7 @@ func TestScheduledAndCanceled(t *testing.T) {
 	_, got := b.do(t, http.MethodGet, "/v1/messages/"+canceled, nil)
 	rec := got["recipients"].([]any)[0].(map[string]any)
 	canceledAttempts, _ := got["attempts"].([]any)
-	if got["status"] != "canceled" || rec["attempt_count"] != nil || len(canceledAttempts) != 0 {
+	if got["status"] != "canceled" || rec["attempt_count"] != 0.0 || len(canceledAttempts) != 0 {
 		t.Errorf("canceled message was touched: %v", got)
 	}
 	for _, m := range b.smtp.Messages() {

@@ -148,7 +148,7 @@ func TestWebhookPrivateURLRefusedOverREST(t *testing.T) {
 	if code != http.StatusBadRequest || len(fv) != 1 || fv[0].(map[string]any)["field"] != "url" {
 		t.Errorf("create with a loopback URL: %d %v", code, body)
 	}
-	if code, list := b.do(t, http.MethodGet, "/v1/webhooks", nil); code != http.StatusOK || len(list) != 0 {
+	if code, list := b.do(t, http.MethodGet, "/v1/webhooks", nil); code != http.StatusOK || len(list["webhooks"].([]any)) != 0 {
 		t.Errorf("list after the refusal: %d %v", code, list)
 	}
 }

@@ -18,11 +18,15 @@ import (
 
 // errorBody is the one shape of every REST error:
 //
-//	{"error":{"code":400,"status":"INVALID_ARGUMENT","message":"...",
-//	  "field_violations":[{"field":"subject","description":"..."}]}}
+//	{"error":{"code":400,"status":"INVALID_ARGUMENT","reason":"FIELD_INVALID",
+//	  "message":"...","field_violations":[{"field":"subject","description":"..."}],
+//	  "request_id":"..."}}
 //
 // code is the HTTP status, status the gRPC code name, reason the
-// google.rpc.ErrorInfo reason when there is one (e.g. MESSAGE_TOO_LARGE).
+// google.rpc.ErrorInfo reason, or one the gateway names itself for what it
+// refuses on its own (see fallbackReason); it is always set. Every field is
+// always present, field_violations as [] when there are none, as in every
+// other answer.
 type errorBody struct {
 	Error errorDetail `json:"error"`
 }
@@ -31,8 +35,9 @@ type errorDetail struct {
 	Code            int              `json:"code"`
 	Status          string           `json:"status"`
 	Message         string           `json:"message"`
-	Reason          string           `json:"reason,omitempty"`
-	FieldViolations []fieldViolation `json:"field_violations,omitempty"`
+	Reason          string           `json:"reason"`
+	FieldViolations []fieldViolation `json:"field_violations"`
+	RequestID       string           `json:"request_id"`
 	// RetryAfter, when positive, is sent as the Retry-After header, in
 	// seconds (RFC 9110 section 10.2.3), from the status's RetryInfo.
 	RetryAfter int `json:"-"`
@@ -109,11 +114,64 @@ func statusName(c codes.Code) string {
 // httpStatus maps a gRPC status to HTTP. It follows grpc-gateway's table
 // except that a too-large message is 413 (retrying cannot help), while
 // other exhausted resources stay 429 (retrying later can).
+//
+// NOTHING_TO_CANCEL is 409 rather than the table's 400: the request is
+// fine, the message's state conflicts with it (RFC 9110 section 15.5.10).
+// RAW_PURGED is 410: the body existed and is gone for good (section
+// 15.5.11).
 func httpStatus(st *status.Status) int {
-	if st.Code() == codes.ResourceExhausted && reasonOf(st) == service.ReasonMessageTooLarge {
+	switch reason := reasonOf(st); {
+	case st.Code() == codes.ResourceExhausted && reason == service.ReasonMessageTooLarge:
 		return http.StatusRequestEntityTooLarge
+	case st.Code() == codes.FailedPrecondition && reason == service.ReasonNothingToCancel:
+		return http.StatusConflict
+	case st.Code() == codes.FailedPrecondition && reason == service.ReasonRawPurged:
+		return http.StatusGone
 	}
 	return runtime.HTTPStatusFromCode(st.Code())
+}
+
+// Reasons of errors the gateway answers without the gRPC server, which
+// therefore carry no ErrorInfo of their own.
+const (
+	reasonMalformedRequest     = "MALFORMED_REQUEST"
+	reasonRequestTooLarge      = "REQUEST_TOO_LARGE"
+	reasonRequestTimeout       = "REQUEST_TIMEOUT"
+	reasonUnsupportedMediaType = "UNSUPPORTED_MEDIA_TYPE"
+	reasonRouteNotFound        = "ROUTE_NOT_FOUND"
+	reasonMethodNotAllowed     = "METHOD_NOT_ALLOWED"
+	reasonServiceUnavailable   = "SERVICE_UNAVAILABLE"
+)
+
+// fallbackReason names the cause of an error that came without a reason:
+// one the gateway found itself (a body or query it cannot parse, a route
+// that does not exist), or a status from the gRPC server without an
+// ErrorInfo. Reasons never depend on the wording of the message.
+func fallbackReason(d errorDetail) string {
+	switch d.Code {
+	case http.StatusBadRequest:
+		if len(d.FieldViolations) > 0 {
+			return service.ReasonFieldInvalid
+		}
+		return reasonMalformedRequest
+	case http.StatusUnauthorized:
+		return service.ReasonUnauthenticated
+	case http.StatusNotFound:
+		return reasonRouteNotFound
+	case http.StatusMethodNotAllowed:
+		return reasonMethodNotAllowed
+	case http.StatusRequestTimeout:
+		return reasonRequestTimeout
+	case http.StatusRequestEntityTooLarge:
+		return reasonRequestTooLarge
+	case http.StatusUnsupportedMediaType:
+		return reasonUnsupportedMediaType
+	case http.StatusInternalServerError:
+		return service.ReasonInternal
+	case http.StatusServiceUnavailable:
+		return reasonServiceUnavailable
+	}
+	return d.Status
 }
 
 func reasonOf(st *status.Status) string {
@@ -168,7 +226,7 @@ func (g *gateway) handleError(ctx context.Context, _ *runtime.ServeMux, _ runtim
 	if st.Code() == codes.Unavailable && d.Reason == "" && ctx.Err() == nil {
 		// The connection to our own server failed; its text names internal
 		// addresses.
-		g.log.WarnContext(ctx, "grpc backend unavailable", "error", st.Message())
+		g.log.WarnContext(ctx, "grpc backend unavailable", "request_id", r.Header.Get(requestIDHeader), "error", st.Message())
 		d.Message = "service temporarily unavailable, retry later"
 	}
 	g.writeError(w, r, d)
@@ -195,6 +253,13 @@ func (g *gateway) handleRoutingError(_ context.Context, _ *runtime.ServeMux, _ r
 
 func (g *gateway) writeError(w http.ResponseWriter, r *http.Request, d errorDetail) {
 	h := w.Header()
+	if d.Reason == "" {
+		d.Reason = fallbackReason(d)
+	}
+	if d.FieldViolations == nil {
+		d.FieldViolations = []fieldViolation{}
+	}
+	d.RequestID = h.Get(requestIDHeader)
 	h.Del("Trailer")
 	h.Del("Transfer-Encoding")
 	h.Set("Content-Type", "application/json")

@@ -2,7 +2,7 @@
 // reverse proxy that calls the in-process gRPC server over an in-memory
 // connection (PipeListener), so REST requests pass the same authentication, logging and
 // validation as gRPC ones. It also owns the REST error shape, /healthz and
-// /openapi.json.
+// the OpenAPI documents.
 package gateway
 
 import (
@@ -12,6 +12,7 @@ import (
 	"net"
 	"net/http"
 	"net/textproto"
+	"net/url"
 
 	"github.com/grpc-ecosystem/grpc-gateway/v2/runtime"
 	"google.golang.org/grpc"
@@ -71,6 +72,9 @@ func WithMaxBodyBytes(n int64) Option {
 // forwarding it again would send the key twice.
 var forwardedHeaders = map[string]string{
 	"Idempotency-Key": "idempotency-key",
+	// Set by assignRequestID to a sane value on every request, so the gRPC
+	// server logs the call under the id the REST client sees.
+	requestIDHeader: service.RequestIDMetadataKey,
 }
 
 // New returns an HTTP handler serving the REST mapping of the MailService
@@ -110,13 +114,22 @@ func New(ctx context.Context, grpcAddr string, logger *slog.Logger, opts ...Opti
 		return nil, nil, fmt.Errorf("gateway: connect to grpc server %s: %w", grpcAddr, err)
 	}
 
-	g := &gateway{log: logger, maxBodyBytes: o.maxBodyBytes, authCheck: o.authCheck, openAPI: posthastev1.OpenAPI()}
+	g := &gateway{log: logger, maxBodyBytes: o.maxBodyBytes, authCheck: o.authCheck,
+		openAPI: posthastev1.OpenAPI(), openAPIv3: posthastev1.OpenAPIv3()}
 	marshaler := &jsonMarshaler{JSONPb: runtime.JSONPb{
-		MarshalOptions:   protojson.MarshalOptions{UseProtoNames: true, EmitUnpopulated: false},
+		// EmitDefaultValues writes empty lists as [], empty maps as {}, and
+		// zero numbers, strings and false as such, so a client finds every
+		// field of an answer whatever its value ({"messages":[]}, not {}).
+		// Unlike EmitUnpopulated it leaves out fields that have presence
+		// and are unset (timestamps such as delivered_at, messages such as
+		// last_reply, the oneof of a batch result), rather than writing null:
+		// absent means "not set", never "set to nothing".
+		MarshalOptions:   protojson.MarshalOptions{UseProtoNames: true, EmitDefaultValues: true},
 		UnmarshalOptions: protojson.UnmarshalOptions{DiscardUnknown: false},
 	}}
 	mux := runtime.NewServeMux(
 		runtime.WithMarshalerOption(runtime.MIMEWildcard, marshaler),
+		runtime.WithMarshalerOption(mimeRFC822, rfc822Marshaler{marshaler}),
 		runtime.WithIncomingHeaderMatcher(matchIncomingHeader),
 		// Response headers come from our own server; none are meant for
 		// HTTP clients.
@@ -138,14 +151,17 @@ func New(ctx context.Context, grpcAddr string, logger *slog.Logger, opts ...Opti
 		conn.Close()
 		return nil, nil, fmt.Errorf("gateway: register /healthz: %w", err)
 	}
-	if err := mux.HandlePath(http.MethodGet, "/openapi.json", g.serveOpenAPI); err != nil {
-		conn.Close()
-		return nil, nil, fmt.Errorf("gateway: register /openapi.json: %w", err)
+	for path, doc := range map[string][]byte{"/openapi.json": g.openAPI, "/openapi.v3.json": g.openAPIv3} {
+		if err := mux.HandlePath(http.MethodGet, path, serveDocument(doc)); err != nil {
+			conn.Close()
+			return nil, nil, fmt.Errorf("gateway: register %s: %w", path, err)
+		}
 	}
-	// Outermost first: recover from anything below; refuse callers without
-	// a key, then bodies that are not JSON, before a byte of the body is
-	// read; bound the body as it is read.
-	h := g.recoverPanics(g.requireAuth(g.requireJSON(g.limitBody(mux))))
+	// Outermost first: give the request its id, so that every answer,
+	// even to a panic, carries it; recover from anything below; refuse
+	// callers without a key, then bodies that are not JSON, before a byte
+	// of the body is read; bound the body as it is read.
+	h := assignRequestID(g.recoverPanics(g.requireAuth(g.requireJSON(preferRFC822(g.limitBody(mux))))))
 	return h, conn.Close, nil
 }
 
@@ -154,6 +170,7 @@ type gateway struct {
 	maxBodyBytes int64
 	authCheck    AuthCheck
 	openAPI      []byte // served as /openapi.json; never changed
+	openAPIv3    []byte // served as /openapi.v3.json; never changed
 }
 
 func matchIncomingHeader(key string) (string, bool) {
@@ -163,15 +180,24 @@ func matchIncomingHeader(key string) (string, bool) {
 
 // setSuccessStatus answers 202 Accepted to the send methods: the message is
 // committed for delivery, not delivered. Both return a SendMessageResponse
-// and nothing else does.
+// and nothing else does. The answer says where the message's status is
+// (Location, RFC 9110 section 10.2.2) and, for an idempotent replay, that
+// nothing new was stored (Idempotent-Replayed, as the IETF's
+// Idempotency-Key draft and several payment APIs name it).
 func setSuccessStatus(_ context.Context, w http.ResponseWriter, resp proto.Message) error {
-	if _, ok := resp.(*posthastev1.SendMessageResponse); ok {
+	if r, ok := resp.(*posthastev1.SendMessageResponse); ok {
+		w.Header().Set("Location", "/v1/messages/"+url.PathEscape(r.GetId()))
+		if r.GetReplayed() {
+			w.Header().Set("Idempotent-Replayed", "true")
+		}
 		w.WriteHeader(http.StatusAccepted)
 	}
 	return nil
 }
 
-func (g *gateway) serveOpenAPI(w http.ResponseWriter, _ *http.Request, _ map[string]string) {
-	w.Header().Set("Content-Type", "application/json")
-	_, _ = w.Write(g.openAPI)
+func serveDocument(doc []byte) runtime.HandlerFunc {
+	return func(w http.ResponseWriter, _ *http.Request, _ map[string]string) {
+		w.Header().Set("Content-Type", "application/json")
+		_, _ = w.Write(doc)
+	}
 }

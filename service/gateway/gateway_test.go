@@ -173,6 +173,7 @@ type restError struct {
 			Field       string `json:"field"`
 			Description string `json:"description"`
 		} `json:"field_violations"`
+		RequestID string `json:"request_id"`
 	} `json:"error"`
 }
 
@@ -187,7 +188,9 @@ func decodeError(t *testing.T, r response) restError {
 	if err := dec.Decode(&e); err != nil {
 		t.Fatalf("error body %s: %v", r.body, err)
 	}
-	if e.Error.Code != r.code || e.Error.Status == "" || e.Error.Message == "" {
+	// Every error names its reason and the request it answers.
+	if e.Error.Code != r.code || e.Error.Status == "" || e.Error.Message == "" || e.Error.Reason == "" ||
+		e.Error.RequestID == "" || e.Error.RequestID != r.header.Get("X-Request-Id") {
 		t.Errorf("error body %s for HTTP %d", r.body, r.code)
 	}
 	return e
@@ -469,8 +472,13 @@ func TestIdempotencyOverREST(t *testing.T) {
 	if first.code != http.StatusAccepted || second.code != http.StatusAccepted {
 		t.Fatalf("HTTP %d, %d: %s %s", first.code, second.code, first.body, second.body)
 	}
-	if !bytes.Equal(first.body, second.body) {
+	// The replay is the first answer, marked as a replay.
+	if want := bytes.Replace(first.body, []byte(`"replayed":false`), []byte(`"replayed":true`), 1); !bytes.Equal(second.body, want) {
 		t.Errorf("replay answered %s, first call %s", second.body, first.body)
+	}
+	if first.header.Get("Idempotent-Replayed") != "" || second.header.Get("Idempotent-Replayed") != "true" {
+		t.Errorf("Idempotent-Replayed: first %q, replay %q; want none, then true",
+			first.header.Get("Idempotent-Replayed"), second.header.Get("Idempotent-Replayed"))
 	}
 	if m, _ := e.counts(t); m != 1 {
 		t.Errorf("stored %d messages, want 1", m)
@@ -738,12 +746,25 @@ func TestConcurrentIdempotencyOverREST(t *testing.T) {
 		})
 	}
 	wg.Wait()
+	// One caller stored the message, the others replay its receipt.
+	firsts := 0
+	norm := func(b []byte) []byte {
+		return bytes.Replace(b, []byte(`"replayed":true`), []byte(`"replayed":false`), 1)
+	}
 	for i, r := range resps {
 		if r.code != http.StatusAccepted {
 			t.Errorf("caller %d: HTTP %d %s", i, r.code, r.body)
-		} else if !bytes.Equal(r.body, resps[0].body) {
+			continue
+		}
+		if !bytes.Equal(norm(r.body), norm(resps[0].body)) {
 			t.Errorf("caller %d got %s, caller 0 got %s", i, r.body, resps[0].body)
 		}
+		if r.header.Get("Idempotent-Replayed") == "" {
+			firsts++
+		}
+	}
+	if firsts != 1 {
+		t.Errorf("%d callers were answered as the first, want 1", firsts)
 	}
 	if m, r := e.counts(t); m != 1 || r != 1 {
 		t.Errorf("stored %d messages, %d recipients; want 1, 1", m, r)

@@ -10,13 +10,39 @@ import (
 
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
+
+	"github.com/posthaste/posthaste/service"
 )
 
 // publicPaths are served without an API key: probes and tooling must work
 // without one.
 var publicPaths = map[string]bool{
-	"/healthz":      true,
-	"/openapi.json": true,
+	"/healthz":         true,
+	"/openapi.json":    true,
+	"/openapi.v3.json": true,
+}
+
+// requestIDHeader carries a request's id in both directions.
+const requestIDHeader = "X-Request-Id"
+
+// assignRequestID gives every request an id: the client's X-Request-Id when
+// it is sane (service.ValidRequestID), else a new one. The id is sent back
+// on the response, forwarded to the gRPC server, which logs the call under
+// it, and written into error bodies, so one id ties together what a client
+// saw and what the server logged.
+func assignRequestID(next http.Handler) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		values := r.Header.Values(requestIDHeader)
+		id := ""
+		if len(values) == 1 && service.ValidRequestID(values[0]) {
+			id = values[0]
+		} else {
+			id = service.NewRequestID()
+		}
+		r.Header.Set(requestIDHeader, id)
+		w.Header().Set(requestIDHeader, id)
+		next.ServeHTTP(w, r)
+	})
 }
 
 // recoverPanics answers 500 in the usual error shape when anything below it
@@ -37,6 +63,7 @@ func (g *gateway) recoverPanics(next http.Handler) http.Handler {
 				panic(p)
 			}
 			g.log.ErrorContext(r.Context(), "panic in http handler", "method", r.Method, "path", r.URL.Path,
+				"request_id", r.Header.Get(requestIDHeader),
 				"panic", fmt.Sprint(p), "stack", string(debug.Stack()))
 			if rw.wroteHeader {
 				// Part of a response is out; the client must not take it for a

@@ -53,9 +53,11 @@ func TestProjectIsolationOverREST(t *testing.T) {
 	for _, tc := range []struct{ method, path string }{
 		{http.MethodGet, "/v1/messages/%s"},
 		{http.MethodPost, "/v1/messages/%s:cancel"},
+		{http.MethodGet, "/v1/messages/%s/raw"},
 	} {
-		foreign := e.do(t, tc.method, strings.Replace(tc.path, "%s", receipt.ID, 1), strings.NewReader("{}"), "Authorization", auth)
-		missing := e.do(t, tc.method, strings.Replace(tc.path, "%s", unknown, 1), strings.NewReader("{}"), "Authorization", auth)
+		// The same request id for both, so that the bodies can be the same.
+		foreign := e.do(t, tc.method, strings.Replace(tc.path, "%s", receipt.ID, 1), strings.NewReader("{}"), "Authorization", auth, "X-Request-Id", "isolation")
+		missing := e.do(t, tc.method, strings.Replace(tc.path, "%s", unknown, 1), strings.NewReader("{}"), "Authorization", auth, "X-Request-Id", "isolation")
 		if foreign.code != http.StatusNotFound || string(foreign.body) != string(missing.body) {
 			t.Errorf("%s %s: another project's message %d %s; unknown id %d %s", tc.method, tc.path,
 				foreign.code, foreign.body, missing.code, missing.body)

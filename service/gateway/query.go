@@ -23,6 +23,7 @@ import (
 // says why in words; parsing each parameter on its own here tells which.
 func (g *gateway) checkQuery(next runtime.HandlerFunc) runtime.HandlerFunc {
 	return func(w http.ResponseWriter, r *http.Request, pathParams map[string]string) {
+		expandListFilters(r)
 		if msg := queryRequest(r); msg != nil {
 			// A query that is not even well-formed is left to grpc-gateway,
 			// which refuses it as a whole.
@@ -34,6 +35,54 @@ func (g *gateway) checkQuery(next runtime.HandlerFunc) runtime.HandlerFunc {
 			}
 		}
 		next(w, r, pathParams)
+	}
+}
+
+// listFilters are ListMessages' filters that take several values, by
+// their singular name, kept for compatibility, and their repeated one.
+var listFilters = []struct{ singular, repeated string }{
+	{"status", "statuses"},
+	{"tag", "tags"},
+}
+
+// expandListFilters lets a ListMessages query give several statuses or
+// tags the ways web clients write them: the parameter repeated
+// (status=bounced&status=failed) or one value with commas
+// (status=bounced,failed), under the singular or the repeated name. They
+// all end up in the repeated field; grpc-gateway alone would refuse a
+// repeated singular parameter. A tag that contains a comma therefore
+// cannot be filtered on over REST.
+func expandListFilters(r *http.Request) {
+	pat, ok := runtime.HTTPPattern(r.Context())
+	if !ok || r.Method != http.MethodGet || pat.String() != "/v1/messages" {
+		return
+	}
+	values, err := url.ParseQuery(r.URL.RawQuery)
+	if err != nil {
+		return // left to grpc-gateway, which refuses it as a whole
+	}
+	changed := false
+	for _, f := range listFilters {
+		if !values.Has(f.singular) && !values.Has(f.repeated) {
+			continue
+		}
+		var all []string
+		for _, v := range append(values[f.singular], values[f.repeated]...) {
+			for part := range strings.SplitSeq(v, ",") {
+				if part = strings.TrimSpace(part); part != "" {
+					all = append(all, part)
+				}
+			}
+		}
+		values.Del(f.singular)
+		values.Del(f.repeated)
+		if len(all) > 0 {
+			values[f.repeated] = all
+		}
+		changed = true
+	}
+	if changed {
+		r.URL.RawQuery = values.Encode()
 	}
 }
 

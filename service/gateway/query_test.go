@@ -26,7 +26,8 @@ func TestListQueryErrors(t *testing.T) {
 		{"several", "page_size=abc&created_after=yesterday&status=queued", []string{"created_after", "page_size"}, "must be an RFC 3339 timestamp, e.g. 2025-01-31T09:00:00Z"},
 		{"not a map", "tag[x]=y", []string{`tag["x"]`}, "is not a map"},
 		// Parsed fine; the service refuses the value.
-		{"page_size out of range", "page_size=500", []string{"page_size"}, "must be between 1 and 100"},
+		{"page_size negative", "page_size=-1", []string{"page_size"}, "must not be negative"},
+		{"unknown status", "status=queued,lost", []string{"statuses[1]"}, "must be one of scheduled, queued, sending, deferred, delivered, bounced, failed, canceled, partially_delivered"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			r := e.do(t, http.MethodGet, "/v1/messages?"+tc.query, nil)

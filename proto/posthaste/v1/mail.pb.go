@@ -495,7 +495,11 @@ type SendMessageResponse struct {
 	// The value of the Message-ID header, angle brackets included.
 	MessageIdHeader string `protobuf:"bytes,2,opt,name=message_id_header,json=messageIdHeader,proto3" json:"message_id_header,omitempty"`
 	// One entry per envelope recipient.
-	Recipients    []*RecipientSummary `protobuf:"bytes,3,rep,name=recipients,proto3" json:"recipients,omitempty"`
+	Recipients []*RecipientSummary `protobuf:"bytes,3,rep,name=recipients,proto3" json:"recipients,omitempty"`
+	// True when this answer replays the receipt of an earlier call with the
+	// same idempotency key: nothing new was stored. Over REST the answer also
+	// carries the header Idempotent-Replayed: true.
+	Replayed      bool `protobuf:"varint,4,opt,name=replayed,proto3" json:"replayed,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -549,6 +553,13 @@ func (x *SendMessageResponse) GetRecipients() []*RecipientSummary {
 		return x.Recipients
 	}
 	return nil
+}
+
+func (x *SendMessageResponse) GetReplayed() bool {
+	if x != nil {
+		return x.Replayed
+	}
+	return false
 }
 
 // SendBatchRequest is several messages to send in one call.
@@ -885,30 +896,161 @@ func (x *CancelMessageRequest) GetId() string {
 	return ""
 }
 
+// GetMessageRawRequest names one message.
+type GetMessageRawRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The message's id, as returned by the send calls.
+	Id            string `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *GetMessageRawRequest) Reset() {
+	*x = GetMessageRawRequest{}
+	mi := &file_posthaste_v1_mail_proto_msgTypes[12]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *GetMessageRawRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*GetMessageRawRequest) ProtoMessage() {}
+
+func (x *GetMessageRawRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_posthaste_v1_mail_proto_msgTypes[12]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use GetMessageRawRequest.ProtoReflect.Descriptor instead.
+func (*GetMessageRawRequest) Descriptor() ([]byte, []int) {
+	return file_posthaste_v1_mail_proto_rawDescGZIP(), []int{12}
+}
+
+func (x *GetMessageRawRequest) GetId() string {
+	if x != nil {
+		return x.Id
+	}
+	return ""
+}
+
+// GetMessageRawResponse is a message as stored, byte for byte.
+type GetMessageRawResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The message's id.
+	Id string `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
+	// The SMTP envelope sender (MAIL FROM).
+	EnvelopeFrom string `protobuf:"bytes,2,opt,name=envelope_from,json=envelopeFrom,proto3" json:"envelope_from,omitempty"`
+	// The SMTP envelope recipients (RCPT TO), in order, Bcc included.
+	Recipients []string `protobuf:"bytes,3,rep,name=recipients,proto3" json:"recipients,omitempty"`
+	// The complete RFC 5322 message with CRLF line endings, as it goes out
+	// after DATA. In JSON, standard base64.
+	Raw           []byte `protobuf:"bytes,4,opt,name=raw,proto3" json:"raw,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *GetMessageRawResponse) Reset() {
+	*x = GetMessageRawResponse{}
+	mi := &file_posthaste_v1_mail_proto_msgTypes[13]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *GetMessageRawResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*GetMessageRawResponse) ProtoMessage() {}
+
+func (x *GetMessageRawResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_posthaste_v1_mail_proto_msgTypes[13]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use GetMessageRawResponse.ProtoReflect.Descriptor instead.
+func (*GetMessageRawResponse) Descriptor() ([]byte, []int) {
+	return file_posthaste_v1_mail_proto_rawDescGZIP(), []int{13}
+}
+
+func (x *GetMessageRawResponse) GetId() string {
+	if x != nil {
+		return x.Id
+	}
+	return ""
+}
+
+func (x *GetMessageRawResponse) GetEnvelopeFrom() string {
+	if x != nil {
+		return x.EnvelopeFrom
+	}
+	return ""
+}
+
+func (x *GetMessageRawResponse) GetRecipients() []string {
+	if x != nil {
+		return x.Recipients
+	}
+	return nil
+}
+
+func (x *GetMessageRawResponse) GetRaw() []byte {
+	if x != nil {
+		return x.Raw
+	}
+	return nil
+}
+
 // ListMessagesRequest filters and pages through messages.
 type ListMessagesRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
-	// Only messages with this derived status.
+	// Only messages with this derived status. Kept for compatibility: it is
+	// added to statuses. Over REST, status may be repeated or hold several
+	// statuses separated by commas (status=bounced,failed); the values are
+	// those of statuses.
 	Status string `protobuf:"bytes,1,opt,name=status,proto3" json:"status,omitempty"`
-	// Only messages with this envelope recipient.
+	// Only messages with this envelope recipient, compared without regard to
+	// case.
 	Recipient string `protobuf:"bytes,2,opt,name=recipient,proto3" json:"recipient,omitempty"`
-	// Only messages carrying this tag.
+	// Only messages carrying this tag. Kept for compatibility: it is added to
+	// tags. Over REST, tag may be repeated or hold several tags separated by
+	// commas.
 	Tag string `protobuf:"bytes,3,opt,name=tag,proto3" json:"tag,omitempty"`
 	// Only messages created at or after this time.
 	CreatedAfter *timestamppb.Timestamp `protobuf:"bytes,4,opt,name=created_after,json=createdAfter,proto3" json:"created_after,omitempty"`
 	// Only messages created before this time.
 	CreatedBefore *timestamppb.Timestamp `protobuf:"bytes,5,opt,name=created_before,json=createdBefore,proto3" json:"created_before,omitempty"`
-	// At most this many messages (1 to 100). Defaults to 20.
+	// At most this many messages. Defaults to 20; more than 100 is taken as
+	// 100.
 	PageSize int32 `protobuf:"varint,6,opt,name=page_size,json=pageSize,proto3" json:"page_size,omitempty"`
 	// The next_page_token of a previous answer.
-	PageToken     string `protobuf:"bytes,7,opt,name=page_token,json=pageToken,proto3" json:"page_token,omitempty"`
+	PageToken string `protobuf:"bytes,7,opt,name=page_token,json=pageToken,proto3" json:"page_token,omitempty"`
+	// Only messages with one of these derived statuses.
+	Statuses []string `protobuf:"bytes,8,rep,name=statuses,proto3" json:"statuses,omitempty"`
+	// Only messages carrying at least one of these tags.
+	Tags          []string `protobuf:"bytes,9,rep,name=tags,proto3" json:"tags,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *ListMessagesRequest) Reset() {
 	*x = ListMessagesRequest{}
-	mi := &file_posthaste_v1_mail_proto_msgTypes[12]
+	mi := &file_posthaste_v1_mail_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -920,7 +1062,7 @@ func (x *ListMessagesRequest) String() string {
 func (*ListMessagesRequest) ProtoMessage() {}
 
 func (x *ListMessagesRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_posthaste_v1_mail_proto_msgTypes[12]
+	mi := &file_posthaste_v1_mail_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -933,7 +1075,7 @@ func (x *ListMessagesRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListMessagesRequest.ProtoReflect.Descriptor instead.
 func (*ListMessagesRequest) Descriptor() ([]byte, []int) {
-	return file_posthaste_v1_mail_proto_rawDescGZIP(), []int{12}
+	return file_posthaste_v1_mail_proto_rawDescGZIP(), []int{14}
 }
 
 func (x *ListMessagesRequest) GetStatus() string {
@@ -985,6 +1127,20 @@ func (x *ListMessagesRequest) GetPageToken() string {
 	return ""
 }
 
+func (x *ListMessagesRequest) GetStatuses() []string {
+	if x != nil {
+		return x.Statuses
+	}
+	return nil
+}
+
+func (x *ListMessagesRequest) GetTags() []string {
+	if x != nil {
+		return x.Tags
+	}
+	return nil
+}
+
 // ListMessagesResponse is one page of messages.
 type ListMessagesResponse struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -998,7 +1154,7 @@ type ListMessagesResponse struct {
 
 func (x *ListMessagesResponse) Reset() {
 	*x = ListMessagesResponse{}
-	mi := &file_posthaste_v1_mail_proto_msgTypes[13]
+	mi := &file_posthaste_v1_mail_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1010,7 +1166,7 @@ func (x *ListMessagesResponse) String() string {
 func (*ListMessagesResponse) ProtoMessage() {}
 
 func (x *ListMessagesResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_posthaste_v1_mail_proto_msgTypes[13]
+	mi := &file_posthaste_v1_mail_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1023,7 +1179,7 @@ func (x *ListMessagesResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListMessagesResponse.ProtoReflect.Descriptor instead.
 func (*ListMessagesResponse) Descriptor() ([]byte, []int) {
-	return file_posthaste_v1_mail_proto_rawDescGZIP(), []int{13}
+	return file_posthaste_v1_mail_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *ListMessagesResponse) GetMessages() []*Message {
@@ -1078,7 +1234,7 @@ type Message struct {
 
 func (x *Message) Reset() {
 	*x = Message{}
-	mi := &file_posthaste_v1_mail_proto_msgTypes[14]
+	mi := &file_posthaste_v1_mail_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1090,7 +1246,7 @@ func (x *Message) String() string {
 func (*Message) ProtoMessage() {}
 
 func (x *Message) ProtoReflect() protoreflect.Message {
-	mi := &file_posthaste_v1_mail_proto_msgTypes[14]
+	mi := &file_posthaste_v1_mail_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1103,7 +1259,7 @@ func (x *Message) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Message.ProtoReflect.Descriptor instead.
 func (*Message) Descriptor() ([]byte, []int) {
-	return file_posthaste_v1_mail_proto_rawDescGZIP(), []int{14}
+	return file_posthaste_v1_mail_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *Message) GetId() string {
@@ -1232,7 +1388,7 @@ type Recipient struct {
 
 func (x *Recipient) Reset() {
 	*x = Recipient{}
-	mi := &file_posthaste_v1_mail_proto_msgTypes[15]
+	mi := &file_posthaste_v1_mail_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1244,7 +1400,7 @@ func (x *Recipient) String() string {
 func (*Recipient) ProtoMessage() {}
 
 func (x *Recipient) ProtoReflect() protoreflect.Message {
-	mi := &file_posthaste_v1_mail_proto_msgTypes[15]
+	mi := &file_posthaste_v1_mail_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1257,7 +1413,7 @@ func (x *Recipient) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Recipient.ProtoReflect.Descriptor instead.
 func (*Recipient) Descriptor() ([]byte, []int) {
-	return file_posthaste_v1_mail_proto_rawDescGZIP(), []int{15}
+	return file_posthaste_v1_mail_proto_rawDescGZIP(), []int{17}
 }
 
 func (x *Recipient) GetId() string {
@@ -1339,7 +1495,7 @@ type SmtpReply struct {
 
 func (x *SmtpReply) Reset() {
 	*x = SmtpReply{}
-	mi := &file_posthaste_v1_mail_proto_msgTypes[16]
+	mi := &file_posthaste_v1_mail_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1351,7 +1507,7 @@ func (x *SmtpReply) String() string {
 func (*SmtpReply) ProtoMessage() {}
 
 func (x *SmtpReply) ProtoReflect() protoreflect.Message {
-	mi := &file_posthaste_v1_mail_proto_msgTypes[16]
+	mi := &file_posthaste_v1_mail_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1364,7 +1520,7 @@ func (x *SmtpReply) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SmtpReply.ProtoReflect.Descriptor instead.
 func (*SmtpReply) Descriptor() ([]byte, []int) {
-	return file_posthaste_v1_mail_proto_rawDescGZIP(), []int{16}
+	return file_posthaste_v1_mail_proto_rawDescGZIP(), []int{18}
 }
 
 func (x *SmtpReply) GetCode() int32 {
@@ -1428,7 +1584,7 @@ type Attempt struct {
 
 func (x *Attempt) Reset() {
 	*x = Attempt{}
-	mi := &file_posthaste_v1_mail_proto_msgTypes[17]
+	mi := &file_posthaste_v1_mail_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1440,7 +1596,7 @@ func (x *Attempt) String() string {
 func (*Attempt) ProtoMessage() {}
 
 func (x *Attempt) ProtoReflect() protoreflect.Message {
-	mi := &file_posthaste_v1_mail_proto_msgTypes[17]
+	mi := &file_posthaste_v1_mail_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1453,7 +1609,7 @@ func (x *Attempt) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Attempt.ProtoReflect.Descriptor instead.
 func (*Attempt) Descriptor() ([]byte, []int) {
-	return file_posthaste_v1_mail_proto_rawDescGZIP(), []int{17}
+	return file_posthaste_v1_mail_proto_rawDescGZIP(), []int{19}
 }
 
 func (x *Attempt) GetId() string {
@@ -1559,7 +1715,7 @@ type ApiKey struct {
 
 func (x *ApiKey) Reset() {
 	*x = ApiKey{}
-	mi := &file_posthaste_v1_mail_proto_msgTypes[18]
+	mi := &file_posthaste_v1_mail_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1571,7 +1727,7 @@ func (x *ApiKey) String() string {
 func (*ApiKey) ProtoMessage() {}
 
 func (x *ApiKey) ProtoReflect() protoreflect.Message {
-	mi := &file_posthaste_v1_mail_proto_msgTypes[18]
+	mi := &file_posthaste_v1_mail_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1584,7 +1740,7 @@ func (x *ApiKey) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ApiKey.ProtoReflect.Descriptor instead.
 func (*ApiKey) Descriptor() ([]byte, []int) {
-	return file_posthaste_v1_mail_proto_rawDescGZIP(), []int{18}
+	return file_posthaste_v1_mail_proto_rawDescGZIP(), []int{20}
 }
 
 func (x *ApiKey) GetId() string {
@@ -1657,7 +1813,7 @@ type CreateApiKeyRequest struct {
 
 func (x *CreateApiKeyRequest) Reset() {
 	*x = CreateApiKeyRequest{}
-	mi := &file_posthaste_v1_mail_proto_msgTypes[19]
+	mi := &file_posthaste_v1_mail_proto_msgTypes[21]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1669,7 +1825,7 @@ func (x *CreateApiKeyRequest) String() string {
 func (*CreateApiKeyRequest) ProtoMessage() {}
 
 func (x *CreateApiKeyRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_posthaste_v1_mail_proto_msgTypes[19]
+	mi := &file_posthaste_v1_mail_proto_msgTypes[21]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1682,7 +1838,7 @@ func (x *CreateApiKeyRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateApiKeyRequest.ProtoReflect.Descriptor instead.
 func (*CreateApiKeyRequest) Descriptor() ([]byte, []int) {
-	return file_posthaste_v1_mail_proto_rawDescGZIP(), []int{19}
+	return file_posthaste_v1_mail_proto_rawDescGZIP(), []int{21}
 }
 
 func (x *CreateApiKeyRequest) GetName() string {
@@ -1713,7 +1869,7 @@ type CreateApiKeyResponse struct {
 
 func (x *CreateApiKeyResponse) Reset() {
 	*x = CreateApiKeyResponse{}
-	mi := &file_posthaste_v1_mail_proto_msgTypes[20]
+	mi := &file_posthaste_v1_mail_proto_msgTypes[22]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1725,7 +1881,7 @@ func (x *CreateApiKeyResponse) String() string {
 func (*CreateApiKeyResponse) ProtoMessage() {}
 
 func (x *CreateApiKeyResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_posthaste_v1_mail_proto_msgTypes[20]
+	mi := &file_posthaste_v1_mail_proto_msgTypes[22]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1738,7 +1894,7 @@ func (x *CreateApiKeyResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateApiKeyResponse.ProtoReflect.Descriptor instead.
 func (*CreateApiKeyResponse) Descriptor() ([]byte, []int) {
-	return file_posthaste_v1_mail_proto_rawDescGZIP(), []int{20}
+	return file_posthaste_v1_mail_proto_rawDescGZIP(), []int{22}
 }
 
 func (x *CreateApiKeyResponse) GetApiKey() *ApiKey {
@@ -1764,7 +1920,7 @@ type ListApiKeysRequest struct {
 
 func (x *ListApiKeysRequest) Reset() {
 	*x = ListApiKeysRequest{}
-	mi := &file_posthaste_v1_mail_proto_msgTypes[21]
+	mi := &file_posthaste_v1_mail_proto_msgTypes[23]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1776,7 +1932,7 @@ func (x *ListApiKeysRequest) String() string {
 func (*ListApiKeysRequest) ProtoMessage() {}
 
 func (x *ListApiKeysRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_posthaste_v1_mail_proto_msgTypes[21]
+	mi := &file_posthaste_v1_mail_proto_msgTypes[23]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1789,7 +1945,7 @@ func (x *ListApiKeysRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListApiKeysRequest.ProtoReflect.Descriptor instead.
 func (*ListApiKeysRequest) Descriptor() ([]byte, []int) {
-	return file_posthaste_v1_mail_proto_rawDescGZIP(), []int{21}
+	return file_posthaste_v1_mail_proto_rawDescGZIP(), []int{23}
 }
 
 // ListApiKeysResponse is every key of the caller's project.
@@ -1803,7 +1959,7 @@ type ListApiKeysResponse struct {
 
 func (x *ListApiKeysResponse) Reset() {
 	*x = ListApiKeysResponse{}
-	mi := &file_posthaste_v1_mail_proto_msgTypes[22]
+	mi := &file_posthaste_v1_mail_proto_msgTypes[24]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1815,7 +1971,7 @@ func (x *ListApiKeysResponse) String() string {
 func (*ListApiKeysResponse) ProtoMessage() {}
 
 func (x *ListApiKeysResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_posthaste_v1_mail_proto_msgTypes[22]
+	mi := &file_posthaste_v1_mail_proto_msgTypes[24]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1828,7 +1984,7 @@ func (x *ListApiKeysResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListApiKeysResponse.ProtoReflect.Descriptor instead.
 func (*ListApiKeysResponse) Descriptor() ([]byte, []int) {
-	return file_posthaste_v1_mail_proto_rawDescGZIP(), []int{22}
+	return file_posthaste_v1_mail_proto_rawDescGZIP(), []int{24}
 }
 
 func (x *ListApiKeysResponse) GetApiKeys() []*ApiKey {
@@ -1849,7 +2005,7 @@ type RevokeApiKeyRequest struct {
 
 func (x *RevokeApiKeyRequest) Reset() {
 	*x = RevokeApiKeyRequest{}
-	mi := &file_posthaste_v1_mail_proto_msgTypes[23]
+	mi := &file_posthaste_v1_mail_proto_msgTypes[25]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1861,7 +2017,7 @@ func (x *RevokeApiKeyRequest) String() string {
 func (*RevokeApiKeyRequest) ProtoMessage() {}
 
 func (x *RevokeApiKeyRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_posthaste_v1_mail_proto_msgTypes[23]
+	mi := &file_posthaste_v1_mail_proto_msgTypes[25]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1874,7 +2030,7 @@ func (x *RevokeApiKeyRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RevokeApiKeyRequest.ProtoReflect.Descriptor instead.
 func (*RevokeApiKeyRequest) Descriptor() ([]byte, []int) {
-	return file_posthaste_v1_mail_proto_rawDescGZIP(), []int{23}
+	return file_posthaste_v1_mail_proto_rawDescGZIP(), []int{25}
 }
 
 func (x *RevokeApiKeyRequest) GetId() string {
@@ -1955,7 +2111,7 @@ type Event struct {
 
 func (x *Event) Reset() {
 	*x = Event{}
-	mi := &file_posthaste_v1_mail_proto_msgTypes[24]
+	mi := &file_posthaste_v1_mail_proto_msgTypes[26]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1967,7 +2123,7 @@ func (x *Event) String() string {
 func (*Event) ProtoMessage() {}
 
 func (x *Event) ProtoReflect() protoreflect.Message {
-	mi := &file_posthaste_v1_mail_proto_msgTypes[24]
+	mi := &file_posthaste_v1_mail_proto_msgTypes[26]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1980,7 +2136,7 @@ func (x *Event) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Event.ProtoReflect.Descriptor instead.
 func (*Event) Descriptor() ([]byte, []int) {
-	return file_posthaste_v1_mail_proto_rawDescGZIP(), []int{24}
+	return file_posthaste_v1_mail_proto_rawDescGZIP(), []int{26}
 }
 
 func (x *Event) GetId() int64 {
@@ -2134,7 +2290,7 @@ type ListMessageEventsRequest struct {
 
 func (x *ListMessageEventsRequest) Reset() {
 	*x = ListMessageEventsRequest{}
-	mi := &file_posthaste_v1_mail_proto_msgTypes[25]
+	mi := &file_posthaste_v1_mail_proto_msgTypes[27]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2146,7 +2302,7 @@ func (x *ListMessageEventsRequest) String() string {
 func (*ListMessageEventsRequest) ProtoMessage() {}
 
 func (x *ListMessageEventsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_posthaste_v1_mail_proto_msgTypes[25]
+	mi := &file_posthaste_v1_mail_proto_msgTypes[27]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2159,7 +2315,7 @@ func (x *ListMessageEventsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListMessageEventsRequest.ProtoReflect.Descriptor instead.
 func (*ListMessageEventsRequest) Descriptor() ([]byte, []int) {
-	return file_posthaste_v1_mail_proto_rawDescGZIP(), []int{25}
+	return file_posthaste_v1_mail_proto_rawDescGZIP(), []int{27}
 }
 
 func (x *ListMessageEventsRequest) GetId() string {
@@ -2182,7 +2338,7 @@ type ListMessageEventsResponse struct {
 
 func (x *ListMessageEventsResponse) Reset() {
 	*x = ListMessageEventsResponse{}
-	mi := &file_posthaste_v1_mail_proto_msgTypes[26]
+	mi := &file_posthaste_v1_mail_proto_msgTypes[28]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2194,7 +2350,7 @@ func (x *ListMessageEventsResponse) String() string {
 func (*ListMessageEventsResponse) ProtoMessage() {}
 
 func (x *ListMessageEventsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_posthaste_v1_mail_proto_msgTypes[26]
+	mi := &file_posthaste_v1_mail_proto_msgTypes[28]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2207,7 +2363,7 @@ func (x *ListMessageEventsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListMessageEventsResponse.ProtoReflect.Descriptor instead.
 func (*ListMessageEventsResponse) Descriptor() ([]byte, []int) {
-	return file_posthaste_v1_mail_proto_rawDescGZIP(), []int{26}
+	return file_posthaste_v1_mail_proto_rawDescGZIP(), []int{28}
 }
 
 func (x *ListMessageEventsResponse) GetEvents() []*Event {
@@ -2241,7 +2397,7 @@ type ListEventsRequest struct {
 
 func (x *ListEventsRequest) Reset() {
 	*x = ListEventsRequest{}
-	mi := &file_posthaste_v1_mail_proto_msgTypes[27]
+	mi := &file_posthaste_v1_mail_proto_msgTypes[29]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2253,7 +2409,7 @@ func (x *ListEventsRequest) String() string {
 func (*ListEventsRequest) ProtoMessage() {}
 
 func (x *ListEventsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_posthaste_v1_mail_proto_msgTypes[27]
+	mi := &file_posthaste_v1_mail_proto_msgTypes[29]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2266,7 +2422,7 @@ func (x *ListEventsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListEventsRequest.ProtoReflect.Descriptor instead.
 func (*ListEventsRequest) Descriptor() ([]byte, []int) {
-	return file_posthaste_v1_mail_proto_rawDescGZIP(), []int{27}
+	return file_posthaste_v1_mail_proto_rawDescGZIP(), []int{29}
 }
 
 func (x *ListEventsRequest) GetAfter() string {
@@ -2309,7 +2465,7 @@ type ListEventsResponse struct {
 
 func (x *ListEventsResponse) Reset() {
 	*x = ListEventsResponse{}
-	mi := &file_posthaste_v1_mail_proto_msgTypes[28]
+	mi := &file_posthaste_v1_mail_proto_msgTypes[30]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2321,7 +2477,7 @@ func (x *ListEventsResponse) String() string {
 func (*ListEventsResponse) ProtoMessage() {}
 
 func (x *ListEventsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_posthaste_v1_mail_proto_msgTypes[28]
+	mi := &file_posthaste_v1_mail_proto_msgTypes[30]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2334,7 +2490,7 @@ func (x *ListEventsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListEventsResponse.ProtoReflect.Descriptor instead.
 func (*ListEventsResponse) Descriptor() ([]byte, []int) {
-	return file_posthaste_v1_mail_proto_rawDescGZIP(), []int{28}
+	return file_posthaste_v1_mail_proto_rawDescGZIP(), []int{30}
 }
 
 func (x *ListEventsResponse) GetEvents() []*Event {
@@ -2377,7 +2533,7 @@ type StreamEventsRequest struct {
 
 func (x *StreamEventsRequest) Reset() {
 	*x = StreamEventsRequest{}
-	mi := &file_posthaste_v1_mail_proto_msgTypes[29]
+	mi := &file_posthaste_v1_mail_proto_msgTypes[31]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2389,7 +2545,7 @@ func (x *StreamEventsRequest) String() string {
 func (*StreamEventsRequest) ProtoMessage() {}
 
 func (x *StreamEventsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_posthaste_v1_mail_proto_msgTypes[29]
+	mi := &file_posthaste_v1_mail_proto_msgTypes[31]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2402,7 +2558,7 @@ func (x *StreamEventsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StreamEventsRequest.ProtoReflect.Descriptor instead.
 func (*StreamEventsRequest) Descriptor() ([]byte, []int) {
-	return file_posthaste_v1_mail_proto_rawDescGZIP(), []int{29}
+	return file_posthaste_v1_mail_proto_rawDescGZIP(), []int{31}
 }
 
 func (x *StreamEventsRequest) GetAfter() string {
@@ -2448,7 +2604,7 @@ type StreamEventsResponse struct {
 
 func (x *StreamEventsResponse) Reset() {
 	*x = StreamEventsResponse{}
-	mi := &file_posthaste_v1_mail_proto_msgTypes[30]
+	mi := &file_posthaste_v1_mail_proto_msgTypes[32]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2460,7 +2616,7 @@ func (x *StreamEventsResponse) String() string {
 func (*StreamEventsResponse) ProtoMessage() {}
 
 func (x *StreamEventsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_posthaste_v1_mail_proto_msgTypes[30]
+	mi := &file_posthaste_v1_mail_proto_msgTypes[32]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2473,7 +2629,7 @@ func (x *StreamEventsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StreamEventsResponse.ProtoReflect.Descriptor instead.
 func (*StreamEventsResponse) Descriptor() ([]byte, []int) {
-	return file_posthaste_v1_mail_proto_rawDescGZIP(), []int{30}
+	return file_posthaste_v1_mail_proto_rawDescGZIP(), []int{32}
 }
 
 func (x *StreamEventsResponse) GetEvent() *Event {
@@ -2501,7 +2657,7 @@ type WatchMessageRequest struct {
 
 func (x *WatchMessageRequest) Reset() {
 	*x = WatchMessageRequest{}
-	mi := &file_posthaste_v1_mail_proto_msgTypes[31]
+	mi := &file_posthaste_v1_mail_proto_msgTypes[33]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2513,7 +2669,7 @@ func (x *WatchMessageRequest) String() string {
 func (*WatchMessageRequest) ProtoMessage() {}
 
 func (x *WatchMessageRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_posthaste_v1_mail_proto_msgTypes[31]
+	mi := &file_posthaste_v1_mail_proto_msgTypes[33]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2526,7 +2682,7 @@ func (x *WatchMessageRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WatchMessageRequest.ProtoReflect.Descriptor instead.
 func (*WatchMessageRequest) Descriptor() ([]byte, []int) {
-	return file_posthaste_v1_mail_proto_rawDescGZIP(), []int{31}
+	return file_posthaste_v1_mail_proto_rawDescGZIP(), []int{33}
 }
 
 func (x *WatchMessageRequest) GetId() string {
@@ -2550,7 +2706,7 @@ type ErrorResponse struct {
 
 func (x *ErrorResponse) Reset() {
 	*x = ErrorResponse{}
-	mi := &file_posthaste_v1_mail_proto_msgTypes[32]
+	mi := &file_posthaste_v1_mail_proto_msgTypes[34]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2562,7 +2718,7 @@ func (x *ErrorResponse) String() string {
 func (*ErrorResponse) ProtoMessage() {}
 
 func (x *ErrorResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_posthaste_v1_mail_proto_msgTypes[32]
+	mi := &file_posthaste_v1_mail_proto_msgTypes[34]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2575,7 +2731,7 @@ func (x *ErrorResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ErrorResponse.ProtoReflect.Descriptor instead.
 func (*ErrorResponse) Descriptor() ([]byte, []int) {
-	return file_posthaste_v1_mail_proto_rawDescGZIP(), []int{32}
+	return file_posthaste_v1_mail_proto_rawDescGZIP(), []int{34}
 }
 
 func (x *ErrorResponse) GetError() *Error {
@@ -2597,16 +2753,21 @@ type Error struct {
 	// Every problem found with the request's fields. Only with
 	// INVALID_ARGUMENT, and not always then (a malformed body has none).
 	FieldViolations []*FieldViolation `protobuf:"bytes,4,rep,name=field_violations,json=fieldViolations,proto3" json:"field_violations,omitempty"`
-	// A stable, machine-readable cause when there is one, e.g.
-	// MESSAGE_TOO_LARGE.
-	Reason        string `protobuf:"bytes,5,opt,name=reason,proto3" json:"reason,omitempty"`
+	// A stable, machine-readable cause, always set: what a program should
+	// branch on (see the API documentation for the list), e.g. FIELD_INVALID,
+	// MESSAGE_TOO_LARGE, NOT_FOUND, MISSING_SCOPE. Over gRPC it is the reason
+	// of the google.rpc.ErrorInfo detail.
+	Reason string `protobuf:"bytes,5,opt,name=reason,proto3" json:"reason,omitempty"`
+	// The request id, as in the X-Request-Id response header; quote it when
+	// reporting a problem.
+	RequestId     string `protobuf:"bytes,6,opt,name=request_id,json=requestId,proto3" json:"request_id,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *Error) Reset() {
 	*x = Error{}
-	mi := &file_posthaste_v1_mail_proto_msgTypes[33]
+	mi := &file_posthaste_v1_mail_proto_msgTypes[35]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2618,7 +2779,7 @@ func (x *Error) String() string {
 func (*Error) ProtoMessage() {}
 
 func (x *Error) ProtoReflect() protoreflect.Message {
-	mi := &file_posthaste_v1_mail_proto_msgTypes[33]
+	mi := &file_posthaste_v1_mail_proto_msgTypes[35]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2631,7 +2792,7 @@ func (x *Error) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Error.ProtoReflect.Descriptor instead.
 func (*Error) Descriptor() ([]byte, []int) {
-	return file_posthaste_v1_mail_proto_rawDescGZIP(), []int{33}
+	return file_posthaste_v1_mail_proto_rawDescGZIP(), []int{35}
 }
 
 func (x *Error) GetCode() int32 {
@@ -2669,6 +2830,13 @@ func (x *Error) GetReason() string {
 	return ""
 }
 
+func (x *Error) GetRequestId() string {
+	if x != nil {
+		return x.RequestId
+	}
+	return ""
+}
+
 // FieldViolation is one problem with one request field.
 type FieldViolation struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -2683,7 +2851,7 @@ type FieldViolation struct {
 
 func (x *FieldViolation) Reset() {
 	*x = FieldViolation{}
-	mi := &file_posthaste_v1_mail_proto_msgTypes[34]
+	mi := &file_posthaste_v1_mail_proto_msgTypes[36]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2695,7 +2863,7 @@ func (x *FieldViolation) String() string {
 func (*FieldViolation) ProtoMessage() {}
 
 func (x *FieldViolation) ProtoReflect() protoreflect.Message {
-	mi := &file_posthaste_v1_mail_proto_msgTypes[34]
+	mi := &file_posthaste_v1_mail_proto_msgTypes[36]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2708,7 +2876,7 @@ func (x *FieldViolation) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use FieldViolation.ProtoReflect.Descriptor instead.
 func (*FieldViolation) Descriptor() ([]byte, []int) {
-	return file_posthaste_v1_mail_proto_rawDescGZIP(), []int{34}
+	return file_posthaste_v1_mail_proto_rawDescGZIP(), []int{36}
 }
 
 func (x *FieldViolation) GetField() string {
@@ -2757,7 +2925,7 @@ type Webhook struct {
 
 func (x *Webhook) Reset() {
 	*x = Webhook{}
-	mi := &file_posthaste_v1_mail_proto_msgTypes[35]
+	mi := &file_posthaste_v1_mail_proto_msgTypes[37]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2769,7 +2937,7 @@ func (x *Webhook) String() string {
 func (*Webhook) ProtoMessage() {}
 
 func (x *Webhook) ProtoReflect() protoreflect.Message {
-	mi := &file_posthaste_v1_mail_proto_msgTypes[35]
+	mi := &file_posthaste_v1_mail_proto_msgTypes[37]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2782,7 +2950,7 @@ func (x *Webhook) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Webhook.ProtoReflect.Descriptor instead.
 func (*Webhook) Descriptor() ([]byte, []int) {
-	return file_posthaste_v1_mail_proto_rawDescGZIP(), []int{35}
+	return file_posthaste_v1_mail_proto_rawDescGZIP(), []int{37}
 }
 
 func (x *Webhook) GetId() string {
@@ -2879,7 +3047,7 @@ type CreateWebhookRequest struct {
 
 func (x *CreateWebhookRequest) Reset() {
 	*x = CreateWebhookRequest{}
-	mi := &file_posthaste_v1_mail_proto_msgTypes[36]
+	mi := &file_posthaste_v1_mail_proto_msgTypes[38]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2891,7 +3059,7 @@ func (x *CreateWebhookRequest) String() string {
 func (*CreateWebhookRequest) ProtoMessage() {}
 
 func (x *CreateWebhookRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_posthaste_v1_mail_proto_msgTypes[36]
+	mi := &file_posthaste_v1_mail_proto_msgTypes[38]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2904,7 +3072,7 @@ func (x *CreateWebhookRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateWebhookRequest.ProtoReflect.Descriptor instead.
 func (*CreateWebhookRequest) Descriptor() ([]byte, []int) {
-	return file_posthaste_v1_mail_proto_rawDescGZIP(), []int{36}
+	return file_posthaste_v1_mail_proto_rawDescGZIP(), []int{38}
 }
 
 func (x *CreateWebhookRequest) GetUrl() string {
@@ -2947,7 +3115,7 @@ type CreateWebhookResponse struct {
 
 func (x *CreateWebhookResponse) Reset() {
 	*x = CreateWebhookResponse{}
-	mi := &file_posthaste_v1_mail_proto_msgTypes[37]
+	mi := &file_posthaste_v1_mail_proto_msgTypes[39]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2959,7 +3127,7 @@ func (x *CreateWebhookResponse) String() string {
 func (*CreateWebhookResponse) ProtoMessage() {}
 
 func (x *CreateWebhookResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_posthaste_v1_mail_proto_msgTypes[37]
+	mi := &file_posthaste_v1_mail_proto_msgTypes[39]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2972,7 +3140,7 @@ func (x *CreateWebhookResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateWebhookResponse.ProtoReflect.Descriptor instead.
 func (*CreateWebhookResponse) Descriptor() ([]byte, []int) {
-	return file_posthaste_v1_mail_proto_rawDescGZIP(), []int{37}
+	return file_posthaste_v1_mail_proto_rawDescGZIP(), []int{39}
 }
 
 func (x *CreateWebhookResponse) GetWebhook() *Webhook {
@@ -2998,7 +3166,7 @@ type ListWebhooksRequest struct {
 
 func (x *ListWebhooksRequest) Reset() {
 	*x = ListWebhooksRequest{}
-	mi := &file_posthaste_v1_mail_proto_msgTypes[38]
+	mi := &file_posthaste_v1_mail_proto_msgTypes[40]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3010,7 +3178,7 @@ func (x *ListWebhooksRequest) String() string {
 func (*ListWebhooksRequest) ProtoMessage() {}
 
 func (x *ListWebhooksRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_posthaste_v1_mail_proto_msgTypes[38]
+	mi := &file_posthaste_v1_mail_proto_msgTypes[40]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3023,7 +3191,7 @@ func (x *ListWebhooksRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListWebhooksRequest.ProtoReflect.Descriptor instead.
 func (*ListWebhooksRequest) Descriptor() ([]byte, []int) {
-	return file_posthaste_v1_mail_proto_rawDescGZIP(), []int{38}
+	return file_posthaste_v1_mail_proto_rawDescGZIP(), []int{40}
 }
 
 // ListWebhooksResponse is every endpoint of the caller's project.
@@ -3036,7 +3204,7 @@ type ListWebhooksResponse struct {
 
 func (x *ListWebhooksResponse) Reset() {
 	*x = ListWebhooksResponse{}
-	mi := &file_posthaste_v1_mail_proto_msgTypes[39]
+	mi := &file_posthaste_v1_mail_proto_msgTypes[41]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3048,7 +3216,7 @@ func (x *ListWebhooksResponse) String() string {
 func (*ListWebhooksResponse) ProtoMessage() {}
 
 func (x *ListWebhooksResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_posthaste_v1_mail_proto_msgTypes[39]
+	mi := &file_posthaste_v1_mail_proto_msgTypes[41]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3061,7 +3229,7 @@ func (x *ListWebhooksResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListWebhooksResponse.ProtoReflect.Descriptor instead.
 func (*ListWebhooksResponse) Descriptor() ([]byte, []int) {
-	return file_posthaste_v1_mail_proto_rawDescGZIP(), []int{39}
+	return file_posthaste_v1_mail_proto_rawDescGZIP(), []int{41}
 }
 
 func (x *ListWebhooksResponse) GetWebhooks() []*Webhook {
@@ -3081,7 +3249,7 @@ type GetWebhookRequest struct {
 
 func (x *GetWebhookRequest) Reset() {
 	*x = GetWebhookRequest{}
-	mi := &file_posthaste_v1_mail_proto_msgTypes[40]
+	mi := &file_posthaste_v1_mail_proto_msgTypes[42]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3093,7 +3261,7 @@ func (x *GetWebhookRequest) String() string {
 func (*GetWebhookRequest) ProtoMessage() {}
 
 func (x *GetWebhookRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_posthaste_v1_mail_proto_msgTypes[40]
+	mi := &file_posthaste_v1_mail_proto_msgTypes[42]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3106,7 +3274,7 @@ func (x *GetWebhookRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetWebhookRequest.ProtoReflect.Descriptor instead.
 func (*GetWebhookRequest) Descriptor() ([]byte, []int) {
-	return file_posthaste_v1_mail_proto_rawDescGZIP(), []int{40}
+	return file_posthaste_v1_mail_proto_rawDescGZIP(), []int{42}
 }
 
 func (x *GetWebhookRequest) GetId() string {
@@ -3131,7 +3299,7 @@ type UpdateWebhookRequest struct {
 
 func (x *UpdateWebhookRequest) Reset() {
 	*x = UpdateWebhookRequest{}
-	mi := &file_posthaste_v1_mail_proto_msgTypes[41]
+	mi := &file_posthaste_v1_mail_proto_msgTypes[43]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3143,7 +3311,7 @@ func (x *UpdateWebhookRequest) String() string {
 func (*UpdateWebhookRequest) ProtoMessage() {}
 
 func (x *UpdateWebhookRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_posthaste_v1_mail_proto_msgTypes[41]
+	mi := &file_posthaste_v1_mail_proto_msgTypes[43]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3156,7 +3324,7 @@ func (x *UpdateWebhookRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UpdateWebhookRequest.ProtoReflect.Descriptor instead.
 func (*UpdateWebhookRequest) Descriptor() ([]byte, []int) {
-	return file_posthaste_v1_mail_proto_rawDescGZIP(), []int{41}
+	return file_posthaste_v1_mail_proto_rawDescGZIP(), []int{43}
 }
 
 func (x *UpdateWebhookRequest) GetId() string {
@@ -3190,7 +3358,7 @@ type DeleteWebhookRequest struct {
 
 func (x *DeleteWebhookRequest) Reset() {
 	*x = DeleteWebhookRequest{}
-	mi := &file_posthaste_v1_mail_proto_msgTypes[42]
+	mi := &file_posthaste_v1_mail_proto_msgTypes[44]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3202,7 +3370,7 @@ func (x *DeleteWebhookRequest) String() string {
 func (*DeleteWebhookRequest) ProtoMessage() {}
 
 func (x *DeleteWebhookRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_posthaste_v1_mail_proto_msgTypes[42]
+	mi := &file_posthaste_v1_mail_proto_msgTypes[44]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3215,7 +3383,7 @@ func (x *DeleteWebhookRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeleteWebhookRequest.ProtoReflect.Descriptor instead.
 func (*DeleteWebhookRequest) Descriptor() ([]byte, []int) {
-	return file_posthaste_v1_mail_proto_rawDescGZIP(), []int{42}
+	return file_posthaste_v1_mail_proto_rawDescGZIP(), []int{44}
 }
 
 func (x *DeleteWebhookRequest) GetId() string {
@@ -3234,7 +3402,7 @@ type DeleteWebhookResponse struct {
 
 func (x *DeleteWebhookResponse) Reset() {
 	*x = DeleteWebhookResponse{}
-	mi := &file_posthaste_v1_mail_proto_msgTypes[43]
+	mi := &file_posthaste_v1_mail_proto_msgTypes[45]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3246,7 +3414,7 @@ func (x *DeleteWebhookResponse) String() string {
 func (*DeleteWebhookResponse) ProtoMessage() {}
 
 func (x *DeleteWebhookResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_posthaste_v1_mail_proto_msgTypes[43]
+	mi := &file_posthaste_v1_mail_proto_msgTypes[45]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3259,7 +3427,7 @@ func (x *DeleteWebhookResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeleteWebhookResponse.ProtoReflect.Descriptor instead.
 func (*DeleteWebhookResponse) Descriptor() ([]byte, []int) {
-	return file_posthaste_v1_mail_proto_rawDescGZIP(), []int{43}
+	return file_posthaste_v1_mail_proto_rawDescGZIP(), []int{45}
 }
 
 // RotateWebhookSecretRequest names one endpoint.
@@ -3272,7 +3440,7 @@ type RotateWebhookSecretRequest struct {
 
 func (x *RotateWebhookSecretRequest) Reset() {
 	*x = RotateWebhookSecretRequest{}
-	mi := &file_posthaste_v1_mail_proto_msgTypes[44]
+	mi := &file_posthaste_v1_mail_proto_msgTypes[46]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3284,7 +3452,7 @@ func (x *RotateWebhookSecretRequest) String() string {
 func (*RotateWebhookSecretRequest) ProtoMessage() {}
 
 func (x *RotateWebhookSecretRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_posthaste_v1_mail_proto_msgTypes[44]
+	mi := &file_posthaste_v1_mail_proto_msgTypes[46]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3297,7 +3465,7 @@ func (x *RotateWebhookSecretRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RotateWebhookSecretRequest.ProtoReflect.Descriptor instead.
 func (*RotateWebhookSecretRequest) Descriptor() ([]byte, []int) {
-	return file_posthaste_v1_mail_proto_rawDescGZIP(), []int{44}
+	return file_posthaste_v1_mail_proto_rawDescGZIP(), []int{46}
 }
 
 func (x *RotateWebhookSecretRequest) GetId() string {
@@ -3319,7 +3487,7 @@ type RotateWebhookSecretResponse struct {
 
 func (x *RotateWebhookSecretResponse) Reset() {
 	*x = RotateWebhookSecretResponse{}
-	mi := &file_posthaste_v1_mail_proto_msgTypes[45]
+	mi := &file_posthaste_v1_mail_proto_msgTypes[47]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3331,7 +3499,7 @@ func (x *RotateWebhookSecretResponse) String() string {
 func (*RotateWebhookSecretResponse) ProtoMessage() {}
 
 func (x *RotateWebhookSecretResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_posthaste_v1_mail_proto_msgTypes[45]
+	mi := &file_posthaste_v1_mail_proto_msgTypes[47]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3344,7 +3512,7 @@ func (x *RotateWebhookSecretResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RotateWebhookSecretResponse.ProtoReflect.Descriptor instead.
 func (*RotateWebhookSecretResponse) Descriptor() ([]byte, []int) {
-	return file_posthaste_v1_mail_proto_rawDescGZIP(), []int{45}
+	return file_posthaste_v1_mail_proto_rawDescGZIP(), []int{47}
 }
 
 func (x *RotateWebhookSecretResponse) GetWebhook() *Webhook {
@@ -3391,7 +3559,7 @@ type WebhookDelivery struct {
 
 func (x *WebhookDelivery) Reset() {
 	*x = WebhookDelivery{}
-	mi := &file_posthaste_v1_mail_proto_msgTypes[46]
+	mi := &file_posthaste_v1_mail_proto_msgTypes[48]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3403,7 +3571,7 @@ func (x *WebhookDelivery) String() string {
 func (*WebhookDelivery) ProtoMessage() {}
 
 func (x *WebhookDelivery) ProtoReflect() protoreflect.Message {
-	mi := &file_posthaste_v1_mail_proto_msgTypes[46]
+	mi := &file_posthaste_v1_mail_proto_msgTypes[48]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3416,7 +3584,7 @@ func (x *WebhookDelivery) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WebhookDelivery.ProtoReflect.Descriptor instead.
 func (*WebhookDelivery) Descriptor() ([]byte, []int) {
-	return file_posthaste_v1_mail_proto_rawDescGZIP(), []int{46}
+	return file_posthaste_v1_mail_proto_rawDescGZIP(), []int{48}
 }
 
 func (x *WebhookDelivery) GetId() string {
@@ -3527,7 +3695,7 @@ type ListWebhookDeliveriesRequest struct {
 
 func (x *ListWebhookDeliveriesRequest) Reset() {
 	*x = ListWebhookDeliveriesRequest{}
-	mi := &file_posthaste_v1_mail_proto_msgTypes[47]
+	mi := &file_posthaste_v1_mail_proto_msgTypes[49]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3539,7 +3707,7 @@ func (x *ListWebhookDeliveriesRequest) String() string {
 func (*ListWebhookDeliveriesRequest) ProtoMessage() {}
 
 func (x *ListWebhookDeliveriesRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_posthaste_v1_mail_proto_msgTypes[47]
+	mi := &file_posthaste_v1_mail_proto_msgTypes[49]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3552,7 +3720,7 @@ func (x *ListWebhookDeliveriesRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListWebhookDeliveriesRequest.ProtoReflect.Descriptor instead.
 func (*ListWebhookDeliveriesRequest) Descriptor() ([]byte, []int) {
-	return file_posthaste_v1_mail_proto_rawDescGZIP(), []int{47}
+	return file_posthaste_v1_mail_proto_rawDescGZIP(), []int{49}
 }
 
 func (x *ListWebhookDeliveriesRequest) GetId() string {
@@ -3595,7 +3763,7 @@ type ListWebhookDeliveriesResponse struct {
 
 func (x *ListWebhookDeliveriesResponse) Reset() {
 	*x = ListWebhookDeliveriesResponse{}
-	mi := &file_posthaste_v1_mail_proto_msgTypes[48]
+	mi := &file_posthaste_v1_mail_proto_msgTypes[50]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3607,7 +3775,7 @@ func (x *ListWebhookDeliveriesResponse) String() string {
 func (*ListWebhookDeliveriesResponse) ProtoMessage() {}
 
 func (x *ListWebhookDeliveriesResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_posthaste_v1_mail_proto_msgTypes[48]
+	mi := &file_posthaste_v1_mail_proto_msgTypes[50]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3620,7 +3788,7 @@ func (x *ListWebhookDeliveriesResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListWebhookDeliveriesResponse.ProtoReflect.Descriptor instead.
 func (*ListWebhookDeliveriesResponse) Descriptor() ([]byte, []int) {
-	return file_posthaste_v1_mail_proto_rawDescGZIP(), []int{48}
+	return file_posthaste_v1_mail_proto_rawDescGZIP(), []int{50}
 }
 
 func (x *ListWebhookDeliveriesResponse) GetDeliveries() []*WebhookDelivery {
@@ -3649,7 +3817,7 @@ type RetryWebhookDeliveryRequest struct {
 
 func (x *RetryWebhookDeliveryRequest) Reset() {
 	*x = RetryWebhookDeliveryRequest{}
-	mi := &file_posthaste_v1_mail_proto_msgTypes[49]
+	mi := &file_posthaste_v1_mail_proto_msgTypes[51]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3661,7 +3829,7 @@ func (x *RetryWebhookDeliveryRequest) String() string {
 func (*RetryWebhookDeliveryRequest) ProtoMessage() {}
 
 func (x *RetryWebhookDeliveryRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_posthaste_v1_mail_proto_msgTypes[49]
+	mi := &file_posthaste_v1_mail_proto_msgTypes[51]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3674,7 +3842,7 @@ func (x *RetryWebhookDeliveryRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RetryWebhookDeliveryRequest.ProtoReflect.Descriptor instead.
 func (*RetryWebhookDeliveryRequest) Descriptor() ([]byte, []int) {
-	return file_posthaste_v1_mail_proto_rawDescGZIP(), []int{49}
+	return file_posthaste_v1_mail_proto_rawDescGZIP(), []int{51}
 }
 
 func (x *RetryWebhookDeliveryRequest) GetId() string {
@@ -3695,22 +3863,22 @@ var File_posthaste_v1_mail_proto protoreflect.FileDescriptor
 
 const file_posthaste_v1_mail_proto_rawDesc = "" +
 	"\n" +
-	"\x17posthaste/v1/mail.proto\x12\fposthaste.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1egoogle/protobuf/duration.proto\x1a google/protobuf/field_mask.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"7\n" +
-	"\aAddress\x12\x18\n" +
-	"\aaddress\x18\x01 \x01(\tR\aaddress\x12\x12\n" +
-	"\x04name\x18\x02 \x01(\tR\x04name\"\x84\x01\n" +
+	"\x17posthaste/v1/mail.proto\x12\fposthaste.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/api/field_behavior.proto\x1a\x1egoogle/protobuf/duration.proto\x1a google/protobuf/field_mask.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"<\n" +
+	"\aAddress\x12\x1d\n" +
+	"\aaddress\x18\x01 \x01(\tB\x03\xe0A\x02R\aaddress\x12\x12\n" +
+	"\x04name\x18\x02 \x01(\tR\x04name\"\x89\x01\n" +
 	"\n" +
 	"Attachment\x12\x1a\n" +
 	"\bfilename\x18\x01 \x01(\tR\bfilename\x12!\n" +
-	"\fcontent_type\x18\x02 \x01(\tR\vcontentType\x12\x18\n" +
-	"\acontent\x18\x03 \x01(\tR\acontent\x12\x1d\n" +
+	"\fcontent_type\x18\x02 \x01(\tR\vcontentType\x12\x1d\n" +
+	"\acontent\x18\x03 \x01(\tB\x03\xe0A\x02R\acontent\x12\x1d\n" +
 	"\n" +
-	"content_id\x18\x04 \x01(\tR\tcontentId\"2\n" +
-	"\x06Header\x12\x12\n" +
-	"\x04name\x18\x01 \x01(\tR\x04name\x12\x14\n" +
-	"\x05value\x18\x02 \x01(\tR\x05value\"\x91\x05\n" +
-	"\x12SendMessageRequest\x12)\n" +
-	"\x04from\x18\x01 \x01(\v2\x15.posthaste.v1.AddressR\x04from\x120\n" +
+	"content_id\x18\x04 \x01(\tR\tcontentId\"7\n" +
+	"\x06Header\x12\x17\n" +
+	"\x04name\x18\x01 \x01(\tB\x03\xe0A\x02R\x04name\x12\x14\n" +
+	"\x05value\x18\x02 \x01(\tR\x05value\"\x96\x05\n" +
+	"\x12SendMessageRequest\x12.\n" +
+	"\x04from\x18\x01 \x01(\v2\x15.posthaste.v1.AddressB\x03\xe0A\x02R\x04from\x120\n" +
 	"\breply_to\x18\x02 \x03(\v2\x15.posthaste.v1.AddressR\areplyTo\x12%\n" +
 	"\x02to\x18\x03 \x03(\v2\x15.posthaste.v1.AddressR\x02to\x12%\n" +
 	"\x02cc\x18\x04 \x03(\v2\x15.posthaste.v1.AddressR\x02cc\x12'\n" +
@@ -3727,12 +3895,12 @@ const file_posthaste_v1_mail_proto_rawDesc = "" +
 	"\x0fidempotency_key\x18\x0e \x01(\tR\x0eidempotencyKey\x1a;\n" +
 	"\rMetadataEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
-	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"\xec\x02\n" +
-	"\x15SendRawMessageRequest\x12\x10\n" +
-	"\x03raw\x18\x01 \x01(\tR\x03raw\x12#\n" +
-	"\renvelope_from\x18\x02 \x01(\tR\fenvelopeFrom\x12\x1e\n" +
+	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"\xfb\x02\n" +
+	"\x15SendRawMessageRequest\x12\x15\n" +
+	"\x03raw\x18\x01 \x01(\tB\x03\xe0A\x02R\x03raw\x12(\n" +
+	"\renvelope_from\x18\x02 \x01(\tB\x03\xe0A\x02R\fenvelopeFrom\x12#\n" +
 	"\n" +
-	"recipients\x18\x03 \x03(\tR\n" +
+	"recipients\x18\x03 \x03(\tB\x03\xe0A\x02R\n" +
 	"recipients\x12\x12\n" +
 	"\x04tags\x18\x04 \x03(\tR\x04tags\x12M\n" +
 	"\bmetadata\x18\x05 \x03(\v21.posthaste.v1.SendRawMessageRequest.MetadataEntryR\bmetadata\x123\n" +
@@ -3740,15 +3908,16 @@ const file_posthaste_v1_mail_proto_rawDesc = "" +
 	"\x0fidempotency_key\x18\a \x01(\tR\x0eidempotencyKey\x1a;\n" +
 	"\rMetadataEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
-	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"\x91\x01\n" +
+	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"\xad\x01\n" +
 	"\x13SendMessageResponse\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12*\n" +
 	"\x11message_id_header\x18\x02 \x01(\tR\x0fmessageIdHeader\x12>\n" +
 	"\n" +
 	"recipients\x18\x03 \x03(\v2\x1e.posthaste.v1.RecipientSummaryR\n" +
-	"recipients\"P\n" +
-	"\x10SendBatchRequest\x12<\n" +
-	"\bmessages\x18\x01 \x03(\v2 .posthaste.v1.SendMessageRequestR\bmessages\"L\n" +
+	"recipients\x12\x1a\n" +
+	"\breplayed\x18\x04 \x01(\bR\breplayed\"U\n" +
+	"\x10SendBatchRequest\x12A\n" +
+	"\bmessages\x18\x01 \x03(\v2 .posthaste.v1.SendMessageRequestB\x03\xe0A\x02R\bmessages\"L\n" +
 	"\x11SendBatchResponse\x127\n" +
 	"\aresults\x18\x01 \x03(\v2\x1d.posthaste.v1.SendBatchResultR\aresults\"\x89\x01\n" +
 	"\x0fSendBatchResult\x12?\n" +
@@ -3758,11 +3927,20 @@ const file_posthaste_v1_mail_proto_rawDesc = "" +
 	"\x10RecipientSummary\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12\x18\n" +
 	"\aaddress\x18\x02 \x01(\tR\aaddress\x12\x16\n" +
-	"\x06status\x18\x03 \x01(\tR\x06status\"#\n" +
-	"\x11GetMessageRequest\x12\x0e\n" +
-	"\x02id\x18\x01 \x01(\tR\x02id\"&\n" +
-	"\x14CancelMessageRequest\x12\x0e\n" +
-	"\x02id\x18\x01 \x01(\tR\x02id\"\x9d\x02\n" +
+	"\x06status\x18\x03 \x01(\tR\x06status\"(\n" +
+	"\x11GetMessageRequest\x12\x13\n" +
+	"\x02id\x18\x01 \x01(\tB\x03\xe0A\x02R\x02id\"+\n" +
+	"\x14CancelMessageRequest\x12\x13\n" +
+	"\x02id\x18\x01 \x01(\tB\x03\xe0A\x02R\x02id\"+\n" +
+	"\x14GetMessageRawRequest\x12\x13\n" +
+	"\x02id\x18\x01 \x01(\tB\x03\xe0A\x02R\x02id\"~\n" +
+	"\x15GetMessageRawResponse\x12\x0e\n" +
+	"\x02id\x18\x01 \x01(\tR\x02id\x12#\n" +
+	"\renvelope_from\x18\x02 \x01(\tR\fenvelopeFrom\x12\x1e\n" +
+	"\n" +
+	"recipients\x18\x03 \x03(\tR\n" +
+	"recipients\x12\x10\n" +
+	"\x03raw\x18\x04 \x01(\fR\x03raw\"\xcd\x02\n" +
 	"\x13ListMessagesRequest\x12\x16\n" +
 	"\x06status\x18\x01 \x01(\tR\x06status\x12\x1c\n" +
 	"\trecipient\x18\x02 \x01(\tR\trecipient\x12\x10\n" +
@@ -3771,7 +3949,9 @@ const file_posthaste_v1_mail_proto_rawDesc = "" +
 	"\x0ecreated_before\x18\x05 \x01(\v2\x1a.google.protobuf.TimestampR\rcreatedBefore\x12\x1b\n" +
 	"\tpage_size\x18\x06 \x01(\x05R\bpageSize\x12\x1d\n" +
 	"\n" +
-	"page_token\x18\a \x01(\tR\tpageToken\"q\n" +
+	"page_token\x18\a \x01(\tR\tpageToken\x12\x1a\n" +
+	"\bstatuses\x18\b \x03(\tR\bstatuses\x12\x12\n" +
+	"\x04tags\x18\t \x03(\tR\x04tags\"q\n" +
 	"\x14ListMessagesResponse\x121\n" +
 	"\bmessages\x18\x01 \x03(\v2\x15.posthaste.v1.MessageR\bmessages\x12&\n" +
 	"\x0fnext_page_token\x18\x02 \x01(\tR\rnextPageToken\"\xf8\x04\n" +
@@ -3841,18 +4021,18 @@ const file_posthaste_v1_mail_proto_rawDesc = "" +
 	"\flast_used_at\x18\a \x01(\v2\x1a.google.protobuf.TimestampR\n" +
 	"lastUsedAt\x129\n" +
 	"\n" +
-	"revoked_at\x18\b \x01(\v2\x1a.google.protobuf.TimestampR\trevokedAt\"A\n" +
-	"\x13CreateApiKeyRequest\x12\x12\n" +
-	"\x04name\x18\x01 \x01(\tR\x04name\x12\x16\n" +
-	"\x06scopes\x18\x02 \x03(\tR\x06scopes\"W\n" +
+	"revoked_at\x18\b \x01(\v2\x1a.google.protobuf.TimestampR\trevokedAt\"K\n" +
+	"\x13CreateApiKeyRequest\x12\x17\n" +
+	"\x04name\x18\x01 \x01(\tB\x03\xe0A\x02R\x04name\x12\x1b\n" +
+	"\x06scopes\x18\x02 \x03(\tB\x03\xe0A\x02R\x06scopes\"W\n" +
 	"\x14CreateApiKeyResponse\x12-\n" +
 	"\aapi_key\x18\x01 \x01(\v2\x14.posthaste.v1.ApiKeyR\x06apiKey\x12\x10\n" +
 	"\x03key\x18\x02 \x01(\tR\x03key\"\x14\n" +
 	"\x12ListApiKeysRequest\"F\n" +
 	"\x13ListApiKeysResponse\x12/\n" +
-	"\bapi_keys\x18\x01 \x03(\v2\x14.posthaste.v1.ApiKeyR\aapiKeys\"%\n" +
-	"\x13RevokeApiKeyRequest\x12\x0e\n" +
-	"\x02id\x18\x01 \x01(\tR\x02id\"\xab\x05\n" +
+	"\bapi_keys\x18\x01 \x03(\v2\x14.posthaste.v1.ApiKeyR\aapiKeys\"*\n" +
+	"\x13RevokeApiKeyRequest\x12\x13\n" +
+	"\x02id\x18\x01 \x01(\tB\x03\xe0A\x02R\x02id\"\xab\x05\n" +
 	"\x05Event\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\x03R\x02id\x12\x12\n" +
 	"\x04type\x18\x02 \x01(\tR\x04type\x12\x1d\n" +
@@ -3881,9 +4061,9 @@ const file_posthaste_v1_mail_proto_rawDesc = "" +
 	"dsn_status\x18\x12 \x01(\tR\tdsnStatus\x12\x1d\n" +
 	"\n" +
 	"remote_mta\x18\x13 \x01(\tR\tremoteMta\x12'\n" +
-	"\x0fdiagnostic_code\x18\x14 \x01(\tR\x0ediagnosticCode\"*\n" +
-	"\x18ListMessageEventsRequest\x12\x0e\n" +
-	"\x02id\x18\x01 \x01(\tR\x02id\"`\n" +
+	"\x0fdiagnostic_code\x18\x14 \x01(\tR\x0ediagnosticCode\"/\n" +
+	"\x18ListMessageEventsRequest\x12\x13\n" +
+	"\x02id\x18\x01 \x01(\tB\x03\xe0A\x02R\x02id\"`\n" +
 	"\x19ListMessageEventsResponse\x12+\n" +
 	"\x06events\x18\x01 \x03(\v2\x13.posthaste.v1.EventR\x06events\x12\x16\n" +
 	"\x06status\x18\x02 \x01(\tR\x06status\"U\n" +
@@ -3904,17 +4084,19 @@ const file_posthaste_v1_mail_proto_rawDesc = "" +
 	"message_id\x18\x04 \x01(\tR\tmessageId\"Y\n" +
 	"\x14StreamEventsResponse\x12)\n" +
 	"\x05event\x18\x01 \x01(\v2\x13.posthaste.v1.EventR\x05event\x12\x16\n" +
-	"\x06cursor\x18\x02 \x01(\tR\x06cursor\"%\n" +
-	"\x13WatchMessageRequest\x12\x0e\n" +
-	"\x02id\x18\x01 \x01(\tR\x02id\":\n" +
+	"\x06cursor\x18\x02 \x01(\tR\x06cursor\"*\n" +
+	"\x13WatchMessageRequest\x12\x13\n" +
+	"\x02id\x18\x01 \x01(\tB\x03\xe0A\x02R\x02id\":\n" +
 	"\rErrorResponse\x12)\n" +
-	"\x05error\x18\x01 \x01(\v2\x13.posthaste.v1.ErrorR\x05error\"\xae\x01\n" +
+	"\x05error\x18\x01 \x01(\v2\x13.posthaste.v1.ErrorR\x05error\"\xcd\x01\n" +
 	"\x05Error\x12\x12\n" +
 	"\x04code\x18\x01 \x01(\x05R\x04code\x12\x16\n" +
 	"\x06status\x18\x02 \x01(\tR\x06status\x12\x18\n" +
 	"\amessage\x18\x03 \x01(\tR\amessage\x12G\n" +
 	"\x10field_violations\x18\x04 \x03(\v2\x1c.posthaste.v1.FieldViolationR\x0ffieldViolations\x12\x16\n" +
-	"\x06reason\x18\x05 \x01(\tR\x06reason\"H\n" +
+	"\x06reason\x18\x05 \x01(\tR\x06reason\x12\x1d\n" +
+	"\n" +
+	"request_id\x18\x06 \x01(\tR\trequestId\"H\n" +
 	"\x0eFieldViolation\x12\x14\n" +
 	"\x05field\x18\x01 \x01(\tR\x05field\x12 \n" +
 	"\vdescription\x18\x02 \x01(\tR\vdescription\"\xf0\x03\n" +
@@ -3934,9 +4116,9 @@ const file_posthaste_v1_mail_proto_rawDesc = "" +
 	"\x0fdisabled_reason\x18\t \x01(\tR\x0edisabledReason\x121\n" +
 	"\x14consecutive_failures\x18\n" +
 	" \x01(\x05R\x13consecutiveFailures\x12W\n" +
-	"\x1aprevious_secret_expires_at\x18\v \x01(\v2\x1a.google.protobuf.TimestampR\x17previousSecretExpiresAt\"\x96\x01\n" +
-	"\x14CreateWebhookRequest\x12\x10\n" +
-	"\x03url\x18\x01 \x01(\tR\x03url\x12\x1f\n" +
+	"\x1aprevious_secret_expires_at\x18\v \x01(\v2\x1a.google.protobuf.TimestampR\x17previousSecretExpiresAt\"\x9b\x01\n" +
+	"\x14CreateWebhookRequest\x12\x15\n" +
+	"\x03url\x18\x01 \x01(\tB\x03\xe0A\x02R\x03url\x12\x1f\n" +
 	"\vevent_types\x18\x02 \x03(\tR\n" +
 	"eventTypes\x12\x1d\n" +
 	"\aenabled\x18\x03 \x01(\bH\x00R\aenabled\x88\x01\x01\x12 \n" +
@@ -3948,19 +4130,19 @@ const file_posthaste_v1_mail_proto_rawDesc = "" +
 	"\x06secret\x18\x02 \x01(\tR\x06secret\"\x15\n" +
 	"\x13ListWebhooksRequest\"I\n" +
 	"\x14ListWebhooksResponse\x121\n" +
-	"\bwebhooks\x18\x01 \x03(\v2\x15.posthaste.v1.WebhookR\bwebhooks\"#\n" +
-	"\x11GetWebhookRequest\x12\x0e\n" +
-	"\x02id\x18\x01 \x01(\tR\x02id\"\x94\x01\n" +
-	"\x14UpdateWebhookRequest\x12\x0e\n" +
-	"\x02id\x18\x01 \x01(\tR\x02id\x12/\n" +
+	"\bwebhooks\x18\x01 \x03(\v2\x15.posthaste.v1.WebhookR\bwebhooks\"(\n" +
+	"\x11GetWebhookRequest\x12\x13\n" +
+	"\x02id\x18\x01 \x01(\tB\x03\xe0A\x02R\x02id\"\x99\x01\n" +
+	"\x14UpdateWebhookRequest\x12\x13\n" +
+	"\x02id\x18\x01 \x01(\tB\x03\xe0A\x02R\x02id\x12/\n" +
 	"\awebhook\x18\x02 \x01(\v2\x15.posthaste.v1.WebhookR\awebhook\x12;\n" +
 	"\vupdate_mask\x18\x03 \x01(\v2\x1a.google.protobuf.FieldMaskR\n" +
-	"updateMask\"&\n" +
-	"\x14DeleteWebhookRequest\x12\x0e\n" +
-	"\x02id\x18\x01 \x01(\tR\x02id\"\x17\n" +
-	"\x15DeleteWebhookResponse\",\n" +
-	"\x1aRotateWebhookSecretRequest\x12\x0e\n" +
-	"\x02id\x18\x01 \x01(\tR\x02id\"f\n" +
+	"updateMask\"+\n" +
+	"\x14DeleteWebhookRequest\x12\x13\n" +
+	"\x02id\x18\x01 \x01(\tB\x03\xe0A\x02R\x02id\"\x17\n" +
+	"\x15DeleteWebhookResponse\"1\n" +
+	"\x1aRotateWebhookSecretRequest\x12\x13\n" +
+	"\x02id\x18\x01 \x01(\tB\x03\xe0A\x02R\x02id\"f\n" +
 	"\x1bRotateWebhookSecretResponse\x12/\n" +
 	"\awebhook\x18\x01 \x01(\v2\x15.posthaste.v1.WebhookR\awebhook\x12\x16\n" +
 	"\x06secret\x18\x02 \x01(\tR\x06secret\"\x95\x04\n" +
@@ -3983,9 +4165,9 @@ const file_posthaste_v1_mail_proto_rawDesc = "" +
 	"\n" +
 	"last_error\x18\f \x01(\tR\tlastError\x129\n" +
 	"\n" +
-	"created_at\x18\r \x01(\v2\x1a.google.protobuf.TimestampR\tcreatedAt\"\x80\x01\n" +
-	"\x1cListWebhookDeliveriesRequest\x12\x0e\n" +
-	"\x02id\x18\x01 \x01(\tR\x02id\x12\x14\n" +
+	"created_at\x18\r \x01(\v2\x1a.google.protobuf.TimestampR\tcreatedAt\"\x85\x01\n" +
+	"\x1cListWebhookDeliveriesRequest\x12\x13\n" +
+	"\x02id\x18\x01 \x01(\tB\x03\xe0A\x02R\x02id\x12\x14\n" +
 	"\x05state\x18\x02 \x01(\tR\x05state\x12\x1b\n" +
 	"\tpage_size\x18\x03 \x01(\x05R\bpageSize\x12\x1d\n" +
 	"\n" +
@@ -3994,11 +4176,11 @@ const file_posthaste_v1_mail_proto_rawDesc = "" +
 	"\n" +
 	"deliveries\x18\x01 \x03(\v2\x1d.posthaste.v1.WebhookDeliveryR\n" +
 	"deliveries\x12&\n" +
-	"\x0fnext_page_token\x18\x02 \x01(\tR\rnextPageToken\"N\n" +
-	"\x1bRetryWebhookDeliveryRequest\x12\x0e\n" +
-	"\x02id\x18\x01 \x01(\tR\x02id\x12\x1f\n" +
-	"\vdelivery_id\x18\x02 \x01(\tR\n" +
-	"deliveryId2\xe9\x12\n" +
+	"\x0fnext_page_token\x18\x02 \x01(\tR\rnextPageToken\"X\n" +
+	"\x1bRetryWebhookDeliveryRequest\x12\x13\n" +
+	"\x02id\x18\x01 \x01(\tB\x03\xe0A\x02R\x02id\x12$\n" +
+	"\vdelivery_id\x18\x02 \x01(\tB\x03\xe0A\x02R\n" +
+	"deliveryId2\xe2\x13\n" +
 	"\vMailService\x12k\n" +
 	"\vSendMessage\x12 .posthaste.v1.SendMessageRequest\x1a!.posthaste.v1.SendMessageResponse\"\x17\x82\xd3\xe4\x93\x02\x11:\x01*\"\f/v1/messages\x12y\n" +
 	"\x0eSendRawMessage\x12#.posthaste.v1.SendRawMessageRequest\x1a!.posthaste.v1.SendMessageResponse\"\x1f\x82\xd3\xe4\x93\x02\x19:\x01*\"\x14/v1/messages:sendRaw\x12o\n" +
@@ -4006,7 +4188,8 @@ const file_posthaste_v1_mail_proto_rawDesc = "" +
 	"\n" +
 	"GetMessage\x12\x1f.posthaste.v1.GetMessageRequest\x1a\x15.posthaste.v1.Message\"\x19\x82\xd3\xe4\x93\x02\x13\x12\x11/v1/messages/{id}\x12k\n" +
 	"\fListMessages\x12!.posthaste.v1.ListMessagesRequest\x1a\".posthaste.v1.ListMessagesResponse\"\x14\x82\xd3\xe4\x93\x02\x0e\x12\f/v1/messages\x12o\n" +
-	"\rCancelMessage\x12\".posthaste.v1.CancelMessageRequest\x1a\x15.posthaste.v1.Message\"#\x82\xd3\xe4\x93\x02\x1d:\x01*\"\x18/v1/messages/{id}:cancel\x12\x86\x01\n" +
+	"\rCancelMessage\x12\".posthaste.v1.CancelMessageRequest\x1a\x15.posthaste.v1.Message\"#\x82\xd3\xe4\x93\x02\x1d:\x01*\"\x18/v1/messages/{id}:cancel\x12w\n" +
+	"\rGetMessageRaw\x12\".posthaste.v1.GetMessageRawRequest\x1a#.posthaste.v1.GetMessageRawResponse\"\x1d\x82\xd3\xe4\x93\x02\x17\x12\x15/v1/messages/{id}/raw\x12\x86\x01\n" +
 	"\x11ListMessageEvents\x12&.posthaste.v1.ListMessageEventsRequest\x1a'.posthaste.v1.ListMessageEventsResponse\" \x82\xd3\xe4\x93\x02\x1a\x12\x18/v1/messages/{id}/events\x12c\n" +
 	"\n" +
 	"ListEvents\x12\x1f.posthaste.v1.ListEventsRequest\x1a .posthaste.v1.ListEventsResponse\"\x12\x82\xd3\xe4\x93\x02\f\x12\n" +
@@ -4039,7 +4222,7 @@ func file_posthaste_v1_mail_proto_rawDescGZIP() []byte {
 	return file_posthaste_v1_mail_proto_rawDescData
 }
 
-var file_posthaste_v1_mail_proto_msgTypes = make([]protoimpl.MessageInfo, 53)
+var file_posthaste_v1_mail_proto_msgTypes = make([]protoimpl.MessageInfo, 55)
 var file_posthaste_v1_mail_proto_goTypes = []any{
 	(*Address)(nil),                       // 0: posthaste.v1.Address
 	(*Attachment)(nil),                    // 1: posthaste.v1.Attachment
@@ -4053,50 +4236,52 @@ var file_posthaste_v1_mail_proto_goTypes = []any{
 	(*RecipientSummary)(nil),              // 9: posthaste.v1.RecipientSummary
 	(*GetMessageRequest)(nil),             // 10: posthaste.v1.GetMessageRequest
 	(*CancelMessageRequest)(nil),          // 11: posthaste.v1.CancelMessageRequest
-	(*ListMessagesRequest)(nil),           // 12: posthaste.v1.ListMessagesRequest
-	(*ListMessagesResponse)(nil),          // 13: posthaste.v1.ListMessagesResponse
-	(*Message)(nil),                       // 14: posthaste.v1.Message
-	(*Recipient)(nil),                     // 15: posthaste.v1.Recipient
-	(*SmtpReply)(nil),                     // 16: posthaste.v1.SmtpReply
-	(*Attempt)(nil),                       // 17: posthaste.v1.Attempt
-	(*ApiKey)(nil),                        // 18: posthaste.v1.ApiKey
-	(*CreateApiKeyRequest)(nil),           // 19: posthaste.v1.CreateApiKeyRequest
-	(*CreateApiKeyResponse)(nil),          // 20: posthaste.v1.CreateApiKeyResponse
-	(*ListApiKeysRequest)(nil),            // 21: posthaste.v1.ListApiKeysRequest
-	(*ListApiKeysResponse)(nil),           // 22: posthaste.v1.ListApiKeysResponse
-	(*RevokeApiKeyRequest)(nil),           // 23: posthaste.v1.RevokeApiKeyRequest
-	(*Event)(nil),                         // 24: posthaste.v1.Event
-	(*ListMessageEventsRequest)(nil),      // 25: posthaste.v1.ListMessageEventsRequest
-	(*ListMessageEventsResponse)(nil),     // 26: posthaste.v1.ListMessageEventsResponse
-	(*ListEventsRequest)(nil),             // 27: posthaste.v1.ListEventsRequest
-	(*ListEventsResponse)(nil),            // 28: posthaste.v1.ListEventsResponse
-	(*StreamEventsRequest)(nil),           // 29: posthaste.v1.StreamEventsRequest
-	(*StreamEventsResponse)(nil),          // 30: posthaste.v1.StreamEventsResponse
-	(*WatchMessageRequest)(nil),           // 31: posthaste.v1.WatchMessageRequest
-	(*ErrorResponse)(nil),                 // 32: posthaste.v1.ErrorResponse
-	(*Error)(nil),                         // 33: posthaste.v1.Error
-	(*FieldViolation)(nil),                // 34: posthaste.v1.FieldViolation
-	(*Webhook)(nil),                       // 35: posthaste.v1.Webhook
-	(*CreateWebhookRequest)(nil),          // 36: posthaste.v1.CreateWebhookRequest
-	(*CreateWebhookResponse)(nil),         // 37: posthaste.v1.CreateWebhookResponse
-	(*ListWebhooksRequest)(nil),           // 38: posthaste.v1.ListWebhooksRequest
-	(*ListWebhooksResponse)(nil),          // 39: posthaste.v1.ListWebhooksResponse
-	(*GetWebhookRequest)(nil),             // 40: posthaste.v1.GetWebhookRequest
-	(*UpdateWebhookRequest)(nil),          // 41: posthaste.v1.UpdateWebhookRequest
-	(*DeleteWebhookRequest)(nil),          // 42: posthaste.v1.DeleteWebhookRequest
-	(*DeleteWebhookResponse)(nil),         // 43: posthaste.v1.DeleteWebhookResponse
-	(*RotateWebhookSecretRequest)(nil),    // 44: posthaste.v1.RotateWebhookSecretRequest
-	(*RotateWebhookSecretResponse)(nil),   // 45: posthaste.v1.RotateWebhookSecretResponse
-	(*WebhookDelivery)(nil),               // 46: posthaste.v1.WebhookDelivery
-	(*ListWebhookDeliveriesRequest)(nil),  // 47: posthaste.v1.ListWebhookDeliveriesRequest
-	(*ListWebhookDeliveriesResponse)(nil), // 48: posthaste.v1.ListWebhookDeliveriesResponse
-	(*RetryWebhookDeliveryRequest)(nil),   // 49: posthaste.v1.RetryWebhookDeliveryRequest
-	nil,                                   // 50: posthaste.v1.SendMessageRequest.MetadataEntry
-	nil,                                   // 51: posthaste.v1.SendRawMessageRequest.MetadataEntry
-	nil,                                   // 52: posthaste.v1.Message.MetadataEntry
-	(*timestamppb.Timestamp)(nil),         // 53: google.protobuf.Timestamp
-	(*durationpb.Duration)(nil),           // 54: google.protobuf.Duration
-	(*fieldmaskpb.FieldMask)(nil),         // 55: google.protobuf.FieldMask
+	(*GetMessageRawRequest)(nil),          // 12: posthaste.v1.GetMessageRawRequest
+	(*GetMessageRawResponse)(nil),         // 13: posthaste.v1.GetMessageRawResponse
+	(*ListMessagesRequest)(nil),           // 14: posthaste.v1.ListMessagesRequest
+	(*ListMessagesResponse)(nil),          // 15: posthaste.v1.ListMessagesResponse
+	(*Message)(nil),                       // 16: posthaste.v1.Message
+	(*Recipient)(nil),                     // 17: posthaste.v1.Recipient
+	(*SmtpReply)(nil),                     // 18: posthaste.v1.SmtpReply
+	(*Attempt)(nil),                       // 19: posthaste.v1.Attempt
+	(*ApiKey)(nil),                        // 20: posthaste.v1.ApiKey
+	(*CreateApiKeyRequest)(nil),           // 21: posthaste.v1.CreateApiKeyRequest
+	(*CreateApiKeyResponse)(nil),          // 22: posthaste.v1.CreateApiKeyResponse
+	(*ListApiKeysRequest)(nil),            // 23: posthaste.v1.ListApiKeysRequest
+	(*ListApiKeysResponse)(nil),           // 24: posthaste.v1.ListApiKeysResponse
+	(*RevokeApiKeyRequest)(nil),           // 25: posthaste.v1.RevokeApiKeyRequest
+	(*Event)(nil),                         // 26: posthaste.v1.Event
+	(*ListMessageEventsRequest)(nil),      // 27: posthaste.v1.ListMessageEventsRequest
+	(*ListMessageEventsResponse)(nil),     // 28: posthaste.v1.ListMessageEventsResponse
+	(*ListEventsRequest)(nil),             // 29: posthaste.v1.ListEventsRequest
+	(*ListEventsResponse)(nil),            // 30: posthaste.v1.ListEventsResponse
+	(*StreamEventsRequest)(nil),           // 31: posthaste.v1.StreamEventsRequest
+	(*StreamEventsResponse)(nil),          // 32: posthaste.v1.StreamEventsResponse
+	(*WatchMessageRequest)(nil),           // 33: posthaste.v1.WatchMessageRequest
+	(*ErrorResponse)(nil),                 // 34: posthaste.v1.ErrorResponse
+	(*Error)(nil),                         // 35: posthaste.v1.Error
+	(*FieldViolation)(nil),                // 36: posthaste.v1.FieldViolation
+	(*Webhook)(nil),                       // 37: posthaste.v1.Webhook
+	(*CreateWebhookRequest)(nil),          // 38: posthaste.v1.CreateWebhookRequest
+	(*CreateWebhookResponse)(nil),         // 39: posthaste.v1.CreateWebhookResponse
+	(*ListWebhooksRequest)(nil),           // 40: posthaste.v1.ListWebhooksRequest
+	(*ListWebhooksResponse)(nil),          // 41: posthaste.v1.ListWebhooksResponse
+	(*GetWebhookRequest)(nil),             // 42: posthaste.v1.GetWebhookRequest
+	(*UpdateWebhookRequest)(nil),          // 43: posthaste.v1.UpdateWebhookRequest
+	(*DeleteWebhookRequest)(nil),          // 44: posthaste.v1.DeleteWebhookRequest
+	(*DeleteWebhookResponse)(nil),         // 45: posthaste.v1.DeleteWebhookResponse
+	(*RotateWebhookSecretRequest)(nil),    // 46: posthaste.v1.RotateWebhookSecretRequest
+	(*RotateWebhookSecretResponse)(nil),   // 47: posthaste.v1.RotateWebhookSecretResponse
+	(*WebhookDelivery)(nil),               // 48: posthaste.v1.WebhookDelivery
+	(*ListWebhookDeliveriesRequest)(nil),  // 49: posthaste.v1.ListWebhookDeliveriesRequest
+	(*ListWebhookDeliveriesResponse)(nil), // 50: posthaste.v1.ListWebhookDeliveriesResponse
+	(*RetryWebhookDeliveryRequest)(nil),   // 51: posthaste.v1.RetryWebhookDeliveryRequest
+	nil,                                   // 52: posthaste.v1.SendMessageRequest.MetadataEntry
+	nil,                                   // 53: posthaste.v1.SendRawMessageRequest.MetadataEntry
+	nil,                                   // 54: posthaste.v1.Message.MetadataEntry
+	(*timestamppb.Timestamp)(nil),         // 55: google.protobuf.Timestamp
+	(*durationpb.Duration)(nil),           // 56: google.protobuf.Duration
+	(*fieldmaskpb.FieldMask)(nil),         // 57: google.protobuf.FieldMask
 }
 var file_posthaste_v1_mail_proto_depIdxs = []int32{
 	0,  // 0: posthaste.v1.SendMessageRequest.from:type_name -> posthaste.v1.Address
@@ -4106,103 +4291,105 @@ var file_posthaste_v1_mail_proto_depIdxs = []int32{
 	0,  // 4: posthaste.v1.SendMessageRequest.bcc:type_name -> posthaste.v1.Address
 	1,  // 5: posthaste.v1.SendMessageRequest.attachments:type_name -> posthaste.v1.Attachment
 	2,  // 6: posthaste.v1.SendMessageRequest.headers:type_name -> posthaste.v1.Header
-	50, // 7: posthaste.v1.SendMessageRequest.metadata:type_name -> posthaste.v1.SendMessageRequest.MetadataEntry
-	53, // 8: posthaste.v1.SendMessageRequest.send_at:type_name -> google.protobuf.Timestamp
-	51, // 9: posthaste.v1.SendRawMessageRequest.metadata:type_name -> posthaste.v1.SendRawMessageRequest.MetadataEntry
-	53, // 10: posthaste.v1.SendRawMessageRequest.send_at:type_name -> google.protobuf.Timestamp
+	52, // 7: posthaste.v1.SendMessageRequest.metadata:type_name -> posthaste.v1.SendMessageRequest.MetadataEntry
+	55, // 8: posthaste.v1.SendMessageRequest.send_at:type_name -> google.protobuf.Timestamp
+	53, // 9: posthaste.v1.SendRawMessageRequest.metadata:type_name -> posthaste.v1.SendRawMessageRequest.MetadataEntry
+	55, // 10: posthaste.v1.SendRawMessageRequest.send_at:type_name -> google.protobuf.Timestamp
 	9,  // 11: posthaste.v1.SendMessageResponse.recipients:type_name -> posthaste.v1.RecipientSummary
 	3,  // 12: posthaste.v1.SendBatchRequest.messages:type_name -> posthaste.v1.SendMessageRequest
 	8,  // 13: posthaste.v1.SendBatchResponse.results:type_name -> posthaste.v1.SendBatchResult
 	5,  // 14: posthaste.v1.SendBatchResult.accepted:type_name -> posthaste.v1.SendMessageResponse
-	33, // 15: posthaste.v1.SendBatchResult.error:type_name -> posthaste.v1.Error
-	53, // 16: posthaste.v1.ListMessagesRequest.created_after:type_name -> google.protobuf.Timestamp
-	53, // 17: posthaste.v1.ListMessagesRequest.created_before:type_name -> google.protobuf.Timestamp
-	14, // 18: posthaste.v1.ListMessagesResponse.messages:type_name -> posthaste.v1.Message
-	52, // 19: posthaste.v1.Message.metadata:type_name -> posthaste.v1.Message.MetadataEntry
-	53, // 20: posthaste.v1.Message.send_at:type_name -> google.protobuf.Timestamp
-	53, // 21: posthaste.v1.Message.created_at:type_name -> google.protobuf.Timestamp
-	53, // 22: posthaste.v1.Message.updated_at:type_name -> google.protobuf.Timestamp
-	15, // 23: posthaste.v1.Message.recipients:type_name -> posthaste.v1.Recipient
-	17, // 24: posthaste.v1.Message.attempts:type_name -> posthaste.v1.Attempt
-	53, // 25: posthaste.v1.Recipient.next_attempt_at:type_name -> google.protobuf.Timestamp
-	16, // 26: posthaste.v1.Recipient.last_reply:type_name -> posthaste.v1.SmtpReply
-	53, // 27: posthaste.v1.Recipient.delivered_at:type_name -> google.protobuf.Timestamp
-	53, // 28: posthaste.v1.Recipient.updated_at:type_name -> google.protobuf.Timestamp
-	53, // 29: posthaste.v1.Attempt.started_at:type_name -> google.protobuf.Timestamp
-	54, // 30: posthaste.v1.Attempt.duration:type_name -> google.protobuf.Duration
-	16, // 31: posthaste.v1.Attempt.reply:type_name -> posthaste.v1.SmtpReply
-	53, // 32: posthaste.v1.ApiKey.created_at:type_name -> google.protobuf.Timestamp
-	53, // 33: posthaste.v1.ApiKey.last_used_at:type_name -> google.protobuf.Timestamp
-	53, // 34: posthaste.v1.ApiKey.revoked_at:type_name -> google.protobuf.Timestamp
-	18, // 35: posthaste.v1.CreateApiKeyResponse.api_key:type_name -> posthaste.v1.ApiKey
-	18, // 36: posthaste.v1.ListApiKeysResponse.api_keys:type_name -> posthaste.v1.ApiKey
-	53, // 37: posthaste.v1.Event.created_at:type_name -> google.protobuf.Timestamp
-	53, // 38: posthaste.v1.Event.send_at:type_name -> google.protobuf.Timestamp
-	16, // 39: posthaste.v1.Event.reply:type_name -> posthaste.v1.SmtpReply
-	53, // 40: posthaste.v1.Event.next_attempt_at:type_name -> google.protobuf.Timestamp
-	24, // 41: posthaste.v1.ListMessageEventsResponse.events:type_name -> posthaste.v1.Event
-	24, // 42: posthaste.v1.ListEventsResponse.events:type_name -> posthaste.v1.Event
-	24, // 43: posthaste.v1.StreamEventsResponse.event:type_name -> posthaste.v1.Event
-	33, // 44: posthaste.v1.ErrorResponse.error:type_name -> posthaste.v1.Error
-	34, // 45: posthaste.v1.Error.field_violations:type_name -> posthaste.v1.FieldViolation
-	53, // 46: posthaste.v1.Webhook.created_at:type_name -> google.protobuf.Timestamp
-	53, // 47: posthaste.v1.Webhook.updated_at:type_name -> google.protobuf.Timestamp
-	53, // 48: posthaste.v1.Webhook.disabled_at:type_name -> google.protobuf.Timestamp
-	53, // 49: posthaste.v1.Webhook.previous_secret_expires_at:type_name -> google.protobuf.Timestamp
-	35, // 50: posthaste.v1.CreateWebhookResponse.webhook:type_name -> posthaste.v1.Webhook
-	35, // 51: posthaste.v1.ListWebhooksResponse.webhooks:type_name -> posthaste.v1.Webhook
-	35, // 52: posthaste.v1.UpdateWebhookRequest.webhook:type_name -> posthaste.v1.Webhook
-	55, // 53: posthaste.v1.UpdateWebhookRequest.update_mask:type_name -> google.protobuf.FieldMask
-	35, // 54: posthaste.v1.RotateWebhookSecretResponse.webhook:type_name -> posthaste.v1.Webhook
-	53, // 55: posthaste.v1.WebhookDelivery.next_attempt_at:type_name -> google.protobuf.Timestamp
-	53, // 56: posthaste.v1.WebhookDelivery.last_attempt_at:type_name -> google.protobuf.Timestamp
-	54, // 57: posthaste.v1.WebhookDelivery.last_latency:type_name -> google.protobuf.Duration
-	53, // 58: posthaste.v1.WebhookDelivery.created_at:type_name -> google.protobuf.Timestamp
-	46, // 59: posthaste.v1.ListWebhookDeliveriesResponse.deliveries:type_name -> posthaste.v1.WebhookDelivery
+	35, // 15: posthaste.v1.SendBatchResult.error:type_name -> posthaste.v1.Error
+	55, // 16: posthaste.v1.ListMessagesRequest.created_after:type_name -> google.protobuf.Timestamp
+	55, // 17: posthaste.v1.ListMessagesRequest.created_before:type_name -> google.protobuf.Timestamp
+	16, // 18: posthaste.v1.ListMessagesResponse.messages:type_name -> posthaste.v1.Message
+	54, // 19: posthaste.v1.Message.metadata:type_name -> posthaste.v1.Message.MetadataEntry
+	55, // 20: posthaste.v1.Message.send_at:type_name -> google.protobuf.Timestamp
+	55, // 21: posthaste.v1.Message.created_at:type_name -> google.protobuf.Timestamp
+	55, // 22: posthaste.v1.Message.updated_at:type_name -> google.protobuf.Timestamp
+	17, // 23: posthaste.v1.Message.recipients:type_name -> posthaste.v1.Recipient
+	19, // 24: posthaste.v1.Message.attempts:type_name -> posthaste.v1.Attempt
+	55, // 25: posthaste.v1.Recipient.next_attempt_at:type_name -> google.protobuf.Timestamp
+	18, // 26: posthaste.v1.Recipient.last_reply:type_name -> posthaste.v1.SmtpReply
+	55, // 27: posthaste.v1.Recipient.delivered_at:type_name -> google.protobuf.Timestamp
+	55, // 28: posthaste.v1.Recipient.updated_at:type_name -> google.protobuf.Timestamp
+	55, // 29: posthaste.v1.Attempt.started_at:type_name -> google.protobuf.Timestamp
+	56, // 30: posthaste.v1.Attempt.duration:type_name -> google.protobuf.Duration
+	18, // 31: posthaste.v1.Attempt.reply:type_name -> posthaste.v1.SmtpReply
+	55, // 32: posthaste.v1.ApiKey.created_at:type_name -> google.protobuf.Timestamp
+	55, // 33: posthaste.v1.ApiKey.last_used_at:type_name -> google.protobuf.Timestamp
+	55, // 34: posthaste.v1.ApiKey.revoked_at:type_name -> google.protobuf.Timestamp
+	20, // 35: posthaste.v1.CreateApiKeyResponse.api_key:type_name -> posthaste.v1.ApiKey
+	20, // 36: posthaste.v1.ListApiKeysResponse.api_keys:type_name -> posthaste.v1.ApiKey
+	55, // 37: posthaste.v1.Event.created_at:type_name -> google.protobuf.Timestamp
+	55, // 38: posthaste.v1.Event.send_at:type_name -> google.protobuf.Timestamp
+	18, // 39: posthaste.v1.Event.reply:type_name -> posthaste.v1.SmtpReply
+	55, // 40: posthaste.v1.Event.next_attempt_at:type_name -> google.protobuf.Timestamp
+	26, // 41: posthaste.v1.ListMessageEventsResponse.events:type_name -> posthaste.v1.Event
+	26, // 42: posthaste.v1.ListEventsResponse.events:type_name -> posthaste.v1.Event
+	26, // 43: posthaste.v1.StreamEventsResponse.event:type_name -> posthaste.v1.Event
+	35, // 44: posthaste.v1.ErrorResponse.error:type_name -> posthaste.v1.Error
+	36, // 45: posthaste.v1.Error.field_violations:type_name -> posthaste.v1.FieldViolation
+	55, // 46: posthaste.v1.Webhook.created_at:type_name -> google.protobuf.Timestamp
+	55, // 47: posthaste.v1.Webhook.updated_at:type_name -> google.protobuf.Timestamp
+	55, // 48: posthaste.v1.Webhook.disabled_at:type_name -> google.protobuf.Timestamp
+	55, // 49: posthaste.v1.Webhook.previous_secret_expires_at:type_name -> google.protobuf.Timestamp
+	37, // 50: posthaste.v1.CreateWebhookResponse.webhook:type_name -> posthaste.v1.Webhook
+	37, // 51: posthaste.v1.ListWebhooksResponse.webhooks:type_name -> posthaste.v1.Webhook
+	37, // 52: posthaste.v1.UpdateWebhookRequest.webhook:type_name -> posthaste.v1.Webhook
+	57, // 53: posthaste.v1.UpdateWebhookRequest.update_mask:type_name -> google.protobuf.FieldMask
+	37, // 54: posthaste.v1.RotateWebhookSecretResponse.webhook:type_name -> posthaste.v1.Webhook
+	55, // 55: posthaste.v1.WebhookDelivery.next_attempt_at:type_name -> google.protobuf.Timestamp
+	55, // 56: posthaste.v1.WebhookDelivery.last_attempt_at:type_name -> google.protobuf.Timestamp
+	56, // 57: posthaste.v1.WebhookDelivery.last_latency:type_name -> google.protobuf.Duration
+	55, // 58: posthaste.v1.WebhookDelivery.created_at:type_name -> google.protobuf.Timestamp
+	48, // 59: posthaste.v1.ListWebhookDeliveriesResponse.deliveries:type_name -> posthaste.v1.WebhookDelivery
 	3,  // 60: posthaste.v1.MailService.SendMessage:input_type -> posthaste.v1.SendMessageRequest
 	4,  // 61: posthaste.v1.MailService.SendRawMessage:input_type -> posthaste.v1.SendRawMessageRequest
 	6,  // 62: posthaste.v1.MailService.SendBatch:input_type -> posthaste.v1.SendBatchRequest
 	10, // 63: posthaste.v1.MailService.GetMessage:input_type -> posthaste.v1.GetMessageRequest
-	12, // 64: posthaste.v1.MailService.ListMessages:input_type -> posthaste.v1.ListMessagesRequest
+	14, // 64: posthaste.v1.MailService.ListMessages:input_type -> posthaste.v1.ListMessagesRequest
 	11, // 65: posthaste.v1.MailService.CancelMessage:input_type -> posthaste.v1.CancelMessageRequest
-	25, // 66: posthaste.v1.MailService.ListMessageEvents:input_type -> posthaste.v1.ListMessageEventsRequest
-	27, // 67: posthaste.v1.MailService.ListEvents:input_type -> posthaste.v1.ListEventsRequest
-	29, // 68: posthaste.v1.MailService.StreamEvents:input_type -> posthaste.v1.StreamEventsRequest
-	31, // 69: posthaste.v1.MailService.WatchMessage:input_type -> posthaste.v1.WatchMessageRequest
-	19, // 70: posthaste.v1.MailService.CreateApiKey:input_type -> posthaste.v1.CreateApiKeyRequest
-	21, // 71: posthaste.v1.MailService.ListApiKeys:input_type -> posthaste.v1.ListApiKeysRequest
-	23, // 72: posthaste.v1.MailService.RevokeApiKey:input_type -> posthaste.v1.RevokeApiKeyRequest
-	36, // 73: posthaste.v1.MailService.CreateWebhook:input_type -> posthaste.v1.CreateWebhookRequest
-	38, // 74: posthaste.v1.MailService.ListWebhooks:input_type -> posthaste.v1.ListWebhooksRequest
-	40, // 75: posthaste.v1.MailService.GetWebhook:input_type -> posthaste.v1.GetWebhookRequest
-	41, // 76: posthaste.v1.MailService.UpdateWebhook:input_type -> posthaste.v1.UpdateWebhookRequest
-	42, // 77: posthaste.v1.MailService.DeleteWebhook:input_type -> posthaste.v1.DeleteWebhookRequest
-	44, // 78: posthaste.v1.MailService.RotateWebhookSecret:input_type -> posthaste.v1.RotateWebhookSecretRequest
-	47, // 79: posthaste.v1.MailService.ListWebhookDeliveries:input_type -> posthaste.v1.ListWebhookDeliveriesRequest
-	49, // 80: posthaste.v1.MailService.RetryWebhookDelivery:input_type -> posthaste.v1.RetryWebhookDeliveryRequest
-	5,  // 81: posthaste.v1.MailService.SendMessage:output_type -> posthaste.v1.SendMessageResponse
-	5,  // 82: posthaste.v1.MailService.SendRawMessage:output_type -> posthaste.v1.SendMessageResponse
-	7,  // 83: posthaste.v1.MailService.SendBatch:output_type -> posthaste.v1.SendBatchResponse
-	14, // 84: posthaste.v1.MailService.GetMessage:output_type -> posthaste.v1.Message
-	13, // 85: posthaste.v1.MailService.ListMessages:output_type -> posthaste.v1.ListMessagesResponse
-	14, // 86: posthaste.v1.MailService.CancelMessage:output_type -> posthaste.v1.Message
-	26, // 87: posthaste.v1.MailService.ListMessageEvents:output_type -> posthaste.v1.ListMessageEventsResponse
-	28, // 88: posthaste.v1.MailService.ListEvents:output_type -> posthaste.v1.ListEventsResponse
-	30, // 89: posthaste.v1.MailService.StreamEvents:output_type -> posthaste.v1.StreamEventsResponse
-	24, // 90: posthaste.v1.MailService.WatchMessage:output_type -> posthaste.v1.Event
-	20, // 91: posthaste.v1.MailService.CreateApiKey:output_type -> posthaste.v1.CreateApiKeyResponse
-	22, // 92: posthaste.v1.MailService.ListApiKeys:output_type -> posthaste.v1.ListApiKeysResponse
-	18, // 93: posthaste.v1.MailService.RevokeApiKey:output_type -> posthaste.v1.ApiKey
-	37, // 94: posthaste.v1.MailService.CreateWebhook:output_type -> posthaste.v1.CreateWebhookResponse
-	39, // 95: posthaste.v1.MailService.ListWebhooks:output_type -> posthaste.v1.ListWebhooksResponse
-	35, // 96: posthaste.v1.MailService.GetWebhook:output_type -> posthaste.v1.Webhook
-	35, // 97: posthaste.v1.MailService.UpdateWebhook:output_type -> posthaste.v1.Webhook
-	43, // 98: posthaste.v1.MailService.DeleteWebhook:output_type -> posthaste.v1.DeleteWebhookResponse
-	45, // 99: posthaste.v1.MailService.RotateWebhookSecret:output_type -> posthaste.v1.RotateWebhookSecretResponse
-	48, // 100: posthaste.v1.MailService.ListWebhookDeliveries:output_type -> posthaste.v1.ListWebhookDeliveriesResponse
-	46, // 101: posthaste.v1.MailService.RetryWebhookDelivery:output_type -> posthaste.v1.WebhookDelivery
-	81, // [81:102] is the sub-list for method output_type
-	60, // [60:81] is the sub-list for method input_type
+	12, // 66: posthaste.v1.MailService.GetMessageRaw:input_type -> posthaste.v1.GetMessageRawRequest
+	27, // 67: posthaste.v1.MailService.ListMessageEvents:input_type -> posthaste.v1.ListMessageEventsRequest
+	29, // 68: posthaste.v1.MailService.ListEvents:input_type -> posthaste.v1.ListEventsRequest
+	31, // 69: posthaste.v1.MailService.StreamEvents:input_type -> posthaste.v1.StreamEventsRequest
+	33, // 70: posthaste.v1.MailService.WatchMessage:input_type -> posthaste.v1.WatchMessageRequest
+	21, // 71: posthaste.v1.MailService.CreateApiKey:input_type -> posthaste.v1.CreateApiKeyRequest
+	23, // 72: posthaste.v1.MailService.ListApiKeys:input_type -> posthaste.v1.ListApiKeysRequest
+	25, // 73: posthaste.v1.MailService.RevokeApiKey:input_type -> posthaste.v1.RevokeApiKeyRequest
+	38, // 74: posthaste.v1.MailService.CreateWebhook:input_type -> posthaste.v1.CreateWebhookRequest
+	40, // 75: posthaste.v1.MailService.ListWebhooks:input_type -> posthaste.v1.ListWebhooksRequest
+	42, // 76: posthaste.v1.MailService.GetWebhook:input_type -> posthaste.v1.GetWebhookRequest
+	43, // 77: posthaste.v1.MailService.UpdateWebhook:input_type -> posthaste.v1.UpdateWebhookRequest
+	44, // 78: posthaste.v1.MailService.DeleteWebhook:input_type -> posthaste.v1.DeleteWebhookRequest
+	46, // 79: posthaste.v1.MailService.RotateWebhookSecret:input_type -> posthaste.v1.RotateWebhookSecretRequest
+	49, // 80: posthaste.v1.MailService.ListWebhookDeliveries:input_type -> posthaste.v1.ListWebhookDeliveriesRequest
+	51, // 81: posthaste.v1.MailService.RetryWebhookDelivery:input_type -> posthaste.v1.RetryWebhookDeliveryRequest
+	5,  // 82: posthaste.v1.MailService.SendMessage:output_type -> posthaste.v1.SendMessageResponse
+	5,  // 83: posthaste.v1.MailService.SendRawMessage:output_type -> posthaste.v1.SendMessageResponse
+	7,  // 84: posthaste.v1.MailService.SendBatch:output_type -> posthaste.v1.SendBatchResponse
+	16, // 85: posthaste.v1.MailService.GetMessage:output_type -> posthaste.v1.Message
+	15, // 86: posthaste.v1.MailService.ListMessages:output_type -> posthaste.v1.ListMessagesResponse
+	16, // 87: posthaste.v1.MailService.CancelMessage:output_type -> posthaste.v1.Message
+	13, // 88: posthaste.v1.MailService.GetMessageRaw:output_type -> posthaste.v1.GetMessageRawResponse
+	28, // 89: posthaste.v1.MailService.ListMessageEvents:output_type -> posthaste.v1.ListMessageEventsResponse
+	30, // 90: posthaste.v1.MailService.ListEvents:output_type -> posthaste.v1.ListEventsResponse
+	32, // 91: posthaste.v1.MailService.StreamEvents:output_type -> posthaste.v1.StreamEventsResponse
+	26, // 92: posthaste.v1.MailService.WatchMessage:output_type -> posthaste.v1.Event
+	22, // 93: posthaste.v1.MailService.CreateApiKey:output_type -> posthaste.v1.CreateApiKeyResponse
+	24, // 94: posthaste.v1.MailService.ListApiKeys:output_type -> posthaste.v1.ListApiKeysResponse
+	20, // 95: posthaste.v1.MailService.RevokeApiKey:output_type -> posthaste.v1.ApiKey
+	39, // 96: posthaste.v1.MailService.CreateWebhook:output_type -> posthaste.v1.CreateWebhookResponse
+	41, // 97: posthaste.v1.MailService.ListWebhooks:output_type -> posthaste.v1.ListWebhooksResponse
+	37, // 98: posthaste.v1.MailService.GetWebhook:output_type -> posthaste.v1.Webhook
+	37, // 99: posthaste.v1.MailService.UpdateWebhook:output_type -> posthaste.v1.Webhook
+	45, // 100: posthaste.v1.MailService.DeleteWebhook:output_type -> posthaste.v1.DeleteWebhookResponse
+	47, // 101: posthaste.v1.MailService.RotateWebhookSecret:output_type -> posthaste.v1.RotateWebhookSecretResponse
+	50, // 102: posthaste.v1.MailService.ListWebhookDeliveries:output_type -> posthaste.v1.ListWebhookDeliveriesResponse
+	48, // 103: posthaste.v1.MailService.RetryWebhookDelivery:output_type -> posthaste.v1.WebhookDelivery
+	82, // [82:104] is the sub-list for method output_type
+	60, // [60:82] is the sub-list for method input_type
 	60, // [60:60] is the sub-list for extension type_name
 	60, // [60:60] is the sub-list for extension extendee
 	0,  // [0:60] is the sub-list for field type_name
@@ -4217,14 +4404,14 @@ func file_posthaste_v1_mail_proto_init() {
 		(*SendBatchResult_Accepted)(nil),
 		(*SendBatchResult_Error)(nil),
 	}
-	file_posthaste_v1_mail_proto_msgTypes[36].OneofWrappers = []any{}
+	file_posthaste_v1_mail_proto_msgTypes[38].OneofWrappers = []any{}
 	type x struct{}
 	out := protoimpl.TypeBuilder{
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_posthaste_v1_mail_proto_rawDesc), len(file_posthaste_v1_mail_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   53,
+			NumMessages:   55,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

@@ -25,6 +25,7 @@ const (
 	MailService_GetMessage_FullMethodName            = "/posthaste.v1.MailService/GetMessage"
 	MailService_ListMessages_FullMethodName          = "/posthaste.v1.MailService/ListMessages"
 	MailService_CancelMessage_FullMethodName         = "/posthaste.v1.MailService/CancelMessage"
+	MailService_GetMessageRaw_FullMethodName         = "/posthaste.v1.MailService/GetMessageRaw"
 	MailService_ListMessageEvents_FullMethodName     = "/posthaste.v1.MailService/ListMessageEvents"
 	MailService_ListEvents_FullMethodName            = "/posthaste.v1.MailService/ListEvents"
 	MailService_StreamEvents_FullMethodName          = "/posthaste.v1.MailService/StreamEvents"
@@ -83,8 +84,16 @@ type MailServiceClient interface {
 	ListMessages(ctx context.Context, in *ListMessagesRequest, opts ...grpc.CallOption) (*ListMessagesResponse, error)
 	// CancelMessage cancels every recipient that is not yet delivered, bounced
 	// or failed. A recipient whose attempt is in flight is canceled unless that
-	// attempt delivers or bounces it.
+	// attempt delivers or bounces it. When every recipient is already final
+	// there is nothing to cancel: FailedPrecondition (REST 409) with reason
+	// NOTHING_TO_CANCEL, and nothing changes.
 	CancelMessage(ctx context.Context, in *CancelMessageRequest, opts ...grpc.CallOption) (*Message, error)
+	// GetMessageRaw returns a message of the caller's project exactly as it
+	// was stored and is (or would be) sent: its envelope and its RFC 5322
+	// bytes. In sandbox mode it is the place to see what a real recipient
+	// would have received. Over REST the bytes are base64 in JSON, or the
+	// message itself with Accept: message/rfc822. Needs the read scope.
+	GetMessageRaw(ctx context.Context, in *GetMessageRawRequest, opts ...grpc.CallOption) (*GetMessageRawResponse, error)
 	// ListMessageEvents returns every event of one message of the caller's
 	// project so far, oldest first: its timeline. An event shows here as soon
 	// as it is committed. Needs the read scope.
@@ -213,6 +222,16 @@ func (c *mailServiceClient) CancelMessage(ctx context.Context, in *CancelMessage
 	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
 	out := new(Message)
 	err := c.cc.Invoke(ctx, MailService_CancelMessage_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *mailServiceClient) GetMessageRaw(ctx context.Context, in *GetMessageRawRequest, opts ...grpc.CallOption) (*GetMessageRawResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(GetMessageRawResponse)
+	err := c.cc.Invoke(ctx, MailService_GetMessageRaw_FullMethodName, in, out, cOpts...)
 	if err != nil {
 		return nil, err
 	}
@@ -428,8 +447,16 @@ type MailServiceServer interface {
 	ListMessages(context.Context, *ListMessagesRequest) (*ListMessagesResponse, error)
 	// CancelMessage cancels every recipient that is not yet delivered, bounced
 	// or failed. A recipient whose attempt is in flight is canceled unless that
-	// attempt delivers or bounces it.
+	// attempt delivers or bounces it. When every recipient is already final
+	// there is nothing to cancel: FailedPrecondition (REST 409) with reason
+	// NOTHING_TO_CANCEL, and nothing changes.
 	CancelMessage(context.Context, *CancelMessageRequest) (*Message, error)
+	// GetMessageRaw returns a message of the caller's project exactly as it
+	// was stored and is (or would be) sent: its envelope and its RFC 5322
+	// bytes. In sandbox mode it is the place to see what a real recipient
+	// would have received. Over REST the bytes are base64 in JSON, or the
+	// message itself with Accept: message/rfc822. Needs the read scope.
+	GetMessageRaw(context.Context, *GetMessageRawRequest) (*GetMessageRawResponse, error)
 	// ListMessageEvents returns every event of one message of the caller's
 	// project so far, oldest first: its timeline. An event shows here as soon
 	// as it is committed. Needs the read scope.
@@ -521,6 +548,9 @@ func (UnimplementedMailServiceServer) ListMessages(context.Context, *ListMessage
 }
 func (UnimplementedMailServiceServer) CancelMessage(context.Context, *CancelMessageRequest) (*Message, error) {
 	return nil, status.Error(codes.Unimplemented, "method CancelMessage not implemented")
+}
+func (UnimplementedMailServiceServer) GetMessageRaw(context.Context, *GetMessageRawRequest) (*GetMessageRawResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method GetMessageRaw not implemented")
 }
 func (UnimplementedMailServiceServer) ListMessageEvents(context.Context, *ListMessageEventsRequest) (*ListMessageEventsResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method ListMessageEvents not implemented")
@@ -692,6 +722,24 @@ func _MailService_CancelMessage_Handler(srv interface{}, ctx context.Context, de
 	}
 	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
 		return srv.(MailServiceServer).CancelMessage(ctx, req.(*CancelMessageRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _MailService_GetMessageRaw_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(GetMessageRawRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(MailServiceServer).GetMessageRaw(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: MailService_GetMessageRaw_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(MailServiceServer).GetMessageRaw(ctx, req.(*GetMessageRawRequest))
 	}
 	return interceptor(ctx, in, info, handler)
 }
@@ -982,6 +1030,10 @@ var MailService_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "CancelMessage",
 			Handler:    _MailService_CancelMessage_Handler,
+		},
+		{
+			MethodName: "GetMessageRaw",
+			Handler:    _MailService_GetMessageRaw_Handler,
 		},
 		{
 			MethodName: "ListMessageEvents",
