@@ -14,6 +14,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/posthaste/posthaste/db"
 	"github.com/posthaste/posthaste/internal/netguard"
 	"github.com/posthaste/posthaste/internal/testenv"
 )
@@ -410,5 +411,49 @@ func TestGuardJudgesMappedAddressesAsIPv4(t *testing.T) {
 	se := r.check("mx.mapped.test", netip.MustParseAddr("::ffff:127.0.0.9"))
 	if se == nil || !strings.Contains(se.Message, "a loopback address") {
 		t.Fatalf("reply %v, want a loopback refusal", se)
+	}
+}
+
+// What an attempt did with TLS, and a refused MX address, reach the
+// attempt rows that GetMessage returns.
+func TestDispatchRecordsTLSAndGuardOnAttempts(t *testing.T) {
+	t.Parallel()
+	e := newDispatchEnv(t)
+	ca := newTestCA(t)
+	srv := testenv.StartSMTP(t, testenv.WithTLSCertificate(ca.issue(t, "mx.secure.test")))
+	e.mx("secure.test", srv)
+	e.dns.AddMX("internal.test", "mx.internal.test", 10)
+	e.dns.AddA("mx.internal.test", "10.0.0.5")
+	id := e.insert(t, time.Time{}, "a@secure.test", "b@internal.test")
+	cfg := e.config()
+	cfg.SMTP.RootCAs = ca.pool
+	cfg.TLSPolicies = map[string]string{"secure.test": "require-verified"}
+	cfg.MTASTS.Disabled = true
+	e.start(t, cfg)
+
+	m := e.waitMessage(t, id, "final outcomes", final)
+	if r := recipient(t, m, "a@secure.test"); r.Status != db.StatusDelivered {
+		t.Fatalf("a: %+v", r)
+	}
+	bounced := recipient(t, m, "b@internal.test")
+	if bounced.Status != db.StatusBounced || bounced.LastCode != 550 || bounced.LastEnhancedCode != "5.4.4" ||
+		bounced.LastText != "mx.internal.test resolves to 10.0.0.5, a private address; not connecting" {
+		t.Fatalf("b: %+v", bounced)
+	}
+	if len(m.Attempts) != 2 {
+		t.Fatalf("attempts %+v", m.Attempts)
+	}
+	for _, a := range m.Attempts {
+		switch a.RecipientID {
+		case recipient(t, m, "a@secure.test").ID:
+			if !a.TLS || !a.TLSVerified || a.TLSCipher == "" || a.TLSPolicy != "require-verified" || a.TLSPolicyFailure != "" {
+				t.Fatalf("secure attempt %+v", a)
+			}
+		default:
+			if a.MXHost != "mx.internal.test" || a.IP != "10.0.0.5" || a.Source != db.AttemptSourceLocal || a.TLS || a.Outcome != db.StatusBounced ||
+				!strings.Contains(a.Text, "a private address; not connecting") {
+				t.Fatalf("refused attempt %+v", a)
+			}
+		}
 	}
 }
