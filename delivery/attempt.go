@@ -211,7 +211,7 @@ func (s *sender) connect(ctx context.Context, t target, req tlsRequirement) (*sm
 		if !sc.suits(req) {
 			// Opened under another domain's policy that asked less of
 			// it; a new connection gets this one's.
-			sc.quit()
+			s.pool.discard(sc)
 			continue
 		}
 		if sc.pipelining() {
