@@ -156,6 +156,12 @@ type Attempt struct {
 	// Source is AttemptSourceRemote when the reply is the server's, or
 	// AttemptSourceLocal when it was made up here.
 	Source string
+	// TLSCipher, TLSVerified, TLSPolicy and TLSPolicyFailure are as in
+	// NewAttempt.
+	TLSCipher        string
+	TLSVerified      bool
+	TLSPolicy        string
+	TLSPolicyFailure string
 }
 
 // Cursor is the position of a message in the newest-first listing order.
@@ -247,7 +253,8 @@ r.delivered_at, r.created_at, r.updated_at`
 
 const attemptColumns = `
 a.id, a.recipient_id, a.started_at, a.duration, a.mx_host, a.ip, a.tls, a.tls_version,
-a.code, a.enhanced_code, a.text, a.outcome, a.source`
+a.code, a.enhanced_code, a.text, a.outcome, a.source,
+a.tls_cipher, a.tls_verified, a.tls_policy, a.tls_policy_failure`
 
 // A message is read with its recipients (and attempts) as arrays of records
 // in one statement, so that they all come from one snapshot whether the
@@ -369,7 +376,8 @@ func (a *attemptRecord) ScanIndex(i int) any {
 // scanFields are the destinations of attemptColumns, in order.
 func (a *Attempt) scanFields() []any {
 	return []any{&a.ID, &a.RecipientID, &a.StartedAt, &a.Duration, &a.MXHost, &a.IP, &a.TLS,
-		&a.TLSVersion, &a.Code, &a.EnhancedCode, &a.Text, &a.Outcome, &a.Source}
+		&a.TLSVersion, &a.Code, &a.EnhancedCode, &a.Text, &a.Outcome, &a.Source,
+		&a.TLSCipher, &a.TLSVerified, &a.TLSPolicy, &a.TLSPolicyFailure}
 }
 
 // The listing query is put together from these fragments; only the filters

@@ -77,6 +77,18 @@ type NewAttempt struct {
 	IP         string
 	TLS        bool
 	TLSVersion string
+	// TLSCipher is the cipher suite, e.g. "TLS_AES_128_GCM_SHA256"; empty
+	// without TLS.
+	TLSCipher string
+	// TLSVerified reports that the server's certificate chained to a
+	// trusted root and was valid for MXHost.
+	TLSVerified bool
+	// TLSPolicy is the TLS policy that applied to the host (see
+	// delivery.TLSPolicy); empty when no host was tried.
+	TLSPolicy string
+	// TLSPolicyFailure says why the host did not meet TLSPolicy, empty when
+	// it did.
+	TLSPolicyFailure string
 	// The host's reply: for the host that ran the transaction, the reply
 	// that decided the recipient; for a host left for the next, the reply
 	// that refused the session (a 421 greeting, say), or code 0 when there
@@ -435,17 +447,22 @@ WITH input AS (
     RETURNING r.id, r.message_id, r.address, r.status
 ), att AS (
     INSERT INTO attempts (id, recipient_id, message_id, started_at, duration, mx_host, ip, tls,
-        tls_version, code, enhanced_code, text, outcome, source)
+        tls_version, code, enhanced_code, text, outcome, source,
+        tls_cipher, tls_verified, tls_policy, tls_policy_failure)
     SELECT a.id, u.id, u.message_id, a.started_at, a.duration_us * interval '1 microsecond',
-        a.mx_host, a.ip, a.tls, a.tls_version, a.code, a.enhanced_code, a.text, a.outcome, a.source
+        a.mx_host, a.ip, a.tls, a.tls_version, a.code, a.enhanced_code, a.text, a.outcome, a.source,
+        a.tls_cipher, a.tls_verified, a.tls_policy, a.tls_policy_failure
     FROM unnest(
         @attempt_ids::uuid[], @attempt_recipient_ids::uuid[], @attempt_outcomes::text[],
         @attempt_started_at::timestamptz[], @attempt_durations_us::bigint[], @attempt_mx_hosts::text[],
         @attempt_ips::text[], @attempt_tls::boolean[], @attempt_tls_versions::text[],
         @attempt_codes::integer[], @attempt_enhanced_codes::text[], @attempt_texts::text[],
-        @attempt_sources::text[]
+        @attempt_sources::text[],
+        @attempt_tls_ciphers::text[], @attempt_tls_verified::boolean[], @attempt_tls_policies::text[],
+        @attempt_tls_policy_failures::text[]
     ) AS a(id, recipient_id, outcome, started_at, duration_us, mx_host, ip, tls, tls_version,
-           code, enhanced_code, text, source)
+           code, enhanced_code, text, source,
+           tls_cipher, tls_verified, tls_policy, tls_policy_failure)
     JOIN upd u ON u.id = a.recipient_id
 ), `
 
@@ -609,6 +626,11 @@ type attemptRowColumns struct {
 	enhanced     []string
 	texts        []string
 	sources      []string
+	// TLS details, migration 00013.
+	tlsCiphers        []string
+	tlsVerified       []bool
+	tlsPolicies       []string
+	tlsPolicyFailures []string
 }
 
 // add appends the rows of o's attempts: deferred but for the last, which
@@ -646,6 +668,10 @@ func (c *attemptRowColumns) add(o Outcome) error {
 		c.enhanced = append(c.enhanced, a.EnhancedCode)
 		c.texts = append(c.texts, a.Text)
 		c.sources = append(c.sources, source)
+		c.tlsCiphers = append(c.tlsCiphers, a.TLSCipher)
+		c.tlsVerified = append(c.tlsVerified, a.TLSVerified)
+		c.tlsPolicies = append(c.tlsPolicies, a.TLSPolicy)
+		c.tlsPolicyFailures = append(c.tlsPolicyFailures, a.TLSPolicyFailure)
 	}
 	return nil
 }
@@ -700,6 +726,10 @@ func (c *attemptRowColumns) addArgs(args pgx.NamedArgs) {
 	args["attempt_enhanced_codes"] = c.enhanced
 	args["attempt_texts"] = c.texts
 	args["attempt_sources"] = c.sources
+	args["attempt_tls_ciphers"] = c.tlsCiphers
+	args["attempt_tls_verified"] = c.tlsVerified
+	args["attempt_tls_policies"] = c.tlsPolicies
+	args["attempt_tls_policy_failures"] = c.tlsPolicyFailures
 }
 
 // RecordOutcomes applies delivery outcomes in one transaction and returns

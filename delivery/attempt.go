@@ -2,6 +2,8 @@ package delivery
 
 import (
 	"context"
+	"errors"
+	"strings"
 	"time"
 )
 
@@ -12,6 +14,10 @@ type sender struct {
 	connector  *connector
 	pool       *pool
 	dnsTimeout time.Duration
+	// policies are the configured TLS policies by domain.
+	policies map[string]TLSPolicy
+	// sts finds MTA-STS policies; nil when MTA-STS is off.
+	sts *mtaSTS
 }
 
 // envelope is one SMTP transaction to make: a message for recipients of one
@@ -42,8 +48,15 @@ type hostTry struct {
 	IP         string
 	TLS        bool
 	TLSVersion string
-	Started    time.Time
-	Elapsed    time.Duration
+	TLSCipher  string
+	// TLSVerified reports that the certificate verified for MXHost.
+	TLSVerified bool
+	// TLSPolicy is the policy that applied, and TLSPolicyFailure why the
+	// host did not meet it ("" when it did).
+	TLSPolicy        TLSPolicy
+	TLSPolicyFailure string
+	Started          time.Time
+	Elapsed          time.Duration
 	// Err is why the host was left for the next: a refusal (the greeting,
 	// EHLO, STARTTLS) or a failure to talk at all. It is nil for the host
 	// that took the transaction, whose outcome Rcpts hold.
@@ -51,6 +64,8 @@ type hostTry struct {
 	// Replied reports whether Err is the host's reply rather than a failure
 	// to get one (refused connection, timeout, reset).
 	Replied bool
+	// refused marks an address the destination guard refused.
+	refused bool
 }
 
 // attempt delivers env. ctx carries the deadline of the whole attempt
@@ -75,22 +90,52 @@ func (s *sender) attempt(ctx context.Context, env envelope) (res attemptResult) 
 		return res
 	}
 	targets = s.preferPooled(targets)
+	req := s.requirement(ctx, env.Domain)
 
+	refused := 0
 	for _, t := range targets {
 		if ctx.Err() != nil {
 			break
 		}
-		h := hostTry{MXHost: t.Host, IP: t.IP.String(), Started: time.Now()}
-		sc, rcpts, err := s.transact(ctx, t, env)
+		h := hostTry{MXHost: t.Host, IP: t.IP.String(), Started: time.Now(), TLSPolicy: req.policy}
+		if t.Refused != nil {
+			// The destination guard refused the address: nothing is
+			// connected to.
+			h.Err, h.refused = t.Refused, true
+			res.Hosts = append(res.Hosts, h)
+			refused++
+			continue
+		}
+		if reason := req.mxFailure(t.Host); reason != "" {
+			h.TLSPolicyFailure = reason
+			if req.policy == TLSMTASTSEnforce {
+				// RFC 8461 section 4.1: a host the policy does not list
+				// is not delivered to, or connected to.
+				h.Err = req.refuse("4.7.5", reason).reply
+				res.Hosts = append(res.Hosts, h)
+				continue
+			}
+		}
+		sc, rcpts, err := s.transact(ctx, t, env, req)
 		if err != nil {
 			// RFC 5321 section 5.1: on a connection failure or a
 			// greeting that is not 220, go on to the next address.
 			h.Elapsed = time.Since(h.Started)
 			h.Err, h.Replied = asGreetingError(err), isReply(err)
+			if pe, ok := errors.AsType[*policyError](err); ok {
+				h.TLSPolicyFailure = pe.reason
+			}
 			res.Hosts = append(res.Hosts, h)
 			continue
 		}
-		h.TLS, h.TLSVersion = sc.tls, sc.tlsVersion
+		h.TLS, h.TLSVersion, h.TLSCipher = sc.tls, sc.tlsVersion, sc.tlsCipher
+		h.TLSVerified = sc.tls && sc.verifyErr == nil
+		if h.TLSPolicyFailure == "" {
+			// Only under TLSMTASTSTesting can a session that fails the
+			// policy get here: the failure is recorded, and the message
+			// delivered (RFC 8461 section 5).
+			_, h.TLSPolicyFailure = req.check(sc)
+		}
 		res.Rcpts = rcpts
 		h.Elapsed = time.Since(h.Started)
 		res.Hosts = append(res.Hosts, h)
@@ -98,20 +143,48 @@ func (s *sender) attempt(ctx context.Context, env envelope) (res attemptResult) 
 		return res
 	}
 	lastErr := asSMTPError(context.Cause(ctx))
-	if n := len(res.Hosts); n > 0 {
-		lastErr = res.Hosts[n-1].Err
+	for i := len(res.Hosts) - 1; i >= 0; i-- {
+		// The last host's error decides, but a refused address only when
+		// every address was refused: the failure of a host that was
+		// tried may clear up, and defers the recipients instead.
+		lastErr = res.Hosts[i].Err
+		if refused == len(res.Hosts) || !res.Hosts[i].refused {
+			break
+		}
 	}
 	res.Rcpts = failAll(len(env.To), lastErr)
 	return res
+}
+
+// requirement returns the TLS policy of domain: the configured one, else
+// the domain's MTA-STS policy (not for routed domains, whose next hop the
+// configuration names), else opportunistic TLS.
+func (s *sender) requirement(ctx context.Context, domain string) tlsRequirement {
+	domain = strings.ToLower(strings.TrimSuffix(domain, "."))
+	req := tlsRequirement{policy: TLSOpportunistic, domain: domain}
+	if p, ok := s.policies[domain]; ok {
+		req.policy = p
+	} else if _, routed := s.router.routes.lookup(domain); !routed && s.sts != nil {
+		if p := s.sts.policy(ctx, domain); p != nil {
+			switch p.mode {
+			case stsEnforce:
+				req.policy, req.sts = TLSMTASTSEnforce, p
+			case stsTesting:
+				req.policy, req.sts = TLSMTASTSTesting, p
+			}
+		}
+	}
+	req.verifyIfOffered = req.policy == TLSOpportunistic && s.connector.cfg.VerifyTLS
+	return req
 }
 
 // transact makes env's transaction with t on a pooled connection or a new
 // one. A pooled connection that turns out to have been dropped while idle
 // (its pipelined RSET went unanswered) is closed and the next one tried;
 // the error is the one of opening a new connection.
-func (s *sender) transact(ctx context.Context, t target, env envelope) (*smtpConn, []rcptResult, error) {
+func (s *sender) transact(ctx context.Context, t target, env envelope, req tlsRequirement) (*smtpConn, []rcptResult, error) {
 	for {
-		sc, err := s.connect(ctx, t)
+		sc, err := s.connect(ctx, t, req)
 		if err != nil {
 			return nil, nil, err
 		}
@@ -129,11 +202,17 @@ func (s *sender) transact(ctx context.Context, t target, env envelope) (*smtpCon
 // RSET goes out with the transaction's commands (RFC 2920 section 3.1 lets
 // it lead a group), otherwise it is sent here and a connection that does
 // not answer it is closed.
-func (s *sender) connect(ctx context.Context, t target) (*smtpConn, error) {
+func (s *sender) connect(ctx context.Context, t target, req tlsRequirement) (*smtpConn, error) {
 	for {
 		sc := s.pool.get(keyOf(t))
 		if sc == nil {
 			break
+		}
+		if !sc.suits(req) {
+			// Opened under another domain's policy that asked less of
+			// it; a new connection gets this one's.
+			s.pool.discard(sc)
+			continue
 		}
 		if sc.pipelining() {
 			sc.reused = true
@@ -145,7 +224,7 @@ func (s *sender) connect(ctx context.Context, t target) (*smtpConn, error) {
 		// The server dropped the idle connection; try the next one.
 		sc.raw.Close()
 	}
-	return s.connector.dial(ctx, t)
+	return s.connector.dial(ctx, t, req)
 }
 
 // preferPooled moves an address that has an idle connection to the front,

@@ -2,10 +2,12 @@ package delivery
 
 import (
 	"crypto/rand"
+	"crypto/x509"
 	"encoding/hex"
 	"errors"
 	"fmt"
 	"log/slog"
+	"net/netip"
 	"os"
 	"strings"
 	"time"
@@ -92,8 +94,35 @@ type Config struct {
 	// dispatcher next to a caching resolver. Defaults to 10000.
 	DNSCacheSize int
 	// Routes maps recipient domains, or "*" for all, to "host" or
-	// "host:port"; a route replaces the MX lookup. Defaults to none.
+	// "host:port"; a route replaces the MX lookup. Routes are trusted: their
+	// addresses are not checked against AllowDestinations, and MTA-STS is
+	// not looked up for routed domains. Defaults to none.
 	Routes map[string]string
+	// AllowDestinations are address ranges that MX hosts may resolve to
+	// although they are loopback, private, link-local, shared (CGNAT),
+	// multicast, unspecified or reserved. An address in those ranges is
+	// never connected to otherwise: a domain whose MX points at one would
+	// turn the dispatcher into a way to reach internal services (see
+	// internal/netguard), so its recipients bounce with a reply that says
+	// so. Cloud metadata addresses open only when named exactly (a /32 or
+	// /128). The ranges also apply to MTA-STS policy hosts. Defaults to
+	// none.
+	AllowDestinations []netip.Prefix
+	// IPVersion chooses the address families of MX hosts: "prefer-4" (each
+	// host's IPv4 addresses, then its IPv6 ones), "prefer-6" (the reverse),
+	// "4" (IPv4 only; AAAA is not looked up) or "6" (IPv6 only). Hosts are
+	// tried in MX preference order whatever the choice. Defaults to
+	// "prefer-4": the sending addresses most likely to have the reverse DNS
+	// and reputation receivers check are IPv4 ones.
+	IPVersion string
+	// TLSPolicies maps recipient domains to a TLS policy: "none",
+	// "opportunistic", "require" or "require-verified" (see TLSPolicy). A
+	// configured policy takes the place of the domain's MTA-STS policy.
+	// Defaults to none: opportunistic TLS, or the domain's MTA-STS policy.
+	TLSPolicies map[string]string
+	// MTASTS configures MTA-STS (RFC 8461). Defaults to the MTASTSConfig
+	// defaults.
+	MTASTS MTASTSConfig
 	// ShutdownTimeout bounds Stop. Transactions in flight may finish until
 	// only the last quarter of it (at most 5s) is left; then they are
 	// interrupted, and that time is kept to record their outcomes (their
@@ -138,11 +167,71 @@ type SMTPConfig struct {
 	// MaxHosts is the most addresses (MX hosts times their IPs) tried in
 	// one attempt, like Postfix's smtp_mx_address_limit. Defaults to 5.
 	MaxHosts int
-	// VerifyTLS makes STARTTLS check the server's certificate; a check that
-	// fails fails the host. Servers without STARTTLS still get plain text.
+	// VerifyTLS makes a certificate that does not verify fail the host
+	// under the opportunistic policy; servers without STARTTLS still get
+	// plain text (TLSRequireVerified refuses those too). Certificates are
+	// checked, and the result recorded on the attempt, either way.
 	// Defaults to false, as is usual between MTAs (RFC 7435).
 	VerifyTLS bool
+	// RootCAs are the roots that server certificates, and the HTTPS
+	// servers of MTA-STS policies, are verified against. Defaults to nil,
+	// the system's roots.
+	RootCAs *x509.CertPool
 }
+
+// MTASTSConfig configures MTA-STS (RFC 8461): the published policy of a
+// recipient domain that asks senders to deliver only to listed MX hosts
+// over TLS with a verified certificate.
+type MTASTSConfig struct {
+	// Disabled turns MTA-STS off: no TXT lookups, no policy fetches.
+	// Defaults to false.
+	Disabled bool
+	// FetchTimeout bounds fetching a policy over HTTPS (RFC 8461 section
+	// 3.3 recommends 1 minute). Defaults to 1m.
+	FetchTimeout time.Duration
+	// RecheckInterval is how long a domain without a policy, or whose
+	// policy could not be fetched, is taken at that before the database
+	// is asked again or the fetch repeated. A TXT record with a new id is
+	// noticed at once. Defaults to 5m.
+	RecheckInterval time.Duration
+	// CacheSize is the most domains whose policy (or lack of one) is kept
+	// in memory in front of the database. Defaults to 10000.
+	CacheSize int
+}
+
+// WithDefaults returns the config with zero fields set to their defaults.
+func (c MTASTSConfig) WithDefaults() MTASTSConfig {
+	if c.FetchTimeout == 0 {
+		c.FetchTimeout = time.Minute
+	}
+	if c.RecheckInterval == 0 {
+		c.RecheckInterval = 5 * time.Minute
+	}
+	if c.CacheSize == 0 {
+		c.CacheSize = 10000
+	}
+	return c
+}
+
+func (c MTASTSConfig) validate() error {
+	switch {
+	case c.FetchTimeout <= 0:
+		return errors.New("FetchTimeout: must be positive")
+	case c.RecheckInterval <= 0:
+		return errors.New("RecheckInterval: must be positive")
+	case c.CacheSize < 1:
+		return errors.New("CacheSize: must be at least 1")
+	}
+	return nil
+}
+
+// IP versions (Config.IPVersion).
+const (
+	IPPrefer4 = "prefer-4"
+	IPPrefer6 = "prefer-6"
+	IPOnly4   = "4"
+	IPOnly6   = "6"
+)
 
 // WithDefaults returns the config with zero fields set to their defaults.
 func (c SMTPConfig) WithDefaults() SMTPConfig {
@@ -223,6 +312,10 @@ func (c Config) WithDefaults() Config {
 	}
 	c.Retry = c.Retry.WithDefaults()
 	c.SMTP = c.SMTP.WithDefaults()
+	c.MTASTS = c.MTASTS.WithDefaults()
+	if c.IPVersion == "" {
+		c.IPVersion = IPPrefer4
+	}
 	if c.DNSTimeout == 0 {
 		c.DNSTimeout = 20 * time.Second
 	}
@@ -298,6 +391,22 @@ func (c Config) validate() error {
 	}
 	if _, err := parseRoutes(c.Routes); err != nil {
 		return err
+	}
+	if _, err := parseTLSPolicies(c.TLSPolicies); err != nil {
+		return err
+	}
+	if err := c.MTASTS.validate(); err != nil {
+		return fmt.Errorf("MTASTS.%w", err)
+	}
+	switch c.IPVersion {
+	case IPPrefer4, IPPrefer6, IPOnly4, IPOnly6:
+	default:
+		return fmt.Errorf("IPVersion: %q is not prefer-4, prefer-6, 4 or 6", c.IPVersion)
+	}
+	for _, p := range c.AllowDestinations {
+		if !p.IsValid() {
+			return errors.New("AllowDestinations: holds an invalid prefix")
+		}
 	}
 	return nil
 }

@@ -19,6 +19,7 @@ import (
 
 	"github.com/posthaste/posthaste/db"
 	"github.com/posthaste/posthaste/delivery/bounce"
+	"github.com/posthaste/posthaste/internal/netguard"
 )
 
 // dbTimeout bounds one database call made by the dispatcher.
@@ -96,6 +97,10 @@ func NewDispatcher(cfg Config, store *db.DB) (*Dispatcher, error) {
 	if err != nil {
 		return nil, fmt.Errorf("delivery config: %w", err)
 	}
+	policies, err := parseTLSPolicies(cfg.TLSPolicies)
+	if err != nil {
+		return nil, fmt.Errorf("delivery config: %w", err)
+	}
 	res := newDNSResolver(cfg.DNSServer, systemResolvConf, min(cfg.DNSTimeout, 5*time.Second), newDNSCache(cfg.DNSCacheSize))
 	if _, err := res.nameservers(); err != nil {
 		// Not fatal: static routes and sandbox mode need no DNS server,
@@ -108,6 +113,13 @@ func NewDispatcher(cfg Config, store *db.DB) (*Dispatcher, error) {
 	}
 	smtpCfg := cfg.SMTP
 	p := newPool(smtpCfg.IdleTimeout, smtpCfg.MaxReuse)
+	rt := newRouter(res, routes, smtpCfg.Port, smtpCfg.MaxHosts)
+	rt.guard = netguard.New(cfg.AllowDestinations...)
+	rt.families = familiesOf(cfg.IPVersion)
+	var sts *mtaSTS
+	if !cfg.MTASTS.Disabled {
+		sts = newMTASTS(cfg.MTASTS, res, rt.families, rt.guard, dialer, smtpCfg.RootCAs, store, cfg.Logger)
+	}
 	dbCtx, cancelDB := context.WithCancel(context.Background())
 	d := &Dispatcher{
 		cfg:   cfg,
@@ -115,10 +127,12 @@ func NewDispatcher(cfg Config, store *db.DB) (*Dispatcher, error) {
 		log:   cfg.Logger,
 		pool:  p,
 		sender: &sender{
-			router:     newRouter(res, routes, smtpCfg.Port, smtpCfg.MaxHosts),
+			router:     rt,
 			connector:  &connector{dialer: dialer, cfg: &smtpCfg},
 			pool:       p,
 			dnsTimeout: cfg.DNSTimeout,
+			policies:   policies,
+			sts:        sts,
 		},
 		retry:    newRetryPolicy(cfg.Retry),
 		limits:   newLimiter(cfg.Concurrency, cfg.PerDomainConcurrency),
@@ -540,7 +554,9 @@ func (d *Dispatcher) outcomes(j *job, res attemptResult, now time.Time) []db.Out
 			o.Attempts = make([]db.NewAttempt, len(res.Hosts))
 			for k, h := range res.Hosts {
 				a := db.NewAttempt{StartedAt: h.Started, Duration: h.Elapsed,
-					MXHost: h.MXHost, IP: h.IP, TLS: h.TLS, TLSVersion: h.TLSVersion}
+					MXHost: h.MXHost, IP: h.IP, TLS: h.TLS, TLSVersion: h.TLSVersion,
+					TLSCipher: h.TLSCipher, TLSVerified: h.TLSVerified,
+					TLSPolicy: string(h.TLSPolicy), TLSPolicyFailure: h.TLSPolicyFailure}
 				if h.Err == nil {
 					// The host that took the transaction: its reply is
 					// the recipient's, unless the recipient failed for

@@ -165,7 +165,7 @@ func TestResolverCachesAnswers(t *testing.T) {
 			t.Fatalf("MX: %v, %v", mxs, err)
 		}
 		// The AAAA answer is empty; the SOA makes it cacheable too.
-		if ips, err := res.lookupAddrs(ctx, "mx.cached.test"); err != nil || len(ips) != 1 || ips[0].String() != "192.0.2.1" {
+		if ips, err := res.lookupAddrs(ctx, "mx.cached.test", families4First); err != nil || len(ips) != 1 || ips[0].String() != "192.0.2.1" {
 			t.Fatalf("addresses: %v, %v", ips, err)
 		}
 		if _, err := res.lookupMX(ctx, "missing.test"); !isNotFound(err) {

@@ -14,6 +14,8 @@ import (
 	"time"
 
 	"github.com/miekg/dns"
+
+	"github.com/posthaste/posthaste/internal/netguard"
 )
 
 // resolver answers the DNS questions delivery asks. It is an interface so the
@@ -22,9 +24,35 @@ type resolver interface {
 	// lookupMX returns the MX records of domain. A domain that exists but
 	// has no MX records yields an empty slice and no error.
 	lookupMX(ctx context.Context, domain string) ([]mxRecord, error)
-	// lookupAddrs returns the IPv4 then IPv6 addresses of host. A host that
-	// exists without addresses yields an empty slice and no error.
-	lookupAddrs(ctx context.Context, host string) ([]netip.Addr, error)
+	// lookupAddrs returns the addresses of host, of the record types in
+	// families (dns.TypeA, dns.TypeAAAA) in that order. A host that exists
+	// without addresses yields an empty slice and no error.
+	lookupAddrs(ctx context.Context, host string, families []uint16) ([]netip.Addr, error)
+	// lookupTXT returns the TXT records of name, each one's strings
+	// joined. A name that exists without TXT records yields an empty slice
+	// and no error.
+	lookupTXT(ctx context.Context, name string) ([]string, error)
+}
+
+// Address families to look up, in order, for each Config.IPVersion.
+var (
+	families4First = []uint16{dns.TypeA, dns.TypeAAAA}
+	families6First = []uint16{dns.TypeAAAA, dns.TypeA}
+	families4      = []uint16{dns.TypeA}
+	families6      = []uint16{dns.TypeAAAA}
+)
+
+// familiesOf returns the record types to look up for an IPVersion.
+func familiesOf(ipVersion string) []uint16 {
+	switch ipVersion {
+	case IPPrefer6:
+		return families6First
+	case IPOnly4:
+		return families4
+	case IPOnly6:
+		return families6
+	}
+	return families4First
 }
 
 // mxRecord is one MX record: exchange host (without the trailing dot) and
@@ -218,11 +246,25 @@ func (r *dnsResolver) lookupMX(ctx context.Context, domain string) ([]mxRecord, 
 	return out, nil
 }
 
-func (r *dnsResolver) lookupAddrs(ctx context.Context, host string) ([]netip.Addr, error) {
-	// IPv4 first: a sender's IPv4 addresses are the ones most likely to have
-	// the reverse DNS and reputation that receivers check.
+func (r *dnsResolver) lookupTXT(ctx context.Context, name string) ([]string, error) {
+	in, err := r.exchange(ctx, name, dns.TypeTXT)
+	if err != nil {
+		return nil, err
+	}
+	var out []string
+	for _, rr := range in.Answer {
+		// RFC 7208 section 3.3 and RFC 8461 section 3.1: a record's
+		// strings are joined without anything between them.
+		if txt, ok := rr.(*dns.TXT); ok {
+			out = append(out, strings.Join(txt.Txt, ""))
+		}
+	}
+	return out, nil
+}
+
+func (r *dnsResolver) lookupAddrs(ctx context.Context, host string, families []uint16) ([]netip.Addr, error) {
 	var out []netip.Addr
-	for _, qtype := range []uint16{dns.TypeA, dns.TypeAAAA} {
+	for _, qtype := range families {
 		in, err := r.exchange(ctx, host, qtype)
 		if err != nil {
 			if isNotFound(err) || len(out) == 0 {
@@ -239,8 +281,10 @@ func (r *dnsResolver) lookupAddrs(ctx context.Context, host string) ([]netip.Add
 					out = append(out, ip)
 				}
 			case *dns.AAAA:
+				// An IPv4-mapped AAAA answer is an IPv4 address; unmapped,
+				// it is judged, dialed and recorded as one.
 				if ip, ok := netip.AddrFromSlice(a.AAAA.To16()); ok {
-					out = append(out, ip)
+					out = append(out, ip.Unmap())
 				}
 			}
 		}
@@ -254,6 +298,9 @@ type target struct {
 	Pref int    // MX preference; 0 for implicit MX and routes
 	IP   netip.Addr
 	Port int
+	// Refused is set for an address the destination guard refuses: it is
+	// recorded as tried, and never connected to.
+	Refused *SMTPError
 }
 
 func (t target) addr() string { return netip.AddrPortFrom(t.IP, uint16(t.Port)).String() }
@@ -264,12 +311,21 @@ type router struct {
 	routes   routeTable
 	port     int
 	maxHosts int
+	// guard decides which addresses of MX hosts may be connected to;
+	// routes are not checked.
+	guard *netguard.Guard
+	// families are the address record types looked up, in order.
+	families []uint16
 	// shuffle reorders equal-preference hosts; injected so tests can pin it.
 	shuffle func(n int, swap func(i, j int))
 }
 
+// newRouter returns a router that refuses every guarded range (see
+// Config.AllowDestinations) and prefers IPv4; the dispatcher sets guard and
+// families from its Config.
 func newRouter(res resolver, routes routeTable, port, maxHosts int) *router {
-	return &router{res: res, routes: routes, port: port, maxHosts: maxHosts, shuffle: rand.Shuffle}
+	return &router{res: res, routes: routes, port: port, maxHosts: maxHosts,
+		guard: netguard.New(), families: families4First, shuffle: rand.Shuffle}
 }
 
 // targets returns up to maxHosts addresses for domain. The error is an
@@ -311,25 +367,42 @@ func (r *router) targets(ctx context.Context, domain string) ([]target, *SMTPErr
 
 	var out []target
 	var tempErr error
+	usable, refused := 0, 0
 	for _, mx := range mxs {
-		if len(out) >= r.maxHosts {
+		if usable >= r.maxHosts {
 			break
 		}
-		ips, err := r.res.lookupAddrs(ctx, mx.Host)
+		ips, err := r.res.lookupAddrs(ctx, mx.Host, r.families)
 		if err != nil && !isNotFound(err) {
 			tempErr = err
 		}
 		for _, ip := range ips {
-			if len(out) >= r.maxHosts {
+			if usable >= r.maxHosts {
 				break
 			}
-			out = append(out, target{Host: mx.Host, Pref: int(mx.Pref), IP: ip, Port: r.port})
+			t := target{Host: mx.Host, Pref: int(mx.Pref), IP: ip, Port: r.port}
+			if t.Refused = r.check(mx.Host, ip); t.Refused != nil {
+				// Refused addresses do not count against maxHosts, so that
+				// a private address published next to public ones cannot
+				// push those out; they are capped all the same.
+				if refused >= r.maxHosts {
+					continue
+				}
+				refused++
+			} else {
+				usable++
+			}
+			out = append(out, t)
 		}
 		if ctx.Err() != nil {
 			break
 		}
 	}
-	if len(out) > 0 {
+	if usable > 0 || (refused > 0 && tempErr == nil) {
+		// Only refused addresses: the attempt records each of them, and
+		// the recipients bounce with the guard's reply. A failed lookup
+		// of another host defers instead (below): it may have an address
+		// that can be used.
 		return out, nil
 	}
 	if tempErr != nil {
@@ -339,6 +412,32 @@ func (r *router) targets(ctx context.Context, domain string) ([]target, *SMTPErr
 	// RFC 3463 X.4.4: unable to route, every host lacks an address.
 	return nil, &SMTPError{Code: codePermFailure, EnhancedCode: "5.4.4",
 		Message: fmt.Sprintf("no address for the mail hosts of %s", domain)}
+}
+
+// check returns the reply for an address of host that the guard refuses,
+// nil when it may be connected to. The reply is permanent: the domain's
+// DNS points its mail at an address this dispatcher will not reach, and
+// retrying would not change that until the DNS does (RFC 3463 X.4.4:
+// unable to route).
+func (r *router) check(host string, ip netip.Addr) *SMTPError {
+	err := r.guard.CheckAddr(ip)
+	if err == nil {
+		return nil
+	}
+	reason := "refused"
+	if re, ok := errors.AsType[*netguard.RefusedError](err); ok {
+		reason = re.Reason
+	}
+	return &SMTPError{Code: codePermFailure, EnhancedCode: "5.4.4",
+		Message: fmt.Sprintf("%s resolves to %s, %s %s address; not connecting", host, ip, article(reason), reason)}
+}
+
+// article is "a" or "an" for word.
+func article(word string) string {
+	if word != "" && strings.ContainsRune("aeiou", rune(word[0])) {
+		return "an"
+	}
+	return "a"
 }
 
 // order sorts by preference and shuffles hosts of equal preference: RFC 5321
@@ -366,7 +465,7 @@ func (r *router) routeTargets(ctx context.Context, rt route) ([]target, *SMTPErr
 	if ip, err := netip.ParseAddr(rt.Host); err == nil {
 		return []target{{Host: rt.Host, IP: ip.Unmap(), Port: port}}, nil
 	}
-	ips, err := r.res.lookupAddrs(ctx, rt.Host)
+	ips, err := r.res.lookupAddrs(ctx, rt.Host, r.families)
 	if err == nil && len(ips) == 0 {
 		err = errors.New("no addresses")
 	}

@@ -90,6 +90,18 @@ func (p *pool) put(sc *smtpConn) {
 	p.idle[key] = append(p.idle[key], sc)
 }
 
+// discard ends a connection taken with get that will not be used, with
+// QUIT in the background.
+func (p *pool) discard(sc *smtpConn) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	p.wg.Add(1)
+	go func() {
+		defer p.wg.Done()
+		p.quit(sc)
+	}()
+}
+
 // expire closes a connection that waited too long.
 func (p *pool) expire(key poolKey, sc *smtpConn) {
 	defer p.wg.Done()

@@ -32,8 +32,18 @@ type smtpConn struct {
 	client     *smtp.Client
 	tls        bool
 	tlsVersion string // "TLS 1.3"; "" without TLS
-	uses       int    // transactions started on this connection
-	broken     bool   // unusable for another transaction
+	tlsCipher  string // "TLS_AES_128_GCM_SHA256"; "" without TLS
+	// verifyErr is why the server's certificate did not verify, nil when
+	// it did (or without TLS).
+	verifyErr error
+	// noTLS says why a session without TLS has none when the server
+	// offered STARTTLS: it refused the command, or the handshake failed
+	// and the session was opened again in plain text.
+	noTLS string
+	// triedTLS reports that STARTTLS was used if offered.
+	triedTLS bool
+	uses     int  // transactions started on this connection
+	broken   bool // unusable for another transaction
 	// reused marks a connection taken from the pool: when the server
 	// pipelines, its RSET goes out with the next transaction's commands.
 	reused bool
@@ -60,20 +70,36 @@ type errTLSHandshake struct{ err error }
 func (e *errTLSHandshake) Error() string { return "TLS handshake: " + e.err.Error() }
 func (e *errTLSHandshake) Unwrap() error { return e.err }
 
-// dial connects to t. TLS is opportunistic, as RFC 3207 section 4 and
-// RFC 7435 describe for server-to-server mail: STARTTLS is used when offered,
-// and when the handshake fails with certificate checks off the connection is
-// retried in plain text (a server that fails TLS would otherwise defer our
-// mail forever). With VerifyTLS a failed handshake fails the host: falling
-// back would let anyone who can break the handshake disable verification.
-func (c *connector) dial(ctx context.Context, t target) (*smtpConn, error) {
-	sc, err := c.open(ctx, t, true)
-	if err != nil && !c.cfg.VerifyTLS {
-		if _, ok := errors.AsType[*errTLSHandshake](err); ok && ctx.Err() == nil {
-			return c.open(ctx, t, false)
+// dial connects to t under the TLS policy req. By default TLS is
+// opportunistic, as RFC 3207 section 4 and RFC 7435 describe for
+// server-to-server mail: STARTTLS is used when offered, and when the
+// handshake fails the connection is retried in plain text (a server that
+// fails TLS would otherwise defer our mail forever). A policy that requires
+// TLS or a verified certificate gets no fallback: it would let anyone who
+// can break the handshake disable it. A session that does not meet such a
+// policy is ended and the host refused with the policy's reply; under an
+// MTA-STS policy in testing mode it is used, and the failure recorded.
+func (c *connector) dial(ctx context.Context, t target, req tlsRequirement) (*smtpConn, error) {
+	sc, err := c.open(ctx, t, req.startTLS())
+	if err != nil {
+		he, ok := errors.AsType[*errTLSHandshake](err)
+		switch {
+		case !ok || ctx.Err() != nil:
+			return nil, err
+		case !req.plainFallback():
+			return nil, req.refuse("4.7.5", fmt.Sprintf("TLS handshake with %s failed: %v", t.Host, he.err))
 		}
+		if sc, err = c.open(ctx, t, false); err != nil {
+			return nil, err
+		}
+		sc.noTLS = "TLS handshake failed: " + he.err.Error()
 	}
-	return sc, err
+	sc.triedTLS = req.startTLS()
+	if enhanced, reason := req.check(sc); reason != "" && req.policy != TLSMTASTSTesting {
+		sc.quit()
+		return nil, req.refuse(enhanced, reason)
+	}
+	return sc, nil
 }
 
 func (c *connector) open(ctx context.Context, t target, useTLS bool) (sc *smtpConn, err error) {
@@ -114,7 +140,8 @@ func (c *connector) open(ctx context.Context, t target, useTLS bool) (sc *smtpCo
 	if err != nil {
 		if _, ok := errors.AsType[*textproto.Error](err); ok && !brokenConnection(err) {
 			// The server refused STARTTLS; the session goes on in plain
-			// text (RFC 3207 section 4).
+			// text (RFC 3207 section 4), unless the policy requires TLS.
+			sc.noTLS = "refused STARTTLS: " + err.Error()
 			return sc, nil
 		}
 		return nil, fmt.Errorf("STARTTLS with %s [%s]: %w", t.Host, t.addr(), err)
@@ -131,6 +158,7 @@ func (c *connector) open(ctx context.Context, t target, useTLS bool) (sc *smtpCo
 	state := tlsConn.ConnectionState()
 	sc.tls = true
 	sc.tlsVersion = tls.VersionName(state.Version)
+	sc.tlsCipher = tls.CipherSuiteName(state.CipherSuite)
 	return sc, nil
 }
 
@@ -152,9 +180,16 @@ func (c *connector) startTLS(ctx context.Context, sc *smtpConn) (*tls.Conn, erro
 		ServerName: sc.target.Host,
 		// Most MX hosts present certificates that do not verify (RFC 7435
 		// section 1.2), and a failed check would only push the mail back to
-		// plain text: encryption without verification is still better.
-		InsecureSkipVerify: !c.cfg.VerifyTLS,
-		MinVersion:         tls.VersionTLS12,
+		// plain text: encryption without verification is still better. The
+		// check is made all the same, below, so that the attempt records
+		// its result, and the policy decides what a failure means (see
+		// dial).
+		InsecureSkipVerify: true,
+		VerifyConnection: func(cs tls.ConnectionState) error {
+			sc.verifyErr = verifyPeer(cs, sc.target.Host, c.cfg.RootCAs)
+			return nil
+		},
+		MinVersion: tls.VersionTLS12,
 	}
 	tlsConn := tls.Client(sc.raw, cfg)
 	hctx, cancel := context.WithTimeout(ctx, c.cfg.CommandTimeout)

@@ -309,17 +309,21 @@ func messageToProto(m db.Message) *posthastev1.Message {
 	}
 	for _, a := range m.Attempts {
 		out.Attempts = append(out.Attempts, &posthastev1.Attempt{
-			Id:          a.ID.String(),
-			RecipientId: a.RecipientID.String(),
-			StartedAt:   timestamppb.New(a.StartedAt),
-			Duration:    durationpb.New(a.Duration),
-			MxHost:      a.MXHost,
-			Ip:          a.IP,
-			Tls:         a.TLS,
-			TlsVersion:  a.TLSVersion,
-			Reply:       &posthastev1.SmtpReply{Code: int32(a.Code), EnhancedCode: a.EnhancedCode, Text: a.Text},
-			Outcome:     a.Outcome,
-			Source:      a.Source,
+			Id:               a.ID.String(),
+			RecipientId:      a.RecipientID.String(),
+			StartedAt:        timestamppb.New(a.StartedAt),
+			Duration:         durationpb.New(a.Duration),
+			MxHost:           a.MXHost,
+			Ip:               a.IP,
+			Tls:              a.TLS,
+			TlsVersion:       a.TLSVersion,
+			Reply:            &posthastev1.SmtpReply{Code: int32(a.Code), EnhancedCode: a.EnhancedCode, Text: a.Text},
+			Outcome:          a.Outcome,
+			Source:           a.Source,
+			TlsCipher:        a.TLSCipher,
+			TlsVerified:      a.TLSVerified,
+			TlsPolicy:        a.TLSPolicy,
+			TlsPolicyFailure: a.TLSPolicyFailure,
 		})
 	}
 	return out

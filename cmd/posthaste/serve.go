@@ -14,6 +14,7 @@ import (
 	"github.com/posthaste/posthaste/delivery"
 	"github.com/posthaste/posthaste/delivery/webhook"
 	"github.com/posthaste/posthaste/internal/app"
+	"github.com/posthaste/posthaste/internal/netguard"
 	"github.com/posthaste/posthaste/internal/retention"
 	"github.com/posthaste/posthaste/service"
 )
@@ -48,6 +49,9 @@ func runServe(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 		svc      service.Config
 		dlv      delivery.Config
 		routes   listFlag
+		tlsPols  listFlag
+		allowDst listFlag
+		mtaSTS   bool
 		hostname string
 		whRetry  durationListFlag
 		secrets  listFlag
@@ -89,6 +93,10 @@ func runServe(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	fs.DurationVar(&dlv.DNSTimeout, "dns-timeout", 20*time.Second, "timeout for all DNS lookups of one domain")
 	fs.IntVar(&dlv.BatchSize, "batch-size", 100, "most recipients claimed in one query")
 	fs.BoolVar(&dlv.SMTP.VerifyTLS, "smtp-verify-tls", false, "refuse STARTTLS peers whose certificate does not verify")
+	fs.Var(&tlsPols, "tls-policy", "TLS policy of a recipient domain, domain=none|opportunistic|require|require-verified, repeatable; replaces the domain's MTA-STS policy")
+	fs.BoolVar(&mtaSTS, "mta-sts", true, "apply the MTA-STS policies (RFC 8461) recipient domains publish")
+	fs.Var(&allowDst, "allow-destination", "address range (CIDR) that MX hosts may resolve to although it is loopback, private, link-local or otherwise internal, repeatable")
+	fs.StringVar(&dlv.IPVersion, "ip-version", delivery.IPPrefer4, "address families of MX hosts: prefer-4, prefer-6, 4 (IPv4 only) or 6 (IPv6 only)")
 	fs.BoolVar(&cfg.WebhookAllowPrivate, "webhook-allow-private", false, "let webhook URLs point at loopback, private and link-local addresses (local development and tests; never the cloud metadata service)")
 	fs.IntVar(&cfg.Webhook.Concurrency, "webhook-concurrency", webhook.DefaultConcurrency, "most webhook requests in flight at once")
 	fs.Var(&whRetry, "webhook-retry-schedule", "delays before each webhook retry, comma-separated (default 5s,5m,30m,2h,5h,10h,10h); after the last a delivery has failed")
@@ -135,6 +143,20 @@ func runServe(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 			dlv.Routes[strings.ToLower(domain)] = target
 		}
 	}
+	if len(tlsPols) > 0 {
+		dlv.TLSPolicies = make(map[string]string, len(tlsPols))
+		for _, p := range tlsPols {
+			domain, policy, ok := strings.Cut(p, "=")
+			if !ok || domain == "" || policy == "" {
+				return fmt.Errorf("%s: want domain=policy, got %q", flagRef("tls-policy"), p)
+			}
+			dlv.TLSPolicies[strings.ToLower(domain)] = policy
+		}
+	}
+	if dlv.AllowDestinations, err = netguard.ParsePrefixes(allowDst); err != nil {
+		return fmt.Errorf("%s: %w", flagRef("allow-destination"), err)
+	}
+	dlv.MTASTS.Disabled = !mtaSTS
 	switch {
 	case cfg.DatabaseWait < 0:
 		return fmt.Errorf("%s: must not be negative, got %s", flagRef("database-wait"), cfg.DatabaseWait)
@@ -215,6 +237,9 @@ var configFlags = map[string]string{
 	"Delivery.SMTP.IdleTimeout":      "smtp-idle-timeout",
 	"Delivery.SMTP.MaxReuse":         "smtp-max-reuse",
 	"Delivery.Routes":                "route",
+	"Delivery.TLSPolicies":           "tls-policy",
+	"Delivery.AllowDestinations":     "allow-destination",
+	"Delivery.IPVersion":             "ip-version",
 	"Delivery.Concurrency":           "concurrency",
 	"Delivery.PerDomainConcurrency":  "per-domain-concurrency",
 	"Delivery.MaxAttemptDuration":    "max-attempt-duration",

@@ -8,6 +8,7 @@ import (
 	"io"
 	"mime"
 	"net/http"
+	"net/netip"
 	"slices"
 	"strings"
 	"testing"
@@ -56,6 +57,9 @@ func setup(t *testing.T, opts ...testenv.SMTPOption) *bundle {
 	}
 	cfg.Delivery.SMTP.Port = smtpSrv.Port
 	cfg.Delivery.SMTP.Hostname = "posthaste.test"
+	// The test MX is on loopback, which the destination guard refuses
+	// unless allowed.
+	cfg.Delivery.AllowDestinations = []netip.Prefix{netip.MustParsePrefix("127.0.0.0/8")}
 	cfg.Delivery.Retry.InitialInterval = 200 * time.Millisecond
 	cfg.Delivery.Retry.MaxInterval = time.Second
 	a, err := app.New(cfg)

@@ -6,6 +6,7 @@ import (
 	"io"
 	"net/http"
 	"net/http/httptest"
+	"net/netip"
 	"strings"
 	"sync"
 	"testing"
@@ -39,6 +40,9 @@ func startWithWebhooks(t *testing.T, allowPrivate bool) *bundle {
 	}
 	cfg.Delivery.SMTP.Port = smtpSrv.Port
 	cfg.Delivery.SMTP.Hostname = "posthaste.test"
+	// The test MX is on loopback, which the destination guard refuses
+	// unless allowed.
+	cfg.Delivery.AllowDestinations = []netip.Prefix{netip.MustParsePrefix("127.0.0.0/8")}
 	a, err := app.New(cfg)
 	if err != nil {
 		t.Fatal(err)

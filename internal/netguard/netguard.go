@@ -56,7 +56,7 @@ var blocked = []struct {
 	{netip.MustParsePrefix("10.0.0.0/8"), "private"},     // RFC 1918
 	{netip.MustParsePrefix("172.16.0.0/12"), "private"},  // RFC 1918
 	{netip.MustParsePrefix("192.168.0.0/16"), "private"}, // RFC 1918
-	{netip.MustParsePrefix("100.64.0.0/10"), "private"},  // shared address space, RFC 6598
+	{netip.MustParsePrefix("100.64.0.0/10"), "CGNAT"},    // shared address space of carrier-grade NAT, RFC 6598
 	{netip.MustParsePrefix("169.254.0.0/16"), "link-local"},
 	{netip.MustParsePrefix("192.0.0.0/24"), "reserved"},   // IETF protocol assignments, RFC 6890
 	{netip.MustParsePrefix("198.18.0.0/15"), "reserved"},  // benchmarking, RFC 2544

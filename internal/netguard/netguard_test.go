@@ -31,7 +31,7 @@ func TestCheckAddr(t *testing.T) {
 		{"172.31.255.255", nil, "private"},
 		{"172.32.0.1", nil, ""},
 		{"192.168.1.1", nil, "private"},
-		{"100.64.0.1", nil, "private"},
+		{"100.64.0.1", nil, "CGNAT"},
 		{"fd12:3456::1", nil, "private"},
 		{"169.254.1.1", nil, "link-local"},
 		{"fe80::1", nil, "link-local"},

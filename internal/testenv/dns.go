@@ -136,6 +136,30 @@ func (s *DNSServer) AddA(host string, ip string) {
 	s.add(host, &dns.AAAA{Hdr: hdr, AAAA: addr})
 }
 
+// AddTXT adds a TXT record for name holding the given strings, which a
+// client joins (RFC 7208 section 3.3).
+func (s *DNSServer) AddTXT(name string, txt ...string) {
+	s.add(name, &dns.TXT{
+		Hdr: dns.RR_Header{Name: canonical(name), Rrtype: dns.TypeTXT, Class: dns.ClassINET, Ttl: 60},
+		Txt: txt,
+	})
+}
+
+// RemoveRecords drops every record of type qtype for name; the name keeps
+// existing.
+func (s *DNSServer) RemoveRecords(name string, qtype uint16) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	name = canonical(name)
+	kept := s.records[name][:0]
+	for _, rr := range s.records[name] {
+		if rr.Header().Rrtype != qtype {
+			kept = append(kept, rr)
+		}
+	}
+	s.records[name] = kept
+}
+
 // AddName makes name exist without records: its queries answer NOERROR with
 // an empty answer.
 func (s *DNSServer) AddName(name string) { s.add(name, nil) }

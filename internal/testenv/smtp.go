@@ -70,6 +70,7 @@ type smtpOptions struct {
 	rcptReply func(to string) *smtp.SMTPError
 	dataReply func(from string, to []string, data []byte) *smtp.SMTPError
 	tls       bool
+	cert      *tls.Certificate
 	brokenTLS bool
 	greeting  *smtp.SMTPError
 	helo      *smtp.SMTPError
@@ -107,6 +108,12 @@ func WithDataReply(f func(from string, to []string, data []byte) *smtp.SMTPError
 // WithTLS offers STARTTLS with a self-signed certificate for 127.0.0.1 and
 // localhost, generated in the process.
 func WithTLS() SMTPOption { return func(o *smtpOptions) { o.tls = true } }
+
+// WithTLSCertificate offers STARTTLS with cert, such as one a test's own
+// certificate authority issued for an MX host name.
+func WithTLSCertificate(cert tls.Certificate) SMTPOption {
+	return func(o *smtpOptions) { o.tls, o.cert = true, &cert }
+}
 
 // WithBrokenTLS offers STARTTLS but fails every handshake.
 func WithBrokenTLS() SMTPOption { return func(o *smtpOptions) { o.brokenTLS = true } }
@@ -186,6 +193,8 @@ func StartSMTP(t testing.TB, opts ...SMTPOption) *SMTPServer {
 		srv.TLSConfig = &tls.Config{GetCertificate: func(*tls.ClientHelloInfo) (*tls.Certificate, error) {
 			return nil, errors.New("no certificate")
 		}}
+	case s.opts.cert != nil:
+		srv.TLSConfig = &tls.Config{Certificates: []tls.Certificate{*s.opts.cert}}
 	case s.opts.tls:
 		cert, err := selfSignedCert()
 		if err != nil {

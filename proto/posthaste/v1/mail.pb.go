@@ -1577,9 +1577,25 @@ type Attempt struct {
 	// the server's SIZE limit or with 8-bit content it cannot take, an
 	// ambiguous outcome). A local reply's code is Posthaste's choice; its
 	// text says what happened.
-	Source        string `protobuf:"bytes,11,opt,name=source,proto3" json:"source,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	Source    string `protobuf:"bytes,11,opt,name=source,proto3" json:"source,omitempty"` // The TLS cipher suite, e.g. "TLS_AES_128_GCM_SHA256"; empty without TLS.
+	TlsCipher string `protobuf:"bytes,12,opt,name=tls_cipher,json=tlsCipher,proto3" json:"tls_cipher,omitempty"`
+	// Whether the server's certificate chained to a trusted root and was
+	// valid for mx_host. It is checked, and recorded, whatever the policy;
+	// only require-verified and MTA-STS enforce refuse a host that fails it.
+	TlsVerified bool `protobuf:"varint,13,opt,name=tls_verified,json=tlsVerified,proto3" json:"tls_verified,omitempty"`
+	// The TLS policy that applied to the host: "opportunistic" (STARTTLS
+	// when offered, the default), "none" (never STARTTLS), "require"
+	// (STARTTLS or no delivery), "require-verified" (STARTTLS with a
+	// verified certificate or no delivery), "mta-sts-enforce" or
+	// "mta-sts-testing" (the domain's MTA-STS policy, RFC 8461). Empty when
+	// no host was tried.
+	TlsPolicy string `protobuf:"bytes,14,opt,name=tls_policy,json=tlsPolicy,proto3" json:"tls_policy,omitempty"`
+	// Why the host did not meet its policy; empty when it did. Under
+	// "mta-sts-testing" the message is delivered anyway and this says what
+	// enforce mode would have refused.
+	TlsPolicyFailure string `protobuf:"bytes,15,opt,name=tls_policy_failure,json=tlsPolicyFailure,proto3" json:"tls_policy_failure,omitempty"`
+	unknownFields    protoimpl.UnknownFields
+	sizeCache        protoimpl.SizeCache
 }
 
 func (x *Attempt) Reset() {
@@ -1685,6 +1701,34 @@ func (x *Attempt) GetOutcome() string {
 func (x *Attempt) GetSource() string {
 	if x != nil {
 		return x.Source
+	}
+	return ""
+}
+
+func (x *Attempt) GetTlsCipher() string {
+	if x != nil {
+		return x.TlsCipher
+	}
+	return ""
+}
+
+func (x *Attempt) GetTlsVerified() bool {
+	if x != nil {
+		return x.TlsVerified
+	}
+	return false
+}
+
+func (x *Attempt) GetTlsPolicy() string {
+	if x != nil {
+		return x.TlsPolicy
+	}
+	return ""
+}
+
+func (x *Attempt) GetTlsPolicyFailure() string {
+	if x != nil {
+		return x.TlsPolicyFailure
 	}
 	return ""
 }
@@ -3994,7 +4038,7 @@ const file_posthaste_v1_mail_proto_rawDesc = "" +
 	"\tSmtpReply\x12\x12\n" +
 	"\x04code\x18\x01 \x01(\x05R\x04code\x12#\n" +
 	"\renhanced_code\x18\x02 \x01(\tR\fenhancedCode\x12\x12\n" +
-	"\x04text\x18\x03 \x01(\tR\x04text\"\xeb\x02\n" +
+	"\x04text\x18\x03 \x01(\tR\x04text\"\xfa\x03\n" +
 	"\aAttempt\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12!\n" +
 	"\frecipient_id\x18\x02 \x01(\tR\vrecipientId\x129\n" +
@@ -4009,7 +4053,13 @@ const file_posthaste_v1_mail_proto_rawDesc = "" +
 	"\x05reply\x18\t \x01(\v2\x17.posthaste.v1.SmtpReplyR\x05reply\x12\x18\n" +
 	"\aoutcome\x18\n" +
 	" \x01(\tR\aoutcome\x12\x16\n" +
-	"\x06source\x18\v \x01(\tR\x06source\"\xaa\x02\n" +
+	"\x06source\x18\v \x01(\tR\x06source\x12\x1d\n" +
+	"\n" +
+	"tls_cipher\x18\f \x01(\tR\ttlsCipher\x12!\n" +
+	"\ftls_verified\x18\r \x01(\bR\vtlsVerified\x12\x1d\n" +
+	"\n" +
+	"tls_policy\x18\x0e \x01(\tR\ttlsPolicy\x12,\n" +
+	"\x12tls_policy_failure\x18\x0f \x01(\tR\x10tlsPolicyFailure\"\xaa\x02\n" +
 	"\x06ApiKey\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12\x12\n" +
 	"\x04name\x18\x02 \x01(\tR\x04name\x12\x16\n" +
