@@ -250,7 +250,6 @@ func TestDispatchLogsOutcomesAtInfo(t *testing.T) {
 	e.start(t, cfg)
 	m := e.waitMessage(t, id, "both outcomes", final)
 
-	out := logs.String()
 	for _, r := range m.Recipients {
 		want := []string{`level=INFO msg="delivery: ` + r.Status + `"`, "message_id=" + id.String(),
 			"recipient_id=" + r.ID.String(), "mx_host=mx.log.test"}
@@ -259,9 +258,11 @@ func TestDispatchLogsOutcomesAtInfo(t *testing.T) {
 		} else {
 			want = append(want, "code=250")
 		}
-		if !logLineHas(out, want...) {
-			t.Errorf("no log line with %q in:\n%s", want, out)
-		}
+		// The line is written once the commit has returned, which can be
+		// just after the outcome is visible in the database.
+		waitFor(t, 10*time.Second, fmt.Sprintf("a log line with %q", want), func() bool {
+			return logLineHas(logs.String(), want...)
+		})
 	}
 }
 

@@ -8,6 +8,7 @@ import (
 	"io"
 	"net/http"
 	"net/http/httptest"
+	"net/netip"
 	"strings"
 	"sync"
 	"testing"
@@ -61,6 +62,9 @@ func setupBounces(t *testing.T) *bounceBundle {
 		Webhook:             webhook.Config{PollInterval: 10 * time.Millisecond, RetrySchedule: []time.Duration{10 * time.Millisecond}},
 	}
 	cfg.BounceListener.Addr = "127.0.0.1:0"
+	// The test MX is on loopback, which the address guard refuses unless
+	// allowed.
+	cfg.Delivery.AllowDestinations = []netip.Prefix{netip.MustParsePrefix("127.0.0.0/8")}
 	cfg.Delivery.SMTP.Port = smtpSrv.Port
 	cfg.Delivery.SMTP.Hostname = "posthaste.test"
 	cfg.Delivery.Retry.InitialInterval = time.Hour
