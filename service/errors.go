@@ -33,6 +33,12 @@ const ReasonMessageTooLarge = "MESSAGE_TOO_LARGE"
 // try again; REST sends it as Retry-After.
 const ReasonOverloaded = "OVERLOADED"
 
+// ReasonDomainNotVerified is the google.rpc.ErrorInfo reason of the
+// PermissionDenied error returned for mail whose From domain is not a
+// verified domain of the caller's project. Its metadata names the field and
+// the domain.
+const ReasonDomainNotVerified = "DOMAIN_NOT_VERIFIED"
+
 // overloadRetryDelay is the pause suggested to a caller refused for
 // overload: long enough for a full queue to be committed several times over.
 const overloadRetryDelay = time.Second
@@ -111,6 +117,37 @@ type notFoundError struct {
 func (e *notFoundError) Error() string { return e.what + " not found" }
 func (e *notFoundError) Unwrap() error { return e.err }
 
+// unverifiedDomainError refuses mail from a domain the project has not
+// verified: anyone could otherwise send in the name of any domain.
+type unverifiedDomainError struct {
+	field, domain string
+}
+
+func (e *unverifiedDomainError) Error() string {
+	return e.field + ": " + e.domain + " is not a verified sending domain of this project; " +
+		"add it (POST /v1/domains), publish its DKIM record and verify it"
+}
+
+// conflictError is a create that clashes with what exists; its text is the
+// caller's to read.
+type conflictError struct {
+	msg string
+	err error
+}
+
+func (e *conflictError) Error() string { return e.msg }
+func (e *conflictError) Unwrap() error { return e.err }
+
+// preconditionError is a call that cannot be done in the current state
+// (of the resource or the server's configuration); its text says why.
+type preconditionError struct {
+	msg string
+	err error
+}
+
+func (e *preconditionError) Error() string { return e.msg }
+func (e *preconditionError) Unwrap() error { return e.err }
+
 // toStatus is the one place that turns an error into the gRPC status a
 // caller sees. Only errors whose text was written for the caller keep their
 // text; anything unexpected becomes a generic Internal error and the cause
@@ -125,6 +162,9 @@ func toStatus(ctx context.Context, logger *slog.Logger, err error) error {
 		unauth   *unauthenticatedError
 		denied   *permissionDeniedError
 		notFound *notFoundError
+		unverif  *unverifiedDomainError
+		conflict *conflictError
+		precond  *preconditionError
 	)
 	switch {
 	case errors.As(err, &invalid):
@@ -151,6 +191,19 @@ func toStatus(ctx context.Context, logger *slog.Logger, err error) error {
 		return status.Error(codes.Unauthenticated, unauth.reason)
 	case errors.As(err, &denied):
 		return status.Error(codes.PermissionDenied, denied.Error())
+	case errors.As(err, &unverif):
+		st := status.New(codes.PermissionDenied, unverif.Error())
+		return withDetails(ctx, logger, st, &errdetails.ErrorInfo{
+			Reason:   ReasonDomainNotVerified,
+			Domain:   ErrorDomain,
+			Metadata: map[string]string{"field": unverif.field, "domain": unverif.domain},
+		})
+	case errors.As(err, &conflict):
+		return status.Error(codes.AlreadyExists, conflict.Error())
+	case errors.As(err, &precond):
+		return status.Error(codes.FailedPrecondition, precond.Error())
+	case errors.Is(err, ErrNoKeyEncryptionKey):
+		return status.Error(codes.FailedPrecondition, ErrNoKeyEncryptionKey.Error())
 	case errors.As(err, &notFound):
 		return status.Error(codes.NotFound, notFound.Error())
 	case errors.Is(err, db.ErrNotFound):
