@@ -136,6 +136,33 @@ func (s *DNSServer) AddA(host string, ip string) {
 	s.add(host, &dns.AAAA{Hdr: hdr, AAAA: addr})
 }
 
+// AddTXT adds a TXT record for name holding value, split into strings of at
+// most 255 octets as DNS hosts publish long values (RFC 1035 section 3.3.14);
+// resolvers join them again.
+func (s *DNSServer) AddTXT(name, value string) {
+	var parts []string
+	for len(value) > 255 {
+		parts = append(parts, value[:255])
+		value = value[255:]
+	}
+	parts = append(parts, value)
+	s.add(name, &dns.TXT{
+		Hdr: dns.RR_Header{Name: canonical(name), Rrtype: dns.TypeTXT, Class: dns.ClassINET, Ttl: 60},
+		Txt: parts,
+	})
+}
+
+// Resolver returns a resolver that asks this server only.
+func (s *DNSServer) Resolver() *net.Resolver {
+	return &net.Resolver{
+		PreferGo: true,
+		Dial: func(ctx context.Context, network, _ string) (net.Conn, error) {
+			var d net.Dialer
+			return d.DialContext(ctx, network, s.Addr)
+		},
+	}
+}
+
 // AddName makes name exist without records: its queries answer NOERROR with
 // an empty answer.
 func (s *DNSServer) AddName(name string) { s.add(name, nil) }
