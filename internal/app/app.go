@@ -390,7 +390,10 @@ func (a *App) Start(ctx context.Context) (err error) {
 	if a.cfg.WebhookAllowPrivate {
 		guard = netguard.AllowAll()
 	}
-	svcCfg := a.cfg.Service
+	svcCfg, err := a.domainsConfig(a.cfg.Service)
+	if err != nil {
+		return err
+	}
 	if svcCfg.Logger == nil {
 		svcCfg.Logger = a.log.With("component", "api")
 	}

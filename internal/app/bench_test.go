@@ -26,6 +26,8 @@ func BenchmarkSendMessageGRPC(b *testing.B) {
 		BootstrapAPIKey: testKey,
 	}
 	cfg.Delivery.Routes = map[string]string{"*": smtpSrv.Addr}
+	// Tests send from domains nobody verified.
+	cfg.Service.AllowUnverifiedDomains = true
 	a, err := app.New(cfg)
 	if err != nil {
 		b.Fatal(err)

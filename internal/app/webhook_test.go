@@ -39,6 +39,8 @@ func startWithWebhooks(t *testing.T, allowPrivate bool) *bundle {
 	}
 	cfg.Delivery.SMTP.Port = smtpSrv.Port
 	cfg.Delivery.SMTP.Hostname = "posthaste.test"
+	// Tests send from domains nobody verified.
+	cfg.Service.AllowUnverifiedDomains = true
 	a, err := app.New(cfg)
 	if err != nil {
 		t.Fatal(err)
