@@ -65,7 +65,6 @@ func runServe(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	fs.IntVar(&svc.Intake.Queue, "intake-queue", db.DefaultCommitterQueue, "most send calls waiting to be committed; more are answered 503 / Unavailable with Retry-After")
 	kf.register(fs)
 	fs.BoolVar(&svc.AllowUnverifiedDomains, "allow-unverified-domains", false, "accept mail whose From domain is not a verified domain of the caller's project (it is sent unsigned); sandbox mode always does")
-	fs.StringVar(&svc.BounceDomain, "bounce-domain", "", "the return-path domain whose MX receives bounces; the domains API suggests its DNS records")
 	fs.DurationVar(&svc.DKIMKeyGrace, "dkim-key-grace", service.DefaultDKIMKeyGrace, "how long a replaced DKIM key stays published after a rotation")
 	fs.StringVar(&dlv.DNSServer, "dns-server", "", "DNS server (host:port) for MX lookups; empty uses the system's resolver configuration")
 	fs.IntVar(&dlv.SMTP.Port, "smtp-port", 25, "destination SMTP port")
@@ -195,7 +194,6 @@ var configFlags = map[string]string{
 	"Service.Intake.Queue":           "intake-queue",
 	"Service.Hostname":               "hostname",
 	"Service.KeyEncryptionKey":       "key-encryption-key",
-	"Service.BounceDomain":           "bounce-domain",
 	"Service.DKIMKeyGrace":           "dkim-key-grace",
 	"Delivery.SMTP.Hostname":         "hostname",
 	"Delivery.SMTP.Port":             "smtp-port",
