@@ -55,7 +55,7 @@ func (s *Server) sendBatch(ctx context.Context, req *posthastev1.SendBatchReques
 	stored := make([]int, 0, len(results)) // index in the request of msgs[j]
 	for i, m := range req.GetMessages() {
 		field := "messages[" + strconv.Itoa(i) + "]"
-		p, err := s.prepareMessage(m, "", now)
+		p, err := s.prepareMessage(ctx, caller.projectID, m, "", now)
 		if err == nil && p.idempotencyKey == "" && callKey != "" {
 			p.idempotencyKey = callKey + "/" + strconv.Itoa(i)
 		}
@@ -119,14 +119,17 @@ func (s *Server) sendBatch(ctx context.Context, req *posthastev1.SendBatchReques
 // call: they are returned as the second result.
 func (s *Server) itemError(ctx context.Context, field string, err error) (*posthastev1.Error, error) {
 	var (
-		invalid  *invalidArgumentError
-		tooLarge *messageTooLargeError
+		invalid    *invalidArgumentError
+		tooLarge   *messageTooLargeError
+		unverified *unverifiedDomainError
 	)
 	switch {
 	case errors.As(err, &invalid):
 		for i := range invalid.violations {
 			invalid.violations[i].field = field + "." + invalid.violations[i].field
 		}
+	case errors.As(err, &unverified):
+		unverified.field = field + "." + unverified.field
 	case errors.As(err, &tooLarge), errors.Is(err, db.ErrIdempotencyConflict):
 	default:
 		return nil, err

@@ -11,6 +11,7 @@ import (
 	"github.com/posthaste/posthaste/db"
 	"github.com/posthaste/posthaste/delivery/message"
 	"github.com/posthaste/posthaste/internal/hostname"
+	"github.com/posthaste/posthaste/internal/keyenc"
 	"github.com/posthaste/posthaste/internal/netguard"
 )
 
@@ -66,6 +67,29 @@ type Config struct {
 	// per call. A revoked key is therefore refused within this time.
 	// Negative looks every call up. Defaults to 1s.
 	APIKeyCacheTTL time.Duration
+	// KeyEncryptionKey seals DKIM private keys at rest (AES-256-GCM): 32
+	// bytes, see internal/keyenc. Without it domains cannot be added or
+	// rotated, and stored keys cannot sign. Defaults to none.
+	KeyEncryptionKey []byte
+	// AllowUnverifiedDomains accepts mail whose From domain is not a
+	// verified domain of the caller's project; such mail is not signed.
+	// Sandbox mode sets it. Defaults to false: such mail is refused.
+	AllowUnverifiedDomains bool
+	// BounceDomain is the domain of the envelope senders, whose MX and SPF
+	// records the domains API suggests. Defaults to "" (none).
+	BounceDomain string
+	// DomainResolver looks up DNS records to verify domains. Defaults to
+	// net.DefaultResolver; the process passes one that asks the DNS server
+	// delivery uses.
+	DomainResolver DomainResolver
+	// DKIMKeyGrace is how long a replaced DKIM key stays published after a
+	// rotation. Defaults to 7 days.
+	DKIMKeyGrace time.Duration
+	// DomainCacheTTL is how long a project's verified domains and keys are
+	// trusted before they are read again, so signing costs no query on most
+	// messages; another instance's verification or deletion takes effect
+	// within it. Negative reads every message. Defaults to 5s.
+	DomainCacheTTL time.Duration
 	// Intake configures the group commit that stores accepted messages.
 	// Defaults to db.CommitterConfig's defaults.
 	Intake db.CommitterConfig
@@ -99,6 +123,15 @@ func (c Config) WithDefaults() Config {
 	}
 	if c.APIKeyCacheTTL == 0 {
 		c.APIKeyCacheTTL = DefaultAPIKeyCacheTTL
+	}
+	if c.DomainResolver == nil {
+		c.DomainResolver = net.DefaultResolver
+	}
+	if c.DKIMKeyGrace == 0 {
+		c.DKIMKeyGrace = DefaultDKIMKeyGrace
+	}
+	if c.DomainCacheTTL == 0 {
+		c.DomainCacheTTL = DefaultDomainCacheTTL
 	}
 	c.Intake = c.Intake.WithDefaults()
 	if c.Logger == nil {
@@ -141,6 +174,19 @@ func (c Config) validate() error {
 	}
 	if c.IdempotencyTTL < MinIdempotencyTTL {
 		return fmt.Errorf("IdempotencyTTL: must be at least %s, got %s", MinIdempotencyTTL, c.IdempotencyTTL)
+	}
+	if c.KeyEncryptionKey != nil {
+		if _, err := keyenc.New(c.KeyEncryptionKey); err != nil {
+			return fmt.Errorf("KeyEncryptionKey: %w", err)
+		}
+	}
+	if c.BounceDomain != "" {
+		if _, err := NormalizeDomainName(c.BounceDomain); err != nil {
+			return fmt.Errorf("BounceDomain: %q %w", c.BounceDomain, err)
+		}
+	}
+	if c.DKIMKeyGrace < 0 {
+		return fmt.Errorf("DKIMKeyGrace: must not be negative, got %s", c.DKIMKeyGrace)
 	}
 	if c.WebhookSecretGrace < 0 {
 		return fmt.Errorf("WebhookSecretGrace: must not be negative, got %s", c.WebhookSecretGrace)

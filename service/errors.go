@@ -70,6 +70,25 @@ const (
 	ReasonInternal = "INTERNAL"
 )
 
+// ReasonDomainNotVerified is the google.rpc.ErrorInfo reason of the
+// PermissionDenied error returned for mail whose From domain is not a
+// verified domain of the caller's project. Its metadata names the field and
+// the domain.
+const ReasonDomainNotVerified = "DOMAIN_NOT_VERIFIED"
+
+// Reasons of the domain calls' other errors.
+const (
+	// ReasonAlreadyExists is AlreadyExists: the domain is already added to
+	// the project.
+	ReasonAlreadyExists = "ALREADY_EXISTS"
+	// ReasonFailedPrecondition is FailedPrecondition: the resource's state
+	// does not allow the call (a rotation already pending, say).
+	ReasonFailedPrecondition = "FAILED_PRECONDITION"
+	// ReasonNoKeyEncryptionKey is FailedPrecondition: DKIM keys cannot be
+	// stored because no key-encryption key is configured.
+	ReasonNoKeyEncryptionKey = "NO_KEY_ENCRYPTION_KEY"
+)
+
 // overloadRetryDelay is the pause suggested to a caller refused for
 // overload: long enough for a full queue to be committed several times over.
 const overloadRetryDelay = time.Second
@@ -148,6 +167,37 @@ type notFoundError struct {
 func (e *notFoundError) Error() string { return e.what + " not found" }
 func (e *notFoundError) Unwrap() error { return e.err }
 
+// unverifiedDomainError refuses mail from a domain the project has not
+// verified: anyone could otherwise send in the name of any domain.
+type unverifiedDomainError struct {
+	field, domain string
+}
+
+func (e *unverifiedDomainError) Error() string {
+	return e.field + ": " + e.domain + " is not a verified sending domain of this project; " +
+		"add it (POST /v1/domains), publish its DKIM record and verify it"
+}
+
+// conflictError is a create that clashes with what exists; its text is the
+// caller's to read.
+type conflictError struct {
+	msg string
+	err error
+}
+
+func (e *conflictError) Error() string { return e.msg }
+func (e *conflictError) Unwrap() error { return e.err }
+
+// preconditionError is a call that cannot be done in the current state
+// (of the resource or the server's configuration); its text says why.
+type preconditionError struct {
+	msg string
+	err error
+}
+
+func (e *preconditionError) Error() string { return e.msg }
+func (e *preconditionError) Unwrap() error { return e.err }
+
 // toStatus is the one place that turns an error into the gRPC status a
 // caller sees. Only errors whose text was written for the caller keep their
 // text; anything unexpected becomes a generic Internal error and the cause
@@ -162,6 +212,9 @@ func toStatus(ctx context.Context, logger *slog.Logger, err error) error {
 		unauth   *unauthenticatedError
 		denied   *permissionDeniedError
 		notFound *notFoundError
+		unverif  *unverifiedDomainError
+		conflict *conflictError
+		precond  *preconditionError
 	)
 	switch {
 	case errors.As(err, &invalid):
@@ -185,6 +238,16 @@ func toStatus(ctx context.Context, logger *slog.Logger, err error) error {
 	case errors.As(err, &denied):
 		return withReason(ctx, logger, codes.PermissionDenied, denied.Error(), ReasonMissingScope,
 			map[string]string{"scope": denied.scope})
+	case errors.As(err, &unverif):
+		return withReason(ctx, logger, codes.PermissionDenied, unverif.Error(), ReasonDomainNotVerified,
+			map[string]string{"field": unverif.field, "domain": unverif.domain})
+	case errors.As(err, &conflict):
+		return withReason(ctx, logger, codes.AlreadyExists, conflict.Error(), ReasonAlreadyExists, nil)
+	case errors.As(err, &precond):
+		return withReason(ctx, logger, codes.FailedPrecondition, precond.Error(), ReasonFailedPrecondition, nil)
+	case errors.Is(err, ErrNoKeyEncryptionKey):
+		return withReason(ctx, logger, codes.FailedPrecondition, ErrNoKeyEncryptionKey.Error(),
+			ReasonNoKeyEncryptionKey, nil)
 	case errors.As(err, &notFound):
 		return withReason(ctx, logger, codes.NotFound, notFound.Error(), ReasonNotFound,
 			map[string]string{"resource": notFound.what})

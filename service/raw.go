@@ -37,8 +37,9 @@ func (s *Server) sendRawMessage(ctx context.Context, req *posthastev1.SendRawMes
 	}
 	now := time.Now()
 	var (
-		v violations
-		p pending
+		v           violations
+		p           pending
+		fromDomains []string
 	)
 	switch {
 	case err != nil:
@@ -96,9 +97,15 @@ func (s *Server) sendRawMessage(ctx context.Context, req *posthastev1.SendRawMes
 			p.messageIDHeader = info.MessageID
 			p.fromHeader = summaryText(info.From)
 			p.subject = summaryText(info.Subject)
+			fromDomains = info.FromDomains
 		}
 	}
 	if err := v.err(); err != nil {
+		return nil, err
+	}
+	// The From header's domains must be the project's; the message is
+	// signed for the first.
+	if p.raw, err = s.signer.seal(ctx, caller.projectID, "raw", fromDomains, p.raw); err != nil {
 		return nil, err
 	}
 	if size := int64(len(p.raw)); size > s.cfg.MaxMessageBytes {

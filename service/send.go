@@ -33,16 +33,17 @@ func (s *Server) sendMessage(ctx context.Context, req *posthastev1.SendMessageRe
 		return nil, err
 	}
 	now := time.Now()
-	p, err := s.prepareMessage(req, idempotencyKeyFromMetadata(ctx), now)
+	p, err := s.prepareMessage(ctx, caller.projectID, req, idempotencyKeyFromMetadata(ctx), now)
 	if err != nil {
 		return nil, err
 	}
 	return s.commit(ctx, caller, req, p, now)
 }
 
-// prepareMessage checks req and builds its message: everything SendMessage
-// does before storing. mdKey is the idempotency key sent as metadata.
-func (s *Server) prepareMessage(req *posthastev1.SendMessageRequest, mdKey string, now time.Time) (pending, error) {
+// prepareMessage checks req and builds and signs its message: everything
+// SendMessage does before storing. mdKey is the idempotency key sent as
+// metadata.
+func (s *Server) prepareMessage(ctx context.Context, projectID uuid.UUID, req *posthastev1.SendMessageRequest, mdKey string, now time.Time) (pending, error) {
 	// Refuse what cannot fit before decoding attachments or building: the
 	// bodies and the base64 attachments only grow when encoded.
 	if lower := minEncodedSize(req); lower > s.cfg.MaxMessageBytes {
@@ -62,10 +63,16 @@ func (s *Server) prepareMessage(req *posthastev1.SendMessageRequest, mdKey strin
 		}
 		return pending{}, fmt.Errorf("build message: %w", err)
 	}
-	if size := int64(len(built.Raw)); size > s.cfg.MaxMessageBytes {
+	// The From domain must be the project's, and the message is signed for
+	// it: the last change to the bytes before they are stored.
+	raw, err := s.signer.seal(ctx, projectID, "from", []string{p.fromDomain}, built.Raw)
+	if err != nil {
+		return pending{}, err
+	}
+	if size := int64(len(raw)); size > s.cfg.MaxMessageBytes {
 		return pending{}, &messageTooLargeError{size: size, limit: s.cfg.MaxMessageBytes}
 	}
-	p.raw = built.Raw
+	p.raw = raw
 	p.messageIDHeader = built.MessageID
 	return p, nil
 }
@@ -96,6 +103,7 @@ func (s *Server) checkSendMessage(req *posthastev1.SendMessageRequest, mdKey str
 	if fromOK {
 		p.envelopeFrom = from.Address
 		p.fromHeader = displayAddress(from)
+		p.fromDomain = fromDomain
 		spec.MessageIDDomain = fromDomain
 		if strings.HasPrefix(fromDomain, "[") {
 			// An address literal cannot be a Message-ID's id-right
@@ -294,6 +302,7 @@ func displayAddress(a message.Address) string {
 // pending is a validated message on its way into the database.
 type pending struct {
 	messageIDHeader, envelopeFrom, fromHeader, subject string
+	fromDomain                                         string
 	raw                                                []byte
 	tags                                               []string
 	metadata                                           map[string]string

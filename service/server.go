@@ -14,6 +14,7 @@ import (
 	"sync/atomic"
 
 	"github.com/posthaste/posthaste/db"
+	"github.com/posthaste/posthaste/internal/keyenc"
 	posthastev1 "github.com/posthaste/posthaste/proto/posthaste/v1"
 )
 
@@ -28,6 +29,8 @@ type Server struct {
 	store     *db.DB
 	committer *db.Committer
 	keys      *keyCache
+	domains   *Domains
+	signer    *signer
 	onCommit  func()
 	// events wakes the event streams; nil when the server serves none.
 	events *EventHub
@@ -73,13 +76,25 @@ func New(cfg Config, store *db.DB, onCommit func(), opts ...Option) (*Server, er
 	if err != nil {
 		return nil, fmt.Errorf("service config: Intake.%w", err)
 	}
+	var kek *keyenc.KEK
+	if cfg.KeyEncryptionKey != nil {
+		// validate has checked the key.
+		if kek, err = keyenc.New(cfg.KeyEncryptionKey); err != nil {
+			return nil, fmt.Errorf("service config: KeyEncryptionKey: %w", err)
+		}
+	}
 	s := &Server{
 		cfg:       cfg,
 		log:       cfg.Logger,
 		store:     store,
 		committer: committer,
 		keys:      newKeyCache(store, cfg.APIKeyCacheTTL, cfg.Logger),
-		onCommit:  onCommit,
+		domains: NewDomains(store, DomainsConfig{
+			KEK: kek, Resolver: cfg.DomainResolver, BounceDomain: cfg.BounceDomain,
+			Hostname: cfg.Hostname, KeyGrace: cfg.DKIMKeyGrace,
+		}),
+		signer:   newSigner(store, kek, cfg.DomainCacheTTL, cfg.AllowUnverifiedDomains),
+		onCommit: onCommit,
 	}
 	for _, opt := range opts {
 		opt(s)

@@ -51,7 +51,14 @@ type env struct {
 	commits atomic.Int64
 }
 
+// setup is setupEnv for tests that send from domains nobody verified.
 func setup(t *testing.T, cfg service.Config) *env {
+	t.Helper()
+	cfg.AllowUnverifiedDomains = true
+	return setupEnv(t, cfg)
+}
+
+func setupEnv(t *testing.T, cfg service.Config) *env {
 	t.Helper()
 	direct, proxied, proxy := testenv.ProxiedDatabase(t)
 	e := &env{store: open(t, proxied), proxy: proxy, direct: direct}

@@ -9,6 +9,8 @@
 //	posthaste projects create NAME   create a project
 //	posthaste projects list          list projects
 //	posthaste projects delete NAME   delete a project
+//	posthaste domains add DOMAIN     add a sending domain and its DKIM key
+//	posthaste domains verify ID      check a domain's DNS records
 //	posthaste bench [flags]          measure intake and delivery rates and costs
 //
 // Every flag can also be set through an environment variable: --database-url
@@ -44,6 +46,7 @@ Commands:
   migrate   apply database migrations and exit
   keys      create, list and revoke API keys
   projects  create, list and delete projects
+  domains   add, verify, rotate the DKIM key of and delete sending domains
   bench     measure how fast a server takes and delivers mail
   version   print the version
 
@@ -86,6 +89,12 @@ func dispatch(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 			return nil
 		}
 		return runProjects(ctx, args[1:], stdout, stderr)
+	case "domains":
+		if len(args) > 1 && isHelp(args[1]) {
+			fmt.Fprint(stdout, domainsUsage)
+			return nil
+		}
+		return runDomains(ctx, args[1:], stdout, stderr)
 	case "bench":
 		return runBench(ctx, args[1:], stdout, stderr)
 	case "version", "--version", "-version":

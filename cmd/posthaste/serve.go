@@ -55,6 +55,7 @@ func runServe(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 		hostname string
 		whRetry  durationListFlag
 		secrets  listFlag
+		kf       kekFlags
 	)
 	dbf.register(fs)
 	logf.register(fs)
@@ -73,6 +74,9 @@ func runServe(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	fs.Int64Var(&svc.MaxMessageBytes, "max-message-bytes", 10<<20, "largest accepted message, encoded")
 	fs.DurationVar(&svc.APIKeyCacheTTL, "api-key-cache-ttl", service.DefaultAPIKeyCacheTTL, "how long a looked-up API key is trusted; a key revoked on another instance is refused within this long")
 	fs.IntVar(&svc.Intake.Queue, "intake-queue", db.DefaultCommitterQueue, "most send calls waiting to be committed; more are answered 503 / Unavailable with Retry-After")
+	kf.register(fs)
+	fs.BoolVar(&svc.AllowUnverifiedDomains, "allow-unverified-domains", false, "accept mail whose From domain is not a verified domain of the caller's project (it is sent unsigned); sandbox mode always does")
+	fs.DurationVar(&svc.DKIMKeyGrace, "dkim-key-grace", service.DefaultDKIMKeyGrace, "how long a replaced DKIM key stays published after a rotation")
 	fs.StringVar(&dlv.DNSServer, "dns-server", "", "DNS server (host:port) for MX lookups; empty uses the system's resolver configuration")
 	fs.IntVar(&dlv.SMTP.Port, "smtp-port", 25, "destination SMTP port")
 	fs.Var(&routes, "route", "static route domain=host:port (or *=host:port), repeatable; overrides MX lookup")
@@ -167,6 +171,9 @@ func runServe(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 		cfg.Webhook.RetrySchedule = whRetry
 	}
 	cfg.BounceSecrets = secrets
+	if svc.KeyEncryptionKey, err = kf.load(); err != nil {
+		return err
+	}
 	svc.Hostname = hostname
 	dlv.SMTP.Hostname = hostname
 	cfg.DatabaseURL = dbf.url
@@ -229,6 +236,8 @@ var configFlags = map[string]string{
 	"Service.APIKeyCacheTTL":         "api-key-cache-ttl",
 	"Service.Intake.Queue":           "intake-queue",
 	"Service.Hostname":               "hostname",
+	"Service.KeyEncryptionKey":       "key-encryption-key",
+	"Service.DKIMKeyGrace":           "dkim-key-grace",
 	"Delivery.SMTP.Hostname":         "hostname",
 	"Delivery.SMTP.Port":             "smtp-port",
 	"Delivery.SMTP.ConnectTimeout":   "smtp-connect-timeout",

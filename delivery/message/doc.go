@@ -12,6 +12,6 @@
 // is not supported.
 //
 // DKIM signing (RFC 6376) is a separate step that runs on the bytes Build and
-// CheckRaw return: a signer prepends its DKIM-Signature field, which RFC 6376
+// CheckRaw return: SignDKIM prepends its DKIM-Signature field, which RFC 6376
 // section 5.6 permits, and never needs to rewrite what this package wrote.
 package message

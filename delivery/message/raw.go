@@ -20,6 +20,10 @@ type RawInfo struct {
 	// Subject is the decoded Subject field; it is the field as written when
 	// it uses a charset other than UTF-8 or US-ASCII.
 	Subject string
+	// FromDomains are the domains of the From mailboxes, in order, in
+	// lowercase A-labels: the author domains DMARC checks (RFC 7489 section
+	// 3.1) and DKIM signs for.
+	FromDomains []string
 	// DateAdded and MessageIDAdded report which fields CheckRaw prepended.
 	DateAdded      bool
 	MessageIDAdded bool
@@ -89,9 +93,11 @@ func CheckRaw(raw []byte, now time.Time, messageIDDomain string) (out []byte, in
 	}
 	display := make([]string, len(from))
 	for i, a := range from {
-		if _, err := parseMailbox(a.Address); err != nil {
+		mb, err := parseMailbox(a.Address)
+		if err != nil {
 			return nil, RawInfo{}, &FieldError{Field: "raw", Reason: "From: " + err.Error(), Err: err}
 		}
+		info.FromDomains = append(info.FromDomains, mb.domain)
 		display[i] = a.Address
 		if a.Name != "" {
 			display[i] = a.Name + " <" + a.Address + ">"

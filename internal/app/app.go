@@ -504,7 +504,10 @@ func (a *App) Start(ctx context.Context) (err error) {
 	if a.cfg.WebhookAllowPrivate {
 		guard = netguard.AllowAll()
 	}
-	svcCfg := a.cfg.Service
+	svcCfg, err := a.domainsConfig(a.cfg.Service)
+	if err != nil {
+		return err
+	}
 	if svcCfg.Logger == nil {
 		svcCfg.Logger = a.log.With("component", "api")
 	}
@@ -514,6 +517,11 @@ func (a *App) Start(ctx context.Context) (err error) {
 	}
 	if svcCfg.WebhookGuard == nil {
 		svcCfg.WebhookGuard = guard
+	}
+	if svcCfg.BounceDomain == "" {
+		// The domains API suggests the return-path records of the bounce
+		// domain the dispatcher sends from.
+		svcCfg.BounceDomain = a.cfg.BounceDomain
 	}
 	// Built before anything else is started so that a bad configuration
 	// stops the process before it prints or stores anything.

@@ -5,19 +5,74 @@ import (
 	"testing"
 	"time"
 
+	"github.com/google/uuid"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/metadata"
 
+	"github.com/posthaste/posthaste/db"
 	"github.com/posthaste/posthaste/internal/app"
+	"github.com/posthaste/posthaste/internal/keyenc"
 	"github.com/posthaste/posthaste/internal/testenv"
 	posthastev1 "github.com/posthaste/posthaste/proto/posthaste/v1"
+	"github.com/posthaste/posthaste/service"
 )
 
 // BenchmarkSendMessageGRPC measures intake: validation, MIME building and
 // the committed insert, over gRPC from parallel clients, while the
-// dispatcher delivers to a loopback MX in the same process.
+// dispatcher delivers to a loopback MX in the same process. The From
+// domain is not verified (allowed), so nothing is signed.
 func BenchmarkSendMessageGRPC(b *testing.B) {
+	cfg := benchConfig(b)
+	cfg.Service.AllowUnverifiedDomains = true
+	benchSend(b, cfg, nil)
+}
+
+// BenchmarkSendMessageGRPCSigned is BenchmarkSendMessageGRPC with the From
+// domain verified, so every message is signed with its RSA-2048 DKIM key:
+// the difference is the cost of signing.
+func BenchmarkSendMessageGRPCSigned(b *testing.B) {
+	benchSigned(b, "rsa")
+}
+
+// BenchmarkSendMessageGRPCSignedEd25519 signs with an Ed25519 key.
+func BenchmarkSendMessageGRPCSignedEd25519(b *testing.B) {
+	benchSigned(b, "ed25519")
+}
+
+func benchSigned(b *testing.B, keyType string) {
+	dns := testenv.StartDNS(b)
+	kek, err := keyenc.Parse(keyenc.Generate())
+	if err != nil {
+		b.Fatal(err)
+	}
+	cfg := benchConfig(b)
+	cfg.Service.KeyEncryptionKey = kek
+	cfg.Delivery.DNSServer = dns.Addr
+	benchSend(b, cfg, func(store *db.DB) {
+		// The domain is added and verified as the API would, before the
+		// clock starts.
+		k, err := keyenc.New(kek)
+		if err != nil {
+			b.Fatal(err)
+		}
+		m := service.NewDomains(store, service.DomainsConfig{KEK: k, Resolver: dns.Resolver(), Hostname: "posthaste.test"})
+		d, err := m.Add(context.Background(), uuid.Nil, service.AddDomainParams{Domain: "posthaste.test", KeyType: keyType, Selector: "bench"})
+		if err != nil {
+			b.Fatal(err)
+		}
+		for _, r := range m.Records(d) {
+			if r.Purpose == service.PurposeDKIM {
+				dns.AddTXT(r.Name, r.Value)
+			}
+		}
+		if d, err = m.Verify(context.Background(), uuid.Nil, d.ID); err != nil || d.VerifiedAt == nil {
+			b.Fatalf("verify: %v", err)
+		}
+	})
+}
+
+func benchConfig(b *testing.B) app.Config {
 	smtpSrv := testenv.StartSMTP(b)
 	cfg := app.Config{
 		HTTPAddr:        "127.0.0.1:0",
@@ -26,6 +81,12 @@ func BenchmarkSendMessageGRPC(b *testing.B) {
 		BootstrapAPIKey: testKey,
 	}
 	cfg.Delivery.Routes = map[string]string{"*": smtpSrv.Addr}
+	return cfg
+}
+
+// benchSend starts a process from cfg, runs prepare on its database, and
+// sends messages from sender@posthaste.test in parallel.
+func benchSend(b *testing.B, cfg app.Config, prepare func(*db.DB)) {
 	a, err := app.New(cfg)
 	if err != nil {
 		b.Fatal(err)
@@ -38,6 +99,14 @@ func BenchmarkSendMessageGRPC(b *testing.B) {
 		defer cancel()
 		_ = a.Stop(ctx)
 	}()
+	if prepare != nil {
+		store, err := db.Open(context.Background(), a.DatabaseURL())
+		if err != nil {
+			b.Fatal(err)
+		}
+		prepare(store)
+		store.Close()
+	}
 	conn, err := grpc.NewClient(a.GRPCAddr(), grpc.WithTransportCredentials(insecure.NewCredentials()))
 	if err != nil {
 		b.Fatal(err)

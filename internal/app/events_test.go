@@ -33,6 +33,8 @@ func TestEventsThroughTheProcess(t *testing.T) {
 		// Long enough that a stream left open would make Stop fail.
 		ShutdownTimeout: time.Minute,
 	}
+	// Tests send from domains nobody verified.
+	cfg.Service.AllowUnverifiedDomains = true
 	a, err := app.New(cfg)
 	if err != nil {
 		t.Fatal(err)

@@ -23,6 +23,7 @@ import (
 
 	"github.com/posthaste/posthaste/internal/app"
 	"github.com/posthaste/posthaste/internal/testenv"
+	"github.com/posthaste/posthaste/service"
 )
 
 // logBuffer is a log destination the test reads while the app writes.
@@ -52,6 +53,8 @@ func baseConfig(t *testing.T) app.Config {
 		DatabaseURL:     testenv.Database(t),
 		BootstrapAPIKey: testKey,
 		Logger:          slog.New(slog.NewTextHandler(t.Output(), &slog.HandlerOptions{Level: slog.LevelWarn})),
+		// Tests send from domains nobody verified.
+		Service: service.Config{AllowUnverifiedDomains: true},
 	}
 }
 

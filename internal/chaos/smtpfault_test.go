@@ -252,6 +252,8 @@ func startInProcess(t *testing.T, databaseURL string, routes map[string]string) 
 		},
 		ShutdownTimeout: 5 * time.Second,
 	}
+	// Tests send from domains nobody verified.
+	cfg.Service.AllowUnverifiedDomains = true
 	a, err := app.New(cfg)
 	if err != nil {
 		t.Fatal(err)

@@ -137,11 +137,20 @@ func (s *DNSServer) AddA(host string, ip string) {
 }
 
 // AddTXT adds a TXT record for name holding the given strings, which a
-// client joins (RFC 7208 section 3.3).
+// client joins (RFC 7208 section 3.3). A string longer than 255 octets is
+// split as DNS hosts publish long values (RFC 1035 section 3.3.14).
 func (s *DNSServer) AddTXT(name string, txt ...string) {
+	var parts []string
+	for _, value := range txt {
+		for len(value) > 255 {
+			parts = append(parts, value[:255])
+			value = value[255:]
+		}
+		parts = append(parts, value)
+	}
 	s.add(name, &dns.TXT{
 		Hdr: dns.RR_Header{Name: canonical(name), Rrtype: dns.TypeTXT, Class: dns.ClassINET, Ttl: 60},
-		Txt: txt,
+		Txt: parts,
 	})
 }
 
@@ -158,6 +167,17 @@ func (s *DNSServer) RemoveRecords(name string, qtype uint16) {
 		}
 	}
 	s.records[name] = kept
+}
+
+// Resolver returns a resolver that asks this server only.
+func (s *DNSServer) Resolver() *net.Resolver {
+	return &net.Resolver{
+		PreferGo: true,
+		Dial: func(ctx context.Context, network, _ string) (net.Conn, error) {
+			var d net.Dialer
+			return d.DialContext(ctx, network, s.Addr)
+		},
+	}
 }
 
 // AddName makes name exist without records: its queries answer NOERROR with

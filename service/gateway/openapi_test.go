@@ -84,6 +84,12 @@ func TestOpenAPIDocument(t *testing.T) {
 		"MailService_ListMessageEvents":     {"200", []string{"400", "401", "403", "404", "500", "503"}},
 		"MailService_ListEvents":            {"200", []string{"400", "401", "403", "500", "503"}},
 		"MailService_SendBatch":             {"200", []string{"400", "401", "403", "413", "429", "500", "503"}},
+		"MailService_CreateDomain":          {"200", []string{"400", "401", "403", "409", "500", "503"}},
+		"MailService_ListDomains":           {"200", []string{"401", "403", "500", "503"}},
+		"MailService_GetDomain":             {"200", []string{"400", "401", "403", "404", "500", "503"}},
+		"MailService_VerifyDomain":          {"200", []string{"400", "401", "403", "404", "500", "503"}},
+		"MailService_RotateDomainKey":       {"200", []string{"400", "401", "403", "404", "409", "500", "503"}},
+		"MailService_DeleteDomain":          {"200", []string{"400", "401", "403", "404", "500", "503"}},
 	}
 	seen := 0
 	for path, ops := range doc.Paths {

@@ -3903,6 +3903,707 @@ func (x *RetryWebhookDeliveryRequest) GetDeliveryId() string {
 	return ""
 }
 
+// Domain is a sending domain of a project.
+type Domain struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Id    string                 `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
+	// The domain, in lowercase (internationalized names as A-labels).
+	Name string `protobuf:"bytes,2,opt,name=name,proto3" json:"name,omitempty"`
+	// pending until a verification finds the signing key's DKIM record,
+	// then verified; back to pending when a verification finds it missing
+	// or wrong.
+	Status     string                 `protobuf:"bytes,3,opt,name=status,proto3" json:"status,omitempty"`
+	CreatedAt  *timestamppb.Timestamp `protobuf:"bytes,4,opt,name=created_at,json=createdAt,proto3" json:"created_at,omitempty"`
+	VerifiedAt *timestamppb.Timestamp `protobuf:"bytes,5,opt,name=verified_at,json=verifiedAt,proto3" json:"verified_at,omitempty"`
+	// When VerifyDomain last looked the records up.
+	LastCheckedAt *timestamppb.Timestamp `protobuf:"bytes,6,opt,name=last_checked_at,json=lastCheckedAt,proto3" json:"last_checked_at,omitempty"`
+	// The DNS records to publish, with what the last verification found.
+	Records []*DnsRecord `protobuf:"bytes,7,rep,name=records,proto3" json:"records,omitempty"`
+	// The domain's DKIM keys, newest first (public parts only).
+	DkimKeys      []*DkimKey `protobuf:"bytes,8,rep,name=dkim_keys,json=dkimKeys,proto3" json:"dkim_keys,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *Domain) Reset() {
+	*x = Domain{}
+	mi := &file_posthaste_v1_mail_proto_msgTypes[52]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *Domain) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*Domain) ProtoMessage() {}
+
+func (x *Domain) ProtoReflect() protoreflect.Message {
+	mi := &file_posthaste_v1_mail_proto_msgTypes[52]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use Domain.ProtoReflect.Descriptor instead.
+func (*Domain) Descriptor() ([]byte, []int) {
+	return file_posthaste_v1_mail_proto_rawDescGZIP(), []int{52}
+}
+
+func (x *Domain) GetId() string {
+	if x != nil {
+		return x.Id
+	}
+	return ""
+}
+
+func (x *Domain) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *Domain) GetStatus() string {
+	if x != nil {
+		return x.Status
+	}
+	return ""
+}
+
+func (x *Domain) GetCreatedAt() *timestamppb.Timestamp {
+	if x != nil {
+		return x.CreatedAt
+	}
+	return nil
+}
+
+func (x *Domain) GetVerifiedAt() *timestamppb.Timestamp {
+	if x != nil {
+		return x.VerifiedAt
+	}
+	return nil
+}
+
+func (x *Domain) GetLastCheckedAt() *timestamppb.Timestamp {
+	if x != nil {
+		return x.LastCheckedAt
+	}
+	return nil
+}
+
+func (x *Domain) GetRecords() []*DnsRecord {
+	if x != nil {
+		return x.Records
+	}
+	return nil
+}
+
+func (x *Domain) GetDkimKeys() []*DkimKey {
+	if x != nil {
+		return x.DkimKeys
+	}
+	return nil
+}
+
+// DnsRecord is a DNS record a domain needs, and what was found for it.
+type DnsRecord struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// dkim, spf, dmarc or return_path.
+	Purpose string `protobuf:"bytes,1,opt,name=purpose,proto3" json:"purpose,omitempty"`
+	// TXT or MX.
+	Type string `protobuf:"bytes,2,opt,name=type,proto3" json:"type,omitempty"`
+	// The record's owner name, e.g. ph20260102._domainkey.example.com.
+	Name string `protobuf:"bytes,3,opt,name=name,proto3" json:"name,omitempty"`
+	// The value to publish, e.g. "v=DKIM1; k=rsa; p=MIIB...". For MX,
+	// "preference host".
+	Value string `protobuf:"bytes,4,opt,name=value,proto3" json:"value,omitempty"`
+	// Whether verification depends on the record (only the DKIM record of
+	// the key that signs, or is to sign).
+	Required bool `protobuf:"varint,5,opt,name=required,proto3" json:"required,omitempty"`
+	// What the last verification found: ok, missing, wrong, error (the
+	// lookup failed), or unchecked (never verified, or nothing to check).
+	Status string `protobuf:"bytes,6,opt,name=status,proto3" json:"status,omitempty"`
+	// The values found at name, for missing and wrong records.
+	Found []string `protobuf:"bytes,7,rep,name=found,proto3" json:"found,omitempty"`
+	// Advice for people: why the record matters, what to change.
+	Note          string `protobuf:"bytes,8,opt,name=note,proto3" json:"note,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *DnsRecord) Reset() {
+	*x = DnsRecord{}
+	mi := &file_posthaste_v1_mail_proto_msgTypes[53]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *DnsRecord) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*DnsRecord) ProtoMessage() {}
+
+func (x *DnsRecord) ProtoReflect() protoreflect.Message {
+	mi := &file_posthaste_v1_mail_proto_msgTypes[53]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use DnsRecord.ProtoReflect.Descriptor instead.
+func (*DnsRecord) Descriptor() ([]byte, []int) {
+	return file_posthaste_v1_mail_proto_rawDescGZIP(), []int{53}
+}
+
+func (x *DnsRecord) GetPurpose() string {
+	if x != nil {
+		return x.Purpose
+	}
+	return ""
+}
+
+func (x *DnsRecord) GetType() string {
+	if x != nil {
+		return x.Type
+	}
+	return ""
+}
+
+func (x *DnsRecord) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *DnsRecord) GetValue() string {
+	if x != nil {
+		return x.Value
+	}
+	return ""
+}
+
+func (x *DnsRecord) GetRequired() bool {
+	if x != nil {
+		return x.Required
+	}
+	return false
+}
+
+func (x *DnsRecord) GetStatus() string {
+	if x != nil {
+		return x.Status
+	}
+	return ""
+}
+
+func (x *DnsRecord) GetFound() []string {
+	if x != nil {
+		return x.Found
+	}
+	return nil
+}
+
+func (x *DnsRecord) GetNote() string {
+	if x != nil {
+		return x.Note
+	}
+	return ""
+}
+
+// DkimKey is one DKIM key of a domain. Its private part never leaves the
+// server.
+type DkimKey struct {
+	state    protoimpl.MessageState `protogen:"open.v1"`
+	Selector string                 `protobuf:"bytes,1,opt,name=selector,proto3" json:"selector,omitempty"`
+	// rsa or ed25519.
+	KeyType string `protobuf:"bytes,2,opt,name=key_type,json=keyType,proto3" json:"key_type,omitempty"`
+	// pending (its record not seen yet), active (signs), retiring (replaced,
+	// keep its record until retire_after) or retired (its record may go).
+	State         string                 `protobuf:"bytes,3,opt,name=state,proto3" json:"state,omitempty"`
+	CreatedAt     *timestamppb.Timestamp `protobuf:"bytes,4,opt,name=created_at,json=createdAt,proto3" json:"created_at,omitempty"`
+	VerifiedAt    *timestamppb.Timestamp `protobuf:"bytes,5,opt,name=verified_at,json=verifiedAt,proto3" json:"verified_at,omitempty"`
+	ActivatedAt   *timestamppb.Timestamp `protobuf:"bytes,6,opt,name=activated_at,json=activatedAt,proto3" json:"activated_at,omitempty"`
+	RetireAfter   *timestamppb.Timestamp `protobuf:"bytes,7,opt,name=retire_after,json=retireAfter,proto3" json:"retire_after,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *DkimKey) Reset() {
+	*x = DkimKey{}
+	mi := &file_posthaste_v1_mail_proto_msgTypes[54]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *DkimKey) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*DkimKey) ProtoMessage() {}
+
+func (x *DkimKey) ProtoReflect() protoreflect.Message {
+	mi := &file_posthaste_v1_mail_proto_msgTypes[54]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use DkimKey.ProtoReflect.Descriptor instead.
+func (*DkimKey) Descriptor() ([]byte, []int) {
+	return file_posthaste_v1_mail_proto_rawDescGZIP(), []int{54}
+}
+
+func (x *DkimKey) GetSelector() string {
+	if x != nil {
+		return x.Selector
+	}
+	return ""
+}
+
+func (x *DkimKey) GetKeyType() string {
+	if x != nil {
+		return x.KeyType
+	}
+	return ""
+}
+
+func (x *DkimKey) GetState() string {
+	if x != nil {
+		return x.State
+	}
+	return ""
+}
+
+func (x *DkimKey) GetCreatedAt() *timestamppb.Timestamp {
+	if x != nil {
+		return x.CreatedAt
+	}
+	return nil
+}
+
+func (x *DkimKey) GetVerifiedAt() *timestamppb.Timestamp {
+	if x != nil {
+		return x.VerifiedAt
+	}
+	return nil
+}
+
+func (x *DkimKey) GetActivatedAt() *timestamppb.Timestamp {
+	if x != nil {
+		return x.ActivatedAt
+	}
+	return nil
+}
+
+func (x *DkimKey) GetRetireAfter() *timestamppb.Timestamp {
+	if x != nil {
+		return x.RetireAfter
+	}
+	return nil
+}
+
+// CreateDomainRequest names a domain to add.
+type CreateDomainRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The domain of the From addresses to send with, e.g. example.com.
+	// Required.
+	Domain string `protobuf:"bytes,1,opt,name=domain,proto3" json:"domain,omitempty"`
+	// rsa (2048 bits, the default) or ed25519 (RFC 8463; not every receiver
+	// verifies it yet).
+	KeyType string `protobuf:"bytes,2,opt,name=key_type,json=keyType,proto3" json:"key_type,omitempty"`
+	// The DKIM selector; defaults to "ph" and the date, e.g. ph20260102.
+	// Lowercase letters, digits and '-'.
+	Selector      string `protobuf:"bytes,3,opt,name=selector,proto3" json:"selector,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *CreateDomainRequest) Reset() {
+	*x = CreateDomainRequest{}
+	mi := &file_posthaste_v1_mail_proto_msgTypes[55]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *CreateDomainRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*CreateDomainRequest) ProtoMessage() {}
+
+func (x *CreateDomainRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_posthaste_v1_mail_proto_msgTypes[55]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use CreateDomainRequest.ProtoReflect.Descriptor instead.
+func (*CreateDomainRequest) Descriptor() ([]byte, []int) {
+	return file_posthaste_v1_mail_proto_rawDescGZIP(), []int{55}
+}
+
+func (x *CreateDomainRequest) GetDomain() string {
+	if x != nil {
+		return x.Domain
+	}
+	return ""
+}
+
+func (x *CreateDomainRequest) GetKeyType() string {
+	if x != nil {
+		return x.KeyType
+	}
+	return ""
+}
+
+func (x *CreateDomainRequest) GetSelector() string {
+	if x != nil {
+		return x.Selector
+	}
+	return ""
+}
+
+// ListDomainsRequest lists the domains of the caller's project.
+type ListDomainsRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ListDomainsRequest) Reset() {
+	*x = ListDomainsRequest{}
+	mi := &file_posthaste_v1_mail_proto_msgTypes[56]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ListDomainsRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ListDomainsRequest) ProtoMessage() {}
+
+func (x *ListDomainsRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_posthaste_v1_mail_proto_msgTypes[56]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ListDomainsRequest.ProtoReflect.Descriptor instead.
+func (*ListDomainsRequest) Descriptor() ([]byte, []int) {
+	return file_posthaste_v1_mail_proto_rawDescGZIP(), []int{56}
+}
+
+// ListDomainsResponse is every domain of the caller's project.
+type ListDomainsResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Domains       []*Domain              `protobuf:"bytes,1,rep,name=domains,proto3" json:"domains,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ListDomainsResponse) Reset() {
+	*x = ListDomainsResponse{}
+	mi := &file_posthaste_v1_mail_proto_msgTypes[57]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ListDomainsResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ListDomainsResponse) ProtoMessage() {}
+
+func (x *ListDomainsResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_posthaste_v1_mail_proto_msgTypes[57]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ListDomainsResponse.ProtoReflect.Descriptor instead.
+func (*ListDomainsResponse) Descriptor() ([]byte, []int) {
+	return file_posthaste_v1_mail_proto_rawDescGZIP(), []int{57}
+}
+
+func (x *ListDomainsResponse) GetDomains() []*Domain {
+	if x != nil {
+		return x.Domains
+	}
+	return nil
+}
+
+// GetDomainRequest names one domain.
+type GetDomainRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Id            string                 `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *GetDomainRequest) Reset() {
+	*x = GetDomainRequest{}
+	mi := &file_posthaste_v1_mail_proto_msgTypes[58]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *GetDomainRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*GetDomainRequest) ProtoMessage() {}
+
+func (x *GetDomainRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_posthaste_v1_mail_proto_msgTypes[58]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use GetDomainRequest.ProtoReflect.Descriptor instead.
+func (*GetDomainRequest) Descriptor() ([]byte, []int) {
+	return file_posthaste_v1_mail_proto_rawDescGZIP(), []int{58}
+}
+
+func (x *GetDomainRequest) GetId() string {
+	if x != nil {
+		return x.Id
+	}
+	return ""
+}
+
+// VerifyDomainRequest names one domain.
+type VerifyDomainRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Id            string                 `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *VerifyDomainRequest) Reset() {
+	*x = VerifyDomainRequest{}
+	mi := &file_posthaste_v1_mail_proto_msgTypes[59]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *VerifyDomainRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*VerifyDomainRequest) ProtoMessage() {}
+
+func (x *VerifyDomainRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_posthaste_v1_mail_proto_msgTypes[59]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use VerifyDomainRequest.ProtoReflect.Descriptor instead.
+func (*VerifyDomainRequest) Descriptor() ([]byte, []int) {
+	return file_posthaste_v1_mail_proto_rawDescGZIP(), []int{59}
+}
+
+func (x *VerifyDomainRequest) GetId() string {
+	if x != nil {
+		return x.Id
+	}
+	return ""
+}
+
+// RotateDomainKeyRequest names a domain and its new key.
+type RotateDomainKeyRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Id    string                 `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
+	// rsa or ed25519; defaults to the type of the current key.
+	KeyType string `protobuf:"bytes,2,opt,name=key_type,json=keyType,proto3" json:"key_type,omitempty"`
+	// The new key's selector; defaults to "ph" and the date.
+	Selector      string `protobuf:"bytes,3,opt,name=selector,proto3" json:"selector,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *RotateDomainKeyRequest) Reset() {
+	*x = RotateDomainKeyRequest{}
+	mi := &file_posthaste_v1_mail_proto_msgTypes[60]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *RotateDomainKeyRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*RotateDomainKeyRequest) ProtoMessage() {}
+
+func (x *RotateDomainKeyRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_posthaste_v1_mail_proto_msgTypes[60]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use RotateDomainKeyRequest.ProtoReflect.Descriptor instead.
+func (*RotateDomainKeyRequest) Descriptor() ([]byte, []int) {
+	return file_posthaste_v1_mail_proto_rawDescGZIP(), []int{60}
+}
+
+func (x *RotateDomainKeyRequest) GetId() string {
+	if x != nil {
+		return x.Id
+	}
+	return ""
+}
+
+func (x *RotateDomainKeyRequest) GetKeyType() string {
+	if x != nil {
+		return x.KeyType
+	}
+	return ""
+}
+
+func (x *RotateDomainKeyRequest) GetSelector() string {
+	if x != nil {
+		return x.Selector
+	}
+	return ""
+}
+
+// DeleteDomainRequest names one domain.
+type DeleteDomainRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Id            string                 `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *DeleteDomainRequest) Reset() {
+	*x = DeleteDomainRequest{}
+	mi := &file_posthaste_v1_mail_proto_msgTypes[61]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *DeleteDomainRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*DeleteDomainRequest) ProtoMessage() {}
+
+func (x *DeleteDomainRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_posthaste_v1_mail_proto_msgTypes[61]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use DeleteDomainRequest.ProtoReflect.Descriptor instead.
+func (*DeleteDomainRequest) Descriptor() ([]byte, []int) {
+	return file_posthaste_v1_mail_proto_rawDescGZIP(), []int{61}
+}
+
+func (x *DeleteDomainRequest) GetId() string {
+	if x != nil {
+		return x.Id
+	}
+	return ""
+}
+
+// DeleteDomainResponse is empty.
+type DeleteDomainResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *DeleteDomainResponse) Reset() {
+	*x = DeleteDomainResponse{}
+	mi := &file_posthaste_v1_mail_proto_msgTypes[62]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *DeleteDomainResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*DeleteDomainResponse) ProtoMessage() {}
+
+func (x *DeleteDomainResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_posthaste_v1_mail_proto_msgTypes[62]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use DeleteDomainResponse.ProtoReflect.Descriptor instead.
+func (*DeleteDomainResponse) Descriptor() ([]byte, []int) {
+	return file_posthaste_v1_mail_proto_rawDescGZIP(), []int{62}
+}
+
 var File_posthaste_v1_mail_proto protoreflect.FileDescriptor
 
 const file_posthaste_v1_mail_proto_rawDesc = "" +
@@ -4230,7 +4931,55 @@ const file_posthaste_v1_mail_proto_rawDesc = "" +
 	"\x1bRetryWebhookDeliveryRequest\x12\x13\n" +
 	"\x02id\x18\x01 \x01(\tB\x03\xe0A\x02R\x02id\x12$\n" +
 	"\vdelivery_id\x18\x02 \x01(\tB\x03\xe0A\x02R\n" +
-	"deliveryId2\xe2\x13\n" +
+	"deliveryId\"\xe7\x02\n" +
+	"\x06Domain\x12\x0e\n" +
+	"\x02id\x18\x01 \x01(\tR\x02id\x12\x12\n" +
+	"\x04name\x18\x02 \x01(\tR\x04name\x12\x16\n" +
+	"\x06status\x18\x03 \x01(\tR\x06status\x129\n" +
+	"\n" +
+	"created_at\x18\x04 \x01(\v2\x1a.google.protobuf.TimestampR\tcreatedAt\x12;\n" +
+	"\vverified_at\x18\x05 \x01(\v2\x1a.google.protobuf.TimestampR\n" +
+	"verifiedAt\x12B\n" +
+	"\x0flast_checked_at\x18\x06 \x01(\v2\x1a.google.protobuf.TimestampR\rlastCheckedAt\x121\n" +
+	"\arecords\x18\a \x03(\v2\x17.posthaste.v1.DnsRecordR\arecords\x122\n" +
+	"\tdkim_keys\x18\b \x03(\v2\x15.posthaste.v1.DkimKeyR\bdkimKeys\"\xc1\x01\n" +
+	"\tDnsRecord\x12\x18\n" +
+	"\apurpose\x18\x01 \x01(\tR\apurpose\x12\x12\n" +
+	"\x04type\x18\x02 \x01(\tR\x04type\x12\x12\n" +
+	"\x04name\x18\x03 \x01(\tR\x04name\x12\x14\n" +
+	"\x05value\x18\x04 \x01(\tR\x05value\x12\x1a\n" +
+	"\brequired\x18\x05 \x01(\bR\brequired\x12\x16\n" +
+	"\x06status\x18\x06 \x01(\tR\x06status\x12\x14\n" +
+	"\x05found\x18\a \x03(\tR\x05found\x12\x12\n" +
+	"\x04note\x18\b \x01(\tR\x04note\"\xcc\x02\n" +
+	"\aDkimKey\x12\x1a\n" +
+	"\bselector\x18\x01 \x01(\tR\bselector\x12\x19\n" +
+	"\bkey_type\x18\x02 \x01(\tR\akeyType\x12\x14\n" +
+	"\x05state\x18\x03 \x01(\tR\x05state\x129\n" +
+	"\n" +
+	"created_at\x18\x04 \x01(\v2\x1a.google.protobuf.TimestampR\tcreatedAt\x12;\n" +
+	"\vverified_at\x18\x05 \x01(\v2\x1a.google.protobuf.TimestampR\n" +
+	"verifiedAt\x12=\n" +
+	"\factivated_at\x18\x06 \x01(\v2\x1a.google.protobuf.TimestampR\vactivatedAt\x12=\n" +
+	"\fretire_after\x18\a \x01(\v2\x1a.google.protobuf.TimestampR\vretireAfter\"d\n" +
+	"\x13CreateDomainRequest\x12\x16\n" +
+	"\x06domain\x18\x01 \x01(\tR\x06domain\x12\x19\n" +
+	"\bkey_type\x18\x02 \x01(\tR\akeyType\x12\x1a\n" +
+	"\bselector\x18\x03 \x01(\tR\bselector\"\x14\n" +
+	"\x12ListDomainsRequest\"E\n" +
+	"\x13ListDomainsResponse\x12.\n" +
+	"\adomains\x18\x01 \x03(\v2\x14.posthaste.v1.DomainR\adomains\"\"\n" +
+	"\x10GetDomainRequest\x12\x0e\n" +
+	"\x02id\x18\x01 \x01(\tR\x02id\"%\n" +
+	"\x13VerifyDomainRequest\x12\x0e\n" +
+	"\x02id\x18\x01 \x01(\tR\x02id\"_\n" +
+	"\x16RotateDomainKeyRequest\x12\x0e\n" +
+	"\x02id\x18\x01 \x01(\tR\x02id\x12\x19\n" +
+	"\bkey_type\x18\x02 \x01(\tR\akeyType\x12\x1a\n" +
+	"\bselector\x18\x03 \x01(\tR\bselector\"%\n" +
+	"\x13DeleteDomainRequest\x12\x0e\n" +
+	"\x02id\x18\x01 \x01(\tR\x02id\"\x16\n" +
+	"\x14DeleteDomainResponse2\xdd\x18\n" +
 	"\vMailService\x12k\n" +
 	"\vSendMessage\x12 .posthaste.v1.SendMessageRequest\x1a!.posthaste.v1.SendMessageResponse\"\x17\x82\xd3\xe4\x93\x02\x11:\x01*\"\f/v1/messages\x12y\n" +
 	"\x0eSendRawMessage\x12#.posthaste.v1.SendRawMessageRequest\x1a!.posthaste.v1.SendMessageResponse\"\x1f\x82\xd3\xe4\x93\x02\x19:\x01*\"\x14/v1/messages:sendRaw\x12o\n" +
@@ -4258,7 +5007,13 @@ const file_posthaste_v1_mail_proto_rawDesc = "" +
 	"\rDeleteWebhook\x12\".posthaste.v1.DeleteWebhookRequest\x1a#.posthaste.v1.DeleteWebhookResponse\"\x19\x82\xd3\xe4\x93\x02\x13*\x11/v1/webhooks/{id}\x12\x95\x01\n" +
 	"\x13RotateWebhookSecret\x12(.posthaste.v1.RotateWebhookSecretRequest\x1a).posthaste.v1.RotateWebhookSecretResponse\")\x82\xd3\xe4\x93\x02#:\x01*\"\x1e/v1/webhooks/{id}:rotateSecret\x12\x96\x01\n" +
 	"\x15ListWebhookDeliveries\x12*.posthaste.v1.ListWebhookDeliveriesRequest\x1a+.posthaste.v1.ListWebhookDeliveriesResponse\"$\x82\xd3\xe4\x93\x02\x1e\x12\x1c/v1/webhooks/{id}/deliveries\x12\x9d\x01\n" +
-	"\x14RetryWebhookDelivery\x12).posthaste.v1.RetryWebhookDeliveryRequest\x1a\x1d.posthaste.v1.WebhookDelivery\";\x82\xd3\xe4\x93\x025:\x01*\"0/v1/webhooks/{id}/deliveries/{delivery_id}:retryB?Z=github.com/posthaste/posthaste/proto/posthaste/v1;posthastev1b\x06proto3"
+	"\x14RetryWebhookDelivery\x12).posthaste.v1.RetryWebhookDeliveryRequest\x1a\x1d.posthaste.v1.WebhookDelivery\";\x82\xd3\xe4\x93\x025:\x01*\"0/v1/webhooks/{id}/deliveries/{delivery_id}:retry\x12_\n" +
+	"\fCreateDomain\x12!.posthaste.v1.CreateDomainRequest\x1a\x14.posthaste.v1.Domain\"\x16\x82\xd3\xe4\x93\x02\x10:\x01*\"\v/v1/domains\x12g\n" +
+	"\vListDomains\x12 .posthaste.v1.ListDomainsRequest\x1a!.posthaste.v1.ListDomainsResponse\"\x13\x82\xd3\xe4\x93\x02\r\x12\v/v1/domains\x12[\n" +
+	"\tGetDomain\x12\x1e.posthaste.v1.GetDomainRequest\x1a\x14.posthaste.v1.Domain\"\x18\x82\xd3\xe4\x93\x02\x12\x12\x10/v1/domains/{id}\x12k\n" +
+	"\fVerifyDomain\x12!.posthaste.v1.VerifyDomainRequest\x1a\x14.posthaste.v1.Domain\"\"\x82\xd3\xe4\x93\x02\x1c:\x01*\"\x17/v1/domains/{id}:verify\x12t\n" +
+	"\x0fRotateDomainKey\x12$.posthaste.v1.RotateDomainKeyRequest\x1a\x14.posthaste.v1.Domain\"%\x82\xd3\xe4\x93\x02\x1f:\x01*\"\x1a/v1/domains/{id}:rotateKey\x12o\n" +
+	"\fDeleteDomain\x12!.posthaste.v1.DeleteDomainRequest\x1a\".posthaste.v1.DeleteDomainResponse\"\x18\x82\xd3\xe4\x93\x02\x12*\x10/v1/domains/{id}B?Z=github.com/posthaste/posthaste/proto/posthaste/v1;posthastev1b\x06proto3"
 
 var (
 	file_posthaste_v1_mail_proto_rawDescOnce sync.Once
@@ -4272,7 +5027,7 @@ func file_posthaste_v1_mail_proto_rawDescGZIP() []byte {
 	return file_posthaste_v1_mail_proto_rawDescData
 }
 
-var file_posthaste_v1_mail_proto_msgTypes = make([]protoimpl.MessageInfo, 55)
+var file_posthaste_v1_mail_proto_msgTypes = make([]protoimpl.MessageInfo, 66)
 var file_posthaste_v1_mail_proto_goTypes = []any{
 	(*Address)(nil),                       // 0: posthaste.v1.Address
 	(*Attachment)(nil),                    // 1: posthaste.v1.Attachment
@@ -4326,12 +5081,23 @@ var file_posthaste_v1_mail_proto_goTypes = []any{
 	(*ListWebhookDeliveriesRequest)(nil),  // 49: posthaste.v1.ListWebhookDeliveriesRequest
 	(*ListWebhookDeliveriesResponse)(nil), // 50: posthaste.v1.ListWebhookDeliveriesResponse
 	(*RetryWebhookDeliveryRequest)(nil),   // 51: posthaste.v1.RetryWebhookDeliveryRequest
-	nil,                                   // 52: posthaste.v1.SendMessageRequest.MetadataEntry
-	nil,                                   // 53: posthaste.v1.SendRawMessageRequest.MetadataEntry
-	nil,                                   // 54: posthaste.v1.Message.MetadataEntry
-	(*timestamppb.Timestamp)(nil),         // 55: google.protobuf.Timestamp
-	(*durationpb.Duration)(nil),           // 56: google.protobuf.Duration
-	(*fieldmaskpb.FieldMask)(nil),         // 57: google.protobuf.FieldMask
+	(*Domain)(nil),                        // 52: posthaste.v1.Domain
+	(*DnsRecord)(nil),                     // 53: posthaste.v1.DnsRecord
+	(*DkimKey)(nil),                       // 54: posthaste.v1.DkimKey
+	(*CreateDomainRequest)(nil),           // 55: posthaste.v1.CreateDomainRequest
+	(*ListDomainsRequest)(nil),            // 56: posthaste.v1.ListDomainsRequest
+	(*ListDomainsResponse)(nil),           // 57: posthaste.v1.ListDomainsResponse
+	(*GetDomainRequest)(nil),              // 58: posthaste.v1.GetDomainRequest
+	(*VerifyDomainRequest)(nil),           // 59: posthaste.v1.VerifyDomainRequest
+	(*RotateDomainKeyRequest)(nil),        // 60: posthaste.v1.RotateDomainKeyRequest
+	(*DeleteDomainRequest)(nil),           // 61: posthaste.v1.DeleteDomainRequest
+	(*DeleteDomainResponse)(nil),          // 62: posthaste.v1.DeleteDomainResponse
+	nil,                                   // 63: posthaste.v1.SendMessageRequest.MetadataEntry
+	nil,                                   // 64: posthaste.v1.SendRawMessageRequest.MetadataEntry
+	nil,                                   // 65: posthaste.v1.Message.MetadataEntry
+	(*timestamppb.Timestamp)(nil),         // 66: google.protobuf.Timestamp
+	(*durationpb.Duration)(nil),           // 67: google.protobuf.Duration
+	(*fieldmaskpb.FieldMask)(nil),         // 68: google.protobuf.FieldMask
 }
 var file_posthaste_v1_mail_proto_depIdxs = []int32{
 	0,  // 0: posthaste.v1.SendMessageRequest.from:type_name -> posthaste.v1.Address
@@ -4341,108 +5107,130 @@ var file_posthaste_v1_mail_proto_depIdxs = []int32{
 	0,  // 4: posthaste.v1.SendMessageRequest.bcc:type_name -> posthaste.v1.Address
 	1,  // 5: posthaste.v1.SendMessageRequest.attachments:type_name -> posthaste.v1.Attachment
 	2,  // 6: posthaste.v1.SendMessageRequest.headers:type_name -> posthaste.v1.Header
-	52, // 7: posthaste.v1.SendMessageRequest.metadata:type_name -> posthaste.v1.SendMessageRequest.MetadataEntry
-	55, // 8: posthaste.v1.SendMessageRequest.send_at:type_name -> google.protobuf.Timestamp
-	53, // 9: posthaste.v1.SendRawMessageRequest.metadata:type_name -> posthaste.v1.SendRawMessageRequest.MetadataEntry
-	55, // 10: posthaste.v1.SendRawMessageRequest.send_at:type_name -> google.protobuf.Timestamp
+	63, // 7: posthaste.v1.SendMessageRequest.metadata:type_name -> posthaste.v1.SendMessageRequest.MetadataEntry
+	66, // 8: posthaste.v1.SendMessageRequest.send_at:type_name -> google.protobuf.Timestamp
+	64, // 9: posthaste.v1.SendRawMessageRequest.metadata:type_name -> posthaste.v1.SendRawMessageRequest.MetadataEntry
+	66, // 10: posthaste.v1.SendRawMessageRequest.send_at:type_name -> google.protobuf.Timestamp
 	9,  // 11: posthaste.v1.SendMessageResponse.recipients:type_name -> posthaste.v1.RecipientSummary
 	3,  // 12: posthaste.v1.SendBatchRequest.messages:type_name -> posthaste.v1.SendMessageRequest
 	8,  // 13: posthaste.v1.SendBatchResponse.results:type_name -> posthaste.v1.SendBatchResult
 	5,  // 14: posthaste.v1.SendBatchResult.accepted:type_name -> posthaste.v1.SendMessageResponse
 	35, // 15: posthaste.v1.SendBatchResult.error:type_name -> posthaste.v1.Error
-	55, // 16: posthaste.v1.ListMessagesRequest.created_after:type_name -> google.protobuf.Timestamp
-	55, // 17: posthaste.v1.ListMessagesRequest.created_before:type_name -> google.protobuf.Timestamp
+	66, // 16: posthaste.v1.ListMessagesRequest.created_after:type_name -> google.protobuf.Timestamp
+	66, // 17: posthaste.v1.ListMessagesRequest.created_before:type_name -> google.protobuf.Timestamp
 	16, // 18: posthaste.v1.ListMessagesResponse.messages:type_name -> posthaste.v1.Message
-	54, // 19: posthaste.v1.Message.metadata:type_name -> posthaste.v1.Message.MetadataEntry
-	55, // 20: posthaste.v1.Message.send_at:type_name -> google.protobuf.Timestamp
-	55, // 21: posthaste.v1.Message.created_at:type_name -> google.protobuf.Timestamp
-	55, // 22: posthaste.v1.Message.updated_at:type_name -> google.protobuf.Timestamp
+	65, // 19: posthaste.v1.Message.metadata:type_name -> posthaste.v1.Message.MetadataEntry
+	66, // 20: posthaste.v1.Message.send_at:type_name -> google.protobuf.Timestamp
+	66, // 21: posthaste.v1.Message.created_at:type_name -> google.protobuf.Timestamp
+	66, // 22: posthaste.v1.Message.updated_at:type_name -> google.protobuf.Timestamp
 	17, // 23: posthaste.v1.Message.recipients:type_name -> posthaste.v1.Recipient
 	19, // 24: posthaste.v1.Message.attempts:type_name -> posthaste.v1.Attempt
-	55, // 25: posthaste.v1.Recipient.next_attempt_at:type_name -> google.protobuf.Timestamp
+	66, // 25: posthaste.v1.Recipient.next_attempt_at:type_name -> google.protobuf.Timestamp
 	18, // 26: posthaste.v1.Recipient.last_reply:type_name -> posthaste.v1.SmtpReply
-	55, // 27: posthaste.v1.Recipient.delivered_at:type_name -> google.protobuf.Timestamp
-	55, // 28: posthaste.v1.Recipient.updated_at:type_name -> google.protobuf.Timestamp
-	55, // 29: posthaste.v1.Attempt.started_at:type_name -> google.protobuf.Timestamp
-	56, // 30: posthaste.v1.Attempt.duration:type_name -> google.protobuf.Duration
+	66, // 27: posthaste.v1.Recipient.delivered_at:type_name -> google.protobuf.Timestamp
+	66, // 28: posthaste.v1.Recipient.updated_at:type_name -> google.protobuf.Timestamp
+	66, // 29: posthaste.v1.Attempt.started_at:type_name -> google.protobuf.Timestamp
+	67, // 30: posthaste.v1.Attempt.duration:type_name -> google.protobuf.Duration
 	18, // 31: posthaste.v1.Attempt.reply:type_name -> posthaste.v1.SmtpReply
-	55, // 32: posthaste.v1.ApiKey.created_at:type_name -> google.protobuf.Timestamp
-	55, // 33: posthaste.v1.ApiKey.last_used_at:type_name -> google.protobuf.Timestamp
-	55, // 34: posthaste.v1.ApiKey.revoked_at:type_name -> google.protobuf.Timestamp
+	66, // 32: posthaste.v1.ApiKey.created_at:type_name -> google.protobuf.Timestamp
+	66, // 33: posthaste.v1.ApiKey.last_used_at:type_name -> google.protobuf.Timestamp
+	66, // 34: posthaste.v1.ApiKey.revoked_at:type_name -> google.protobuf.Timestamp
 	20, // 35: posthaste.v1.CreateApiKeyResponse.api_key:type_name -> posthaste.v1.ApiKey
 	20, // 36: posthaste.v1.ListApiKeysResponse.api_keys:type_name -> posthaste.v1.ApiKey
-	55, // 37: posthaste.v1.Event.created_at:type_name -> google.protobuf.Timestamp
-	55, // 38: posthaste.v1.Event.send_at:type_name -> google.protobuf.Timestamp
+	66, // 37: posthaste.v1.Event.created_at:type_name -> google.protobuf.Timestamp
+	66, // 38: posthaste.v1.Event.send_at:type_name -> google.protobuf.Timestamp
 	18, // 39: posthaste.v1.Event.reply:type_name -> posthaste.v1.SmtpReply
-	55, // 40: posthaste.v1.Event.next_attempt_at:type_name -> google.protobuf.Timestamp
+	66, // 40: posthaste.v1.Event.next_attempt_at:type_name -> google.protobuf.Timestamp
 	26, // 41: posthaste.v1.ListMessageEventsResponse.events:type_name -> posthaste.v1.Event
 	26, // 42: posthaste.v1.ListEventsResponse.events:type_name -> posthaste.v1.Event
 	26, // 43: posthaste.v1.StreamEventsResponse.event:type_name -> posthaste.v1.Event
 	35, // 44: posthaste.v1.ErrorResponse.error:type_name -> posthaste.v1.Error
 	36, // 45: posthaste.v1.Error.field_violations:type_name -> posthaste.v1.FieldViolation
-	55, // 46: posthaste.v1.Webhook.created_at:type_name -> google.protobuf.Timestamp
-	55, // 47: posthaste.v1.Webhook.updated_at:type_name -> google.protobuf.Timestamp
-	55, // 48: posthaste.v1.Webhook.disabled_at:type_name -> google.protobuf.Timestamp
-	55, // 49: posthaste.v1.Webhook.previous_secret_expires_at:type_name -> google.protobuf.Timestamp
+	66, // 46: posthaste.v1.Webhook.created_at:type_name -> google.protobuf.Timestamp
+	66, // 47: posthaste.v1.Webhook.updated_at:type_name -> google.protobuf.Timestamp
+	66, // 48: posthaste.v1.Webhook.disabled_at:type_name -> google.protobuf.Timestamp
+	66, // 49: posthaste.v1.Webhook.previous_secret_expires_at:type_name -> google.protobuf.Timestamp
 	37, // 50: posthaste.v1.CreateWebhookResponse.webhook:type_name -> posthaste.v1.Webhook
 	37, // 51: posthaste.v1.ListWebhooksResponse.webhooks:type_name -> posthaste.v1.Webhook
 	37, // 52: posthaste.v1.UpdateWebhookRequest.webhook:type_name -> posthaste.v1.Webhook
-	57, // 53: posthaste.v1.UpdateWebhookRequest.update_mask:type_name -> google.protobuf.FieldMask
+	68, // 53: posthaste.v1.UpdateWebhookRequest.update_mask:type_name -> google.protobuf.FieldMask
 	37, // 54: posthaste.v1.RotateWebhookSecretResponse.webhook:type_name -> posthaste.v1.Webhook
-	55, // 55: posthaste.v1.WebhookDelivery.next_attempt_at:type_name -> google.protobuf.Timestamp
-	55, // 56: posthaste.v1.WebhookDelivery.last_attempt_at:type_name -> google.protobuf.Timestamp
-	56, // 57: posthaste.v1.WebhookDelivery.last_latency:type_name -> google.protobuf.Duration
-	55, // 58: posthaste.v1.WebhookDelivery.created_at:type_name -> google.protobuf.Timestamp
+	66, // 55: posthaste.v1.WebhookDelivery.next_attempt_at:type_name -> google.protobuf.Timestamp
+	66, // 56: posthaste.v1.WebhookDelivery.last_attempt_at:type_name -> google.protobuf.Timestamp
+	67, // 57: posthaste.v1.WebhookDelivery.last_latency:type_name -> google.protobuf.Duration
+	66, // 58: posthaste.v1.WebhookDelivery.created_at:type_name -> google.protobuf.Timestamp
 	48, // 59: posthaste.v1.ListWebhookDeliveriesResponse.deliveries:type_name -> posthaste.v1.WebhookDelivery
-	3,  // 60: posthaste.v1.MailService.SendMessage:input_type -> posthaste.v1.SendMessageRequest
-	4,  // 61: posthaste.v1.MailService.SendRawMessage:input_type -> posthaste.v1.SendRawMessageRequest
-	6,  // 62: posthaste.v1.MailService.SendBatch:input_type -> posthaste.v1.SendBatchRequest
-	10, // 63: posthaste.v1.MailService.GetMessage:input_type -> posthaste.v1.GetMessageRequest
-	14, // 64: posthaste.v1.MailService.ListMessages:input_type -> posthaste.v1.ListMessagesRequest
-	11, // 65: posthaste.v1.MailService.CancelMessage:input_type -> posthaste.v1.CancelMessageRequest
-	12, // 66: posthaste.v1.MailService.GetMessageRaw:input_type -> posthaste.v1.GetMessageRawRequest
-	27, // 67: posthaste.v1.MailService.ListMessageEvents:input_type -> posthaste.v1.ListMessageEventsRequest
-	29, // 68: posthaste.v1.MailService.ListEvents:input_type -> posthaste.v1.ListEventsRequest
-	31, // 69: posthaste.v1.MailService.StreamEvents:input_type -> posthaste.v1.StreamEventsRequest
-	33, // 70: posthaste.v1.MailService.WatchMessage:input_type -> posthaste.v1.WatchMessageRequest
-	21, // 71: posthaste.v1.MailService.CreateApiKey:input_type -> posthaste.v1.CreateApiKeyRequest
-	23, // 72: posthaste.v1.MailService.ListApiKeys:input_type -> posthaste.v1.ListApiKeysRequest
-	25, // 73: posthaste.v1.MailService.RevokeApiKey:input_type -> posthaste.v1.RevokeApiKeyRequest
-	38, // 74: posthaste.v1.MailService.CreateWebhook:input_type -> posthaste.v1.CreateWebhookRequest
-	40, // 75: posthaste.v1.MailService.ListWebhooks:input_type -> posthaste.v1.ListWebhooksRequest
-	42, // 76: posthaste.v1.MailService.GetWebhook:input_type -> posthaste.v1.GetWebhookRequest
-	43, // 77: posthaste.v1.MailService.UpdateWebhook:input_type -> posthaste.v1.UpdateWebhookRequest
-	44, // 78: posthaste.v1.MailService.DeleteWebhook:input_type -> posthaste.v1.DeleteWebhookRequest
-	46, // 79: posthaste.v1.MailService.RotateWebhookSecret:input_type -> posthaste.v1.RotateWebhookSecretRequest
-	49, // 80: posthaste.v1.MailService.ListWebhookDeliveries:input_type -> posthaste.v1.ListWebhookDeliveriesRequest
-	51, // 81: posthaste.v1.MailService.RetryWebhookDelivery:input_type -> posthaste.v1.RetryWebhookDeliveryRequest
-	5,  // 82: posthaste.v1.MailService.SendMessage:output_type -> posthaste.v1.SendMessageResponse
-	5,  // 83: posthaste.v1.MailService.SendRawMessage:output_type -> posthaste.v1.SendMessageResponse
-	7,  // 84: posthaste.v1.MailService.SendBatch:output_type -> posthaste.v1.SendBatchResponse
-	16, // 85: posthaste.v1.MailService.GetMessage:output_type -> posthaste.v1.Message
-	15, // 86: posthaste.v1.MailService.ListMessages:output_type -> posthaste.v1.ListMessagesResponse
-	16, // 87: posthaste.v1.MailService.CancelMessage:output_type -> posthaste.v1.Message
-	13, // 88: posthaste.v1.MailService.GetMessageRaw:output_type -> posthaste.v1.GetMessageRawResponse
-	28, // 89: posthaste.v1.MailService.ListMessageEvents:output_type -> posthaste.v1.ListMessageEventsResponse
-	30, // 90: posthaste.v1.MailService.ListEvents:output_type -> posthaste.v1.ListEventsResponse
-	32, // 91: posthaste.v1.MailService.StreamEvents:output_type -> posthaste.v1.StreamEventsResponse
-	26, // 92: posthaste.v1.MailService.WatchMessage:output_type -> posthaste.v1.Event
-	22, // 93: posthaste.v1.MailService.CreateApiKey:output_type -> posthaste.v1.CreateApiKeyResponse
-	24, // 94: posthaste.v1.MailService.ListApiKeys:output_type -> posthaste.v1.ListApiKeysResponse
-	20, // 95: posthaste.v1.MailService.RevokeApiKey:output_type -> posthaste.v1.ApiKey
-	39, // 96: posthaste.v1.MailService.CreateWebhook:output_type -> posthaste.v1.CreateWebhookResponse
-	41, // 97: posthaste.v1.MailService.ListWebhooks:output_type -> posthaste.v1.ListWebhooksResponse
-	37, // 98: posthaste.v1.MailService.GetWebhook:output_type -> posthaste.v1.Webhook
-	37, // 99: posthaste.v1.MailService.UpdateWebhook:output_type -> posthaste.v1.Webhook
-	45, // 100: posthaste.v1.MailService.DeleteWebhook:output_type -> posthaste.v1.DeleteWebhookResponse
-	47, // 101: posthaste.v1.MailService.RotateWebhookSecret:output_type -> posthaste.v1.RotateWebhookSecretResponse
-	50, // 102: posthaste.v1.MailService.ListWebhookDeliveries:output_type -> posthaste.v1.ListWebhookDeliveriesResponse
-	48, // 103: posthaste.v1.MailService.RetryWebhookDelivery:output_type -> posthaste.v1.WebhookDelivery
-	82, // [82:104] is the sub-list for method output_type
-	60, // [60:82] is the sub-list for method input_type
-	60, // [60:60] is the sub-list for extension type_name
-	60, // [60:60] is the sub-list for extension extendee
-	0,  // [0:60] is the sub-list for field type_name
+	66, // 60: posthaste.v1.Domain.created_at:type_name -> google.protobuf.Timestamp
+	66, // 61: posthaste.v1.Domain.verified_at:type_name -> google.protobuf.Timestamp
+	66, // 62: posthaste.v1.Domain.last_checked_at:type_name -> google.protobuf.Timestamp
+	53, // 63: posthaste.v1.Domain.records:type_name -> posthaste.v1.DnsRecord
+	54, // 64: posthaste.v1.Domain.dkim_keys:type_name -> posthaste.v1.DkimKey
+	66, // 65: posthaste.v1.DkimKey.created_at:type_name -> google.protobuf.Timestamp
+	66, // 66: posthaste.v1.DkimKey.verified_at:type_name -> google.protobuf.Timestamp
+	66, // 67: posthaste.v1.DkimKey.activated_at:type_name -> google.protobuf.Timestamp
+	66, // 68: posthaste.v1.DkimKey.retire_after:type_name -> google.protobuf.Timestamp
+	52, // 69: posthaste.v1.ListDomainsResponse.domains:type_name -> posthaste.v1.Domain
+	3,  // 70: posthaste.v1.MailService.SendMessage:input_type -> posthaste.v1.SendMessageRequest
+	4,  // 71: posthaste.v1.MailService.SendRawMessage:input_type -> posthaste.v1.SendRawMessageRequest
+	6,  // 72: posthaste.v1.MailService.SendBatch:input_type -> posthaste.v1.SendBatchRequest
+	10, // 73: posthaste.v1.MailService.GetMessage:input_type -> posthaste.v1.GetMessageRequest
+	14, // 74: posthaste.v1.MailService.ListMessages:input_type -> posthaste.v1.ListMessagesRequest
+	11, // 75: posthaste.v1.MailService.CancelMessage:input_type -> posthaste.v1.CancelMessageRequest
+	12, // 76: posthaste.v1.MailService.GetMessageRaw:input_type -> posthaste.v1.GetMessageRawRequest
+	27, // 77: posthaste.v1.MailService.ListMessageEvents:input_type -> posthaste.v1.ListMessageEventsRequest
+	29, // 78: posthaste.v1.MailService.ListEvents:input_type -> posthaste.v1.ListEventsRequest
+	31, // 79: posthaste.v1.MailService.StreamEvents:input_type -> posthaste.v1.StreamEventsRequest
+	33, // 80: posthaste.v1.MailService.WatchMessage:input_type -> posthaste.v1.WatchMessageRequest
+	21, // 81: posthaste.v1.MailService.CreateApiKey:input_type -> posthaste.v1.CreateApiKeyRequest
+	23, // 82: posthaste.v1.MailService.ListApiKeys:input_type -> posthaste.v1.ListApiKeysRequest
+	25, // 83: posthaste.v1.MailService.RevokeApiKey:input_type -> posthaste.v1.RevokeApiKeyRequest
+	38, // 84: posthaste.v1.MailService.CreateWebhook:input_type -> posthaste.v1.CreateWebhookRequest
+	40, // 85: posthaste.v1.MailService.ListWebhooks:input_type -> posthaste.v1.ListWebhooksRequest
+	42, // 86: posthaste.v1.MailService.GetWebhook:input_type -> posthaste.v1.GetWebhookRequest
+	43, // 87: posthaste.v1.MailService.UpdateWebhook:input_type -> posthaste.v1.UpdateWebhookRequest
+	44, // 88: posthaste.v1.MailService.DeleteWebhook:input_type -> posthaste.v1.DeleteWebhookRequest
+	46, // 89: posthaste.v1.MailService.RotateWebhookSecret:input_type -> posthaste.v1.RotateWebhookSecretRequest
+	49, // 90: posthaste.v1.MailService.ListWebhookDeliveries:input_type -> posthaste.v1.ListWebhookDeliveriesRequest
+	51, // 91: posthaste.v1.MailService.RetryWebhookDelivery:input_type -> posthaste.v1.RetryWebhookDeliveryRequest
+	55, // 92: posthaste.v1.MailService.CreateDomain:input_type -> posthaste.v1.CreateDomainRequest
+	56, // 93: posthaste.v1.MailService.ListDomains:input_type -> posthaste.v1.ListDomainsRequest
+	58, // 94: posthaste.v1.MailService.GetDomain:input_type -> posthaste.v1.GetDomainRequest
+	59, // 95: posthaste.v1.MailService.VerifyDomain:input_type -> posthaste.v1.VerifyDomainRequest
+	60, // 96: posthaste.v1.MailService.RotateDomainKey:input_type -> posthaste.v1.RotateDomainKeyRequest
+	61, // 97: posthaste.v1.MailService.DeleteDomain:input_type -> posthaste.v1.DeleteDomainRequest
+	5,  // 98: posthaste.v1.MailService.SendMessage:output_type -> posthaste.v1.SendMessageResponse
+	5,  // 99: posthaste.v1.MailService.SendRawMessage:output_type -> posthaste.v1.SendMessageResponse
+	7,  // 100: posthaste.v1.MailService.SendBatch:output_type -> posthaste.v1.SendBatchResponse
+	16, // 101: posthaste.v1.MailService.GetMessage:output_type -> posthaste.v1.Message
+	15, // 102: posthaste.v1.MailService.ListMessages:output_type -> posthaste.v1.ListMessagesResponse
+	16, // 103: posthaste.v1.MailService.CancelMessage:output_type -> posthaste.v1.Message
+	13, // 104: posthaste.v1.MailService.GetMessageRaw:output_type -> posthaste.v1.GetMessageRawResponse
+	28, // 105: posthaste.v1.MailService.ListMessageEvents:output_type -> posthaste.v1.ListMessageEventsResponse
+	30, // 106: posthaste.v1.MailService.ListEvents:output_type -> posthaste.v1.ListEventsResponse
+	32, // 107: posthaste.v1.MailService.StreamEvents:output_type -> posthaste.v1.StreamEventsResponse
+	26, // 108: posthaste.v1.MailService.WatchMessage:output_type -> posthaste.v1.Event
+	22, // 109: posthaste.v1.MailService.CreateApiKey:output_type -> posthaste.v1.CreateApiKeyResponse
+	24, // 110: posthaste.v1.MailService.ListApiKeys:output_type -> posthaste.v1.ListApiKeysResponse
+	20, // 111: posthaste.v1.MailService.RevokeApiKey:output_type -> posthaste.v1.ApiKey
+	39, // 112: posthaste.v1.MailService.CreateWebhook:output_type -> posthaste.v1.CreateWebhookResponse
+	41, // 113: posthaste.v1.MailService.ListWebhooks:output_type -> posthaste.v1.ListWebhooksResponse
+	37, // 114: posthaste.v1.MailService.GetWebhook:output_type -> posthaste.v1.Webhook
+	37, // 115: posthaste.v1.MailService.UpdateWebhook:output_type -> posthaste.v1.Webhook
+	45, // 116: posthaste.v1.MailService.DeleteWebhook:output_type -> posthaste.v1.DeleteWebhookResponse
+	47, // 117: posthaste.v1.MailService.RotateWebhookSecret:output_type -> posthaste.v1.RotateWebhookSecretResponse
+	50, // 118: posthaste.v1.MailService.ListWebhookDeliveries:output_type -> posthaste.v1.ListWebhookDeliveriesResponse
+	48, // 119: posthaste.v1.MailService.RetryWebhookDelivery:output_type -> posthaste.v1.WebhookDelivery
+	52, // 120: posthaste.v1.MailService.CreateDomain:output_type -> posthaste.v1.Domain
+	57, // 121: posthaste.v1.MailService.ListDomains:output_type -> posthaste.v1.ListDomainsResponse
+	52, // 122: posthaste.v1.MailService.GetDomain:output_type -> posthaste.v1.Domain
+	52, // 123: posthaste.v1.MailService.VerifyDomain:output_type -> posthaste.v1.Domain
+	52, // 124: posthaste.v1.MailService.RotateDomainKey:output_type -> posthaste.v1.Domain
+	62, // 125: posthaste.v1.MailService.DeleteDomain:output_type -> posthaste.v1.DeleteDomainResponse
+	98, // [98:126] is the sub-list for method output_type
+	70, // [70:98] is the sub-list for method input_type
+	70, // [70:70] is the sub-list for extension type_name
+	70, // [70:70] is the sub-list for extension extendee
+	0,  // [0:70] is the sub-list for field type_name
 }
 
 func init() { file_posthaste_v1_mail_proto_init() }
@@ -4461,7 +5249,7 @@ func file_posthaste_v1_mail_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_posthaste_v1_mail_proto_rawDesc), len(file_posthaste_v1_mail_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   55,
+			NumMessages:   66,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

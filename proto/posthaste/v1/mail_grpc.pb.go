@@ -41,6 +41,12 @@ const (
 	MailService_RotateWebhookSecret_FullMethodName   = "/posthaste.v1.MailService/RotateWebhookSecret"
 	MailService_ListWebhookDeliveries_FullMethodName = "/posthaste.v1.MailService/ListWebhookDeliveries"
 	MailService_RetryWebhookDelivery_FullMethodName  = "/posthaste.v1.MailService/RetryWebhookDelivery"
+	MailService_CreateDomain_FullMethodName          = "/posthaste.v1.MailService/CreateDomain"
+	MailService_ListDomains_FullMethodName           = "/posthaste.v1.MailService/ListDomains"
+	MailService_GetDomain_FullMethodName             = "/posthaste.v1.MailService/GetDomain"
+	MailService_VerifyDomain_FullMethodName          = "/posthaste.v1.MailService/VerifyDomain"
+	MailService_RotateDomainKey_FullMethodName       = "/posthaste.v1.MailService/RotateDomainKey"
+	MailService_DeleteDomain_FullMethodName          = "/posthaste.v1.MailService/DeleteDomain"
 )
 
 // MailServiceClient is the client API for MailService service.
@@ -158,6 +164,37 @@ type MailServiceClient interface {
 	// the whole retry schedule; a delivery still pending or sending is left
 	// as it is. Needs the admin scope.
 	RetryWebhookDelivery(ctx context.Context, in *RetryWebhookDeliveryRequest, opts ...grpc.CallOption) (*WebhookDelivery, error)
+	// CreateDomain adds a sending domain to the caller's project and makes
+	// its first DKIM key (RSA-2048 unless key_type says ed25519). The answer
+	// lists the DNS records to publish; call VerifyDomain once they are in
+	// place. Mail with a From address at a domain that is not added and
+	// verified in the project is refused (403), except in sandbox mode or
+	// when the server allows unverified domains. The private key is stored
+	// encrypted and never returned. A domain the project already has answers
+	// 409. Needs the admin scope.
+	CreateDomain(ctx context.Context, in *CreateDomainRequest, opts ...grpc.CallOption) (*Domain, error)
+	// ListDomains returns every domain of the caller's project, by name.
+	// Needs the admin scope.
+	ListDomains(ctx context.Context, in *ListDomainsRequest, opts ...grpc.CallOption) (*ListDomainsResponse, error)
+	// GetDomain returns one domain of the caller's project with its DNS
+	// records as the last verification found them. Needs the admin scope.
+	GetDomain(ctx context.Context, in *GetDomainRequest, opts ...grpc.CallOption) (*Domain, error)
+	// VerifyDomain looks the domain's DNS records up now and reports each as
+	// ok, missing or wrong. The domain is verified when the record of its
+	// signing DKIM key (or, before the first verification, of its new key)
+	// holds the right public key; SPF, DMARC and the return-path MX are
+	// reported but not required. A failed lookup (timeout, SERVFAIL) is
+	// reported as error and changes nothing. Needs the admin scope.
+	VerifyDomain(ctx context.Context, in *VerifyDomainRequest, opts ...grpc.CallOption) (*Domain, error)
+	// RotateDomainKey makes a new DKIM key with a new selector. The current
+	// key keeps signing until VerifyDomain finds the new key's record; then
+	// the new key signs and the old one stays listed (state retiring) until
+	// its retire_after, so mail it signed still verifies. Needs the admin
+	// scope.
+	RotateDomainKey(ctx context.Context, in *RotateDomainKeyRequest, opts ...grpc.CallOption) (*Domain, error)
+	// DeleteDomain removes a domain and its keys from the caller's project;
+	// mail from it is refused from then on. Needs the admin scope.
+	DeleteDomain(ctx context.Context, in *DeleteDomainRequest, opts ...grpc.CallOption) (*DeleteDomainResponse, error)
 }
 
 type mailServiceClient struct {
@@ -406,6 +443,66 @@ func (c *mailServiceClient) RetryWebhookDelivery(ctx context.Context, in *RetryW
 	return out, nil
 }
 
+func (c *mailServiceClient) CreateDomain(ctx context.Context, in *CreateDomainRequest, opts ...grpc.CallOption) (*Domain, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(Domain)
+	err := c.cc.Invoke(ctx, MailService_CreateDomain_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *mailServiceClient) ListDomains(ctx context.Context, in *ListDomainsRequest, opts ...grpc.CallOption) (*ListDomainsResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(ListDomainsResponse)
+	err := c.cc.Invoke(ctx, MailService_ListDomains_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *mailServiceClient) GetDomain(ctx context.Context, in *GetDomainRequest, opts ...grpc.CallOption) (*Domain, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(Domain)
+	err := c.cc.Invoke(ctx, MailService_GetDomain_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *mailServiceClient) VerifyDomain(ctx context.Context, in *VerifyDomainRequest, opts ...grpc.CallOption) (*Domain, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(Domain)
+	err := c.cc.Invoke(ctx, MailService_VerifyDomain_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *mailServiceClient) RotateDomainKey(ctx context.Context, in *RotateDomainKeyRequest, opts ...grpc.CallOption) (*Domain, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(Domain)
+	err := c.cc.Invoke(ctx, MailService_RotateDomainKey_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *mailServiceClient) DeleteDomain(ctx context.Context, in *DeleteDomainRequest, opts ...grpc.CallOption) (*DeleteDomainResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(DeleteDomainResponse)
+	err := c.cc.Invoke(ctx, MailService_DeleteDomain_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // MailServiceServer is the server API for MailService service.
 // All implementations must embed UnimplementedMailServiceServer
 // for forward compatibility.
@@ -521,6 +618,37 @@ type MailServiceServer interface {
 	// the whole retry schedule; a delivery still pending or sending is left
 	// as it is. Needs the admin scope.
 	RetryWebhookDelivery(context.Context, *RetryWebhookDeliveryRequest) (*WebhookDelivery, error)
+	// CreateDomain adds a sending domain to the caller's project and makes
+	// its first DKIM key (RSA-2048 unless key_type says ed25519). The answer
+	// lists the DNS records to publish; call VerifyDomain once they are in
+	// place. Mail with a From address at a domain that is not added and
+	// verified in the project is refused (403), except in sandbox mode or
+	// when the server allows unverified domains. The private key is stored
+	// encrypted and never returned. A domain the project already has answers
+	// 409. Needs the admin scope.
+	CreateDomain(context.Context, *CreateDomainRequest) (*Domain, error)
+	// ListDomains returns every domain of the caller's project, by name.
+	// Needs the admin scope.
+	ListDomains(context.Context, *ListDomainsRequest) (*ListDomainsResponse, error)
+	// GetDomain returns one domain of the caller's project with its DNS
+	// records as the last verification found them. Needs the admin scope.
+	GetDomain(context.Context, *GetDomainRequest) (*Domain, error)
+	// VerifyDomain looks the domain's DNS records up now and reports each as
+	// ok, missing or wrong. The domain is verified when the record of its
+	// signing DKIM key (or, before the first verification, of its new key)
+	// holds the right public key; SPF, DMARC and the return-path MX are
+	// reported but not required. A failed lookup (timeout, SERVFAIL) is
+	// reported as error and changes nothing. Needs the admin scope.
+	VerifyDomain(context.Context, *VerifyDomainRequest) (*Domain, error)
+	// RotateDomainKey makes a new DKIM key with a new selector. The current
+	// key keeps signing until VerifyDomain finds the new key's record; then
+	// the new key signs and the old one stays listed (state retiring) until
+	// its retire_after, so mail it signed still verifies. Needs the admin
+	// scope.
+	RotateDomainKey(context.Context, *RotateDomainKeyRequest) (*Domain, error)
+	// DeleteDomain removes a domain and its keys from the caller's project;
+	// mail from it is refused from then on. Needs the admin scope.
+	DeleteDomain(context.Context, *DeleteDomainRequest) (*DeleteDomainResponse, error)
 	mustEmbedUnimplementedMailServiceServer()
 }
 
@@ -596,6 +724,24 @@ func (UnimplementedMailServiceServer) ListWebhookDeliveries(context.Context, *Li
 }
 func (UnimplementedMailServiceServer) RetryWebhookDelivery(context.Context, *RetryWebhookDeliveryRequest) (*WebhookDelivery, error) {
 	return nil, status.Error(codes.Unimplemented, "method RetryWebhookDelivery not implemented")
+}
+func (UnimplementedMailServiceServer) CreateDomain(context.Context, *CreateDomainRequest) (*Domain, error) {
+	return nil, status.Error(codes.Unimplemented, "method CreateDomain not implemented")
+}
+func (UnimplementedMailServiceServer) ListDomains(context.Context, *ListDomainsRequest) (*ListDomainsResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method ListDomains not implemented")
+}
+func (UnimplementedMailServiceServer) GetDomain(context.Context, *GetDomainRequest) (*Domain, error) {
+	return nil, status.Error(codes.Unimplemented, "method GetDomain not implemented")
+}
+func (UnimplementedMailServiceServer) VerifyDomain(context.Context, *VerifyDomainRequest) (*Domain, error) {
+	return nil, status.Error(codes.Unimplemented, "method VerifyDomain not implemented")
+}
+func (UnimplementedMailServiceServer) RotateDomainKey(context.Context, *RotateDomainKeyRequest) (*Domain, error) {
+	return nil, status.Error(codes.Unimplemented, "method RotateDomainKey not implemented")
+}
+func (UnimplementedMailServiceServer) DeleteDomain(context.Context, *DeleteDomainRequest) (*DeleteDomainResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method DeleteDomain not implemented")
 }
 func (UnimplementedMailServiceServer) mustEmbedUnimplementedMailServiceServer() {}
 func (UnimplementedMailServiceServer) testEmbeddedByValue()                     {}
@@ -1000,6 +1146,114 @@ func _MailService_RetryWebhookDelivery_Handler(srv interface{}, ctx context.Cont
 	return interceptor(ctx, in, info, handler)
 }
 
+func _MailService_CreateDomain_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(CreateDomainRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(MailServiceServer).CreateDomain(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: MailService_CreateDomain_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(MailServiceServer).CreateDomain(ctx, req.(*CreateDomainRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _MailService_ListDomains_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(ListDomainsRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(MailServiceServer).ListDomains(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: MailService_ListDomains_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(MailServiceServer).ListDomains(ctx, req.(*ListDomainsRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _MailService_GetDomain_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(GetDomainRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(MailServiceServer).GetDomain(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: MailService_GetDomain_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(MailServiceServer).GetDomain(ctx, req.(*GetDomainRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _MailService_VerifyDomain_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(VerifyDomainRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(MailServiceServer).VerifyDomain(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: MailService_VerifyDomain_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(MailServiceServer).VerifyDomain(ctx, req.(*VerifyDomainRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _MailService_RotateDomainKey_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(RotateDomainKeyRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(MailServiceServer).RotateDomainKey(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: MailService_RotateDomainKey_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(MailServiceServer).RotateDomainKey(ctx, req.(*RotateDomainKeyRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _MailService_DeleteDomain_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(DeleteDomainRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(MailServiceServer).DeleteDomain(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: MailService_DeleteDomain_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(MailServiceServer).DeleteDomain(ctx, req.(*DeleteDomainRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // MailService_ServiceDesc is the grpc.ServiceDesc for MailService service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -1086,6 +1340,30 @@ var MailService_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "RetryWebhookDelivery",
 			Handler:    _MailService_RetryWebhookDelivery_Handler,
+		},
+		{
+			MethodName: "CreateDomain",
+			Handler:    _MailService_CreateDomain_Handler,
+		},
+		{
+			MethodName: "ListDomains",
+			Handler:    _MailService_ListDomains_Handler,
+		},
+		{
+			MethodName: "GetDomain",
+			Handler:    _MailService_GetDomain_Handler,
+		},
+		{
+			MethodName: "VerifyDomain",
+			Handler:    _MailService_VerifyDomain_Handler,
+		},
+		{
+			MethodName: "RotateDomainKey",
+			Handler:    _MailService_RotateDomainKey_Handler,
+		},
+		{
+			MethodName: "DeleteDomain",
+			Handler:    _MailService_DeleteDomain_Handler,
 		},
 	},
 	Streams: []grpc.StreamDesc{
