@@ -9,7 +9,6 @@ import (
 
 	"github.com/emersion/go-msgauth/dkim"
 	"github.com/google/uuid"
-	"google.golang.org/genproto/googleapis/rpc/errdetails"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 
@@ -88,15 +87,6 @@ func (d *domainsEnv) storedRaw(t *testing.T, id string) []byte {
 		t.Fatal(err)
 	}
 	return raw
-}
-
-func errorInfo(err error) *errdetails.ErrorInfo {
-	for _, det := range status.Convert(err).Details() {
-		if info, ok := det.(*errdetails.ErrorInfo); ok {
-			return info
-		}
-	}
-	return nil
 }
 
 func TestDomainsCRUD(t *testing.T) {
