@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"net/http"
+	"net/netip"
 	"strings"
 	"testing"
 	"time"
@@ -36,6 +37,9 @@ func setupStrict(t *testing.T) *bundle {
 		BootstrapAPIKey: testKey,
 		Delivery:        delivery.Config{DNSServer: dns.Addr, PollInterval: 100 * time.Millisecond},
 	}
+	// The test MX is on loopback, which the address guard refuses unless
+	// allowed.
+	cfg.Delivery.AllowDestinations = []netip.Prefix{netip.MustParsePrefix("127.0.0.0/8")}
 	cfg.Delivery.SMTP.Port = smtpSrv.Port
 	cfg.Delivery.SMTP.Hostname = "posthaste.test"
 	cfg.Service.KeyEncryptionKey = kek
@@ -83,8 +87,7 @@ func TestDKIMSignedDelivery(t *testing.T) {
 	if code != http.StatusForbidden || !strings.Contains(body["error"].(map[string]any)["message"].(string), "from: example.test") {
 		t.Fatalf("unverified From: %d %v, want 403 naming from", code, body)
 	}
-	// An empty list has no messages field at all.
-	if code, list := b.do(t, http.MethodGet, "/v1/messages", nil); code != http.StatusOK || list["messages"] != nil {
+	if code, list := b.do(t, http.MethodGet, "/v1/messages", nil); code != http.StatusOK || len(list["messages"].([]any)) != 0 {
 		t.Fatalf("stored after a refusal: %d %v", code, list)
 	}
 
