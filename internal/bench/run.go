@@ -66,7 +66,7 @@ func (r *runner) setup(ctx context.Context) error {
 			return err
 		}
 	} else {
-		r.progress("sink listening on %s: the server must run with --route '*=%s'", r.sink.Addr(), r.sink.Addr())
+		r.progress("sink listening on %s: the server must run with --route '*=%s' (and --allow-unverified-domains, or a verified From domain)", r.sink.Addr(), r.sink.Addr())
 	}
 
 	tmpl := messageTemplate{from: "bench@sender.bench.test", text: bodyText(r.cfg.Size)}
