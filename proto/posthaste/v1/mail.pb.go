@@ -736,10 +736,14 @@ type RecipientSummary struct {
 	Id string `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
 	// The envelope address (internationalized domains as A-labels).
 	Address string `protobuf:"bytes,2,opt,name=address,proto3" json:"address,omitempty"`
-	// queued or scheduled.
-	Status        string `protobuf:"bytes,3,opt,name=status,proto3" json:"status,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	// queued or scheduled; suppressed when the address is on the project's
+	// suppression list, in which case it is never sent to.
+	Status string `protobuf:"bytes,3,opt,name=status,proto3" json:"status,omitempty"`
+	// suppressed: the reason of the entry that matched (hard_bounce,
+	// complaint or manual); empty otherwise.
+	SuppressionReason string `protobuf:"bytes,4,opt,name=suppression_reason,json=suppressionReason,proto3" json:"suppression_reason,omitempty"`
+	unknownFields     protoimpl.UnknownFields
+	sizeCache         protoimpl.SizeCache
 }
 
 func (x *RecipientSummary) Reset() {
@@ -789,6 +793,13 @@ func (x *RecipientSummary) GetAddress() string {
 func (x *RecipientSummary) GetStatus() string {
 	if x != nil {
 		return x.Status
+	}
+	return ""
+}
+
+func (x *RecipientSummary) GetSuppressionReason() string {
+	if x != nil {
+		return x.SuppressionReason
 	}
 	return ""
 }
@@ -1048,7 +1059,8 @@ type Message struct {
 	// The value of the Message-ID header, angle brackets included.
 	MessageIdHeader string `protobuf:"bytes,2,opt,name=message_id_header,json=messageIdHeader,proto3" json:"message_id_header,omitempty"`
 	// Derived from the recipients: scheduled, queued, sending, deferred,
-	// delivered, bounced, failed, canceled or partially_delivered.
+	// delivered, bounced, failed, canceled or partially_delivered. A message
+	// whose recipients were all suppressed is failed.
 	Status string `protobuf:"bytes,3,opt,name=status,proto3" json:"status,omitempty"`
 	// The SMTP envelope sender (MAIL FROM).
 	EnvelopeFrom string `protobuf:"bytes,4,opt,name=envelope_from,json=envelopeFrom,proto3" json:"envelope_from,omitempty"`
@@ -1213,8 +1225,9 @@ type Recipient struct {
 	Address string `protobuf:"bytes,2,opt,name=address,proto3" json:"address,omitempty"`
 	// to, cc, bcc, or envelope (from SendRawMessage).
 	Kind string `protobuf:"bytes,3,opt,name=kind,proto3" json:"kind,omitempty"`
-	// scheduled, queued, sending, deferred, delivered, bounced, failed or
-	// canceled.
+	// scheduled, queued, sending, deferred, delivered, bounced, failed,
+	// canceled or suppressed (never sent: the address was on the project's
+	// suppression list when the message was accepted).
 	Status string `protobuf:"bytes,4,opt,name=status,proto3" json:"status,omitempty"`
 	// Delivery attempts made so far.
 	AttemptCount int32 `protobuf:"varint,5,opt,name=attempt_count,json=attemptCount,proto3" json:"attempt_count,omitempty"`
@@ -1225,9 +1238,12 @@ type Recipient struct {
 	// When the receiving server accepted the message; unset until then.
 	DeliveredAt *timestamppb.Timestamp `protobuf:"bytes,8,opt,name=delivered_at,json=deliveredAt,proto3" json:"delivered_at,omitempty"`
 	// When the recipient's state last changed.
-	UpdatedAt     *timestamppb.Timestamp `protobuf:"bytes,9,opt,name=updated_at,json=updatedAt,proto3" json:"updated_at,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	UpdatedAt *timestamppb.Timestamp `protobuf:"bytes,9,opt,name=updated_at,json=updatedAt,proto3" json:"updated_at,omitempty"`
+	// suppressed: the reason of the suppression list entry that matched
+	// (hard_bounce, complaint or manual); empty otherwise.
+	SuppressionReason string `protobuf:"bytes,10,opt,name=suppression_reason,json=suppressionReason,proto3" json:"suppression_reason,omitempty"`
+	unknownFields     protoimpl.UnknownFields
+	sizeCache         protoimpl.SizeCache
 }
 
 func (x *Recipient) Reset() {
@@ -1321,6 +1337,13 @@ func (x *Recipient) GetUpdatedAt() *timestamppb.Timestamp {
 		return x.UpdatedAt
 	}
 	return nil
+}
+
+func (x *Recipient) GetSuppressionReason() string {
+	if x != nil {
+		return x.SuppressionReason
+	}
+	return ""
 }
 
 // SmtpReply is a reply from a receiving server, or one Posthaste made up for
@@ -3691,6 +3714,638 @@ func (x *RetryWebhookDeliveryRequest) GetDeliveryId() string {
 	return ""
 }
 
+// Suppression is an entry of a project's suppression list: an address, or
+// every address at a domain, that the project does not send to.
+type Suppression struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The address in lower case ("ada@example.com"), or "*@example.net" for
+	// an entry that covers the whole domain (domains as A-labels).
+	Address string `protobuf:"bytes,1,opt,name=address,proto3" json:"address,omitempty"`
+	// hard_bounce (a permanent refusal of the address itself), complaint (a
+	// feedback report) or manual (added through the API).
+	Reason string `protobuf:"bytes,2,opt,name=reason,proto3" json:"reason,omitempty"`
+	// When the entry was added, or last renewed after it had expired.
+	CreatedAt *timestamppb.Timestamp `protobuf:"bytes,3,opt,name=created_at,json=createdAt,proto3" json:"created_at,omitempty"`
+	// When the entry ends; unset when it never does. An expired entry
+	// suppresses nothing, and the next hard bounce or complaint renews it.
+	ExpiresAt *timestamppb.Timestamp `protobuf:"bytes,4,opt,name=expires_at,json=expiresAt,proto3" json:"expires_at,omitempty"`
+	// hard_bounce and complaint: the message and recipient that caused the
+	// entry.
+	MessageId   string `protobuf:"bytes,5,opt,name=message_id,json=messageId,proto3" json:"message_id,omitempty"`
+	RecipientId string `protobuf:"bytes,6,opt,name=recipient_id,json=recipientId,proto3" json:"recipient_id,omitempty"`
+	// hard_bounce: the reply or delivery status that caused it.
+	Reply         *SmtpReply `protobuf:"bytes,7,opt,name=reply,proto3" json:"reply,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *Suppression) Reset() {
+	*x = Suppression{}
+	mi := &file_posthaste_v1_mail_proto_msgTypes[50]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *Suppression) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*Suppression) ProtoMessage() {}
+
+func (x *Suppression) ProtoReflect() protoreflect.Message {
+	mi := &file_posthaste_v1_mail_proto_msgTypes[50]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use Suppression.ProtoReflect.Descriptor instead.
+func (*Suppression) Descriptor() ([]byte, []int) {
+	return file_posthaste_v1_mail_proto_rawDescGZIP(), []int{50}
+}
+
+func (x *Suppression) GetAddress() string {
+	if x != nil {
+		return x.Address
+	}
+	return ""
+}
+
+func (x *Suppression) GetReason() string {
+	if x != nil {
+		return x.Reason
+	}
+	return ""
+}
+
+func (x *Suppression) GetCreatedAt() *timestamppb.Timestamp {
+	if x != nil {
+		return x.CreatedAt
+	}
+	return nil
+}
+
+func (x *Suppression) GetExpiresAt() *timestamppb.Timestamp {
+	if x != nil {
+		return x.ExpiresAt
+	}
+	return nil
+}
+
+func (x *Suppression) GetMessageId() string {
+	if x != nil {
+		return x.MessageId
+	}
+	return ""
+}
+
+func (x *Suppression) GetRecipientId() string {
+	if x != nil {
+		return x.RecipientId
+	}
+	return ""
+}
+
+func (x *Suppression) GetReply() *SmtpReply {
+	if x != nil {
+		return x.Reply
+	}
+	return nil
+}
+
+// ListSuppressionsRequest filters and pages through the suppression list.
+type ListSuppressionsRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Only entries with this reason: hard_bounce, complaint or manual.
+	Reason string `protobuf:"bytes,1,opt,name=reason,proto3" json:"reason,omitempty"`
+	// Only entries whose address starts with this, compared in lower case;
+	// "*@" lists the domain entries, "*@example" those of domains starting
+	// with example.
+	AddressPrefix string `protobuf:"bytes,2,opt,name=address_prefix,json=addressPrefix,proto3" json:"address_prefix,omitempty"`
+	// Only entries added at or after this time.
+	CreatedAfter *timestamppb.Timestamp `protobuf:"bytes,3,opt,name=created_after,json=createdAfter,proto3" json:"created_after,omitempty"`
+	// Only entries added before this time.
+	CreatedBefore *timestamppb.Timestamp `protobuf:"bytes,4,opt,name=created_before,json=createdBefore,proto3" json:"created_before,omitempty"`
+	// At most this many entries (1 to 100). Defaults to 20.
+	PageSize int32 `protobuf:"varint,5,opt,name=page_size,json=pageSize,proto3" json:"page_size,omitempty"`
+	// The next_page_token of a previous answer.
+	PageToken     string `protobuf:"bytes,6,opt,name=page_token,json=pageToken,proto3" json:"page_token,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ListSuppressionsRequest) Reset() {
+	*x = ListSuppressionsRequest{}
+	mi := &file_posthaste_v1_mail_proto_msgTypes[51]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ListSuppressionsRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ListSuppressionsRequest) ProtoMessage() {}
+
+func (x *ListSuppressionsRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_posthaste_v1_mail_proto_msgTypes[51]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ListSuppressionsRequest.ProtoReflect.Descriptor instead.
+func (*ListSuppressionsRequest) Descriptor() ([]byte, []int) {
+	return file_posthaste_v1_mail_proto_rawDescGZIP(), []int{51}
+}
+
+func (x *ListSuppressionsRequest) GetReason() string {
+	if x != nil {
+		return x.Reason
+	}
+	return ""
+}
+
+func (x *ListSuppressionsRequest) GetAddressPrefix() string {
+	if x != nil {
+		return x.AddressPrefix
+	}
+	return ""
+}
+
+func (x *ListSuppressionsRequest) GetCreatedAfter() *timestamppb.Timestamp {
+	if x != nil {
+		return x.CreatedAfter
+	}
+	return nil
+}
+
+func (x *ListSuppressionsRequest) GetCreatedBefore() *timestamppb.Timestamp {
+	if x != nil {
+		return x.CreatedBefore
+	}
+	return nil
+}
+
+func (x *ListSuppressionsRequest) GetPageSize() int32 {
+	if x != nil {
+		return x.PageSize
+	}
+	return 0
+}
+
+func (x *ListSuppressionsRequest) GetPageToken() string {
+	if x != nil {
+		return x.PageToken
+	}
+	return ""
+}
+
+// ListSuppressionsResponse is one page of the suppression list.
+type ListSuppressionsResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Newest first.
+	Suppressions []*Suppression `protobuf:"bytes,1,rep,name=suppressions,proto3" json:"suppressions,omitempty"`
+	// Pass as page_token for the next page; empty on the last page.
+	NextPageToken string `protobuf:"bytes,2,opt,name=next_page_token,json=nextPageToken,proto3" json:"next_page_token,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ListSuppressionsResponse) Reset() {
+	*x = ListSuppressionsResponse{}
+	mi := &file_posthaste_v1_mail_proto_msgTypes[52]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ListSuppressionsResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ListSuppressionsResponse) ProtoMessage() {}
+
+func (x *ListSuppressionsResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_posthaste_v1_mail_proto_msgTypes[52]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ListSuppressionsResponse.ProtoReflect.Descriptor instead.
+func (*ListSuppressionsResponse) Descriptor() ([]byte, []int) {
+	return file_posthaste_v1_mail_proto_rawDescGZIP(), []int{52}
+}
+
+func (x *ListSuppressionsResponse) GetSuppressions() []*Suppression {
+	if x != nil {
+		return x.Suppressions
+	}
+	return nil
+}
+
+func (x *ListSuppressionsResponse) GetNextPageToken() string {
+	if x != nil {
+		return x.NextPageToken
+	}
+	return ""
+}
+
+// GetSuppressionRequest names one entry.
+type GetSuppressionRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// "ada@example.com", or "*@example.net" for a domain's entry.
+	Address       string `protobuf:"bytes,1,opt,name=address,proto3" json:"address,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *GetSuppressionRequest) Reset() {
+	*x = GetSuppressionRequest{}
+	mi := &file_posthaste_v1_mail_proto_msgTypes[53]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *GetSuppressionRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*GetSuppressionRequest) ProtoMessage() {}
+
+func (x *GetSuppressionRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_posthaste_v1_mail_proto_msgTypes[53]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use GetSuppressionRequest.ProtoReflect.Descriptor instead.
+func (*GetSuppressionRequest) Descriptor() ([]byte, []int) {
+	return file_posthaste_v1_mail_proto_rawDescGZIP(), []int{53}
+}
+
+func (x *GetSuppressionRequest) GetAddress() string {
+	if x != nil {
+		return x.Address
+	}
+	return ""
+}
+
+// NewSuppression is an entry to add.
+type NewSuppression struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// "ada@example.com", or "*@example.net" to suppress every address at the
+	// domain. Required.
+	Address string `protobuf:"bytes,1,opt,name=address,proto3" json:"address,omitempty"`
+	// manual, or empty for manual: the other reasons are only given by
+	// bounces and complaints.
+	Reason string `protobuf:"bytes,2,opt,name=reason,proto3" json:"reason,omitempty"`
+	// When the entry ends, in the future; unset never ends it.
+	ExpiresAt     *timestamppb.Timestamp `protobuf:"bytes,3,opt,name=expires_at,json=expiresAt,proto3" json:"expires_at,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *NewSuppression) Reset() {
+	*x = NewSuppression{}
+	mi := &file_posthaste_v1_mail_proto_msgTypes[54]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *NewSuppression) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*NewSuppression) ProtoMessage() {}
+
+func (x *NewSuppression) ProtoReflect() protoreflect.Message {
+	mi := &file_posthaste_v1_mail_proto_msgTypes[54]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use NewSuppression.ProtoReflect.Descriptor instead.
+func (*NewSuppression) Descriptor() ([]byte, []int) {
+	return file_posthaste_v1_mail_proto_rawDescGZIP(), []int{54}
+}
+
+func (x *NewSuppression) GetAddress() string {
+	if x != nil {
+		return x.Address
+	}
+	return ""
+}
+
+func (x *NewSuppression) GetReason() string {
+	if x != nil {
+		return x.Reason
+	}
+	return ""
+}
+
+func (x *NewSuppression) GetExpiresAt() *timestamppb.Timestamp {
+	if x != nil {
+		return x.ExpiresAt
+	}
+	return nil
+}
+
+// AddSuppressionsRequest is the entries to add.
+type AddSuppressionsRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// 1 to 1000 entries; an address given twice counts once.
+	Suppressions  []*NewSuppression `protobuf:"bytes,1,rep,name=suppressions,proto3" json:"suppressions,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *AddSuppressionsRequest) Reset() {
+	*x = AddSuppressionsRequest{}
+	mi := &file_posthaste_v1_mail_proto_msgTypes[55]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *AddSuppressionsRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*AddSuppressionsRequest) ProtoMessage() {}
+
+func (x *AddSuppressionsRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_posthaste_v1_mail_proto_msgTypes[55]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use AddSuppressionsRequest.ProtoReflect.Descriptor instead.
+func (*AddSuppressionsRequest) Descriptor() ([]byte, []int) {
+	return file_posthaste_v1_mail_proto_rawDescGZIP(), []int{55}
+}
+
+func (x *AddSuppressionsRequest) GetSuppressions() []*NewSuppression {
+	if x != nil {
+		return x.Suppressions
+	}
+	return nil
+}
+
+// AddSuppressionsResponse is the entries as they stand after the call.
+type AddSuppressionsResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// One per distinct address, in request order: the new entry, or the one
+	// that was already in force.
+	Suppressions  []*Suppression `protobuf:"bytes,1,rep,name=suppressions,proto3" json:"suppressions,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *AddSuppressionsResponse) Reset() {
+	*x = AddSuppressionsResponse{}
+	mi := &file_posthaste_v1_mail_proto_msgTypes[56]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *AddSuppressionsResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*AddSuppressionsResponse) ProtoMessage() {}
+
+func (x *AddSuppressionsResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_posthaste_v1_mail_proto_msgTypes[56]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use AddSuppressionsResponse.ProtoReflect.Descriptor instead.
+func (*AddSuppressionsResponse) Descriptor() ([]byte, []int) {
+	return file_posthaste_v1_mail_proto_rawDescGZIP(), []int{56}
+}
+
+func (x *AddSuppressionsResponse) GetSuppressions() []*Suppression {
+	if x != nil {
+		return x.Suppressions
+	}
+	return nil
+}
+
+// DeleteSuppressionRequest names one entry.
+type DeleteSuppressionRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// "ada@example.com", or "*@example.net" for a domain's entry.
+	Address       string `protobuf:"bytes,1,opt,name=address,proto3" json:"address,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *DeleteSuppressionRequest) Reset() {
+	*x = DeleteSuppressionRequest{}
+	mi := &file_posthaste_v1_mail_proto_msgTypes[57]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *DeleteSuppressionRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*DeleteSuppressionRequest) ProtoMessage() {}
+
+func (x *DeleteSuppressionRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_posthaste_v1_mail_proto_msgTypes[57]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use DeleteSuppressionRequest.ProtoReflect.Descriptor instead.
+func (*DeleteSuppressionRequest) Descriptor() ([]byte, []int) {
+	return file_posthaste_v1_mail_proto_rawDescGZIP(), []int{57}
+}
+
+func (x *DeleteSuppressionRequest) GetAddress() string {
+	if x != nil {
+		return x.Address
+	}
+	return ""
+}
+
+// DeleteSuppressionResponse is empty.
+type DeleteSuppressionResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *DeleteSuppressionResponse) Reset() {
+	*x = DeleteSuppressionResponse{}
+	mi := &file_posthaste_v1_mail_proto_msgTypes[58]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *DeleteSuppressionResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*DeleteSuppressionResponse) ProtoMessage() {}
+
+func (x *DeleteSuppressionResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_posthaste_v1_mail_proto_msgTypes[58]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use DeleteSuppressionResponse.ProtoReflect.Descriptor instead.
+func (*DeleteSuppressionResponse) Descriptor() ([]byte, []int) {
+	return file_posthaste_v1_mail_proto_rawDescGZIP(), []int{58}
+}
+
+// DeleteSuppressionsRequest names the entries to delete.
+type DeleteSuppressionsRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// 1 to 1000 addresses, or "*@domain" for domains' entries.
+	Addresses     []string `protobuf:"bytes,1,rep,name=addresses,proto3" json:"addresses,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *DeleteSuppressionsRequest) Reset() {
+	*x = DeleteSuppressionsRequest{}
+	mi := &file_posthaste_v1_mail_proto_msgTypes[59]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *DeleteSuppressionsRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*DeleteSuppressionsRequest) ProtoMessage() {}
+
+func (x *DeleteSuppressionsRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_posthaste_v1_mail_proto_msgTypes[59]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use DeleteSuppressionsRequest.ProtoReflect.Descriptor instead.
+func (*DeleteSuppressionsRequest) Descriptor() ([]byte, []int) {
+	return file_posthaste_v1_mail_proto_rawDescGZIP(), []int{59}
+}
+
+func (x *DeleteSuppressionsRequest) GetAddresses() []string {
+	if x != nil {
+		return x.Addresses
+	}
+	return nil
+}
+
+// DeleteSuppressionsResponse names what was deleted.
+type DeleteSuppressionsResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The entries deleted, as stored ("*@example.net" for a domain's).
+	Deleted       []string `protobuf:"bytes,1,rep,name=deleted,proto3" json:"deleted,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *DeleteSuppressionsResponse) Reset() {
+	*x = DeleteSuppressionsResponse{}
+	mi := &file_posthaste_v1_mail_proto_msgTypes[60]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *DeleteSuppressionsResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*DeleteSuppressionsResponse) ProtoMessage() {}
+
+func (x *DeleteSuppressionsResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_posthaste_v1_mail_proto_msgTypes[60]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use DeleteSuppressionsResponse.ProtoReflect.Descriptor instead.
+func (*DeleteSuppressionsResponse) Descriptor() ([]byte, []int) {
+	return file_posthaste_v1_mail_proto_rawDescGZIP(), []int{60}
+}
+
+func (x *DeleteSuppressionsResponse) GetDeleted() []string {
+	if x != nil {
+		return x.Deleted
+	}
+	return nil
+}
+
 var File_posthaste_v1_mail_proto protoreflect.FileDescriptor
 
 const file_posthaste_v1_mail_proto_rawDesc = "" +
@@ -3754,11 +4409,12 @@ const file_posthaste_v1_mail_proto_rawDesc = "" +
 	"\x0fSendBatchResult\x12?\n" +
 	"\baccepted\x18\x01 \x01(\v2!.posthaste.v1.SendMessageResponseH\x00R\baccepted\x12+\n" +
 	"\x05error\x18\x02 \x01(\v2\x13.posthaste.v1.ErrorH\x00R\x05errorB\b\n" +
-	"\x06result\"T\n" +
+	"\x06result\"\x83\x01\n" +
 	"\x10RecipientSummary\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12\x18\n" +
 	"\aaddress\x18\x02 \x01(\tR\aaddress\x12\x16\n" +
-	"\x06status\x18\x03 \x01(\tR\x06status\"#\n" +
+	"\x06status\x18\x03 \x01(\tR\x06status\x12-\n" +
+	"\x12suppression_reason\x18\x04 \x01(\tR\x11suppressionReason\"#\n" +
 	"\x11GetMessageRequest\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\"&\n" +
 	"\x14CancelMessageRequest\x12\x0e\n" +
@@ -3798,7 +4454,7 @@ const file_posthaste_v1_mail_proto_rawDesc = "" +
 	"\battempts\x18\x0e \x03(\v2\x15.posthaste.v1.AttemptR\battempts\x1a;\n" +
 	"\rMetadataEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
-	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"\xfc\x02\n" +
+	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"\xab\x03\n" +
 	"\tRecipient\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12\x18\n" +
 	"\aaddress\x18\x02 \x01(\tR\aaddress\x12\x12\n" +
@@ -3810,7 +4466,9 @@ const file_posthaste_v1_mail_proto_rawDesc = "" +
 	"last_reply\x18\a \x01(\v2\x17.posthaste.v1.SmtpReplyR\tlastReply\x12=\n" +
 	"\fdelivered_at\x18\b \x01(\v2\x1a.google.protobuf.TimestampR\vdeliveredAt\x129\n" +
 	"\n" +
-	"updated_at\x18\t \x01(\v2\x1a.google.protobuf.TimestampR\tupdatedAt\"X\n" +
+	"updated_at\x18\t \x01(\v2\x1a.google.protobuf.TimestampR\tupdatedAt\x12-\n" +
+	"\x12suppression_reason\x18\n" +
+	" \x01(\tR\x11suppressionReason\"X\n" +
 	"\tSmtpReply\x12\x12\n" +
 	"\x04code\x18\x01 \x01(\x05R\x04code\x12#\n" +
 	"\renhanced_code\x18\x02 \x01(\tR\fenhancedCode\x12\x12\n" +
@@ -3998,7 +4656,47 @@ const file_posthaste_v1_mail_proto_rawDesc = "" +
 	"\x1bRetryWebhookDeliveryRequest\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12\x1f\n" +
 	"\vdelivery_id\x18\x02 \x01(\tR\n" +
-	"deliveryId2\xe9\x12\n" +
+	"deliveryId\"\xa6\x02\n" +
+	"\vSuppression\x12\x18\n" +
+	"\aaddress\x18\x01 \x01(\tR\aaddress\x12\x16\n" +
+	"\x06reason\x18\x02 \x01(\tR\x06reason\x129\n" +
+	"\n" +
+	"created_at\x18\x03 \x01(\v2\x1a.google.protobuf.TimestampR\tcreatedAt\x129\n" +
+	"\n" +
+	"expires_at\x18\x04 \x01(\v2\x1a.google.protobuf.TimestampR\texpiresAt\x12\x1d\n" +
+	"\n" +
+	"message_id\x18\x05 \x01(\tR\tmessageId\x12!\n" +
+	"\frecipient_id\x18\x06 \x01(\tR\vrecipientId\x12-\n" +
+	"\x05reply\x18\a \x01(\v2\x17.posthaste.v1.SmtpReplyR\x05reply\"\x98\x02\n" +
+	"\x17ListSuppressionsRequest\x12\x16\n" +
+	"\x06reason\x18\x01 \x01(\tR\x06reason\x12%\n" +
+	"\x0eaddress_prefix\x18\x02 \x01(\tR\raddressPrefix\x12?\n" +
+	"\rcreated_after\x18\x03 \x01(\v2\x1a.google.protobuf.TimestampR\fcreatedAfter\x12A\n" +
+	"\x0ecreated_before\x18\x04 \x01(\v2\x1a.google.protobuf.TimestampR\rcreatedBefore\x12\x1b\n" +
+	"\tpage_size\x18\x05 \x01(\x05R\bpageSize\x12\x1d\n" +
+	"\n" +
+	"page_token\x18\x06 \x01(\tR\tpageToken\"\x81\x01\n" +
+	"\x18ListSuppressionsResponse\x12=\n" +
+	"\fsuppressions\x18\x01 \x03(\v2\x19.posthaste.v1.SuppressionR\fsuppressions\x12&\n" +
+	"\x0fnext_page_token\x18\x02 \x01(\tR\rnextPageToken\"1\n" +
+	"\x15GetSuppressionRequest\x12\x18\n" +
+	"\aaddress\x18\x01 \x01(\tR\aaddress\"}\n" +
+	"\x0eNewSuppression\x12\x18\n" +
+	"\aaddress\x18\x01 \x01(\tR\aaddress\x12\x16\n" +
+	"\x06reason\x18\x02 \x01(\tR\x06reason\x129\n" +
+	"\n" +
+	"expires_at\x18\x03 \x01(\v2\x1a.google.protobuf.TimestampR\texpiresAt\"Z\n" +
+	"\x16AddSuppressionsRequest\x12@\n" +
+	"\fsuppressions\x18\x01 \x03(\v2\x1c.posthaste.v1.NewSuppressionR\fsuppressions\"X\n" +
+	"\x17AddSuppressionsResponse\x12=\n" +
+	"\fsuppressions\x18\x01 \x03(\v2\x19.posthaste.v1.SuppressionR\fsuppressions\"4\n" +
+	"\x18DeleteSuppressionRequest\x12\x18\n" +
+	"\aaddress\x18\x01 \x01(\tR\aaddress\"\x1b\n" +
+	"\x19DeleteSuppressionResponse\"9\n" +
+	"\x19DeleteSuppressionsRequest\x12\x1c\n" +
+	"\taddresses\x18\x01 \x03(\tR\taddresses\"6\n" +
+	"\x1aDeleteSuppressionsResponse\x12\x18\n" +
+	"\adeleted\x18\x01 \x03(\tR\adeleted2\xf2\x17\n" +
 	"\vMailService\x12k\n" +
 	"\vSendMessage\x12 .posthaste.v1.SendMessageRequest\x1a!.posthaste.v1.SendMessageResponse\"\x17\x82\xd3\xe4\x93\x02\x11:\x01*\"\f/v1/messages\x12y\n" +
 	"\x0eSendRawMessage\x12#.posthaste.v1.SendRawMessageRequest\x1a!.posthaste.v1.SendMessageResponse\"\x1f\x82\xd3\xe4\x93\x02\x19:\x01*\"\x14/v1/messages:sendRaw\x12o\n" +
@@ -4025,7 +4723,12 @@ const file_posthaste_v1_mail_proto_rawDesc = "" +
 	"\rDeleteWebhook\x12\".posthaste.v1.DeleteWebhookRequest\x1a#.posthaste.v1.DeleteWebhookResponse\"\x19\x82\xd3\xe4\x93\x02\x13*\x11/v1/webhooks/{id}\x12\x95\x01\n" +
 	"\x13RotateWebhookSecret\x12(.posthaste.v1.RotateWebhookSecretRequest\x1a).posthaste.v1.RotateWebhookSecretResponse\")\x82\xd3\xe4\x93\x02#:\x01*\"\x1e/v1/webhooks/{id}:rotateSecret\x12\x96\x01\n" +
 	"\x15ListWebhookDeliveries\x12*.posthaste.v1.ListWebhookDeliveriesRequest\x1a+.posthaste.v1.ListWebhookDeliveriesResponse\"$\x82\xd3\xe4\x93\x02\x1e\x12\x1c/v1/webhooks/{id}/deliveries\x12\x9d\x01\n" +
-	"\x14RetryWebhookDelivery\x12).posthaste.v1.RetryWebhookDeliveryRequest\x1a\x1d.posthaste.v1.WebhookDelivery\";\x82\xd3\xe4\x93\x025:\x01*\"0/v1/webhooks/{id}/deliveries/{delivery_id}:retryB?Z=github.com/posthaste/posthaste/proto/posthaste/v1;posthastev1b\x06proto3"
+	"\x14RetryWebhookDelivery\x12).posthaste.v1.RetryWebhookDeliveryRequest\x1a\x1d.posthaste.v1.WebhookDelivery\";\x82\xd3\xe4\x93\x025:\x01*\"0/v1/webhooks/{id}/deliveries/{delivery_id}:retry\x12{\n" +
+	"\x10ListSuppressions\x12%.posthaste.v1.ListSuppressionsRequest\x1a&.posthaste.v1.ListSuppressionsResponse\"\x18\x82\xd3\xe4\x93\x02\x12\x12\x10/v1/suppressions\x12t\n" +
+	"\x0eGetSuppression\x12#.posthaste.v1.GetSuppressionRequest\x1a\x19.posthaste.v1.Suppression\"\"\x82\xd3\xe4\x93\x02\x1c\x12\x1a/v1/suppressions/{address}\x12{\n" +
+	"\x0fAddSuppressions\x12$.posthaste.v1.AddSuppressionsRequest\x1a%.posthaste.v1.AddSuppressionsResponse\"\x1b\x82\xd3\xe4\x93\x02\x15:\x01*\"\x10/v1/suppressions\x12\x88\x01\n" +
+	"\x11DeleteSuppression\x12&.posthaste.v1.DeleteSuppressionRequest\x1a'.posthaste.v1.DeleteSuppressionResponse\"\"\x82\xd3\xe4\x93\x02\x1c*\x1a/v1/suppressions/{address}\x12\x8b\x01\n" +
+	"\x12DeleteSuppressions\x12'.posthaste.v1.DeleteSuppressionsRequest\x1a(.posthaste.v1.DeleteSuppressionsResponse\"\"\x82\xd3\xe4\x93\x02\x1c:\x01*\"\x17/v1/suppressions:deleteB?Z=github.com/posthaste/posthaste/proto/posthaste/v1;posthastev1b\x06proto3"
 
 var (
 	file_posthaste_v1_mail_proto_rawDescOnce sync.Once
@@ -4039,7 +4742,7 @@ func file_posthaste_v1_mail_proto_rawDescGZIP() []byte {
 	return file_posthaste_v1_mail_proto_rawDescData
 }
 
-var file_posthaste_v1_mail_proto_msgTypes = make([]protoimpl.MessageInfo, 53)
+var file_posthaste_v1_mail_proto_msgTypes = make([]protoimpl.MessageInfo, 64)
 var file_posthaste_v1_mail_proto_goTypes = []any{
 	(*Address)(nil),                       // 0: posthaste.v1.Address
 	(*Attachment)(nil),                    // 1: posthaste.v1.Attachment
@@ -4091,12 +4794,23 @@ var file_posthaste_v1_mail_proto_goTypes = []any{
 	(*ListWebhookDeliveriesRequest)(nil),  // 47: posthaste.v1.ListWebhookDeliveriesRequest
 	(*ListWebhookDeliveriesResponse)(nil), // 48: posthaste.v1.ListWebhookDeliveriesResponse
 	(*RetryWebhookDeliveryRequest)(nil),   // 49: posthaste.v1.RetryWebhookDeliveryRequest
-	nil,                                   // 50: posthaste.v1.SendMessageRequest.MetadataEntry
-	nil,                                   // 51: posthaste.v1.SendRawMessageRequest.MetadataEntry
-	nil,                                   // 52: posthaste.v1.Message.MetadataEntry
-	(*timestamppb.Timestamp)(nil),         // 53: google.protobuf.Timestamp
-	(*durationpb.Duration)(nil),           // 54: google.protobuf.Duration
-	(*fieldmaskpb.FieldMask)(nil),         // 55: google.protobuf.FieldMask
+	(*Suppression)(nil),                   // 50: posthaste.v1.Suppression
+	(*ListSuppressionsRequest)(nil),       // 51: posthaste.v1.ListSuppressionsRequest
+	(*ListSuppressionsResponse)(nil),      // 52: posthaste.v1.ListSuppressionsResponse
+	(*GetSuppressionRequest)(nil),         // 53: posthaste.v1.GetSuppressionRequest
+	(*NewSuppression)(nil),                // 54: posthaste.v1.NewSuppression
+	(*AddSuppressionsRequest)(nil),        // 55: posthaste.v1.AddSuppressionsRequest
+	(*AddSuppressionsResponse)(nil),       // 56: posthaste.v1.AddSuppressionsResponse
+	(*DeleteSuppressionRequest)(nil),      // 57: posthaste.v1.DeleteSuppressionRequest
+	(*DeleteSuppressionResponse)(nil),     // 58: posthaste.v1.DeleteSuppressionResponse
+	(*DeleteSuppressionsRequest)(nil),     // 59: posthaste.v1.DeleteSuppressionsRequest
+	(*DeleteSuppressionsResponse)(nil),    // 60: posthaste.v1.DeleteSuppressionsResponse
+	nil,                                   // 61: posthaste.v1.SendMessageRequest.MetadataEntry
+	nil,                                   // 62: posthaste.v1.SendRawMessageRequest.MetadataEntry
+	nil,                                   // 63: posthaste.v1.Message.MetadataEntry
+	(*timestamppb.Timestamp)(nil),         // 64: google.protobuf.Timestamp
+	(*durationpb.Duration)(nil),           // 65: google.protobuf.Duration
+	(*fieldmaskpb.FieldMask)(nil),         // 66: google.protobuf.FieldMask
 }
 var file_posthaste_v1_mail_proto_depIdxs = []int32{
 	0,  // 0: posthaste.v1.SendMessageRequest.from:type_name -> posthaste.v1.Address
@@ -4106,106 +4820,125 @@ var file_posthaste_v1_mail_proto_depIdxs = []int32{
 	0,  // 4: posthaste.v1.SendMessageRequest.bcc:type_name -> posthaste.v1.Address
 	1,  // 5: posthaste.v1.SendMessageRequest.attachments:type_name -> posthaste.v1.Attachment
 	2,  // 6: posthaste.v1.SendMessageRequest.headers:type_name -> posthaste.v1.Header
-	50, // 7: posthaste.v1.SendMessageRequest.metadata:type_name -> posthaste.v1.SendMessageRequest.MetadataEntry
-	53, // 8: posthaste.v1.SendMessageRequest.send_at:type_name -> google.protobuf.Timestamp
-	51, // 9: posthaste.v1.SendRawMessageRequest.metadata:type_name -> posthaste.v1.SendRawMessageRequest.MetadataEntry
-	53, // 10: posthaste.v1.SendRawMessageRequest.send_at:type_name -> google.protobuf.Timestamp
+	61, // 7: posthaste.v1.SendMessageRequest.metadata:type_name -> posthaste.v1.SendMessageRequest.MetadataEntry
+	64, // 8: posthaste.v1.SendMessageRequest.send_at:type_name -> google.protobuf.Timestamp
+	62, // 9: posthaste.v1.SendRawMessageRequest.metadata:type_name -> posthaste.v1.SendRawMessageRequest.MetadataEntry
+	64, // 10: posthaste.v1.SendRawMessageRequest.send_at:type_name -> google.protobuf.Timestamp
 	9,  // 11: posthaste.v1.SendMessageResponse.recipients:type_name -> posthaste.v1.RecipientSummary
 	3,  // 12: posthaste.v1.SendBatchRequest.messages:type_name -> posthaste.v1.SendMessageRequest
 	8,  // 13: posthaste.v1.SendBatchResponse.results:type_name -> posthaste.v1.SendBatchResult
 	5,  // 14: posthaste.v1.SendBatchResult.accepted:type_name -> posthaste.v1.SendMessageResponse
 	33, // 15: posthaste.v1.SendBatchResult.error:type_name -> posthaste.v1.Error
-	53, // 16: posthaste.v1.ListMessagesRequest.created_after:type_name -> google.protobuf.Timestamp
-	53, // 17: posthaste.v1.ListMessagesRequest.created_before:type_name -> google.protobuf.Timestamp
+	64, // 16: posthaste.v1.ListMessagesRequest.created_after:type_name -> google.protobuf.Timestamp
+	64, // 17: posthaste.v1.ListMessagesRequest.created_before:type_name -> google.protobuf.Timestamp
 	14, // 18: posthaste.v1.ListMessagesResponse.messages:type_name -> posthaste.v1.Message
-	52, // 19: posthaste.v1.Message.metadata:type_name -> posthaste.v1.Message.MetadataEntry
-	53, // 20: posthaste.v1.Message.send_at:type_name -> google.protobuf.Timestamp
-	53, // 21: posthaste.v1.Message.created_at:type_name -> google.protobuf.Timestamp
-	53, // 22: posthaste.v1.Message.updated_at:type_name -> google.protobuf.Timestamp
+	63, // 19: posthaste.v1.Message.metadata:type_name -> posthaste.v1.Message.MetadataEntry
+	64, // 20: posthaste.v1.Message.send_at:type_name -> google.protobuf.Timestamp
+	64, // 21: posthaste.v1.Message.created_at:type_name -> google.protobuf.Timestamp
+	64, // 22: posthaste.v1.Message.updated_at:type_name -> google.protobuf.Timestamp
 	15, // 23: posthaste.v1.Message.recipients:type_name -> posthaste.v1.Recipient
 	17, // 24: posthaste.v1.Message.attempts:type_name -> posthaste.v1.Attempt
-	53, // 25: posthaste.v1.Recipient.next_attempt_at:type_name -> google.protobuf.Timestamp
+	64, // 25: posthaste.v1.Recipient.next_attempt_at:type_name -> google.protobuf.Timestamp
 	16, // 26: posthaste.v1.Recipient.last_reply:type_name -> posthaste.v1.SmtpReply
-	53, // 27: posthaste.v1.Recipient.delivered_at:type_name -> google.protobuf.Timestamp
-	53, // 28: posthaste.v1.Recipient.updated_at:type_name -> google.protobuf.Timestamp
-	53, // 29: posthaste.v1.Attempt.started_at:type_name -> google.protobuf.Timestamp
-	54, // 30: posthaste.v1.Attempt.duration:type_name -> google.protobuf.Duration
+	64, // 27: posthaste.v1.Recipient.delivered_at:type_name -> google.protobuf.Timestamp
+	64, // 28: posthaste.v1.Recipient.updated_at:type_name -> google.protobuf.Timestamp
+	64, // 29: posthaste.v1.Attempt.started_at:type_name -> google.protobuf.Timestamp
+	65, // 30: posthaste.v1.Attempt.duration:type_name -> google.protobuf.Duration
 	16, // 31: posthaste.v1.Attempt.reply:type_name -> posthaste.v1.SmtpReply
-	53, // 32: posthaste.v1.ApiKey.created_at:type_name -> google.protobuf.Timestamp
-	53, // 33: posthaste.v1.ApiKey.last_used_at:type_name -> google.protobuf.Timestamp
-	53, // 34: posthaste.v1.ApiKey.revoked_at:type_name -> google.protobuf.Timestamp
+	64, // 32: posthaste.v1.ApiKey.created_at:type_name -> google.protobuf.Timestamp
+	64, // 33: posthaste.v1.ApiKey.last_used_at:type_name -> google.protobuf.Timestamp
+	64, // 34: posthaste.v1.ApiKey.revoked_at:type_name -> google.protobuf.Timestamp
 	18, // 35: posthaste.v1.CreateApiKeyResponse.api_key:type_name -> posthaste.v1.ApiKey
 	18, // 36: posthaste.v1.ListApiKeysResponse.api_keys:type_name -> posthaste.v1.ApiKey
-	53, // 37: posthaste.v1.Event.created_at:type_name -> google.protobuf.Timestamp
-	53, // 38: posthaste.v1.Event.send_at:type_name -> google.protobuf.Timestamp
+	64, // 37: posthaste.v1.Event.created_at:type_name -> google.protobuf.Timestamp
+	64, // 38: posthaste.v1.Event.send_at:type_name -> google.protobuf.Timestamp
 	16, // 39: posthaste.v1.Event.reply:type_name -> posthaste.v1.SmtpReply
-	53, // 40: posthaste.v1.Event.next_attempt_at:type_name -> google.protobuf.Timestamp
+	64, // 40: posthaste.v1.Event.next_attempt_at:type_name -> google.protobuf.Timestamp
 	24, // 41: posthaste.v1.ListMessageEventsResponse.events:type_name -> posthaste.v1.Event
 	24, // 42: posthaste.v1.ListEventsResponse.events:type_name -> posthaste.v1.Event
 	24, // 43: posthaste.v1.StreamEventsResponse.event:type_name -> posthaste.v1.Event
 	33, // 44: posthaste.v1.ErrorResponse.error:type_name -> posthaste.v1.Error
 	34, // 45: posthaste.v1.Error.field_violations:type_name -> posthaste.v1.FieldViolation
-	53, // 46: posthaste.v1.Webhook.created_at:type_name -> google.protobuf.Timestamp
-	53, // 47: posthaste.v1.Webhook.updated_at:type_name -> google.protobuf.Timestamp
-	53, // 48: posthaste.v1.Webhook.disabled_at:type_name -> google.protobuf.Timestamp
-	53, // 49: posthaste.v1.Webhook.previous_secret_expires_at:type_name -> google.protobuf.Timestamp
+	64, // 46: posthaste.v1.Webhook.created_at:type_name -> google.protobuf.Timestamp
+	64, // 47: posthaste.v1.Webhook.updated_at:type_name -> google.protobuf.Timestamp
+	64, // 48: posthaste.v1.Webhook.disabled_at:type_name -> google.protobuf.Timestamp
+	64, // 49: posthaste.v1.Webhook.previous_secret_expires_at:type_name -> google.protobuf.Timestamp
 	35, // 50: posthaste.v1.CreateWebhookResponse.webhook:type_name -> posthaste.v1.Webhook
 	35, // 51: posthaste.v1.ListWebhooksResponse.webhooks:type_name -> posthaste.v1.Webhook
 	35, // 52: posthaste.v1.UpdateWebhookRequest.webhook:type_name -> posthaste.v1.Webhook
-	55, // 53: posthaste.v1.UpdateWebhookRequest.update_mask:type_name -> google.protobuf.FieldMask
+	66, // 53: posthaste.v1.UpdateWebhookRequest.update_mask:type_name -> google.protobuf.FieldMask
 	35, // 54: posthaste.v1.RotateWebhookSecretResponse.webhook:type_name -> posthaste.v1.Webhook
-	53, // 55: posthaste.v1.WebhookDelivery.next_attempt_at:type_name -> google.protobuf.Timestamp
-	53, // 56: posthaste.v1.WebhookDelivery.last_attempt_at:type_name -> google.protobuf.Timestamp
-	54, // 57: posthaste.v1.WebhookDelivery.last_latency:type_name -> google.protobuf.Duration
-	53, // 58: posthaste.v1.WebhookDelivery.created_at:type_name -> google.protobuf.Timestamp
+	64, // 55: posthaste.v1.WebhookDelivery.next_attempt_at:type_name -> google.protobuf.Timestamp
+	64, // 56: posthaste.v1.WebhookDelivery.last_attempt_at:type_name -> google.protobuf.Timestamp
+	65, // 57: posthaste.v1.WebhookDelivery.last_latency:type_name -> google.protobuf.Duration
+	64, // 58: posthaste.v1.WebhookDelivery.created_at:type_name -> google.protobuf.Timestamp
 	46, // 59: posthaste.v1.ListWebhookDeliveriesResponse.deliveries:type_name -> posthaste.v1.WebhookDelivery
-	3,  // 60: posthaste.v1.MailService.SendMessage:input_type -> posthaste.v1.SendMessageRequest
-	4,  // 61: posthaste.v1.MailService.SendRawMessage:input_type -> posthaste.v1.SendRawMessageRequest
-	6,  // 62: posthaste.v1.MailService.SendBatch:input_type -> posthaste.v1.SendBatchRequest
-	10, // 63: posthaste.v1.MailService.GetMessage:input_type -> posthaste.v1.GetMessageRequest
-	12, // 64: posthaste.v1.MailService.ListMessages:input_type -> posthaste.v1.ListMessagesRequest
-	11, // 65: posthaste.v1.MailService.CancelMessage:input_type -> posthaste.v1.CancelMessageRequest
-	25, // 66: posthaste.v1.MailService.ListMessageEvents:input_type -> posthaste.v1.ListMessageEventsRequest
-	27, // 67: posthaste.v1.MailService.ListEvents:input_type -> posthaste.v1.ListEventsRequest
-	29, // 68: posthaste.v1.MailService.StreamEvents:input_type -> posthaste.v1.StreamEventsRequest
-	31, // 69: posthaste.v1.MailService.WatchMessage:input_type -> posthaste.v1.WatchMessageRequest
-	19, // 70: posthaste.v1.MailService.CreateApiKey:input_type -> posthaste.v1.CreateApiKeyRequest
-	21, // 71: posthaste.v1.MailService.ListApiKeys:input_type -> posthaste.v1.ListApiKeysRequest
-	23, // 72: posthaste.v1.MailService.RevokeApiKey:input_type -> posthaste.v1.RevokeApiKeyRequest
-	36, // 73: posthaste.v1.MailService.CreateWebhook:input_type -> posthaste.v1.CreateWebhookRequest
-	38, // 74: posthaste.v1.MailService.ListWebhooks:input_type -> posthaste.v1.ListWebhooksRequest
-	40, // 75: posthaste.v1.MailService.GetWebhook:input_type -> posthaste.v1.GetWebhookRequest
-	41, // 76: posthaste.v1.MailService.UpdateWebhook:input_type -> posthaste.v1.UpdateWebhookRequest
-	42, // 77: posthaste.v1.MailService.DeleteWebhook:input_type -> posthaste.v1.DeleteWebhookRequest
-	44, // 78: posthaste.v1.MailService.RotateWebhookSecret:input_type -> posthaste.v1.RotateWebhookSecretRequest
-	47, // 79: posthaste.v1.MailService.ListWebhookDeliveries:input_type -> posthaste.v1.ListWebhookDeliveriesRequest
-	49, // 80: posthaste.v1.MailService.RetryWebhookDelivery:input_type -> posthaste.v1.RetryWebhookDeliveryRequest
-	5,  // 81: posthaste.v1.MailService.SendMessage:output_type -> posthaste.v1.SendMessageResponse
-	5,  // 82: posthaste.v1.MailService.SendRawMessage:output_type -> posthaste.v1.SendMessageResponse
-	7,  // 83: posthaste.v1.MailService.SendBatch:output_type -> posthaste.v1.SendBatchResponse
-	14, // 84: posthaste.v1.MailService.GetMessage:output_type -> posthaste.v1.Message
-	13, // 85: posthaste.v1.MailService.ListMessages:output_type -> posthaste.v1.ListMessagesResponse
-	14, // 86: posthaste.v1.MailService.CancelMessage:output_type -> posthaste.v1.Message
-	26, // 87: posthaste.v1.MailService.ListMessageEvents:output_type -> posthaste.v1.ListMessageEventsResponse
-	28, // 88: posthaste.v1.MailService.ListEvents:output_type -> posthaste.v1.ListEventsResponse
-	30, // 89: posthaste.v1.MailService.StreamEvents:output_type -> posthaste.v1.StreamEventsResponse
-	24, // 90: posthaste.v1.MailService.WatchMessage:output_type -> posthaste.v1.Event
-	20, // 91: posthaste.v1.MailService.CreateApiKey:output_type -> posthaste.v1.CreateApiKeyResponse
-	22, // 92: posthaste.v1.MailService.ListApiKeys:output_type -> posthaste.v1.ListApiKeysResponse
-	18, // 93: posthaste.v1.MailService.RevokeApiKey:output_type -> posthaste.v1.ApiKey
-	37, // 94: posthaste.v1.MailService.CreateWebhook:output_type -> posthaste.v1.CreateWebhookResponse
-	39, // 95: posthaste.v1.MailService.ListWebhooks:output_type -> posthaste.v1.ListWebhooksResponse
-	35, // 96: posthaste.v1.MailService.GetWebhook:output_type -> posthaste.v1.Webhook
-	35, // 97: posthaste.v1.MailService.UpdateWebhook:output_type -> posthaste.v1.Webhook
-	43, // 98: posthaste.v1.MailService.DeleteWebhook:output_type -> posthaste.v1.DeleteWebhookResponse
-	45, // 99: posthaste.v1.MailService.RotateWebhookSecret:output_type -> posthaste.v1.RotateWebhookSecretResponse
-	48, // 100: posthaste.v1.MailService.ListWebhookDeliveries:output_type -> posthaste.v1.ListWebhookDeliveriesResponse
-	46, // 101: posthaste.v1.MailService.RetryWebhookDelivery:output_type -> posthaste.v1.WebhookDelivery
-	81, // [81:102] is the sub-list for method output_type
-	60, // [60:81] is the sub-list for method input_type
-	60, // [60:60] is the sub-list for extension type_name
-	60, // [60:60] is the sub-list for extension extendee
-	0,  // [0:60] is the sub-list for field type_name
+	64, // 60: posthaste.v1.Suppression.created_at:type_name -> google.protobuf.Timestamp
+	64, // 61: posthaste.v1.Suppression.expires_at:type_name -> google.protobuf.Timestamp
+	16, // 62: posthaste.v1.Suppression.reply:type_name -> posthaste.v1.SmtpReply
+	64, // 63: posthaste.v1.ListSuppressionsRequest.created_after:type_name -> google.protobuf.Timestamp
+	64, // 64: posthaste.v1.ListSuppressionsRequest.created_before:type_name -> google.protobuf.Timestamp
+	50, // 65: posthaste.v1.ListSuppressionsResponse.suppressions:type_name -> posthaste.v1.Suppression
+	64, // 66: posthaste.v1.NewSuppression.expires_at:type_name -> google.protobuf.Timestamp
+	54, // 67: posthaste.v1.AddSuppressionsRequest.suppressions:type_name -> posthaste.v1.NewSuppression
+	50, // 68: posthaste.v1.AddSuppressionsResponse.suppressions:type_name -> posthaste.v1.Suppression
+	3,  // 69: posthaste.v1.MailService.SendMessage:input_type -> posthaste.v1.SendMessageRequest
+	4,  // 70: posthaste.v1.MailService.SendRawMessage:input_type -> posthaste.v1.SendRawMessageRequest
+	6,  // 71: posthaste.v1.MailService.SendBatch:input_type -> posthaste.v1.SendBatchRequest
+	10, // 72: posthaste.v1.MailService.GetMessage:input_type -> posthaste.v1.GetMessageRequest
+	12, // 73: posthaste.v1.MailService.ListMessages:input_type -> posthaste.v1.ListMessagesRequest
+	11, // 74: posthaste.v1.MailService.CancelMessage:input_type -> posthaste.v1.CancelMessageRequest
+	25, // 75: posthaste.v1.MailService.ListMessageEvents:input_type -> posthaste.v1.ListMessageEventsRequest
+	27, // 76: posthaste.v1.MailService.ListEvents:input_type -> posthaste.v1.ListEventsRequest
+	29, // 77: posthaste.v1.MailService.StreamEvents:input_type -> posthaste.v1.StreamEventsRequest
+	31, // 78: posthaste.v1.MailService.WatchMessage:input_type -> posthaste.v1.WatchMessageRequest
+	19, // 79: posthaste.v1.MailService.CreateApiKey:input_type -> posthaste.v1.CreateApiKeyRequest
+	21, // 80: posthaste.v1.MailService.ListApiKeys:input_type -> posthaste.v1.ListApiKeysRequest
+	23, // 81: posthaste.v1.MailService.RevokeApiKey:input_type -> posthaste.v1.RevokeApiKeyRequest
+	36, // 82: posthaste.v1.MailService.CreateWebhook:input_type -> posthaste.v1.CreateWebhookRequest
+	38, // 83: posthaste.v1.MailService.ListWebhooks:input_type -> posthaste.v1.ListWebhooksRequest
+	40, // 84: posthaste.v1.MailService.GetWebhook:input_type -> posthaste.v1.GetWebhookRequest
+	41, // 85: posthaste.v1.MailService.UpdateWebhook:input_type -> posthaste.v1.UpdateWebhookRequest
+	42, // 86: posthaste.v1.MailService.DeleteWebhook:input_type -> posthaste.v1.DeleteWebhookRequest
+	44, // 87: posthaste.v1.MailService.RotateWebhookSecret:input_type -> posthaste.v1.RotateWebhookSecretRequest
+	47, // 88: posthaste.v1.MailService.ListWebhookDeliveries:input_type -> posthaste.v1.ListWebhookDeliveriesRequest
+	49, // 89: posthaste.v1.MailService.RetryWebhookDelivery:input_type -> posthaste.v1.RetryWebhookDeliveryRequest
+	51, // 90: posthaste.v1.MailService.ListSuppressions:input_type -> posthaste.v1.ListSuppressionsRequest
+	53, // 91: posthaste.v1.MailService.GetSuppression:input_type -> posthaste.v1.GetSuppressionRequest
+	55, // 92: posthaste.v1.MailService.AddSuppressions:input_type -> posthaste.v1.AddSuppressionsRequest
+	57, // 93: posthaste.v1.MailService.DeleteSuppression:input_type -> posthaste.v1.DeleteSuppressionRequest
+	59, // 94: posthaste.v1.MailService.DeleteSuppressions:input_type -> posthaste.v1.DeleteSuppressionsRequest
+	5,  // 95: posthaste.v1.MailService.SendMessage:output_type -> posthaste.v1.SendMessageResponse
+	5,  // 96: posthaste.v1.MailService.SendRawMessage:output_type -> posthaste.v1.SendMessageResponse
+	7,  // 97: posthaste.v1.MailService.SendBatch:output_type -> posthaste.v1.SendBatchResponse
+	14, // 98: posthaste.v1.MailService.GetMessage:output_type -> posthaste.v1.Message
+	13, // 99: posthaste.v1.MailService.ListMessages:output_type -> posthaste.v1.ListMessagesResponse
+	14, // 100: posthaste.v1.MailService.CancelMessage:output_type -> posthaste.v1.Message
+	26, // 101: posthaste.v1.MailService.ListMessageEvents:output_type -> posthaste.v1.ListMessageEventsResponse
+	28, // 102: posthaste.v1.MailService.ListEvents:output_type -> posthaste.v1.ListEventsResponse
+	30, // 103: posthaste.v1.MailService.StreamEvents:output_type -> posthaste.v1.StreamEventsResponse
+	24, // 104: posthaste.v1.MailService.WatchMessage:output_type -> posthaste.v1.Event
+	20, // 105: posthaste.v1.MailService.CreateApiKey:output_type -> posthaste.v1.CreateApiKeyResponse
+	22, // 106: posthaste.v1.MailService.ListApiKeys:output_type -> posthaste.v1.ListApiKeysResponse
+	18, // 107: posthaste.v1.MailService.RevokeApiKey:output_type -> posthaste.v1.ApiKey
+	37, // 108: posthaste.v1.MailService.CreateWebhook:output_type -> posthaste.v1.CreateWebhookResponse
+	39, // 109: posthaste.v1.MailService.ListWebhooks:output_type -> posthaste.v1.ListWebhooksResponse
+	35, // 110: posthaste.v1.MailService.GetWebhook:output_type -> posthaste.v1.Webhook
+	35, // 111: posthaste.v1.MailService.UpdateWebhook:output_type -> posthaste.v1.Webhook
+	43, // 112: posthaste.v1.MailService.DeleteWebhook:output_type -> posthaste.v1.DeleteWebhookResponse
+	45, // 113: posthaste.v1.MailService.RotateWebhookSecret:output_type -> posthaste.v1.RotateWebhookSecretResponse
+	48, // 114: posthaste.v1.MailService.ListWebhookDeliveries:output_type -> posthaste.v1.ListWebhookDeliveriesResponse
+	46, // 115: posthaste.v1.MailService.RetryWebhookDelivery:output_type -> posthaste.v1.WebhookDelivery
+	52, // 116: posthaste.v1.MailService.ListSuppressions:output_type -> posthaste.v1.ListSuppressionsResponse
+	50, // 117: posthaste.v1.MailService.GetSuppression:output_type -> posthaste.v1.Suppression
+	56, // 118: posthaste.v1.MailService.AddSuppressions:output_type -> posthaste.v1.AddSuppressionsResponse
+	58, // 119: posthaste.v1.MailService.DeleteSuppression:output_type -> posthaste.v1.DeleteSuppressionResponse
+	60, // 120: posthaste.v1.MailService.DeleteSuppressions:output_type -> posthaste.v1.DeleteSuppressionsResponse
+	95, // [95:121] is the sub-list for method output_type
+	69, // [69:95] is the sub-list for method input_type
+	69, // [69:69] is the sub-list for extension type_name
+	69, // [69:69] is the sub-list for extension extendee
+	0,  // [0:69] is the sub-list for field type_name
 }
 
 func init() { file_posthaste_v1_mail_proto_init() }
@@ -4224,7 +4957,7 @@ func file_posthaste_v1_mail_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_posthaste_v1_mail_proto_rawDesc), len(file_posthaste_v1_mail_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   53,
+			NumMessages:   64,
 			NumExtensions: 0,
 			NumServices:   1,
 		},
