@@ -69,10 +69,9 @@ func TestSendToSuppressedAddress(t *testing.T) {
 	// Every recipient suppressed: the message is failed at once. Raw sends
 	// and batches go through the same insert.
 	raw, err := e.client.SendRawMessage(e.ctx(t), &posthastev1.SendRawMessageRequest{
-		Raw:            "RnJvbTogYWRhQGV4YW1wbGUudGVzdA0KU3ViamVjdDogaGkNCg0KaGVsbG8NCg==",
-		EnvelopeFrom:   "ada@example.test",
-		Recipients:     []string{"bob@example.test"},
-		IdempotencyKey: "",
+		Raw:          "RnJvbTogYWRhQGV4YW1wbGUudGVzdA0KU3ViamVjdDogaGkNCg0KaGVsbG8NCg==",
+		EnvelopeFrom: "ada@example.test",
+		Recipients:   []string{"bob@example.test"},
 	})
 	if err != nil {
 		t.Fatal(err)

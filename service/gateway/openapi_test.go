@@ -83,6 +83,11 @@ func TestOpenAPIDocument(t *testing.T) {
 		"MailService_ListMessageEvents":     {"200", []string{"400", "401", "403", "404", "500", "503"}},
 		"MailService_ListEvents":            {"200", []string{"400", "401", "403", "500", "503"}},
 		"MailService_SendBatch":             {"200", []string{"400", "401", "403", "413", "429", "500", "503"}},
+		"MailService_ListSuppressions":      {"200", []string{"400", "401", "403", "500", "503"}},
+		"MailService_GetSuppression":        {"200", []string{"400", "401", "403", "404", "500", "503"}},
+		"MailService_AddSuppressions":       {"200", []string{"400", "401", "403", "500", "503"}},
+		"MailService_DeleteSuppression":     {"200", []string{"400", "401", "403", "404", "500", "503"}},
+		"MailService_DeleteSuppressions":    {"200", []string{"400", "401", "403", "500", "503"}},
 	}
 	seen := 0
 	for path, ops := range doc.Paths {
