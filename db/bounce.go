@@ -193,8 +193,8 @@ type ReportResult struct {
 // applyReportSQL applies the changes of one report to one message.
 //
 // A bounce makes its recipient bounced from any status but bounced (the
-// same report again, or a bounce already recorded) and canceled (the
-// caller's decision stands). That includes delivered: the receiving server
+// same report again, or a bounce already recorded), canceled (the caller's
+// decision stands) and suppressed (never sent, so no report is about it). That includes delivered: the receiving server
 // took the message and gave up on it later. It includes the waiting and
 // in-flight statuses too, since a late report can be about an earlier
 // attempt: a deferred or queued row loses its next attempt, and a sending
@@ -228,7 +228,7 @@ WITH input AS (
         updated_at = now()
     FROM input c
     WHERE c.type = 'bounced' AND r.id = c.recipient_id AND r.message_id = @message_id
-      AND r.status NOT IN ('bounced', 'canceled')
+      AND r.status NOT IN ('bounced', 'canceled', 'suppressed')
     RETURNING r.id
 ), supp_input AS (
     SELECT * FROM unnest(@supp_recipient_ids::uuid[], @supp_ids::uuid[], @supp_reasons::text[],

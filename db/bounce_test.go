@@ -57,6 +57,11 @@ func TestRecordOutcomesSuppressesInTheSameStatement(t *testing.T) {
 	// the address gets one entry.
 	second := newMessage(t, 1)
 	insert(t, b.db, second)
+	// A third to user0, accepted before the address is suppressed (so the
+	// intake lets it through) and due later.
+	third := newMessage(t, 1)
+	third.SendAt = time.Now().Add(time.Hour)
+	insert(t, b.db, third)
 	claimed := claimAll(t, b.db, time.Time{})
 	byID := map[uuid.UUID]db.ClaimedRecipient{}
 	for _, c := range claimed {
@@ -108,9 +113,7 @@ func TestRecordOutcomesSuppressesInTheSameStatement(t *testing.T) {
 
 	// A later hard bounce of the same address adds no entry and no event;
 	// one fenced off adds nothing either.
-	third := newMessage(t, 1)
-	insert(t, b.db, third)
-	c := claimAll(t, b.db, time.Time{})[0]
+	c := claimAll(t, b.db, time.Now().Add(2*time.Hour))[0]
 	stale := bouncedOutcome(c, 550, "5.1.1", "x", "recipient", true, db.SuppressionHardBounce)
 	stale.LeaseOwner = "someone-else"
 	if applied, err := b.db.RecordOutcomes(ctx, []db.Outcome{stale}); err != nil || len(applied) != 0 {

@@ -57,7 +57,7 @@ var ErrIdempotencyConflict = errors.New("idempotency key reused with a different
 // down, a DB that was closed.
 var ErrUnavailable = errors.New("database unavailable")
 
-// Recipient statuses. The first four are waiting or in flight; the last four
+// Recipient statuses. The first four are waiting or in flight; the last five
 // are final.
 const (
 	// StatusScheduled waits for the message's send_at.
@@ -77,6 +77,9 @@ const (
 	StatusFailed = "failed"
 	// StatusCanceled was canceled by the caller before it was delivered.
 	StatusCanceled = "canceled"
+	// StatusSuppressed was never sent: its address was on the project's
+	// suppression list when the message was accepted.
+	StatusSuppressed = "suppressed"
 )
 
 // MessagePartiallyDelivered is the message status when its recipients are

@@ -68,9 +68,11 @@ func (d *DB) InsertMessages(ctx context.Context, msgs []NewMessage) ([]InsertOut
 	if !keyed {
 		// One statement: on the pool it is its own implicit transaction,
 		// one round trip.
-		if err := d.insertMessageRows(ctx, msgs, valid); err != nil {
+		suppressed, err := d.insertMessageRows(ctx, msgs, valid)
+		if err != nil {
 			return nil, fmt.Errorf("insert %d messages: %w", len(valid), mapError(err))
 		}
+		setSuppressed(msgs, valid, suppressed, out)
 		return out, nil
 	}
 	err := d.atomic(ctx, func(tx *DB) error {
@@ -81,12 +83,85 @@ func (d *DB) InsertMessages(ctx context.Context, msgs []NewMessage) ([]InsertOut
 		if len(winners) == 0 {
 			return nil
 		}
-		return tx.insertMessageRows(ctx, msgs, winners)
+		suppressed, err := tx.insertMessageRows(ctx, msgs, winners)
+		if err != nil {
+			return err
+		}
+		setSuppressed(msgs, winners, suppressed, out)
+		return amendResponses(ctx, tx.tx, msgs, valid, winners, out)
 	})
 	if err != nil {
 		return nil, fmt.Errorf("insert %d messages: %w", len(valid), mapError(err))
 	}
 	return out, nil
+}
+
+// setSuppressed records in out which recipients of msgs[which] the insert
+// stored suppressed.
+func setSuppressed(msgs []NewMessage, which []int, suppressed map[uuid.UUID]SuppressionReason, out []InsertOutcome) {
+	if len(suppressed) == 0 {
+		return
+	}
+	for _, i := range which {
+		for _, r := range msgs[i].Recipients {
+			if reason, ok := suppressed[r.ID]; ok {
+				out[i].Result.Suppressed = append(out[i].Result.Suppressed, SuppressedRecipient{RecipientID: r.ID, Reason: reason})
+			}
+		}
+	}
+}
+
+// amendIdempotencyResponsesSQL replaces the responses kept for keys that
+// this transaction took.
+const amendIdempotencyResponsesSQL = `
+UPDATE idempotency_keys k SET response = u.response
+FROM unnest(@project_ids::uuid[], @keys::text[], @responses::bytea[]) AS u(project_id, key, response)
+WHERE k.project_id = u.project_id AND k.key = u.key`
+
+// amendResponses rewrites the kept response of every stored message with a
+// key whose recipients were partly or wholly suppressed (see
+// Idempotency.Amend), and hands the new response to the messages of the
+// group that replay the same key. A group without suppressed recipients
+// sends nothing.
+func amendResponses(ctx context.Context, tx pgx.Tx, msgs []NewMessage, valid, winners []int, out []InsertOutcome) error {
+	var (
+		projects  []uuid.UUID
+		keys      []string
+		responses [][]byte
+		amended   map[idemKey][]byte
+	)
+	for _, i := range winners {
+		idem := msgs[i].Idempotency
+		if idem == nil || idem.Amend == nil || len(out[i].Result.Suppressed) == 0 {
+			continue
+		}
+		resp, err := idem.Amend(out[i].Result.Suppressed)
+		if err != nil {
+			return fmt.Errorf("amend response of %s: %w", msgs[i].ID, err)
+		}
+		k := idemKey{projectOrDefault(msgs[i].ProjectID), idem.Key}
+		if amended == nil {
+			amended = make(map[idemKey][]byte)
+		}
+		amended[k] = resp
+		projects, keys, responses = append(projects, k.project), append(keys, k.key), append(responses, resp)
+	}
+	if len(amended) == 0 {
+		return nil
+	}
+	if _, err := tx.Exec(ctx, amendIdempotencyResponsesSQL, pgx.NamedArgs{
+		"project_ids": projects, "keys": keys, "responses": responses,
+	}); err != nil {
+		return fmt.Errorf("amend idempotency responses: %w", err)
+	}
+	for _, i := range valid {
+		if idem := msgs[i].Idempotency; idem != nil && out[i].Result.Replayed {
+			if resp, ok := amended[idemKey{projectOrDefault(msgs[i].ProjectID), idem.Key}]; ok {
+				out[i].Result.Response = resp
+			}
+		}
+	}
+	return nil
 }
 
 // idemKey is an idempotency key in its project.
@@ -281,6 +356,19 @@ func readKeys(ctx context.Context, tx pgx.Tx, keys []idemKey) (map[idemKey]holde
 // per element of the recipient arrays (rcpt_message_ids says whose). Tags
 // come as one JSON array per message, because SQL arrays must be
 // rectangular; metadata and event payloads as JSON text.
+//
+// Each recipient is looked up on its project's suppression list on the way
+// in (v): its address, and its domain for a domain-wide entry, both in the
+// lower case entries are stored in (SuppressionAddress), one probe of the
+// unique key's index each, skipping expired entries. An address's own entry
+// wins over its domain's. A recipient that matches is stored suppressed,
+// with the entry's reason and a suppressed event, and is never claimed; a
+// message whose recipients all match is stored failed, the status the
+// derivation gives it (status.go). The statement returns the suppressed
+// recipients and why; a group without any returns no rows.
+//
+// The suppressed events' payloads, one per reason, come in as parameters
+// (supp_reasons, supp_payloads) like every other payload.
 const insertMessagesSQL = `
 WITH u AS (
     SELECT * FROM unnest(@ids::uuid[], @project_ids::uuid[], @api_key_ids::uuid[],
@@ -289,23 +377,49 @@ WITH u AS (
         @accepted::text[], @scheduled::text[])
         AS u(id, project_id, api_key_id, message_id_header, envelope_from, from_header, subject,
             raw, tags, metadata, send_at, now, accepted, scheduled)
+), v AS (
+    SELECT v.id, v.message_id, v.position, v.address, v.domain, v.kind, v.ord, s.reason AS suppressed
+    FROM unnest(@rcpt_ids::uuid[], @rcpt_message_ids::uuid[], @rcpt_positions::int[],
+        @rcpt_addresses::text[], @rcpt_domains::text[], @rcpt_kinds::text[])
+        WITH ORDINALITY AS v(id, message_id, position, address, domain, kind, ord)
+    JOIN u ON u.id = v.message_id
+    LEFT JOIN LATERAL (
+        SELECT s.reason FROM suppressions s
+        WHERE s.project_id = u.project_id
+          AND s.address IN (lower(v.address), lower(v.domain))
+          AND s.domain_wide = (s.address = lower(v.domain))
+          AND (s.expires_at IS NULL OR s.expires_at > now())
+        ORDER BY s.domain_wide
+        LIMIT 1
+    ) s ON true
+), c AS (
+    SELECT v.message_id, bool_and(v.suppressed IS NOT NULL) AS all_suppressed
+    FROM v GROUP BY v.message_id
 ), m AS (
     INSERT INTO messages (id, project_id, api_key_id, status, message_id_header, envelope_from, from_header,
         subject, raw, size_bytes, tags, metadata, send_at)
     SELECT u.id, u.project_id, u.api_key_id,
-        CASE WHEN u.send_at > coalesce(u.now, now()) THEN 'scheduled' ELSE 'queued' END,
+        CASE
+            WHEN c.all_suppressed THEN 'failed'
+            WHEN u.send_at > coalesce(u.now, now()) THEN 'scheduled'
+            ELSE 'queued'
+        END,
         u.message_id_header, u.envelope_from, u.from_header, u.subject, u.raw, octet_length(u.raw),
         ARRAY(SELECT jsonb_array_elements_text(u.tags::jsonb)), u.metadata::jsonb, u.send_at
-    FROM u
+    FROM u JOIN c ON c.message_id = u.id
     RETURNING id, project_id, status, send_at
 ), r AS (
-    INSERT INTO recipients (id, message_id, position, address, domain, kind, status, next_attempt_at)
-    SELECT v.id, m.id, v.position, v.address, v.domain, v.kind, m.status,
-        CASE WHEN m.status = 'scheduled' THEN m.send_at ELSE now() END
-    FROM unnest(@rcpt_ids::uuid[], @rcpt_message_ids::uuid[], @rcpt_positions::int[],
-        @rcpt_addresses::text[], @rcpt_domains::text[], @rcpt_kinds::text[])
-        WITH ORDINALITY AS v(id, message_id, position, address, domain, kind, ord)
-    JOIN m ON m.id = v.message_id
+    INSERT INTO recipients (id, message_id, position, address, domain, kind, status, next_attempt_at,
+        suppression_reason)
+    SELECT v.id, m.id, v.position, v.address, v.domain, v.kind,
+        CASE WHEN v.suppressed IS NULL THEN m.status ELSE 'suppressed' END,
+        CASE
+            WHEN v.suppressed IS NOT NULL THEN NULL
+            WHEN m.status = 'scheduled' THEN m.send_at
+            ELSE now()
+        END,
+        v.suppressed
+    FROM v JOIN m ON m.id = v.message_id
     -- Rows go in in the caller's order, whatever order the join yields:
     -- recipients due at the same instant are claimed in the order they
     -- were stored, so they reach the MX in the order they were given.
@@ -318,11 +432,17 @@ WITH u AS (
     SELECT m.project_id, m.id, NULL, 'scheduled', u.scheduled::jsonb
     FROM m JOIN u ON u.id = m.id
     WHERE m.status = 'scheduled'
+    UNION ALL
+    SELECT m.project_id, m.id, v.id, 'suppressed', sp.payload::jsonb
+    FROM v JOIN m ON m.id = v.message_id
+    JOIN unnest(@supp_reasons::text[], @supp_payloads::text[]) AS sp(reason, payload) ON sp.reason = v.suppressed
 ), ` + writeEventsCTE + `
-SELECT 1`
+SELECT v.id, v.suppressed FROM v WHERE v.suppressed IS NOT NULL`
 
-// insertMessageRows writes msgs[which] with insertMessagesSQL.
-func (d *DB) insertMessageRows(ctx context.Context, msgs []NewMessage, which []int) error {
+// insertMessageRows writes msgs[which] with insertMessagesSQL and returns
+// the recipients it stored suppressed, with the reason of the entry that
+// matched each; nil when there were none.
+func (d *DB) insertMessageRows(ctx context.Context, msgs []NewMessage, which []int) (map[uuid.UUID]SuppressionReason, error) {
 	n := len(which)
 	var (
 		ids        = make([]uuid.UUID, n)
@@ -359,10 +479,10 @@ func (d *DB) insertMessageRows(ctx context.Context, msgs []NewMessage, which []i
 		raws[j] = nonNilBytes(p.Raw)
 		var err error
 		if tags[j], err = jsonText(p.Tags, "[]"); err != nil {
-			return fmt.Errorf("encode tags of %s: %w", p.ID, err)
+			return nil, fmt.Errorf("encode tags of %s: %w", p.ID, err)
 		}
 		if metadata[j], err = jsonText(p.Metadata, "{}"); err != nil {
-			return fmt.Errorf("encode metadata of %s: %w", p.ID, err)
+			return nil, fmt.Errorf("encode metadata of %s: %w", p.ID, err)
 		}
 		var sendAt *time.Time
 		if !p.SendAt.IsZero() {
@@ -370,10 +490,10 @@ func (d *DB) insertMessageRows(ctx context.Context, msgs []NewMessage, which []i
 		}
 		sendAts[j], nows[j] = nowParam(p.SendAt), nowParam(p.Now)
 		if accepted[j], err = encodePayload(EventPayload{Recipients: len(p.Recipients)}); err != nil {
-			return err
+			return nil, err
 		}
 		if scheduled[j], err = encodePayload(EventPayload{SendAt: sendAt}); err != nil {
-			return err
+			return nil, err
 		}
 		for k, r := range p.Recipients {
 			rIDs = append(rIDs, r.ID)
@@ -384,15 +504,47 @@ func (d *DB) insertMessageRows(ctx context.Context, msgs []NewMessage, which []i
 			rKinds = append(rKinds, r.Kind)
 		}
 	}
-	_, err := d.pool.Exec(ctx, insertMessagesSQL, pgx.NamedArgs{
+	suppReasons, suppPayloads, err := intakeSuppressedPayloads()
+	if err != nil {
+		return nil, err
+	}
+	rows, _ := d.pool.Query(ctx, insertMessagesSQL, pgx.NamedArgs{
 		"ids": ids, "project_ids": projects, "api_key_ids": apiKeys,
 		"message_id_headers": idHeaders, "envelope_froms": envFroms, "from_headers": fromHdrs,
 		"subjects": subjects, "raws": raws, "tags": tags, "metadata": metadata,
 		"send_ats": sendAts, "nows": nows, "accepted": accepted, "scheduled": scheduled,
 		"rcpt_ids": rIDs, "rcpt_message_ids": rMessages, "rcpt_positions": rPositions,
 		"rcpt_addresses": rAddrs, "rcpt_domains": rDomains, "rcpt_kinds": rKinds,
+		"supp_reasons": suppReasons, "supp_payloads": suppPayloads,
 	})
-	return err
+	var (
+		suppressed map[uuid.UUID]SuppressionReason
+		rid        uuid.UUID
+		reason     string
+	)
+	_, err = pgx.ForEachRow(rows, []any{&rid, &reason}, func() error {
+		if suppressed == nil {
+			suppressed = make(map[uuid.UUID]SuppressionReason)
+		}
+		suppressed[rid] = SuppressionReason(reason)
+		return nil
+	})
+	return suppressed, err
+}
+
+// intakeSuppressedPayloads returns the payload of the suppressed event the
+// intake writes for each suppression reason, as insertMessagesSQL takes
+// them.
+func intakeSuppressedPayloads() (reasons, payloads []string, err error) {
+	for _, r := range []SuppressionReason{SuppressionHardBounce, SuppressionComplaint, SuppressionManual} {
+		p, err := encodePayload(EventPayload{Reason: string(r)})
+		if err != nil {
+			return nil, nil, err
+		}
+		reasons = append(reasons, string(r))
+		payloads = append(payloads, p)
+	}
+	return reasons, payloads, nil
 }
 
 // jsonText encodes v as JSON, or returns empty for a nil or empty v.

@@ -48,6 +48,11 @@ type Idempotency struct {
 	Response []byte
 	// TTL is how long the key is kept. Zero means DefaultIdempotencyTTL.
 	TTL time.Duration
+	// Amend, when set, makes the Response to keep once the insert found
+	// some of the message's recipients suppressed, which the caller cannot
+	// know beforehand, so that a replay answers what the first call was
+	// told. It runs inside the transaction; an error fails the group.
+	Amend func(suppressed []SuppressedRecipient) ([]byte, error)
 }
 
 // NewMessage is a message to store together with its recipients.
@@ -85,6 +90,17 @@ type InsertResult struct {
 	// request: nothing was written and Response is the first call's.
 	Replayed bool
 	Response []byte
+	// Suppressed are the recipients stored suppressed because their
+	// address was on the project's suppression list, in the order given.
+	// Empty when none was, and for a replay.
+	Suppressed []SuppressedRecipient
+}
+
+// SuppressedRecipient is a recipient the intake did not queue because an
+// entry of its project's suppression list matched its address.
+type SuppressedRecipient struct {
+	RecipientID uuid.UUID
+	Reason      SuppressionReason
 }
 
 // Message is a stored message and the state of its recipients.
@@ -136,6 +152,10 @@ type Recipient struct {
 	DeliveredAt      *time.Time
 	CreatedAt        time.Time
 	UpdatedAt        time.Time
+	// SuppressionReason is why a suppressed recipient was not sent to: the
+	// reason of the suppression list entry that matched its address. Empty
+	// for every other status.
+	SuppressionReason SuppressionReason
 }
 
 // Attempt is one SMTP attempt of one recipient.
@@ -249,7 +269,7 @@ m.size_bytes, m.tags, m.metadata, m.send_at, m.created_at, m.updated_at, m.raw_p
 const recipientColumns = `
 r.id, r.message_id, r.address, r.domain, r.kind, r.status, r.attempts, r.next_attempt_at,
 coalesce(r.last_code, 0), coalesce(r.last_enhanced_code, ''), coalesce(r.last_text, ''),
-r.delivered_at, r.created_at, r.updated_at`
+r.delivered_at, r.created_at, r.updated_at, coalesce(r.suppression_reason, '')`
 
 const attemptColumns = `
 a.id, a.recipient_id, a.started_at, a.duration, a.mx_host, a.ip, a.tls, a.tls_version,
@@ -339,7 +359,7 @@ func (r *recipientRecord) ScanIndex(i int) any {
 func (r *Recipient) scanFields() []any {
 	return []any{&r.ID, &r.MessageID, &r.Address, &r.Domain, &r.Kind, &r.Status, &r.Attempts,
 		&r.NextAttemptAt, &r.LastCode, &r.LastEnhancedCode, &r.LastText, &r.DeliveredAt,
-		&r.CreatedAt, &r.UpdatedAt}
+		&r.CreatedAt, &r.UpdatedAt, &r.SuppressionReason}
 }
 
 func recipientsOf(rs []recipientRecord) []Recipient {

@@ -13,7 +13,10 @@ import (
 //
 //   - if any recipient is not final, the first present of sending, deferred,
 //     queued, scheduled;
-//   - else if all recipients share one status, that status;
+//   - else if all recipients share one status, that status, except that a
+//     message whose recipients were all suppressed is failed: nothing was
+//     sent, the recipients say why, and the message statuses stay the set
+//     that retention and the timeline know as final;
 //   - else if any was delivered, partially_delivered;
 //   - else failed.
 //
@@ -37,7 +40,7 @@ FROM (
             WHEN bool_or(r.status = 'deferred') THEN 'deferred'
             WHEN bool_or(r.status = 'queued') THEN 'queued'
             WHEN bool_or(r.status = 'scheduled') THEN 'scheduled'
-            WHEN min(r.status) = max(r.status) THEN min(r.status)
+            WHEN min(r.status) = max(r.status) AND min(r.status) <> 'suppressed' THEN min(r.status)
             WHEN bool_or(r.status = 'delivered') THEN 'partially_delivered'
             ELSE 'failed'
         END AS status,

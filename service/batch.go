@@ -103,6 +103,7 @@ func (s *Server) sendBatch(ctx context.Context, req *posthastev1.SendBatchReques
 				return nil, err
 			}
 		default:
+			applySuppressed(receipt, o.Result.Suppressed)
 			committed = true
 		}
 		results[i] = &posthastev1.SendBatchResult{Result: &posthastev1.SendBatchResult_Accepted{Accepted: receipt}}

@@ -50,6 +50,18 @@ func (s *Server) idempotency(key string, req idempotentRequest, resp *posthastev
 		RequestHash: hash,
 		Response:    stored,
 		TTL:         s.cfg.IdempotencyTTL,
+		// The suppression list is looked up by the insert: a receipt with
+		// suppressed recipients is stored as the caller is answered, so a
+		// retry learns the same.
+		Amend: func(suppressed []db.SuppressedRecipient) ([]byte, error) {
+			amended := proto.Clone(resp).(*posthastev1.SendMessageResponse)
+			applySuppressed(amended, suppressed)
+			b, err := proto.Marshal(amended)
+			if err != nil {
+				return nil, fmt.Errorf("marshal amended response for idempotency: %w", err)
+			}
+			return b, nil
+		},
 	}, nil
 }
 

@@ -31,6 +31,7 @@ var messageStatuses = map[string]bool{
 // finalStatuses are recipient states nothing more happens to.
 var finalStatuses = map[string]bool{
 	db.StatusDelivered: true, db.StatusBounced: true, db.StatusFailed: true, db.StatusCanceled: true,
+	db.StatusSuppressed: true,
 }
 
 // GetMessage returns one message with its recipients and attempts.
@@ -331,13 +332,14 @@ func messageToProto(m db.Message) *posthastev1.Message {
 
 func recipientToProto(r db.Recipient) *posthastev1.Recipient {
 	out := &posthastev1.Recipient{
-		Id:           r.ID.String(),
-		Address:      r.Address,
-		Kind:         r.Kind,
-		Status:       r.Status,
-		AttemptCount: int32(r.Attempts),
-		DeliveredAt:  optionalTimestamp(r.DeliveredAt),
-		UpdatedAt:    timestamppb.New(r.UpdatedAt),
+		Id:                r.ID.String(),
+		Address:           r.Address,
+		Kind:              r.Kind,
+		Status:            r.Status,
+		AttemptCount:      int32(r.Attempts),
+		DeliveredAt:       optionalTimestamp(r.DeliveredAt),
+		UpdatedAt:         timestamppb.New(r.UpdatedAt),
+		SuppressionReason: string(r.SuppressionReason),
 	}
 	if !finalStatuses[r.Status] {
 		out.NextAttemptAt = optionalTimestamp(r.NextAttemptAt)

@@ -329,6 +329,7 @@ func (s *Server) commit(ctx context.Context, caller principal, req idempotentReq
 	if out[0].Result.Replayed {
 		return replayedResponse(out[0].Result.Response)
 	}
+	applySuppressed(resp, out[0].Result.Suppressed)
 	s.onCommit()
 	return resp, nil
 }

@@ -90,6 +90,11 @@ func TestOpenAPIDocument(t *testing.T) {
 		"MailService_VerifyDomain":          {"200", []string{"400", "401", "403", "404", "500", "503"}},
 		"MailService_RotateDomainKey":       {"200", []string{"400", "401", "403", "404", "409", "500", "503"}},
 		"MailService_DeleteDomain":          {"200", []string{"400", "401", "403", "404", "500", "503"}},
+		"MailService_ListSuppressions":      {"200", []string{"400", "401", "403", "500", "503"}},
+		"MailService_GetSuppression":        {"200", []string{"400", "401", "403", "404", "500", "503"}},
+		"MailService_AddSuppressions":       {"200", []string{"400", "401", "403", "500", "503"}},
+		"MailService_DeleteSuppression":     {"200", []string{"400", "401", "403", "404", "500", "503"}},
+		"MailService_DeleteSuppressions":    {"200", []string{"400", "401", "403", "500", "503"}},
 	}
 	seen := 0
 	for path, ops := range doc.Paths {

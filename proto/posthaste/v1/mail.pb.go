@@ -747,10 +747,14 @@ type RecipientSummary struct {
 	Id string `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
 	// The envelope address (internationalized domains as A-labels).
 	Address string `protobuf:"bytes,2,opt,name=address,proto3" json:"address,omitempty"`
-	// queued or scheduled.
-	Status        string `protobuf:"bytes,3,opt,name=status,proto3" json:"status,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	// queued or scheduled; suppressed when the address is on the project's
+	// suppression list, in which case it is never sent to.
+	Status string `protobuf:"bytes,3,opt,name=status,proto3" json:"status,omitempty"`
+	// suppressed: the reason of the entry that matched (hard_bounce,
+	// complaint or manual); empty otherwise.
+	SuppressionReason string `protobuf:"bytes,4,opt,name=suppression_reason,json=suppressionReason,proto3" json:"suppression_reason,omitempty"`
+	unknownFields     protoimpl.UnknownFields
+	sizeCache         protoimpl.SizeCache
 }
 
 func (x *RecipientSummary) Reset() {
@@ -800,6 +804,13 @@ func (x *RecipientSummary) GetAddress() string {
 func (x *RecipientSummary) GetStatus() string {
 	if x != nil {
 		return x.Status
+	}
+	return ""
+}
+
+func (x *RecipientSummary) GetSuppressionReason() string {
+	if x != nil {
+		return x.SuppressionReason
 	}
 	return ""
 }
@@ -1204,7 +1215,8 @@ type Message struct {
 	// The value of the Message-ID header, angle brackets included.
 	MessageIdHeader string `protobuf:"bytes,2,opt,name=message_id_header,json=messageIdHeader,proto3" json:"message_id_header,omitempty"`
 	// Derived from the recipients: scheduled, queued, sending, deferred,
-	// delivered, bounced, failed, canceled or partially_delivered.
+	// delivered, bounced, failed, canceled or partially_delivered. A message
+	// whose recipients were all suppressed is failed.
 	Status string `protobuf:"bytes,3,opt,name=status,proto3" json:"status,omitempty"`
 	// The SMTP envelope sender (MAIL FROM).
 	EnvelopeFrom string `protobuf:"bytes,4,opt,name=envelope_from,json=envelopeFrom,proto3" json:"envelope_from,omitempty"`
@@ -1369,8 +1381,9 @@ type Recipient struct {
 	Address string `protobuf:"bytes,2,opt,name=address,proto3" json:"address,omitempty"`
 	// to, cc, bcc, or envelope (from SendRawMessage).
 	Kind string `protobuf:"bytes,3,opt,name=kind,proto3" json:"kind,omitempty"`
-	// scheduled, queued, sending, deferred, delivered, bounced, failed or
-	// canceled.
+	// scheduled, queued, sending, deferred, delivered, bounced, failed,
+	// canceled or suppressed (never sent: the address was on the project's
+	// suppression list when the message was accepted).
 	Status string `protobuf:"bytes,4,opt,name=status,proto3" json:"status,omitempty"`
 	// Delivery attempts made so far.
 	AttemptCount int32 `protobuf:"varint,5,opt,name=attempt_count,json=attemptCount,proto3" json:"attempt_count,omitempty"`
@@ -1381,9 +1394,12 @@ type Recipient struct {
 	// When the receiving server accepted the message; unset until then.
 	DeliveredAt *timestamppb.Timestamp `protobuf:"bytes,8,opt,name=delivered_at,json=deliveredAt,proto3" json:"delivered_at,omitempty"`
 	// When the recipient's state last changed.
-	UpdatedAt     *timestamppb.Timestamp `protobuf:"bytes,9,opt,name=updated_at,json=updatedAt,proto3" json:"updated_at,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	UpdatedAt *timestamppb.Timestamp `protobuf:"bytes,9,opt,name=updated_at,json=updatedAt,proto3" json:"updated_at,omitempty"`
+	// suppressed: the reason of the suppression list entry that matched
+	// (hard_bounce, complaint or manual); empty otherwise.
+	SuppressionReason string `protobuf:"bytes,10,opt,name=suppression_reason,json=suppressionReason,proto3" json:"suppression_reason,omitempty"`
+	unknownFields     protoimpl.UnknownFields
+	sizeCache         protoimpl.SizeCache
 }
 
 func (x *Recipient) Reset() {
@@ -1477,6 +1493,13 @@ func (x *Recipient) GetUpdatedAt() *timestamppb.Timestamp {
 		return x.UpdatedAt
 	}
 	return nil
+}
+
+func (x *Recipient) GetSuppressionReason() string {
+	if x != nil {
+		return x.SuppressionReason
+	}
+	return ""
 }
 
 // SmtpReply is a reply from a receiving server, or one Posthaste made up for
@@ -4604,6 +4627,638 @@ func (*DeleteDomainResponse) Descriptor() ([]byte, []int) {
 	return file_posthaste_v1_mail_proto_rawDescGZIP(), []int{62}
 }
 
+// Suppression is an entry of a project's suppression list: an address, or
+// every address at a domain, that the project does not send to.
+type Suppression struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The address in lower case ("ada@example.com"), or "*@example.net" for
+	// an entry that covers the whole domain (domains as A-labels).
+	Address string `protobuf:"bytes,1,opt,name=address,proto3" json:"address,omitempty"`
+	// hard_bounce (a permanent refusal of the address itself), complaint (a
+	// feedback report) or manual (added through the API).
+	Reason string `protobuf:"bytes,2,opt,name=reason,proto3" json:"reason,omitempty"`
+	// When the entry was added, or last renewed after it had expired.
+	CreatedAt *timestamppb.Timestamp `protobuf:"bytes,3,opt,name=created_at,json=createdAt,proto3" json:"created_at,omitempty"`
+	// When the entry ends; unset when it never does. An expired entry
+	// suppresses nothing, and the next hard bounce or complaint renews it.
+	ExpiresAt *timestamppb.Timestamp `protobuf:"bytes,4,opt,name=expires_at,json=expiresAt,proto3" json:"expires_at,omitempty"`
+	// hard_bounce and complaint: the message and recipient that caused the
+	// entry.
+	MessageId   string `protobuf:"bytes,5,opt,name=message_id,json=messageId,proto3" json:"message_id,omitempty"`
+	RecipientId string `protobuf:"bytes,6,opt,name=recipient_id,json=recipientId,proto3" json:"recipient_id,omitempty"`
+	// hard_bounce: the reply or delivery status that caused it.
+	Reply         *SmtpReply `protobuf:"bytes,7,opt,name=reply,proto3" json:"reply,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *Suppression) Reset() {
+	*x = Suppression{}
+	mi := &file_posthaste_v1_mail_proto_msgTypes[63]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *Suppression) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*Suppression) ProtoMessage() {}
+
+func (x *Suppression) ProtoReflect() protoreflect.Message {
+	mi := &file_posthaste_v1_mail_proto_msgTypes[63]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use Suppression.ProtoReflect.Descriptor instead.
+func (*Suppression) Descriptor() ([]byte, []int) {
+	return file_posthaste_v1_mail_proto_rawDescGZIP(), []int{63}
+}
+
+func (x *Suppression) GetAddress() string {
+	if x != nil {
+		return x.Address
+	}
+	return ""
+}
+
+func (x *Suppression) GetReason() string {
+	if x != nil {
+		return x.Reason
+	}
+	return ""
+}
+
+func (x *Suppression) GetCreatedAt() *timestamppb.Timestamp {
+	if x != nil {
+		return x.CreatedAt
+	}
+	return nil
+}
+
+func (x *Suppression) GetExpiresAt() *timestamppb.Timestamp {
+	if x != nil {
+		return x.ExpiresAt
+	}
+	return nil
+}
+
+func (x *Suppression) GetMessageId() string {
+	if x != nil {
+		return x.MessageId
+	}
+	return ""
+}
+
+func (x *Suppression) GetRecipientId() string {
+	if x != nil {
+		return x.RecipientId
+	}
+	return ""
+}
+
+func (x *Suppression) GetReply() *SmtpReply {
+	if x != nil {
+		return x.Reply
+	}
+	return nil
+}
+
+// ListSuppressionsRequest filters and pages through the suppression list.
+type ListSuppressionsRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Only entries with this reason: hard_bounce, complaint or manual.
+	Reason string `protobuf:"bytes,1,opt,name=reason,proto3" json:"reason,omitempty"`
+	// Only entries whose address starts with this, compared in lower case;
+	// "*@" lists the domain entries, "*@example" those of domains starting
+	// with example.
+	AddressPrefix string `protobuf:"bytes,2,opt,name=address_prefix,json=addressPrefix,proto3" json:"address_prefix,omitempty"`
+	// Only entries added at or after this time.
+	CreatedAfter *timestamppb.Timestamp `protobuf:"bytes,3,opt,name=created_after,json=createdAfter,proto3" json:"created_after,omitempty"`
+	// Only entries added before this time.
+	CreatedBefore *timestamppb.Timestamp `protobuf:"bytes,4,opt,name=created_before,json=createdBefore,proto3" json:"created_before,omitempty"`
+	// At most this many entries (1 to 100). Defaults to 20.
+	PageSize int32 `protobuf:"varint,5,opt,name=page_size,json=pageSize,proto3" json:"page_size,omitempty"`
+	// The next_page_token of a previous answer.
+	PageToken     string `protobuf:"bytes,6,opt,name=page_token,json=pageToken,proto3" json:"page_token,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ListSuppressionsRequest) Reset() {
+	*x = ListSuppressionsRequest{}
+	mi := &file_posthaste_v1_mail_proto_msgTypes[64]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ListSuppressionsRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ListSuppressionsRequest) ProtoMessage() {}
+
+func (x *ListSuppressionsRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_posthaste_v1_mail_proto_msgTypes[64]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ListSuppressionsRequest.ProtoReflect.Descriptor instead.
+func (*ListSuppressionsRequest) Descriptor() ([]byte, []int) {
+	return file_posthaste_v1_mail_proto_rawDescGZIP(), []int{64}
+}
+
+func (x *ListSuppressionsRequest) GetReason() string {
+	if x != nil {
+		return x.Reason
+	}
+	return ""
+}
+
+func (x *ListSuppressionsRequest) GetAddressPrefix() string {
+	if x != nil {
+		return x.AddressPrefix
+	}
+	return ""
+}
+
+func (x *ListSuppressionsRequest) GetCreatedAfter() *timestamppb.Timestamp {
+	if x != nil {
+		return x.CreatedAfter
+	}
+	return nil
+}
+
+func (x *ListSuppressionsRequest) GetCreatedBefore() *timestamppb.Timestamp {
+	if x != nil {
+		return x.CreatedBefore
+	}
+	return nil
+}
+
+func (x *ListSuppressionsRequest) GetPageSize() int32 {
+	if x != nil {
+		return x.PageSize
+	}
+	return 0
+}
+
+func (x *ListSuppressionsRequest) GetPageToken() string {
+	if x != nil {
+		return x.PageToken
+	}
+	return ""
+}
+
+// ListSuppressionsResponse is one page of the suppression list.
+type ListSuppressionsResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Newest first.
+	Suppressions []*Suppression `protobuf:"bytes,1,rep,name=suppressions,proto3" json:"suppressions,omitempty"`
+	// Pass as page_token for the next page; empty on the last page.
+	NextPageToken string `protobuf:"bytes,2,opt,name=next_page_token,json=nextPageToken,proto3" json:"next_page_token,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ListSuppressionsResponse) Reset() {
+	*x = ListSuppressionsResponse{}
+	mi := &file_posthaste_v1_mail_proto_msgTypes[65]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ListSuppressionsResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ListSuppressionsResponse) ProtoMessage() {}
+
+func (x *ListSuppressionsResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_posthaste_v1_mail_proto_msgTypes[65]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ListSuppressionsResponse.ProtoReflect.Descriptor instead.
+func (*ListSuppressionsResponse) Descriptor() ([]byte, []int) {
+	return file_posthaste_v1_mail_proto_rawDescGZIP(), []int{65}
+}
+
+func (x *ListSuppressionsResponse) GetSuppressions() []*Suppression {
+	if x != nil {
+		return x.Suppressions
+	}
+	return nil
+}
+
+func (x *ListSuppressionsResponse) GetNextPageToken() string {
+	if x != nil {
+		return x.NextPageToken
+	}
+	return ""
+}
+
+// GetSuppressionRequest names one entry.
+type GetSuppressionRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// "ada@example.com", or "*@example.net" for a domain's entry.
+	Address       string `protobuf:"bytes,1,opt,name=address,proto3" json:"address,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *GetSuppressionRequest) Reset() {
+	*x = GetSuppressionRequest{}
+	mi := &file_posthaste_v1_mail_proto_msgTypes[66]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *GetSuppressionRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*GetSuppressionRequest) ProtoMessage() {}
+
+func (x *GetSuppressionRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_posthaste_v1_mail_proto_msgTypes[66]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use GetSuppressionRequest.ProtoReflect.Descriptor instead.
+func (*GetSuppressionRequest) Descriptor() ([]byte, []int) {
+	return file_posthaste_v1_mail_proto_rawDescGZIP(), []int{66}
+}
+
+func (x *GetSuppressionRequest) GetAddress() string {
+	if x != nil {
+		return x.Address
+	}
+	return ""
+}
+
+// NewSuppression is an entry to add.
+type NewSuppression struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// "ada@example.com", or "*@example.net" to suppress every address at the
+	// domain. Required.
+	Address string `protobuf:"bytes,1,opt,name=address,proto3" json:"address,omitempty"`
+	// manual, or empty for manual: the other reasons are only given by
+	// bounces and complaints.
+	Reason string `protobuf:"bytes,2,opt,name=reason,proto3" json:"reason,omitempty"`
+	// When the entry ends, in the future; unset never ends it.
+	ExpiresAt     *timestamppb.Timestamp `protobuf:"bytes,3,opt,name=expires_at,json=expiresAt,proto3" json:"expires_at,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *NewSuppression) Reset() {
+	*x = NewSuppression{}
+	mi := &file_posthaste_v1_mail_proto_msgTypes[67]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *NewSuppression) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*NewSuppression) ProtoMessage() {}
+
+func (x *NewSuppression) ProtoReflect() protoreflect.Message {
+	mi := &file_posthaste_v1_mail_proto_msgTypes[67]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use NewSuppression.ProtoReflect.Descriptor instead.
+func (*NewSuppression) Descriptor() ([]byte, []int) {
+	return file_posthaste_v1_mail_proto_rawDescGZIP(), []int{67}
+}
+
+func (x *NewSuppression) GetAddress() string {
+	if x != nil {
+		return x.Address
+	}
+	return ""
+}
+
+func (x *NewSuppression) GetReason() string {
+	if x != nil {
+		return x.Reason
+	}
+	return ""
+}
+
+func (x *NewSuppression) GetExpiresAt() *timestamppb.Timestamp {
+	if x != nil {
+		return x.ExpiresAt
+	}
+	return nil
+}
+
+// AddSuppressionsRequest is the entries to add.
+type AddSuppressionsRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// 1 to 1000 entries; an address given twice counts once.
+	Suppressions  []*NewSuppression `protobuf:"bytes,1,rep,name=suppressions,proto3" json:"suppressions,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *AddSuppressionsRequest) Reset() {
+	*x = AddSuppressionsRequest{}
+	mi := &file_posthaste_v1_mail_proto_msgTypes[68]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *AddSuppressionsRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*AddSuppressionsRequest) ProtoMessage() {}
+
+func (x *AddSuppressionsRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_posthaste_v1_mail_proto_msgTypes[68]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use AddSuppressionsRequest.ProtoReflect.Descriptor instead.
+func (*AddSuppressionsRequest) Descriptor() ([]byte, []int) {
+	return file_posthaste_v1_mail_proto_rawDescGZIP(), []int{68}
+}
+
+func (x *AddSuppressionsRequest) GetSuppressions() []*NewSuppression {
+	if x != nil {
+		return x.Suppressions
+	}
+	return nil
+}
+
+// AddSuppressionsResponse is the entries as they stand after the call.
+type AddSuppressionsResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// One per distinct address, in request order: the new entry, or the one
+	// that was already in force.
+	Suppressions  []*Suppression `protobuf:"bytes,1,rep,name=suppressions,proto3" json:"suppressions,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *AddSuppressionsResponse) Reset() {
+	*x = AddSuppressionsResponse{}
+	mi := &file_posthaste_v1_mail_proto_msgTypes[69]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *AddSuppressionsResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*AddSuppressionsResponse) ProtoMessage() {}
+
+func (x *AddSuppressionsResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_posthaste_v1_mail_proto_msgTypes[69]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use AddSuppressionsResponse.ProtoReflect.Descriptor instead.
+func (*AddSuppressionsResponse) Descriptor() ([]byte, []int) {
+	return file_posthaste_v1_mail_proto_rawDescGZIP(), []int{69}
+}
+
+func (x *AddSuppressionsResponse) GetSuppressions() []*Suppression {
+	if x != nil {
+		return x.Suppressions
+	}
+	return nil
+}
+
+// DeleteSuppressionRequest names one entry.
+type DeleteSuppressionRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// "ada@example.com", or "*@example.net" for a domain's entry.
+	Address       string `protobuf:"bytes,1,opt,name=address,proto3" json:"address,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *DeleteSuppressionRequest) Reset() {
+	*x = DeleteSuppressionRequest{}
+	mi := &file_posthaste_v1_mail_proto_msgTypes[70]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *DeleteSuppressionRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*DeleteSuppressionRequest) ProtoMessage() {}
+
+func (x *DeleteSuppressionRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_posthaste_v1_mail_proto_msgTypes[70]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use DeleteSuppressionRequest.ProtoReflect.Descriptor instead.
+func (*DeleteSuppressionRequest) Descriptor() ([]byte, []int) {
+	return file_posthaste_v1_mail_proto_rawDescGZIP(), []int{70}
+}
+
+func (x *DeleteSuppressionRequest) GetAddress() string {
+	if x != nil {
+		return x.Address
+	}
+	return ""
+}
+
+// DeleteSuppressionResponse is empty.
+type DeleteSuppressionResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *DeleteSuppressionResponse) Reset() {
+	*x = DeleteSuppressionResponse{}
+	mi := &file_posthaste_v1_mail_proto_msgTypes[71]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *DeleteSuppressionResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*DeleteSuppressionResponse) ProtoMessage() {}
+
+func (x *DeleteSuppressionResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_posthaste_v1_mail_proto_msgTypes[71]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use DeleteSuppressionResponse.ProtoReflect.Descriptor instead.
+func (*DeleteSuppressionResponse) Descriptor() ([]byte, []int) {
+	return file_posthaste_v1_mail_proto_rawDescGZIP(), []int{71}
+}
+
+// DeleteSuppressionsRequest names the entries to delete.
+type DeleteSuppressionsRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// 1 to 1000 addresses, or "*@domain" for domains' entries.
+	Addresses     []string `protobuf:"bytes,1,rep,name=addresses,proto3" json:"addresses,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *DeleteSuppressionsRequest) Reset() {
+	*x = DeleteSuppressionsRequest{}
+	mi := &file_posthaste_v1_mail_proto_msgTypes[72]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *DeleteSuppressionsRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*DeleteSuppressionsRequest) ProtoMessage() {}
+
+func (x *DeleteSuppressionsRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_posthaste_v1_mail_proto_msgTypes[72]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use DeleteSuppressionsRequest.ProtoReflect.Descriptor instead.
+func (*DeleteSuppressionsRequest) Descriptor() ([]byte, []int) {
+	return file_posthaste_v1_mail_proto_rawDescGZIP(), []int{72}
+}
+
+func (x *DeleteSuppressionsRequest) GetAddresses() []string {
+	if x != nil {
+		return x.Addresses
+	}
+	return nil
+}
+
+// DeleteSuppressionsResponse names what was deleted.
+type DeleteSuppressionsResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The entries deleted, as stored ("*@example.net" for a domain's).
+	Deleted       []string `protobuf:"bytes,1,rep,name=deleted,proto3" json:"deleted,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *DeleteSuppressionsResponse) Reset() {
+	*x = DeleteSuppressionsResponse{}
+	mi := &file_posthaste_v1_mail_proto_msgTypes[73]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *DeleteSuppressionsResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*DeleteSuppressionsResponse) ProtoMessage() {}
+
+func (x *DeleteSuppressionsResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_posthaste_v1_mail_proto_msgTypes[73]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use DeleteSuppressionsResponse.ProtoReflect.Descriptor instead.
+func (*DeleteSuppressionsResponse) Descriptor() ([]byte, []int) {
+	return file_posthaste_v1_mail_proto_rawDescGZIP(), []int{73}
+}
+
+func (x *DeleteSuppressionsResponse) GetDeleted() []string {
+	if x != nil {
+		return x.Deleted
+	}
+	return nil
+}
+
 var File_posthaste_v1_mail_proto protoreflect.FileDescriptor
 
 const file_posthaste_v1_mail_proto_rawDesc = "" +
@@ -4668,11 +5323,12 @@ const file_posthaste_v1_mail_proto_rawDesc = "" +
 	"\x0fSendBatchResult\x12?\n" +
 	"\baccepted\x18\x01 \x01(\v2!.posthaste.v1.SendMessageResponseH\x00R\baccepted\x12+\n" +
 	"\x05error\x18\x02 \x01(\v2\x13.posthaste.v1.ErrorH\x00R\x05errorB\b\n" +
-	"\x06result\"T\n" +
+	"\x06result\"\x83\x01\n" +
 	"\x10RecipientSummary\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12\x18\n" +
 	"\aaddress\x18\x02 \x01(\tR\aaddress\x12\x16\n" +
-	"\x06status\x18\x03 \x01(\tR\x06status\"(\n" +
+	"\x06status\x18\x03 \x01(\tR\x06status\x12-\n" +
+	"\x12suppression_reason\x18\x04 \x01(\tR\x11suppressionReason\"(\n" +
 	"\x11GetMessageRequest\x12\x13\n" +
 	"\x02id\x18\x01 \x01(\tB\x03\xe0A\x02R\x02id\"+\n" +
 	"\x14CancelMessageRequest\x12\x13\n" +
@@ -4723,7 +5379,7 @@ const file_posthaste_v1_mail_proto_rawDesc = "" +
 	"\battempts\x18\x0e \x03(\v2\x15.posthaste.v1.AttemptR\battempts\x1a;\n" +
 	"\rMetadataEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
-	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"\xfc\x02\n" +
+	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"\xab\x03\n" +
 	"\tRecipient\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12\x18\n" +
 	"\aaddress\x18\x02 \x01(\tR\aaddress\x12\x12\n" +
@@ -4735,7 +5391,9 @@ const file_posthaste_v1_mail_proto_rawDesc = "" +
 	"last_reply\x18\a \x01(\v2\x17.posthaste.v1.SmtpReplyR\tlastReply\x12=\n" +
 	"\fdelivered_at\x18\b \x01(\v2\x1a.google.protobuf.TimestampR\vdeliveredAt\x129\n" +
 	"\n" +
-	"updated_at\x18\t \x01(\v2\x1a.google.protobuf.TimestampR\tupdatedAt\"X\n" +
+	"updated_at\x18\t \x01(\v2\x1a.google.protobuf.TimestampR\tupdatedAt\x12-\n" +
+	"\x12suppression_reason\x18\n" +
+	" \x01(\tR\x11suppressionReason\"X\n" +
 	"\tSmtpReply\x12\x12\n" +
 	"\x04code\x18\x01 \x01(\x05R\x04code\x12#\n" +
 	"\renhanced_code\x18\x02 \x01(\tR\fenhancedCode\x12\x12\n" +
@@ -4979,7 +5637,47 @@ const file_posthaste_v1_mail_proto_rawDesc = "" +
 	"\bselector\x18\x03 \x01(\tR\bselector\"%\n" +
 	"\x13DeleteDomainRequest\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\"\x16\n" +
-	"\x14DeleteDomainResponse2\xdd\x18\n" +
+	"\x14DeleteDomainResponse\"\xa6\x02\n" +
+	"\vSuppression\x12\x18\n" +
+	"\aaddress\x18\x01 \x01(\tR\aaddress\x12\x16\n" +
+	"\x06reason\x18\x02 \x01(\tR\x06reason\x129\n" +
+	"\n" +
+	"created_at\x18\x03 \x01(\v2\x1a.google.protobuf.TimestampR\tcreatedAt\x129\n" +
+	"\n" +
+	"expires_at\x18\x04 \x01(\v2\x1a.google.protobuf.TimestampR\texpiresAt\x12\x1d\n" +
+	"\n" +
+	"message_id\x18\x05 \x01(\tR\tmessageId\x12!\n" +
+	"\frecipient_id\x18\x06 \x01(\tR\vrecipientId\x12-\n" +
+	"\x05reply\x18\a \x01(\v2\x17.posthaste.v1.SmtpReplyR\x05reply\"\x98\x02\n" +
+	"\x17ListSuppressionsRequest\x12\x16\n" +
+	"\x06reason\x18\x01 \x01(\tR\x06reason\x12%\n" +
+	"\x0eaddress_prefix\x18\x02 \x01(\tR\raddressPrefix\x12?\n" +
+	"\rcreated_after\x18\x03 \x01(\v2\x1a.google.protobuf.TimestampR\fcreatedAfter\x12A\n" +
+	"\x0ecreated_before\x18\x04 \x01(\v2\x1a.google.protobuf.TimestampR\rcreatedBefore\x12\x1b\n" +
+	"\tpage_size\x18\x05 \x01(\x05R\bpageSize\x12\x1d\n" +
+	"\n" +
+	"page_token\x18\x06 \x01(\tR\tpageToken\"\x81\x01\n" +
+	"\x18ListSuppressionsResponse\x12=\n" +
+	"\fsuppressions\x18\x01 \x03(\v2\x19.posthaste.v1.SuppressionR\fsuppressions\x12&\n" +
+	"\x0fnext_page_token\x18\x02 \x01(\tR\rnextPageToken\"1\n" +
+	"\x15GetSuppressionRequest\x12\x18\n" +
+	"\aaddress\x18\x01 \x01(\tR\aaddress\"}\n" +
+	"\x0eNewSuppression\x12\x18\n" +
+	"\aaddress\x18\x01 \x01(\tR\aaddress\x12\x16\n" +
+	"\x06reason\x18\x02 \x01(\tR\x06reason\x129\n" +
+	"\n" +
+	"expires_at\x18\x03 \x01(\v2\x1a.google.protobuf.TimestampR\texpiresAt\"Z\n" +
+	"\x16AddSuppressionsRequest\x12@\n" +
+	"\fsuppressions\x18\x01 \x03(\v2\x1c.posthaste.v1.NewSuppressionR\fsuppressions\"X\n" +
+	"\x17AddSuppressionsResponse\x12=\n" +
+	"\fsuppressions\x18\x01 \x03(\v2\x19.posthaste.v1.SuppressionR\fsuppressions\"4\n" +
+	"\x18DeleteSuppressionRequest\x12\x18\n" +
+	"\aaddress\x18\x01 \x01(\tR\aaddress\"\x1b\n" +
+	"\x19DeleteSuppressionResponse\"9\n" +
+	"\x19DeleteSuppressionsRequest\x12\x1c\n" +
+	"\taddresses\x18\x01 \x03(\tR\taddresses\"6\n" +
+	"\x1aDeleteSuppressionsResponse\x12\x18\n" +
+	"\adeleted\x18\x01 \x03(\tR\adeleted2\xe6\x1d\n" +
 	"\vMailService\x12k\n" +
 	"\vSendMessage\x12 .posthaste.v1.SendMessageRequest\x1a!.posthaste.v1.SendMessageResponse\"\x17\x82\xd3\xe4\x93\x02\x11:\x01*\"\f/v1/messages\x12y\n" +
 	"\x0eSendRawMessage\x12#.posthaste.v1.SendRawMessageRequest\x1a!.posthaste.v1.SendMessageResponse\"\x1f\x82\xd3\xe4\x93\x02\x19:\x01*\"\x14/v1/messages:sendRaw\x12o\n" +
@@ -5013,7 +5711,12 @@ const file_posthaste_v1_mail_proto_rawDesc = "" +
 	"\tGetDomain\x12\x1e.posthaste.v1.GetDomainRequest\x1a\x14.posthaste.v1.Domain\"\x18\x82\xd3\xe4\x93\x02\x12\x12\x10/v1/domains/{id}\x12k\n" +
 	"\fVerifyDomain\x12!.posthaste.v1.VerifyDomainRequest\x1a\x14.posthaste.v1.Domain\"\"\x82\xd3\xe4\x93\x02\x1c:\x01*\"\x17/v1/domains/{id}:verify\x12t\n" +
 	"\x0fRotateDomainKey\x12$.posthaste.v1.RotateDomainKeyRequest\x1a\x14.posthaste.v1.Domain\"%\x82\xd3\xe4\x93\x02\x1f:\x01*\"\x1a/v1/domains/{id}:rotateKey\x12o\n" +
-	"\fDeleteDomain\x12!.posthaste.v1.DeleteDomainRequest\x1a\".posthaste.v1.DeleteDomainResponse\"\x18\x82\xd3\xe4\x93\x02\x12*\x10/v1/domains/{id}B?Z=github.com/posthaste/posthaste/proto/posthaste/v1;posthastev1b\x06proto3"
+	"\fDeleteDomain\x12!.posthaste.v1.DeleteDomainRequest\x1a\".posthaste.v1.DeleteDomainResponse\"\x18\x82\xd3\xe4\x93\x02\x12*\x10/v1/domains/{id}\x12{\n" +
+	"\x10ListSuppressions\x12%.posthaste.v1.ListSuppressionsRequest\x1a&.posthaste.v1.ListSuppressionsResponse\"\x18\x82\xd3\xe4\x93\x02\x12\x12\x10/v1/suppressions\x12t\n" +
+	"\x0eGetSuppression\x12#.posthaste.v1.GetSuppressionRequest\x1a\x19.posthaste.v1.Suppression\"\"\x82\xd3\xe4\x93\x02\x1c\x12\x1a/v1/suppressions/{address}\x12{\n" +
+	"\x0fAddSuppressions\x12$.posthaste.v1.AddSuppressionsRequest\x1a%.posthaste.v1.AddSuppressionsResponse\"\x1b\x82\xd3\xe4\x93\x02\x15:\x01*\"\x10/v1/suppressions\x12\x88\x01\n" +
+	"\x11DeleteSuppression\x12&.posthaste.v1.DeleteSuppressionRequest\x1a'.posthaste.v1.DeleteSuppressionResponse\"\"\x82\xd3\xe4\x93\x02\x1c*\x1a/v1/suppressions/{address}\x12\x8b\x01\n" +
+	"\x12DeleteSuppressions\x12'.posthaste.v1.DeleteSuppressionsRequest\x1a(.posthaste.v1.DeleteSuppressionsResponse\"\"\x82\xd3\xe4\x93\x02\x1c:\x01*\"\x17/v1/suppressions:deleteB?Z=github.com/posthaste/posthaste/proto/posthaste/v1;posthastev1b\x06proto3"
 
 var (
 	file_posthaste_v1_mail_proto_rawDescOnce sync.Once
@@ -5027,7 +5730,7 @@ func file_posthaste_v1_mail_proto_rawDescGZIP() []byte {
 	return file_posthaste_v1_mail_proto_rawDescData
 }
 
-var file_posthaste_v1_mail_proto_msgTypes = make([]protoimpl.MessageInfo, 66)
+var file_posthaste_v1_mail_proto_msgTypes = make([]protoimpl.MessageInfo, 77)
 var file_posthaste_v1_mail_proto_goTypes = []any{
 	(*Address)(nil),                       // 0: posthaste.v1.Address
 	(*Attachment)(nil),                    // 1: posthaste.v1.Attachment
@@ -5092,145 +5795,175 @@ var file_posthaste_v1_mail_proto_goTypes = []any{
 	(*RotateDomainKeyRequest)(nil),        // 60: posthaste.v1.RotateDomainKeyRequest
 	(*DeleteDomainRequest)(nil),           // 61: posthaste.v1.DeleteDomainRequest
 	(*DeleteDomainResponse)(nil),          // 62: posthaste.v1.DeleteDomainResponse
-	nil,                                   // 63: posthaste.v1.SendMessageRequest.MetadataEntry
-	nil,                                   // 64: posthaste.v1.SendRawMessageRequest.MetadataEntry
-	nil,                                   // 65: posthaste.v1.Message.MetadataEntry
-	(*timestamppb.Timestamp)(nil),         // 66: google.protobuf.Timestamp
-	(*durationpb.Duration)(nil),           // 67: google.protobuf.Duration
-	(*fieldmaskpb.FieldMask)(nil),         // 68: google.protobuf.FieldMask
+	(*Suppression)(nil),                   // 63: posthaste.v1.Suppression
+	(*ListSuppressionsRequest)(nil),       // 64: posthaste.v1.ListSuppressionsRequest
+	(*ListSuppressionsResponse)(nil),      // 65: posthaste.v1.ListSuppressionsResponse
+	(*GetSuppressionRequest)(nil),         // 66: posthaste.v1.GetSuppressionRequest
+	(*NewSuppression)(nil),                // 67: posthaste.v1.NewSuppression
+	(*AddSuppressionsRequest)(nil),        // 68: posthaste.v1.AddSuppressionsRequest
+	(*AddSuppressionsResponse)(nil),       // 69: posthaste.v1.AddSuppressionsResponse
+	(*DeleteSuppressionRequest)(nil),      // 70: posthaste.v1.DeleteSuppressionRequest
+	(*DeleteSuppressionResponse)(nil),     // 71: posthaste.v1.DeleteSuppressionResponse
+	(*DeleteSuppressionsRequest)(nil),     // 72: posthaste.v1.DeleteSuppressionsRequest
+	(*DeleteSuppressionsResponse)(nil),    // 73: posthaste.v1.DeleteSuppressionsResponse
+	nil,                                   // 74: posthaste.v1.SendMessageRequest.MetadataEntry
+	nil,                                   // 75: posthaste.v1.SendRawMessageRequest.MetadataEntry
+	nil,                                   // 76: posthaste.v1.Message.MetadataEntry
+	(*timestamppb.Timestamp)(nil),         // 77: google.protobuf.Timestamp
+	(*durationpb.Duration)(nil),           // 78: google.protobuf.Duration
+	(*fieldmaskpb.FieldMask)(nil),         // 79: google.protobuf.FieldMask
 }
 var file_posthaste_v1_mail_proto_depIdxs = []int32{
-	0,  // 0: posthaste.v1.SendMessageRequest.from:type_name -> posthaste.v1.Address
-	0,  // 1: posthaste.v1.SendMessageRequest.reply_to:type_name -> posthaste.v1.Address
-	0,  // 2: posthaste.v1.SendMessageRequest.to:type_name -> posthaste.v1.Address
-	0,  // 3: posthaste.v1.SendMessageRequest.cc:type_name -> posthaste.v1.Address
-	0,  // 4: posthaste.v1.SendMessageRequest.bcc:type_name -> posthaste.v1.Address
-	1,  // 5: posthaste.v1.SendMessageRequest.attachments:type_name -> posthaste.v1.Attachment
-	2,  // 6: posthaste.v1.SendMessageRequest.headers:type_name -> posthaste.v1.Header
-	63, // 7: posthaste.v1.SendMessageRequest.metadata:type_name -> posthaste.v1.SendMessageRequest.MetadataEntry
-	66, // 8: posthaste.v1.SendMessageRequest.send_at:type_name -> google.protobuf.Timestamp
-	64, // 9: posthaste.v1.SendRawMessageRequest.metadata:type_name -> posthaste.v1.SendRawMessageRequest.MetadataEntry
-	66, // 10: posthaste.v1.SendRawMessageRequest.send_at:type_name -> google.protobuf.Timestamp
-	9,  // 11: posthaste.v1.SendMessageResponse.recipients:type_name -> posthaste.v1.RecipientSummary
-	3,  // 12: posthaste.v1.SendBatchRequest.messages:type_name -> posthaste.v1.SendMessageRequest
-	8,  // 13: posthaste.v1.SendBatchResponse.results:type_name -> posthaste.v1.SendBatchResult
-	5,  // 14: posthaste.v1.SendBatchResult.accepted:type_name -> posthaste.v1.SendMessageResponse
-	35, // 15: posthaste.v1.SendBatchResult.error:type_name -> posthaste.v1.Error
-	66, // 16: posthaste.v1.ListMessagesRequest.created_after:type_name -> google.protobuf.Timestamp
-	66, // 17: posthaste.v1.ListMessagesRequest.created_before:type_name -> google.protobuf.Timestamp
-	16, // 18: posthaste.v1.ListMessagesResponse.messages:type_name -> posthaste.v1.Message
-	65, // 19: posthaste.v1.Message.metadata:type_name -> posthaste.v1.Message.MetadataEntry
-	66, // 20: posthaste.v1.Message.send_at:type_name -> google.protobuf.Timestamp
-	66, // 21: posthaste.v1.Message.created_at:type_name -> google.protobuf.Timestamp
-	66, // 22: posthaste.v1.Message.updated_at:type_name -> google.protobuf.Timestamp
-	17, // 23: posthaste.v1.Message.recipients:type_name -> posthaste.v1.Recipient
-	19, // 24: posthaste.v1.Message.attempts:type_name -> posthaste.v1.Attempt
-	66, // 25: posthaste.v1.Recipient.next_attempt_at:type_name -> google.protobuf.Timestamp
-	18, // 26: posthaste.v1.Recipient.last_reply:type_name -> posthaste.v1.SmtpReply
-	66, // 27: posthaste.v1.Recipient.delivered_at:type_name -> google.protobuf.Timestamp
-	66, // 28: posthaste.v1.Recipient.updated_at:type_name -> google.protobuf.Timestamp
-	66, // 29: posthaste.v1.Attempt.started_at:type_name -> google.protobuf.Timestamp
-	67, // 30: posthaste.v1.Attempt.duration:type_name -> google.protobuf.Duration
-	18, // 31: posthaste.v1.Attempt.reply:type_name -> posthaste.v1.SmtpReply
-	66, // 32: posthaste.v1.ApiKey.created_at:type_name -> google.protobuf.Timestamp
-	66, // 33: posthaste.v1.ApiKey.last_used_at:type_name -> google.protobuf.Timestamp
-	66, // 34: posthaste.v1.ApiKey.revoked_at:type_name -> google.protobuf.Timestamp
-	20, // 35: posthaste.v1.CreateApiKeyResponse.api_key:type_name -> posthaste.v1.ApiKey
-	20, // 36: posthaste.v1.ListApiKeysResponse.api_keys:type_name -> posthaste.v1.ApiKey
-	66, // 37: posthaste.v1.Event.created_at:type_name -> google.protobuf.Timestamp
-	66, // 38: posthaste.v1.Event.send_at:type_name -> google.protobuf.Timestamp
-	18, // 39: posthaste.v1.Event.reply:type_name -> posthaste.v1.SmtpReply
-	66, // 40: posthaste.v1.Event.next_attempt_at:type_name -> google.protobuf.Timestamp
-	26, // 41: posthaste.v1.ListMessageEventsResponse.events:type_name -> posthaste.v1.Event
-	26, // 42: posthaste.v1.ListEventsResponse.events:type_name -> posthaste.v1.Event
-	26, // 43: posthaste.v1.StreamEventsResponse.event:type_name -> posthaste.v1.Event
-	35, // 44: posthaste.v1.ErrorResponse.error:type_name -> posthaste.v1.Error
-	36, // 45: posthaste.v1.Error.field_violations:type_name -> posthaste.v1.FieldViolation
-	66, // 46: posthaste.v1.Webhook.created_at:type_name -> google.protobuf.Timestamp
-	66, // 47: posthaste.v1.Webhook.updated_at:type_name -> google.protobuf.Timestamp
-	66, // 48: posthaste.v1.Webhook.disabled_at:type_name -> google.protobuf.Timestamp
-	66, // 49: posthaste.v1.Webhook.previous_secret_expires_at:type_name -> google.protobuf.Timestamp
-	37, // 50: posthaste.v1.CreateWebhookResponse.webhook:type_name -> posthaste.v1.Webhook
-	37, // 51: posthaste.v1.ListWebhooksResponse.webhooks:type_name -> posthaste.v1.Webhook
-	37, // 52: posthaste.v1.UpdateWebhookRequest.webhook:type_name -> posthaste.v1.Webhook
-	68, // 53: posthaste.v1.UpdateWebhookRequest.update_mask:type_name -> google.protobuf.FieldMask
-	37, // 54: posthaste.v1.RotateWebhookSecretResponse.webhook:type_name -> posthaste.v1.Webhook
-	66, // 55: posthaste.v1.WebhookDelivery.next_attempt_at:type_name -> google.protobuf.Timestamp
-	66, // 56: posthaste.v1.WebhookDelivery.last_attempt_at:type_name -> google.protobuf.Timestamp
-	67, // 57: posthaste.v1.WebhookDelivery.last_latency:type_name -> google.protobuf.Duration
-	66, // 58: posthaste.v1.WebhookDelivery.created_at:type_name -> google.protobuf.Timestamp
-	48, // 59: posthaste.v1.ListWebhookDeliveriesResponse.deliveries:type_name -> posthaste.v1.WebhookDelivery
-	66, // 60: posthaste.v1.Domain.created_at:type_name -> google.protobuf.Timestamp
-	66, // 61: posthaste.v1.Domain.verified_at:type_name -> google.protobuf.Timestamp
-	66, // 62: posthaste.v1.Domain.last_checked_at:type_name -> google.protobuf.Timestamp
-	53, // 63: posthaste.v1.Domain.records:type_name -> posthaste.v1.DnsRecord
-	54, // 64: posthaste.v1.Domain.dkim_keys:type_name -> posthaste.v1.DkimKey
-	66, // 65: posthaste.v1.DkimKey.created_at:type_name -> google.protobuf.Timestamp
-	66, // 66: posthaste.v1.DkimKey.verified_at:type_name -> google.protobuf.Timestamp
-	66, // 67: posthaste.v1.DkimKey.activated_at:type_name -> google.protobuf.Timestamp
-	66, // 68: posthaste.v1.DkimKey.retire_after:type_name -> google.protobuf.Timestamp
-	52, // 69: posthaste.v1.ListDomainsResponse.domains:type_name -> posthaste.v1.Domain
-	3,  // 70: posthaste.v1.MailService.SendMessage:input_type -> posthaste.v1.SendMessageRequest
-	4,  // 71: posthaste.v1.MailService.SendRawMessage:input_type -> posthaste.v1.SendRawMessageRequest
-	6,  // 72: posthaste.v1.MailService.SendBatch:input_type -> posthaste.v1.SendBatchRequest
-	10, // 73: posthaste.v1.MailService.GetMessage:input_type -> posthaste.v1.GetMessageRequest
-	14, // 74: posthaste.v1.MailService.ListMessages:input_type -> posthaste.v1.ListMessagesRequest
-	11, // 75: posthaste.v1.MailService.CancelMessage:input_type -> posthaste.v1.CancelMessageRequest
-	12, // 76: posthaste.v1.MailService.GetMessageRaw:input_type -> posthaste.v1.GetMessageRawRequest
-	27, // 77: posthaste.v1.MailService.ListMessageEvents:input_type -> posthaste.v1.ListMessageEventsRequest
-	29, // 78: posthaste.v1.MailService.ListEvents:input_type -> posthaste.v1.ListEventsRequest
-	31, // 79: posthaste.v1.MailService.StreamEvents:input_type -> posthaste.v1.StreamEventsRequest
-	33, // 80: posthaste.v1.MailService.WatchMessage:input_type -> posthaste.v1.WatchMessageRequest
-	21, // 81: posthaste.v1.MailService.CreateApiKey:input_type -> posthaste.v1.CreateApiKeyRequest
-	23, // 82: posthaste.v1.MailService.ListApiKeys:input_type -> posthaste.v1.ListApiKeysRequest
-	25, // 83: posthaste.v1.MailService.RevokeApiKey:input_type -> posthaste.v1.RevokeApiKeyRequest
-	38, // 84: posthaste.v1.MailService.CreateWebhook:input_type -> posthaste.v1.CreateWebhookRequest
-	40, // 85: posthaste.v1.MailService.ListWebhooks:input_type -> posthaste.v1.ListWebhooksRequest
-	42, // 86: posthaste.v1.MailService.GetWebhook:input_type -> posthaste.v1.GetWebhookRequest
-	43, // 87: posthaste.v1.MailService.UpdateWebhook:input_type -> posthaste.v1.UpdateWebhookRequest
-	44, // 88: posthaste.v1.MailService.DeleteWebhook:input_type -> posthaste.v1.DeleteWebhookRequest
-	46, // 89: posthaste.v1.MailService.RotateWebhookSecret:input_type -> posthaste.v1.RotateWebhookSecretRequest
-	49, // 90: posthaste.v1.MailService.ListWebhookDeliveries:input_type -> posthaste.v1.ListWebhookDeliveriesRequest
-	51, // 91: posthaste.v1.MailService.RetryWebhookDelivery:input_type -> posthaste.v1.RetryWebhookDeliveryRequest
-	55, // 92: posthaste.v1.MailService.CreateDomain:input_type -> posthaste.v1.CreateDomainRequest
-	56, // 93: posthaste.v1.MailService.ListDomains:input_type -> posthaste.v1.ListDomainsRequest
-	58, // 94: posthaste.v1.MailService.GetDomain:input_type -> posthaste.v1.GetDomainRequest
-	59, // 95: posthaste.v1.MailService.VerifyDomain:input_type -> posthaste.v1.VerifyDomainRequest
-	60, // 96: posthaste.v1.MailService.RotateDomainKey:input_type -> posthaste.v1.RotateDomainKeyRequest
-	61, // 97: posthaste.v1.MailService.DeleteDomain:input_type -> posthaste.v1.DeleteDomainRequest
-	5,  // 98: posthaste.v1.MailService.SendMessage:output_type -> posthaste.v1.SendMessageResponse
-	5,  // 99: posthaste.v1.MailService.SendRawMessage:output_type -> posthaste.v1.SendMessageResponse
-	7,  // 100: posthaste.v1.MailService.SendBatch:output_type -> posthaste.v1.SendBatchResponse
-	16, // 101: posthaste.v1.MailService.GetMessage:output_type -> posthaste.v1.Message
-	15, // 102: posthaste.v1.MailService.ListMessages:output_type -> posthaste.v1.ListMessagesResponse
-	16, // 103: posthaste.v1.MailService.CancelMessage:output_type -> posthaste.v1.Message
-	13, // 104: posthaste.v1.MailService.GetMessageRaw:output_type -> posthaste.v1.GetMessageRawResponse
-	28, // 105: posthaste.v1.MailService.ListMessageEvents:output_type -> posthaste.v1.ListMessageEventsResponse
-	30, // 106: posthaste.v1.MailService.ListEvents:output_type -> posthaste.v1.ListEventsResponse
-	32, // 107: posthaste.v1.MailService.StreamEvents:output_type -> posthaste.v1.StreamEventsResponse
-	26, // 108: posthaste.v1.MailService.WatchMessage:output_type -> posthaste.v1.Event
-	22, // 109: posthaste.v1.MailService.CreateApiKey:output_type -> posthaste.v1.CreateApiKeyResponse
-	24, // 110: posthaste.v1.MailService.ListApiKeys:output_type -> posthaste.v1.ListApiKeysResponse
-	20, // 111: posthaste.v1.MailService.RevokeApiKey:output_type -> posthaste.v1.ApiKey
-	39, // 112: posthaste.v1.MailService.CreateWebhook:output_type -> posthaste.v1.CreateWebhookResponse
-	41, // 113: posthaste.v1.MailService.ListWebhooks:output_type -> posthaste.v1.ListWebhooksResponse
-	37, // 114: posthaste.v1.MailService.GetWebhook:output_type -> posthaste.v1.Webhook
-	37, // 115: posthaste.v1.MailService.UpdateWebhook:output_type -> posthaste.v1.Webhook
-	45, // 116: posthaste.v1.MailService.DeleteWebhook:output_type -> posthaste.v1.DeleteWebhookResponse
-	47, // 117: posthaste.v1.MailService.RotateWebhookSecret:output_type -> posthaste.v1.RotateWebhookSecretResponse
-	50, // 118: posthaste.v1.MailService.ListWebhookDeliveries:output_type -> posthaste.v1.ListWebhookDeliveriesResponse
-	48, // 119: posthaste.v1.MailService.RetryWebhookDelivery:output_type -> posthaste.v1.WebhookDelivery
-	52, // 120: posthaste.v1.MailService.CreateDomain:output_type -> posthaste.v1.Domain
-	57, // 121: posthaste.v1.MailService.ListDomains:output_type -> posthaste.v1.ListDomainsResponse
-	52, // 122: posthaste.v1.MailService.GetDomain:output_type -> posthaste.v1.Domain
-	52, // 123: posthaste.v1.MailService.VerifyDomain:output_type -> posthaste.v1.Domain
-	52, // 124: posthaste.v1.MailService.RotateDomainKey:output_type -> posthaste.v1.Domain
-	62, // 125: posthaste.v1.MailService.DeleteDomain:output_type -> posthaste.v1.DeleteDomainResponse
-	98, // [98:126] is the sub-list for method output_type
-	70, // [70:98] is the sub-list for method input_type
-	70, // [70:70] is the sub-list for extension type_name
-	70, // [70:70] is the sub-list for extension extendee
-	0,  // [0:70] is the sub-list for field type_name
+	0,   // 0: posthaste.v1.SendMessageRequest.from:type_name -> posthaste.v1.Address
+	0,   // 1: posthaste.v1.SendMessageRequest.reply_to:type_name -> posthaste.v1.Address
+	0,   // 2: posthaste.v1.SendMessageRequest.to:type_name -> posthaste.v1.Address
+	0,   // 3: posthaste.v1.SendMessageRequest.cc:type_name -> posthaste.v1.Address
+	0,   // 4: posthaste.v1.SendMessageRequest.bcc:type_name -> posthaste.v1.Address
+	1,   // 5: posthaste.v1.SendMessageRequest.attachments:type_name -> posthaste.v1.Attachment
+	2,   // 6: posthaste.v1.SendMessageRequest.headers:type_name -> posthaste.v1.Header
+	74,  // 7: posthaste.v1.SendMessageRequest.metadata:type_name -> posthaste.v1.SendMessageRequest.MetadataEntry
+	77,  // 8: posthaste.v1.SendMessageRequest.send_at:type_name -> google.protobuf.Timestamp
+	75,  // 9: posthaste.v1.SendRawMessageRequest.metadata:type_name -> posthaste.v1.SendRawMessageRequest.MetadataEntry
+	77,  // 10: posthaste.v1.SendRawMessageRequest.send_at:type_name -> google.protobuf.Timestamp
+	9,   // 11: posthaste.v1.SendMessageResponse.recipients:type_name -> posthaste.v1.RecipientSummary
+	3,   // 12: posthaste.v1.SendBatchRequest.messages:type_name -> posthaste.v1.SendMessageRequest
+	8,   // 13: posthaste.v1.SendBatchResponse.results:type_name -> posthaste.v1.SendBatchResult
+	5,   // 14: posthaste.v1.SendBatchResult.accepted:type_name -> posthaste.v1.SendMessageResponse
+	35,  // 15: posthaste.v1.SendBatchResult.error:type_name -> posthaste.v1.Error
+	77,  // 16: posthaste.v1.ListMessagesRequest.created_after:type_name -> google.protobuf.Timestamp
+	77,  // 17: posthaste.v1.ListMessagesRequest.created_before:type_name -> google.protobuf.Timestamp
+	16,  // 18: posthaste.v1.ListMessagesResponse.messages:type_name -> posthaste.v1.Message
+	76,  // 19: posthaste.v1.Message.metadata:type_name -> posthaste.v1.Message.MetadataEntry
+	77,  // 20: posthaste.v1.Message.send_at:type_name -> google.protobuf.Timestamp
+	77,  // 21: posthaste.v1.Message.created_at:type_name -> google.protobuf.Timestamp
+	77,  // 22: posthaste.v1.Message.updated_at:type_name -> google.protobuf.Timestamp
+	17,  // 23: posthaste.v1.Message.recipients:type_name -> posthaste.v1.Recipient
+	19,  // 24: posthaste.v1.Message.attempts:type_name -> posthaste.v1.Attempt
+	77,  // 25: posthaste.v1.Recipient.next_attempt_at:type_name -> google.protobuf.Timestamp
+	18,  // 26: posthaste.v1.Recipient.last_reply:type_name -> posthaste.v1.SmtpReply
+	77,  // 27: posthaste.v1.Recipient.delivered_at:type_name -> google.protobuf.Timestamp
+	77,  // 28: posthaste.v1.Recipient.updated_at:type_name -> google.protobuf.Timestamp
+	77,  // 29: posthaste.v1.Attempt.started_at:type_name -> google.protobuf.Timestamp
+	78,  // 30: posthaste.v1.Attempt.duration:type_name -> google.protobuf.Duration
+	18,  // 31: posthaste.v1.Attempt.reply:type_name -> posthaste.v1.SmtpReply
+	77,  // 32: posthaste.v1.ApiKey.created_at:type_name -> google.protobuf.Timestamp
+	77,  // 33: posthaste.v1.ApiKey.last_used_at:type_name -> google.protobuf.Timestamp
+	77,  // 34: posthaste.v1.ApiKey.revoked_at:type_name -> google.protobuf.Timestamp
+	20,  // 35: posthaste.v1.CreateApiKeyResponse.api_key:type_name -> posthaste.v1.ApiKey
+	20,  // 36: posthaste.v1.ListApiKeysResponse.api_keys:type_name -> posthaste.v1.ApiKey
+	77,  // 37: posthaste.v1.Event.created_at:type_name -> google.protobuf.Timestamp
+	77,  // 38: posthaste.v1.Event.send_at:type_name -> google.protobuf.Timestamp
+	18,  // 39: posthaste.v1.Event.reply:type_name -> posthaste.v1.SmtpReply
+	77,  // 40: posthaste.v1.Event.next_attempt_at:type_name -> google.protobuf.Timestamp
+	26,  // 41: posthaste.v1.ListMessageEventsResponse.events:type_name -> posthaste.v1.Event
+	26,  // 42: posthaste.v1.ListEventsResponse.events:type_name -> posthaste.v1.Event
+	26,  // 43: posthaste.v1.StreamEventsResponse.event:type_name -> posthaste.v1.Event
+	35,  // 44: posthaste.v1.ErrorResponse.error:type_name -> posthaste.v1.Error
+	36,  // 45: posthaste.v1.Error.field_violations:type_name -> posthaste.v1.FieldViolation
+	77,  // 46: posthaste.v1.Webhook.created_at:type_name -> google.protobuf.Timestamp
+	77,  // 47: posthaste.v1.Webhook.updated_at:type_name -> google.protobuf.Timestamp
+	77,  // 48: posthaste.v1.Webhook.disabled_at:type_name -> google.protobuf.Timestamp
+	77,  // 49: posthaste.v1.Webhook.previous_secret_expires_at:type_name -> google.protobuf.Timestamp
+	37,  // 50: posthaste.v1.CreateWebhookResponse.webhook:type_name -> posthaste.v1.Webhook
+	37,  // 51: posthaste.v1.ListWebhooksResponse.webhooks:type_name -> posthaste.v1.Webhook
+	37,  // 52: posthaste.v1.UpdateWebhookRequest.webhook:type_name -> posthaste.v1.Webhook
+	79,  // 53: posthaste.v1.UpdateWebhookRequest.update_mask:type_name -> google.protobuf.FieldMask
+	37,  // 54: posthaste.v1.RotateWebhookSecretResponse.webhook:type_name -> posthaste.v1.Webhook
+	77,  // 55: posthaste.v1.WebhookDelivery.next_attempt_at:type_name -> google.protobuf.Timestamp
+	77,  // 56: posthaste.v1.WebhookDelivery.last_attempt_at:type_name -> google.protobuf.Timestamp
+	78,  // 57: posthaste.v1.WebhookDelivery.last_latency:type_name -> google.protobuf.Duration
+	77,  // 58: posthaste.v1.WebhookDelivery.created_at:type_name -> google.protobuf.Timestamp
+	48,  // 59: posthaste.v1.ListWebhookDeliveriesResponse.deliveries:type_name -> posthaste.v1.WebhookDelivery
+	77,  // 60: posthaste.v1.Domain.created_at:type_name -> google.protobuf.Timestamp
+	77,  // 61: posthaste.v1.Domain.verified_at:type_name -> google.protobuf.Timestamp
+	77,  // 62: posthaste.v1.Domain.last_checked_at:type_name -> google.protobuf.Timestamp
+	53,  // 63: posthaste.v1.Domain.records:type_name -> posthaste.v1.DnsRecord
+	54,  // 64: posthaste.v1.Domain.dkim_keys:type_name -> posthaste.v1.DkimKey
+	77,  // 65: posthaste.v1.DkimKey.created_at:type_name -> google.protobuf.Timestamp
+	77,  // 66: posthaste.v1.DkimKey.verified_at:type_name -> google.protobuf.Timestamp
+	77,  // 67: posthaste.v1.DkimKey.activated_at:type_name -> google.protobuf.Timestamp
+	77,  // 68: posthaste.v1.DkimKey.retire_after:type_name -> google.protobuf.Timestamp
+	52,  // 69: posthaste.v1.ListDomainsResponse.domains:type_name -> posthaste.v1.Domain
+	77,  // 70: posthaste.v1.Suppression.created_at:type_name -> google.protobuf.Timestamp
+	77,  // 71: posthaste.v1.Suppression.expires_at:type_name -> google.protobuf.Timestamp
+	18,  // 72: posthaste.v1.Suppression.reply:type_name -> posthaste.v1.SmtpReply
+	77,  // 73: posthaste.v1.ListSuppressionsRequest.created_after:type_name -> google.protobuf.Timestamp
+	77,  // 74: posthaste.v1.ListSuppressionsRequest.created_before:type_name -> google.protobuf.Timestamp
+	63,  // 75: posthaste.v1.ListSuppressionsResponse.suppressions:type_name -> posthaste.v1.Suppression
+	77,  // 76: posthaste.v1.NewSuppression.expires_at:type_name -> google.protobuf.Timestamp
+	67,  // 77: posthaste.v1.AddSuppressionsRequest.suppressions:type_name -> posthaste.v1.NewSuppression
+	63,  // 78: posthaste.v1.AddSuppressionsResponse.suppressions:type_name -> posthaste.v1.Suppression
+	3,   // 79: posthaste.v1.MailService.SendMessage:input_type -> posthaste.v1.SendMessageRequest
+	4,   // 80: posthaste.v1.MailService.SendRawMessage:input_type -> posthaste.v1.SendRawMessageRequest
+	6,   // 81: posthaste.v1.MailService.SendBatch:input_type -> posthaste.v1.SendBatchRequest
+	10,  // 82: posthaste.v1.MailService.GetMessage:input_type -> posthaste.v1.GetMessageRequest
+	14,  // 83: posthaste.v1.MailService.ListMessages:input_type -> posthaste.v1.ListMessagesRequest
+	11,  // 84: posthaste.v1.MailService.CancelMessage:input_type -> posthaste.v1.CancelMessageRequest
+	12,  // 85: posthaste.v1.MailService.GetMessageRaw:input_type -> posthaste.v1.GetMessageRawRequest
+	27,  // 86: posthaste.v1.MailService.ListMessageEvents:input_type -> posthaste.v1.ListMessageEventsRequest
+	29,  // 87: posthaste.v1.MailService.ListEvents:input_type -> posthaste.v1.ListEventsRequest
+	31,  // 88: posthaste.v1.MailService.StreamEvents:input_type -> posthaste.v1.StreamEventsRequest
+	33,  // 89: posthaste.v1.MailService.WatchMessage:input_type -> posthaste.v1.WatchMessageRequest
+	21,  // 90: posthaste.v1.MailService.CreateApiKey:input_type -> posthaste.v1.CreateApiKeyRequest
+	23,  // 91: posthaste.v1.MailService.ListApiKeys:input_type -> posthaste.v1.ListApiKeysRequest
+	25,  // 92: posthaste.v1.MailService.RevokeApiKey:input_type -> posthaste.v1.RevokeApiKeyRequest
+	38,  // 93: posthaste.v1.MailService.CreateWebhook:input_type -> posthaste.v1.CreateWebhookRequest
+	40,  // 94: posthaste.v1.MailService.ListWebhooks:input_type -> posthaste.v1.ListWebhooksRequest
+	42,  // 95: posthaste.v1.MailService.GetWebhook:input_type -> posthaste.v1.GetWebhookRequest
+	43,  // 96: posthaste.v1.MailService.UpdateWebhook:input_type -> posthaste.v1.UpdateWebhookRequest
+	44,  // 97: posthaste.v1.MailService.DeleteWebhook:input_type -> posthaste.v1.DeleteWebhookRequest
+	46,  // 98: posthaste.v1.MailService.RotateWebhookSecret:input_type -> posthaste.v1.RotateWebhookSecretRequest
+	49,  // 99: posthaste.v1.MailService.ListWebhookDeliveries:input_type -> posthaste.v1.ListWebhookDeliveriesRequest
+	51,  // 100: posthaste.v1.MailService.RetryWebhookDelivery:input_type -> posthaste.v1.RetryWebhookDeliveryRequest
+	55,  // 101: posthaste.v1.MailService.CreateDomain:input_type -> posthaste.v1.CreateDomainRequest
+	56,  // 102: posthaste.v1.MailService.ListDomains:input_type -> posthaste.v1.ListDomainsRequest
+	58,  // 103: posthaste.v1.MailService.GetDomain:input_type -> posthaste.v1.GetDomainRequest
+	59,  // 104: posthaste.v1.MailService.VerifyDomain:input_type -> posthaste.v1.VerifyDomainRequest
+	60,  // 105: posthaste.v1.MailService.RotateDomainKey:input_type -> posthaste.v1.RotateDomainKeyRequest
+	61,  // 106: posthaste.v1.MailService.DeleteDomain:input_type -> posthaste.v1.DeleteDomainRequest
+	64,  // 107: posthaste.v1.MailService.ListSuppressions:input_type -> posthaste.v1.ListSuppressionsRequest
+	66,  // 108: posthaste.v1.MailService.GetSuppression:input_type -> posthaste.v1.GetSuppressionRequest
+	68,  // 109: posthaste.v1.MailService.AddSuppressions:input_type -> posthaste.v1.AddSuppressionsRequest
+	70,  // 110: posthaste.v1.MailService.DeleteSuppression:input_type -> posthaste.v1.DeleteSuppressionRequest
+	72,  // 111: posthaste.v1.MailService.DeleteSuppressions:input_type -> posthaste.v1.DeleteSuppressionsRequest
+	5,   // 112: posthaste.v1.MailService.SendMessage:output_type -> posthaste.v1.SendMessageResponse
+	5,   // 113: posthaste.v1.MailService.SendRawMessage:output_type -> posthaste.v1.SendMessageResponse
+	7,   // 114: posthaste.v1.MailService.SendBatch:output_type -> posthaste.v1.SendBatchResponse
+	16,  // 115: posthaste.v1.MailService.GetMessage:output_type -> posthaste.v1.Message
+	15,  // 116: posthaste.v1.MailService.ListMessages:output_type -> posthaste.v1.ListMessagesResponse
+	16,  // 117: posthaste.v1.MailService.CancelMessage:output_type -> posthaste.v1.Message
+	13,  // 118: posthaste.v1.MailService.GetMessageRaw:output_type -> posthaste.v1.GetMessageRawResponse
+	28,  // 119: posthaste.v1.MailService.ListMessageEvents:output_type -> posthaste.v1.ListMessageEventsResponse
+	30,  // 120: posthaste.v1.MailService.ListEvents:output_type -> posthaste.v1.ListEventsResponse
+	32,  // 121: posthaste.v1.MailService.StreamEvents:output_type -> posthaste.v1.StreamEventsResponse
+	26,  // 122: posthaste.v1.MailService.WatchMessage:output_type -> posthaste.v1.Event
+	22,  // 123: posthaste.v1.MailService.CreateApiKey:output_type -> posthaste.v1.CreateApiKeyResponse
+	24,  // 124: posthaste.v1.MailService.ListApiKeys:output_type -> posthaste.v1.ListApiKeysResponse
+	20,  // 125: posthaste.v1.MailService.RevokeApiKey:output_type -> posthaste.v1.ApiKey
+	39,  // 126: posthaste.v1.MailService.CreateWebhook:output_type -> posthaste.v1.CreateWebhookResponse
+	41,  // 127: posthaste.v1.MailService.ListWebhooks:output_type -> posthaste.v1.ListWebhooksResponse
+	37,  // 128: posthaste.v1.MailService.GetWebhook:output_type -> posthaste.v1.Webhook
+	37,  // 129: posthaste.v1.MailService.UpdateWebhook:output_type -> posthaste.v1.Webhook
+	45,  // 130: posthaste.v1.MailService.DeleteWebhook:output_type -> posthaste.v1.DeleteWebhookResponse
+	47,  // 131: posthaste.v1.MailService.RotateWebhookSecret:output_type -> posthaste.v1.RotateWebhookSecretResponse
+	50,  // 132: posthaste.v1.MailService.ListWebhookDeliveries:output_type -> posthaste.v1.ListWebhookDeliveriesResponse
+	48,  // 133: posthaste.v1.MailService.RetryWebhookDelivery:output_type -> posthaste.v1.WebhookDelivery
+	52,  // 134: posthaste.v1.MailService.CreateDomain:output_type -> posthaste.v1.Domain
+	57,  // 135: posthaste.v1.MailService.ListDomains:output_type -> posthaste.v1.ListDomainsResponse
+	52,  // 136: posthaste.v1.MailService.GetDomain:output_type -> posthaste.v1.Domain
+	52,  // 137: posthaste.v1.MailService.VerifyDomain:output_type -> posthaste.v1.Domain
+	52,  // 138: posthaste.v1.MailService.RotateDomainKey:output_type -> posthaste.v1.Domain
+	62,  // 139: posthaste.v1.MailService.DeleteDomain:output_type -> posthaste.v1.DeleteDomainResponse
+	65,  // 140: posthaste.v1.MailService.ListSuppressions:output_type -> posthaste.v1.ListSuppressionsResponse
+	63,  // 141: posthaste.v1.MailService.GetSuppression:output_type -> posthaste.v1.Suppression
+	69,  // 142: posthaste.v1.MailService.AddSuppressions:output_type -> posthaste.v1.AddSuppressionsResponse
+	71,  // 143: posthaste.v1.MailService.DeleteSuppression:output_type -> posthaste.v1.DeleteSuppressionResponse
+	73,  // 144: posthaste.v1.MailService.DeleteSuppressions:output_type -> posthaste.v1.DeleteSuppressionsResponse
+	112, // [112:145] is the sub-list for method output_type
+	79,  // [79:112] is the sub-list for method input_type
+	79,  // [79:79] is the sub-list for extension type_name
+	79,  // [79:79] is the sub-list for extension extendee
+	0,   // [0:79] is the sub-list for field type_name
 }
 
 func init() { file_posthaste_v1_mail_proto_init() }
@@ -5249,7 +5982,7 @@ func file_posthaste_v1_mail_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_posthaste_v1_mail_proto_rawDesc), len(file_posthaste_v1_mail_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   66,
+			NumMessages:   77,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

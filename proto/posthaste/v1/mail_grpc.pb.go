@@ -47,6 +47,11 @@ const (
 	MailService_VerifyDomain_FullMethodName          = "/posthaste.v1.MailService/VerifyDomain"
 	MailService_RotateDomainKey_FullMethodName       = "/posthaste.v1.MailService/RotateDomainKey"
 	MailService_DeleteDomain_FullMethodName          = "/posthaste.v1.MailService/DeleteDomain"
+	MailService_ListSuppressions_FullMethodName      = "/posthaste.v1.MailService/ListSuppressions"
+	MailService_GetSuppression_FullMethodName        = "/posthaste.v1.MailService/GetSuppression"
+	MailService_AddSuppressions_FullMethodName       = "/posthaste.v1.MailService/AddSuppressions"
+	MailService_DeleteSuppression_FullMethodName     = "/posthaste.v1.MailService/DeleteSuppression"
+	MailService_DeleteSuppressions_FullMethodName    = "/posthaste.v1.MailService/DeleteSuppressions"
 )
 
 // MailServiceClient is the client API for MailService service.
@@ -195,6 +200,28 @@ type MailServiceClient interface {
 	// DeleteDomain removes a domain and its keys from the caller's project;
 	// mail from it is refused from then on. Needs the admin scope.
 	DeleteDomain(ctx context.Context, in *DeleteDomainRequest, opts ...grpc.CallOption) (*DeleteDomainResponse, error)
+	// ListSuppressions returns the entries of the caller's project's
+	// suppression list, newest first (by when they were added or last
+	// renewed), expired ones included. Needs the read scope.
+	ListSuppressions(ctx context.Context, in *ListSuppressionsRequest, opts ...grpc.CallOption) (*ListSuppressionsResponse, error)
+	// GetSuppression returns one entry: an address's ("ada@example.com"), or
+	// a domain's ("*@example.net"), expired or not. An address's entry and
+	// its domain's are different entries. Needs the read scope.
+	GetSuppression(ctx context.Context, in *GetSuppressionRequest, opts ...grpc.CallOption) (*Suppression, error)
+	// AddSuppressions adds up to 1000 entries with the reason manual: all of
+	// them, or on any error none. An entry already in force is kept as it is
+	// (a complaint stays a complaint); an expired one is renewed. Sends to a
+	// suppressed address are not sent from then on: the recipient is stored
+	// suppressed. Needs the send scope.
+	AddSuppressions(ctx context.Context, in *AddSuppressionsRequest, opts ...grpc.CallOption) (*AddSuppressionsResponse, error)
+	// DeleteSuppression deletes one entry, so the address (or domain)
+	// receives mail again; NotFound when there is none. Needs the admin
+	// scope: it undoes what a hard bounce or a complaint decided.
+	DeleteSuppression(ctx context.Context, in *DeleteSuppressionRequest, opts ...grpc.CallOption) (*DeleteSuppressionResponse, error)
+	// DeleteSuppressions deletes up to 1000 entries at once and names the
+	// ones it deleted; addresses without an entry are left out of the answer.
+	// Needs the admin scope.
+	DeleteSuppressions(ctx context.Context, in *DeleteSuppressionsRequest, opts ...grpc.CallOption) (*DeleteSuppressionsResponse, error)
 }
 
 type mailServiceClient struct {
@@ -503,6 +530,56 @@ func (c *mailServiceClient) DeleteDomain(ctx context.Context, in *DeleteDomainRe
 	return out, nil
 }
 
+func (c *mailServiceClient) ListSuppressions(ctx context.Context, in *ListSuppressionsRequest, opts ...grpc.CallOption) (*ListSuppressionsResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(ListSuppressionsResponse)
+	err := c.cc.Invoke(ctx, MailService_ListSuppressions_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *mailServiceClient) GetSuppression(ctx context.Context, in *GetSuppressionRequest, opts ...grpc.CallOption) (*Suppression, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(Suppression)
+	err := c.cc.Invoke(ctx, MailService_GetSuppression_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *mailServiceClient) AddSuppressions(ctx context.Context, in *AddSuppressionsRequest, opts ...grpc.CallOption) (*AddSuppressionsResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(AddSuppressionsResponse)
+	err := c.cc.Invoke(ctx, MailService_AddSuppressions_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *mailServiceClient) DeleteSuppression(ctx context.Context, in *DeleteSuppressionRequest, opts ...grpc.CallOption) (*DeleteSuppressionResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(DeleteSuppressionResponse)
+	err := c.cc.Invoke(ctx, MailService_DeleteSuppression_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *mailServiceClient) DeleteSuppressions(ctx context.Context, in *DeleteSuppressionsRequest, opts ...grpc.CallOption) (*DeleteSuppressionsResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(DeleteSuppressionsResponse)
+	err := c.cc.Invoke(ctx, MailService_DeleteSuppressions_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // MailServiceServer is the server API for MailService service.
 // All implementations must embed UnimplementedMailServiceServer
 // for forward compatibility.
@@ -649,6 +726,28 @@ type MailServiceServer interface {
 	// DeleteDomain removes a domain and its keys from the caller's project;
 	// mail from it is refused from then on. Needs the admin scope.
 	DeleteDomain(context.Context, *DeleteDomainRequest) (*DeleteDomainResponse, error)
+	// ListSuppressions returns the entries of the caller's project's
+	// suppression list, newest first (by when they were added or last
+	// renewed), expired ones included. Needs the read scope.
+	ListSuppressions(context.Context, *ListSuppressionsRequest) (*ListSuppressionsResponse, error)
+	// GetSuppression returns one entry: an address's ("ada@example.com"), or
+	// a domain's ("*@example.net"), expired or not. An address's entry and
+	// its domain's are different entries. Needs the read scope.
+	GetSuppression(context.Context, *GetSuppressionRequest) (*Suppression, error)
+	// AddSuppressions adds up to 1000 entries with the reason manual: all of
+	// them, or on any error none. An entry already in force is kept as it is
+	// (a complaint stays a complaint); an expired one is renewed. Sends to a
+	// suppressed address are not sent from then on: the recipient is stored
+	// suppressed. Needs the send scope.
+	AddSuppressions(context.Context, *AddSuppressionsRequest) (*AddSuppressionsResponse, error)
+	// DeleteSuppression deletes one entry, so the address (or domain)
+	// receives mail again; NotFound when there is none. Needs the admin
+	// scope: it undoes what a hard bounce or a complaint decided.
+	DeleteSuppression(context.Context, *DeleteSuppressionRequest) (*DeleteSuppressionResponse, error)
+	// DeleteSuppressions deletes up to 1000 entries at once and names the
+	// ones it deleted; addresses without an entry are left out of the answer.
+	// Needs the admin scope.
+	DeleteSuppressions(context.Context, *DeleteSuppressionsRequest) (*DeleteSuppressionsResponse, error)
 	mustEmbedUnimplementedMailServiceServer()
 }
 
@@ -742,6 +841,21 @@ func (UnimplementedMailServiceServer) RotateDomainKey(context.Context, *RotateDo
 }
 func (UnimplementedMailServiceServer) DeleteDomain(context.Context, *DeleteDomainRequest) (*DeleteDomainResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method DeleteDomain not implemented")
+}
+func (UnimplementedMailServiceServer) ListSuppressions(context.Context, *ListSuppressionsRequest) (*ListSuppressionsResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method ListSuppressions not implemented")
+}
+func (UnimplementedMailServiceServer) GetSuppression(context.Context, *GetSuppressionRequest) (*Suppression, error) {
+	return nil, status.Error(codes.Unimplemented, "method GetSuppression not implemented")
+}
+func (UnimplementedMailServiceServer) AddSuppressions(context.Context, *AddSuppressionsRequest) (*AddSuppressionsResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method AddSuppressions not implemented")
+}
+func (UnimplementedMailServiceServer) DeleteSuppression(context.Context, *DeleteSuppressionRequest) (*DeleteSuppressionResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method DeleteSuppression not implemented")
+}
+func (UnimplementedMailServiceServer) DeleteSuppressions(context.Context, *DeleteSuppressionsRequest) (*DeleteSuppressionsResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method DeleteSuppressions not implemented")
 }
 func (UnimplementedMailServiceServer) mustEmbedUnimplementedMailServiceServer() {}
 func (UnimplementedMailServiceServer) testEmbeddedByValue()                     {}
@@ -1254,6 +1368,96 @@ func _MailService_DeleteDomain_Handler(srv interface{}, ctx context.Context, dec
 	return interceptor(ctx, in, info, handler)
 }
 
+func _MailService_ListSuppressions_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(ListSuppressionsRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(MailServiceServer).ListSuppressions(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: MailService_ListSuppressions_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(MailServiceServer).ListSuppressions(ctx, req.(*ListSuppressionsRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _MailService_GetSuppression_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(GetSuppressionRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(MailServiceServer).GetSuppression(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: MailService_GetSuppression_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(MailServiceServer).GetSuppression(ctx, req.(*GetSuppressionRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _MailService_AddSuppressions_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(AddSuppressionsRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(MailServiceServer).AddSuppressions(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: MailService_AddSuppressions_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(MailServiceServer).AddSuppressions(ctx, req.(*AddSuppressionsRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _MailService_DeleteSuppression_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(DeleteSuppressionRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(MailServiceServer).DeleteSuppression(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: MailService_DeleteSuppression_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(MailServiceServer).DeleteSuppression(ctx, req.(*DeleteSuppressionRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _MailService_DeleteSuppressions_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(DeleteSuppressionsRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(MailServiceServer).DeleteSuppressions(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: MailService_DeleteSuppressions_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(MailServiceServer).DeleteSuppressions(ctx, req.(*DeleteSuppressionsRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // MailService_ServiceDesc is the grpc.ServiceDesc for MailService service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -1364,6 +1568,26 @@ var MailService_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "DeleteDomain",
 			Handler:    _MailService_DeleteDomain_Handler,
+		},
+		{
+			MethodName: "ListSuppressions",
+			Handler:    _MailService_ListSuppressions_Handler,
+		},
+		{
+			MethodName: "GetSuppression",
+			Handler:    _MailService_GetSuppression_Handler,
+		},
+		{
+			MethodName: "AddSuppressions",
+			Handler:    _MailService_AddSuppressions_Handler,
+		},
+		{
+			MethodName: "DeleteSuppression",
+			Handler:    _MailService_DeleteSuppression_Handler,
+		},
+		{
+			MethodName: "DeleteSuppressions",
+			Handler:    _MailService_DeleteSuppressions_Handler,
 		},
 	},
 	Streams: []grpc.StreamDesc{
