@@ -90,6 +90,8 @@ func TestSuppressionListOverREST(t *testing.T) {
 			Routes:       map[string]string{"example.test": blocked.Addr, "other.test": open.Addr},
 		},
 	}
+	// Tests send from a domain nobody verified.
+	cfg.Service.AllowUnverifiedDomains = true
 	a := startApp(t, cfg)
 	b := &bundle{app: a, base: "http://" + a.HTTPAddr()}
 
