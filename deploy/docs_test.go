@@ -93,6 +93,11 @@ func runReadmeExamples(t *testing.T, s sandbox) {
 		c := exec.Command("bash", "-c", script)
 		c.Env = append(os.Environ(), "KEY="+s.key, "ID="+id)
 		out, err := c.CombinedOutput()
+		// The sandbox delivers at once, so the message is usually final
+		// before the cancel example runs; that answer is a documented 409.
+		if err != nil && strings.Contains(cmd, ":cancel") && strings.Contains(string(out), `"NOTHING_TO_CANCEL"`) {
+			err = nil
+		}
 		if err != nil {
 			t.Errorf("README example failed: %v\n%s\n%s", err, cmd, out)
 			continue
