@@ -13,8 +13,11 @@ TOOLS_GOPROXY := $(shell go env GOPROXY | sed -e 's/[,|]direct$$//')
 
 .PHONY: generate lint tools test bench build check-generated chaos
 
+# The version is the nearest tag and commit (git describe), when git knows.
+VERSION := $(shell git describe --always --dirty 2>/dev/null)
+
 build:
-	go build -o $(BIN)/posthaste ./cmd/posthaste
+	go build -ldflags "$(if $(VERSION),-X main.version=$(VERSION))" -o $(BIN)/posthaste ./cmd/posthaste
 
 tools:
 	GOBIN=$(BIN) GOPROXY=$(TOOLS_GOPROXY) go install github.com/bufbuild/buf/cmd/buf@$(BUF_VERSION)

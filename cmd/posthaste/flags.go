@@ -5,7 +5,6 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
-	"os"
 	"strings"
 	"time"
 )
@@ -31,13 +30,26 @@ func isHelp(arg string) bool {
 	return false
 }
 
-// newFlagSet returns a flag set whose usage lists each flag's environment
-// variable too.
+// newFlagSet returns the flag set of a server-side command: each flag can
+// also be set through its environment variable and through the
+// configuration file named by --config, which it adds.
 func newFlagSet(name string, stderr io.Writer) *flag.FlagSet {
+	fs := newPlainFlagSet(name, stderr)
+	addConfigFlag(fs)
+	return fs
+}
+
+// newPlainFlagSet returns a flag set whose usage lists each flag's
+// environment variable too, without --config.
+func newPlainFlagSet(name string, stderr io.Writer) *flag.FlagSet {
 	fs := flag.NewFlagSet(name, flag.ContinueOnError)
 	fs.SetOutput(stderr)
 	fs.Usage = func() {
-		fmt.Fprintf(stderr, "Usage: posthaste %s [flags]\n\nFlags (each also read from the environment variable shown):\n", name)
+		fmt.Fprintf(stderr, "Usage: posthaste %s [flags]\n\nFlags (each also read from the environment variable shown", name)
+		if fs.Lookup(configFileFlagName) != nil {
+			fmt.Fprint(stderr, ", and from the --config file under the flag's name")
+		}
+		fmt.Fprintln(stderr, "):")
 		fs.VisitAll(func(f *flag.Flag) {
 			fmt.Fprintf(stderr, "  --%s (%s)\n    \t%s", f.Name, envName(f.Name), f.Usage)
 			// A zero default means "derived from other flags", which the
@@ -51,38 +63,21 @@ func newFlagSet(name string, stderr io.Writer) *flag.FlagSet {
 	return fs
 }
 
-// parseFlags applies environment variables first and the command line
-// second, so an explicit flag wins.
+// parseFlags sets the flags of fs from, in order of precedence, the command
+// line, the environment and the configuration file (--config or
+// POSTHASTE_CONFIG, when fs has that flag); what none of them sets keeps
+// its default. Every flag defined on fs is covered, whenever it was added.
 func parseFlags(fs *flag.FlagSet, args []string) error {
-	var envErr error
-	fs.VisitAll(func(f *flag.Flag) {
-		v, ok := os.LookupEnv(envName(f.Name))
-		if !ok || envErr != nil {
-			return
-		}
-		if err := fs.Set(f.Name, v); err != nil {
-			// The flag package's own error for a bad value is only "parse
-			// error"; say what the variable should hold.
-			kind, _ := flag.UnquoteUsage(f)
-			if kind == "" {
-				kind = "value"
-			}
-			envErr = fmt.Errorf("%s (--%s): invalid %s %q: %w", envName(f.Name), f.Name, kind, v, err)
-		}
-	})
-	if envErr != nil {
-		return envErr
-	}
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
-	return nil
+	return applyEnvAndFile(fs)
 }
 
 // parseInterspersed is parseFlags that also accepts flags after positional
 // arguments ("keys revoke ID --database-url ..."), returning the positionals.
 func parseInterspersed(fs *flag.FlagSet, args []string) ([]string, error) {
-	if err := parseFlags(fs, args); err != nil {
+	if err := fs.Parse(args); err != nil {
 		return nil, err
 	}
 	var positional []string
@@ -91,6 +86,9 @@ func parseInterspersed(fs *flag.FlagSet, args []string) ([]string, error) {
 		if err := fs.Parse(fs.Args()[1:]); err != nil {
 			return nil, err
 		}
+	}
+	if err := applyEnvAndFile(fs); err != nil {
+		return nil, err
 	}
 	return positional, nil
 }

@@ -12,10 +12,18 @@
 //	posthaste domains add DOMAIN     add a sending domain and its DKIM key
 //	posthaste domains verify ID      check a domain's DNS records
 //	posthaste bench [flags]          measure intake and delivery rates and costs
+//	posthaste config print [flags]   show serve's effective configuration
+//	posthaste send [flags]           send a message through a running server
+//	posthaste status ID              show a message and its recipients
+//	posthaste messages list [flags]  list messages
+//	posthaste events tail [flags]    follow the event feed
+//	posthaste version                print the version
 //
 // Every flag can also be set through an environment variable: --database-url
 // is POSTHASTE_DATABASE_URL, --http-addr is POSTHASTE_HTTP_ADDR, and so on.
-// A flag given on the command line wins over the environment.
+// The server-side commands also read a YAML file named by --config (or
+// POSTHASTE_CONFIG) whose keys are the flag names. A flag given on the
+// command line wins over the environment, which wins over the file.
 package main
 
 import (
@@ -48,7 +56,14 @@ Commands:
   projects  create, list and delete projects
   domains   add, verify, rotate the DKIM key of and delete sending domains
   bench     measure how fast a server takes and delivers mail
+  config    print the effective configuration of serve (config print)
   version   print the version
+
+Client commands, talking to a running server over gRPC (--server, --api-key):
+  send      send a message, and with --wait follow it to the end
+  status    show a message and its recipients
+  messages  list messages (messages list)
+  events    follow the event feed (events tail)
 
 Run "posthaste <command> -h" for the flags of a command.
 `
@@ -97,8 +112,18 @@ func dispatch(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 		return runDomains(ctx, args[1:], stdout, stderr)
 	case "bench":
 		return runBench(ctx, args[1:], stdout, stderr)
+	case "config":
+		return runConfig(ctx, args[1:], stdout, stderr)
+	case "send":
+		return runSend(ctx, args[1:], stdout, stderr)
+	case "status":
+		return runStatus(ctx, args[1:], stdout, stderr)
+	case "messages":
+		return runMessages(ctx, args[1:], stdout, stderr)
+	case "events":
+		return runEvents(ctx, args[1:], stdout, stderr)
 	case "version", "--version", "-version":
-		fmt.Fprintln(stdout, "posthaste", version)
+		printVersion(stdout)
 		return nil
 	case "help", "-h", "-help", "--help":
 		fmt.Fprint(stdout, usage)

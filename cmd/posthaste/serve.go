@@ -41,6 +41,13 @@ func (l *logFlags) register(fs *flag.FlagSet) {
 }
 
 func runServe(ctx context.Context, args []string, stdout, stderr io.Writer) error {
+	return serve(ctx, args, stdout, stderr, false)
+}
+
+// serve runs the service, or with printOnly prints the configuration it
+// would run with and returns: "config print" thus knows every serve flag,
+// however many are added, without a second list of them.
+func serve(ctx context.Context, args []string, stdout, stderr io.Writer, printOnly bool) error {
 	fs := newFlagSet("serve", stderr)
 	var (
 		dbf      databaseFlags
@@ -132,6 +139,9 @@ func runServe(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	}
 	if fs.NArg() > 0 {
 		return fmt.Errorf("serve: unexpected argument %q", fs.Arg(0))
+	}
+	if printOnly {
+		return printConfig(stdout, fs)
 	}
 	logger, err := newLogger(stderr, logf.level, logf.format)
 	if err != nil {

@@ -109,13 +109,13 @@ func TestServeConfigErrorsNameFlags(t *testing.T) {
 	}
 }
 
-// A bad value in an environment variable names the variable, its flag and
-// what it should hold.
+// A bad value in an environment variable names the variable, its flag, its
+// file key and what it should hold.
 func TestEnvironmentErrorsSayWhatIsExpected(t *testing.T) {
 	t.Setenv("POSTHASTE_LEASE", "abc")
 	var stdout, stderr bytes.Buffer
 	err := run(context.Background(), []string{"serve", "--database-wait", "0"}, &stdout, &stderr)
-	want := `POSTHASTE_LEASE (--lease): invalid duration "abc"`
+	want := `--lease (POSTHASTE_LEASE, file key "lease"): invalid duration "abc" in the environment`
 	if err == nil || !strings.HasPrefix(err.Error(), want) {
 		t.Errorf("error %v, want it to start with %q", err, want)
 	}
