@@ -2,6 +2,7 @@ package delivery
 
 import (
 	"context"
+	"errors"
 	"time"
 )
 
@@ -12,6 +13,9 @@ type sender struct {
 	connector  *connector
 	pool       *pool
 	dnsTimeout time.Duration
+	// shaper applies the limits of destination providers; nil applies
+	// none.
+	shaper shaper
 }
 
 // envelope is one SMTP transaction to make: a message for recipients of one
@@ -34,6 +38,9 @@ type attemptResult struct {
 	// what is recorded of an attempt that tried no host.
 	Started time.Time
 	Elapsed time.Duration
+	// Held is set when the provider's limits kept the transaction from
+	// starting: Rcpts is then empty, and the attempt does not count.
+	Held *heldError
 }
 
 // hostTry is one address tried in an attempt.
@@ -75,26 +82,45 @@ func (s *sender) attempt(ctx context.Context, env envelope) (res attemptResult) 
 		return res
 	}
 	targets = s.preferPooled(targets)
+	var l *lane
+	if s.shaper != nil {
+		var err error
+		if l, err = s.shaper.admit(ctx, targets); err != nil {
+			return heldOrFailed(res, len(env.To), err)
+		}
+	}
 
 	for _, t := range targets {
 		if ctx.Err() != nil {
 			break
 		}
 		h := hostTry{MXHost: t.Host, IP: t.IP.String(), Started: time.Now()}
-		sc, rcpts, err := s.transact(ctx, t, env)
+		sc, rcpts, err := s.transact(ctx, l, t, env)
+		if held, ok := errors.AsType[*heldError](err); ok {
+			res.Rcpts, res.Held = nil, held
+			return res
+		}
 		if err != nil {
 			// RFC 5321 section 5.1: on a connection failure or a
 			// greeting that is not 220, go on to the next address.
 			h.Elapsed = time.Since(h.Started)
 			h.Err, h.Replied = asGreetingError(err), isReply(err)
 			res.Hosts = append(res.Hosts, h)
+			s.observe(l, h.Err)
 			continue
 		}
 		h.TLS, h.TLSVersion = sc.tls, sc.tlsVersion
 		res.Rcpts = rcpts
 		h.Elapsed = time.Since(h.Started)
 		res.Hosts = append(res.Hosts, h)
-		s.pool.put(sc)
+		for _, r := range rcpts {
+			s.observe(l, r.Err)
+		}
+		perConn := 0
+		if l != nil {
+			perConn = l.limit.PerConnection
+		}
+		s.pool.putLimited(sc, perConn)
 		return res
 	}
 	lastErr := asSMTPError(context.Cause(ctx))
@@ -109,9 +135,9 @@ func (s *sender) attempt(ctx context.Context, env envelope) (res attemptResult) 
 // one. A pooled connection that turns out to have been dropped while idle
 // (its pipelined RSET went unanswered) is closed and the next one tried;
 // the error is the one of opening a new connection.
-func (s *sender) transact(ctx context.Context, t target, env envelope) (*smtpConn, []rcptResult, error) {
+func (s *sender) transact(ctx context.Context, l *lane, t target, env envelope) (*smtpConn, []rcptResult, error) {
 	for {
-		sc, err := s.connect(ctx, t)
+		sc, err := s.connect(ctx, l, t)
 		if err != nil {
 			return nil, nil, err
 		}
@@ -129,7 +155,10 @@ func (s *sender) transact(ctx context.Context, t target, env envelope) (*smtpCon
 // RSET goes out with the transaction's commands (RFC 2920 section 3.1 lets
 // it lead a group), otherwise it is sent here and a connection that does
 // not answer it is closed.
-func (s *sender) connect(ctx context.Context, t target) (*smtpConn, error) {
+//
+// A new connection to a provider with a connection limit takes one of its
+// slots first (see shaper.connect), held until the connection is closed.
+func (s *sender) connect(ctx context.Context, l *lane, t target) (*smtpConn, error) {
 	for {
 		sc := s.pool.get(keyOf(t))
 		if sc == nil {
@@ -145,7 +174,34 @@ func (s *sender) connect(ctx context.Context, t target) (*smtpConn, error) {
 		// The server dropped the idle connection; try the next one.
 		sc.raw.Close()
 	}
-	return s.connector.dial(ctx, t)
+	if l == nil {
+		return s.connector.dial(ctx, t)
+	}
+	release, err := s.shaper.connect(ctx, l)
+	if err != nil {
+		return nil, err
+	}
+	slot := newSlotToken(release)
+	defer slot.drop()
+	return s.connector.dial(withSlot(ctx, slot), t)
+}
+
+// observe passes a reply of l's provider to the shaper.
+func (s *sender) observe(l *lane, e *SMTPError) {
+	if l != nil && e != nil {
+		s.shaper.observe(l, e)
+	}
+}
+
+// heldOrFailed ends an attempt that could not start: held back by a
+// provider's limits, or cut off while it waited.
+func heldOrFailed(res attemptResult, n int, err error) attemptResult {
+	if held, ok := errors.AsType[*heldError](err); ok {
+		res.Held = held
+		return res
+	}
+	res.Rcpts = failAll(n, asSMTPError(err))
+	return res
 }
 
 // preferPooled moves an address that has an idle connection to the front,
