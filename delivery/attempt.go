@@ -119,8 +119,14 @@ func (s *sender) attempt(ctx context.Context, env envelope) (res attemptResult) 
 		perConn := 0
 		if l != nil {
 			perConn = l.limit.PerConnection
+			if l.overCap() {
+				perConn = 1 // worn out: closed with QUIT
+			}
 		}
 		s.pool.putLimited(sc, perConn)
+		if l != nil {
+			l.returned()
+		}
 		return res
 	}
 	lastErr := asSMTPError(context.Cause(ctx))
@@ -159,31 +165,46 @@ func (s *sender) transact(ctx context.Context, l *lane, t target, env envelope) 
 // A new connection to a provider with a connection limit takes one of its
 // slots first (see shaper.connect), held until the connection is closed.
 func (s *sender) connect(ctx context.Context, l *lane, t target) (*smtpConn, error) {
+	since := time.Now()
+	for {
+		sc := s.pooled(ctx, t)
+		if sc != nil {
+			return sc, nil
+		}
+		if l == nil {
+			return s.connector.dial(ctx, t)
+		}
+		release, err := s.shaper.connect(ctx, l, since)
+		if errors.Is(err, errLaneChanged) {
+			continue
+		}
+		if err != nil {
+			return nil, err
+		}
+		slot := newSlotToken(release)
+		sc, err = s.connector.dial(withSlot(ctx, slot), t)
+		slot.drop()
+		return sc, err
+	}
+}
+
+// pooled returns an idle connection to t, reset, or nil.
+func (s *sender) pooled(ctx context.Context, t target) *smtpConn {
 	for {
 		sc := s.pool.get(keyOf(t))
 		if sc == nil {
-			break
+			return nil
 		}
 		if sc.pipelining() {
 			sc.reused = true
-			return sc, nil
+			return sc
 		}
 		if err := sc.reset(ctx); err == nil {
-			return sc, nil
+			return sc
 		}
 		// The server dropped the idle connection; try the next one.
 		sc.raw.Close()
 	}
-	if l == nil {
-		return s.connector.dial(ctx, t)
-	}
-	release, err := s.shaper.connect(ctx, l)
-	if err != nil {
-		return nil, err
-	}
-	slot := newSlotToken(release)
-	defer slot.drop()
-	return s.connector.dial(withSlot(ctx, slot), t)
 }
 
 // observe passes a reply of l's provider to the shaper.

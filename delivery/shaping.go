@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"math"
 	"net"
 	"sync"
@@ -104,11 +105,12 @@ type shaper interface {
 	// apply, once the provider's rate allows one more transaction. It
 	// returns a *heldError when that takes longer than the configured wait.
 	admit(ctx context.Context, targets []target) (*lane, error)
-	// connect takes one of l's connection slots, evicting an idle pooled
-	// connection of the provider when all are taken, and returns the
-	// function that gives it back. It returns a *heldError when none frees
-	// up within the wait.
-	connect(ctx context.Context, l *lane) (release func(), err error)
+	// connect takes one of l's connection slots and returns the function
+	// that gives it back. When all are taken it closes an idle pooled
+	// connection of the provider and waits for a change, then returns
+	// errLaneChanged so that the caller looks at the pool again; it
+	// returns a *heldError once MaxWait has passed since since.
+	connect(ctx context.Context, l *lane, since time.Time) (release func(), err error)
 	// observe tells the shaper how a session with l's provider went: a
 	// rate-limit reply slows the provider down.
 	observe(l *lane, e *SMTPError)
@@ -260,35 +262,60 @@ func (l *lane) connCap() int {
 	return max(1, int(math.Ceil(float64(l.limit.Connections)*l.factor)))
 }
 
-func (s *providerShaper) connect(ctx context.Context, l *lane) (func(), error) {
-	deadline := time.NewTimer(s.cfg.MaxWait)
-	defer deadline.Stop()
-	evicted := false
-	for {
-		l.mu.Lock()
-		l.recover(s.now(), s.cfg)
-		if c := l.connCap(); c == 0 || l.open < c {
-			l.open++
-			l.mu.Unlock()
-			var once sync.Once
-			return func() { once.Do(func() { l.release() }) }, nil
-		}
-		freed := l.freed
+func (s *providerShaper) connect(ctx context.Context, l *lane, since time.Time) (func(), error) {
+	l.mu.Lock()
+	l.recover(s.now(), s.cfg)
+	if c := l.connCap(); c == 0 || l.open < c {
+		l.open++
 		l.mu.Unlock()
-		// Every slot is taken. An idle connection to one of the
-		// provider's hosts is worth less than this transaction: close one
-		// (once per wait), and its slot comes back when it is closed.
-		if !evicted && s.evict != nil {
-			evicted = s.evict(func(host string) bool { return s.table.lookup(host) >= 0 && s.lanes[s.table.lookup(host)] == l })
-		}
-		select {
-		case <-freed:
-		case <-deadline.C:
-			return nil, &heldError{Provider: l.name, After: s.cfg.HoldDelay, Why: "connections"}
-		case <-ctx.Done():
-			return nil, context.Cause(ctx)
-		}
+		var once sync.Once
+		return func() { once.Do(l.release) }, nil
 	}
+	freed := l.freed
+	l.mu.Unlock()
+	left := s.cfg.MaxWait - time.Since(since)
+	if left <= 0 {
+		return nil, &heldError{Provider: l.name, After: s.cfg.HoldDelay, Why: "connections"}
+	}
+	// Every slot is taken. An idle connection to one of the provider's
+	// hosts is worth less than this transaction: close one, and its slot
+	// comes back when it is closed.
+	if s.evict != nil {
+		s.evict(s.matcher(l))
+	}
+	timer := time.NewTimer(left)
+	defer timer.Stop()
+	select {
+	case <-freed:
+		return nil, errLaneChanged
+	case <-timer.C:
+		return nil, &heldError{Provider: l.name, After: s.cfg.HoldDelay, Why: "connections"}
+	case <-ctx.Done():
+		return nil, context.Cause(ctx)
+	}
+}
+
+// errLaneChanged says a lane's connections changed while connect waited:
+// one was closed, or came back idle to the pool, where the caller may find
+// one for its own host. The caller looks again.
+var errLaneChanged = errors.New("provider connections changed")
+
+// returned wakes the transactions waiting for l's connections: one just
+// went back to the pool.
+func (l *lane) returned() {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	l.wakeLocked()
+}
+
+// overCap reports whether more connections are open than l allows now,
+// as after a slowdown: a connection coming back from a transaction is then
+// closed rather than kept idle.
+func (l *lane) overCap() bool {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	c := l.connCap()
+	return c > 0 && l.open > c
 }
 
 func (l *lane) release() {
@@ -316,8 +343,27 @@ func (s *providerShaper) observe(l *lane, e *SMTPError) {
 		return
 	}
 	l.mu.Lock()
-	defer l.mu.Unlock()
 	l.slowDown(s.now(), s.cfg)
+	excess := 0
+	if c := l.connCap(); c > 0 {
+		excess = l.open - c
+	}
+	l.mu.Unlock()
+	// Idle connections over the lowered cap are closed now rather than
+	// kept until they time out: the provider counts them.
+	for ; excess > 0 && s.evict != nil; excess-- {
+		if !s.evict(s.matcher(l)) {
+			break
+		}
+	}
+}
+
+// matcher reports whether a host belongs to l's provider.
+func (s *providerShaper) matcher(l *lane) func(host string) bool {
+	return func(host string) bool {
+		i := s.table.lookup(host)
+		return i >= 0 && s.lanes[i] == l
+	}
 }
 
 // isRateLimitReply reports whether e is the receiver asking us to slow
@@ -439,10 +485,27 @@ type slotConn struct {
 	net.Conn
 	token *slotToken
 	once  sync.Once
+	err   error
 }
 
+// slotLinger bounds how long Close waits for the server to close its side.
+const slotLinger = time.Second
+
+// Close closes the connection and gives its slot back once the server has
+// closed its side too, or after slotLinger. A receiver counts our
+// connection until it sees it end: giving the slot back as soon as our
+// side is closed would let the next dial reach it while it still counts
+// the last one, one over the limit. So the write side is shut first (a
+// FIN, which a server reading the next command takes as the end), and the
+// read side is drained until the server's FIN.
 func (c *slotConn) Close() error {
-	err := c.Conn.Close()
-	c.once.Do(c.token.drop)
-	return err
+	c.once.Do(func() {
+		defer c.token.drop()
+		if hc, ok := c.Conn.(interface{ CloseWrite() error }); ok && hc.CloseWrite() == nil {
+			c.Conn.SetReadDeadline(time.Now().Add(slotLinger))
+			io.Copy(io.Discard, io.LimitReader(c.Conn, 64<<10))
+		}
+		c.err = c.Conn.Close()
+	})
+	return c.err
 }
