@@ -22,8 +22,8 @@ ALTER TABLE projects ADD COLUMN IF NOT EXISTS recipients_per_day bigint
     CHECK (recipients_per_day IS NULL OR recipients_per_day >= 0);
 
 -- Recipients accepted per project and UTC day, counted by the intake with
--- one UPSERT per call when a daily limit applies. Old days are deleted by
--- retention.
+-- one UPSERT per call when a daily limit applies. One small row per project
+-- and day.
 CREATE TABLE IF NOT EXISTS project_daily_usage (
     project_id uuid   NOT NULL,
     day        date   NOT NULL,

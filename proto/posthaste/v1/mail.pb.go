@@ -1552,7 +1552,10 @@ type ApiKey struct {
 	// When the key was last used, to the minute; unset if never.
 	LastUsedAt *timestamppb.Timestamp `protobuf:"bytes,7,opt,name=last_used_at,json=lastUsedAt,proto3" json:"last_used_at,omitempty"`
 	// When the key was revoked; unset while it is active.
-	RevokedAt     *timestamppb.Timestamp `protobuf:"bytes,8,opt,name=revoked_at,json=revokedAt,proto3" json:"revoked_at,omitempty"`
+	RevokedAt *timestamppb.Timestamp `protobuf:"bytes,8,opt,name=revoked_at,json=revokedAt,proto3" json:"revoked_at,omitempty"`
+	// The domains the key may send from (the From address and the envelope
+	// sender); empty allows any.
+	SenderDomains []string `protobuf:"bytes,9,rep,name=sender_domains,json=senderDomains,proto3" json:"sender_domains,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1643,6 +1646,13 @@ func (x *ApiKey) GetRevokedAt() *timestamppb.Timestamp {
 	return nil
 }
 
+func (x *ApiKey) GetSenderDomains() []string {
+	if x != nil {
+		return x.SenderDomains
+	}
+	return nil
+}
+
 // CreateApiKeyRequest describes a key to make in the caller's project.
 type CreateApiKeyRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -1650,7 +1660,12 @@ type CreateApiKeyRequest struct {
 	// Required.
 	Name string `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
 	// send, read and/or admin; at least one. Required.
-	Scopes        []string `protobuf:"bytes,2,rep,name=scopes,proto3" json:"scopes,omitempty"`
+	Scopes []string `protobuf:"bytes,2,rep,name=scopes,proto3" json:"scopes,omitempty"`
+	// Restricts the key to sending from these domains: a message whose From
+	// address or envelope sender is at another domain is refused with
+	// PERMISSION_DENIED (403). Exact domain names, compared without regard
+	// to case; a subdomain needs its own entry. Empty allows any domain.
+	SenderDomains []string `protobuf:"bytes,3,rep,name=sender_domains,json=senderDomains,proto3" json:"sender_domains,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1695,6 +1710,13 @@ func (x *CreateApiKeyRequest) GetName() string {
 func (x *CreateApiKeyRequest) GetScopes() []string {
 	if x != nil {
 		return x.Scopes
+	}
+	return nil
+}
+
+func (x *CreateApiKeyRequest) GetSenderDomains() []string {
+	if x != nil {
+		return x.SenderDomains
 	}
 	return nil
 }
@@ -3829,7 +3851,7 @@ const file_posthaste_v1_mail_proto_rawDesc = "" +
 	"\x05reply\x18\t \x01(\v2\x17.posthaste.v1.SmtpReplyR\x05reply\x12\x18\n" +
 	"\aoutcome\x18\n" +
 	" \x01(\tR\aoutcome\x12\x16\n" +
-	"\x06source\x18\v \x01(\tR\x06source\"\xaa\x02\n" +
+	"\x06source\x18\v \x01(\tR\x06source\"\xd1\x02\n" +
 	"\x06ApiKey\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12\x12\n" +
 	"\x04name\x18\x02 \x01(\tR\x04name\x12\x16\n" +
@@ -3841,10 +3863,12 @@ const file_posthaste_v1_mail_proto_rawDesc = "" +
 	"\flast_used_at\x18\a \x01(\v2\x1a.google.protobuf.TimestampR\n" +
 	"lastUsedAt\x129\n" +
 	"\n" +
-	"revoked_at\x18\b \x01(\v2\x1a.google.protobuf.TimestampR\trevokedAt\"A\n" +
+	"revoked_at\x18\b \x01(\v2\x1a.google.protobuf.TimestampR\trevokedAt\x12%\n" +
+	"\x0esender_domains\x18\t \x03(\tR\rsenderDomains\"h\n" +
 	"\x13CreateApiKeyRequest\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x16\n" +
-	"\x06scopes\x18\x02 \x03(\tR\x06scopes\"W\n" +
+	"\x06scopes\x18\x02 \x03(\tR\x06scopes\x12%\n" +
+	"\x0esender_domains\x18\x03 \x03(\tR\rsenderDomains\"W\n" +
 	"\x14CreateApiKeyResponse\x12-\n" +
 	"\aapi_key\x18\x01 \x01(\v2\x14.posthaste.v1.ApiKeyR\x06apiKey\x12\x10\n" +
 	"\x03key\x18\x02 \x01(\tR\x03key\"\x14\n" +
