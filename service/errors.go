@@ -125,6 +125,8 @@ func toStatus(ctx context.Context, logger *slog.Logger, err error) error {
 		unauth   *unauthenticatedError
 		denied   *permissionDeniedError
 		notFound *notFoundError
+		limited  *rateLimitedError
+		sender   *senderDeniedError
 	)
 	switch {
 	case errors.As(err, &invalid):
@@ -147,6 +149,16 @@ func toStatus(ctx context.Context, logger *slog.Logger, err error) error {
 				"limit": strconv.FormatInt(tooLarge.limit, 10),
 			},
 		})
+	case errors.As(err, &limited):
+		st := status.New(codes.ResourceExhausted, limited.Error())
+		return withDetails(ctx, logger, st,
+			&errdetails.ErrorInfo{Reason: ReasonRateLimited, Domain: ErrorDomain},
+			&errdetails.RetryInfo{RetryDelay: durationpb.New(max(limited.retryAfter, time.Second))})
+	case errors.As(err, &sender):
+		st := status.New(codes.PermissionDenied, sender.Error())
+		return withDetails(ctx, logger, st, &errdetails.BadRequest{FieldViolations: []*errdetails.BadRequest_FieldViolation{{
+			Field: sender.field, Description: "the API key may not send from " + sender.domain,
+		}}})
 	case errors.As(err, &unauth):
 		return status.Error(codes.Unauthenticated, unauth.reason)
 	case errors.As(err, &denied):

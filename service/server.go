@@ -28,6 +28,7 @@ type Server struct {
 	store     *db.DB
 	committer *db.Committer
 	keys      *keyCache
+	requests  *requestLimiter
 	onCommit  func()
 	// events wakes the event streams; nil when the server serves none.
 	events *EventHub
@@ -79,6 +80,7 @@ func New(cfg Config, store *db.DB, onCommit func(), opts ...Option) (*Server, er
 		store:     store,
 		committer: committer,
 		keys:      newKeyCache(store, cfg.APIKeyCacheTTL, cfg.Logger),
+		requests:  newRequestLimiter(cfg.RequestsPerSecond),
 		onCommit:  onCommit,
 	}
 	for _, opt := range opts {

@@ -38,6 +38,7 @@ func runMigrate(ctx context.Context, args []string, stdout, stderr io.Writer) er
 
 const keysUsage = `Usage:
   posthaste keys create --name NAME [--project P] [--scopes send,read]
+                        [--sender-domains a.com,b.com]
                                       create a key; it is printed once
   posthaste keys list [--project P]   list a project's keys (never their secret)
   posthaste keys revoke ID [--project P]
@@ -45,7 +46,9 @@ const keysUsage = `Usage:
 
 --project defaults to "default". Scopes: send (send and cancel messages),
 read (get and list messages), admin (manage the project's keys; allows
-everything). --scopes defaults to send,read.
+everything). --scopes defaults to send,read. --sender-domains restricts the
+key to sending from those domains (From and envelope sender); by default it
+may send from any.
 `
 
 func runKeys(ctx context.Context, args []string, stdout, stderr io.Writer) error {
@@ -63,12 +66,16 @@ func runKeys(ctx context.Context, args []string, stdout, stderr io.Writer) error
 	fs := newFlagSet("keys "+sub, stderr)
 	var dbf databaseFlags
 	dbf.register(fs)
-	var name, projectName string
+	var (
+		name, projectName string
+		senderDomains     listFlag
+	)
 	scopes := scopeList{scopes: []string{db.ScopeSend, db.ScopeRead}}
 	fs.StringVar(&projectName, "project", db.DefaultProjectName, "the project the key belongs to")
 	if sub == "create" {
 		fs.StringVar(&name, "name", "", "a name that says who uses the key (required)")
 		fs.Var(&scopes, "scopes", "comma-separated scopes: send, read, admin")
+		fs.Var(&senderDomains, "sender-domains", "comma-separated domains the key may send from; empty allows any")
 	}
 	positional, err := parseInterspersed(fs, args)
 	if err != nil {
@@ -86,6 +93,10 @@ func runKeys(ctx context.Context, args []string, stdout, stderr io.Writer) error
 		if err != nil {
 			return fmt.Errorf("keys create: --scopes: %w", err)
 		}
+		domains, err := db.NormalizeSenderDomains(senderDomains)
+		if err != nil {
+			return fmt.Errorf("keys create: --sender-domains: %w", err)
+		}
 		return withProject(ctx, dbf, projectName, stderr, func(store *db.DB, project db.Project) error {
 			key, prefix, hash, err := service.NewAPIKey()
 			if err != nil {
@@ -93,12 +104,17 @@ func runKeys(ctx context.Context, args []string, stdout, stderr io.Writer) error
 			}
 			k, err := store.CreateAPIKey(ctx, db.NewAPIKeyParams{
 				ProjectID: project.ID, Name: name, Prefix: prefix, Hash: hash, Scopes: normalized,
+				SenderDomains: domains,
 			})
 			if err != nil {
 				return fmt.Errorf("create key: %w", err)
 			}
-			fmt.Fprintf(stdout, "Created API key %s (%s) in project %s with scopes %s. It is shown only this once:\n\n    %s\n",
-				k.ID, k.Name, project.Name, strings.Join(k.Scopes, ","), key)
+			restricted := ""
+			if len(k.SenderDomains) > 0 {
+				restricted = ", sending only from " + strings.Join(k.SenderDomains, ",")
+			}
+			fmt.Fprintf(stdout, "Created API key %s (%s) in project %s with scopes %s%s. It is shown only this once:\n\n    %s\n",
+				k.ID, k.Name, project.Name, strings.Join(k.Scopes, ","), restricted, key)
 			return nil
 		})
 	case "list":
