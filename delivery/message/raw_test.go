@@ -3,6 +3,7 @@ package message_test
 import (
 	"bytes"
 	"errors"
+	"reflect"
 	"regexp"
 	"strings"
 	"testing"
@@ -45,8 +46,10 @@ func TestCheckRawComplete(t *testing.T) {
 		MessageID: "<abc.123@example.test>",
 		From:      "Jörg Müller <joerg@example.test>",
 		Subject:   "Grüße from a folded line",
+
+		FromAddresses: []string{"joerg@example.test"},
 	}
-	if info != want {
+	if !reflect.DeepEqual(info, want) {
 		t.Errorf("info = %+v, want %+v", info, want)
 	}
 }
