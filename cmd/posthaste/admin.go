@@ -156,6 +156,10 @@ const projectsUsage = `Usage:
   posthaste projects create NAME           create a project
   posthaste projects list                  list projects and their active keys
   posthaste projects delete NAME [--force] delete a project
+  posthaste projects limits NAME [--requests-per-second N] [--recipients-per-day N]
+                                           set the project's rate limits; -1
+                                           (the default) goes back to the
+                                           serve flags, 0 is no limit
 
 delete refuses while the project has active keys or stored messages; with
 --force it deletes them too (messages with their recipients and history).
@@ -170,7 +174,7 @@ func runProjects(ctx context.Context, args []string, stdout, stderr io.Writer) e
 	}
 	sub, args := args[0], args[1:]
 	switch sub {
-	case "create", "list", "delete":
+	case "create", "list", "delete", "limits":
 	default:
 		fmt.Fprint(stderr, projectsUsage)
 		return fmt.Errorf("projects: unknown subcommand %q", sub)
@@ -178,9 +182,16 @@ func runProjects(ctx context.Context, args []string, stdout, stderr io.Writer) e
 	fs := newFlagSet("projects "+sub, stderr)
 	var dbf databaseFlags
 	dbf.register(fs)
-	var force bool
+	var (
+		force                 bool
+		perSecond, perDayFlag int64
+	)
 	if sub == "delete" {
 		fs.BoolVar(&force, "force", false, "also delete the project's keys and messages")
+	}
+	if sub == "limits" {
+		fs.Int64Var(&perSecond, "requests-per-second", -1, "API calls per second per key of the project, per instance; -1 uses --requests-per-second of serve, 0 is no limit")
+		fs.Int64Var(&perDayFlag, "recipients-per-day", -1, "recipients per UTC day for the project; -1 uses --recipients-per-day of serve, 0 is no limit")
 	}
 	positional, err := parseInterspersed(fs, args)
 	if err != nil {
@@ -209,6 +220,23 @@ func runProjects(ctx context.Context, args []string, stdout, stderr io.Writer) e
 	name := positional[0]
 	if err := db.ValidateProjectName(name); err != nil {
 		return fmt.Errorf("projects %s: name %w", sub, err)
+	}
+	if sub == "limits" {
+		var l db.ProjectLimits
+		if perSecond >= 0 {
+			n := int(min(perSecond, 1<<31-1))
+			l.RequestsPerSecond = &n
+		}
+		if perDayFlag >= 0 {
+			l.RecipientsPerDay = &perDayFlag
+		}
+		return withProject(ctx, dbf, name, stderr, func(store *db.DB, project db.Project) error {
+			if err := store.SetProjectLimits(ctx, project.ID, l); err != nil {
+				return fmt.Errorf("projects limits: %w", err)
+			}
+			fmt.Fprintf(stdout, "set the limits of project %s (keys pick them up within --api-key-cache-ttl)\n", project.Name)
+			return nil
+		})
 	}
 	if sub == "create" {
 		return withStore(ctx, dbf, stderr, func(store *db.DB) error {
