@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"slices"
+	"strings"
 	"time"
 	"unicode/utf8"
 
@@ -88,6 +89,58 @@ type APIKey struct {
 	RevokedAt *time.Time
 	// LastUsedAt is when LookupAPIKey last found the key, to the minute.
 	LastUsedAt *time.Time
+	// SenderDomains are the domains the key may send from, lowercase;
+	// empty allows any (see NormalizeSenderDomains).
+	SenderDomains []string
+	// RequestsPerSecond overrides the request rate of the key (and of its
+	// project's); nil keeps them, 0 is no limit.
+	RequestsPerSecond *int
+	// Limits are the key's project's overrides. Only LookupAPIKey fills
+	// them.
+	Limits ProjectLimits
+}
+
+// AllowsSender reports whether the key may send from domain, which is
+// lowercase.
+func (k APIKey) AllowsSender(domain string) bool {
+	return len(k.SenderDomains) == 0 || slices.Contains(k.SenderDomains, domain)
+}
+
+// NormalizeSenderDomains checks a key's sender domains and returns them
+// lowercase, without a trailing dot or duplicates, in the order given. An
+// address literal or anything but a host name is refused.
+func NormalizeSenderDomains(domains []string) ([]string, error) {
+	var out []string
+	for _, d := range domains {
+		d = strings.ToLower(strings.TrimSuffix(strings.TrimSpace(d), "."))
+		if !isDomainName(d) {
+			return nil, fmt.Errorf("%q is not a domain name", d)
+		}
+		if !slices.Contains(out, d) {
+			out = append(out, d)
+		}
+	}
+	return out, nil
+}
+
+// isDomainName reports whether d is a host name of LDH labels (RFC 1123
+// section 2.1) with at least two labels, or its A-label form.
+func isDomainName(d string) bool {
+	if len(d) == 0 || len(d) > 253 || !strings.Contains(d, ".") {
+		return false
+	}
+	for label := range strings.SplitSeq(d, ".") {
+		if label == "" || len(label) > 63 || label[0] == '-' || label[len(label)-1] == '-' {
+			return false
+		}
+		for i := 0; i < len(label); i++ {
+			c := label[i]
+			if !(c >= 'a' && c <= 'z' || c >= '0' && c <= '9' || c == '-') {
+				return false
+			}
+		}
+	}
+	return true
 }
 
 // HasScope reports whether the key may do what scope allows.
@@ -104,13 +157,20 @@ type NewAPIKeyParams struct {
 	Hash      []byte
 	// Scopes are checked and normalized with NormalizeScopes.
 	Scopes []string
+	// SenderDomains are checked and normalized with
+	// NormalizeSenderDomains; empty allows any.
+	SenderDomains []string
+	// RequestsPerSecond overrides the key's request rate; nil keeps the
+	// project's or the default.
+	RequestsPerSecond *int
 }
 
-const apiKeyColumns = `id, project_id, name, prefix, scopes, created_at, revoked_at, last_used_at`
+const apiKeyColumns = `id, project_id, name, prefix, scopes, created_at, revoked_at, last_used_at,
+    sender_domains, requests_per_second`
 
 const createAPIKeySQL = `
-INSERT INTO api_keys (id, project_id, name, prefix, hash, scopes)
-VALUES ($1, $2, $3, $4, $5, $6)
+INSERT INTO api_keys (id, project_id, name, prefix, hash, scopes, sender_domains, requests_per_second)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
 RETURNING ` + apiKeyColumns
 
 // bootstrapKeyLock is the transaction advisory lock key that serializes
@@ -131,10 +191,14 @@ UPDATE api_keys SET revoked_at = coalesce(revoked_at, now())
 WHERE id = $1 AND project_id = $2
 RETURNING ` + apiKeyColumns
 
-// lookupAPIKeySQL finds an active key. It only reads: recording the use
-// is TouchAPIKeys's, off the request's path.
+// lookupAPIKeySQL finds an active key, with its project's limits, which
+// the cache in front of it then holds as long as the key. It only reads:
+// recording the use is TouchAPIKeys's, off the request's path.
 const lookupAPIKeySQL = `
-SELECT ` + apiKeyColumns + ` FROM api_keys WHERE hash = $1 AND revoked_at IS NULL`
+SELECT k.id, k.project_id, k.name, k.prefix, k.scopes, k.created_at, k.revoked_at, k.last_used_at,
+    k.sender_domains, k.requests_per_second, p.requests_per_second, p.recipients_per_day
+FROM api_keys k JOIN projects p ON p.id = k.project_id
+WHERE k.hash = $1 AND k.revoked_at IS NULL`
 
 // touchAPIKeysSQL records the use of keys, at most once a minute per key so
 // that a busy key does not turn every flush into a write.
@@ -144,7 +208,15 @@ WHERE id = ANY($1::uuid[]) AND (last_used_at IS NULL OR last_used_at < now() - i
 
 func scanAPIKey(row pgx.CollectableRow) (APIKey, error) {
 	var k APIKey
-	err := row.Scan(&k.ID, &k.ProjectID, &k.Name, &k.Prefix, &k.Scopes, &k.CreatedAt, &k.RevokedAt, &k.LastUsedAt)
+	err := row.Scan(&k.ID, &k.ProjectID, &k.Name, &k.Prefix, &k.Scopes, &k.CreatedAt, &k.RevokedAt, &k.LastUsedAt,
+		&k.SenderDomains, &k.RequestsPerSecond)
+	return k, err
+}
+
+func scanAPIKeyWithLimits(row pgx.CollectableRow) (APIKey, error) {
+	var k APIKey
+	err := row.Scan(&k.ID, &k.ProjectID, &k.Name, &k.Prefix, &k.Scopes, &k.CreatedAt, &k.RevokedAt, &k.LastUsedAt,
+		&k.SenderDomains, &k.RequestsPerSecond, &k.Limits.RequestsPerSecond, &k.Limits.RecipientsPerDay)
 	return k, err
 }
 
@@ -162,6 +234,14 @@ func (p *NewAPIKeyParams) validate() error {
 		return fmt.Errorf("scopes: %w", err)
 	}
 	p.Scopes = scopes
+	domains, err := NormalizeSenderDomains(p.SenderDomains)
+	if err != nil {
+		return fmt.Errorf("sender domains: %w", err)
+	}
+	p.SenderDomains = domains
+	if p.RequestsPerSecond != nil && *p.RequestsPerSecond < 0 {
+		return errors.New("requests per second must not be negative")
+	}
 	p.ProjectID = projectOrDefault(p.ProjectID)
 	return nil
 }
@@ -187,7 +267,11 @@ func createAPIKey(ctx context.Context, q Querier, p NewAPIKeyParams) (APIKey, er
 	if err != nil {
 		return APIKey{}, err
 	}
-	rows, _ := q.Query(ctx, createAPIKeySQL, id, p.ProjectID, p.Name, p.Prefix, p.Hash, p.Scopes)
+	domains := p.SenderDomains
+	if domains == nil {
+		domains = []string{}
+	}
+	rows, _ := q.Query(ctx, createAPIKeySQL, id, p.ProjectID, p.Name, p.Prefix, p.Hash, p.Scopes, domains, p.RequestsPerSecond)
 	return pgx.CollectExactlyOneRow(rows, scanAPIKey)
 }
 
@@ -258,7 +342,7 @@ func (d *DB) RevokeAPIKey(ctx context.Context, projectID, id uuid.UUID) (APIKey,
 // (also for a revoked key). It does not record the use; see TouchAPIKeys.
 func (d *DB) LookupAPIKey(ctx context.Context, hash []byte) (APIKey, error) {
 	rows, _ := d.pool.Query(ctx, lookupAPIKeySQL, nonNilBytes(hash))
-	k, err := pgx.CollectExactlyOneRow(rows, scanAPIKey)
+	k, err := pgx.CollectExactlyOneRow(rows, scanAPIKeyWithLimits)
 	if err != nil {
 		return APIKey{}, fmt.Errorf("look up api key: %w", mapError(err))
 	}

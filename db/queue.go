@@ -185,15 +185,43 @@ func nowParam(t time.Time) pgtype.Timestamptz {
 // taking each other's rows. greatest() skips a NULL send_at, so an
 // unscheduled message is due since its creation.
 //
+// First attempts and retries share the batch fairly: fresh takes up to
+// $2 due rows never attempted, retry up to $2 due rows attempted before
+// (each by its own partial index), and picked alternates between the two
+// lists by rank, so a batch is half of each when both have enough, and the
+// share one cannot fill goes to the other. A backlog of due retries (a
+// provider that defers everything for an hour) thus never holds new mail
+// back behind it, nor new mail the retries. The rows of the two lists that
+// picked leaves out stay locked only until this statement commits.
+//
 // $1 owner, $2 limit, $3 lease length in microseconds, $4 now or NULL.
 const claimSQL = `
-WITH picked AS (
-    SELECT id, message_id, domain FROM recipients
-    WHERE status IN ('queued', 'scheduled', 'deferred')
+WITH fresh AS (
+    SELECT id, message_id, domain, next_attempt_at FROM recipients
+    WHERE status IN ('queued', 'scheduled', 'deferred') AND attempts = 0
       AND next_attempt_at <= coalesce($4::timestamptz, now())
     ORDER BY next_attempt_at, message_id, domain
     LIMIT $2
     FOR NO KEY UPDATE SKIP LOCKED
+), retry AS (
+    SELECT id, message_id, domain, next_attempt_at FROM recipients
+    WHERE status IN ('queued', 'scheduled', 'deferred') AND attempts > 0
+      AND next_attempt_at <= coalesce($4::timestamptz, now())
+    ORDER BY next_attempt_at, message_id, domain
+    LIMIT $2
+    FOR NO KEY UPDATE SKIP LOCKED
+), picked AS (
+    SELECT id, message_id, domain FROM (
+        SELECT id, message_id, domain, next_attempt_at, 0 AS kind,
+            row_number() OVER (ORDER BY next_attempt_at, message_id, domain) AS n
+        FROM fresh
+        UNION ALL
+        SELECT id, message_id, domain, next_attempt_at, 1 AS kind,
+            row_number() OVER (ORDER BY next_attempt_at, message_id, domain) AS n
+        FROM retry
+    ) both_lists
+    ORDER BY n, kind
+    LIMIT $2
 ), rest AS (
     SELECT g.id
     FROM (SELECT DISTINCT message_id, domain FROM picked) p
@@ -803,12 +831,14 @@ func (d *DB) RecordOutcomes(ctx context.Context, outcomes []Outcome) ([]uuid.UUI
 
 // releaseSQL gives leases back without counting an attempt.
 //
-// $1 owner, $2 recipient ids, $3 the payload of the canceled events.
+// $1 owner, $2 recipient ids, $3 the payload of the canceled events, $4
+// the earliest time they are due again, or NULL for when they were due.
 const releaseSQL = `
 WITH upd AS (
     UPDATE recipients r
     SET status = CASE WHEN r.cancel_requested_at IS NULL THEN 'queued' ELSE 'canceled' END,
-        next_attempt_at = CASE WHEN r.cancel_requested_at IS NULL THEN r.next_attempt_at END,
+        next_attempt_at = CASE WHEN r.cancel_requested_at IS NULL
+            THEN greatest(r.next_attempt_at, $4::timestamptz) END,
         lease_owner = NULL,
         lease_until = NULL,
         updated_at = now()
@@ -826,6 +856,14 @@ SELECT 1`
 // a cancel was requested), due as before, their attempt count unchanged.
 // Rows no longer leased to owner are left alone.
 func (d *DB) ReleaseLeases(ctx context.Context, owner string, ids []uuid.UUID) error {
+	return d.ReleaseLeasesUntil(ctx, owner, ids, time.Time{})
+}
+
+// ReleaseLeasesUntil is ReleaseLeases for recipients that must wait: they
+// are due no earlier than until (the zero time keeps when they were due).
+// Delivery uses it for recipients a provider's limits held back, which
+// were not attempted.
+func (d *DB) ReleaseLeasesUntil(ctx context.Context, owner string, ids []uuid.UUID, until time.Time) error {
 	if len(ids) == 0 {
 		return nil
 	}
@@ -838,7 +876,7 @@ func (d *DB) ReleaseLeases(ctx context.Context, owner string, ids []uuid.UUID) e
 	}
 	b := &pgx.Batch{}
 	b.Queue(lockRecipientsSQL, ids)
-	b.Queue(releaseSQL, owner, ids, canceled)
+	b.Queue(releaseSQL, owner, ids, canceled, nowParam(until))
 	if err := d.sendChange(ctx, b, messagesOfRecipientIDs(ids), nil); err != nil {
 		return fmt.Errorf("release leases of %s: %w", owner, mapError(err))
 	}

@@ -18,6 +18,9 @@ type sender struct {
 	policies map[string]TLSPolicy
 	// sts finds MTA-STS policies; nil when MTA-STS is off.
 	sts *mtaSTS
+	// shaper applies the limits of destination providers; nil applies
+	// none.
+	shaper shaper
 }
 
 // envelope is one SMTP transaction to make: a message for recipients of one
@@ -40,6 +43,9 @@ type attemptResult struct {
 	// what is recorded of an attempt that tried no host.
 	Started time.Time
 	Elapsed time.Duration
+	// Held is set when the provider's limits kept the transaction from
+	// starting: Rcpts is then empty, and the attempt does not count.
+	Held *heldError
 }
 
 // hostTry is one address tried in an attempt.
@@ -91,6 +97,13 @@ func (s *sender) attempt(ctx context.Context, env envelope) (res attemptResult) 
 	}
 	targets = s.preferPooled(targets)
 	req := s.requirement(ctx, env.Domain)
+	var l *lane
+	if s.shaper != nil {
+		var err error
+		if l, err = s.shaper.admit(ctx, targets); err != nil {
+			return heldOrFailed(res, len(env.To), err)
+		}
+	}
 
 	refused := 0
 	for _, t := range targets {
@@ -116,7 +129,11 @@ func (s *sender) attempt(ctx context.Context, env envelope) (res attemptResult) 
 				continue
 			}
 		}
-		sc, rcpts, err := s.transact(ctx, t, env, req)
+		sc, rcpts, err := s.transact(ctx, l, t, env, req)
+		if held, ok := errors.AsType[*heldError](err); ok {
+			res.Rcpts, res.Held = nil, held
+			return res
+		}
 		if err != nil {
 			// RFC 5321 section 5.1: on a connection failure or a
 			// greeting that is not 220, go on to the next address.
@@ -126,6 +143,7 @@ func (s *sender) attempt(ctx context.Context, env envelope) (res attemptResult) 
 				h.TLSPolicyFailure = pe.reason
 			}
 			res.Hosts = append(res.Hosts, h)
+			s.observe(l, h.Err)
 			continue
 		}
 		h.TLS, h.TLSVersion, h.TLSCipher = sc.tls, sc.tlsVersion, sc.tlsCipher
@@ -139,7 +157,20 @@ func (s *sender) attempt(ctx context.Context, env envelope) (res attemptResult) 
 		res.Rcpts = rcpts
 		h.Elapsed = time.Since(h.Started)
 		res.Hosts = append(res.Hosts, h)
-		s.pool.put(sc)
+		for _, r := range rcpts {
+			s.observe(l, r.Err)
+		}
+		perConn := 0
+		if l != nil {
+			perConn = l.limit.PerConnection
+			if l.overCap() {
+				perConn = 1 // worn out: closed with QUIT
+			}
+		}
+		s.pool.putLimited(sc, perConn)
+		if l != nil {
+			l.returned()
+		}
 		return res
 	}
 	lastErr := asSMTPError(context.Cause(ctx))
@@ -182,9 +213,9 @@ func (s *sender) requirement(ctx context.Context, domain string) tlsRequirement 
 // one. A pooled connection that turns out to have been dropped while idle
 // (its pipelined RSET went unanswered) is closed and the next one tried;
 // the error is the one of opening a new connection.
-func (s *sender) transact(ctx context.Context, t target, env envelope, req tlsRequirement) (*smtpConn, []rcptResult, error) {
+func (s *sender) transact(ctx context.Context, l *lane, t target, env envelope, req tlsRequirement) (*smtpConn, []rcptResult, error) {
 	for {
-		sc, err := s.connect(ctx, t, req)
+		sc, err := s.connect(ctx, l, t, req)
 		if err != nil {
 			return nil, nil, err
 		}
@@ -202,11 +233,39 @@ func (s *sender) transact(ctx context.Context, t target, env envelope, req tlsRe
 // RSET goes out with the transaction's commands (RFC 2920 section 3.1 lets
 // it lead a group), otherwise it is sent here and a connection that does
 // not answer it is closed.
-func (s *sender) connect(ctx context.Context, t target, req tlsRequirement) (*smtpConn, error) {
+//
+// A new connection to a provider with a connection limit takes one of its
+// slots first (see shaper.connect), held until the connection is closed.
+func (s *sender) connect(ctx context.Context, l *lane, t target, req tlsRequirement) (*smtpConn, error) {
+	since := time.Now()
+	for {
+		sc := s.pooled(ctx, t, req)
+		if sc != nil {
+			return sc, nil
+		}
+		if l == nil {
+			return s.connector.dial(ctx, t, req)
+		}
+		release, err := s.shaper.connect(ctx, l, since)
+		if errors.Is(err, errLaneChanged) {
+			continue
+		}
+		if err != nil {
+			return nil, err
+		}
+		slot := newSlotToken(release)
+		sc, err = s.connector.dial(withSlot(ctx, slot), t, req)
+		slot.drop()
+		return sc, err
+	}
+}
+
+// pooled returns an idle connection to t, reset, that meets req, or nil.
+func (s *sender) pooled(ctx context.Context, t target, req tlsRequirement) *smtpConn {
 	for {
 		sc := s.pool.get(keyOf(t))
 		if sc == nil {
-			break
+			return nil
 		}
 		if !sc.suits(req) {
 			// Opened under another domain's policy that asked less of
@@ -216,15 +275,32 @@ func (s *sender) connect(ctx context.Context, t target, req tlsRequirement) (*sm
 		}
 		if sc.pipelining() {
 			sc.reused = true
-			return sc, nil
+			return sc
 		}
 		if err := sc.reset(ctx); err == nil {
-			return sc, nil
+			return sc
 		}
 		// The server dropped the idle connection; try the next one.
 		sc.raw.Close()
 	}
-	return s.connector.dial(ctx, t, req)
+}
+
+// observe passes a reply of l's provider to the shaper.
+func (s *sender) observe(l *lane, e *SMTPError) {
+	if l != nil && e != nil {
+		s.shaper.observe(l, e)
+	}
+}
+
+// heldOrFailed ends an attempt that could not start: held back by a
+// provider's limits, or cut off while it waited.
+func heldOrFailed(res attemptResult, n int, err error) attemptResult {
+	if held, ok := errors.AsType[*heldError](err); ok {
+		res.Held = held
+		return res
+	}
+	res.Rcpts = failAll(n, asSMTPError(err))
+	return res
 }
 
 // preferPooled moves an address that has an idle connection to the front,

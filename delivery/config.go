@@ -81,6 +81,10 @@ type Config struct {
 	MaxAmbiguousRetries int
 	// SMTP configures the SMTP client. Defaults to the SMTPConfig defaults.
 	SMTP SMTPConfig
+	// Shaping sets the limits per destination provider (Gmail, Outlook,
+	// ...), applied after the MX lookup on top of Concurrency and
+	// PerDomainConcurrency. Defaults to the ShapingConfig defaults.
+	Shaping ShapingConfig
 	// DNSServer is the DNS server ("host" or "host:port") asked for MX and
 	// address records. Defaults to "", the nameservers of /etc/resolv.conf;
 	// while that file cannot be read, lookups fail as temporary errors (and
@@ -316,6 +320,7 @@ func (c Config) WithDefaults() Config {
 	if c.IPVersion == "" {
 		c.IPVersion = IPPrefer4
 	}
+	c.Shaping = c.Shaping.WithDefaults()
 	if c.DNSTimeout == 0 {
 		c.DNSTimeout = 20 * time.Second
 	}
@@ -385,6 +390,9 @@ func (c Config) validate() error {
 	}
 	if err := c.SMTP.validate(); err != nil {
 		return fmt.Errorf("SMTP.%w", err)
+	}
+	if err := c.Shaping.validate(); err != nil {
+		return fmt.Errorf("Shaping.%w", err)
 	}
 	if c.LeaseDuration < minLease {
 		return fmt.Errorf("LeaseDuration: %s is shorter than %s", c.LeaseDuration, minLease)

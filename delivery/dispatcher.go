@@ -120,6 +120,10 @@ func NewDispatcher(cfg Config, store *db.DB) (*Dispatcher, error) {
 	if !cfg.MTASTS.Disabled {
 		sts = newMTASTS(cfg.MTASTS, res, rt.families, rt.guard, dialer, smtpCfg.RootCAs, store, cfg.Logger)
 	}
+	shaper, err := newProviderShaper(cfg.Shaping, p.evictIdle)
+	if err != nil {
+		return nil, fmt.Errorf("delivery config: Shaping.%w", err)
+	}
 	dbCtx, cancelDB := context.WithCancel(context.Background())
 	d := &Dispatcher{
 		cfg:   cfg,
@@ -128,11 +132,12 @@ func NewDispatcher(cfg Config, store *db.DB) (*Dispatcher, error) {
 		pool:  p,
 		sender: &sender{
 			router:     rt,
-			connector:  &connector{dialer: dialer, cfg: &smtpCfg},
+			connector:  &connector{dialer: slotDialer{inner: dialer}, cfg: &smtpCfg},
 			pool:       p,
 			dnsTimeout: cfg.DNSTimeout,
 			policies:   policies,
 			sts:        sts,
+			shaper:     shaper,
 		},
 		retry:    newRetryPolicy(cfg.Retry),
 		limits:   newLimiter(cfg.Concurrency, cfg.PerDomainConcurrency),
@@ -445,8 +450,27 @@ func (d *Dispatcher) run(sessionCtx context.Context, j *job) {
 		return
 	default:
 	}
-	outs := d.attempt(sessionCtx, j, lease)
+	outs, held := d.attempt(sessionCtx, j, lease)
+	if held != nil {
+		d.hold(j, held)
+		return
+	}
 	keep = d.recordOutcomes(j, lease, outs)
+}
+
+// hold gives back the leases of a job that a provider's limits kept from
+// starting, due again after the wait the limits asked for. No attempt is
+// counted: nothing was sent, and counting would bring the recipient closer
+// to MaxAge's failure for a limit of our own.
+func (d *Dispatcher) hold(j *job, held *heldError) {
+	d.log.Debug("delivery: held back by provider limits", "owner", j.owner, "message_id", j.msg.ID,
+		"domain", j.domain, "provider", held.Provider, "why", held.Why, "for", held.After)
+	ctx, cancel := context.WithTimeout(d.dbCtx, dbTimeout)
+	defer cancel()
+	if err := d.store.ReleaseLeasesUntil(ctx, j.owner, j.ids(), time.Now().Add(held.After)); err != nil {
+		// The rescuer returns them once the lease runs out.
+		d.log.Error("delivery: release held leases", "owner", j.owner, "err", err)
+	}
 }
 
 // attempt makes the SMTP attempt of j and returns its outcomes. The attempt
@@ -455,7 +479,10 @@ func (d *Dispatcher) run(sessionCtx context.Context, j *job) {
 // sending the same message, so the attempt stops short of the end of the
 // data (see sender.attempt). A panic during the attempt is recovered and
 // defers the recipients with a local reply.
-func (d *Dispatcher) attempt(sessionCtx context.Context, j *job, lease *leaseWatch) (outs []db.Outcome) {
+//
+// A transaction the provider's limits kept from starting returns no
+// outcomes but the hold.
+func (d *Dispatcher) attempt(sessionCtx context.Context, j *job, lease *leaseWatch) (outs []db.Outcome, held *heldError) {
 	started := time.Now()
 	d.leases.attempting(j, started.Add(d.cfg.MaxAttemptDuration+stuckGrace))
 	defer d.leases.attempted(j)
@@ -463,7 +490,7 @@ func (d *Dispatcher) attempt(sessionCtx context.Context, j *job, lease *leaseWat
 		if r := recover(); r != nil {
 			d.log.Error("delivery: panic while delivering, recipients deferred", "owner", j.owner,
 				"message_id", j.msg.ID, "domain", j.domain, "panic", r, "stack", string(debug.Stack()))
-			outs = d.internalErrorOutcomes(j, started, time.Now())
+			outs, held = d.internalErrorOutcomes(j, started, time.Now()), nil
 		}
 	}()
 
@@ -479,7 +506,10 @@ func (d *Dispatcher) attempt(sessionCtx context.Context, j *job, lease *leaseWat
 	stop := context.AfterFunc(lease.ctx, func() { cancel(context.Cause(lease.ctx)) })
 	defer stop()
 	res := d.sender.attempt(actx, envelope{Domain: j.domain, From: d.returnPath(j), To: rcpts, Data: j.msg.Raw})
-	return d.outcomes(j, res, time.Now())
+	if res.Held != nil {
+		return nil, res.Held
+	}
+	return d.outcomes(j, res, time.Now()), nil
 }
 
 // returnPath is the envelope sender (RFC 5321 section 4.1.1.2) of j's

@@ -82,6 +82,14 @@ func (c *turnConn) Write(p []byte) (int, error) {
 	return c.Conn.Write(p)
 }
 
+// CloseWrite shuts the write side, as *net.TCPConn does.
+func (c *turnConn) CloseWrite() error {
+	if cw, ok := c.Conn.(interface{ CloseWrite() error }); ok {
+		return cw.CloseWrite()
+	}
+	return c.Conn.Close()
+}
+
 func (c *turnConn) Read(p []byte) (int, error) {
 	c.mu.Lock()
 	if c.written {

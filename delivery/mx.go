@@ -235,15 +235,39 @@ func (r *dnsResolver) lookupMX(ctx context.Context, domain string) ([]mxRecord, 
 	if err != nil {
 		return nil, err
 	}
+	return mxRecordsOf(in.Answer), nil
+}
+
+// mxRecordsOf returns the MX records of an answer section. A recursive
+// server puts the CNAME chain before the MX records, so the owner names
+// are not checked against the domain asked about.
+func mxRecordsOf(answer []dns.RR) []mxRecord {
 	var out []mxRecord
-	for _, rr := range in.Answer {
-		// A recursive server puts the CNAME chain before the MX records,
-		// so the owner names are not checked against domain.
+	for _, rr := range answer {
 		if mx, ok := rr.(*dns.MX); ok {
 			out = append(out, mxRecord{Host: strings.TrimSuffix(mx.Mx, "."), Pref: mx.Preference})
 		}
 	}
-	return out, nil
+	return out
+}
+
+// addrsOf appends the A and AAAA records of an answer section to out.
+func addrsOf(out []netip.Addr, answer []dns.RR) []netip.Addr {
+	for _, rr := range answer {
+		switch a := rr.(type) {
+		case *dns.A:
+			if ip, ok := netip.AddrFromSlice(a.A.To4()); ok {
+				out = append(out, ip)
+			}
+		case *dns.AAAA:
+			// An IPv4-mapped AAAA answer is an IPv4 address; unmapped,
+			// it is judged, dialed and recorded as one.
+			if ip, ok := netip.AddrFromSlice(a.AAAA.To16()); ok {
+				out = append(out, ip.Unmap())
+			}
+		}
+	}
+	return out
 }
 
 func (r *dnsResolver) lookupTXT(ctx context.Context, name string) ([]string, error) {
@@ -274,20 +298,7 @@ func (r *dnsResolver) lookupAddrs(ctx context.Context, host string, families []u
 			// must not stop delivery over IPv4.
 			return out, nil
 		}
-		for _, rr := range in.Answer {
-			switch a := rr.(type) {
-			case *dns.A:
-				if ip, ok := netip.AddrFromSlice(a.A.To4()); ok {
-					out = append(out, ip)
-				}
-			case *dns.AAAA:
-				// An IPv4-mapped AAAA answer is an IPv4 address; unmapped,
-				// it is judged, dialed and recorded as one.
-				if ip, ok := netip.AddrFromSlice(a.AAAA.To16()); ok {
-					out = append(out, ip.Unmap())
-				}
-			}
-		}
+		out = addrsOf(out, in.Answer)
 	}
 	return out, nil
 }
@@ -372,6 +383,13 @@ func (r *router) targets(ctx context.Context, domain string) ([]target, *SMTPErr
 		if usable >= r.maxHosts {
 			break
 		}
+		if !isHostName(mx.Host) {
+			// A name a resolver can only print with escapes (spaces,
+			// control characters) cannot be a mail host, and must not
+			// reach EHLO's TLS server name, the logs or the attempt rows:
+			// it is skipped like a host without an address.
+			continue
+		}
 		ips, err := r.res.lookupAddrs(ctx, mx.Host, r.families)
 		if err != nil && !isNotFound(err) {
 			tempErr = err
@@ -438,6 +456,27 @@ func article(word string) string {
 		return "an"
 	}
 	return "a"
+}
+
+// isHostName reports whether h is made of letters, digits, hyphens and
+// underscores in dot-separated labels of 1 to 63 octets (RFC 1123 section
+// 2.1, with the underscores some MX hosts carry), at most 253 in all.
+func isHostName(h string) bool {
+	if h == "" || len(h) > 253 {
+		return false
+	}
+	for label := range strings.SplitSeq(h, ".") {
+		if label == "" || len(label) > 63 {
+			return false
+		}
+		for i := 0; i < len(label); i++ {
+			c := label[i]
+			if !(c >= 'a' && c <= 'z' || c >= 'A' && c <= 'Z' || c >= '0' && c <= '9' || c == '-' || c == '_') {
+				return false
+			}
+		}
+	}
+	return true
 }
 
 // order sorts by preference and shuffles hosts of equal preference: RFC 5321

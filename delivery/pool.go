@@ -69,14 +69,22 @@ func (p *pool) get(key poolKey) *smtpConn {
 
 // put takes back a connection after a transaction. Broken or worn-out
 // connections are closed, the latter with QUIT in the background.
-func (p *pool) put(sc *smtpConn) {
+func (p *pool) put(sc *smtpConn) { p.putLimited(sc, 0) }
+
+// putLimited is put for a connection whose provider allows at most
+// maxUses transactions on one connection; 0 keeps the pool's maxReuse.
+func (p *pool) putLimited(sc *smtpConn, maxUses int) {
+	limit := p.maxReuse
+	if maxUses > 0 {
+		limit = min(limit, maxUses)
+	}
 	if sc.broken {
 		sc.raw.Close()
 		return
 	}
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	if p.closed || sc.uses >= p.maxReuse {
+	if p.closed || sc.uses >= limit {
 		p.wg.Add(1)
 		go func() {
 			defer p.wg.Done()
@@ -191,6 +199,39 @@ func (p *pool) close(deadline time.Time) {
 	}
 	p.mu.Unlock()
 	<-done
+}
+
+// evictIdle closes, with QUIT in the background, one idle connection whose
+// host match accepts, and reports whether it found one. A provider at its
+// connection limit uses it to turn an idle connection to one of its hosts
+// into a slot for a transaction that is waiting.
+func (p *pool) evictIdle(match func(host string) bool) bool {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	for key, list := range p.idle {
+		if !match(key.Host) {
+			continue
+		}
+		for i, sc := range list {
+			if !sc.idle.Stop() {
+				continue // expire has it
+			}
+			// The timer's share of wg now belongs to the QUIT below.
+			sc.idle = nil
+			list = slices.Delete(list, i, i+1)
+			if len(list) == 0 {
+				delete(p.idle, key)
+			} else {
+				p.idle[key] = list
+			}
+			go func() {
+				defer p.wg.Done()
+				p.quit(sc)
+			}()
+			return true
+		}
+	}
+	return false
 }
 
 // has reports whether an idle connection for key is waiting.

@@ -57,6 +57,8 @@ func requireScope(ctx context.Context, scope string) (principal, error) {
 // database, through a cache.
 type authenticator struct {
 	keys *keyCache
+	// requests limits each key's calls per second; nil limits none.
+	requests *requestLimiter
 }
 
 // authenticate returns ctx carrying the caller's key, project and scopes.
@@ -72,6 +74,13 @@ func (a authenticator) authenticate(ctx context.Context) (context.Context, error
 	k, err := a.lookup(ctx, values[0])
 	if err != nil {
 		return nil, err
+	}
+	if a.requests != nil {
+		// Every authenticated call counts, REST and gRPC alike: both come
+		// through here once.
+		if err := a.requests.allow(k); err != nil {
+			return nil, err
+		}
 	}
 	return withPrincipal(ctx, k), nil
 }

@@ -64,6 +64,9 @@ func (s *Server) sendBatch(ctx context.Context, req *posthastev1.SendBatchReques
 			receipt *posthastev1.SendMessageResponse
 		)
 		if err == nil {
+			err = checkSenders(caller, p)
+		}
+		if err == nil {
 			nm, receipt, err = s.newMessage(caller, m, p, now)
 		}
 		if err != nil {
@@ -82,14 +85,30 @@ func (s *Server) sendBatch(ctx context.Context, req *posthastev1.SendBatchReques
 		return &posthastev1.SendBatchResponse{Results: results}, nil
 	}
 
+	total := 0
+	for _, nm := range msgs {
+		total += len(nm.Recipients)
+	}
+	// The whole batch counts against the day's recipients or none of it:
+	// a batch is one call, refused as one.
+	refund, err := s.reserveRecipients(ctx, caller, total, now)
+	if err != nil {
+		return nil, err
+	}
 	out, err := s.committer.Insert(ctx, msgs)
 	if err != nil {
+		refund(total)
 		return nil, fmt.Errorf("insert batch of %d messages: %w", len(msgs), err)
 	}
+	notStored := 0
+	defer func() { refund(notStored) }()
 	committed := false
 	for j, o := range out {
 		i := stored[j]
 		receipt := receipts[j]
+		if o.Err != nil || o.Result.Replayed {
+			notStored += len(msgs[j].Recipients)
+		}
 		switch {
 		case o.Err != nil:
 			itemErr, err := s.itemError(ctx, "messages["+strconv.Itoa(i)+"]", o.Err)
@@ -123,8 +142,11 @@ func (s *Server) itemError(ctx context.Context, field string, err error) (*posth
 		invalid    *invalidArgumentError
 		tooLarge   *messageTooLargeError
 		unverified *unverifiedDomainError
+		sender     *senderDeniedError
 	)
 	switch {
+	case errors.As(err, &sender):
+		sender.field = field + "." + sender.field
 	case errors.As(err, &invalid):
 		for i := range invalid.violations {
 			invalid.violations[i].field = field + "." + invalid.violations[i].field

@@ -90,6 +90,15 @@ type Config struct {
 	// messages; another instance's verification or deletion takes effect
 	// within it. Negative reads every message. Defaults to 5s.
 	DomainCacheTTL time.Duration
+	// RequestsPerSecond is the default request rate of every API key, per
+	// instance (a token bucket per key holding one second's worth); a
+	// key's or its project's override in the database wins. 0 is no
+	// limit. Defaults to 0.
+	RequestsPerSecond int
+	// RecipientsPerDay is the default number of recipients a project may
+	// send to per UTC day, over all instances (a counter in the
+	// database); a project's override wins. 0 is no limit. Defaults to 0.
+	RecipientsPerDay int64
 	// Intake configures the group commit that stores accepted messages.
 	// Defaults to db.CommitterConfig's defaults.
 	Intake db.CommitterConfig
@@ -187,6 +196,12 @@ func (c Config) validate() error {
 	}
 	if c.DKIMKeyGrace < 0 {
 		return fmt.Errorf("DKIMKeyGrace: must not be negative, got %s", c.DKIMKeyGrace)
+	}
+	if c.RequestsPerSecond < 0 {
+		return fmt.Errorf("RequestsPerSecond: must not be negative, got %d", c.RequestsPerSecond)
+	}
+	if c.RecipientsPerDay < 0 {
+		return fmt.Errorf("RecipientsPerDay: must not be negative, got %d", c.RecipientsPerDay)
 	}
 	if c.WebhookSecretGrace < 0 {
 		return fmt.Errorf("WebhookSecretGrace: must not be negative, got %s", c.WebhookSecretGrace)

@@ -76,6 +76,10 @@ const (
 // the domain.
 const ReasonDomainNotVerified = "DOMAIN_NOT_VERIFIED"
 
+// ReasonSenderNotAllowed is PermissionDenied: the API key is restricted to
+// sender domains that do not include the message's.
+const ReasonSenderNotAllowed = "SENDER_NOT_ALLOWED"
+
 // Reasons of the domain calls' other errors.
 const (
 	// ReasonAlreadyExists is AlreadyExists: the domain is already added to
@@ -215,6 +219,8 @@ func toStatus(ctx context.Context, logger *slog.Logger, err error) error {
 		unverif  *unverifiedDomainError
 		conflict *conflictError
 		precond  *preconditionError
+		limited  *rateLimitedError
+		sender   *senderDeniedError
 	)
 	switch {
 	case errors.As(err, &invalid):
@@ -233,6 +239,16 @@ func toStatus(ctx context.Context, logger *slog.Logger, err error) error {
 			"size":  strconv.FormatInt(tooLarge.size, 10),
 			"limit": strconv.FormatInt(tooLarge.limit, 10),
 		}))
+	case errors.As(err, &limited):
+		st := status.New(codes.ResourceExhausted, limited.Error())
+		return withDetails(ctx, logger, st, errorInfo(ReasonRateLimited, nil),
+			&errdetails.RetryInfo{RetryDelay: durationpb.New(max(limited.retryAfter, time.Second))})
+	case errors.As(err, &sender):
+		st := status.New(codes.PermissionDenied, sender.Error())
+		return withDetails(ctx, logger, st, errorInfo(ReasonSenderNotAllowed, map[string]string{"field": sender.field}),
+			&errdetails.BadRequest{FieldViolations: []*errdetails.BadRequest_FieldViolation{{
+				Field: sender.field, Description: "the API key may not send from " + sender.domain,
+			}}})
 	case errors.As(err, &unauth):
 		return withReason(ctx, logger, codes.Unauthenticated, unauth.reason, ReasonUnauthenticated, nil)
 	case errors.As(err, &denied):

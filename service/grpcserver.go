@@ -59,7 +59,7 @@ func NewGRPCServer(srv *Server, store *db.DB, logger *slog.Logger, opts ...grpc.
 		// server's only when it reads the same database.
 		keys = newKeyCache(store, srv.cfg.APIKeyCacheTTL, logger)
 	}
-	ic := interceptors{logger: logger, auth: authenticator{keys: keys}}
+	ic := interceptors{logger: logger, auth: authenticator{keys: keys, requests: srv.requests}}
 	gs := grpc.NewServer(append([]grpc.ServerOption{
 		grpc.MaxRecvMsgSize(int(2 * srv.cfg.MaxMessageBytes)),
 		grpc.ChainUnaryInterceptor(ic.requestIDUnary, ic.logUnary, ic.recoverUnary, ic.authUnary),

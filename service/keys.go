@@ -40,6 +40,10 @@ func (s *Server) createAPIKey(ctx context.Context, req *posthastev1.CreateApiKey
 	if err != nil {
 		v.add("scopes", "%v", err)
 	}
+	domains, err := db.NormalizeSenderDomains(req.GetSenderDomains())
+	if err != nil {
+		v.add("sender_domains", "%v", err)
+	}
 	if err := v.err(); err != nil {
 		return nil, err
 	}
@@ -52,11 +56,12 @@ func (s *Server) createAPIKey(ctx context.Context, req *posthastev1.CreateApiKey
 		return nil, err
 	}
 	k, err := s.store.CreateAPIKey(ctx, db.NewAPIKeyParams{
-		ProjectID: caller.projectID,
-		Name:      req.GetName(),
-		Prefix:    prefix,
-		Hash:      hash,
-		Scopes:    scopes,
+		ProjectID:     caller.projectID,
+		Name:          req.GetName(),
+		Prefix:        prefix,
+		Hash:          hash,
+		Scopes:        scopes,
+		SenderDomains: domains,
 	})
 	if err != nil {
 		return nil, fmt.Errorf("create api key: %w", err)
@@ -140,5 +145,7 @@ func apiKeyToProto(k db.APIKey, project string) *posthastev1.ApiKey {
 		CreatedAt:  timestamppb.New(k.CreatedAt),
 		LastUsedAt: optionalTimestamp(k.LastUsedAt),
 		RevokedAt:  optionalTimestamp(k.RevokedAt),
+
+		SenderDomains: k.SenderDomains,
 	}
 }

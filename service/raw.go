@@ -50,6 +50,7 @@ func (s *Server) sendRawMessage(ctx context.Context, req *posthastev1.SendRawMes
 
 	envFrom, fromDomain, fromOK := v.mailbox("envelope_from", req.GetEnvelopeFrom())
 	p.envelopeFrom = envFrom
+	p.senders = []senderAddr{{"envelope_from", envFrom}}
 
 	var rcpts envelopeRecipients
 	switch n := len(req.GetRecipients()); {
@@ -95,6 +96,9 @@ func (s *Server) sendRawMessage(ctx context.Context, req *posthastev1.SendRawMes
 		default:
 			p.raw = out
 			p.messageIDHeader = info.MessageID
+			for _, a := range info.FromAddresses {
+				p.senders = append(p.senders, senderAddr{"raw", a})
+			}
 			p.fromHeader = summaryText(info.From)
 			p.subject = summaryText(info.Subject)
 			fromDomains = info.FromDomains

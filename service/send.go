@@ -102,6 +102,7 @@ func (s *Server) checkSendMessage(req *posthastev1.SendMessageRequest, mdKey str
 	spec.From = from
 	if fromOK {
 		p.envelopeFrom = from.Address
+		p.senders = []senderAddr{{"from", from.Address}}
 		p.fromHeader = displayAddress(from)
 		p.fromDomain = fromDomain
 		spec.MessageIDDomain = fromDomain
@@ -309,24 +310,59 @@ type pending struct {
 	sendAt                                             time.Time
 	recipients                                         []recipientEntry
 	idempotencyKey                                     string
+	// senders are the addresses whose domains a key restricted to sender
+	// domains must allow, with the field each came from.
+	senders []senderAddr
+}
+
+// senderAddr is an address a message is sent from, and the request field
+// that gave it.
+type senderAddr struct{ field, addr string }
+
+// checkSenders refuses p when the caller's key may not send from one of
+// its sender addresses.
+func checkSenders(caller principal, p pending) error {
+	for _, a := range p.senders {
+		if a.addr == "" {
+			continue
+		}
+		if err := checkSender(caller, a.field, a.addr); err != nil {
+			return err
+		}
+	}
+	return nil
 }
 
 // commit stores p through the group commit and answers with its receipt
 // once it is committed, or with the receipt of the first call when the
 // idempotency key replays it.
+//
+// The sender restriction of the caller's key and its project's recipients
+// per day are checked first; nothing is stored when either refuses.
 func (s *Server) commit(ctx context.Context, caller principal, req idempotentRequest, p pending, now time.Time) (*posthastev1.SendMessageResponse, error) {
+	if err := checkSenders(caller, p); err != nil {
+		return nil, err
+	}
 	nm, resp, err := s.newMessage(caller, req, p, now)
+	if err != nil {
+		return nil, err
+	}
+	refund, err := s.reserveRecipients(ctx, caller, len(nm.Recipients), now)
 	if err != nil {
 		return nil, err
 	}
 	out, err := s.committer.Insert(ctx, []db.NewMessage{nm})
 	if err != nil {
+		refund(len(nm.Recipients))
 		return nil, fmt.Errorf("insert message: %w", err)
 	}
 	if err := out[0].Err; err != nil {
+		refund(len(nm.Recipients))
 		return nil, err
 	}
 	if out[0].Result.Replayed {
+		// A replay stores nothing; the first call counted.
+		refund(len(nm.Recipients))
 		return replayedResponse(out[0].Result.Response)
 	}
 	applySuppressed(resp, out[0].Result.Suppressed)

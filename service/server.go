@@ -31,6 +31,7 @@ type Server struct {
 	keys      *keyCache
 	domains   *Domains
 	signer    *signer
+	requests  *requestLimiter
 	onCommit  func()
 	// events wakes the event streams; nil when the server serves none.
 	events *EventHub
@@ -94,6 +95,7 @@ func New(cfg Config, store *db.DB, onCommit func(), opts ...Option) (*Server, er
 			Hostname: cfg.Hostname, KeyGrace: cfg.DKIMKeyGrace,
 		}),
 		signer:   newSigner(store, kek, cfg.DomainCacheTTL, cfg.AllowUnverifiedDomains),
+		requests: newRequestLimiter(cfg.RequestsPerSecond),
 		onCommit: onCommit,
 	}
 	for _, opt := range opts {

@@ -38,6 +38,7 @@ func runMigrate(ctx context.Context, args []string, stdout, stderr io.Writer) er
 
 const keysUsage = `Usage:
   posthaste keys create --name NAME [--project P] [--scopes send,read]
+                        [--sender-domains a.com,b.com]
                                       create a key; it is printed once
   posthaste keys list [--project P]   list a project's keys (never their secret)
   posthaste keys revoke ID [--project P]
@@ -45,7 +46,9 @@ const keysUsage = `Usage:
 
 --project defaults to "default". Scopes: send (send and cancel messages),
 read (get and list messages), admin (manage the project's keys; allows
-everything). --scopes defaults to send,read.
+everything). --scopes defaults to send,read. --sender-domains restricts the
+key to sending from those domains (From and envelope sender); by default it
+may send from any.
 `
 
 func runKeys(ctx context.Context, args []string, stdout, stderr io.Writer) error {
@@ -63,12 +66,16 @@ func runKeys(ctx context.Context, args []string, stdout, stderr io.Writer) error
 	fs := newFlagSet("keys "+sub, stderr)
 	var dbf databaseFlags
 	dbf.register(fs)
-	var name, projectName string
+	var (
+		name, projectName string
+		senderDomains     listFlag
+	)
 	scopes := scopeList{scopes: []string{db.ScopeSend, db.ScopeRead}}
 	fs.StringVar(&projectName, "project", db.DefaultProjectName, "the project the key belongs to")
 	if sub == "create" {
 		fs.StringVar(&name, "name", "", "a name that says who uses the key (required)")
 		fs.Var(&scopes, "scopes", "comma-separated scopes: send, read, admin")
+		fs.Var(&senderDomains, "sender-domains", "comma-separated domains the key may send from; empty allows any")
 	}
 	positional, err := parseInterspersed(fs, args)
 	if err != nil {
@@ -86,6 +93,10 @@ func runKeys(ctx context.Context, args []string, stdout, stderr io.Writer) error
 		if err != nil {
 			return fmt.Errorf("keys create: --scopes: %w", err)
 		}
+		domains, err := db.NormalizeSenderDomains(senderDomains)
+		if err != nil {
+			return fmt.Errorf("keys create: --sender-domains: %w", err)
+		}
 		return withProject(ctx, dbf, projectName, stderr, func(store *db.DB, project db.Project) error {
 			key, prefix, hash, err := service.NewAPIKey()
 			if err != nil {
@@ -93,12 +104,17 @@ func runKeys(ctx context.Context, args []string, stdout, stderr io.Writer) error
 			}
 			k, err := store.CreateAPIKey(ctx, db.NewAPIKeyParams{
 				ProjectID: project.ID, Name: name, Prefix: prefix, Hash: hash, Scopes: normalized,
+				SenderDomains: domains,
 			})
 			if err != nil {
 				return fmt.Errorf("create key: %w", err)
 			}
-			fmt.Fprintf(stdout, "Created API key %s (%s) in project %s with scopes %s. It is shown only this once:\n\n    %s\n",
-				k.ID, k.Name, project.Name, strings.Join(k.Scopes, ","), key)
+			restricted := ""
+			if len(k.SenderDomains) > 0 {
+				restricted = ", sending only from " + strings.Join(k.SenderDomains, ",")
+			}
+			fmt.Fprintf(stdout, "Created API key %s (%s) in project %s with scopes %s%s. It is shown only this once:\n\n    %s\n",
+				k.ID, k.Name, project.Name, strings.Join(k.Scopes, ","), restricted, key)
 			return nil
 		})
 	case "list":
@@ -140,6 +156,10 @@ const projectsUsage = `Usage:
   posthaste projects create NAME           create a project
   posthaste projects list                  list projects and their active keys
   posthaste projects delete NAME [--force] delete a project
+  posthaste projects limits NAME [--requests-per-second N] [--recipients-per-day N]
+                                           set the project's rate limits; -1
+                                           (the default) goes back to the
+                                           serve flags, 0 is no limit
 
 delete refuses while the project has active keys or stored messages; with
 --force it deletes them too (messages with their recipients and history).
@@ -154,7 +174,7 @@ func runProjects(ctx context.Context, args []string, stdout, stderr io.Writer) e
 	}
 	sub, args := args[0], args[1:]
 	switch sub {
-	case "create", "list", "delete":
+	case "create", "list", "delete", "limits":
 	default:
 		fmt.Fprint(stderr, projectsUsage)
 		return fmt.Errorf("projects: unknown subcommand %q", sub)
@@ -162,9 +182,16 @@ func runProjects(ctx context.Context, args []string, stdout, stderr io.Writer) e
 	fs := newFlagSet("projects "+sub, stderr)
 	var dbf databaseFlags
 	dbf.register(fs)
-	var force bool
+	var (
+		force                 bool
+		perSecond, perDayFlag int64
+	)
 	if sub == "delete" {
 		fs.BoolVar(&force, "force", false, "also delete the project's keys and messages")
+	}
+	if sub == "limits" {
+		fs.Int64Var(&perSecond, "requests-per-second", -1, "API calls per second per key of the project, per instance; -1 uses --requests-per-second of serve, 0 is no limit")
+		fs.Int64Var(&perDayFlag, "recipients-per-day", -1, "recipients per UTC day for the project; -1 uses --recipients-per-day of serve, 0 is no limit")
 	}
 	positional, err := parseInterspersed(fs, args)
 	if err != nil {
@@ -193,6 +220,23 @@ func runProjects(ctx context.Context, args []string, stdout, stderr io.Writer) e
 	name := positional[0]
 	if err := db.ValidateProjectName(name); err != nil {
 		return fmt.Errorf("projects %s: name %w", sub, err)
+	}
+	if sub == "limits" {
+		var l db.ProjectLimits
+		if perSecond >= 0 {
+			n := int(min(perSecond, 1<<31-1))
+			l.RequestsPerSecond = &n
+		}
+		if perDayFlag >= 0 {
+			l.RecipientsPerDay = &perDayFlag
+		}
+		return withProject(ctx, dbf, name, stderr, func(store *db.DB, project db.Project) error {
+			if err := store.SetProjectLimits(ctx, project.ID, l); err != nil {
+				return fmt.Errorf("projects limits: %w", err)
+			}
+			fmt.Fprintf(stdout, "set the limits of project %s (keys pick them up within --api-key-cache-ttl)\n", project.Name)
+			return nil
+		})
 	}
 	if sub == "create" {
 		return withStore(ctx, dbf, stderr, func(store *db.DB) error {

@@ -108,6 +108,18 @@ func (l *listFlag) Set(v string) error {
 	return nil
 }
 
+// repeatFlag is a repeatable flag whose values may hold commas (such as
+// --provider); one value, or its environment variable, may also hold
+// several separated by white space.
+type repeatFlag []string
+
+func (l *repeatFlag) String() string { return strings.Join(*l, " ") }
+
+func (l *repeatFlag) Set(v string) error {
+	*l = append(*l, strings.Fields(v)...)
+	return nil
+}
+
 // newLogger builds the process logger from --log-level and --log-format.
 func newLogger(w io.Writer, level, format string) (*slog.Logger, error) {
 	var lv slog.Level

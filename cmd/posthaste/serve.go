@@ -59,6 +59,7 @@ func serve(ctx context.Context, args []string, stdout, stderr io.Writer, printOn
 		tlsPols  listFlag
 		allowDst listFlag
 		mtaSTS   bool
+		provs    repeatFlag
 		hostname string
 		whRetry  durationListFlag
 		secrets  listFlag
@@ -89,6 +90,10 @@ func serve(ctx context.Context, args []string, stdout, stderr io.Writer, printOn
 	fs.Var(&routes, "route", "static route domain=host:port (or *=host:port), repeatable; overrides MX lookup")
 	fs.IntVar(&dlv.Concurrency, "concurrency", 100, "most SMTP sessions at once")
 	fs.IntVar(&dlv.PerDomainConcurrency, "per-domain-concurrency", 10, "most SMTP sessions at once to one destination domain")
+	fs.Var(&provs, "provider", "limits of a destination provider, 'name=suffix1,suffix2;connections=N;per-connection=M;per-minute=K' (MX host name suffixes); repeatable; a built-in name (google, microsoft, yahoo, apple, ...) changes the parts given")
+	fs.IntVar(&dlv.Shaping.Instances, "instances", 1, "instances sharing the database: each enforces this share of every provider's connections and messages per minute")
+	fs.IntVar(&svc.RequestsPerSecond, "requests-per-second", 0, "API calls per second per key, per instance, unless the key or its project overrides it; 0 is no limit")
+	fs.Int64Var(&svc.RecipientsPerDay, "recipients-per-day", 0, "recipients per project and UTC day, over all instances, unless the project overrides it; 0 is no limit")
 	fs.DurationVar(&dlv.MaxAttemptDuration, "max-attempt-duration", 10*time.Minute, "cap on one delivery attempt (DNS, every MX host, the SMTP session)")
 	fs.DurationVar(&dlv.LeaseDuration, "lease", 30*time.Second, "how long claimed recipients stay reserved without a renewal (renewed every third of it); a crashed instance's recipients are taken over after about this long")
 	fs.DurationVar(&dlv.PollInterval, "poll-interval", 5*time.Second, "how often to look for scheduled and retry work without a notification")
@@ -171,6 +176,13 @@ func serve(ctx context.Context, args []string, stdout, stderr io.Writer, printOn
 		return fmt.Errorf("%s: %w", flagRef("allow-destination"), err)
 	}
 	dlv.MTASTS.Disabled = !mtaSTS
+	for _, spec := range provs {
+		p, err := delivery.ParseProvider(spec)
+		if err != nil {
+			return fmt.Errorf("%s: %w", flagRef("provider"), err)
+		}
+		dlv.Shaping.Providers = append(dlv.Shaping.Providers, p)
+	}
 	switch {
 	case cfg.DatabaseWait < 0:
 		return fmt.Errorf("%s: must not be negative, got %s", flagRef("database-wait"), cfg.DatabaseWait)
@@ -261,6 +273,10 @@ var configFlags = map[string]string{
 	"Delivery.IPVersion":             "ip-version",
 	"Delivery.Concurrency":           "concurrency",
 	"Delivery.PerDomainConcurrency":  "per-domain-concurrency",
+	"Delivery.Shaping.Providers":     "provider",
+	"Delivery.Shaping.Instances":     "instances",
+	"Service.RequestsPerSecond":      "requests-per-second",
+	"Service.RecipientsPerDay":       "recipients-per-day",
 	"Delivery.MaxAttemptDuration":    "max-attempt-duration",
 	"Delivery.PollInterval":          "poll-interval",
 	"Delivery.Retry.InitialInterval": "retry-initial",

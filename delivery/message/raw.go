@@ -17,6 +17,8 @@ type RawInfo struct {
 	MessageID string
 	// From is the From field decoded for display, e.g. `Jörg <j@example.test>`.
 	From string
+	// FromAddresses are the addresses of the From field's mailboxes.
+	FromAddresses []string
 	// Subject is the decoded Subject field; it is the field as written when
 	// it uses a charset other than UTF-8 or US-ASCII.
 	Subject string
@@ -99,6 +101,7 @@ func CheckRaw(raw []byte, now time.Time, messageIDDomain string) (out []byte, in
 		}
 		info.FromDomains = append(info.FromDomains, mb.domain)
 		display[i] = a.Address
+		info.FromAddresses = append(info.FromAddresses, a.Address)
 		if a.Name != "" {
 			display[i] = a.Name + " <" + a.Address + ">"
 		}

@@ -47,7 +47,8 @@ func TestCheckRawComplete(t *testing.T) {
 		From:      "Jörg Müller <joerg@example.test>",
 		Subject:   "Grüße from a folded line",
 		// Author domains, for the DKIM and verified-domain checks.
-		FromDomains: []string{"example.test"},
+		FromDomains:   []string{"example.test"},
+		FromAddresses: []string{"joerg@example.test"},
 	}
 	if !reflect.DeepEqual(info, want) {
 		t.Errorf("info = %+v, want %+v", info, want)

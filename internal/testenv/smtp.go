@@ -17,6 +17,7 @@ import (
 	"net"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -273,6 +274,23 @@ func (s *SMTPServer) Connections() int {
 	return s.ln.accepted
 }
 
+// OpenConnections returns the number of connections open now, and the most
+// that were open at once since the server started or ResetMaxOpen. A
+// connection counts from its accept until the server closes it.
+func (s *SMTPServer) OpenConnections() (now, most int) {
+	s.ln.mu.Lock()
+	defer s.ln.mu.Unlock()
+	return int(s.ln.open.Load()), int(s.ln.maxOpen)
+}
+
+// ResetMaxOpen restarts the count of the most connections open at once
+// from the number open now.
+func (s *SMTPServer) ResetMaxOpen() {
+	s.ln.mu.Lock()
+	defer s.ln.mu.Unlock()
+	s.ln.maxOpen = s.ln.open.Load()
+}
+
 // Commands returns how many times clients sent the command verb ("RSET",
 // "QUIT", "EHLO", "STARTTLS"...). Lines of message bodies that start with a
 // verb are counted too.
@@ -319,8 +337,24 @@ type trackingListener struct {
 
 	mu       sync.Mutex
 	accepted int
+	open     atomic.Int64 // connections accepted and not yet closed
+	maxOpen  int64        // the most open at once since the last reset
 	conns    map[net.Conn]struct{}
 	closed   bool // set at cleanup: connections accepted later are closed
+}
+
+// openConn counts itself out of the listener's open connections when the
+// server closes it.
+type openConn struct {
+	net.Conn
+	l    *trackingListener
+	once sync.Once
+}
+
+func (c *openConn) Close() error {
+	// No lock: the listener closes connections while it holds its own.
+	c.once.Do(func() { c.l.open.Add(-1) })
+	return c.Conn.Close()
 }
 
 func (l *trackingListener) Accept() (net.Conn, error) {
@@ -334,6 +368,8 @@ func (l *trackingListener) Accept() (net.Conn, error) {
 		}
 		l.mu.Lock()
 		l.accepted++
+		l.maxOpen = max(l.maxOpen, l.open.Add(1))
+		c = &openConn{Conn: c, l: l}
 		if l.closed {
 			// Accepted just as the server stopped; closeConns has run.
 			l.mu.Unlock()

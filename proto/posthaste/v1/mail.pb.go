@@ -1775,7 +1775,10 @@ type ApiKey struct {
 	// When the key was last used, to the minute; unset if never.
 	LastUsedAt *timestamppb.Timestamp `protobuf:"bytes,7,opt,name=last_used_at,json=lastUsedAt,proto3" json:"last_used_at,omitempty"`
 	// When the key was revoked; unset while it is active.
-	RevokedAt     *timestamppb.Timestamp `protobuf:"bytes,8,opt,name=revoked_at,json=revokedAt,proto3" json:"revoked_at,omitempty"`
+	RevokedAt *timestamppb.Timestamp `protobuf:"bytes,8,opt,name=revoked_at,json=revokedAt,proto3" json:"revoked_at,omitempty"`
+	// The domains the key may send from (the From address and the envelope
+	// sender); empty allows any.
+	SenderDomains []string `protobuf:"bytes,9,rep,name=sender_domains,json=senderDomains,proto3" json:"sender_domains,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1866,6 +1869,13 @@ func (x *ApiKey) GetRevokedAt() *timestamppb.Timestamp {
 	return nil
 }
 
+func (x *ApiKey) GetSenderDomains() []string {
+	if x != nil {
+		return x.SenderDomains
+	}
+	return nil
+}
+
 // CreateApiKeyRequest describes a key to make in the caller's project.
 type CreateApiKeyRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -1873,7 +1883,12 @@ type CreateApiKeyRequest struct {
 	// Required.
 	Name string `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
 	// send, read and/or admin; at least one. Required.
-	Scopes        []string `protobuf:"bytes,2,rep,name=scopes,proto3" json:"scopes,omitempty"`
+	Scopes []string `protobuf:"bytes,2,rep,name=scopes,proto3" json:"scopes,omitempty"`
+	// Restricts the key to sending from these domains: a message whose From
+	// address or envelope sender is at another domain is refused with
+	// PERMISSION_DENIED (403). Exact domain names, compared without regard
+	// to case; a subdomain needs its own entry. Empty allows any domain.
+	SenderDomains []string `protobuf:"bytes,3,rep,name=sender_domains,json=senderDomains,proto3" json:"sender_domains,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1918,6 +1933,13 @@ func (x *CreateApiKeyRequest) GetName() string {
 func (x *CreateApiKeyRequest) GetScopes() []string {
 	if x != nil {
 		return x.Scopes
+	}
+	return nil
+}
+
+func (x *CreateApiKeyRequest) GetSenderDomains() []string {
+	if x != nil {
+		return x.SenderDomains
 	}
 	return nil
 }
@@ -5418,7 +5440,7 @@ const file_posthaste_v1_mail_proto_rawDesc = "" +
 	"\ftls_verified\x18\r \x01(\bR\vtlsVerified\x12\x1d\n" +
 	"\n" +
 	"tls_policy\x18\x0e \x01(\tR\ttlsPolicy\x12,\n" +
-	"\x12tls_policy_failure\x18\x0f \x01(\tR\x10tlsPolicyFailure\"\xaa\x02\n" +
+	"\x12tls_policy_failure\x18\x0f \x01(\tR\x10tlsPolicyFailure\"\xd1\x02\n" +
 	"\x06ApiKey\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12\x12\n" +
 	"\x04name\x18\x02 \x01(\tR\x04name\x12\x16\n" +
@@ -5430,10 +5452,12 @@ const file_posthaste_v1_mail_proto_rawDesc = "" +
 	"\flast_used_at\x18\a \x01(\v2\x1a.google.protobuf.TimestampR\n" +
 	"lastUsedAt\x129\n" +
 	"\n" +
-	"revoked_at\x18\b \x01(\v2\x1a.google.protobuf.TimestampR\trevokedAt\"K\n" +
+	"revoked_at\x18\b \x01(\v2\x1a.google.protobuf.TimestampR\trevokedAt\x12%\n" +
+	"\x0esender_domains\x18\t \x03(\tR\rsenderDomains\"m\n" +
 	"\x13CreateApiKeyRequest\x12\x17\n" +
-	"\x04name\x18\x01 \x01(\tB\x03\xe0A\x02R\x04name\x12\x1b\n" +
-	"\x06scopes\x18\x02 \x03(\tB\x03\xe0A\x02R\x06scopes\"W\n" +
+	"\x04name\x18\x01 \x01(\tB\x03\xe0A\x02R\x04name\x12\x16\n" +
+	"\x06scopes\x18\x02 \x03(\tR\x06scopes\x12%\n" +
+	"\x0esender_domains\x18\x03 \x03(\tR\rsenderDomains\"W\n" +
 	"\x14CreateApiKeyResponse\x12-\n" +
 	"\aapi_key\x18\x01 \x01(\v2\x14.posthaste.v1.ApiKeyR\x06apiKey\x12\x10\n" +
 	"\x03key\x18\x02 \x01(\tR\x03key\"\x14\n" +
