@@ -128,7 +128,7 @@ func NewDispatcher(cfg Config, store *db.DB) (*Dispatcher, error) {
 		pool:  p,
 		sender: &sender{
 			router:     rt,
-			connector:  &connector{dialer: dialer, cfg: &smtpCfg},
+			connector:  &connector{dialer: dialer, cfg: &smtpCfg, obs: cfg.Observer},
 			pool:       p,
 			dnsTimeout: cfg.DNSTimeout,
 			policies:   policies,
@@ -478,7 +478,10 @@ func (d *Dispatcher) attempt(sessionCtx context.Context, j *job, lease *leaseWat
 	defer cancel(nil)
 	stop := context.AfterFunc(lease.ctx, func() { cancel(context.Cause(lease.ctx)) })
 	defer stop()
+	actx, span := d.startAttemptSpan(actx, j)
 	res := d.sender.attempt(actx, envelope{Domain: j.domain, From: d.returnPath(j), To: rcpts, Data: j.msg.Raw})
+	endAttemptSpan(span, res)
+	d.observeAttempt(res)
 	return d.outcomes(j, res, time.Now())
 }
 
@@ -645,6 +648,7 @@ func (d *Dispatcher) recordOutcomes(j *job, lease *leaseWatch, outs []db.Outcome
 		applied, err := d.tryRecord(lease, outs)
 		if err == nil {
 			d.logOutcomes(j.owner, j.msg.ID, outs, applied)
+			d.observeFinal(j, outs, applied)
 			return false
 		}
 		switch {

@@ -10,6 +10,8 @@ import (
 
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/metadata"
+	"google.golang.org/grpc/peer"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 	"google.golang.org/grpc/reflection"
 	"google.golang.org/grpc/status"
@@ -59,14 +61,14 @@ func NewGRPCServer(srv *Server, store *db.DB, logger *slog.Logger, opts ...grpc.
 		// server's only when it reads the same database.
 		keys = newKeyCache(store, srv.cfg.APIKeyCacheTTL, logger)
 	}
-	ic := interceptors{logger: logger, auth: authenticator{keys: keys}}
+	ic := interceptors{logger: logger, auth: authenticator{keys: keys}, observer: srv.cfg.Observer}
 	gs := grpc.NewServer(append([]grpc.ServerOption{
 		grpc.MaxRecvMsgSize(int(2 * srv.cfg.MaxMessageBytes)),
 		grpc.ChainUnaryInterceptor(ic.requestIDUnary, ic.logUnary, ic.recoverUnary, ic.authUnary),
 		grpc.ChainStreamInterceptor(ic.requestIDStream, ic.logStream, ic.recoverStream, ic.authStream),
 	}, opts...)...)
 	posthastev1.RegisterMailServiceServer(gs, srv)
-	h := newDBHealth(store.Ping, logger)
+	h := newDBHealth(readiness(store), logger)
 	srv.health.Store(h)
 	healthpb.RegisterHealthServer(gs, h)
 	reflection.Register(gs)
@@ -74,13 +76,53 @@ func NewGRPCServer(srv *Server, store *db.DB, logger *slog.Logger, opts ...grpc.
 }
 
 type interceptors struct {
-	logger *slog.Logger
-	auth   authenticator
+	logger   *slog.Logger
+	auth     authenticator
+	observer CallObserver
+}
+
+// CallObserver is told about every finished gRPC call, for metrics. Calls
+// the REST gateway forwards are not reported here: the gateway reports them
+// as REST calls itself, so each request counts once.
+type CallObserver interface {
+	ObserveCall(protocol, method, code string, elapsed time.Duration)
+}
+
+// CallerMetadataKey is the response header the server sets, on calls that
+// come through the in-process gateway only, to the caller's API key id and
+// project id ("<key id> <project id>"), so that the gateway's request line
+// names them. The gateway forwards no response header to HTTP clients.
+const CallerMetadataKey = "posthaste-caller"
+
+// viaGateway reports whether the call came through the in-process REST
+// gateway, whose connection is an in-memory pipe: no network client can
+// reach the server over one.
+func viaGateway(ctx context.Context) bool {
+	p, ok := peer.FromContext(ctx)
+	return ok && p.Addr != nil && p.Addr.Network() == "pipe"
+}
+
+// readiness is what health checks before MailService is SERVING: the
+// database answers, and its schema is not behind the binary's migrations.
+func readiness(store *db.DB) func(context.Context) error {
+	return func(ctx context.Context) error {
+		if err := store.Ping(ctx); err != nil {
+			return err
+		}
+		return store.CheckMigrations(ctx)
+	}
 }
 
 func (ic interceptors) logUnary(ctx context.Context, req any, info *grpc.UnaryServerInfo, handler grpc.UnaryHandler) (any, error) {
 	start := time.Now()
 	resp, err := handler(ctx, req)
+	if viaGateway(ctx) {
+		// Set before the interceptor returns, so it goes out with the
+		// answer; a failure only costs the gateway's line its caller.
+		if p, ok := principalFrom(ctx); ok {
+			_ = grpc.SetHeader(ctx, metadata.Pairs(CallerMetadataKey, p.keyID.String()+" "+p.projectID.String()))
+		}
+	}
 	ic.logCall(ctx, info.FullMethod, start, err)
 	return resp, err
 }
@@ -93,20 +135,37 @@ func (ic interceptors) logStream(srv any, ss grpc.ServerStream, info *grpc.Strea
 }
 
 func (ic interceptors) logCall(ctx context.Context, method string, start time.Time, err error) {
+	elapsed := time.Since(start)
+	code := status.Code(err)
+	gateway := viaGateway(ctx)
+	if ic.observer != nil && !gateway {
+		ic.observer.ObserveCall("grpc", method, code.String(), elapsed)
+	}
 	level := slog.LevelInfo
-	if isPublic(method) {
+	switch {
+	case gateway:
+		// The gateway logs the REST request at info; this hop is the same
+		// request seen from inside.
+		level = slog.LevelDebug
+	case isPublic(method):
 		// Probes call every few seconds; they would drown the useful lines.
 		level = slog.LevelDebug
 	}
-	code := status.Code(err)
 	if code == codes.Internal || code == codes.Unknown {
 		level = slog.LevelError
 	}
 	attrs := []slog.Attr{
+		slog.String("protocol", "grpc"),
 		slog.String("method", method),
 		slog.String("code", code.String()),
-		slog.Duration("duration", time.Since(start)),
+		slog.Float64("duration_ms", float64(elapsed.Microseconds())/1000),
 		slog.String("request_id", RequestIDFrom(ctx)),
+	}
+	if p, ok := peer.FromContext(ctx); ok && p.Addr != nil && !gateway {
+		attrs = append(attrs, slog.String("client_addr", p.Addr.String()))
+	}
+	if gateway {
+		attrs = append(attrs, slog.Bool("via_gateway", true))
 	}
 	if p, ok := principalFrom(ctx); ok {
 		attrs = append(attrs, slog.String("api_key_id", p.keyID.String()), slog.String("project_id", p.projectID.String()))
