@@ -3,8 +3,8 @@ package service
 import (
 	"context"
 	"errors"
-	"strings"
 	"log/slog"
+	"strings"
 	"sync"
 	"time"
 

@@ -9,6 +9,7 @@ import (
 	"context"
 	"crypto/rand"
 	"crypto/tls"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -130,6 +131,10 @@ type Config struct {
 	Logger *slog.Logger
 	// KeyOutput receives a generated first API key. Defaults to io.Discard.
 	KeyOutput io.Writer
+	// KeyOutputJSON writes the generated key's notice to KeyOutput as one
+	// JSON object on one line, for a process whose output is all JSON.
+	// Defaults to false: a few lines of text.
+	KeyOutputJSON bool
 
 	// DatabaseWait is how long Start keeps trying a configured database
 	// that does not accept connections yet, as when the process and its
@@ -992,6 +997,14 @@ func (a *App) bootstrapAPIKey(ctx context.Context) error {
 		return fmt.Errorf("create first api key: %w", err)
 	}
 	switch {
+	case created && generated && a.cfg.KeyOutputJSON:
+		// The key goes to KeyOutput only, never to the log.
+		line, _ := json.Marshal(map[string]string{
+			"time": time.Now().Format(time.RFC3339Nano), "level": "INFO",
+			"msg": "created the first API key; it is shown only this once", "api_key": key,
+		})
+		fmt.Fprintf(a.cfg.KeyOutput, "%s\n", line)
+		a.log.Info("created the first API key")
 	case created && generated:
 		fmt.Fprintf(a.cfg.KeyOutput, "\nCreated the first API key. It is shown only this once:\n\n    %s\n\n", key)
 		a.log.Info("created the first API key")
