@@ -6,6 +6,7 @@ import (
 	"log/slog"
 	"runtime/debug"
 	"strings"
+	"sync"
 	"time"
 
 	"google.golang.org/grpc"
@@ -115,26 +116,50 @@ func readiness(store *db.DB) func(context.Context) error {
 
 func (ic interceptors) logUnary(ctx context.Context, req any, info *grpc.UnaryServerInfo, handler grpc.UnaryHandler) (any, error) {
 	start := time.Now()
+	ctx, slot := withCallerSlot(ctx)
 	resp, err := handler(ctx, req)
-	if viaGateway(ctx) {
-		// Set before the interceptor returns, so it goes out with the
-		// answer; a failure only costs the gateway's line its caller.
-		if p, ok := principalFrom(ctx); ok {
-			_ = grpc.SetHeader(ctx, metadata.Pairs(CallerMetadataKey, p.keyID.String()+" "+p.projectID.String()))
-		}
-	}
-	ic.logCall(ctx, info.FullMethod, start, err)
+	ic.logCall(ctx, slot, info.FullMethod, start, err)
 	return resp, err
 }
 
 func (ic interceptors) logStream(srv any, ss grpc.ServerStream, info *grpc.StreamServerInfo, handler grpc.StreamHandler) error {
 	start := time.Now()
-	err := handler(srv, ss)
-	ic.logCall(ss.Context(), info.FullMethod, start, err)
+	ctx, slot := withCallerSlot(ss.Context())
+	err := handler(srv, &authedStream{ServerStream: ss, ctx: ctx})
+	ic.logCall(ctx, slot, info.FullMethod, start, err)
 	return err
 }
 
-func (ic interceptors) logCall(ctx context.Context, method string, start time.Time, err error) {
+// callerSlot is where authentication, which runs inside the logging
+// interceptor, leaves the caller for the log line: the context it adds the
+// caller to is not the one the logging interceptor holds.
+type callerSlot struct {
+	mu sync.Mutex
+	p  *principal
+}
+
+type callerSlotKey struct{}
+
+func withCallerSlot(ctx context.Context) (context.Context, *callerSlot) {
+	slot := &callerSlot{}
+	return context.WithValue(ctx, callerSlotKey{}, slot), slot
+}
+
+// noteCaller records the authenticated caller for the call's log line and,
+// on a call through the gateway, tells the gateway for its own line. The
+// header goes out with the answer; setting it cannot fail before then.
+func noteCaller(ctx context.Context, p principal) {
+	if slot, ok := ctx.Value(callerSlotKey{}).(*callerSlot); ok {
+		slot.mu.Lock()
+		slot.p = &p
+		slot.mu.Unlock()
+	}
+	if viaGateway(ctx) {
+		_ = grpc.SetHeader(ctx, metadata.Pairs(CallerMetadataKey, p.keyID.String()+" "+p.projectID.String()))
+	}
+}
+
+func (ic interceptors) logCall(ctx context.Context, slot *callerSlot, method string, start time.Time, err error) {
 	elapsed := time.Since(start)
 	code := status.Code(err)
 	gateway := viaGateway(ctx)
@@ -167,7 +192,10 @@ func (ic interceptors) logCall(ctx context.Context, method string, start time.Ti
 	if gateway {
 		attrs = append(attrs, slog.Bool("via_gateway", true))
 	}
-	if p, ok := principalFrom(ctx); ok {
+	slot.mu.Lock()
+	p := slot.p
+	slot.mu.Unlock()
+	if p != nil {
 		attrs = append(attrs, slog.String("api_key_id", p.keyID.String()), slog.String("project_id", p.projectID.String()))
 	}
 	if err != nil && code != codes.Internal {
@@ -212,6 +240,9 @@ func (ic interceptors) authUnary(ctx context.Context, req any, info *grpc.UnaryS
 	if err != nil {
 		return nil, toStatus(ctx, ic.logger, err)
 	}
+	if p, ok := principalFrom(authed); ok {
+		noteCaller(authed, p)
+	}
 	return handler(authed, req)
 }
 
@@ -222,6 +253,9 @@ func (ic interceptors) authStream(srv any, ss grpc.ServerStream, info *grpc.Stre
 	authed, err := ic.auth.authenticate(ss.Context())
 	if err != nil {
 		return toStatus(ss.Context(), ic.logger, err)
+	}
+	if p, ok := principalFrom(authed); ok {
+		noteCaller(authed, p)
 	}
 	return handler(srv, &authedStream{ServerStream: ss, ctx: authed})
 }
