@@ -1,6 +1,8 @@
 package delivery
 
 import (
+	"go.opentelemetry.io/otel/trace"
+
 	"crypto/rand"
 	"crypto/x509"
 	"encoding/hex"
@@ -144,6 +146,12 @@ type Config struct {
 	Dialer Dialer
 	// Logger receives the dispatcher's logs. Defaults to discarding them.
 	Logger *slog.Logger
+	// Observer is told about SMTP attempts, session steps, connections and
+	// final outcomes, for metrics. Defaults to nil: nothing is told.
+	Observer Observer
+	// TracerProvider traces each SMTP attempt as a span. Defaults to nil:
+	// no spans.
+	TracerProvider trace.TracerProvider
 }
 
 // SMTPConfig configures the SMTP client. Its timeouts bound single steps of

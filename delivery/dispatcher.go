@@ -132,7 +132,7 @@ func NewDispatcher(cfg Config, store *db.DB) (*Dispatcher, error) {
 		pool:  p,
 		sender: &sender{
 			router:     rt,
-			connector:  &connector{dialer: slotDialer{inner: dialer}, cfg: &smtpCfg},
+			connector:  &connector{dialer: slotDialer{inner: dialer}, cfg: &smtpCfg, obs: cfg.Observer, provider: shaper.providerName},
 			pool:       p,
 			dnsTimeout: cfg.DNSTimeout,
 			policies:   policies,
@@ -505,7 +505,10 @@ func (d *Dispatcher) attempt(sessionCtx context.Context, j *job, lease *leaseWat
 	defer cancel(nil)
 	stop := context.AfterFunc(lease.ctx, func() { cancel(context.Cause(lease.ctx)) })
 	defer stop()
+	actx, span := d.startAttemptSpan(actx, j)
 	res := d.sender.attempt(actx, envelope{Domain: j.domain, From: d.returnPath(j), To: rcpts, Data: j.msg.Raw})
+	endAttemptSpan(span, res)
+	d.observeAttempt(res)
 	if res.Held != nil {
 		return nil, res.Held
 	}
@@ -675,6 +678,7 @@ func (d *Dispatcher) recordOutcomes(j *job, lease *leaseWatch, outs []db.Outcome
 		applied, err := d.tryRecord(lease, outs)
 		if err == nil {
 			d.logOutcomes(j.owner, j.msg.ID, outs, applied)
+			d.observeFinal(j, outs, applied)
 			return false
 		}
 		switch {

@@ -48,6 +48,7 @@ type smtpConn struct {
 	// pipelines, its RSET goes out with the next transaction's commands.
 	reused bool
 	cfg    *SMTPConfig
+	obs    Observer // nil: nothing is told
 
 	// The reader and writer of pipelined transactions, on pipeOn.
 	pipeOn net.Conn
@@ -61,6 +62,19 @@ type smtpConn struct {
 type connector struct {
 	dialer Dialer
 	cfg    *SMTPConfig
+	obs    Observer // nil: nothing is told
+	// provider names the provider of an MX host for the observer, from the
+	// traffic-shaping table, so that metrics and limits agree on it; nil
+	// names every host "other".
+	provider func(mxHost string) string
+}
+
+// providerOf names the provider of host, "other" when it has none.
+func (c *connector) providerOf(host string) string {
+	if c.provider == nil {
+		return "other"
+	}
+	return c.provider(host)
 }
 
 // errTLSHandshake marks a failed TLS handshake, after which a connection in
@@ -103,12 +117,16 @@ func (c *connector) dial(ctx context.Context, t target, req tlsRequirement) (*sm
 }
 
 func (c *connector) open(ctx context.Context, t target, useTLS bool) (sc *smtpConn, err error) {
+	obs := c.observer()
 	dctx, cancel := context.WithTimeout(ctx, c.cfg.ConnectTimeout)
+	step := time.Now()
 	raw, err := c.dialer.DialContext(dctx, "tcp", t.addr())
 	cancel()
 	if err != nil {
 		return nil, fmt.Errorf("connect to %s [%s]: %w", t.Host, t.addr(), err)
 	}
+	obs.SessionStep("connect", time.Since(step))
+	raw = &countedConn{Conn: raw, closed: obs.ConnectionOpened(c.providerOf(t.Host))}
 	// go-smtp's client takes no context: closing the connection is how a
 	// cancelled context interrupts a blocked read or write.
 	stop := context.AfterFunc(ctx, func() { raw.Close() })
@@ -122,20 +140,23 @@ func (c *connector) open(ctx context.Context, t target, useTLS bool) (sc *smtpCo
 		}
 	}()
 
-	sc = &smtpConn{target: t, raw: raw, conn: raw, cfg: c.cfg}
+	sc = &smtpConn{target: t, raw: raw, conn: raw, cfg: c.cfg, obs: obs}
 	sc.client = c.newClient(raw)
 	// Hello reads the greeting, then sends EHLO; any reply but 220 to the
 	// greeting is an error here, and the caller moves on to the next host.
+	step = time.Now()
 	if err := sc.client.Hello(c.cfg.Hostname); err != nil {
 		sc.abandon(err)
 		return nil, fmt.Errorf("greeting from %s [%s]: %w", t.Host, t.addr(), err)
 	}
+	obs.SessionStep("ehlo", time.Since(step))
 	if !useTLS {
 		return sc, nil
 	}
 	if ok, _ := sc.client.Extension("STARTTLS"); !ok {
 		return sc, nil
 	}
+	step = time.Now()
 	tlsConn, err := c.startTLS(ctx, sc)
 	if err != nil {
 		if _, ok := errors.AsType[*textproto.Error](err); ok && !brokenConnection(err) {
@@ -155,6 +176,7 @@ func (c *connector) open(ctx context.Context, t target, useTLS bool) (sc *smtpCo
 		sc.abandon(err)
 		return nil, fmt.Errorf("EHLO over TLS with %s [%s]: %w", t.Host, t.addr(), err)
 	}
+	obs.SessionStep("starttls", time.Since(step))
 	state := tlsConn.ConnectionState()
 	sc.tls = true
 	sc.tlsVersion = tls.VersionName(state.Version)
@@ -300,7 +322,12 @@ func (sc *smtpConn) pipelining() bool {
 // returns errStale and no results.
 func (sc *smtpConn) transaction(ctx context.Context, from string, rcpts []string, data []byte) ([]rcptResult, error) {
 	if sc.pipelining() {
-		return sc.pipelinedTransaction(ctx, from, rcpts, data)
+		start := time.Now()
+		res, err := sc.pipelinedTransaction(ctx, from, rcpts, data)
+		if err == nil && sc.obs != nil {
+			sc.obs.SessionStep("pipeline", time.Since(start))
+		}
+		return res, err
 	}
 	return sc.lockstepTransaction(ctx, from, rcpts, data), nil
 }

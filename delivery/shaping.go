@@ -184,6 +184,14 @@ func newProviderShaper(cfg ShapingConfig, evict func(match func(host string) boo
 	return s, nil
 }
 
+// providerName names host's provider, "other" when the table has none.
+func (s *providerShaper) providerName(host string) string {
+	if i := s.table.lookup(host); i >= 0 {
+		return s.lanes[i].name
+	}
+	return "other"
+}
+
 // share is one instance's part of a limit, rounded up so that no instance
 // is left without any; 0 (no limit) stays 0.
 func share(limit, instances int) int {

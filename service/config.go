@@ -105,6 +105,9 @@ type Config struct {
 	// Logger receives errors that are not the caller's fault. Defaults to a
 	// logger that discards everything.
 	Logger *slog.Logger
+	// Observer is told about every finished API call, for metrics.
+	// Defaults to nil: nothing is told.
+	Observer CallObserver
 }
 
 // WithDefaults returns c with zero fields set to their defaults.

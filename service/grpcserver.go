@@ -6,11 +6,14 @@ import (
 	"log/slog"
 	"runtime/debug"
 	"strings"
+	"sync"
 	"time"
 
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
+	"google.golang.org/grpc/metadata"
+	"google.golang.org/grpc/peer"
 	"google.golang.org/grpc/reflection"
 	"google.golang.org/grpc/status"
 
@@ -59,14 +62,14 @@ func NewGRPCServer(srv *Server, store *db.DB, logger *slog.Logger, opts ...grpc.
 		// server's only when it reads the same database.
 		keys = newKeyCache(store, srv.cfg.APIKeyCacheTTL, logger)
 	}
-	ic := interceptors{logger: logger, auth: authenticator{keys: keys, requests: srv.requests}}
+	ic := interceptors{logger: logger, auth: authenticator{keys: keys, requests: srv.requests}, observer: srv.cfg.Observer}
 	gs := grpc.NewServer(append([]grpc.ServerOption{
 		grpc.MaxRecvMsgSize(int(2 * srv.cfg.MaxMessageBytes)),
 		grpc.ChainUnaryInterceptor(ic.requestIDUnary, ic.logUnary, ic.recoverUnary, ic.authUnary),
 		grpc.ChainStreamInterceptor(ic.requestIDStream, ic.logStream, ic.recoverStream, ic.authStream),
 	}, opts...)...)
 	posthastev1.RegisterMailServiceServer(gs, srv)
-	h := newDBHealth(store.Ping, logger)
+	h := newDBHealth(readiness(store), logger)
 	srv.health.Store(h)
 	healthpb.RegisterHealthServer(gs, h)
 	reflection.Register(gs)
@@ -74,41 +77,125 @@ func NewGRPCServer(srv *Server, store *db.DB, logger *slog.Logger, opts ...grpc.
 }
 
 type interceptors struct {
-	logger *slog.Logger
-	auth   authenticator
+	logger   *slog.Logger
+	auth     authenticator
+	observer CallObserver
+}
+
+// CallObserver is told about every finished gRPC call, for metrics. Calls
+// the REST gateway forwards are not reported here: the gateway reports them
+// as REST calls itself, so each request counts once.
+type CallObserver interface {
+	ObserveCall(protocol, method, code string, elapsed time.Duration)
+}
+
+// CallerMetadataKey is the response header the server sets, on calls that
+// come through the in-process gateway only, to the caller's API key id and
+// project id ("<key id> <project id>"), so that the gateway's request line
+// names them. The gateway forwards no response header to HTTP clients.
+const CallerMetadataKey = "posthaste-caller"
+
+// viaGateway reports whether the call came through the in-process REST
+// gateway, whose connection is an in-memory pipe: no network client can
+// reach the server over one.
+func viaGateway(ctx context.Context) bool {
+	p, ok := peer.FromContext(ctx)
+	return ok && p.Addr != nil && p.Addr.Network() == "pipe"
+}
+
+// readiness is what health checks before MailService is SERVING: the
+// database answers, and its schema is not behind the binary's migrations.
+func readiness(store *db.DB) func(context.Context) error {
+	return func(ctx context.Context) error {
+		if err := store.Ping(ctx); err != nil {
+			return err
+		}
+		return store.CheckMigrations(ctx)
+	}
 }
 
 func (ic interceptors) logUnary(ctx context.Context, req any, info *grpc.UnaryServerInfo, handler grpc.UnaryHandler) (any, error) {
 	start := time.Now()
+	ctx, slot := withCallerSlot(ctx)
 	resp, err := handler(ctx, req)
-	ic.logCall(ctx, info.FullMethod, start, err)
+	ic.logCall(ctx, slot, info.FullMethod, start, err)
 	return resp, err
 }
 
 func (ic interceptors) logStream(srv any, ss grpc.ServerStream, info *grpc.StreamServerInfo, handler grpc.StreamHandler) error {
 	start := time.Now()
-	err := handler(srv, ss)
-	ic.logCall(ss.Context(), info.FullMethod, start, err)
+	ctx, slot := withCallerSlot(ss.Context())
+	err := handler(srv, &authedStream{ServerStream: ss, ctx: ctx})
+	ic.logCall(ctx, slot, info.FullMethod, start, err)
 	return err
 }
 
-func (ic interceptors) logCall(ctx context.Context, method string, start time.Time, err error) {
+// callerSlot is where authentication, which runs inside the logging
+// interceptor, leaves the caller for the log line: the context it adds the
+// caller to is not the one the logging interceptor holds.
+type callerSlot struct {
+	mu sync.Mutex
+	p  *principal
+}
+
+type callerSlotKey struct{}
+
+func withCallerSlot(ctx context.Context) (context.Context, *callerSlot) {
+	slot := &callerSlot{}
+	return context.WithValue(ctx, callerSlotKey{}, slot), slot
+}
+
+// noteCaller records the authenticated caller for the call's log line and,
+// on a call through the gateway, tells the gateway for its own line. The
+// header goes out with the answer; setting it cannot fail before then.
+func noteCaller(ctx context.Context, p principal) {
+	if slot, ok := ctx.Value(callerSlotKey{}).(*callerSlot); ok {
+		slot.mu.Lock()
+		slot.p = &p
+		slot.mu.Unlock()
+	}
+	if viaGateway(ctx) {
+		_ = grpc.SetHeader(ctx, metadata.Pairs(CallerMetadataKey, p.keyID.String()+" "+p.projectID.String()))
+	}
+}
+
+func (ic interceptors) logCall(ctx context.Context, slot *callerSlot, method string, start time.Time, err error) {
+	elapsed := time.Since(start)
+	code := status.Code(err)
+	gateway := viaGateway(ctx)
+	if ic.observer != nil && !gateway {
+		ic.observer.ObserveCall("grpc", method, code.String(), elapsed)
+	}
 	level := slog.LevelInfo
-	if isPublic(method) {
+	switch {
+	case gateway:
+		// The gateway logs the REST request at info; this hop is the same
+		// request seen from inside.
+		level = slog.LevelDebug
+	case isPublic(method):
 		// Probes call every few seconds; they would drown the useful lines.
 		level = slog.LevelDebug
 	}
-	code := status.Code(err)
 	if code == codes.Internal || code == codes.Unknown {
 		level = slog.LevelError
 	}
 	attrs := []slog.Attr{
+		slog.String("protocol", "grpc"),
 		slog.String("method", method),
 		slog.String("code", code.String()),
-		slog.Duration("duration", time.Since(start)),
+		slog.Float64("duration_ms", float64(elapsed.Microseconds())/1000),
 		slog.String("request_id", RequestIDFrom(ctx)),
 	}
-	if p, ok := principalFrom(ctx); ok {
+	if p, ok := peer.FromContext(ctx); ok && p.Addr != nil && !gateway {
+		attrs = append(attrs, slog.String("client_addr", p.Addr.String()))
+	}
+	if gateway {
+		attrs = append(attrs, slog.Bool("via_gateway", true))
+	}
+	slot.mu.Lock()
+	p := slot.p
+	slot.mu.Unlock()
+	if p != nil {
 		attrs = append(attrs, slog.String("api_key_id", p.keyID.String()), slog.String("project_id", p.projectID.String()))
 	}
 	if err != nil && code != codes.Internal {
@@ -153,6 +240,9 @@ func (ic interceptors) authUnary(ctx context.Context, req any, info *grpc.UnaryS
 	if err != nil {
 		return nil, toStatus(ctx, ic.logger, err)
 	}
+	if p, ok := principalFrom(authed); ok {
+		noteCaller(authed, p)
+	}
 	return handler(authed, req)
 }
 
@@ -163,6 +253,9 @@ func (ic interceptors) authStream(srv any, ss grpc.ServerStream, info *grpc.Stre
 	authed, err := ic.auth.authenticate(ss.Context())
 	if err != nil {
 		return toStatus(ss.Context(), ic.logger, err)
+	}
+	if p, ok := principalFrom(authed); ok {
+		noteCaller(authed, p)
 	}
 	return handler(srv, &authedStream{ServerStream: ss, ctx: authed})
 }

@@ -2,12 +2,18 @@ package service
 
 import (
 	"context"
+	"errors"
 	"log/slog"
+	"strings"
 	"sync"
 	"time"
 
+	"google.golang.org/grpc"
 	"google.golang.org/grpc/health"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
+	"google.golang.org/grpc/metadata"
+
+	"github.com/posthaste/posthaste/db"
 
 	posthastev1 "github.com/posthaste/posthaste/proto/posthaste/v1"
 )
@@ -42,7 +48,14 @@ type dbHealth struct {
 	mu       sync.Mutex
 	pingedAt time.Time
 	serving  bool
+	reason   string // why not serving; "" while serving
 }
+
+// HealthReasonMetadataKey is the response header a MailService health
+// check carries while not serving: a short reason safe to show to anyone
+// who can reach the probe ("database unreachable", or the schema versions
+// when the database is behind the binary's migrations).
+const HealthReasonMetadataKey = "posthaste-health-reason"
 
 func newDBHealth(ping func(context.Context) error, logger *slog.Logger) *dbHealth {
 	h := &dbHealth{Server: health.NewServer(), ping: ping, logger: logger, serving: true}
@@ -56,6 +69,9 @@ func newDBHealth(ping func(context.Context) error, logger *slog.Logger) *dbHealt
 func (h *dbHealth) Check(ctx context.Context, req *healthpb.HealthCheckRequest) (*healthpb.HealthCheckResponse, error) {
 	if req.GetService() == posthastev1.MailService_ServiceDesc.ServiceName {
 		h.refresh(ctx)
+		if reason := h.notServingReason(); reason != "" {
+			_ = grpc.SetHeader(ctx, metadata.Pairs(HealthReasonMetadataKey, reason))
+		}
 	}
 	return h.Server.Check(ctx, req)
 }
@@ -64,6 +80,13 @@ func (h *dbHealth) Check(ctx context.Context, req *healthpb.HealthCheckRequest) 
 func (h *dbHealth) List(ctx context.Context, req *healthpb.HealthListRequest) (*healthpb.HealthListResponse, error) {
 	h.refresh(ctx)
 	return h.Server.List(ctx, req)
+}
+
+// notServingReason is why MailService is not serving, "" when it is.
+func (h *dbHealth) notServingReason() string {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	return h.reason
 }
 
 // refresh pings the database unless that was done within healthPingEvery,
@@ -85,12 +108,22 @@ func (h *dbHealth) refresh(ctx context.Context) {
 	if serving != h.serving {
 		// Only changes are logged: probes run every few seconds.
 		if serving {
-			h.logger.InfoContext(ctx, "database reachable again: serving")
+			h.logger.InfoContext(ctx, "database ready again: serving")
 		} else {
-			h.logger.WarnContext(ctx, "database unreachable: not serving", "error", err)
+			h.logger.WarnContext(ctx, "database not ready: not serving", "error", err)
 		}
 	}
 	h.serving = serving
+	h.reason = ""
+	switch {
+	case serving:
+	case errors.Is(err, db.ErrMigrationsBehind):
+		// The versions only: they tell an operator which way to migrate.
+		_, h.reason, _ = strings.Cut(err.Error(), "migrations: ")
+		h.reason = "database schema behind binary: " + h.reason
+	default:
+		h.reason = "database unreachable"
+	}
 	st := healthpb.HealthCheckResponse_SERVING
 	if !serving {
 		st = healthpb.HealthCheckResponse_NOT_SERVING

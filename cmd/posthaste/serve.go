@@ -69,6 +69,7 @@ func serve(ctx context.Context, args []string, stdout, stderr io.Writer, printOn
 	logf.register(fs)
 	fs.StringVar(&cfg.HTTPAddr, "http-addr", ":8080", "REST API listen address")
 	fs.StringVar(&cfg.GRPCAddr, "grpc-addr", ":9090", "gRPC API listen address")
+	fs.StringVar(&cfg.MetricsAddr, "metrics-addr", "", "listen address of a separate /metrics listener; empty serves /metrics on --http-addr")
 	fs.StringVar(&cfg.TLSCertFile, "tls-cert-file", "", "PEM certificate (chain) for TLS on the REST and gRPC listeners; needs --tls-key-file")
 	fs.StringVar(&cfg.TLSKeyFile, "tls-key-file", "", "PEM private key of --tls-cert-file")
 	fs.BoolVar(&cfg.Sandbox, "sandbox", false, "deliver every message to an in-process SMTP server whose replies depend on the recipient (see README)")
@@ -204,6 +205,7 @@ func serve(ctx context.Context, args []string, stdout, stderr io.Writer, printOn
 	cfg.Delivery = dlv
 	cfg.Logger = logger
 	cfg.KeyOutput = stdout
+	cfg.KeyOutputJSON = logf.format == "json"
 
 	a, err := app.New(cfg)
 	if err != nil {
@@ -216,7 +218,11 @@ func serve(ctx context.Context, args []string, stdout, stderr io.Writer, printOn
 	if addr := a.BounceAddr(); addr != "" {
 		bounces = ", bounces on " + addr
 	}
-	fmt.Fprintf(stdout, "Posthaste is running: REST on %s, gRPC on %s%s. Press Ctrl-C to stop.\n", a.HTTPAddr(), a.GRPCAddr(), bounces)
+	// Every line of a JSON run is JSON; there the log's "posthaste started"
+	// line says where each listener is.
+	if logf.format != "json" {
+		fmt.Fprintf(stdout, "Posthaste is running: REST on %s, gRPC on %s%s. Press Ctrl-C to stop.\n", a.HTTPAddr(), a.GRPCAddr(), bounces)
+	}
 	<-ctx.Done()
 	logger.Info("shutting down")
 	// Past the drain deadline, leave time to release leases and to stop the

@@ -65,6 +65,11 @@ type Config struct {
 	// Logger receives a line per accepted report and per refusal.
 	// Defaults to discarding.
 	Logger *slog.Logger
+	// Observe is told the kind of every report handed to the Handler
+	// (dsn, complaint, auto_reply, unstructured_bounce, unknown), and
+	// "refused" for every recipient refused, for metrics. Defaults to nil:
+	// nothing is told.
+	Observe func(kind string)
 }
 
 // WithDefaults returns the config with zero fields set to their defaults.

@@ -57,6 +57,7 @@ func (s *session) Rcpt(to string, _ *smtp.RcptOptions) error {
 		}
 		s.l.log.Info("bounce listener refused recipient",
 			"from", s.from, "to", to, "code", refusal.Code, "err", err, "remote", s.remote)
+		s.l.observe("refused")
 		return refusal
 	}
 	s.tokens = append(s.tokens, tok)
@@ -84,6 +85,7 @@ func (s *session) Data(r io.Reader) error {
 			return errHandler
 		}
 	}
+	s.l.observe(string(report.Kind))
 	s.l.log.Info("bounce listener accepted report",
 		"kind", report.Kind, "tokens", len(s.tokens), "size", len(raw), "from", s.from, "remote", s.remote)
 	return nil
@@ -96,4 +98,11 @@ func (s *session) handle(tok Token, report Report) error {
 		return fmt.Errorf("handle %s report for message %s: %w", report.Kind, tok.Message, err)
 	}
 	return nil
+}
+
+// observe tells the configured observer about a report or a refusal.
+func (l *Listener) observe(kind string) {
+	if l.cfg.Observe != nil {
+		l.cfg.Observe(kind)
+	}
 }

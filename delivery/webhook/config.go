@@ -99,6 +99,10 @@ type Config struct {
 	Guard *netguard.Guard
 	// Logger receives what happens. Defaults to a discarding logger.
 	Logger *slog.Logger
+	// Observe is told the result of every recorded delivery attempt:
+	// "delivered", "retried" or "failed" (for good), for metrics. Defaults
+	// to nil: nothing is told.
+	Observe func(result string)
 }
 
 // WithDefaults returns c with zero fields set to their defaults.

@@ -208,10 +208,13 @@ func (s *Sender) deliver(ctx context.Context, j db.WebhookJob) {
 		log.Warn("webhook outcome not recorded: the delivery was taken back or deleted")
 	case a.Delivered:
 		log.Debug("webhook delivered", "status", a.StatusCode, "latency", a.Latency)
+		s.observe("delivered")
 	case a.NextAttemptAt.IsZero():
 		log.Warn("webhook delivery failed for good", "status", a.StatusCode, "error", a.Error)
+		s.observe("failed")
 	default:
 		log.Info("webhook attempt failed, will retry", "status", a.StatusCode, "error", a.Error, "next_attempt_at", a.NextAttemptAt)
+		s.observe("retried")
 	}
 	if res.Disabled {
 		log.Warn("webhook endpoint disabled after failing too long", "url", j.URL)
@@ -333,4 +336,11 @@ func (s *Sender) rescue(ctx context.Context) {
 // newOwner names one claim.
 func newOwner() string {
 	return "wh-" + crand.Text()
+}
+
+// observe tells the configured observer a delivery attempt's result.
+func (s *Sender) observe(result string) {
+	if s.cfg.Observe != nil {
+		s.cfg.Observe(result)
+	}
 }

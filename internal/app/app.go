@@ -9,6 +9,7 @@ import (
 	"context"
 	"crypto/rand"
 	"crypto/tls"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -21,6 +22,7 @@ import (
 	"sync"
 	"time"
 
+	"go.opentelemetry.io/contrib/instrumentation/google.golang.org/grpc/otelgrpc"
 	"golang.org/x/net/netutil"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/keepalive"
@@ -30,8 +32,10 @@ import (
 	"github.com/posthaste/posthaste/delivery/bounce"
 	"github.com/posthaste/posthaste/delivery/sandbox"
 	"github.com/posthaste/posthaste/delivery/webhook"
+	"github.com/posthaste/posthaste/internal/metrics"
 	"github.com/posthaste/posthaste/internal/netguard"
 	"github.com/posthaste/posthaste/internal/retention"
+	"github.com/posthaste/posthaste/internal/telemetry"
 	"github.com/posthaste/posthaste/service"
 	"github.com/posthaste/posthaste/service/gateway"
 )
@@ -112,10 +116,25 @@ type Config struct {
 	// ShutdownTimeout unless Delivery sets one. Stopping the embedded
 	// database afterwards has its own time. Defaults to 30s.
 	ShutdownTimeout time.Duration
+	// MetricsAddr is where /metrics listens when it should not share the
+	// REST listener, for a deployment that keeps the REST port public and
+	// scrapes from inside. Defaults to "": /metrics is served on HTTPAddr,
+	// without an API key.
+	MetricsAddr string
+	// Metrics receives the process's metrics. Defaults to a new
+	// metrics.Metrics with its own registry.
+	Metrics *metrics.Metrics
+	// Tracing configures OpenTelemetry tracing. Defaults to tracing only
+	// when the OTEL_* environment names an OTLP endpoint.
+	Tracing telemetry.Config
 	// Logger receives the process log. Defaults to a discarding logger.
 	Logger *slog.Logger
 	// KeyOutput receives a generated first API key. Defaults to io.Discard.
 	KeyOutput io.Writer
+	// KeyOutputJSON writes the generated key's notice to KeyOutput as one
+	// JSON object on one line, for a process whose output is all JSON.
+	// Defaults to false: a few lines of text.
+	KeyOutputJSON bool
 
 	// DatabaseWait is how long Start keeps trying a configured database
 	// that does not accept connections yet, as when the process and its
@@ -218,6 +237,9 @@ func (cfg Config) WithDefaults() Config {
 	}
 	if cfg.Logger == nil {
 		cfg.Logger = slog.New(slog.DiscardHandler)
+	}
+	if cfg.Metrics == nil {
+		cfg.Metrics = metrics.New()
 	}
 	if cfg.KeyOutput == nil {
 		cfg.KeyOutput = io.Discard
@@ -442,6 +464,9 @@ type App struct {
 	httpServer *http.Server
 	httpLis    net.Listener
 	gwClose    func() error
+	metricsSrv *http.Server
+	metricsLis net.Listener
+	telemetry  *telemetry.Telemetry
 
 	cancel   context.CancelFunc
 	wg       sync.WaitGroup
@@ -493,10 +518,21 @@ func (a *App) Start(ctx context.Context) (err error) {
 	if err := db.Migrate(ctx, a.database.URL); err != nil {
 		return err
 	}
-	a.store, err = db.Open(ctx, a.database.URL, db.WithMaxConns(a.cfg.DatabaseMaxConns))
+	a.telemetry, err = telemetry.Setup(ctx, a.cfg.Tracing)
 	if err != nil {
 		return err
 	}
+	tp := a.telemetry.TracerProvider()
+	dbOpts := []db.OpenOption{db.WithMaxConns(a.cfg.DatabaseMaxConns)}
+	if a.telemetry.Enabled() {
+		dbOpts = append(dbOpts, db.WithTracer(telemetry.NewQueryTracer(tp)))
+		a.log.Info("tracing enabled", "exporter", a.telemetry.Exporter())
+	}
+	a.store, err = db.Open(ctx, a.database.URL, dbOpts...)
+	if err != nil {
+		return err
+	}
+	m := a.cfg.Metrics
 
 	// One guard for the URL check at the API and the connections of the
 	// sender, so what the API accepts is what the sender may reach.
@@ -510,6 +546,9 @@ func (a *App) Start(ctx context.Context) (err error) {
 	}
 	if svcCfg.Logger == nil {
 		svcCfg.Logger = a.log.With("component", "api")
+	}
+	if svcCfg.Observer == nil {
+		svcCfg.Observer = m
 	}
 	a.events, err = service.NewEventHub(a.store, service.EventHubConfig{Logger: a.log.With("component", "events")})
 	if err != nil {
@@ -544,6 +583,12 @@ func (a *App) Start(ctx context.Context) (err error) {
 	if deliveryCfg.Logger == nil {
 		deliveryCfg.Logger = a.log.With("component", "delivery")
 	}
+	if deliveryCfg.Observer == nil {
+		deliveryCfg.Observer = m
+	}
+	if deliveryCfg.TracerProvider == nil && a.telemetry.Enabled() {
+		deliveryCfg.TracerProvider = tp
+	}
 	if err := a.startBounceListener(runCtx, &deliveryCfg); err != nil {
 		return err
 	}
@@ -576,6 +621,9 @@ func (a *App) Start(ctx context.Context) (err error) {
 	}
 	if whCfg.Guard == nil {
 		whCfg.Guard = guard
+	}
+	if whCfg.Observe == nil {
+		whCfg.Observe = m.WebhookDelivery
 	}
 	a.sender, err = webhook.NewSender(whCfg, a.store)
 	if err != nil {
@@ -636,13 +684,31 @@ func (a *App) Start(ctx context.Context) (err error) {
 	maxMessage := svcCfg.WithDefaults().MaxMessageBytes
 	// Base64 in JSON grows a message by a third; the gateway's bound only
 	// stops absurd bodies early, the service enforces the real limit.
-	handler, gwClose, err := gateway.New(runCtx, pipe.Addr().String(), svcCfg.Logger,
+	gwOpts := []gateway.Option{
 		gateway.WithDialer(pipe.Dial),
-		gateway.WithMaxBodyBytes(2*maxMessage),
-		gateway.WithAuthCheck(a.api.CheckAuthorization))
+		gateway.WithMaxBodyBytes(2 * maxMessage),
+		gateway.WithAuthCheck(a.api.CheckAuthorization),
+		gateway.WithObserver(m),
+	}
+	if a.telemetry.Enabled() {
+		gwOpts = append(gwOpts, gateway.WithTracerProvider(tp), gateway.WithDialOptions(grpc.WithStatsHandler(
+			otelgrpc.NewClientHandler(otelgrpc.WithTracerProvider(tp), otelgrpc.WithPropagators(telemetry.Propagator())))))
+	}
+	handler, gwClose, err := gateway.New(runCtx, pipe.Addr().String(), svcCfg.Logger, gwOpts...)
 	if err != nil {
 		return err // "gateway: ..."
 	}
+	if a.cfg.MetricsAddr == "" {
+		// Outside the gateway: a scrape needs no API key and is not an
+		// API request.
+		mux := http.NewServeMux()
+		mux.Handle("GET /metrics", m.Handler())
+		mux.Handle("/", handler)
+		handler = mux
+	} else if err := a.startMetricsServer(m); err != nil {
+		return err
+	}
+	a.setMetricSources(m)
 	a.gwClose = gwClose
 	lis, err = net.Listen("tcp", a.cfg.HTTPAddr)
 	if err != nil {
@@ -673,8 +739,8 @@ func (a *App) Start(ctx context.Context) (err error) {
 		}
 	}()
 
-	a.log.Info("posthaste started", "http", a.HTTPAddr(), "grpc", a.GRPCAddr(), "tls", tlsCfg != nil,
-		"embedded_database", a.database.Embedded())
+	a.log.Info("posthaste started", "http", a.HTTPAddr(), "grpc", a.GRPCAddr(), "metrics", a.MetricsAddr(),
+		"tls", tlsCfg != nil, "embedded_database", a.database.Embedded())
 	return nil
 }
 
@@ -708,6 +774,9 @@ func (a *App) startBounceListener(ctx context.Context, deliveryCfg *delivery.Con
 	}
 	if lcfg.Logger == nil {
 		lcfg.Logger = a.log.With("component", "bounce")
+	}
+	if lcfg.Observe == nil {
+		lcfg.Observe = a.cfg.Metrics.BounceReport
 	}
 	a.bounces = bounce.New(lcfg)
 	if err := a.bounces.Start(ctx); err != nil {
@@ -821,6 +890,11 @@ func (a *App) stop(ctx context.Context) error {
 	} else if a.httpLis != nil {
 		_ = a.httpLis.Close()
 	}
+	if a.metricsSrv != nil {
+		if err := a.metricsSrv.Shutdown(ctx); err != nil {
+			errs = append(errs, fmt.Errorf("shutdown metrics: %w", err))
+		}
+	}
 	if a.gwClose != nil {
 		if err := a.gwClose(); err != nil {
 			errs = append(errs, fmt.Errorf("close gateway: %w", err))
@@ -887,6 +961,10 @@ func (a *App) stop(ctx context.Context) error {
 	if a.store != nil {
 		a.store.Close()
 	}
+	// Last: the spans of the shutdown itself are exported too.
+	if err := a.telemetry.Shutdown(ctx); err != nil {
+		errs = append(errs, err)
+	}
 	if a.database != nil {
 		if err := a.database.Close(ctx); err != nil {
 			errs = append(errs, err)
@@ -919,6 +997,14 @@ func (a *App) bootstrapAPIKey(ctx context.Context) error {
 		return fmt.Errorf("create first api key: %w", err)
 	}
 	switch {
+	case created && generated && a.cfg.KeyOutputJSON:
+		// The key goes to KeyOutput only, never to the log.
+		line, _ := json.Marshal(map[string]string{
+			"time": time.Now().Format(time.RFC3339Nano), "level": "INFO",
+			"msg": "created the first API key; it is shown only this once", "api_key": key,
+		})
+		fmt.Fprintf(a.cfg.KeyOutput, "%s\n", line)
+		a.log.Info("created the first API key")
 	case created && generated:
 		fmt.Fprintf(a.cfg.KeyOutput, "\nCreated the first API key. It is shown only this once:\n\n    %s\n\n", key)
 		a.log.Info("created the first API key")
@@ -928,9 +1014,16 @@ func (a *App) bootstrapAPIKey(ctx context.Context) error {
 	return nil
 }
 
-// grpcOptions are the transport settings of the gRPC server.
+// grpcOptions are the transport settings of the gRPC server, and its
+// tracing when that is on.
 func (a *App) grpcOptions() []grpc.ServerOption {
-	return []grpc.ServerOption{
+	var opts []grpc.ServerOption
+	if a.telemetry.Enabled() {
+		opts = append(opts, grpc.StatsHandler(otelgrpc.NewServerHandler(
+			otelgrpc.WithTracerProvider(a.telemetry.TracerProvider()),
+			otelgrpc.WithPropagators(telemetry.Propagator()))))
+	}
+	return append(opts,
 		grpc.MaxConcurrentStreams(uint32(a.cfg.GRPCMaxConcurrentStreams)),
 		grpc.KeepaliveParams(keepalive.ServerParameters{
 			MaxConnectionIdle: a.cfg.GRPCIdleTimeout,
@@ -944,5 +1037,5 @@ func (a *App) grpcOptions() []grpc.ServerOption {
 			// cheaper than reconnecting. MinTime still bounds the rate.
 			PermitWithoutStream: true,
 		}),
-	}
+	)
 }

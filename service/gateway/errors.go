@@ -186,6 +186,7 @@ func reasonOf(st *status.Status) string {
 // handleError writes every error the mux meets (from the gRPC server, from
 // decoding the request, from the gateway itself) in the one REST shape.
 func (g *gateway) handleError(ctx context.Context, _ *runtime.ServeMux, _ runtime.Marshaler, w http.ResponseWriter, r *http.Request, err error) {
+	noteCaller(ctx)
 	if b := bodyFrom(r.Context()); b != nil {
 		if b.tooLarge {
 			g.writeError(w, r, g.bodyTooLarge())

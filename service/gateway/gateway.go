@@ -15,6 +15,7 @@ import (
 	"net/url"
 
 	"github.com/grpc-ecosystem/grpc-gateway/v2/runtime"
+	"go.opentelemetry.io/otel/trace"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials/insecure"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
@@ -32,6 +33,9 @@ type options struct {
 	maxBodyBytes int64
 	authCheck    AuthCheck
 	dialer       func(ctx context.Context, addr string) (net.Conn, error)
+	observer     service.CallObserver
+	tracer       trace.TracerProvider
+	dialOptions  []grpc.DialOption
 }
 
 // WithDialer makes the gateway reach the gRPC server through dial instead
@@ -85,7 +89,7 @@ func New(ctx context.Context, grpcAddr string, logger *slog.Logger, opts ...Opti
 	if logger == nil {
 		logger = slog.New(slog.DiscardHandler)
 	}
-	o := options{maxBodyBytes: 2 * service.DefaultMaxMessageBytes}
+	o := options{maxBodyBytes: 2 * service.DefaultMaxMessageBytes, tracer: noopTracer}
 	for _, opt := range opts {
 		opt(&o)
 	}
@@ -103,6 +107,7 @@ func New(ctx context.Context, grpcAddr string, logger *slog.Logger, opts ...Opti
 			grpc.MaxCallRecvMsgSize(64<<20),
 		),
 	}
+	dialOpts = append(dialOpts, o.dialOptions...)
 	if o.dialer != nil {
 		// The address means nothing to a resolver; hand it to the dialer
 		// as it is.
@@ -115,6 +120,7 @@ func New(ctx context.Context, grpcAddr string, logger *slog.Logger, opts ...Opti
 	}
 
 	g := &gateway{log: logger, maxBodyBytes: o.maxBodyBytes, authCheck: o.authCheck,
+		observer: o.observer, tracer: o.tracer,
 		openAPI: posthastev1.OpenAPI(), openAPIv3: posthastev1.OpenAPIv3()}
 	marshaler := &jsonMarshaler{JSONPb: runtime.JSONPb{
 		// EmitDefaultValues writes empty lists as [], empty maps as {}, and
@@ -138,7 +144,7 @@ func New(ctx context.Context, grpcAddr string, logger *slog.Logger, opts ...Opti
 		runtime.WithErrorHandler(g.handleError),
 		runtime.WithRoutingErrorHandler(g.handleRoutingError),
 		runtime.WithForwardResponseOption(setSuccessStatus),
-		runtime.WithMiddlewares(g.checkQuery),
+		runtime.WithMiddlewares(noteRoute, g.checkQuery),
 		runtime.WithDisableHTTPMethodOverride(),
 		runtime.WithDisablePathLengthFallback(),
 	)
@@ -158,15 +164,18 @@ func New(ctx context.Context, grpcAddr string, logger *slog.Logger, opts ...Opti
 		}
 	}
 	// Outermost first: give the request its id, so that every answer,
-	// even to a panic, carries it; recover from anything below; refuse
+	// even to a panic, carries it; log, count and trace the request;
+	// recover from anything below; refuse
 	// callers without a key, then bodies that are not JSON, before a byte
 	// of the body is read; bound the body as it is read.
-	h := assignRequestID(g.recoverPanics(g.requireAuth(g.requireJSON(preferRFC822(g.limitBody(mux))))))
+	h := assignRequestID(g.observe(g.recoverPanics(g.requireAuth(g.requireJSON(preferRFC822(g.limitBody(mux)))))))
 	return h, conn.Close, nil
 }
 
 type gateway struct {
 	log          *slog.Logger
+	observer     service.CallObserver
+	tracer       trace.TracerProvider
 	maxBodyBytes int64
 	authCheck    AuthCheck
 	openAPI      []byte // served as /openapi.json; never changed
@@ -184,7 +193,8 @@ func matchIncomingHeader(key string) (string, bool) {
 // (Location, RFC 9110 section 10.2.2) and, for an idempotent replay, that
 // nothing new was stored (Idempotent-Replayed, as the IETF's
 // Idempotency-Key draft and several payment APIs name it).
-func setSuccessStatus(_ context.Context, w http.ResponseWriter, resp proto.Message) error {
+func setSuccessStatus(ctx context.Context, w http.ResponseWriter, resp proto.Message) error {
+	noteCaller(ctx)
 	if r, ok := resp.(*posthastev1.SendMessageResponse); ok {
 		w.Header().Set("Location", "/v1/messages/"+url.PathEscape(r.GetId()))
 		if r.GetReplayed() {

@@ -5,10 +5,13 @@ import (
 	"net/http"
 	"time"
 
+	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
+	"google.golang.org/grpc/metadata"
 
 	posthastev1 "github.com/posthaste/posthaste/proto/posthaste/v1"
+	"github.com/posthaste/posthaste/service"
 )
 
 // healthCheckTimeout bounds a /healthz probe; a probe that hangs is a
@@ -25,11 +28,15 @@ func (g *gateway) healthz(client healthpb.HealthClient) func(http.ResponseWriter
 	return func(w http.ResponseWriter, r *http.Request, _ map[string]string) {
 		ctx, cancel := context.WithTimeout(r.Context(), healthCheckTimeout)
 		defer cancel()
+		var header metadata.MD
 		resp, err := client.Check(ctx, &healthpb.HealthCheckRequest{
 			Service: posthastev1.MailService_ServiceDesc.ServiceName,
-		})
+		}, grpc.Header(&header))
 		if err != nil || resp.GetStatus() != healthpb.HealthCheckResponse_SERVING {
 			msg := "not serving"
+			if reason := header.Get(service.HealthReasonMetadataKey); len(reason) > 0 {
+				msg += ": " + reason[0]
+			}
 			if err != nil {
 				g.log.WarnContext(r.Context(), "health check failed", "error", err)
 				msg = "health check failed"

@@ -1,0 +1,296 @@
+package app_test
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"io"
+	"log/slog"
+	"net/http"
+	"regexp"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+	dto "github.com/prometheus/client_model/go"
+	"github.com/prometheus/common/expfmt"
+	"github.com/prometheus/common/model"
+	"go.opentelemetry.io/otel/sdk/trace/tracetest"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials/insecure"
+	healthpb "google.golang.org/grpc/health/grpc_health_v1"
+	"google.golang.org/grpc/metadata"
+
+	"github.com/posthaste/posthaste/internal/app"
+	"github.com/posthaste/posthaste/internal/testenv"
+	"github.com/posthaste/posthaste/service"
+)
+
+// TestObservability sends mail through the sandbox in a JSON-logging,
+// traced process, then checks what an operator sees: the scrape, the log
+// lines and the spans.
+func TestObservability(t *testing.T) {
+	t.Parallel()
+	logs := &logBuffer{}
+	spans := tracetest.NewInMemoryExporter()
+	cfg := app.Config{
+		HTTPAddr:        "127.0.0.1:0",
+		GRPCAddr:        "127.0.0.1:0",
+		DatabaseURL:     testenv.Database(t),
+		BootstrapAPIKey: testKey,
+		Sandbox:         true,
+		Logger:          slog.New(slog.NewJSONHandler(logs, &slog.HandlerOptions{Level: slog.LevelInfo})),
+	}
+	cfg.Tracing.Exporter = spans
+	cfg.Delivery.PollInterval = 100 * time.Millisecond
+	a := start(t, cfg)
+	b := &bundle{app: a, base: "http://" + a.HTTPAddr()}
+
+	// The first send carries a request id of the test's, to find its line.
+	const requestID = "obs-test-request-1"
+	body := `{"from":{"address":"sender@posthaste.test"},"to":[{"address":"someone@example.com"}],"subject":"s","text":"t"}`
+	req, err := http.NewRequest(http.MethodPost, b.base+"/v1/messages", strings.NewReader(body))
+	if err != nil {
+		t.Fatal(err)
+	}
+	req.Header.Set("Authorization", "Bearer "+testKey)
+	req.Header.Set("Content-Type", "application/json")
+	req.Header.Set("X-Request-Id", requestID)
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var sent map[string]any
+	if err := json.NewDecoder(resp.Body).Decode(&sent); err != nil || resp.StatusCode != http.StatusAccepted {
+		t.Fatalf("send: %d %v %v", resp.StatusCode, sent, err)
+	}
+	resp.Body.Close()
+	delivered := sent["id"].(string)
+	code, bounced := b.do(t, http.MethodPost, "/v1/messages", map[string]any{
+		"from": map[string]any{"address": "sender@posthaste.test"},
+		"to":   []any{map[string]any{"address": "bounce@example.com"}}, "subject": "s", "text": "t",
+	})
+	if code != http.StatusAccepted {
+		t.Fatalf("send: %d %v", code, bounced)
+	}
+	b.waitStatus(t, delivered, "delivered")
+	b.waitStatus(t, bounced["id"].(string), "bounced")
+
+	t.Run("metrics", func(t *testing.T) {
+		families := scrape(t, "http://"+a.MetricsAddr()+"/metrics")
+		atLeast := func(name string, labels map[string]string, min float64) {
+			t.Helper()
+			if v := sample(families, name, labels); v < min {
+				t.Errorf("%s%v = %v, want at least %v", name, labels, v, min)
+			}
+		}
+		atLeast("posthaste_messages_accepted_total", nil, 2)
+		atLeast("posthaste_recipients_final_total", map[string]string{"outcome": "delivered", "class": "none"}, 1)
+		atLeast("posthaste_recipients_final_total", map[string]string{"outcome": "bounced"}, 1)
+		atLeast("posthaste_smtp_attempts_total", map[string]string{"result": "2xx"}, 1)
+		atLeast("posthaste_smtp_attempts_total", map[string]string{"result": "5xx"}, 1)
+		atLeast("posthaste_delivery_latency_seconds", nil, 1)
+		atLeast("posthaste_smtp_session_step_seconds", map[string]string{"step": "connect"}, 1)
+		atLeast("posthaste_api_requests_total", map[string]string{"protocol": "rest", "method": "POST /v1/messages", "code": "202"}, 2)
+		atLeast("posthaste_api_request_duration_seconds", map[string]string{"protocol": "rest", "method": "POST /v1/messages"}, 2)
+		atLeast("posthaste_db_pool_connections", map[string]string{"state": "max"}, 1)
+		atLeast("posthaste_ready", nil, 1)
+		for _, name := range []string{"posthaste_queue_depth", "posthaste_queue_oldest_due_seconds",
+			"posthaste_bounce_reports_total", "posthaste_webhook_deliveries_total", "posthaste_retention_rows_total"} {
+			if families[name] == nil {
+				t.Errorf("%s missing from the scrape", name)
+			}
+		}
+		if g := families["posthaste_smtp_open_connections"]; g != nil {
+			for _, m := range g.GetMetric() {
+				if p := labelOf(m, "provider"); p != "other" {
+					t.Errorf("sandbox connection counted under provider %q", p)
+				}
+			}
+		}
+		// No label carries an address, an id or a raw path.
+		unbounded := regexp.MustCompile(`@|[0-9a-f]{8}-[0-9a-f]{4}-|/v1/messages/[^{]`)
+		for name, f := range families {
+			if !strings.HasPrefix(name, "posthaste_") {
+				continue
+			}
+			for _, m := range f.GetMetric() {
+				for _, l := range m.GetLabel() {
+					if unbounded.MatchString(l.GetValue()) {
+						t.Errorf("%s has unbounded label %s=%q", name, l.GetName(), l.GetValue())
+					}
+				}
+			}
+		}
+	})
+
+	t.Run("logs", func(t *testing.T) {
+		var restLines, grpcInfo int
+		deliveredLine := false
+		for _, line := range strings.Split(strings.TrimSpace(logs.String()), "\n") {
+			var rec map[string]any
+			if err := json.Unmarshal([]byte(line), &rec); err != nil {
+				t.Fatalf("log line is not JSON: %q", line)
+			}
+			switch {
+			case rec["msg"] == "rest call" && rec["request_id"] == requestID:
+				restLines++
+				if rec["level"] != "INFO" || rec["protocol"] != "rest" || rec["method"] != "POST" ||
+					rec["route"] != "/v1/messages" || rec["code"] != float64(202) || rec["duration_ms"] == nil ||
+					rec["api_key_id"] == nil || rec["project_id"] == nil || rec["client_addr"] == nil {
+					t.Errorf("rest call line lacks fields: %v", rec)
+				}
+			case rec["msg"] == "grpc call" && rec["request_id"] == requestID:
+				grpcInfo++
+			case rec["msg"] == "delivery: delivered" && rec["message_id"] == delivered:
+				deliveredLine = rec["recipient_id"] != nil && rec["mx_host"] != nil && rec["code"] == float64(250)
+			}
+			if strings.Contains(line, testKey) {
+				t.Errorf("the API key is in the log: %s", line)
+			}
+		}
+		if restLines != 1 || grpcInfo != 0 {
+			t.Errorf("request %s: %d rest call lines, %d grpc call lines at info; want 1 and 0", requestID, restLines, grpcInfo)
+		}
+		if !deliveredLine {
+			t.Error("no delivery: delivered line with message, recipient, MX and reply")
+		}
+	})
+
+	t.Run("traces", func(t *testing.T) {
+		var restTrace string
+		for _, s := range spans.GetSpans() {
+			if s.Name == "rest POST /v1/messages" {
+				restTrace = s.SpanContext.TraceID().String()
+				break
+			}
+		}
+		if restTrace == "" {
+			t.Fatal("no span for the REST call")
+		}
+		var grpcSpan, dbSpan, smtpSpan bool
+		for _, s := range spans.GetSpans() {
+			same := s.SpanContext.TraceID().String() == restTrace
+			switch {
+			case same && s.Name == "posthaste.v1.MailService/SendMessage":
+				grpcSpan = true
+			case same && strings.HasPrefix(s.Name, "db "):
+				dbSpan = true
+			case s.Name == "smtp attempt":
+				smtpSpan = true
+			}
+		}
+		if !grpcSpan || !dbSpan || !smtpSpan {
+			t.Errorf("grpc span in the REST trace %v, db span in it %v, smtp span %v; want all", grpcSpan, dbSpan, smtpSpan)
+		}
+	})
+}
+
+// TestNotReadyWhenSchemaBehind rolls the database's schema back by one
+// migration, as a restored backup or a manual rollback would: /healthz and
+// gRPC health say not serving, and why.
+func TestNotReadyWhenSchemaBehind(t *testing.T) {
+	t.Parallel()
+	cfg := baseConfig(t)
+	cfg.MetricsAddr = "127.0.0.1:0"
+	a := start(t, cfg)
+	conn, err := pgx.Connect(t.Context(), a.DatabaseURL())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close(context.Background())
+	if _, err := conn.Exec(t.Context(),
+		`DELETE FROM goose_db_version WHERE version_id = (SELECT max(version_id) FROM goose_db_version)`); err != nil {
+		t.Fatal(err)
+	}
+
+	resp, err := http.Get("http://" + a.HTTPAddr() + "/healthz")
+	if err != nil {
+		t.Fatal(err)
+	}
+	raw, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusServiceUnavailable || !bytes.Contains(raw, []byte("schema behind binary")) {
+		t.Errorf("/healthz = %d %s, want 503 naming the schema", resp.StatusCode, raw)
+	}
+
+	gc, err := grpc.NewClient(a.GRPCAddr(), grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer gc.Close()
+	var header metadata.MD
+	hr, err := healthpb.NewHealthClient(gc).Check(t.Context(),
+		&healthpb.HealthCheckRequest{Service: "posthaste.v1.MailService"}, grpc.Header(&header))
+	if err != nil || hr.GetStatus() != healthpb.HealthCheckResponse_NOT_SERVING {
+		t.Errorf("grpc health = %v, %v; want NOT_SERVING", hr.GetStatus(), err)
+	}
+	if r := header[service.HealthReasonMetadataKey]; len(r) == 0 || !strings.Contains(r[0], "schema behind") {
+		t.Errorf("grpc health reason = %v", r)
+	}
+
+	// The separate metrics listener answers, and says not ready.
+	families := scrape(t, "http://"+a.MetricsAddr()+"/metrics")
+	if v := sample(families, "posthaste_ready", nil); v != 0 {
+		t.Errorf("posthaste_ready = %v, want 0", v)
+	}
+	if a.MetricsAddr() == a.HTTPAddr() {
+		t.Error("metrics share the REST listener despite MetricsAddr")
+	}
+}
+
+// scrape fetches and parses a Prometheus text exposition.
+func scrape(t *testing.T, url string) map[string]*dto.MetricFamily {
+	t.Helper()
+	resp, err := http.Get(url)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		t.Fatalf("GET %s: %d", url, resp.StatusCode)
+	}
+	parser := expfmt.NewTextParser(model.UTF8Validation)
+	families, err := parser.TextToMetricFamilies(resp.Body)
+	if err != nil {
+		t.Fatalf("parse scrape: %v", err)
+	}
+	return families
+}
+
+// sample sums the samples of name whose labels include labels: counter
+// and gauge values, histogram counts.
+func sample(families map[string]*dto.MetricFamily, name string, labels map[string]string) float64 {
+	f := families[name]
+	if f == nil {
+		return -1
+	}
+	total := 0.0
+next:
+	for _, m := range f.GetMetric() {
+		for k, v := range labels {
+			if labelOf(m, k) != v {
+				continue next
+			}
+		}
+		switch {
+		case m.Counter != nil:
+			total += m.GetCounter().GetValue()
+		case m.Gauge != nil:
+			total += m.GetGauge().GetValue()
+		case m.Histogram != nil:
+			total += float64(m.GetHistogram().GetSampleCount())
+		}
+	}
+	return total
+}
+
+func labelOf(m *dto.Metric, name string) string {
+	for _, l := range m.GetLabel() {
+		if l.GetName() == name {
+			return l.GetValue()
+		}
+	}
+	return ""
+}
