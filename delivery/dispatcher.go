@@ -547,13 +547,12 @@ func (d *Dispatcher) outcomes(j *job, res attemptResult, now time.Time) []db.Out
 		case rr.Err == nil:
 			o.Status = db.StatusDelivered
 			o.Code, o.EnhancedCode, o.Text = rr.Reply.Code, rr.Reply.EnhancedCode, rr.Reply.Text
-		case !rr.Err.Temporary() && d.classify(&o, rr.Err):
+		case !rr.Err.Temporary():
+			d.classify(&o, rr.Err)
 			o.Status = db.StatusBounced
 			o.Code, o.EnhancedCode, o.Text = errorReply(rr.Err)
 			source = errorSource(rr.Err)
 		default:
-			// Temporary, or a 5yz the classification does not take as
-			// permanent: a rate limit (see classify).
 			o.Code, o.EnhancedCode, o.Text = errorReply(rr.Err)
 			source = errorSource(rr.Err)
 			o.Ambiguous = rr.Err.Ambiguous
@@ -612,20 +611,19 @@ func (d *Dispatcher) outcomes(j *job, res attemptResult, now time.Time) []db.Out
 	return out
 }
 
-// classify sets o's bounce class from e, a refusal that is not temporary,
-// and whether the refusal suppresses the address, and reports whether it
-// is permanent. It runs only for refusals, so deliveries never pay for the
-// rule table. A 5yz reply that says it is about a rate ("too many
-// messages", Gmail's 5.4.5 quota) is classified as not permanent: the same
-// mail is accepted later, so the recipient is deferred rather than bounced
-// and its address is never suppressed.
-func (d *Dispatcher) classify(o *db.Outcome, e *SMTPError) bool {
+// classify sets o's bounce class from e, a 5yz refusal, and whether the
+// refusal suppresses the address. It runs only for refusals, so deliveries
+// never pay for the rule table. A 5yz reply is a bounce whatever its class
+// (RFC 5321 section 4.2.1: the same command will not be accepted), but a
+// 5yz that is about a rate ("too many messages", Gmail's 5.4.5 quota) says
+// nothing about the address: it is classified as not permanent, and never
+// suppresses it, so the next message to it goes out as usual.
+func (d *Dispatcher) classify(o *db.Outcome, e *SMTPError) {
 	c := ClassifySMTPError(e)
 	o.Class, o.Permanent = string(c.Class), c.Permanent
 	if c.Permanent && BounceSuppression(c.Class, c.Permanent) != SuppressionNone {
 		o.Suppress = db.SuppressionHardBounce
 	}
-	return c.Permanent
 }
 
 // errorSource says whose words the reply stored of e is.

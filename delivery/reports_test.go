@@ -337,8 +337,8 @@ func TestDispatchClassifiesRefusals(t *testing.T) {
 		}
 		return true
 	})
-	if r := recipient(t, m, "limited@c.test"); r.Status != db.StatusDeferred {
-		t.Errorf("rate-limited: %s, want deferred", r.Status)
+	if r := recipient(t, m, "limited@c.test"); r.Status != db.StatusBounced {
+		t.Errorf("rate-limited: %s, want bounced (a 5yz), not suppressed", r.Status)
 	}
 	if r := recipient(t, m, "unknown@c.test"); r.Status != db.StatusBounced {
 		t.Errorf("unknown: %s, want bounced", r.Status)

@@ -386,15 +386,15 @@ func TestComplaintSuppresses(t *testing.T) {
 }
 
 // TestRateLimitRefusalIsNotSuppressed: a 550 that says "too many messages"
-// is a rate limit, which is never permanent: the recipient is deferred and
-// nothing is suppressed.
+// bounces the recipient, as every 5yz does, but it is a rate limit, which is
+// never permanent for the address: nothing is suppressed.
 func TestRateLimitRefusalIsNotSuppressed(t *testing.T) {
 	t.Parallel()
 	b := setupBounces(t)
 	id := b.send(t, "ratelimit@example.test")
-	b.waitStatus(t, id, "deferred")
-	if ev := b.waitEvent(t, id, "deferred")[0]; ev["class"] != "rate_limit" || ev["permanent"] == true {
-		t.Errorf("deferred event %v", ev)
+	b.waitStatus(t, id, "bounced")
+	if ev := b.waitEvent(t, id, "bounced")[0]; ev["class"] != "rate_limit" || ev["permanent"] == true {
+		t.Errorf("bounced event %v", ev)
 	}
 	if _, err := b.store.GetSuppression(context.Background(), db.DefaultProjectID(), "ratelimit@example.test"); !errors.Is(err, db.ErrNotFound) {
 		t.Errorf("rate limit suppressed: %v", err)
