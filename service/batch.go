@@ -123,6 +123,7 @@ func (s *Server) sendBatch(ctx context.Context, req *posthastev1.SendBatchReques
 			}
 		default:
 			applySuppressed(receipt, o.Result.Suppressed)
+			s.countSuppressed(o.Result.Suppressed)
 			committed = true
 		}
 		results[i] = &posthastev1.SendBatchResult{Result: &posthastev1.SendBatchResult_Accepted{Accepted: receipt}}

@@ -366,6 +366,7 @@ func (s *Server) commit(ctx context.Context, caller principal, req idempotentReq
 		return replayedResponse(out[0].Result.Response)
 	}
 	applySuppressed(resp, out[0].Result.Suppressed)
+	s.countSuppressed(out[0].Result.Suppressed)
 	s.onCommit()
 	return resp, nil
 }

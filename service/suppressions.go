@@ -27,6 +27,21 @@ var suppressionReasons = map[string]bool{
 	string(db.SuppressionHardBounce): true, string(db.SuppressionComplaint): true, string(db.SuppressionManual): true,
 }
 
+// RecipientObserver is told about recipients that end at intake, without a
+// delivery attempt: an Observer (Config.Observer) that implements it counts
+// them with the outcomes delivery reports.
+type RecipientObserver interface {
+	RecipientsEnded(outcome string, n int)
+}
+
+// countSuppressed tells the observer, when it counts recipients, about the
+// ones the intake stored suppressed.
+func (s *Server) countSuppressed(suppressed []db.SuppressedRecipient) {
+	if o, ok := s.cfg.Observer.(RecipientObserver); ok && len(suppressed) > 0 {
+		o.RecipientsEnded(db.StatusSuppressed, len(suppressed))
+	}
+}
+
 // applySuppressed marks in a send receipt the recipients the intake stored
 // suppressed. The receipt was made before the insert, which is where the
 // suppression list is looked up.

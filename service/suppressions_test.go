@@ -2,6 +2,7 @@ package service_test
 
 import (
 	"slices"
+	"sync"
 	"testing"
 	"time"
 
@@ -29,9 +30,25 @@ func addEntries(t *testing.T, e *env, addrs ...string) *posthastev1.AddSuppressi
 
 // The receipt says which recipients are suppressed and why, a retry with
 // the same key replays that, and GetMessage agrees.
+// recipientCounter counts the recipients the service reports as ended at
+// intake; the metrics package implements the same interfaces.
+type recipientCounter struct {
+	mu    sync.Mutex
+	ended map[string]int
+}
+
+func (c *recipientCounter) ObserveCall(string, string, string, time.Duration) {}
+
+func (c *recipientCounter) RecipientsEnded(outcome string, n int) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.ended[outcome] += n
+}
+
 func TestSendToSuppressedAddress(t *testing.T) {
 	t.Parallel()
-	e := setup(t, service.Config{})
+	counter := &recipientCounter{ended: map[string]int{}}
+	e := setup(t, service.Config{Observer: counter})
 	addEntries(t, e, "Bob@Example.test", "*@blocked.test")
 	req := validRequest()
 	req.Cc = []*posthastev1.Address{{Address: "dan@BLOCKED.test"}}
@@ -55,6 +72,12 @@ func TestSendToSuppressedAddress(t *testing.T) {
 	if err != nil || again.GetId() != resp.GetId() || !slices.Equal(statuses(again.GetRecipients()), want) {
 		t.Errorf("replay %v (%v), %v", statuses(again.GetRecipients()), again.GetId(), err)
 	}
+	// Counted once, for the call that stored them, not for its replay.
+	counter.mu.Lock()
+	if got := counter.ended["suppressed"]; got != 2 {
+		t.Errorf("recipients counted as suppressed: %d, want 2", got)
+	}
+	counter.mu.Unlock()
 	m, err := e.client.GetMessage(e.ctx(t), &posthastev1.GetMessageRequest{Id: resp.GetId()})
 	if err != nil {
 		t.Fatal(err)
