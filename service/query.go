@@ -34,6 +34,20 @@ var finalStatuses = map[string]bool{
 	db.StatusSuppressed: true,
 }
 
+// callerAndID checks that the caller's key has scope and parses the id of
+// one of its project's resources, the first steps of every call on one.
+func callerAndID(ctx context.Context, scope, rawID string) (principal, uuid.UUID, error) {
+	caller, err := requireScope(ctx, scope)
+	if err != nil {
+		return principal{}, uuid.Nil, err
+	}
+	id, err := parseID(rawID)
+	if err != nil {
+		return principal{}, uuid.Nil, err
+	}
+	return caller, id, nil
+}
+
 // GetMessage returns one message with its recipients and attempts.
 func (s *Server) GetMessage(ctx context.Context, req *posthastev1.GetMessageRequest) (*posthastev1.Message, error) {
 	m, err := s.getMessage(ctx, req.GetId())
@@ -44,11 +58,7 @@ func (s *Server) GetMessage(ctx context.Context, req *posthastev1.GetMessageRequ
 }
 
 func (s *Server) getMessage(ctx context.Context, rawID string) (*posthastev1.Message, error) {
-	caller, err := requireScope(ctx, db.ScopeRead)
-	if err != nil {
-		return nil, err
-	}
-	id, err := parseID(rawID)
+	caller, id, err := callerAndID(ctx, db.ScopeRead, rawID)
 	if err != nil {
 		return nil, err
 	}
@@ -72,11 +82,7 @@ func (s *Server) CancelMessage(ctx context.Context, req *posthastev1.CancelMessa
 }
 
 func (s *Server) cancelMessage(ctx context.Context, rawID string) (*posthastev1.Message, error) {
-	caller, err := requireScope(ctx, db.ScopeSend)
-	if err != nil {
-		return nil, err
-	}
-	id, err := parseID(rawID)
+	caller, id, err := callerAndID(ctx, db.ScopeSend, rawID)
 	if err != nil {
 		return nil, err
 	}
@@ -99,11 +105,7 @@ func (s *Server) GetMessageRaw(ctx context.Context, req *posthastev1.GetMessageR
 }
 
 func (s *Server) getMessageRaw(ctx context.Context, rawID string) (*posthastev1.GetMessageRawResponse, error) {
-	caller, err := requireScope(ctx, db.ScopeRead)
-	if err != nil {
-		return nil, err
-	}
-	id, err := parseID(rawID)
+	caller, id, err := callerAndID(ctx, db.ScopeRead, rawID)
 	if err != nil {
 		return nil, err
 	}
