@@ -32,8 +32,10 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	"log/slog"
 	"os"
 	"os/signal"
+	"strings"
 	"syscall"
 )
 
@@ -42,9 +44,39 @@ func main() {
 	err := run(ctx, os.Args[1:], os.Stdout, os.Stderr)
 	stop()
 	if err != nil {
-		fmt.Fprintln(os.Stderr, "posthaste:", err)
+		reportError(os.Stderr, os.Args[1:], os.Getenv, err)
 		os.Exit(1)
 	}
+}
+
+// reportError writes the error that ends the process: one JSON line when
+// the logs were asked for as JSON (--log-format json, or its environment
+// variable), so that a log pipeline that parses every line also parses the
+// last one; else a plain line.
+func reportError(w io.Writer, args []string, getenv func(string) string, err error) {
+	if !jsonLogsRequested(args, getenv) {
+		fmt.Fprintln(w, "posthaste:", err)
+		return
+	}
+	slog.New(slog.NewJSONHandler(w, nil)).Error("posthaste stopped", "err", err.Error())
+}
+
+// jsonLogsRequested reports whether args or the environment ask for JSON
+// logs. The command line is looked at as text because the error may come
+// from parsing it.
+func jsonLogsRequested(args []string, getenv func(string) string) bool {
+	format := getenv(envName("log-format"))
+	for i, a := range args {
+		switch {
+		case a == "--log-format" || a == "-log-format":
+			if i+1 < len(args) {
+				format = args[i+1]
+			}
+		case strings.HasPrefix(a, "--log-format="), strings.HasPrefix(a, "-log-format="):
+			_, format, _ = strings.Cut(a, "=")
+		}
+	}
+	return format == "json"
 }
 
 const usage = `Usage: posthaste <command> [flags]

@@ -1,8 +1,10 @@
 package main
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
+	"errors"
 	"net/http"
 	"strings"
 	"testing"
@@ -113,4 +115,29 @@ func jsonLines(t *testing.T, out string) []map[string]any {
 		recs = append(recs, rec)
 	}
 	return recs
+}
+
+// The error that ends the process is a JSON line when JSON logs were asked
+// for, on the command line or in the environment.
+func TestReportErrorAsJSON(t *testing.T) {
+	cause := errors.New("database not reachable")
+	for _, tc := range []struct {
+		args []string
+		env  string
+		json bool
+	}{
+		{[]string{"serve", "--log-format", "json"}, "", true},
+		{[]string{"serve", "--log-format=json"}, "", true},
+		{[]string{"serve"}, "json", true},
+		{[]string{"serve", "--log-format", "text"}, "json", false},
+		{[]string{"serve"}, "", false},
+	} {
+		var out bytes.Buffer
+		reportError(&out, tc.args, func(string) string { return tc.env }, cause)
+		var line map[string]any
+		isJSON := json.Unmarshal(out.Bytes(), &line) == nil
+		if isJSON != tc.json || (isJSON && line["err"] != cause.Error()) {
+			t.Errorf("args %v env %q: %q, want JSON %v", tc.args, tc.env, out.String(), tc.json)
+		}
+	}
 }
