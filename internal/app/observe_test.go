@@ -78,7 +78,23 @@ func TestObservability(t *testing.T) {
 	b.waitStatus(t, bounced["id"].(string), "bounced")
 
 	t.Run("metrics", func(t *testing.T) {
-		families := scrape(t, "http://"+a.MetricsAddr()+"/metrics")
+		// Outcomes are counted once their commit has returned, which can be
+		// just after the status shows in the database.
+		var families map[string]*dto.MetricFamily
+		deadline := time.Now().Add(10 * time.Second)
+		for {
+			families = scrape(t, "http://"+a.MetricsAddr()+"/metrics")
+			if sample(families, "posthaste_recipients_final_total", map[string]string{"outcome": "bounced"}) >= 1 &&
+				sample(families, "posthaste_recipients_final_total", map[string]string{"outcome": "delivered", "class": "none"}) >= 1 ||
+				time.Now().After(deadline) {
+				break
+			}
+			select {
+			case <-t.Context().Done():
+				return
+			case <-time.After(20 * time.Millisecond):
+			}
+		}
 		atLeast := func(name string, labels map[string]string, min float64) {
 			t.Helper()
 			if v := sample(families, name, labels); v < min {
