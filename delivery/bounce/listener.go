@@ -11,6 +11,8 @@ import (
 	"time"
 
 	"github.com/emersion/go-smtp"
+
+	"github.com/posthaste/posthaste/internal/smtpserve"
 )
 
 // Handler receives every message the listener accepts. HandleReport runs
@@ -150,7 +152,7 @@ type Listener struct {
 	started   bool
 	stopped   bool
 	srv       *smtp.Server
-	ln        *limitListener
+	ln        *smtpserve.Listener
 	serveDone chan struct{}
 	stopOnce  sync.Once
 }
@@ -182,7 +184,7 @@ func (l *Listener) Start(ctx context.Context) error {
 	if err != nil {
 		return fmt.Errorf("bounce listener: listen on %s: %w", l.cfg.Addr, err)
 	}
-	ln := newLimitListener(nl, l.cfg.MaxConnections, l.cfg.Domain, l.cfg.WriteTimeout)
+	ln := smtpserve.NewListener(nl, l.cfg.MaxConnections, refuseConn(l.cfg.Domain, l.cfg.WriteTimeout))
 
 	srv := smtp.NewServer(smtp.BackendFunc(func(c *smtp.Conn) (smtp.Session, error) {
 		return &session{l: l, remote: c.Conn().RemoteAddr().String()}, nil
@@ -193,7 +195,7 @@ func (l *Listener) Start(ctx context.Context) error {
 	srv.ReadTimeout = l.cfg.ReadTimeout
 	srv.WriteTimeout = l.cfg.WriteTimeout
 	srv.TLSConfig = l.cfg.TLSConfig
-	srv.ErrorLog = errorLog{l.log}
+	srv.ErrorLog = smtpserve.ErrorLog{Log: l.log, Prefix: "bounce listener smtp: "}
 
 	l.ctx, l.cancel = context.WithCancel(context.WithoutCancel(ctx))
 	l.started = true
@@ -239,114 +241,19 @@ func (l *Listener) Stop() {
 		_ = ln.Close()
 		<-serveDone
 		cancel()
-		ln.closeConns()
+		ln.CloseConns()
 		// Shutdown waits for the connection handlers; its error only
 		// repeats that the listener is already closed.
 		_ = srv.Shutdown(context.Background())
-		ln.wait()
+		ln.Wait()
 	})
 }
 
-// limitListener serves at most max connections at once and remembers them,
-// so Stop can close them (go-smtp's Shutdown waits only for idle ones).
-// A connection over the limit is answered 421 and closed by a goroutine of
-// its own, so a slow client cannot hold up Accept.
-type limitListener struct {
-	net.Listener
-	max          int
-	domain       string
-	writeTimeout time.Duration
-
-	mu      sync.Mutex
-	conns   map[*trackedConn]struct{}
-	closed  bool
-	refuses sync.WaitGroup
-}
-
-func newLimitListener(l net.Listener, max int, domain string, writeTimeout time.Duration) *limitListener {
-	return &limitListener{Listener: l, max: max, domain: domain, writeTimeout: writeTimeout, conns: make(map[*trackedConn]struct{})}
-}
-
-func (l *limitListener) Accept() (net.Conn, error) {
-	for {
-		c, err := l.Listener.Accept()
-		if err != nil {
-			return nil, err
-		}
-		l.mu.Lock()
-		if l.closed {
-			l.mu.Unlock()
-			_ = c.Close()
-			return nil, net.ErrClosed
-		}
-		if len(l.conns) >= l.max {
-			l.refuses.Add(1)
-			l.mu.Unlock()
-			go l.refuse(c)
-			continue
-		}
-		tc := &trackedConn{Conn: c, l: l}
-		l.conns[tc] = struct{}{}
-		l.mu.Unlock()
-		return tc, nil
+// refuseConn answers a connection over the limit with 421, which RFC 5321
+// section 3.1 allows in place of the greeting; the listener closes it.
+func refuseConn(domain string, writeTimeout time.Duration) func(net.Conn) {
+	return func(c net.Conn) {
+		_ = c.SetWriteDeadline(time.Now().Add(min(writeTimeout, 10*time.Second)))
+		_, _ = fmt.Fprintf(c, "421 4.7.0 %s too many connections, try again later\r\n", domain)
 	}
-}
-
-// refuse answers a connection over the limit with 421, which RFC 5321
-// section 3.1 allows in place of the greeting, and closes it.
-func (l *limitListener) refuse(c net.Conn) {
-	defer l.refuses.Done()
-	defer c.Close()
-	_ = c.SetWriteDeadline(time.Now().Add(min(l.writeTimeout, 10*time.Second)))
-	_, _ = fmt.Fprintf(c, "421 4.7.0 %s too many connections, try again later\r\n", l.domain)
-}
-
-func (l *limitListener) Close() error {
-	l.mu.Lock()
-	l.closed = true
-	l.mu.Unlock()
-	return l.Listener.Close()
-}
-
-func (l *limitListener) closeConns() {
-	l.mu.Lock()
-	conns := make([]*trackedConn, 0, len(l.conns))
-	for c := range l.conns {
-		conns = append(conns, c)
-	}
-	l.mu.Unlock()
-	for _, c := range conns {
-		_ = c.Close()
-	}
-}
-
-// wait waits for the refusals in progress.
-func (l *limitListener) wait() { l.refuses.Wait() }
-
-type trackedConn struct {
-	net.Conn
-	l    *limitListener
-	once sync.Once
-	err  error
-}
-
-func (c *trackedConn) Close() error {
-	c.once.Do(func() {
-		c.l.mu.Lock()
-		delete(c.l.conns, c)
-		c.l.mu.Unlock()
-		c.err = c.Conn.Close()
-	})
-	return c.err
-}
-
-// errorLog adapts go-smtp's internal error reports to slog.
-type errorLog struct{ log *slog.Logger }
-
-func (e errorLog) Printf(format string, v ...any) {
-	e.log.Warn("bounce listener smtp: " + fmt.Sprintf(format, v...))
-}
-
-func (e errorLog) Println(v ...any) {
-	e.log.Warn("bounce listener smtp: " + fmt.Sprint(v...))
 }

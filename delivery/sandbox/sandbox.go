@@ -16,6 +16,8 @@ import (
 	"time"
 
 	"github.com/emersion/go-smtp"
+
+	"github.com/posthaste/posthaste/internal/smtpserve"
 )
 
 const (
@@ -135,7 +137,7 @@ type Server struct {
 	started   bool
 	stopped   bool
 	smtp      *smtp.Server
-	ln        *trackingListener
+	ln        *smtpserve.Listener
 	serveDone chan struct{}
 	received  []Received // ring buffer, next holds the oldest entry once full
 	next      int
@@ -178,7 +180,7 @@ func (s *Server) Start(ctx context.Context) error {
 	if err != nil {
 		return fmt.Errorf("sandbox listen on %s: %w", s.cfg.Addr, err)
 	}
-	ln := &trackingListener{Listener: l, conns: make(map[*trackedConn]struct{})}
+	ln := smtpserve.NewListener(l, 0, nil)
 
 	srv := smtp.NewServer(smtp.BackendFunc(func(c *smtp.Conn) (smtp.Session, error) {
 		return &session{srv: s, remote: c.Conn().RemoteAddr().String()}, nil
@@ -187,7 +189,7 @@ func (s *Server) Start(ctx context.Context) error {
 	srv.MaxMessageBytes = s.cfg.MaxMessageBytes
 	srv.ReadTimeout = commandTimeout
 	srv.WriteTimeout = commandTimeout
-	srv.ErrorLog = errorLog{s.log}
+	srv.ErrorLog = smtpserve.ErrorLog{Log: s.log, Prefix: "sandbox smtp: "}
 
 	s.started = true
 	s.smtp = srv
@@ -234,7 +236,7 @@ func (s *Server) Stop() {
 		// accepted after the open ones are closed below.
 		_ = ln.Close()
 		<-serveDone
-		ln.closeConns()
+		ln.CloseConns()
 		// Shutdown waits for the connection handlers; its error only repeats
 		// that the listener is already closed.
 		_ = srv.Shutdown(context.Background())
@@ -332,64 +334,4 @@ func (p *pendingDefers) toggle(key pair) bool {
 		p.order = live
 	}
 	return true
-}
-
-// trackingListener remembers the connections it accepted so Stop can close
-// them; go-smtp's Shutdown only waits for idle connections.
-type trackingListener struct {
-	net.Listener
-	mu    sync.Mutex
-	conns map[*trackedConn]struct{}
-}
-
-func (l *trackingListener) Accept() (net.Conn, error) {
-	c, err := l.Listener.Accept()
-	if err != nil {
-		return nil, err
-	}
-	tc := &trackedConn{Conn: c, l: l}
-	l.mu.Lock()
-	l.conns[tc] = struct{}{}
-	l.mu.Unlock()
-	return tc, nil
-}
-
-func (l *trackingListener) closeConns() {
-	l.mu.Lock()
-	conns := make([]*trackedConn, 0, len(l.conns))
-	for c := range l.conns {
-		conns = append(conns, c)
-	}
-	l.mu.Unlock()
-	for _, c := range conns {
-		_ = c.Close()
-	}
-}
-
-type trackedConn struct {
-	net.Conn
-	l    *trackingListener
-	once sync.Once
-	err  error
-}
-
-func (c *trackedConn) Close() error {
-	c.once.Do(func() {
-		c.l.mu.Lock()
-		delete(c.l.conns, c)
-		c.l.mu.Unlock()
-		c.err = c.Conn.Close()
-	})
-	return c.err
-}
-
-// errorLog adapts go-smtp's internal error reports to slog.
-type errorLog struct{ log *slog.Logger }
-
-func (e errorLog) Printf(format string, v ...any) {
-	e.log.Warn("sandbox smtp: " + fmt.Sprintf(format, v...))
-}
-
-func (e errorLog) Println(v ...any) {
-	e.log.Warn("sandbox smtp: " + fmt.Sprint(v...))
 }
