@@ -59,14 +59,32 @@ func (d *DB) QueueDepth(ctx context.Context, now time.Time) (map[string]int64, t
 	return counts, age, nil
 }
 
+// queueDepthSQL counts each state on a partial index that holds exactly
+// its rows: waiting rows on the claim's two (first attempts, retries),
+// sending rows on the rescuer's.
 const queueDepthSQL = `
-SELECT status, count(*) FROM recipients
-WHERE status IN ('scheduled', 'queued', 'deferred', 'sending')
+SELECT status, sum(n)::bigint FROM (
+    SELECT status, count(*) AS n FROM recipients
+    WHERE status IN ('scheduled', 'queued', 'deferred') AND attempts = 0
+    GROUP BY status
+    UNION ALL
+    SELECT status, count(*) FROM recipients
+    WHERE status IN ('scheduled', 'queued', 'deferred') AND attempts > 0
+    GROUP BY status
+    UNION ALL
+    SELECT 'sending', count(*) FROM recipients
+    WHERE status = 'sending'
+) c
 GROUP BY status`
 
+// oldestDueSQL takes the oldest due row of each of the claim's two lists,
+// each the first entry of its partial index.
 const oldestDueSQL = `
-SELECT min(next_attempt_at) FROM recipients
-WHERE status IN ('queued', 'scheduled', 'deferred') AND next_attempt_at <= $1`
+SELECT least(
+    (SELECT min(next_attempt_at) FROM recipients
+     WHERE status IN ('queued', 'scheduled', 'deferred') AND attempts = 0 AND next_attempt_at <= $1),
+    (SELECT min(next_attempt_at) FROM recipients
+     WHERE status IN ('queued', 'scheduled', 'deferred') AND attempts > 0 AND next_attempt_at <= $1))`
 
 // ErrMigrationsBehind is returned by CheckMigrations when the database's
 // schema is older than the binary's migrations, as after a rollback.

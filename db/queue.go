@@ -269,14 +269,6 @@ type Claim struct {
 	Messages map[uuid.UUID]MessageContent
 }
 
-// loadLeasedContentsSQL reads the messages of the rows a claim leased. It
-// runs right after the claim, in its transaction, so it sees them.
-//
-// $1 owner.
-const loadLeasedContentsSQL = `
-SELECT id, envelope_from, raw FROM messages
-WHERE id IN (SELECT message_id FROM recipients WHERE lease_owner = $1 AND status = 'sending')`
-
 // ClaimWithContents is ClaimRecipients that also returns the messages to
 // send, read in the same round trip and transaction as the claim, each once
 // however many of its recipients were claimed.
@@ -299,14 +291,16 @@ func (d *DB) claim(ctx context.Context, p ClaimParams, withContents bool) (Claim
 	// server is back the rows would be due again and a second send could
 	// start before the first one's outcome is written. A durable claim keeps
 	// them leased until that outcome, kept in memory meanwhile, is written.
-	b := &pgx.Batch{}
-	b.Queue(claimSQL, p.Owner, p.Limit, p.LeaseFor.Microseconds(), nowParam(p.Now))
-	if withContents {
-		b.Queue(loadLeasedContentsSQL, p.Owner)
-	}
+	//
+	// Two round trips in one transaction: the claim, then, by the ids it
+	// returned, the status of its messages and their contents. Finding
+	// those messages again in the same round trip would mean looking up the
+	// owner's leased rows, whose partial indexes hold an entry for every
+	// row leased since the last vacuum, so that lookup grew with the
+	// throughput; by id it costs one probe per message.
 	var c Claim
-	err := d.sendChange(ctx, b, messagesLeasedTo(p.Owner), func(br pgx.BatchResults) error {
-		rows, _ := br.Query()
+	err := d.atomic(ctx, func(tx *DB) error {
+		rows, _ := tx.pool.Query(ctx, claimSQL, p.Owner, p.Limit, p.LeaseFor.Microseconds(), nowParam(p.Now))
 		var err error
 		c.Recipients, err = pgx.CollectRows(rows, func(row pgx.CollectableRow) (ClaimedRecipient, error) {
 			var c ClaimedRecipient
@@ -314,16 +308,42 @@ func (d *DB) claim(ctx context.Context, p ClaimParams, withContents bool) (Claim
 				&c.MessageCreatedAt, &c.DueSince, &c.AmbiguousAttempts, &c.LeaseOwner, &c.LeaseUntil)
 			return c, err
 		})
-		if err != nil || !withContents {
+		if err != nil || len(c.Recipients) == 0 {
 			return err
 		}
-		c.Messages, err = collectContents(br.Query())
-		return err
+		ids := claimedMessageIDs(c.Recipients)
+		b := &pgx.Batch{}
+		if withContents {
+			b.Queue(loadMessageContentsSQL, ids)
+		}
+		return tx.sendChange(ctx, b, messagesWithIDs(ids), func(br pgx.BatchResults) error {
+			if !withContents {
+				return nil
+			}
+			c.Messages, err = collectContents(br.Query())
+			return err
+		})
 	})
 	if err != nil {
 		return Claim{}, fmt.Errorf("claim recipients: %w", mapError(err))
 	}
+	if withContents && c.Messages == nil {
+		c.Messages = map[uuid.UUID]MessageContent{}
+	}
 	return c, nil
+}
+
+// claimedMessageIDs is the messages of the claimed rows, each once.
+func claimedMessageIDs(rows []ClaimedRecipient) []uuid.UUID {
+	ids := make([]uuid.UUID, 0, len(rows))
+	seen := make(map[uuid.UUID]struct{}, len(rows))
+	for _, r := range rows {
+		if _, dup := seen[r.MessageID]; !dup {
+			seen[r.MessageID] = struct{}{}
+			ids = append(ids, r.MessageID)
+		}
+	}
+	return ids
 }
 
 // collectContents reads rows of (id, envelope_from, raw) by id.
@@ -471,7 +491,11 @@ WITH input AS (
         delivered_at = CASE WHEN i.outcome = 'delivered' THEN now() ELSE r.delivered_at END,
         updated_at = now()
     FROM input i
-    WHERE r.id = i.id AND r.lease_owner = i.owner AND r.status = 'sending'
+    -- The redundant r.id = ANY(...) gives the planner the primary key to
+    -- look the rows up by; joined to the unnest alone it guessed its size
+    -- and could walk every sending row of the lease owner instead.
+    WHERE r.id = ANY(@outcome_ids::uuid[])
+      AND r.id = i.id AND r.lease_owner = i.owner AND r.status = 'sending'
     RETURNING r.id, r.message_id, r.address, r.status
 ), att AS (
     INSERT INTO attempts (id, recipient_id, message_id, started_at, duration, mx_host, ip, tls,

@@ -33,8 +33,17 @@ const deriveStatusHead = `
 UPDATE messages m
 SET status = d.status,
     updated_at = greatest(m.updated_at, d.updated_at)
-FROM (
-    SELECT r.message_id,
+FROM (SELECT DISTINCT t.message_id FROM (`
+
+// deriveStatusTail aggregates each touched message's recipients on its own
+// (LATERAL), so every message costs one probe of the (message_id, position)
+// index whatever the planner believes of the table. Written as a plain
+// IN (...) GROUP BY, a table whose statistics are missing or stale (a fresh
+// install before autovacuum's first ANALYZE) got a hash join over a full
+// scan of recipients, whose cost grew with the table.
+const deriveStatusTail = `) t(message_id)) s
+CROSS JOIN LATERAL (
+    SELECT
         CASE
             WHEN bool_or(r.status = 'sending') THEN 'sending'
             WHEN bool_or(r.status = 'deferred') THEN 'deferred'
@@ -46,12 +55,10 @@ FROM (
         END AS status,
         max(r.updated_at) AS updated_at
     FROM recipients r
-    WHERE r.message_id IN (`
-
-const deriveStatusTail = `)
+    WHERE r.message_id = s.message_id
     GROUP BY r.message_id
 ) d
-WHERE m.id = d.message_id
+WHERE m.id = s.message_id
   AND (m.status <> d.status OR m.updated_at < d.updated_at)`
 
 const lockMessagesHead = `
@@ -68,8 +75,6 @@ const (
 	messagesByID = `SELECT unnest($1::uuid[])`
 	// $1: recipient ids.
 	messagesOfRecipients = `SELECT message_id FROM recipients WHERE id = ANY($1::uuid[])`
-	// $1: lease owner.
-	messagesLeasedBy = `SELECT message_id FROM recipients WHERE lease_owner = $1 AND status = 'sending'`
 	// $1: message ids, $2: their project. Another project's ids are left
 	// out, so a change made through them finds nothing.
 	messagesOfProjectByID = `SELECT id FROM messages WHERE id = ANY($1::uuid[]) AND project_id = $2`
@@ -80,8 +85,6 @@ const (
 	deriveStatusByID         = deriveStatusHead + messagesByID + deriveStatusTail
 	lockMessagesOfRecipients = lockMessagesHead + messagesOfRecipients + lockMessagesTail
 	deriveStatusOfRecipients = deriveStatusHead + messagesOfRecipients + deriveStatusTail
-	lockMessagesLeasedBy     = lockMessagesHead + messagesLeasedBy + lockMessagesTail
-	deriveStatusLeasedBy     = deriveStatusHead + messagesLeasedBy + deriveStatusTail
 	lockProjectMessagesByID  = lockMessagesHead + messagesOfProjectByID + lockMessagesTail
 	deriveProjectMessages    = deriveStatusHead + messagesOfProjectByID + deriveStatusTail
 )
@@ -101,12 +104,6 @@ func messagesWithIDs(ids []uuid.UUID) messageSet {
 // messagesOfRecipientIDs is the set of the messages of the given recipients.
 func messagesOfRecipientIDs(ids []uuid.UUID) messageSet {
 	return messageSet{lockMessagesOfRecipients, deriveStatusOfRecipients, []any{ids}}
-}
-
-// messagesLeasedTo is the set of the messages with recipients being sent
-// under owner's lease.
-func messagesLeasedTo(owner string) messageSet {
-	return messageSet{lockMessagesLeasedBy, deriveStatusLeasedBy, []any{owner}}
 }
 
 // projectMessagesWithIDs is the set of the given messages that belong to
