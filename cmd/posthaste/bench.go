@@ -75,7 +75,7 @@ func runBench(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	fs.IntVar(&cfg.DeliveryConcurrency, "delivery-concurrency", 0, "with --start: the server's --concurrency (default the server's)")
 	fs.IntVar(&cfg.PerDomainConcurrency, "per-domain-concurrency", 0, "with --start: the server's --per-domain-concurrency (default the server's)")
 	fs.DurationVar(&cfg.StatsSettle, "stats-settle", bench.DefaultStatsSettle, "wait this long after the last delivery before reading PostgreSQL's WAL counters, which backends report late; negative does not wait")
-	fs.DurationVar(&cfg.ProgressInterval, "progress-interval", time.Second, "how often to print a progress line on stderr; 0 prints none")
+	fs.DurationVar(&cfg.ProgressInterval, "progress-interval", time.Second, "how often to print a progress line on stderr and sample the server's RSS; 0 prints none (and samples every second)")
 	fs.BoolVar(&asJSON, "json", false, "print the report as JSON on stdout")
 	fs.StringVar(&logLevel, "log-level", "error", "log level of the in-process server and the sink (debug, info, warn, error)")
 	if err := parseFlags(fs, args); err != nil {
