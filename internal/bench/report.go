@@ -187,6 +187,18 @@ func (r *Report) WriteText(w io.Writer) error {
 	return err
 }
 
+// per returns a function that divides by n, the accepted messages: nil,
+// not measured, when there were none.
+func per(n int) func(float64) *float64 {
+	return func(v float64) *float64 {
+		if n == 0 {
+			return nil
+		}
+		x := v / float64(n)
+		return &x
+	}
+}
+
 func ms(v float64) string { return fmt.Sprintf("%.1fms", v) }
 
 func perMsg(v *float64, scale float64, prefix string) string {

@@ -597,7 +597,7 @@ func (r *runner) readQueueEnd(ctx context.Context, start, end time.Time, startCl
 		}
 	}
 	if r.claims == nil {
-		if !r.cfg.InProcess() {
+		if !r.cfg.InProcess() && r.cfg.MetricsURL == "" {
 			r.note("claim latency: not measured (give the server's /metrics URL)")
 		}
 		return
@@ -687,13 +687,7 @@ func (r *runner) report(start, loadEnd time.Time, samples []sample, before, afte
 		rep.EndToEndRate = rate(c.delivered, d)
 	}
 
-	perMessage := func(v float64) *float64 {
-		if c.accepted == 0 {
-			return nil
-		}
-		x := v / float64(c.accepted)
-		return &x
-	}
+	perMessage := per(c.accepted)
 	rep.Server.PID = r.serverPID()
 	if before.serverCPU != nil && after.serverCPU != nil {
 		s := (*after.serverCPU - *before.serverCPU).Seconds()

@@ -113,13 +113,7 @@ func (p *pgStats) topStatements(ctx context.Context, n, accepted int) (*Statemen
 	}
 	defer rows.Close()
 	rep := &StatementsReport{Top: []Statement{}}
-	perMessage := func(v float64) *float64 {
-		if accepted == 0 {
-			return nil
-		}
-		x := v / float64(accepted)
-		return &x
-	}
+	perMessage := per(accepted)
 	for rows.Next() {
 		var (
 			s                          Statement
