@@ -547,7 +547,12 @@ func (r *runner) atMark(ctx context.Context, start time.Time, mark <-chan struct
 	select {
 	case <-mark:
 	case <-ctx.Done():
-		return
+		// The last delivery can both reach the mark and end the run.
+		select {
+		case <-mark:
+		default:
+			return
+		}
 	}
 	q := &r.queue
 	q.MarkMessages = r.tracker.completedCount()
