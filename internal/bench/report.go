@@ -274,7 +274,7 @@ func writeQueue(p func(string, ...any), q *QueueReport) {
 			}
 			return fmt.Sprintf("≤ %gms", *v)
 		}
-		p("  claim round trip    p50 %s  p95 %s  p99 %s  mean %.1fms  (%d claims from %.0fs to %.0fs)",
+		p("  claim round trip    p50 %s  p95 %s  p99 %s  mean %.1fms  (%d claims from %.1fs to %.1fs)",
 			le(c.P50LeMs), le(c.P95LeMs), le(c.P99LeMs), c.MeanMs, c.Count, c.FromSeconds, c.ToSeconds)
 	}
 }
