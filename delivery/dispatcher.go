@@ -337,9 +337,13 @@ func (d *Dispatcher) claim(sessionCtx context.Context) (int, error) {
 	leaseEnd := time.Now().Add(d.cfg.LeaseDuration)
 	// The messages' bytes come back with the claim, in the same round
 	// trip: each message once, however many of its recipients were taken.
+	began := time.Now()
 	c, err := d.store.ClaimWithContents(qctx, db.ClaimParams{
 		Owner: owner, Limit: d.cfg.BatchSize, LeaseFor: d.cfg.LeaseDuration,
 	})
+	if obs := d.cfg.Observer; obs != nil {
+		obs.Claim(time.Since(began))
+	}
 	d.claims.Add(1)
 	if err != nil {
 		return 0, err

@@ -38,6 +38,11 @@ type Observer interface {
 	// provider (a name from the traffic-shaping table, or "other"); the
 	// returned function is called once when it closes.
 	ConnectionOpened(provider string) (closed func())
+	// Claim times one claim round trip: the query that leases due
+	// recipients and returns their messages. Claims that found nothing
+	// count too, as do failed ones: a slow empty claim still delays the
+	// next batch.
+	Claim(elapsed time.Duration)
 }
 
 // observer returns c's observer, or one that does nothing.
@@ -54,6 +59,7 @@ func (nopObserver) SMTPAttempt(string)                       {}
 func (nopObserver) RecipientFinal(string, string, time.Time) {}
 func (nopObserver) SessionStep(string, time.Duration)        {}
 func (nopObserver) ConnectionOpened(string) func()           { return func() {} }
+func (nopObserver) Claim(time.Duration)                      {}
 
 // countedConn tells the observer once when it is closed, whichever of the
 // session's paths closes it.

@@ -19,8 +19,10 @@ const benchUsage = `Usage: posthaste bench [flags]            measure a Posthast
 
 Without --rest-url or --grpc-addr (or with --start), bench starts Posthaste
 in this process, routes every domain to its own SMTP sink, sends -n messages
-and reports intake, delivery and end-to-end rates, latencies, and the CPU,
-WAL flushes and disk flushes per message. Run "posthaste bench -h" for flags.
+and reports intake, delivery and end-to-end rates, latencies, the CPU, WAL
+flushes and disk flushes per message, memory over the run, the queue's
+health and, with pg_stat_statements, the statement profile. Run
+"posthaste bench -h" for flags.
 `
 
 // runBench dispatches "posthaste bench ...".
@@ -43,10 +45,11 @@ func runBench(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 		flagUsage()
 	}
 	var (
-		cfg      bench.Config
-		start    bool
-		asJSON   bool
-		logLevel string
+		cfg        bench.Config
+		start      bool
+		asJSON     bool
+		logLevel   string
+		statements int
 	)
 	fs.BoolVar(&start, "start", false, "start Posthaste in this process, ignoring --rest-url and --grpc-addr from the environment (the default when no address is given)")
 	fs.StringVar(&cfg.RESTURL, "rest-url", "", "base URL of a running server's REST API, e.g. http://127.0.0.1:8080")
@@ -54,7 +57,11 @@ func runBench(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	fs.StringVar(&cfg.APIKey, "api-key", "", "API key allowed to send; with --start it is also stored as the bootstrap key (default: a random one)")
 	fs.StringVar(&cfg.DatabaseURL, "database-url", "", "PostgreSQL whose statistics are read; with --start also the database the server uses (default: embedded in a temporary directory)")
 	fs.StringVar(&cfg.DataDir, "data-dir", "", "with --start and no --database-url: directory of the embedded database (default: a temporary one, removed afterwards)")
-	fs.IntVar(&cfg.ServerPID, "server-pid", 0, "process id of a running server, for its CPU and peak memory")
+	fs.IntVar(&cfg.ServerPID, "server-pid", 0, "process id of a running server, for its CPU and memory")
+	fs.StringVar(&cfg.MetricsURL, "metrics-url", "", "a running server's /metrics URL, for its claim latency, e.g. http://127.0.0.1:8080/metrics")
+	fs.BoolVar(&cfg.PGStatStatements, "pg-stat-statements", false, "with --start and no --database-url: load pg_stat_statements in the embedded database, for the statement profile")
+	fs.IntVar(&statements, "statements", bench.DefaultStatements, "list this many statements by execution time when the database has pg_stat_statements loaded (resets its counters at the start); 0 lists none")
+	fs.IntVar(&cfg.HealthMark, "health-mark", 0, fmt.Sprintf("read the queue tables' sizes when this many messages are delivered, to compare with the end, and measure claim latency from then on (default %d, or n/20 when smaller); negative: neither", bench.DefaultHealthMark))
 	fs.StringVar(&cfg.Proto, "proto", "rest", "rest or grpc")
 	fs.IntVar(&cfg.Messages, "n", 1000, "messages to send")
 	fs.IntVar(&cfg.Concurrency, "c", 10, "calls in flight at most")
@@ -68,7 +75,7 @@ func runBench(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	fs.IntVar(&cfg.DeliveryConcurrency, "delivery-concurrency", 0, "with --start: the server's --concurrency (default the server's)")
 	fs.IntVar(&cfg.PerDomainConcurrency, "per-domain-concurrency", 0, "with --start: the server's --per-domain-concurrency (default the server's)")
 	fs.DurationVar(&cfg.StatsSettle, "stats-settle", bench.DefaultStatsSettle, "wait this long after the last delivery before reading PostgreSQL's WAL counters, which backends report late; negative does not wait")
-	fs.DurationVar(&cfg.ProgressInterval, "progress-interval", time.Second, "how often to print a progress line on stderr; 0 prints none")
+	fs.DurationVar(&cfg.ProgressInterval, "progress-interval", time.Second, "how often to print a progress line on stderr and sample the server's RSS; 0 prints none (and samples every second)")
 	fs.BoolVar(&asJSON, "json", false, "print the report as JSON on stdout")
 	fs.StringVar(&logLevel, "log-level", "error", "log level of the in-process server and the sink (debug, info, warn, error)")
 	if err := parseFlags(fs, args); err != nil {
@@ -87,15 +94,23 @@ func runBench(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 			return fmt.Errorf("%s: must be at least 1, got %d", flagRef(f.name), f.v)
 		}
 	}
+	if statements < 0 {
+		return fmt.Errorf("%s: must not be negative, got %d", flagRef("statements"), statements)
+	}
+	// Zero in bench.Config is the default; on the command line it is none.
+	cfg.Statements = statements
+	if statements == 0 {
+		cfg.Statements = -1
+	}
 	if start {
 		// Addresses from the environment belong to a server's own
 		// configuration; only the command line conflicts with --start.
-		for _, name := range []string{"rest-url", "grpc-addr", "server-pid"} {
+		for _, name := range []string{"rest-url", "grpc-addr", "server-pid", "metrics-url"} {
 			if givenOnCommandLine(args, name) {
 				return fmt.Errorf("bench: --start and --%s exclude each other", name)
 			}
 		}
-		cfg.RESTURL, cfg.GRPCAddr, cfg.ServerPID = "", "", 0
+		cfg.RESTURL, cfg.GRPCAddr, cfg.ServerPID, cfg.MetricsURL = "", "", 0, ""
 	}
 	logger, err := newLogger(stderr, logLevel, "text")
 	if err != nil {
@@ -129,19 +144,23 @@ func writeReport(w io.Writer, rep *bench.Report, asJSON bool) error {
 
 // benchFlags maps bench.Config's fields to the flags that set them.
 var benchFlags = map[string]string{
-	"RESTURL":        "rest-url",
-	"GRPCAddr":       "grpc-addr",
-	"APIKey":         "api-key",
-	"ServerPID":      "server-pid",
-	"Proto":          "proto",
-	"Messages":       "n",
-	"Concurrency":    "c",
-	"Rate":           "rate",
-	"Size":           "size",
-	"Recipients":     "recipients",
-	"Domains":        "domains",
-	"RequestTimeout": "request-timeout",
-	"Timeout":        "timeout",
+	"RESTURL":          "rest-url",
+	"GRPCAddr":         "grpc-addr",
+	"APIKey":           "api-key",
+	"ServerPID":        "server-pid",
+	"MetricsURL":       "metrics-url",
+	"HealthMark":       "health-mark",
+	"Statements":       "statements",
+	"PGStatStatements": "pg-stat-statements",
+	"Proto":            "proto",
+	"Messages":         "n",
+	"Concurrency":      "c",
+	"Rate":             "rate",
+	"Size":             "size",
+	"Recipients":       "recipients",
+	"Domains":          "domains",
+	"RequestTimeout":   "request-timeout",
+	"Timeout":          "timeout",
 }
 
 // benchConfigError names the flag behind a configuration error

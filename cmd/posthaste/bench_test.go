@@ -28,6 +28,10 @@ func TestBenchFlagErrors(t *testing.T) {
 		{"unknown proto", []string{"bench", "--proto", "smtp"}, "--proto (POSTHASTE_PROTO)"},
 		{"start with an address", []string{"bench", "--start", "--rest-url", "http://127.0.0.1:1"}, "--start and --rest-url exclude each other"},
 		{"external without a key", []string{"bench", "--rest-url", "http://127.0.0.1:1"}, "--api-key (POSTHASTE_API_KEY)"},
+		{"negative statements", []string{"bench", "--statements", "-1"}, "--statements (POSTHASTE_STATEMENTS): must not be negative"},
+		{"pg_stat_statements with a database url", []string{"bench", "--pg-stat-statements", "--database-url", "postgres://127.0.0.1:1/x"}, "--pg-stat-statements (POSTHASTE_PG_STAT_STATEMENTS): only for the embedded database"},
+		{"start with a metrics url", []string{"bench", "--start", "--metrics-url", "http://127.0.0.1:1/metrics"}, "--start and --metrics-url exclude each other"},
+		{"metrics url in-process", []string{"bench", "--metrics-url", "http://127.0.0.1:1/metrics"}, "--metrics-url (POSTHASTE_METRICS_URL)"},
 		{"cpu without a pid", []string{"bench", "cpu"}, "no process id"},
 		{"cpu of no number", []string{"bench", "cpu", "x"}, "not a process id"},
 	}

@@ -35,6 +35,29 @@ type Config struct {
 	// memory. Defaults to 0: not measured (the in-process server is this
 	// process).
 	ServerPID int
+	// PGStatStatements starts the embedded database with pg_stat_statements
+	// loaded (shared_preload_libraries, track = top), for the statement
+	// profile. Only for an in-process server without DatabaseURL: another
+	// server must load it in its own configuration. Defaults to false, so
+	// that the figures are comparable with runs without the extension's
+	// (small) bookkeeping.
+	PGStatStatements bool
+	// Statements is how many statements the profile lists, by execution
+	// time, when the database has pg_stat_statements loaded: the run then
+	// resets its counters at the start (see StatementsReport). Defaults to
+	// DefaultStatements; negative lists none and leaves the extension
+	// alone.
+	Statements int
+	// HealthMark is the number of delivered messages at which the hot
+	// tables' sizes are read, to compare with their sizes at the end; claim
+	// latency is measured from then on. Defaults to DefaultHealthMark, or
+	// a twentieth of Messages when that is smaller; negative measures
+	// neither.
+	HealthMark int
+	// MetricsURL is a running server's /metrics URL, scraped for its claim
+	// latency. Defaults to "": none for a running server; the in-process
+	// server's metrics are read directly.
+	MetricsURL string
 	// DeliveryConcurrency and PerDomainConcurrency configure the
 	// in-process server's dispatcher. Default to the server's defaults.
 	DeliveryConcurrency  int
@@ -134,6 +157,12 @@ func (c Config) WithDefaults() Config {
 	if c.StatsSettle == 0 {
 		c.StatsSettle = DefaultStatsSettle
 	}
+	if c.Statements == 0 {
+		c.Statements = DefaultStatements
+	}
+	if c.HealthMark == 0 {
+		c.HealthMark = min(DefaultHealthMark, max(1, c.Messages/20))
+	}
 	if c.ProgressInterval == 0 {
 		c.ProgressInterval = time.Second
 	}
@@ -173,6 +202,10 @@ func (c Config) Validate() error {
 		return fmt.Errorf("Timeout: must not be negative, got %s", c.Timeout)
 	case c.ServerPID < 0:
 		return fmt.Errorf("ServerPID: must not be negative, got %d", c.ServerPID)
+	case c.PGStatStatements && (!c.InProcess() || c.DatabaseURL != ""):
+		return errors.New("PGStatStatements: only for the embedded database; another server loads pg_stat_statements in its own configuration")
+	case c.InProcess() && c.MetricsURL != "":
+		return errors.New("MetricsURL: the in-process server's metrics are read directly; give it only with RESTURL or GRPCAddr")
 	case c.InProcess() && c.ServerPID != 0:
 		return errors.New("ServerPID: the in-process server is this process; give it only with RESTURL or GRPCAddr")
 	}

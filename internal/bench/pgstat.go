@@ -95,7 +95,7 @@ func (p *pgStats) readProcesses(s *pgSnapshot) {
 // Config.StatsSettle).
 func (p *pgStats) readWAL(ctx context.Context, s *pgSnapshot) {
 	var sync, write, bytes int64
-	err := p.conn.QueryRow(ctx, `SELECT wal_sync, wal_write,
+	err := p.conn.QueryRow(ctx, benchTag+`SELECT wal_sync, wal_write,
 		pg_wal_lsn_diff(pg_current_wal_lsn(), '0/0')::bigint FROM pg_stat_wal`).Scan(&sync, &write, &bytes)
 	if err != nil {
 		p.note("wal: %v", err)

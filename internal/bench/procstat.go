@@ -123,28 +123,35 @@ func childMap() (map[int][]int, error) {
 }
 
 // PeakRSS returns the process's peak resident set size (VmHWM) in bytes.
-func PeakRSS(pid int) (int64, error) {
+func PeakRSS(pid int) (int64, error) { return statusBytes(pid, "VmHWM", "peak rss") }
+
+// CurrentRSS returns the process's resident set size (VmRSS) in bytes, from
+// the same file as PeakRSS so that samples and the peak agree.
+func CurrentRSS(pid int) (int64, error) { return statusBytes(pid, "VmRSS", "rss") }
+
+// statusBytes reads a size field, given in kB, of /proc/PID/status.
+func statusBytes(pid int, field, what string) (int64, error) {
 	f, err := os.Open(fmt.Sprintf("/proc/%d/status", pid))
 	if err != nil {
-		return 0, fmt.Errorf("read peak rss of pid %d: %w", pid, err)
+		return 0, fmt.Errorf("read %s of pid %d: %w", what, pid, err)
 	}
 	defer f.Close()
 	sc := bufio.NewScanner(f)
 	for sc.Scan() {
-		rest, ok := strings.CutPrefix(sc.Text(), "VmHWM:")
+		rest, ok := strings.CutPrefix(sc.Text(), field+":")
 		if !ok {
 			continue
 		}
 		kb, err := strconv.ParseInt(strings.TrimSpace(strings.TrimSuffix(strings.TrimSpace(rest), "kB")), 10, 64)
 		if err != nil {
-			return 0, fmt.Errorf("parse VmHWM of pid %d: %w", pid, err)
+			return 0, fmt.Errorf("parse %s of pid %d: %w", field, pid, err)
 		}
 		return kb << 10, nil
 	}
 	if err := sc.Err(); err != nil {
-		return 0, fmt.Errorf("read peak rss of pid %d: %w", pid, err)
+		return 0, fmt.Errorf("read %s of pid %d: %w", what, pid, err)
 	}
-	return 0, fmt.Errorf("pid %d has no VmHWM", pid)
+	return 0, fmt.Errorf("pid %d has no %s", pid, field)
 }
 
 // resetPeakRSS sets the process's VmHWM back to its current RSS, so the peak

@@ -26,6 +26,9 @@ func TestProcessCounters(t *testing.T) {
 	if rss, err := PeakRSS(pid); err != nil || rss <= 0 {
 		t.Errorf("PeakRSS = %d, %v; want a positive size", rss, err)
 	}
+	if rss, err := CurrentRSS(pid); err != nil || rss <= 0 {
+		t.Errorf("CurrentRSS = %d, %v; want a positive size", rss, err)
+	}
 	if _, err := ProcessCPU(-1); err == nil {
 		t.Error("ProcessCPU(-1) succeeded")
 	}

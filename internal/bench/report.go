@@ -79,6 +79,9 @@ type Report struct {
 
 	Server   ServerReport   `json:"server"`
 	Postgres PostgresReport `json:"postgres"`
+	// Queue is the outbox's health; nil when neither the database nor the
+	// server's metrics could be read, or with a negative HealthMark.
+	Queue *QueueReport `json:"queue,omitempty"`
 
 	// Notes say what was not measured, and caveats of what was.
 	Notes []string `json:"notes,omitempty"`
@@ -98,6 +101,9 @@ type ServerReport struct {
 	// PeakRSSBytes is the process's VmHWM at the end, reset at the start
 	// when permitted.
 	PeakRSSBytes *int64 `json:"peak_rss_bytes"`
+	// Memory is the RSS sampled every progress interval; nil when not
+	// measured or too short a run.
+	Memory *MemoryReport `json:"memory,omitempty"`
 }
 
 // PostgresReport is what the database server did over the run. Every
@@ -123,6 +129,9 @@ type PostgresReport struct {
 	DiskDevice            string   `json:"disk_device,omitempty"`
 	DiskFlushes           *int64   `json:"disk_flushes"`
 	DiskFlushesPerMessage *float64 `json:"disk_flushes_per_message"`
+	// Statements is the statement profile; nil when pg_stat_statements
+	// was not available (Notes says why) or not asked for.
+	Statements *StatementsReport `json:"statements,omitempty"`
 }
 
 // WriteText writes the report for people.
@@ -160,11 +169,34 @@ func (r *Report) WriteText(w io.Writer) error {
 		perMsg(r.Postgres.WALSyncsPerMessage, 1, ""), inum(r.Postgres.WALSyncs), whole(r.Postgres.WALBytesPerMessage))
 	p("  disk flushes        %s per msg (%s in all, device %s)",
 		perMsg(r.Postgres.DiskFlushesPerMessage, 1, ""), inum(r.Postgres.DiskFlushes), orNA(r.Postgres.DiskDevice))
+	if m := r.Server.Memory; m != nil {
+		p("  server rss          %s at %.0fs, peak %s after %.0fs: %+.1f MiB (%+.1f%%) over %d samples",
+			mib(&m.EarlyRSSBytes), m.EarlyAtSeconds, mib(&m.LatePeakRSSBytes), m.LateFromSeconds,
+			float64(m.GrowthBytes)/(1<<20), m.GrowthPercent, len(m.Samples))
+	}
+	if q := r.Queue; q != nil {
+		writeQueue(p, q)
+	}
+	if st := r.Postgres.Statements; st != nil {
+		writeStatements(p, st)
+	}
 	for _, n := range r.Notes {
 		p("  note: %s", n)
 	}
 	_, err := io.WriteString(w, b.String())
 	return err
+}
+
+// per returns a function that divides by n, the accepted messages: nil,
+// not measured, when there were none.
+func per(n int) func(float64) *float64 {
+	return func(v float64) *float64 {
+		if n == 0 {
+			return nil
+		}
+		x := v / float64(n)
+		return &x
+	}
 }
 
 func ms(v float64) string { return fmt.Sprintf("%.1fms", v) }
@@ -209,4 +241,50 @@ func orNA(s string) string {
 		return "n/a"
 	}
 	return s
+}
+
+// writeQueue writes the queue's health.
+func writeQueue(p func(string, ...any), q *QueueReport) {
+	if q.EndBytes != nil {
+		mark := "not reached"
+		if q.MarkBytes != nil {
+			mark = fmt.Sprintf("%s after %d msgs", mib(&q.MarkTotalBytes), q.MarkMessages)
+		}
+		growth := "n/a"
+		if q.GrowthRatio != nil {
+			growth = fmt.Sprintf("x%.2f", *q.GrowthRatio)
+		}
+		p("  hot tables          %s, at the end %s: %s", mark, mib(&q.EndTotalBytes), growth)
+		for _, t := range hotTables {
+			end, ok := q.EndBytes[t]
+			if !ok {
+				continue
+			}
+			at := "n/a"
+			if v, ok := q.MarkBytes[t]; ok {
+				at = mib(&v)
+			}
+			p("    %-17s %s -> %s", t, at, mib(&end))
+		}
+	}
+	if c := q.Claim; c != nil {
+		le := func(v *float64) string {
+			if v == nil {
+				return fmt.Sprintf("> %gms", c.HighestBoundMs)
+			}
+			return fmt.Sprintf("≤ %gms", *v)
+		}
+		p("  claim round trip    p50 %s  p95 %s  p99 %s  mean %.1fms  (%d claims from %.1fs to %.1fs)",
+			le(c.P50LeMs), le(c.P95LeMs), le(c.P99LeMs), c.MeanMs, c.Count, c.FromSeconds, c.ToSeconds)
+	}
+}
+
+// writeStatements writes the statement profile as a table.
+func writeStatements(p func(string, ...any), st *StatementsReport) {
+	p("  top statements      by execution time, database %s: %d statements, %.0f ms in all", st.Database, st.Distinct, st.TotalExecMs)
+	p("    %9s %9s %6s %9s %9s %9s %9s  %s", "calls/msg", "mean ms", "time%", "rows/call", "WAL B/msg", "dirty/msg", "write/msg", "query")
+	for _, s := range st.Top {
+		p("    %9s %9.3f %5.1f%% %9.1f %9s %9s %9s  %s", perMsg(s.CallsPerMessage, 1, ""), s.MeanMs, s.SharePercent,
+			s.RowsPerCall, whole(s.WALBytesPerMessage), perMsg(s.BlocksDirtiedPerMessage, 1, ""), perMsg(s.BlocksWrittenPerMessage, 1, ""), s.Query)
+	}
 }

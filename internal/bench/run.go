@@ -6,12 +6,15 @@ import (
 	"encoding/hex"
 	"fmt"
 	"os"
+	"path/filepath"
 	"sync"
 	"sync/atomic"
 	"time"
 
 	"github.com/posthaste/posthaste/delivery"
 	"github.com/posthaste/posthaste/internal/app"
+	"github.com/posthaste/posthaste/internal/metrics"
+	"github.com/posthaste/posthaste/internal/pgserver"
 	"github.com/posthaste/posthaste/service"
 )
 
@@ -40,10 +43,22 @@ type runner struct {
 	tracker *tracker
 	sink    *Sink
 	server  *app.App
-	tempDir string
-	sender  sender
-	pg      *pgStats
-	notes   []string
+	// embedded is the database the run started for its server.
+	embedded *pgserver.Server
+	tempDir  string
+	sender   sender
+	pg       *pgStats
+	// claims reads the server's claim histogram; nil when not reachable.
+	claims claimReader
+	notes  []string
+
+	// Filled while the run goes by the monitor (rss, rssErr) and at the
+	// health mark (queue, markClaims); read once those have finished.
+	rss        []RSSSample
+	rssErr     error
+	queue      QueueReport
+	markClaims *histogram
+	statements *StatementsReport
 }
 
 func (r *runner) setup(ctx context.Context) error {
@@ -67,6 +82,9 @@ func (r *runner) setup(ctx context.Context) error {
 		}
 	} else {
 		r.progress("sink listening on %s: the server must run with --route '*=%s' (and --allow-unverified-domains, or a verified From domain)", r.sink.Addr(), r.sink.Addr())
+		if r.cfg.MetricsURL != "" {
+			r.claims = scrapeClaims(r.cfg.MetricsURL, r.cfg.RequestTimeout)
+		}
 	}
 
 	tmpl := messageTemplate{from: "bench@sender.bench.test", text: bodyText(r.cfg.Size)}
@@ -115,23 +133,27 @@ func (r *runner) startServer(ctx context.Context) (restURL, grpcAddr, key string
 		}
 		key = "ph_bench_" + hex.EncodeToString(b)
 	}
-	dataDir := r.cfg.DataDir
-	if r.cfg.DatabaseURL == "" && dataDir == "" {
-		if dataDir, err = os.MkdirTemp("", "posthaste-bench-"); err != nil {
-			return "", "", "", fmt.Errorf("embedded database directory: %w", err)
+	dbURL := r.cfg.DatabaseURL
+	if dbURL == "" {
+		if dbURL, err = r.startDatabase(ctx); err != nil {
+			return "", "", "", err
 		}
-		r.tempDir = dataDir
-		// Run as root, the database runs as another user that must be able
-		// to enter the directory.
-		if err := os.Chmod(dataDir, 0o755); err != nil {
-			return "", "", "", fmt.Errorf("embedded database directory: %w", err)
+	} else {
+		r.progress("starting Posthaste in-process (database: %s)", dbURL)
+	}
+	m := metrics.New()
+	r.claims = func(context.Context) (histogram, error) {
+		families, err := m.Registry().Gather()
+		if err != nil {
+			return histogram{}, fmt.Errorf("gather metrics: %w", err)
 		}
+		return gatherClaims(families)
 	}
 	cfg := app.Config{
 		HTTPAddr:        "127.0.0.1:0",
 		GRPCAddr:        "127.0.0.1:0",
-		DatabaseURL:     r.cfg.DatabaseURL,
-		DataDir:         dataDir,
+		DatabaseURL:     dbURL,
+		Metrics:         m,
 		BootstrapAPIKey: key,
 		ShutdownTimeout: 10 * time.Second,
 		Logger:          r.cfg.Logger.With("component", "server"),
@@ -148,7 +170,6 @@ func (r *runner) startServer(ctx context.Context) (restURL, grpcAddr, key string
 	if err != nil {
 		return "", "", "", fmt.Errorf("in-process server: %w", err)
 	}
-	r.progress("starting Posthaste in-process (database: %s)", orDefault(r.cfg.DatabaseURL, "embedded in "+dataDir))
 	if err := a.Start(ctx); err != nil {
 		return "", "", "", fmt.Errorf("start in-process server: %w", err)
 	}
@@ -156,11 +177,43 @@ func (r *runner) startServer(ctx context.Context) (restURL, grpcAddr, key string
 	return "http://" + a.HTTPAddr(), a.GRPCAddr(), key, nil
 }
 
-func orDefault(s, def string) string {
-	if s == "" {
-		return def
+// startDatabase starts the in-process server's embedded PostgreSQL, laid
+// out as the server's own (DataDir/postgres), and returns its URL. The
+// run starts it rather than the server so that it can pass settings.
+// Autovacuum keeps PostgreSQL's default (on): the queue's table sizes are
+// measured as a production server would keep them.
+func (r *runner) startDatabase(ctx context.Context) (string, error) {
+	dataDir := r.cfg.DataDir
+	if dataDir == "" {
+		var err error
+		if dataDir, err = os.MkdirTemp("", "posthaste-bench-"); err != nil {
+			return "", fmt.Errorf("embedded database directory: %w", err)
+		}
+		r.tempDir = dataDir
+		// Run as root, the database runs as another user that must be able
+		// to enter the directory.
+		if err := os.Chmod(dataDir, 0o755); err != nil {
+			return "", fmt.Errorf("embedded database directory: %w", err)
+		}
 	}
-	return s
+	var settings map[string]string
+	if r.cfg.PGStatStatements {
+		settings = map[string]string{
+			"shared_preload_libraries": "pg_stat_statements",
+			"pg_stat_statements.track": "top",
+		}
+	}
+	r.progress("starting Posthaste in-process (database: embedded in %s)", dataDir)
+	srv, err := pgserver.Start(ctx, pgserver.Config{
+		DataDir:  filepath.Join(dataDir, "postgres"),
+		Settings: settings,
+		Logger:   r.cfg.Logger.With("component", "postgres"),
+	})
+	if err != nil {
+		return "", fmt.Errorf("start embedded database: %w", err)
+	}
+	r.embedded = srv
+	return srv.URL(), nil
 }
 
 // stop stops whatever setup started, in reverse order.
@@ -180,6 +233,11 @@ func (r *runner) stop() {
 	if r.server != nil {
 		if err := r.server.Stop(ctx); err != nil {
 			r.cfg.Logger.Warn("stop in-process server", "err", err)
+		}
+	}
+	if r.embedded != nil {
+		if err := r.embedded.Stop(ctx); err != nil {
+			r.cfg.Logger.Warn("stop embedded database", "err", err)
 		}
 	}
 	if r.sink != nil {
@@ -252,6 +310,16 @@ func (r *runner) run(ctx context.Context) (*Report, error) {
 	} else {
 		r.note("server cpu and memory: not measured (give the server's pid)")
 	}
+	profile := r.pg != nil && cfg.Statements > 0 && r.pg.resetStatements(ctx)
+	var startClaims *histogram
+	if r.claims != nil && cfg.HealthMark > 0 {
+		if h, err := r.claims(ctx); err == nil {
+			startClaims = &h
+		} else {
+			r.note("claim latency: %v", err)
+			r.claims = nil
+		}
+	}
 	var before, after costs
 	r.readWAL(ctx, &before)
 	r.readProcesses(&before)
@@ -259,12 +327,13 @@ func (r *runner) run(ctx context.Context) (*Report, error) {
 	samples := make([]sample, cfg.Messages)
 	var done atomic.Int64
 	progressCtx, stopProgress := context.WithCancel(ctx)
-	progressDone := make(chan struct{})
+	var watchers sync.WaitGroup
 	start := time.Now()
-	go func() {
-		defer close(progressDone)
-		r.reportProgress(progressCtx, start, &done)
-	}()
+	watchers.Go(func() { r.monitor(progressCtx, start, &done) })
+	if cfg.HealthMark > 0 && (r.pg != nil || r.claims != nil) {
+		mark := r.tracker.whenCompleted(cfg.HealthMark)
+		watchers.Go(func() { r.atMark(progressCtx, start, mark) })
+	}
 
 	r.generate(ctx, start, samples, &done)
 	loadEnd := time.Now()
@@ -287,12 +356,22 @@ func (r *runner) run(ctx context.Context) (*Report, error) {
 	}
 	cancel()
 	stopProgress()
-	<-progressDone
+	watchers.Wait()
+	end := time.Now()
+	if pid := r.serverPID(); pid != 0 && r.rssErr == nil {
+		r.sampleRSS(pid, start)
+	}
+	if r.rssErr != nil {
+		r.note("server rss over time: %v", r.rssErr)
+	}
 
 	// CPU and disk counters are current, so they are read at once: the
 	// settling time below would only add idle work and, on a shared
-	// server, other clients' work.
+	// server, other clients' work. So are table sizes and claim counts.
 	r.readProcesses(&after)
+	endCtx, cancelEnd := context.WithTimeout(context.WithoutCancel(ctx), 10*time.Second)
+	r.readQueueEnd(endCtx, start, end, startClaims)
+	cancelEnd()
 	if cfg.StatsSettle > 0 && ctx.Err() == nil && r.pg != nil {
 		r.progress("waiting %s for PostgreSQL to report its WAL statistics", cfg.StatsSettle)
 		select {
@@ -304,6 +383,14 @@ func (r *runner) run(ctx context.Context) (*Report, error) {
 	// what it measured.
 	readCtx, cancelRead := context.WithTimeout(context.WithoutCancel(ctx), 10*time.Second)
 	r.readWAL(readCtx, &after)
+	if profile {
+		accepted := r.tracker.tally().accepted
+		if st, err := r.pg.topStatements(readCtx, cfg.Statements, accepted); err == nil {
+			r.statements = st
+		} else {
+			r.note("statements: %v", err)
+		}
+	}
 	cancelRead()
 
 	rep := r.report(start, loadEnd, samples, before, after)
@@ -407,10 +494,12 @@ func (r *runner) generate(ctx context.Context, start time.Time, samples []sample
 	wg.Wait()
 }
 
-// reportProgress writes a line per interval until ctx ends.
-func (r *runner) reportProgress(ctx context.Context, start time.Time, done *atomic.Int64) {
-	if r.cfg.Progress == nil {
-		return
+// monitor samples the server's RSS and writes a progress line per
+// interval until ctx ends.
+func (r *runner) monitor(ctx context.Context, start time.Time, done *atomic.Int64) {
+	pid := r.serverPID()
+	if pid != 0 {
+		r.sampleRSS(pid, start)
 	}
 	t := time.NewTicker(r.cfg.ProgressInterval)
 	defer t.Stop()
@@ -421,13 +510,123 @@ func (r *runner) reportProgress(ctx context.Context, start time.Time, done *atom
 			return
 		case <-t.C:
 		}
+		rss := ""
+		if pid != 0 && r.rssErr == nil {
+			if r.sampleRSS(pid, start) {
+				rss = ", rss " + mib(&r.rss[len(r.rss)-1].Bytes)
+			}
+		}
+		if r.cfg.Progress == nil {
+			continue
+		}
 		n := done.Load()
 		arrived := r.sink.Stats().Messages
 		secs := r.cfg.ProgressInterval.Seconds()
-		r.progress("[%6.1fs] answered %d/%d (%.0f/s), at sink %d (%.0f/s)",
-			time.Since(start).Seconds(), n, r.cfg.Messages, float64(n-last)/secs, arrived, float64(arrived-lastArrived)/secs)
+		r.progress("[%6.1fs] answered %d/%d (%.0f/s), at sink %d (%.0f/s)%s",
+			time.Since(start).Seconds(), n, r.cfg.Messages, float64(n-last)/secs, arrived, float64(arrived-lastArrived)/secs, rss)
 		last, lastArrived = n, arrived
 	}
+}
+
+// sampleRSS appends a reading of the server's RSS. It reports whether it
+// got one; after a failure (the process is gone, or not ours to read) it
+// keeps the error and sampling stops.
+func (r *runner) sampleRSS(pid int, start time.Time) bool {
+	b, err := CurrentRSS(pid)
+	if err != nil {
+		r.rssErr = err
+		return false
+	}
+	r.rss = append(r.rss, RSSSample{Seconds: time.Since(start).Seconds(), Bytes: b})
+	return true
+}
+
+// atMark reads the hot tables' sizes and the claim histogram once mark is
+// closed: the baseline of the queue's health.
+func (r *runner) atMark(ctx context.Context, start time.Time, mark <-chan struct{}) {
+	select {
+	case <-mark:
+	case <-ctx.Done():
+		// The last delivery can both reach the mark and end the run.
+		select {
+		case <-mark:
+		default:
+			return
+		}
+	}
+	q := &r.queue
+	q.MarkMessages = r.tracker.completedCount()
+	q.MarkAtSeconds = time.Since(start).Seconds()
+	// The run may end right after the mark: the readings still finish.
+	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 10*time.Second)
+	defer cancel()
+	if r.pg != nil {
+		sizes, total, err := r.pg.tableSizes(ctx)
+		if err != nil {
+			r.pg.note("queue health: %v", err)
+		} else {
+			q.MarkBytes, q.MarkTotalBytes = sizes, total
+		}
+	}
+	if r.claims != nil {
+		if h, err := r.claims(ctx); err == nil {
+			r.markClaims = &h
+		}
+	}
+}
+
+// readQueueEnd reads the hot tables' sizes and the claims at the end, and
+// completes the queue report.
+func (r *runner) readQueueEnd(ctx context.Context, start, end time.Time, startClaims *histogram) {
+	if r.cfg.HealthMark <= 0 {
+		return
+	}
+	q := &r.queue
+	if r.pg != nil {
+		if q.MarkBytes == nil {
+			r.note("queue health: the table sizes at the mark (%d messages delivered) were not read", r.cfg.HealthMark)
+		}
+		if sizes, total, err := r.pg.tableSizes(ctx); err != nil {
+			r.note("queue health: %v", err)
+		} else {
+			q.EndBytes, q.EndTotalBytes = sizes, total
+			if q.MarkTotalBytes > 0 {
+				g := float64(total) / float64(q.MarkTotalBytes)
+				q.GrowthRatio = &g
+			}
+		}
+		if av, err := r.pg.autovacuum(ctx); err != nil {
+			r.note("queue health: %v", err)
+		} else if av != "on" {
+			r.note("queue health: autovacuum is %s on this server, so dead rows are not reclaimed and the tables grow more than they would in production", av)
+		}
+	}
+	if r.claims == nil {
+		if !r.cfg.InProcess() && r.cfg.MetricsURL == "" {
+			r.note("claim latency: not measured (give the server's /metrics URL)")
+		}
+		return
+	}
+	from, fromAt := startClaims, 0.0
+	if r.markClaims != nil {
+		from, fromAt = r.markClaims, q.MarkAtSeconds
+	}
+	to, err := r.claims(ctx)
+	if err != nil {
+		r.note("claim latency: %v", err)
+		return
+	}
+	c, err := claimLatency(*from, to)
+	if err != nil {
+		r.note("claim latency: %v", err)
+		return
+	}
+	c.Source = "in-process"
+	if r.cfg.MetricsURL != "" {
+		c.Source = r.cfg.MetricsURL
+	}
+	c.FromSeconds, c.ToSeconds = fromAt, end.Sub(start).Seconds()
+	q.Claim = c
 }
 
 // report computes the figures of a finished run.
@@ -493,13 +692,7 @@ func (r *runner) report(start, loadEnd time.Time, samples []sample, before, afte
 		rep.EndToEndRate = rate(c.delivered, d)
 	}
 
-	perMessage := func(v float64) *float64 {
-		if c.accepted == 0 {
-			return nil
-		}
-		x := v / float64(c.accepted)
-		return &x
-	}
+	perMessage := per(c.accepted)
 	rep.Server.PID = r.serverPID()
 	if before.serverCPU != nil && after.serverCPU != nil {
 		s := (*after.serverCPU - *before.serverCPU).Seconds()
@@ -530,7 +723,16 @@ func (r *runner) report(start, loadEnd time.Time, samples []sample, before, afte
 			rep.Postgres.DiskDevice, rep.Postgres.DiskFlushes = a.disk, &f
 			rep.Postgres.DiskFlushesPerMessage = perMessage(float64(f))
 		}
+		rep.Postgres.Statements = r.statements
 		r.notes = append(r.notes, r.pg.notes...)
+	}
+	rep.Server.Memory = summarizeMemory(r.rss, cfg.ProgressInterval)
+	if rep.Server.Memory == nil && r.serverPID() != 0 && r.rssErr == nil {
+		r.note("server rss over time: %d sample(s), too few to compare (a longer run, or a shorter --progress-interval)", len(r.rss))
+	}
+	if cfg.HealthMark > 0 && (r.queue.EndBytes != nil || r.queue.Claim != nil) {
+		q := r.queue
+		rep.Queue = &q
 	}
 	rep.Notes = r.notes
 	return rep

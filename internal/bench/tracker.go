@@ -26,6 +26,9 @@ type tracker struct {
 	foreign     int         // recipients that are not this run's
 	first       time.Time   // the run's first arrival
 	changed     chan struct{}
+	completed   int           // messages whose every recipient arrived
+	markAt      int           // completed count that closes mark
+	mark        chan struct{} // nil once closed, or when nobody waits
 }
 
 func newTracker(run string, n, r int) *tracker {
@@ -99,6 +102,11 @@ func (t *tracker) arrived(a Arrival) {
 		t.remaining[i]--
 		if t.remaining[i] == 0 {
 			t.completedAt[i] = a.At
+			t.completed++
+			if t.mark != nil && t.completed >= t.markAt {
+				close(t.mark)
+				t.mark = nil
+			}
 		}
 		if !t.acceptedAt[i].IsZero() {
 			t.outstanding--
@@ -110,6 +118,27 @@ func (t *tracker) arrived(a Arrival) {
 func (t *tracker) signal() {
 	close(t.changed)
 	t.changed = make(chan struct{})
+}
+
+// whenCompleted returns a channel closed once n messages have arrived
+// whole. Only one such channel is kept: a second call replaces the first.
+func (t *tracker) whenCompleted(n int) <-chan struct{} {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	ch := make(chan struct{})
+	if t.completed >= n {
+		close(ch)
+		return ch
+	}
+	t.markAt, t.mark = n, ch
+	return ch
+}
+
+// completedCount returns how many messages have arrived whole.
+func (t *tracker) completedCount() int {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	return t.completed
 }
 
 // state returns the recipients still awaited and a channel closed at the

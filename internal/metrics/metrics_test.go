@@ -16,6 +16,7 @@ func TestNilMetricsRecordNothing(t *testing.T) {
 	m.SMTPAttempt("2xx")
 	m.RecipientFinal("delivered", "", time.Now())
 	m.SessionStep("connect", time.Second)
+	m.Claim(time.Millisecond)
 	m.ConnectionOpened("other")()
 	m.BounceReport("dsn")
 	m.WebhookDelivery("delivered")

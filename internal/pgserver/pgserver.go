@@ -18,6 +18,7 @@ import (
 	"os"
 	"os/user"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -74,10 +75,21 @@ type Config struct {
 	// connections, which includes crash recovery after an unclean stop.
 	// Defaults to 2m.
 	StartTimeout time.Duration
+	// Settings are extra server settings, passed as -c name=value at each
+	// launch, e.g. {"shared_preload_libraries": "pg_stat_statements"} for a
+	// benchmark that profiles statements. They do not persist in the
+	// cluster: a later start without them runs with the defaults again. The
+	// settings Start itself owns (the address, port, socket and log
+	// format) cannot be overridden. Defaults to none.
+	Settings map[string]string
 	// Logger receives the server's own log lines and lifecycle events.
 	// Defaults to discarding.
 	Logger *slog.Logger
 }
+
+// ownSettings are the settings startPostgres fixes: changing them would
+// break how Start reaches and supervises the server.
+var ownSettings = []string{"listen_addresses", "port", "unix_socket_directories", "logging_collector", "log_line_prefix", "data_directory"}
 
 // WithDefaults returns the config with zero fields set to their defaults.
 func (c Config) WithDefaults() Config {
@@ -115,6 +127,36 @@ func (c Config) validate() error {
 	}
 	if c.StartTimeout < 0 {
 		return fmt.Errorf("StartTimeout: must not be negative, got %s", c.StartTimeout)
+	}
+	for name, value := range c.Settings {
+		if err := validSetting(name, value); err != nil {
+			return fmt.Errorf("Settings: %w", err)
+		}
+	}
+	return nil
+}
+
+// validSetting checks one extra setting. Names are PostgreSQL's GUC names,
+// optionally qualified by an extension ("pg_stat_statements.track"); the
+// server rejects unknown names and bad values itself, at launch.
+func validSetting(name, value string) error {
+	if name == "" || len(name) > 63 {
+		return fmt.Errorf("%q is not a setting name (1 to 63 bytes)", name)
+	}
+	for i, r := range name {
+		ok := r == '_' || (r >= 'a' && r <= 'z') || (r >= 'A' && r <= 'Z') ||
+			(i > 0 && (r == '.' || (r >= '0' && r <= '9')))
+		if !ok {
+			return fmt.Errorf("%q is not a setting name (letters, digits, _ and .)", name)
+		}
+	}
+	if slices.Contains(ownSettings, strings.ToLower(name)) {
+		return fmt.Errorf("%s is set by pgserver itself", name)
+	}
+	// A value goes into one argv element, so only NUL cannot be passed;
+	// a newline would also end up in the server log as if it were a line.
+	if strings.ContainsAny(value, "\x00\n\r") {
+		return fmt.Errorf("%s: the value contains a NUL or a line break", name)
 	}
 	return nil
 }
@@ -237,7 +279,7 @@ func (s *Server) launch(ctx context.Context, cfg Config, bin string, dir layout,
 			}
 		}
 		s.out.resetTail()
-		proc, err := startPostgres(bin, dir, port, own, s.out, s.onExit)
+		proc, err := startPostgres(bin, dir, port, cfg.Settings, own, s.out, s.onExit)
 		if err != nil {
 			return 0, err
 		}

@@ -313,6 +313,36 @@ func TestFixedPortAndDatabase(t *testing.T) {
 	}
 }
 
+// TestSettings checks extra settings reach the server, and that they belong
+// to one start: the next start without them runs with the defaults.
+func TestSettings(t *testing.T) {
+	t.Parallel()
+	requireBinaries(t)
+	ctx := context.Background()
+	dir := dataDir(t)
+	s := start(t, Config{DataDir: dir, Settings: map[string]string{"work_mem": "7MB", "application_name": "with spaces, and = signs"}})
+	conn := connect(t, s.URL())
+	var workMem, appName string
+	if err := conn.QueryRow(ctx, "SELECT current_setting('work_mem'), current_setting('application_name')").Scan(&workMem, &appName); err != nil {
+		t.Fatal(err)
+	}
+	if workMem != "7MB" || appName != "with spaces, and = signs" {
+		t.Errorf("work_mem %q, application_name %q; want the settings given", workMem, appName)
+	}
+	_ = conn.Close(ctx)
+	if err := s.Stop(ctx); err != nil {
+		t.Fatal(err)
+	}
+
+	s = start(t, Config{DataDir: dir})
+	if err := connect(t, s.URL()).QueryRow(ctx, "SELECT current_setting('work_mem')").Scan(&workMem); err != nil {
+		t.Fatal(err)
+	}
+	if workMem == "7MB" {
+		t.Error("work_mem kept from the previous start")
+	}
+}
+
 // TestPortInUse checks a failed start leaves nothing behind: no process
 // holding the cluster, no lock on DataDir.
 func TestPortInUse(t *testing.T) {
@@ -415,6 +445,13 @@ func TestConfigValidate(t *testing.T) {
 		{"long database name", Config{DataDir: "d", Database: strings.Repeat("x", 64)}, "Database:"},
 		{"NUL in database name", Config{DataDir: "d", Database: "a\x00b"}, "Database:"},
 		{"negative start timeout", Config{DataDir: "d", StartTimeout: -time.Second}, "StartTimeout:"},
+		{"qualified setting", Config{DataDir: "d", Settings: map[string]string{"pg_stat_statements.track": "top", "work_mem": ""}}, ""},
+		{"setting name with a space", Config{DataDir: "d", Settings: map[string]string{"work mem": "1MB"}}, "Settings:"},
+		{"setting name with =", Config{DataDir: "d", Settings: map[string]string{"a=b": "1"}}, "Settings:"},
+		{"setting name from a digit", Config{DataDir: "d", Settings: map[string]string{"1x": "1"}}, "Settings:"},
+		{"empty setting name", Config{DataDir: "d", Settings: map[string]string{"": "1"}}, "Settings:"},
+		{"setting pgserver owns", Config{DataDir: "d", Settings: map[string]string{"Listen_Addresses": "*"}}, "Settings:"},
+		{"line break in a value", Config{DataDir: "d", Settings: map[string]string{"work_mem": "1MB\nport=1"}}, "Settings:"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {

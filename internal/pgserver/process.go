@@ -6,10 +6,12 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"maps"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"runtime"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -36,8 +38,8 @@ func (p *process) pid() int { return p.cmd.Process.Pid }
 // is our child: its exit is observed directly and, on Linux, the kernel stops
 // it if this process dies without calling Stop. onExit is called when it
 // exits without being asked to.
-func startPostgres(bin string, l layout, port int, own *owner, out *logWriter, onExit func(error)) (*process, error) {
-	cmd := exec.Command(filepath.Join(bin, "postgres"),
+func startPostgres(bin string, l layout, port int, settings map[string]string, own *owner, out *logWriter, onExit func(error)) (*process, error) {
+	args := []string{
 		"-D", l.pgdata(),
 		"-p", strconv.Itoa(port),
 		"-c", "listen_addresses=127.0.0.1",
@@ -46,7 +48,12 @@ func startPostgres(bin string, l layout, port int, own *owner, out *logWriter, o
 		"-c", "unix_socket_directories=",
 		"-c", "logging_collector=off",
 		"-c", "log_line_prefix=%m [%p] ",
-	)
+	}
+	// Sorted, so that the command line is the same from start to start.
+	for _, name := range slices.Sorted(maps.Keys(settings)) {
+		args = append(args, "-c", name+"="+settings[name])
+	}
+	cmd := exec.Command(filepath.Join(bin, "postgres"), args...)
 	cmd.Dir = l.root
 	cmd.Env = childEnv()
 	// SIGINT is a fast shutdown: what Stop would have done.
