@@ -316,7 +316,7 @@ func (d *DB) claim(ctx context.Context, p ClaimParams, withContents bool) (Claim
 		if withContents {
 			b.Queue(loadMessageContentsSQL, ids)
 		}
-		return tx.sendChange(ctx, b, messagesWithIDs(ids), func(br pgx.BatchResults) error {
+		return tx.sendChange(ctx, b, messagesClaimedWithIDs(ids), func(br pgx.BatchResults) error {
 			if !withContents {
 				return nil
 			}

@@ -89,6 +89,17 @@ const (
 	deriveProjectMessages    = deriveStatusHead + messagesOfProjectByID + deriveStatusTail
 )
 
+// markSendingByID is what deriving the status of messages that have a
+// recipient this transaction just leased comes to: sending ranks first, so
+// their recipients need not be read. The claim uses it, after locking the
+// messages like any other change.
+//
+// $1: message ids.
+const markSendingByID = `
+UPDATE messages
+SET status = 'sending', updated_at = greatest(updated_at, now())
+WHERE id = ANY($1::uuid[]) AND (status <> 'sending' OR updated_at < now())`
+
 // messageSet is the set of messages a change touched: the lock and derive
 // statements for it, and their arguments.
 type messageSet struct {
@@ -104,6 +115,12 @@ func messagesWithIDs(ids []uuid.UUID) messageSet {
 // messagesOfRecipientIDs is the set of the messages of the given recipients.
 func messagesOfRecipientIDs(ids []uuid.UUID) messageSet {
 	return messageSet{lockMessagesOfRecipients, deriveStatusOfRecipients, []any{ids}}
+}
+
+// messagesClaimedWithIDs is the set of the given messages, each of which
+// has a recipient that the transaction just leased.
+func messagesClaimedWithIDs(ids []uuid.UUID) messageSet {
+	return messageSet{lockMessagesByID, markSendingByID, []any{ids}}
 }
 
 // projectMessagesWithIDs is the set of the given messages that belong to
