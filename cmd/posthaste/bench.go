@@ -24,7 +24,7 @@ WAL flushes and disk flushes per message. Run "posthaste bench -h" for flags.
 `
 
 // runBench dispatches "posthaste bench ...".
-func runBench(ctx context.Context, args []string, stdout, stderr io.Writer) error {
+func runBench(ctx context.Context, args []string, stdout, stderr io.Writer) (err error) {
 	if len(args) > 0 {
 		switch args[0] {
 		case "sink":
@@ -37,6 +37,7 @@ func runBench(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 		}
 	}
 	fs := newFlagSet("bench", stderr)
+	defer func() { err = placeSettings(fs, err) }()
 	flagUsage := fs.Usage
 	fs.Usage = func() {
 		fmt.Fprint(stderr, benchUsage+"\n")
@@ -190,8 +191,9 @@ type sinkResult struct {
 
 // runBenchSink runs only the sink: the receiving end for a sender that is
 // not driven by bench, such as Postfix fed by smtp-source.
-func runBenchSink(ctx context.Context, args []string, stdout, stderr io.Writer) error {
+func runBenchSink(ctx context.Context, args []string, stdout, stderr io.Writer) (err error) {
 	fs := newFlagSet("bench sink", stderr)
+	defer func() { err = placeSettings(fs, err) }()
 	var (
 		addr    string
 		count   int
