@@ -77,7 +77,7 @@ func TestReadEventsFilteredPages(t *testing.T) {
 			m.Tags = []string{"receipt"}
 		}
 		insert(t, b.db, m)
-		if _, err := b.db.CancelMessage(ctx, shop.ID, m.ID); err != nil {
+		if _, _, err := b.db.CancelMessage(ctx, shop.ID, m.ID); err != nil {
 			t.Fatal(err)
 		}
 		canceled = append(canceled, m.ID)

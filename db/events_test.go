@@ -97,7 +97,7 @@ func TestEventsTypedPayloads(t *testing.T) {
 	}
 	r0, r1, r2 := m.Recipients[0].ID, m.Recipients[1].ID, m.Recipients[2].ID
 	// r2 gets a cancel request while in flight: its deferral ends canceled.
-	if _, err := b.db.CancelMessage(ctx, db.DefaultProjectID(), m.ID); err != nil {
+	if _, _, err := b.db.CancelMessage(ctx, db.DefaultProjectID(), m.ID); err != nil {
 		t.Fatal(err)
 	}
 	retryAt := usec(t0.Add(2 * time.Hour))
@@ -324,7 +324,7 @@ func TestReadEventsPerProject(t *testing.T) {
 	if _, err := b.db.RecordOutcomes(ctx, outs); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := b.db.CancelMessage(ctx, db.DefaultProjectID(), other.ID); err != nil {
+	if _, _, err := b.db.CancelMessage(ctx, db.DefaultProjectID(), other.ID); err != nil {
 		t.Fatal(err)
 	}
 

@@ -517,30 +517,32 @@ WITH upd AS (
     SELECT $2::uuid AS project_id, message_id, id AS recipient_id, status AS type, $3::jsonb AS details
     FROM upd WHERE status = 'canceled'
 ), ` + writeEventsCTE + `
-SELECT 1`
+SELECT count(*) FROM upd WHERE status = 'canceled'`
 
 // CancelMessage cancels the recipients of a message that are still waiting
 // (scheduled, queued, deferred), each with a "canceled" event. Recipients
 // being sent get a cancel request instead: if their attempt ends delivered or
 // bounced that stands, anything else becomes canceled. It returns the message
-// as it is afterwards, ErrNothingToCancel when every recipient was already
-// final (nothing is changed), or ErrNotFound (also when the message is
-// another project's, which is left untouched).
-func (d *DB) CancelMessage(ctx context.Context, projectID, id uuid.UUID) (Message, error) {
-	canceled, err := encodePayload(EventPayload{})
+// as it is afterwards with the number of recipients it canceled (not those
+// only marked: their attempt's outcome ends them), ErrNothingToCancel when
+// every recipient was already final (nothing is changed), or ErrNotFound
+// (also when the message is another project's, which is left untouched).
+func (d *DB) CancelMessage(ctx context.Context, projectID, id uuid.UUID) (Message, int, error) {
+	payload, err := encodePayload(EventPayload{})
 	if err != nil {
-		return Message{}, fmt.Errorf("cancel message %s: %w", id, err)
+		return Message{}, 0, fmt.Errorf("cancel message %s: %w", id, err)
 	}
+	var canceled int
 	b := &pgx.Batch{}
 	b.Queue(lockCancelableSQL, id, projectID)
-	b.Queue(cancelRecipientsSQL, id, projectID, canceled)
+	b.Queue(cancelRecipientsSQL, id, projectID, payload)
 	err = d.sendChange(ctx, b, projectMessagesWithIDs(projectID, []uuid.UUID{id}), func(br pgx.BatchResults) error {
 		// The rows locked are the recipients not yet final.
 		locked, err := br.Exec()
 		if err != nil {
 			return err
 		}
-		if _, err := br.Exec(); err != nil {
+		if err := br.QueryRow().Scan(&canceled); err != nil {
 			return err
 		}
 		// The message lock finds the message, or there is none.
@@ -559,13 +561,13 @@ func (d *DB) CancelMessage(ctx context.Context, projectID, id uuid.UUID) (Messag
 		return nil
 	})
 	if err != nil {
-		return Message{}, fmt.Errorf("cancel message %s: %w", id, mapError(err))
+		return Message{}, 0, fmt.Errorf("cancel message %s: %w", id, mapError(err))
 	}
 	m, err := d.getMessage(ctx, projectID, id)
 	if err != nil {
-		return Message{}, fmt.Errorf("cancel message %s: %w", id, mapError(err))
+		return Message{}, 0, fmt.Errorf("cancel message %s: %w", id, mapError(err))
 	}
-	return m, nil
+	return m, canceled, nil
 }
 
 // nullUUID is NULL for uuid.Nil, for nullable foreign keys.

@@ -381,9 +381,12 @@ func TestCancelQueuedMessage(t *testing.T) {
 	insert(t, b.db, sched)
 
 	for _, id := range []uuid.UUID{m.ID, sched.ID} {
-		got, err := b.db.CancelMessage(ctx, db.DefaultProjectID(), id)
+		got, n, err := b.db.CancelMessage(ctx, db.DefaultProjectID(), id)
 		if err != nil {
 			t.Fatal(err)
+		}
+		if n != len(got.Recipients) {
+			t.Errorf("canceled %d recipients, want %d", n, len(got.Recipients))
 		}
 		if got.Status != db.StatusCanceled {
 			t.Errorf("status = %q, want canceled", got.Status)
@@ -404,7 +407,7 @@ func TestCancelQueuedMessage(t *testing.T) {
 	// Canceling again says there is nothing to cancel and changes nothing,
 	// not even updated_at.
 	before := get(t, b.db, m.ID)
-	if _, err := b.db.CancelMessage(ctx, db.DefaultProjectID(), m.ID); !errors.Is(err, db.ErrNothingToCancel) {
+	if _, _, err := b.db.CancelMessage(ctx, db.DefaultProjectID(), m.ID); !errors.Is(err, db.ErrNothingToCancel) {
 		t.Fatalf("second cancel: err = %v, want ErrNothingToCancel", err)
 	}
 	after := get(t, b.db, m.ID)
@@ -419,7 +422,7 @@ func TestCancelQueuedMessage(t *testing.T) {
 func TestCancelMessageNotFound(t *testing.T) {
 	t.Parallel()
 	b := setup(t)
-	if _, err := b.db.CancelMessage(context.Background(), db.DefaultProjectID(), newID(t)); !errors.Is(err, db.ErrNotFound) {
+	if _, _, err := b.db.CancelMessage(context.Background(), db.DefaultProjectID(), newID(t)); !errors.Is(err, db.ErrNotFound) {
 		t.Fatalf("err = %v, want ErrNotFound", err)
 	}
 }
@@ -435,9 +438,13 @@ func TestCancelInFlight(t *testing.T) {
 		t.Fatalf("claimed %d, want 4", len(claimed))
 	}
 
-	got, err := b.db.CancelMessage(ctx, db.DefaultProjectID(), m.ID)
+	got, n, err := b.db.CancelMessage(ctx, db.DefaultProjectID(), m.ID)
 	if err != nil {
 		t.Fatal(err)
+	}
+	// In-flight recipients are only marked; their outcome ends them.
+	if n != 0 {
+		t.Errorf("canceled %d in-flight recipients, want 0", n)
 	}
 	if got.Status != db.StatusSending {
 		t.Errorf("status after cancel = %q, want sending", got.Status)
@@ -514,7 +521,7 @@ func TestListMessagesFilters(t *testing.T) {
 	m1 := mk(10, []string{"b"}, "special@x.example.test")
 	m2 := mk(20, nil, "special@x.example.test")
 	m3 := mk(30, []string{"a"}, "")
-	if _, err := b.db.CancelMessage(ctx, db.DefaultProjectID(), m2.ID); err != nil {
+	if _, _, err := b.db.CancelMessage(ctx, db.DefaultProjectID(), m2.ID); err != nil {
 		t.Fatal(err)
 	}
 	at := func(minutes int) *time.Time {

@@ -78,7 +78,7 @@ func TestProjects(t *testing.T) {
 	if got, err := b.db.GetMessage(ctx, p.ID, m.ID); err != nil || got.ProjectID != p.ID {
 		t.Errorf("own message = %+v, %v", got, err)
 	}
-	if _, err := b.db.CancelMessage(ctx, db.DefaultProjectID(), m.ID); !errors.Is(err, db.ErrNotFound) {
+	if _, _, err := b.db.CancelMessage(ctx, db.DefaultProjectID(), m.ID); !errors.Is(err, db.ErrNotFound) {
 		t.Errorf("canceling another project's message: %v, want ErrNotFound", err)
 	}
 	if got, err := b.db.GetMessage(ctx, p.ID, m.ID); err != nil || got.Status != db.StatusQueued {

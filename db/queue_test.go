@@ -660,7 +660,7 @@ func TestRescueExpiredLeases(t *testing.T) {
 	if err != nil || len(claimed) != 3 {
 		t.Fatalf("claim = %v, %v", claimed, err)
 	}
-	if _, err := b.db.CancelMessage(ctx, db.DefaultProjectID(), cancel.ID); err != nil {
+	if _, _, err := b.db.CancelMessage(ctx, db.DefaultProjectID(), cancel.ID); err != nil {
 		t.Fatal(err)
 	}
 
@@ -712,7 +712,7 @@ func TestReleaseLeases(t *testing.T) {
 	for _, r := range claimed {
 		ids = append(ids, r.ID)
 	}
-	if _, err := b.db.CancelMessage(ctx, db.DefaultProjectID(), c.ID); err != nil {
+	if _, _, err := b.db.CancelMessage(ctx, db.DefaultProjectID(), c.ID); err != nil {
 		t.Fatal(err)
 	}
 
@@ -820,7 +820,7 @@ func TestConcurrentWorkersAndCancels(t *testing.T) {
 		for _, id := range ids[:messages/2] {
 			// A message whose recipients all finished first has nothing
 			// left to cancel.
-			if _, err := b.db.CancelMessage(ctx, db.DefaultProjectID(), id); err != nil && !errors.Is(err, db.ErrNothingToCancel) {
+			if _, _, err := b.db.CancelMessage(ctx, db.DefaultProjectID(), id); err != nil && !errors.Is(err, db.ErrNothingToCancel) {
 				t.Errorf("CancelMessage: %v", err)
 			}
 		}

@@ -24,7 +24,7 @@ func TestInTxCommitsTogether(t *testing.T) {
 		insert(t, tx, m2)
 		// Inside the transaction its own writes are visible, the status
 		// recomputation included; outside they are not yet.
-		if _, err := tx.CancelMessage(ctx, db.DefaultProjectID(), m2.ID); err != nil {
+		if _, _, err := tx.CancelMessage(ctx, db.DefaultProjectID(), m2.ID); err != nil {
 			return err
 		}
 		if got := get(t, tx, m2.ID); got.Status != db.StatusCanceled {
@@ -58,7 +58,7 @@ func TestInTxErrorStoresNothing(t *testing.T) {
 	m.Idempotency = &db.Idempotency{Key: "k1", RequestHash: []byte{1}}
 	err := b.db.InTx(ctx, func(tx *db.DB) error {
 		insert(t, tx, m)
-		if _, err := tx.CancelMessage(ctx, db.DefaultProjectID(), m.ID); err != nil {
+		if _, _, err := tx.CancelMessage(ctx, db.DefaultProjectID(), m.ID); err != nil {
 			return err
 		}
 		return errTest
@@ -227,7 +227,7 @@ func TestStatusAfterEachChange(t *testing.T) {
 			})
 			check("rescue", m.ID, db.StatusQueued)
 
-			run(func(d *db.DB) error { _, err := d.CancelMessage(ctx, db.DefaultProjectID(), m.ID); return err })
+			run(func(d *db.DB) error { _, _, err := d.CancelMessage(ctx, db.DefaultProjectID(), m.ID); return err })
 			check("cancel", m.ID, db.MessagePartiallyDelivered)
 		})
 	}
@@ -251,7 +251,7 @@ func TestInTxComposesChangesOfOneMessage(t *testing.T) {
 		if err := tx.ReleaseLeases(ctx, claimed[1].LeaseOwner, []uuid.UUID{claimed[1].ID}); err != nil {
 			return err
 		}
-		_, err := tx.CancelMessage(ctx, db.DefaultProjectID(), m.ID)
+		_, _, err := tx.CancelMessage(ctx, db.DefaultProjectID(), m.ID)
 		return err
 	})
 	if err != nil {

@@ -86,7 +86,7 @@ func TestIntakeAllSuppressedMessageIsFailed(t *testing.T) {
 		t.Errorf("events %v", types)
 	}
 	// A suppressed recipient is final: there is nothing left to cancel.
-	if _, err := b.db.CancelMessage(context.Background(), db.DefaultProjectID(), m.ID); !errors.Is(err, db.ErrNothingToCancel) {
+	if _, _, err := b.db.CancelMessage(context.Background(), db.DefaultProjectID(), m.ID); !errors.Is(err, db.ErrNothingToCancel) {
 		t.Errorf("cancel: %v, want ErrNothingToCancel", err)
 	}
 }

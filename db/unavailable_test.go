@@ -42,7 +42,7 @@ func everyCall(t *testing.T, msgID uuid.UUID, ids []uuid.UUID) []call {
 			return err
 		}},
 		{"CancelMessage", func(ctx context.Context, d *db.DB) error {
-			_, err := d.CancelMessage(ctx, db.DefaultProjectID(), msgID)
+			_, _, err := d.CancelMessage(ctx, db.DefaultProjectID(), msgID)
 			return err
 		}},
 		{"ClaimRecipients", func(ctx context.Context, d *db.DB) error {

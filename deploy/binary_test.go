@@ -120,6 +120,7 @@ func TestBinary(t *testing.T) {
 		s := startSandbox(t, bin)
 		t.Run("probes", func(t *testing.T) { checkProbes(t, s) })
 		t.Run("readme", func(t *testing.T) { runReadmeExamples(t, s) })
+		t.Run("docs", func(t *testing.T) { runDocExamples(t, s, bin) })
 	})
 }
 
@@ -163,7 +164,9 @@ func startSandbox(t *testing.T, bin string) sandbox {
 		"--http-addr", "127.0.0.1:0", "--grpc-addr", "127.0.0.1:0",
 		"--database-url", testenv.Database(t), "--data-dir", t.TempDir(),
 		"--bootstrap-api-key", s.key,
-		"--retry-initial", "1s", "--poll-interval", "200ms")
+		"--retry-initial", "1s", "--poll-interval", "200ms",
+		// The documents' webhook examples use an endpoint of the test's.
+		"--webhook-allow-private", "--webhook-poll-interval", "200ms")
 	// Settings from this machine's environment must not leak in.
 	for _, kv := range os.Environ() {
 		if !strings.HasPrefix(kv, "POSTHASTE_") {

@@ -50,24 +50,37 @@ func section(markdown, heading string) string {
 	return rest
 }
 
+// docCommand is a command of a shell example and the document it is in.
+type docCommand struct{ path, cmd string }
+
+// docsCommands returns the commands of the shell examples in the README and
+// docs/.
+func docsCommands(t *testing.T) []docCommand {
+	t.Helper()
+	docs, _ := filepath.Glob("../docs/*.md")
+	docs = append(docs, "../README.md")
+	var out []docCommand
+	for _, path := range docs {
+		for _, cmd := range shellCommands(readFile(t, path)) {
+			out = append(out, docCommand{path, cmd})
+		}
+	}
+	return out
+}
+
 // TestDocsShellSyntax checks that every shell example in the README and
 // docs/ is valid shell, so that copying one never starts with a quoting
 // error.
 func TestDocsShellSyntax(t *testing.T) {
 	t.Parallel()
-	docs, _ := filepath.Glob("../docs/*.md")
-	docs = append(docs, "../README.md")
-	n := 0
-	for _, path := range docs {
-		for _, cmd := range shellCommands(readFile(t, path)) {
-			n++
-			if out, err := exec.Command("bash", "-n", "-c", cmd).CombinedOutput(); err != nil {
-				t.Errorf("%s: %v\n%s\n%s", path, err, cmd, out)
-			}
+	cmds := docsCommands(t)
+	for _, c := range cmds {
+		if out, err := exec.Command("bash", "-n", "-c", c.cmd).CombinedOutput(); err != nil {
+			t.Errorf("%s: %v\n%s\n%s", c.path, err, c.cmd, out)
 		}
 	}
-	if n < 20 {
-		t.Errorf("found only %d shell examples", n)
+	if len(cmds) < 20 {
+		t.Errorf("found only %d shell examples", len(cmds))
 	}
 }
 

@@ -545,7 +545,7 @@ func TestStreamEventsCommitOrder(t *testing.T) {
 	done := make(chan error, 1)
 	go func() {
 		done <- e.store.InTx(t.Context(), func(tx *db.DB) error {
-			if _, err := tx.CancelMessage(t.Context(), db.DefaultProjectID(), uuid.MustParse(a)); err != nil {
+			if _, _, err := tx.CancelMessage(t.Context(), db.DefaultProjectID(), uuid.MustParse(a)); err != nil {
 				return err
 			}
 			close(written)

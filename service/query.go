@@ -86,10 +86,11 @@ func (s *Server) cancelMessage(ctx context.Context, rawID string) (*posthastev1.
 	if err != nil {
 		return nil, err
 	}
-	m, err := s.store.CancelMessage(ctx, caller.projectID, id)
+	m, canceled, err := s.store.CancelMessage(ctx, caller.projectID, id)
 	if err != nil {
 		return nil, fmt.Errorf("cancel message %s: %w", id, err)
 	}
+	s.countEnded(db.StatusCanceled, canceled)
 	return messageToProto(m), nil
 }
 

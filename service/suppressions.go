@@ -27,8 +27,8 @@ var suppressionReasons = map[string]bool{
 	string(db.SuppressionHardBounce): true, string(db.SuppressionComplaint): true, string(db.SuppressionManual): true,
 }
 
-// RecipientObserver is told about recipients that end at intake, without a
-// delivery attempt: an Observer (Config.Observer) that implements it counts
+// RecipientObserver is told about recipients that end without a delivery
+// attempt, suppressed at intake or canceled: an Observer (Config.Observer) that implements it counts
 // them with the outcomes delivery reports.
 type RecipientObserver interface {
 	RecipientsEnded(outcome string, n int)
@@ -37,8 +37,15 @@ type RecipientObserver interface {
 // countSuppressed tells the observer, when it counts recipients, about the
 // ones the intake stored suppressed.
 func (s *Server) countSuppressed(suppressed []db.SuppressedRecipient) {
-	if o, ok := s.cfg.Observer.(RecipientObserver); ok && len(suppressed) > 0 {
-		o.RecipientsEnded(db.StatusSuppressed, len(suppressed))
+	s.countEnded(db.StatusSuppressed, len(suppressed))
+}
+
+// countEnded tells the observer, when it counts recipients, about n that
+// the API ended as outcome (suppressed at intake, canceled) after the
+// change committed, so a rolled-back change is never counted.
+func (s *Server) countEnded(outcome string, n int) {
+	if o, ok := s.cfg.Observer.(RecipientObserver); ok && n > 0 {
+		o.RecipientsEnded(outcome, n)
 	}
 }
 

@@ -26,7 +26,7 @@ health and, with pg_stat_statements, the statement profile. Run
 `
 
 // runBench dispatches "posthaste bench ...".
-func runBench(ctx context.Context, args []string, stdout, stderr io.Writer) error {
+func runBench(ctx context.Context, args []string, stdout, stderr io.Writer) (err error) {
 	if len(args) > 0 {
 		switch args[0] {
 		case "sink":
@@ -39,6 +39,7 @@ func runBench(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 		}
 	}
 	fs := newFlagSet("bench", stderr)
+	defer func() { err = placeSettings(fs, err) }()
 	flagUsage := fs.Usage
 	fs.Usage = func() {
 		fmt.Fprint(stderr, benchUsage+"\n")
@@ -209,8 +210,9 @@ type sinkResult struct {
 
 // runBenchSink runs only the sink: the receiving end for a sender that is
 // not driven by bench, such as Postfix fed by smtp-source.
-func runBenchSink(ctx context.Context, args []string, stdout, stderr io.Writer) error {
+func runBenchSink(ctx context.Context, args []string, stdout, stderr io.Writer) (err error) {
 	fs := newFlagSet("bench sink", stderr)
+	defer func() { err = placeSettings(fs, err) }()
 	var (
 		addr    string
 		count   int

@@ -48,18 +48,68 @@ func addConfigFlag(fs *flag.FlagSet) {
 	fs.Var(&configFile{}, configFileFlagName, "YAML file of settings whose keys are the flag names, e.g. http-addr: \":8080\"; lists for repeatable flags; flags and environment variables win over it")
 }
 
-// sourcesOf returns where each flag of a parsed fs got its value, or nil
-// when fs has no --config.
-func sourcesOf(fs *flag.FlagSet) map[string]string {
+// configOf returns the --config value of fs, or nil when fs has none.
+func configOf(fs *flag.FlagSet) *configFile {
 	f := fs.Lookup(configFileFlagName)
 	if f == nil {
 		return nil
 	}
-	cf, ok := f.Value.(*configFile)
-	if !ok {
-		return nil
+	cf, _ := f.Value.(*configFile)
+	return cf
+}
+
+// sourcesOf returns where each flag of a parsed fs got its value, or nil
+// when fs has no --config.
+func sourcesOf(fs *flag.FlagSet) map[string]string {
+	if cf := configOf(fs); cf != nil {
+		return cf.sources
 	}
-	return cf.sources
+	return nil
+}
+
+// fileFlagRef is flagRef with the configuration file's key for the flag
+// and, when known, the file's path.
+func fileFlagRef(flagName, path string) string {
+	where := fmt.Sprintf("file key %q", flagName)
+	if path != "" {
+		where += " in " + path
+	}
+	return "--" + flagName + " (" + envName(flagName) + ", " + where + ")"
+}
+
+// placedError is an error about settings that names, for each one whose
+// value came from the configuration file, its key and the file.
+type placedError struct {
+	msg string
+	err error
+}
+
+func (e *placedError) Error() string { return e.msg }
+
+func (e *placedError) Unwrap() error { return e.err }
+
+// placeSettings makes err, an error of a command whose flags fs parsed,
+// say which settings named in it (by flagRef) were read from the
+// configuration file, with the key and the file's path. Checks of a value
+// after parsing, here or in app's validation, know the flag but not where
+// its value came from; this is the one place that does, so none of them
+// has to. A value from the command line or the environment is named as
+// before: by its flag and variable, not claiming the file.
+func placeSettings(fs *flag.FlagSet, err error) error {
+	cf := configOf(fs)
+	if err == nil || cf == nil || cf.path == "" {
+		return err
+	}
+	msg := err.Error()
+	for name, src := range cf.sources {
+		if src == fromFile {
+			msg = strings.ReplaceAll(msg, flagRef(name), fileFlagRef(name, cf.path))
+		}
+	}
+	if msg == err.Error() {
+		return err
+	}
+	return &placedError{msg: msg, err: err}
 }
 
 // setError is a value a flag refused while it was set from the environment
@@ -197,15 +247,15 @@ func valueError(fs *flag.FlagSet, orig flag.Value, se *setError, cf *configFile)
 			kind = k
 		}
 	}
-	where := fmt.Sprintf("file key %q", se.flag)
-	if cf != nil && cf.path != "" {
-		where += " in " + cf.path
+	path := ""
+	if cf != nil {
+		path = cf.path
 	}
 	from := "the environment"
 	if se.from == fromFile {
 		from = "the file"
 	}
-	msg := fmt.Sprintf("--%s (%s, %s): invalid %s %q in %s", se.flag, envName(se.flag), where, kind, se.value, from)
+	msg := fmt.Sprintf("%s: invalid %s %q in %s", fileFlagRef(se.flag, path), kind, se.value, from)
 	// The flag package's own errors for numbers and durations say only
 	// "parse error"; other values explain themselves.
 	if detail := se.err.Error(); detail != "parse error" && detail != "value out of range" {

@@ -79,6 +79,47 @@ func TestConfigBadValueNamesEveryWayToSetIt(t *testing.T) {
 	}
 }
 
+// A value that parses but fails a check names the file key and the file
+// when it came from the file, and only the flag and the variable when it
+// came from the command line or the environment, which win over the file.
+// Not parallel: it sets environment variables.
+func TestConfigRefusedValueNamesWhereItCameFrom(t *testing.T) {
+	// Nothing listens at the database address; no case may get as far as
+	// connecting.
+	path := writeConfig(t, `
+database-url: postgres://postgres@127.0.0.1:1/none
+database-wait: 0s
+lease: 500ms
+route: [nothing]
+`)
+	fileRef := `(POSTHASTE_LEASE, file key "lease" in ` + path + `)`
+	for _, tc := range []struct {
+		name, env string
+		args      []string
+		want      string
+	}{
+		{"file", "", []string{"--route", "a.test=mx.test:25"},
+			`--lease ` + fileRef + `: 500ms is shorter than 1s`},
+		{"flag", "", []string{"--route", "a.test=mx.test:25", "--lease", "400ms"},
+			`--lease (POSTHASTE_LEASE): 400ms is shorter than 1s`},
+		{"environment", "300ms", []string{"--route", "a.test=mx.test:25"},
+			`--lease (POSTHASTE_LEASE): 300ms is shorter than 1s`},
+		// A check of serve's own, before the app's validation.
+		{"file, serve's check", "", nil,
+			`--route (POSTHASTE_ROUTE, file key "route" in ` + path + `): want domain=host:port, got "nothing"`},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			if tc.env != "" {
+				t.Setenv("POSTHASTE_LEASE", tc.env)
+			}
+			err := run(context.Background(), append([]string{"serve", "--config", path}, tc.args...), io.Discard, io.Discard)
+			if err == nil || err.Error() != tc.want {
+				t.Errorf("error = %v\nwant %s", err, tc.want)
+			}
+		})
+	}
+}
+
 func TestConfigUnknownKeyRefused(t *testing.T) {
 	t.Parallel()
 	path := writeConfig(t, "http-addr: \":1\"\nleese: 30s\n")

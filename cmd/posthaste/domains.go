@@ -73,7 +73,7 @@ func (k *kekFlags) load() ([]byte, error) {
 	return nil, nil
 }
 
-func runDomains(ctx context.Context, args []string, stdout, stderr io.Writer) error {
+func runDomains(ctx context.Context, args []string, stdout, stderr io.Writer) (err error) {
 	if len(args) == 0 {
 		fmt.Fprint(stderr, domainsUsage)
 		return errors.New("domains: no subcommand given")
@@ -86,6 +86,7 @@ func runDomains(ctx context.Context, args []string, stdout, stderr io.Writer) er
 		return fmt.Errorf("domains: unknown subcommand %q", sub)
 	}
 	fs := newFlagSet("domains "+sub, stderr)
+	defer func() { err = placeSettings(fs, err) }()
 	var (
 		dbf                       databaseFlags
 		kf                        kekFlags

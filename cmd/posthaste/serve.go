@@ -47,8 +47,9 @@ func runServe(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 // serve runs the service, or with printOnly prints the configuration it
 // would run with and returns: "config print" thus knows every serve flag,
 // however many are added, without a second list of them.
-func serve(ctx context.Context, args []string, stdout, stderr io.Writer, printOnly bool) error {
+func serve(ctx context.Context, args []string, stdout, stderr io.Writer, printOnly bool) (err error) {
 	fs := newFlagSet("serve", stderr)
+	defer func() { err = placeSettings(fs, err) }()
 	var (
 		dbf      databaseFlags
 		logf     logFlags

@@ -224,7 +224,7 @@ func sendMessage(t *testing.T, store *db.DB, n int) db.NewMessage {
 // cancel writes a canceled event per recipient of m.
 func cancel(t *testing.T, store *db.DB, m db.NewMessage) {
 	t.Helper()
-	if _, err := store.CancelMessage(t.Context(), db.DefaultProjectID(), m.ID); err != nil {
+	if _, _, err := store.CancelMessage(t.Context(), db.DefaultProjectID(), m.ID); err != nil {
 		t.Fatal(err)
 	}
 }

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
+	"fmt"
 	"io"
 	"log/slog"
 	"net/http"
@@ -309,4 +310,52 @@ func labelOf(m *dto.Metric, name string) string {
 		}
 	}
 	return ""
+}
+
+// TestCanceledRecipientsCounted cancels a scheduled message through the API
+// and reads the outcome counter: each recipient the cancel ended counts
+// once, and a second cancel, with nothing left to cancel, adds nothing.
+func TestCanceledRecipientsCounted(t *testing.T) {
+	t.Parallel()
+	b := setup(t)
+	canceled := func() float64 {
+		v := sample(scrape(t, b.base+"/metrics"), "posthaste_recipients_final_total",
+			map[string]string{"outcome": "canceled", "class": "none"})
+		return max(v, 0) // no series yet is none counted
+	}
+	const n = 3
+	to := make([]any, n)
+	for i := range to {
+		to[i] = map[string]any{"address": fmt.Sprintf("r%d@example.test", i)}
+	}
+	code, sent := b.do(t, http.MethodPost, "/v1/messages", map[string]any{
+		"from": map[string]any{"address": "sender@posthaste.test"},
+		"to":   to, "subject": "later", "text": "x",
+		"send_at": time.Now().Add(time.Hour).UTC().Format(time.RFC3339),
+	})
+	if code != http.StatusAccepted {
+		t.Fatalf("send: %d %v", code, sent)
+	}
+	id := sent["id"].(string)
+
+	before := canceled()
+	if code, resp := b.do(t, http.MethodPost, "/v1/messages/"+id+":cancel", map[string]any{}); code != http.StatusOK {
+		t.Fatalf("cancel: %d %v", code, resp)
+	}
+	// Counted once the cancel has committed, which is before it answers;
+	// polling keeps the test honest should that move after the answer.
+	deadline := time.Now().Add(5 * time.Second)
+	for canceled() < before+n && time.Now().Before(deadline) {
+		time.Sleep(20 * time.Millisecond)
+	}
+	if got := canceled(); got != before+n {
+		t.Fatalf("canceled recipients counted: %v, want %v", got-before, n)
+	}
+
+	if code, resp := b.do(t, http.MethodPost, "/v1/messages/"+id+":cancel", map[string]any{}); code != http.StatusConflict {
+		t.Fatalf("second cancel: %d %v, want 409", code, resp)
+	}
+	if got := canceled(); got != before+n {
+		t.Errorf("second cancel changed the count: %v, want %v", got-before, n)
+	}
 }
