@@ -20,7 +20,10 @@ const benchUsage = `Usage: posthaste bench [flags]            measure a Posthast
 Without --rest-url or --grpc-addr (or with --start), bench starts Posthaste
 in this process, routes every domain to its own SMTP sink, sends -n messages
 and reports intake, delivery and end-to-end rates, latencies, and the CPU,
-WAL flushes and disk flushes per message. Run "posthaste bench -h" for flags.
+WAL flushes and disk flushes per message. With --proto smtp it starts no
+server and submits the messages over SMTP to the relay at --smtp-addr (a
+local Postfix, say), which must relay them to the sink at --sink-addr. Run
+"posthaste bench -h" for flags.
 `
 
 // runBench dispatches "posthaste bench ...".
@@ -55,7 +58,9 @@ func runBench(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	fs.StringVar(&cfg.DatabaseURL, "database-url", "", "PostgreSQL whose statistics are read; with --start also the database the server uses (default: embedded in a temporary directory)")
 	fs.StringVar(&cfg.DataDir, "data-dir", "", "with --start and no --database-url: directory of the embedded database (default: a temporary one, removed afterwards)")
 	fs.IntVar(&cfg.ServerPID, "server-pid", 0, "process id of a running server, for its CPU and peak memory")
-	fs.StringVar(&cfg.Proto, "proto", "rest", "rest or grpc")
+	fs.StringVar(&cfg.Proto, "proto", "rest", "rest, grpc, or smtp to submit to the relay at --smtp-addr instead of calling Posthaste")
+	fs.StringVar(&cfg.SMTPAddr, "smtp-addr", "", "with --proto smtp: the relay to submit to, e.g. a Postfix at 127.0.0.1:2525, which must relay every message to --sink-addr")
+	fs.IntVar(&cfg.Batch, "batch", 1, "messages per API call (SendBatch when above 1); -c then counts calls, --rate still messages")
 	fs.IntVar(&cfg.Messages, "n", 1000, "messages to send")
 	fs.IntVar(&cfg.Concurrency, "c", 10, "calls in flight at most")
 	fs.Float64Var(&cfg.Rate, "rate", 0, "send this many messages per second (open loop) instead of as fast as -c callers can")
@@ -64,7 +69,7 @@ func runBench(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	fs.IntVar(&cfg.Domains, "domains", 1, "spread recipients over this many .test domains")
 	fs.DurationVar(&cfg.RequestTimeout, "request-timeout", 30*time.Second, "deadline of one API call")
 	fs.DurationVar(&cfg.Timeout, "timeout", 2*time.Minute, "how long to wait after the last call for the accepted messages to arrive")
-	fs.StringVar(&cfg.SinkAddr, "sink-addr", "", "sink listen address (default 127.0.0.1:0 with --start, else "+bench.DefaultSinkAddr+")")
+	fs.StringVar(&cfg.SinkAddr, "sink-addr", "", "sink listen address (default 127.0.0.1:0 with --start, else "+bench.DefaultSinkAddr+", where a running server or the SMTP relay must deliver)")
 	fs.IntVar(&cfg.DeliveryConcurrency, "delivery-concurrency", 0, "with --start: the server's --concurrency (default the server's)")
 	fs.IntVar(&cfg.PerDomainConcurrency, "per-domain-concurrency", 0, "with --start: the server's --per-domain-concurrency (default the server's)")
 	fs.DurationVar(&cfg.StatsSettle, "stats-settle", bench.DefaultStatsSettle, "wait this long after the last delivery before reading PostgreSQL's WAL counters, which backends report late; negative does not wait")
@@ -82,10 +87,13 @@ func runBench(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	for _, f := range []struct {
 		name string
 		v    int
-	}{{"n", cfg.Messages}, {"c", cfg.Concurrency}, {"size", cfg.Size}, {"recipients", cfg.Recipients}, {"domains", cfg.Domains}} {
+	}{{"n", cfg.Messages}, {"c", cfg.Concurrency}, {"batch", cfg.Batch}, {"size", cfg.Size}, {"recipients", cfg.Recipients}, {"domains", cfg.Domains}} {
 		if f.v < 1 {
 			return fmt.Errorf("%s: must be at least 1, got %d", flagRef(f.name), f.v)
 		}
+	}
+	if start && cfg.Proto == "smtp" {
+		return errors.New("bench: --start and --proto smtp exclude each other: over SMTP bench drives the relay at --smtp-addr")
 	}
 	if start {
 		// Addresses from the environment belong to a server's own
@@ -134,6 +142,8 @@ var benchFlags = map[string]string{
 	"APIKey":         "api-key",
 	"ServerPID":      "server-pid",
 	"Proto":          "proto",
+	"SMTPAddr":       "smtp-addr",
+	"Batch":          "batch",
 	"Messages":       "n",
 	"Concurrency":    "c",
 	"Rate":           "rate",
