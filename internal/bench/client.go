@@ -29,7 +29,7 @@ type outMessage struct {
 	to      []string
 }
 
-// sender sends messages over one of the two APIs.
+// sender sends messages over one of the two APIs, or over SMTP to a relay.
 type sender interface {
 	// check makes one cheap authenticated call, so that a wrong address or
 	// key stops the run before it sends anything.
@@ -49,7 +49,8 @@ func (e *sendError) Error() string { return e.kind + ": " + e.err.Error() }
 func (e *sendError) Unwrap() error { return e.err }
 
 // errorKind names err for the report's error counts: "http_503",
-// "grpc_Unavailable", "timeout", "connection", "other".
+// "grpc_Unavailable", "item_FIELD_INVALID" (one message of a batch),
+// "smtp_451", "timeout", "connection", "other".
 func errorKind(err error) string {
 	var se *sendError
 	if errors.As(err, &se) {

@@ -205,12 +205,12 @@ func (r *runner) progress(format string, args ...any) {
 
 // sample is one message's outcome.
 type sample struct {
-	sent bool
-	// timed marks the one sample per successful call that carries the
-	// call's latency.
-	timed   bool
+	sent    bool
 	latency time.Duration
 	err     error
+	// timed marks the one sample per successful call that carries the
+	// call's latency.
+	timed bool
 }
 
 // costs is one reading of what the server and the database have used.
