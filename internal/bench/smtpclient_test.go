@@ -72,6 +72,15 @@ func relayTo(addr, from string, to []string, data []byte) error {
 	return nil
 }
 
+// runOverSMTP runs cfg through relay, with the sink at sinkAddr.
+func runOverSMTP(relay *testenv.SMTPServer, sinkAddr string, cfg bench.Config) (*bench.Report, error) {
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	cfg.Proto, cfg.SMTPAddr, cfg.SinkAddr = "smtp", relay.Addr, sinkAddr
+	cfg.Timeout, cfg.StatsSettle = 30*time.Second, -1
+	return bench.Run(ctx, cfg)
+}
+
 func acceptAll([]string) *smtp.SMTPError { return nil }
 
 // TestRunOverSMTP drives a relay instead of Posthaste: every message the
@@ -87,21 +96,14 @@ func TestRunOverSMTP(t *testing.T) {
 			t.Parallel()
 			sinkAddr := freeAddr(t)
 			relay := startRelay(t, sinkAddr, acceptAll)
-			ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
-			defer cancel()
 			const n, c, size = 60, 3, 300
-			rep, err := bench.Run(ctx, bench.Config{
-				Proto:       "smtp",
-				SMTPAddr:    relay.Addr,
-				SinkAddr:    sinkAddr,
+			rep, err := runOverSMTP(relay, sinkAddr, bench.Config{
 				Messages:    n,
 				Concurrency: c,
 				Rate:        tt.rate,
 				Size:        size,
 				Recipients:  2,
 				Domains:     2,
-				Timeout:     30 * time.Second,
-				StatsSettle: -1,
 			})
 			if err != nil {
 				t.Fatalf("run: %v (report %+v)", err, rep)
@@ -182,19 +184,8 @@ func TestRunOverSMTPCountsRefusals(t *testing.T) {
 		}
 		return nil
 	})
-	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
-	defer cancel()
 	const n, c = 20, 2
-	rep, err := bench.Run(ctx, bench.Config{
-		Proto:       "smtp",
-		SMTPAddr:    relay.Addr,
-		SinkAddr:    sinkAddr,
-		Messages:    n,
-		Concurrency: c,
-		Size:        100,
-		Timeout:     30 * time.Second,
-		StatsSettle: -1,
-	})
+	rep, err := runOverSMTP(relay, sinkAddr, bench.Config{Messages: n, Concurrency: c, Size: 100})
 	if err == nil || !strings.Contains(err.Error(), "1 of 20") {
 		t.Errorf("run = %v, want an error saying 1 of 20 failed", err)
 	}
