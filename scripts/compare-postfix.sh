@@ -4,12 +4,15 @@
 # same kind of SMTP sink on loopback, interleaved over R repetitions.
 #
 #   bash scripts/compare-postfix.sh [-n N] [-c C] [-r R] [-s SIZE] [-D DELIVERY]
-#                                   [-p rest|grpc] [-d ADMIN_DATABASE_URL]
+#                                   [-p rest|grpc] [-d ADMIN_DATABASE_URL] [-L RATE]
 #
 # -n messages per run (2000), -c concurrent clients (20), -r repetitions (3),
 # -s body size in bytes (2048), -D delivery sessions to the one destination
 # on both sides (20), -p Posthaste's protocol (rest), -d a PostgreSQL URL
 # whose user may create databases (postgres://postgres@127.0.0.1:5432/postgres).
+# -L RATE compares latency instead of throughput: both sides get RATE msg/s
+# in an open loop from posthaste bench (over SMTP for Postfix), and the table
+# has the accept and accepted -> sink percentiles.
 #
 # Needs root (Postfix's master runs as root), Go, a PostgreSQL server on this
 # machine (for its CPU figures), and the postfix package, which is installed
@@ -27,8 +30,9 @@ SIZE=2048
 DELIVERY=20
 PROTO=rest
 ADMIN_URL=postgres://postgres@127.0.0.1:5432/postgres
+RATE=
 
-while getopts "n:c:r:s:D:p:d:h" opt; do
+while getopts "n:c:r:s:D:p:d:L:h" opt; do
 	case $opt in
 	n) N=$OPTARG ;;
 	c) C=$OPTARG ;;
@@ -37,8 +41,9 @@ while getopts "n:c:r:s:D:p:d:h" opt; do
 	D) DELIVERY=$OPTARG ;;
 	p) PROTO=$OPTARG ;;
 	d) ADMIN_URL=$OPTARG ;;
+	L) RATE=$OPTARG ;;
 	h)
-		sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'
+		sed -n '2,23p' "$0" | sed 's/^# \{0,1\}//'
 		exit 0
 		;;
 	*) exit 2 ;;
@@ -64,6 +69,7 @@ die() {
 command -v go >/dev/null || die "go is not on the PATH"
 command -v psql >/dev/null || die "psql is not on the PATH (apt-get install postgresql-client)"
 case $PROTO in rest | grpc) ;; *) die "-p: want rest or grpc, got $PROTO" ;; esac
+[ -z "$RATE" ] || awk -v r="$RATE" 'BEGIN { exit !(r + 0 > 0) }' || die "-L: want a positive rate in msg/s, got $RATE"
 
 for port in $POSTFIX_PORT $POSTFIX_SINK_PORT $POSTHASTE_SINK_PORT $POSTHASTE_HTTP_PORT $POSTHASTE_GRPC_PORT; do
 	if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
@@ -243,6 +249,29 @@ run_postfix() {
 	log "postfix   run $rep: $(tail -4 "$RESULTS" | grep '^postfix' | awk '{printf "%s %s  ", $2, $3}')"
 }
 
+# run_postfix_latency REP: bench submits to Postfix over SMTP at the rate,
+# one kept-open session per client, and runs the sink Postfix relays to
+# itself, so that it knows when each message was accepted and when it
+# arrived, as it does for Posthaste.
+run_postfix_latency() {
+	local rep=$1 out=$WORK/pf-$1.json
+	"$PH" bench --proto smtp --smtp-addr "127.0.0.1:$POSTFIX_PORT" \
+		--sink-addr "127.0.0.1:$POSTFIX_SINK_PORT" --rate "$RATE" -n "$N" -c "$C" --size "$SIZE" \
+		--stats-settle=-1s --progress-interval 0 --json >"$out" ||
+		die "postfix run $rep failed: $(cat "$out")"
+	latencies postfix "$out"
+	log "postfix   run $rep: $(tail -4 "$RESULTS" | awk '{printf "%s %.1fms  ", $2, $3}')"
+}
+
+# latencies SYSTEM FILE appends the accept and accepted -> sink percentiles
+# of a bench report to the results.
+latencies() {
+	awk -v s="$1" -v a50="$(jnum "$2" p50_ms api_latency)" -v a99="$(jnum "$2" p99_ms api_latency)" \
+		-v s50="$(jnum "$2" p50_ms to_sink_latency)" -v s99="$(jnum "$2" p99_ms to_sink_latency)" 'BEGIN {
+		printf "%s accept_p50 %s\n%s accept_p99 %s\n%s sink_p50 %s\n%s sink_p99 %s\n", s, a50, s, a99, s, s50, s, s99
+	}' >>"$RESULTS"
+}
+
 run_posthaste() {
 	local rep=$1 out=$WORK/ph-$1.json
 	psql "$ADMIN_URL" -qAt -c "SET client_min_messages = warning" -c "DROP DATABASE IF EXISTS $DATABASE WITH (FORCE)" >/dev/null
@@ -267,10 +296,15 @@ run_posthaste() {
 		--grpc-addr "127.0.0.1:$POSTHASTE_GRPC_PORT" --proto "$PROTO" \
 		--api-key "$API_KEY" --server-pid "$serve" --database-url "$url" \
 		--sink-addr "127.0.0.1:$POSTHASTE_SINK_PORT" -n "$N" -c "$C" --size "$SIZE" \
-		--stats-settle=-1s --progress-interval 0 --json >"$out" ||
+		${RATE:+--rate "$RATE"} --stats-settle=-1s --progress-interval 0 --json >"$out" ||
 		die "posthaste run $rep failed: $(cat "$out")"
 	kill "$serve"
 	wait "$serve" || true
+	if [ -n "$RATE" ]; then
+		latencies posthaste "$out"
+		log "posthaste run $rep: $(tail -4 "$RESULTS" | awk '{printf "%s %.1fms  ", $2, $3}')"
+		return
+	fi
 	local srv pg fl
 	srv=$(jnum "$out" cpu_seconds server)
 	pg=$(jnum "$out" cpu_seconds postgres)
@@ -284,16 +318,22 @@ run_posthaste() {
 	log "posthaste run $rep: $(tail -4 "$RESULTS" | grep '^posthaste' | awk '{printf "%s %s  ", $2, $3}')"
 }
 
-log "comparing: -n $N -c $C, $SIZE-byte bodies, $DELIVERY delivery sessions, $R repetitions, Posthaste over $PROTO"
+LOAD="-n $N -c $C"
+RUN_POSTFIX=run_postfix
+if [ -n "$RATE" ]; then
+	LOAD="$LOAD at $RATE msg/s"
+	RUN_POSTFIX=run_postfix_latency
+fi
+log "comparing: $LOAD, $SIZE-byte bodies, $DELIVERY delivery sessions, $R repetitions, Posthaste over $PROTO"
 for rep in $(seq "$R"); do
 	# Alternate which side goes first, so that a slow drift of the
 	# machine (other load, caches, the disk) does not favour one.
 	if [ $((rep % 2)) -eq 1 ]; then
-		run_postfix "$rep"
+		$RUN_POSTFIX "$rep"
 		run_posthaste "$rep"
 	else
 		run_posthaste "$rep"
-		run_postfix "$rep"
+		$RUN_POSTFIX "$rep"
 	fi
 done
 
@@ -323,10 +363,19 @@ row() {
 }
 
 echo
-echo "Posthaste vs Postfix: -n $N -c $C, $SIZE-byte bodies, $DELIVERY delivery sessions, median (min-max) of $R"
+echo "Posthaste vs Postfix: $LOAD, $SIZE-byte bodies, $DELIVERY delivery sessions, median (min-max) of $R"
 printf '%-26s %-28s %-28s %s\n' "" "Posthaste ($PROTO)" "Postfix" "ratio"
-row "durable accept msg/s" accept 1 "%.0f"
-row "end-to-end msg/s" e2e 1 "%.0f"
-row "CPU ms per message" cpu 1000 "%.2f"
-row "disk flushes per message" flushes 1 "%.2f"
-echo "CPU: Posthaste = serve process + PostgreSQL's processes; Postfix = master and all its children."
+if [ -n "$RATE" ]; then
+	row "accept p50 ms" accept_p50 1 "%.1f"
+	row "accept p99 ms" accept_p99 1 "%.1f"
+	row "accepted -> sink p50 ms" sink_p50 1 "%.1f"
+	row "accepted -> sink p99 ms" sink_p99 1 "%.1f"
+	echo "accept: Posthaste = the API call, Postfix = the SMTP transaction from MAIL to the 250 after the data, both timed from when the message was due."
+	echo "A ratio below 1 means Posthaste is faster."
+else
+	row "durable accept msg/s" accept 1 "%.0f"
+	row "end-to-end msg/s" e2e 1 "%.0f"
+	row "CPU ms per message" cpu 1000 "%.2f"
+	row "disk flushes per message" flushes 1 "%.2f"
+	echo "CPU: Posthaste = serve process + PostgreSQL's processes; Postfix = master and all its children."
+fi

@@ -21,7 +21,10 @@ Without --rest-url or --grpc-addr (or with --start), bench starts Posthaste
 in this process, routes every domain to its own SMTP sink, sends -n messages
 and reports intake, delivery and end-to-end rates, latencies, the CPU, WAL
 flushes and disk flushes per message, memory over the run, the queue's
-health and, with pg_stat_statements, the statement profile. Run
+health and, with pg_stat_statements, the statement profile. With --proto
+smtp it starts no server and submits the messages over SMTP to the relay at
+--smtp-addr (a local Postfix, say), which must relay them to the sink at
+--sink-addr. Run
 "posthaste bench -h" for flags.
 `
 
@@ -63,7 +66,9 @@ func runBench(ctx context.Context, args []string, stdout, stderr io.Writer) (err
 	fs.BoolVar(&cfg.PGStatStatements, "pg-stat-statements", false, "with --start and no --database-url: load pg_stat_statements in the embedded database, for the statement profile")
 	fs.IntVar(&statements, "statements", bench.DefaultStatements, "list this many statements by execution time when the database has pg_stat_statements loaded (resets its counters at the start); 0 lists none")
 	fs.IntVar(&cfg.HealthMark, "health-mark", 0, fmt.Sprintf("read the queue tables' sizes when this many messages are delivered, to compare with the end, and measure claim latency from then on (default %d, or n/20 when smaller); negative: neither", bench.DefaultHealthMark))
-	fs.StringVar(&cfg.Proto, "proto", "rest", "rest or grpc")
+	fs.StringVar(&cfg.Proto, "proto", "rest", "rest, grpc, or smtp to submit to the relay at --smtp-addr instead of calling Posthaste")
+	fs.StringVar(&cfg.SMTPAddr, "smtp-addr", "", "with --proto smtp: the relay to submit to, e.g. a Postfix at 127.0.0.1:2525, which must relay every message to --sink-addr")
+	fs.IntVar(&cfg.Batch, "batch", 1, "messages per API call (SendBatch when above 1); -c then counts calls, --rate still messages")
 	fs.IntVar(&cfg.Messages, "n", 1000, "messages to send")
 	fs.IntVar(&cfg.Concurrency, "c", 10, "calls in flight at most")
 	fs.Float64Var(&cfg.Rate, "rate", 0, "send this many messages per second (open loop) instead of as fast as -c callers can")
@@ -72,7 +77,7 @@ func runBench(ctx context.Context, args []string, stdout, stderr io.Writer) (err
 	fs.IntVar(&cfg.Domains, "domains", 1, "spread recipients over this many .test domains")
 	fs.DurationVar(&cfg.RequestTimeout, "request-timeout", 30*time.Second, "deadline of one API call")
 	fs.DurationVar(&cfg.Timeout, "timeout", 2*time.Minute, "how long to wait after the last call for the accepted messages to arrive")
-	fs.StringVar(&cfg.SinkAddr, "sink-addr", "", "sink listen address (default 127.0.0.1:0 with --start, else "+bench.DefaultSinkAddr+")")
+	fs.StringVar(&cfg.SinkAddr, "sink-addr", "", "sink listen address (default 127.0.0.1:0 with --start, else "+bench.DefaultSinkAddr+", where a running server or the SMTP relay must deliver)")
 	fs.IntVar(&cfg.DeliveryConcurrency, "delivery-concurrency", 0, "with --start: the server's --concurrency (default the server's)")
 	fs.IntVar(&cfg.PerDomainConcurrency, "per-domain-concurrency", 0, "with --start: the server's --per-domain-concurrency (default the server's)")
 	fs.DurationVar(&cfg.StatsSettle, "stats-settle", bench.DefaultStatsSettle, "wait this long after the last delivery before reading PostgreSQL's WAL counters, which backends report late; negative does not wait")
@@ -90,7 +95,7 @@ func runBench(ctx context.Context, args []string, stdout, stderr io.Writer) (err
 	for _, f := range []struct {
 		name string
 		v    int
-	}{{"n", cfg.Messages}, {"c", cfg.Concurrency}, {"size", cfg.Size}, {"recipients", cfg.Recipients}, {"domains", cfg.Domains}} {
+	}{{"n", cfg.Messages}, {"c", cfg.Concurrency}, {"batch", cfg.Batch}, {"size", cfg.Size}, {"recipients", cfg.Recipients}, {"domains", cfg.Domains}} {
 		if f.v < 1 {
 			return fmt.Errorf("%s: must be at least 1, got %d", flagRef(f.name), f.v)
 		}
@@ -102,6 +107,9 @@ func runBench(ctx context.Context, args []string, stdout, stderr io.Writer) (err
 	cfg.Statements = statements
 	if statements == 0 {
 		cfg.Statements = -1
+	}
+	if start && cfg.Proto == "smtp" {
+		return errors.New("bench: --start and --proto smtp exclude each other: over SMTP bench drives the relay at --smtp-addr")
 	}
 	if start {
 		// Addresses from the environment belong to a server's own
@@ -154,6 +162,8 @@ var benchFlags = map[string]string{
 	"Statements":       "statements",
 	"PGStatStatements": "pg-stat-statements",
 	"Proto":            "proto",
+	"SMTPAddr":         "smtp-addr",
+	"Batch":            "batch",
 	"Messages":         "n",
 	"Concurrency":      "c",
 	"Rate":             "rate",

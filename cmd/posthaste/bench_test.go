@@ -25,7 +25,11 @@ func TestBenchFlagErrors(t *testing.T) {
 		want string
 	}{
 		{"no messages", []string{"bench", "-n", "0"}, "-n (POSTHASTE_N): must be at least 1"},
-		{"unknown proto", []string{"bench", "--proto", "smtp"}, "--proto (POSTHASTE_PROTO)"},
+		{"unknown proto", []string{"bench", "--proto", "pigeon"}, "--proto (POSTHASTE_PROTO)"},
+		{"smtp without a relay", []string{"bench", "--proto", "smtp"}, "--smtp-addr (POSTHASTE_SMTP_ADDR): needed"},
+		{"smtp with start", []string{"bench", "--start", "--proto", "smtp", "--smtp-addr", "127.0.0.1:1"}, "--start and --proto smtp exclude each other"},
+		{"batch over smtp", []string{"bench", "--proto", "smtp", "--smtp-addr", "127.0.0.1:1", "--batch", "5"}, "--batch (POSTHASTE_BATCH)"},
+		{"no batch", []string{"bench", "--batch", "0"}, "--batch (POSTHASTE_BATCH): must be at least 1"},
 		{"start with an address", []string{"bench", "--start", "--rest-url", "http://127.0.0.1:1"}, "--start and --rest-url exclude each other"},
 		{"external without a key", []string{"bench", "--rest-url", "http://127.0.0.1:1"}, "--api-key (POSTHASTE_API_KEY)"},
 		{"negative statements", []string{"bench", "--statements", "-1"}, "--statements (POSTHASTE_STATEMENTS): must not be negative"},

@@ -29,7 +29,7 @@ type outMessage struct {
 	to      []string
 }
 
-// sender sends messages over one of the two APIs.
+// sender sends messages over one of the two APIs, or over SMTP to a relay.
 type sender interface {
 	// check makes one cheap authenticated call, so that a wrong address or
 	// key stops the run before it sends anything.
@@ -49,7 +49,8 @@ func (e *sendError) Error() string { return e.kind + ": " + e.err.Error() }
 func (e *sendError) Unwrap() error { return e.err }
 
 // errorKind names err for the report's error counts: "http_503",
-// "grpc_Unavailable", "timeout", "connection", "other".
+// "grpc_Unavailable", "item_FIELD_INVALID" (one message of a batch),
+// "smtp_451", "timeout", "connection", "other".
 func errorKind(err error) string {
 	var se *sendError
 	if errors.As(err, &se) {
@@ -155,6 +156,14 @@ func (s *restSender) check(ctx context.Context) error {
 }
 
 func (s *restSender) send(ctx context.Context, m outMessage) error {
+	if err := s.post(ctx, "/v1/messages", s.request(m), nil); err != nil {
+		return fmt.Errorf("send message %s: %w", m.id, err)
+	}
+	return nil
+}
+
+// request is m as the body of a send call.
+func (s *restSender) request(m outMessage) restSend {
 	body := restSend{
 		From:    restAddress{Address: s.tmpl.from},
 		To:      make([]restAddress, len(m.to)),
@@ -165,28 +174,43 @@ func (s *restSender) send(ctx context.Context, m outMessage) error {
 	for i, a := range m.to {
 		body.To[i].Address = a
 	}
+	return body
+}
+
+// post sends body as JSON to path and decodes a successful answer into
+// out, when not nil; an answer other than 2xx is a *sendError.
+func (s *restSender) post(ctx context.Context, path string, body, out any) error {
 	b, err := json.Marshal(body)
 	if err != nil {
-		return fmt.Errorf("encode message %s: %w", m.id, err)
+		return fmt.Errorf("encode request: %w", err)
 	}
-	req, err := http.NewRequestWithContext(ctx, http.MethodPost, s.base+"/v1/messages", bytes.NewReader(b))
+	req, err := http.NewRequestWithContext(ctx, http.MethodPost, s.base+path, bytes.NewReader(b))
 	if err != nil {
-		return fmt.Errorf("send message %s: %w", m.id, err)
+		return err
 	}
 	req.Header.Set("Authorization", s.auth)
 	req.Header.Set("Content-Type", "application/json")
 	resp, err := s.client.Do(req)
 	if err != nil {
-		return fmt.Errorf("send message %s: %w", m.id, err)
+		return err
 	}
 	defer resp.Body.Close()
 	// Read to the end so the connection is reused.
-	respBody, _ := io.ReadAll(io.LimitReader(resp.Body, 64<<10))
+	respBody, err := io.ReadAll(io.LimitReader(resp.Body, 16<<20))
 	if resp.StatusCode/100 != 2 {
 		return &sendError{
 			kind: fmt.Sprintf("http_%d", resp.StatusCode),
-			err:  fmt.Errorf("send message %s: %s: %s", m.id, resp.Status, bytes.TrimSpace(respBody)),
+			err:  fmt.Errorf("%s: %s", resp.Status, bytes.TrimSpace(respBody)),
 		}
+	}
+	if err != nil {
+		return fmt.Errorf("read answer: %w", err)
+	}
+	if out == nil {
+		return nil
+	}
+	if err := json.Unmarshal(respBody, out); err != nil {
+		return fmt.Errorf("decode answer: %w", err)
 	}
 	return nil
 }
@@ -238,6 +262,14 @@ func (s *grpcSender) check(ctx context.Context) error {
 }
 
 func (s *grpcSender) send(ctx context.Context, m outMessage) error {
+	if _, err := s.client.SendMessage(s.withAuth(ctx), s.request(m)); err != nil {
+		return grpcError(fmt.Errorf("send message %s: %w", m.id, err))
+	}
+	return nil
+}
+
+// request is m as a SendMessage request.
+func (s *grpcSender) request(m outMessage) *posthastev1.SendMessageRequest {
 	req := &posthastev1.SendMessageRequest{
 		From:    &posthastev1.Address{Address: s.tmpl.from},
 		To:      make([]*posthastev1.Address, len(m.to)),
@@ -248,18 +280,20 @@ func (s *grpcSender) send(ctx context.Context, m outMessage) error {
 	for i, a := range m.to {
 		req.To[i] = &posthastev1.Address{Address: a}
 	}
-	if _, err := s.client.SendMessage(s.withAuth(ctx), req); err != nil {
-		st, _ := status.FromError(err)
-		kind := "grpc_" + st.Code().String()
-		switch st.Code() {
-		case codes.DeadlineExceeded:
-			kind = "timeout"
-		case codes.Canceled:
-			kind = "canceled"
-		}
-		return &sendError{kind: kind, err: fmt.Errorf("send message %s: %w", m.id, err)}
+	return req
+}
+
+// grpcError is a failed call's error with the kind of its status code.
+func grpcError(err error) error {
+	st, _ := status.FromError(err)
+	kind := "grpc_" + st.Code().String()
+	switch st.Code() {
+	case codes.DeadlineExceeded:
+		kind = "timeout"
+	case codes.Canceled:
+		kind = "canceled"
 	}
-	return nil
+	return &sendError{kind: kind, err: err}
 }
 
 func (s *grpcSender) close() error {

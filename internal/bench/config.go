@@ -6,6 +6,8 @@ import (
 	"io"
 	"log/slog"
 	"time"
+
+	"github.com/posthaste/posthaste/service"
 )
 
 // Config configures one benchmark run.
@@ -63,8 +65,19 @@ type Config struct {
 	DeliveryConcurrency  int
 	PerDomainConcurrency int
 
-	// Proto is "rest" or "grpc". Defaults to "rest".
+	// Proto is "rest", "grpc" or "smtp". Defaults to "rest". With "smtp"
+	// the load generator submits each message over SMTP to the relay at
+	// SMTPAddr instead of calling Posthaste's API, and the run starts no
+	// server: the relay must deliver to SinkAddr.
 	Proto string
+	// SMTPAddr is the relay's address with Proto "smtp", e.g. a local
+	// Postfix. Defaults to "".
+	SMTPAddr string
+	// Batch is how many messages one API call carries: above 1 the run
+	// uses SendBatch, the last call carrying what is left. Concurrency
+	// then counts calls, Rate still messages. Not with Proto "smtp".
+	// Defaults to 1.
+	Batch int
 	// Messages is how many messages are sent. Defaults to 1000.
 	Messages int
 	// Concurrency is how many calls are in flight at most: in a closed
@@ -91,8 +104,9 @@ type Config struct {
 	Timeout time.Duration
 
 	// SinkAddr is where the sink listens. Defaults to "127.0.0.1:0" for an
-	// in-process server and DefaultSinkAddr for a running one, which must
-	// route every domain there (--route '*=ADDR').
+	// in-process server and DefaultSinkAddr otherwise: a running server
+	// must route every domain there (--route '*=ADDR'), an SMTP relay must
+	// relay every message there.
 	SinkAddr string
 	// StatsSettle is how long the run waits after the last delivery before
 	// it reads PostgreSQL's WAL counters: a backend reports its statistics
@@ -120,7 +134,7 @@ const DefaultSinkAddr = "127.0.0.1:2526"
 const DefaultStatsSettle = 11 * time.Second
 
 // InProcess reports whether the run starts its own server.
-func (c Config) InProcess() bool { return c.RESTURL == "" && c.GRPCAddr == "" }
+func (c Config) InProcess() bool { return c.Proto != "smtp" && c.RESTURL == "" && c.GRPCAddr == "" }
 
 // WithDefaults returns c with zero fields set to their defaults.
 func (c Config) WithDefaults() Config {
@@ -129,6 +143,9 @@ func (c Config) WithDefaults() Config {
 	}
 	if c.Messages == 0 {
 		c.Messages = 1000
+	}
+	if c.Batch == 0 {
+		c.Batch = 1
 	}
 	if c.Concurrency == 0 {
 		c.Concurrency = 10
@@ -176,13 +193,19 @@ func (c Config) WithDefaults() Config {
 // start with the field's name.
 func (c Config) Validate() error {
 	switch {
-	case c.Proto != "rest" && c.Proto != "grpc":
-		return fmt.Errorf("Proto: want rest or grpc, got %q", c.Proto)
+	case c.Proto != "rest" && c.Proto != "grpc" && c.Proto != "smtp":
+		return fmt.Errorf("Proto: want rest, grpc or smtp, got %q", c.Proto)
+	case c.Proto == "smtp" && c.SMTPAddr == "":
+		return errors.New("SMTPAddr: needed to send over SMTP")
+	case c.Batch < 1 || c.Batch > service.MaxBatchMessages:
+		return fmt.Errorf("Batch: must be from 1 to %d, got %d", service.MaxBatchMessages, c.Batch)
+	case c.Proto == "smtp" && c.Batch != 1:
+		return errors.New("Batch: SMTP sends one message per transaction")
 	case c.Proto == "rest" && c.RESTURL == "" && !c.InProcess():
 		return errors.New("RESTURL: needed to drive a running server over REST")
 	case c.Proto == "grpc" && c.GRPCAddr == "" && !c.InProcess():
 		return errors.New("GRPCAddr: needed to drive a running server over gRPC")
-	case !c.InProcess() && c.APIKey == "":
+	case !c.InProcess() && c.Proto != "smtp" && c.APIKey == "":
 		return errors.New("APIKey: needed to drive a running server")
 	case c.Messages < 1:
 		return fmt.Errorf("Messages: must be at least 1, got %d", c.Messages)

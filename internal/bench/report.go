@@ -12,9 +12,11 @@ import (
 // figures divide by the accepted messages. A nil pointer was not measured
 // (Notes says why).
 type Report struct {
-	// Mode is "in-process" or "external".
+	// Mode is "in-process", "external" or, with Proto "smtp", "relay".
 	Mode  string `json:"mode"`
 	Proto string `json:"proto"`
+	// SMTPAddr is the relay's address with Proto "smtp".
+	SMTPAddr string `json:"smtp_addr,omitempty"`
 	// RunID prefixes every recipient's local part and IDHeader's value.
 	RunID       string  `json:"run_id"`
 	Messages    int     `json:"messages"`
@@ -24,6 +26,10 @@ type Report struct {
 	Recipients  int     `json:"recipients_per_message"`
 	Domains     int     `json:"domains"`
 	SinkAddr    string  `json:"sink_addr"`
+
+	// Batch is how many messages each API call carried (the last one
+	// fewer); Concurrency and APILatency then count calls.
+	Batch int `json:"batch"`
 
 	// Accepted counts calls answered with success (2xx, gRPC OK): the
 	// message is committed to the outbox.
@@ -71,7 +77,8 @@ type Report struct {
 	EndToEndRate    float64 `json:"end_to_end_per_sec"`
 
 	// APILatency is the duration of the successful calls (from when they
-	// were due, with Rate).
+	// were due, with Rate): one per call, whatever Batch is; with Proto
+	// "smtp", from MAIL to the reply to the end of the data.
 	APILatency Latency `json:"api_latency"`
 	// ToSinkLatency runs from a call's success at the client to the
 	// arrival of the message's last recipient at the sink.
@@ -142,6 +149,12 @@ func (r *Report) WriteText(w io.Writer) error {
 	if r.Rate > 0 {
 		load += fmt.Sprintf(" --rate %g", r.Rate)
 	}
+	if r.Batch > 1 {
+		load += fmt.Sprintf(" --batch %d", r.Batch)
+	}
+	if r.SMTPAddr != "" {
+		load += " via " + r.SMTPAddr
+	}
 	p("posthaste bench: %s server, %s, %s, %d-byte body, %d recipient(s) per message over %d domain(s), run %s",
 		r.Mode, r.Proto, load, r.SizeBytes, r.Recipients, r.Domains, r.RunID)
 	p("")
@@ -154,7 +167,7 @@ func (r *Report) WriteText(w io.Writer) error {
 	p("  intake              %8.1f msg/s  over %.2fs", r.IntakeRate, r.LoadSeconds)
 	p("  delivery at sink    %8.1f msg/s  over %.2fs (first to last arrival)", r.DeliveryRate, r.DeliverySeconds)
 	p("  end to end          %8.1f msg/s  over %.2fs (first call to last arrival)", r.EndToEndRate, r.EndToEndSeconds)
-	p("  api latency         p50 %s  p90 %s  p99 %s  max %s",
+	p("  %-19s p50 %s  p90 %s  p99 %s  max %s", r.callLatencyLabel(),
 		ms(r.APILatency.P50Ms), ms(r.APILatency.P90Ms), ms(r.APILatency.P99Ms), ms(r.APILatency.MaxMs))
 	p("  accepted -> sink    p50 %s  p99 %s  max %s",
 		ms(r.ToSinkLatency.P50Ms), ms(r.ToSinkLatency.P99Ms), ms(r.ToSinkLatency.MaxMs))

@@ -80,6 +80,8 @@ func (r *runner) setup(ctx context.Context) error {
 		if restURL, grpcAddr, key, err = r.startServer(ctx); err != nil {
 			return err
 		}
+	} else if r.cfg.Proto == "smtp" {
+		r.progress("sink listening on %s: the relay at %s must relay every message there", r.sink.Addr(), r.cfg.SMTPAddr)
 	} else {
 		r.progress("sink listening on %s: the server must run with --route '*=%s' (and --allow-unverified-domains, or a verified From domain)", r.sink.Addr(), r.sink.Addr())
 		if r.cfg.MetricsURL != "" {
@@ -88,13 +90,16 @@ func (r *runner) setup(ctx context.Context) error {
 	}
 
 	tmpl := messageTemplate{from: "bench@sender.bench.test", text: bodyText(r.cfg.Size)}
-	if r.cfg.Proto == "grpc" {
+	switch r.cfg.Proto {
+	case "smtp":
+		r.sender = newSMTPSender(r.cfg.SMTPAddr, r.cfg.Concurrency, r.cfg.RequestTimeout, tmpl)
+	case "grpc":
 		s, err := newGRPCSender(grpcAddr, key, tmpl)
 		if err != nil {
 			return err
 		}
 		r.sender = s
-	} else {
+	default:
 		r.sender = newRESTSender(restURL, key, r.cfg.Concurrency, r.cfg.RequestTimeout, tmpl)
 	}
 	checkCtx, cancel := context.WithTimeout(ctx, r.cfg.RequestTimeout)
@@ -256,11 +261,14 @@ func (r *runner) progress(format string, args ...any) {
 	}
 }
 
-// sample is one call's outcome.
+// sample is one message's outcome.
 type sample struct {
 	sent    bool
 	latency time.Duration
 	err     error
+	// timed marks the one sample per successful call that carries the
+	// call's latency.
+	timed bool
 }
 
 // costs is one reading of what the server and the database have used.
@@ -406,7 +414,10 @@ func (r *runner) run(ctx context.Context) (*Report, error) {
 	}
 	if rep.Missing > 0 && !rep.Interrupted {
 		hint := ""
-		if !cfg.InProcess() {
+		switch {
+		case cfg.Proto == "smtp":
+			hint = fmt.Sprintf(" (does the relay at %s relay every message to the sink at %s?)", cfg.SMTPAddr, r.sink.Addr())
+		case !cfg.InProcess():
 			hint = fmt.Sprintf(" (does the server route every domain to the sink, --route '*=%s'?)", r.sink.Addr())
 		}
 		errs = append(errs, fmt.Errorf("%d accepted messages did not arrive within %s%s", rep.Missing, cfg.Timeout, hint))
@@ -424,33 +435,22 @@ func (r *runner) run(ctx context.Context) (*Report, error) {
 // records each call in samples.
 func (r *runner) generate(ctx context.Context, start time.Time, samples []sample, done *atomic.Int64) {
 	cfg := r.cfg
+	// Call i carries the i-th group of cfg.Batch messages.
+	calls := (cfg.Messages + cfg.Batch - 1) / cfg.Batch
 	call := func(i int, due time.Time) {
-		to := make([]string, cfg.Recipients)
-		for j := range to {
-			to[j] = r.tracker.recipient(i, j, cfg.Domains)
-		}
-		m := outMessage{id: fmt.Sprintf("%s-%d", r.runID, i), subject: fmt.Sprintf("bench %s message %d", r.runID, i), to: to}
-		callCtx, cancel := context.WithTimeout(ctx, cfg.RequestTimeout)
-		err := r.sender.send(callCtx, m)
-		cancel()
-		now := time.Now()
-		if err == nil {
-			r.tracker.accepted(i, now)
-		}
-		samples[i] = sample{sent: true, latency: now.Sub(due), err: err}
-		done.Add(1)
+		done.Add(int64(r.callMessages(ctx, i, due, samples)))
 	}
 
 	var wg sync.WaitGroup
 	if cfg.Rate <= 0 {
-		// Closed loop: each caller takes the next message when its last
-		// call was answered.
+		// Closed loop: each caller makes the next call when its last one
+		// was answered.
 		var next atomic.Int64
 		for range cfg.Concurrency {
 			wg.Go(func() {
 				for {
 					i := int(next.Add(1) - 1)
-					if i >= cfg.Messages || ctx.Err() != nil {
+					if i >= calls || ctx.Err() != nil {
 						return
 					}
 					call(i, time.Now())
@@ -462,12 +462,13 @@ func (r *runner) generate(ctx context.Context, start time.Time, samples []sample
 	}
 
 	// Open loop: message i is due at start + i/rate whatever happened to
-	// the ones before, with at most Concurrency calls in flight.
+	// the ones before, with at most Concurrency calls in flight; a call is
+	// due with its first message.
 	slots := make(chan struct{}, cfg.Concurrency)
-	interval := float64(time.Second) / cfg.Rate
+	interval := float64(time.Second) * float64(cfg.Batch) / cfg.Rate
 	timer := time.NewTimer(0)
 	defer timer.Stop()
-	for i := range cfg.Messages {
+	for i := range calls {
 		due := start.Add(time.Duration(float64(i) * interval))
 		if d := time.Until(due); d > 0 {
 			timer.Reset(d)
@@ -640,6 +641,7 @@ func (r *runner) report(start, loadEnd time.Time, samples []sample, before, afte
 		RunID:             r.runID,
 		Messages:          cfg.Messages,
 		Concurrency:       cfg.Concurrency,
+		Batch:             cfg.Batch,
 		Rate:              cfg.Rate,
 		SizeBytes:         cfg.Size,
 		Recipients:        cfg.Recipients,
@@ -655,26 +657,17 @@ func (r *runner) report(start, loadEnd time.Time, samples []sample, before, afte
 		SinkMessages:      sinkStats.Messages,
 		SinkBytes:         sinkStats.Bytes,
 	}
+	if cfg.Proto == "smtp" {
+		rep.Mode, rep.SMTPAddr = "relay", cfg.SMTPAddr
+	}
 	if r.server != nil {
 		rep.Mode = "in-process"
 		rep.Server.IncludesHarness = true
 		r.note("in-process: server cpu and peak rss include the load generator and the sink; drive a separate server with --server-pid for the server alone")
 	}
 
-	var latencies []time.Duration
-	for _, s := range samples {
-		switch {
-		case !s.sent:
-		case s.err == nil:
-			latencies = append(latencies, s.latency)
-		default:
-			if rep.Errors == nil {
-				rep.Errors = make(map[string]int)
-			}
-			rep.Failed++
-			rep.Errors[errorKind(s.err)]++
-		}
-	}
+	latencies, failed, kinds := tallySamples(samples)
+	rep.Failed, rep.Errors = failed, kinds
 	rep.APILatency = summarize(latencies)
 	rep.ToSinkLatency = summarize(c.toSink)
 

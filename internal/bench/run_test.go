@@ -3,6 +3,7 @@ package bench_test
 import (
 	"context"
 	"errors"
+	"fmt"
 	"strings"
 	"testing"
 	"time"
@@ -13,20 +14,25 @@ import (
 )
 
 // TestRunInProcess runs the whole harness against a real server and
-// database: every message must arrive exactly once and the report's counts
-// must agree with each other. Timings are not asserted.
+// database, one message per call and in batches: every message must arrive
+// exactly once and the report's counts must agree with each other. Timings
+// are not asserted.
 func TestRunInProcess(t *testing.T) {
 	t.Parallel()
-	for _, proto := range []string{"rest", "grpc"} {
-		t.Run(proto, func(t *testing.T) {
+	for _, tt := range []struct {
+		proto    string
+		n, batch int
+	}{{"rest", 50, 1}, {"grpc", 50, 1}, {"rest", 200, 10}, {"grpc", 200, 10}} {
+		t.Run(fmt.Sprintf("%s batch %d", tt.proto, tt.batch), func(t *testing.T) {
 			t.Parallel()
 			ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 			defer cancel()
-			const n = 50
+			proto, n := tt.proto, tt.n
 			rep, err := bench.Run(ctx, bench.Config{
 				DatabaseURL: testenv.Database(t),
 				Proto:       proto,
 				Messages:    n,
+				Batch:       tt.batch,
 				Concurrency: 4,
 				Size:        512,
 				Recipients:  2,
@@ -53,8 +59,9 @@ func TestRunInProcess(t *testing.T) {
 			if rep.SinkMessages != n {
 				t.Errorf("sink saw %d transactions, want %d", rep.SinkMessages, n)
 			}
-			if rep.APILatency.Count != n || rep.ToSinkLatency.Count != n {
-				t.Errorf("latency samples %d api, %d to sink; want %d each", rep.APILatency.Count, rep.ToSinkLatency.Count, n)
+			// API latency counts calls.
+			if rep.Batch != tt.batch || rep.APILatency.Count != n/tt.batch || rep.ToSinkLatency.Count != n {
+				t.Errorf("batch %d, latency samples %d api, %d to sink; want %d, %d, %d", rep.Batch, rep.APILatency.Count, rep.ToSinkLatency.Count, tt.batch, n/tt.batch, n)
 			}
 			if rep.IntakeRate <= 0 || rep.EndToEndRate <= 0 {
 				t.Errorf("intake %g, end to end %g: want positive rates", rep.IntakeRate, rep.EndToEndRate)
@@ -73,7 +80,10 @@ func TestRunRefusesBadConfig(t *testing.T) {
 		cfg  bench.Config
 		want string
 	}{
-		{"unknown proto", bench.Config{Proto: "smtp"}, "Proto"},
+		{"unknown proto", bench.Config{Proto: "pigeon"}, "Proto"},
+		{"smtp without a relay", bench.Config{Proto: "smtp"}, "SMTPAddr"},
+		{"batch over smtp", bench.Config{Proto: "smtp", SMTPAddr: "127.0.0.1:1", Batch: 2}, "Batch"},
+		{"batch too large", bench.Config{Batch: 501}, "Batch"},
 		{"external without a key", bench.Config{RESTURL: "http://127.0.0.1:1"}, "APIKey"},
 		{"grpc without its address", bench.Config{RESTURL: "http://127.0.0.1:1", Proto: "grpc", APIKey: "k"}, "GRPCAddr"},
 		{"negative messages", bench.Config{Messages: -1}, "Messages"},
