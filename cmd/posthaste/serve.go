@@ -71,6 +71,7 @@ func serve(ctx context.Context, args []string, stdout, stderr io.Writer, printOn
 	fs.StringVar(&cfg.HTTPAddr, "http-addr", ":8080", "REST API listen address")
 	fs.StringVar(&cfg.GRPCAddr, "grpc-addr", ":9090", "gRPC API listen address")
 	fs.StringVar(&cfg.MetricsAddr, "metrics-addr", "", "listen address of a separate /metrics listener; empty serves /metrics on --http-addr")
+	fs.BoolVar(&cfg.Profiling, "pprof", false, "also serve Go's runtime profiles under /debug/pprof/ on the --metrics-addr listener (which it needs)")
 	fs.StringVar(&cfg.TLSCertFile, "tls-cert-file", "", "PEM certificate (chain) for TLS on the REST and gRPC listeners; needs --tls-key-file")
 	fs.StringVar(&cfg.TLSKeyFile, "tls-key-file", "", "PEM private key of --tls-cert-file")
 	fs.BoolVar(&cfg.Sandbox, "sandbox", false, "deliver every message to an in-process SMTP server whose replies depend on the recipient (see README)")
@@ -254,6 +255,7 @@ var configFlags = map[string]string{
 	"HTTPReadHeaderTimeout":          "http-read-header-timeout",
 	"HTTPIdleTimeout":                "http-idle-timeout",
 	"HTTPMaxConnections":             "http-max-connections",
+	"Profiling":                      "pprof",
 	"GRPCMaxConnections":             "grpc-max-connections",
 	"GRPCMaxConcurrentStreams":       "grpc-max-concurrent-streams",
 	"GRPCKeepaliveTime":              "grpc-keepalive-time",

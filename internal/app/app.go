@@ -121,6 +121,12 @@ type Config struct {
 	// scrapes from inside. Defaults to "": /metrics is served on HTTPAddr,
 	// without an API key.
 	MetricsAddr string
+	// Profiling serves Go's runtime profiles (net/http/pprof, under
+	// /debug/pprof/) on the MetricsAddr listener, so that an operator can
+	// see where the process spends its CPU and memory under real load.
+	// It needs MetricsAddr: profiles name internals and cost CPU while
+	// taken, so they never share the public REST port. Defaults to false.
+	Profiling bool
 	// Metrics receives the process's metrics. Defaults to a new
 	// metrics.Metrics with its own registry.
 	Metrics *metrics.Metrics
@@ -336,6 +342,9 @@ func (cfg Config) validate() error {
 		if n.v < 1 {
 			return &FieldError{Field: n.field, Problem: fmt.Sprintf("must be at least 1, got %d", n.v)}
 		}
+	}
+	if cfg.Profiling && cfg.MetricsAddr == "" {
+		return &FieldError{Field: "Profiling", Problem: "needs MetricsAddr: profiles are served on the metrics listener, never on the REST port"}
 	}
 	if err := cfg.validateBounce(); err != nil {
 		return err

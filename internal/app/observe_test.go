@@ -359,3 +359,42 @@ func TestCanceledRecipientsCounted(t *testing.T) {
 		t.Errorf("second cancel changed the count: %v, want %v", got-before, n)
 	}
 }
+
+// TestProfiling serves runtime profiles on the metrics listener only, and
+// only when asked.
+func TestProfiling(t *testing.T) {
+	t.Parallel()
+	get := func(url string) int {
+		t.Helper()
+		resp, err := http.Get(url)
+		if err != nil {
+			t.Fatal(err)
+		}
+		resp.Body.Close()
+		return resp.StatusCode
+	}
+
+	cfg := baseConfig(t)
+	cfg.MetricsAddr = "127.0.0.1:0"
+	cfg.Profiling = true
+	a := start(t, cfg)
+	if code := get("http://" + a.MetricsAddr() + "/debug/pprof/heap?debug=1"); code != http.StatusOK {
+		t.Errorf("heap profile on the metrics listener: %d, want 200", code)
+	}
+	if code := get("http://" + a.HTTPAddr() + "/debug/pprof/heap?debug=1"); code == http.StatusOK {
+		t.Error("heap profile served on the REST listener")
+	}
+
+	off := baseConfig(t)
+	off.MetricsAddr = "127.0.0.1:0"
+	b := start(t, off)
+	if code := get("http://" + b.MetricsAddr() + "/debug/pprof/heap?debug=1"); code != http.StatusNotFound {
+		t.Errorf("heap profile without Profiling: %d, want 404", code)
+	}
+
+	bad := baseConfig(t)
+	bad.Profiling = true
+	if _, err := app.New(bad); err == nil || !strings.Contains(err.Error(), "Profiling") {
+		t.Errorf("Profiling without MetricsAddr: %v, want an error naming Profiling", err)
+	}
+}
