@@ -45,8 +45,8 @@ func TestRenewLeases(t *testing.T) {
 		Status: db.StatusDelivered, Code: 250}}); err != nil {
 		t.Fatal(err)
 	}
-	if n, err := b.db.RescueExpiredLeases(ctx, t0); err != nil || n != 1 {
-		t.Fatalf("rescue = %d, %v; want lost's one recipient", n, err)
+	if r, err := b.db.RescueExpiredLeases(ctx, t0); err != nil || r.Recipients != 1 {
+		t.Fatalf("rescue = %+v, %v; want lost's one recipient", r, err)
 	}
 
 	t1 := t0.Add(500 * time.Millisecond)

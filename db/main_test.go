@@ -172,4 +172,14 @@ func sortIDs(ids []uuid.UUID) {
 	slices.SortFunc(ids, func(a, b uuid.UUID) int { return bytes.Compare(a[:], b[:]) })
 }
 
+// sameApplied reports whether got holds the same recipients and statuses as
+// want, in any order.
+func sameApplied(got, want []db.Applied) bool {
+	order := func(a, b db.Applied) int { return bytes.Compare(a.RecipientID[:], b.RecipientID[:]) }
+	got, want = slices.Clone(got), slices.Clone(want)
+	slices.SortFunc(got, order)
+	slices.SortFunc(want, order)
+	return slices.Equal(got, want)
+}
+
 func usec(t time.Time) time.Time { return t.Truncate(time.Microsecond) }

@@ -385,31 +385,42 @@ WITH expired AS (
         message_id, id AS recipient_id, status AS type, $2::jsonb AS details
     FROM upd WHERE status = 'canceled'
 ), ` + writeEventsCTE + `
-SELECT message_id, count(*) FROM upd GROUP BY message_id`
+SELECT message_id, count(*), count(*) FILTER (WHERE status = 'canceled') FROM upd GROUP BY message_id`
+
+// Rescued is what RescueExpiredLeases gave back.
+type Rescued struct {
+	// Recipients is how many leases it gave back.
+	Recipients int
+	// Canceled is how many of those recipients it ended canceled, a cancel
+	// having been requested while they were leased: nothing else counts
+	// them as ended.
+	Canceled int
+}
 
 // RescueExpiredLeases returns recipients whose lease ran out before now
 // (zero means the database's clock) to queued, or to canceled when a cancel
 // was requested meanwhile, and reports how many it returned. Their attempt
 // count is left alone: whether the lost worker got as far as an attempt is
 // unknown.
-func (d *DB) RescueExpiredLeases(ctx context.Context, now time.Time) (int, error) {
+func (d *DB) RescueExpiredLeases(ctx context.Context, now time.Time) (Rescued, error) {
 	canceled, err := encodePayload(EventPayload{})
 	if err != nil {
-		return 0, fmt.Errorf("rescue expired leases: %w", err)
+		return Rescued{}, fmt.Errorf("rescue expired leases: %w", err)
 	}
-	var total int
+	var res Rescued
 	// Which messages the rescue touched is known only from its result, so
 	// the status recomputation takes a second round trip, in the same
 	// transaction.
 	err = d.atomic(ctx, func(tx *DB) error {
-		total = 0
+		res = Rescued{}
 		rows, _ := tx.pool.Query(ctx, rescueSQL, nowParam(now), canceled)
 		var ids []uuid.UUID
 		var id uuid.UUID
-		var n int
-		_, err := pgx.ForEachRow(rows, []any{&id, &n}, func() error {
+		var n, c int
+		_, err := pgx.ForEachRow(rows, []any{&id, &n, &c}, func() error {
 			ids = append(ids, id)
-			total += n
+			res.Recipients += n
+			res.Canceled += c
 			return nil
 		})
 		if err != nil || len(ids) == 0 {
@@ -418,9 +429,9 @@ func (d *DB) RescueExpiredLeases(ctx context.Context, now time.Time) (int, error
 		return tx.sendChange(ctx, &pgx.Batch{}, messagesWithIDs(ids), nil)
 	})
 	if err != nil {
-		return 0, fmt.Errorf("rescue expired leases: %w", mapError(err))
+		return Rescued{}, fmt.Errorf("rescue expired leases: %w", mapError(err))
 	}
-	return total, nil
+	return res, nil
 }
 
 const loadMessageContentsSQL = `
@@ -554,13 +565,35 @@ WITH input AS (
 	// connection or the server went down at the commit): it counts as
 	// applied, not as fenced off. Attempt ids are chosen by the caller and
 	// kept across its retries.
+	//
+	// Such an earlier outcome is returned with the status that call stored
+	// where that status can still be told (see Applied.Status): the caller
+	// never had the earlier answer, so it has not counted the recipient yet.
+	// Only deferred and failed outcomes may have become canceled (see upd);
+	// a canceled row never changes again, and a failed one only to bounced,
+	// by a late report. A deferred outcome whose row is canceled now is the
+	// one case left unknown: it was canceled by that call or since, by a
+	// cancel (which counts it) or by a later attempt.
 	recordOutcomesTail = `,
 prior AS (
     SELECT DISTINCT recipient_id AS id FROM attempts WHERE id = ANY(@attempt_ids::uuid[])
 )
-SELECT id FROM upd
-UNION
-SELECT id FROM prior`
+SELECT id, status, false FROM upd
+UNION ALL
+SELECT p.id,
+    CASE
+        WHEN i.outcome IN ('delivered', 'bounced') THEN i.outcome
+        WHEN r.status IS NULL THEN ''
+        WHEN i.outcome = 'failed' AND r.status = 'canceled' THEN 'canceled'
+        WHEN i.outcome = 'failed' THEN 'failed'
+        WHEN r.status = 'canceled' THEN ''
+        ELSE 'deferred'
+    END,
+    true
+FROM prior p
+JOIN input i ON i.id = p.id
+LEFT JOIN recipients r ON r.id = p.id
+WHERE p.id NOT IN (SELECT id FROM upd)`
 
 	recordOutcomesSQL = recordOutcomesHead + `new_events AS (` + outcomeEventsSQL + `
 ), ` + writeEventsCTE + recordOutcomesTail
@@ -784,8 +817,35 @@ func (c *attemptRowColumns) addArgs(args pgx.NamedArgs) {
 	args["attempt_tls_policy_failures"] = c.tlsPolicyFailures
 }
 
+// Applied is a recipient whose outcome RecordOutcomes found applied.
+type Applied struct {
+	RecipientID uuid.UUID
+	// Status is what the outcome made of the recipient: the outcome's
+	// status, or canceled when a cancel requested while the recipient was
+	// being sent turned a deferred or failed outcome into its end. A metric
+	// of final statuses counts this, not the outcome's status.
+	//
+	// For an outcome applied by an earlier call (Earlier), Status is the
+	// status that call stored, so that the caller, which never had that
+	// call's answer, counts the recipient now and once. It is empty when
+	// that status can no longer be told: a deferred outcome whose
+	// recipient is canceled now, by that call or by something since that
+	// counted it itself. Such a recipient is better left uncounted than
+	// counted twice.
+	Status string
+	// Earlier reports an outcome applied by an earlier call whose commit
+	// succeeded but whose answer was lost: its attempt rows were found
+	// stored (see NewAttempt.ID).
+	Earlier bool
+}
+
+// Final reports whether a's status ends its recipient.
+func (a Applied) Final() bool {
+	return a.Status != "" && a.Status != StatusDeferred
+}
+
 // RecordOutcomes applies delivery outcomes in one transaction and returns
-// the recipient ids it applied.
+// the recipients it applied, with the status each was stored with.
 //
 // Each row is fenced on its lease: it is applied only while it is still
 // sending and leased to o.LeaseOwner; rows that were rescued or claimed by
@@ -797,7 +857,7 @@ func (c *attemptRowColumns) addArgs(args pgx.NamedArgs) {
 // address to the project's suppression list, and a suppressed event when the
 // entry is new, in the same statement. Finally the status of the affected
 // messages is brought up to date.
-func (d *DB) RecordOutcomes(ctx context.Context, outcomes []Outcome) ([]uuid.UUID, error) {
+func (d *DB) RecordOutcomes(ctx context.Context, outcomes []Outcome) ([]Applied, error) {
 	if len(outcomes) == 0 {
 		return nil, nil
 	}
@@ -837,14 +897,18 @@ func (d *DB) RecordOutcomes(ctx context.Context, outcomes []Outcome) ([]uuid.UUI
 	b := &pgx.Batch{}
 	b.Queue(lockRecipientsSQL, rows.ids)
 	b.Queue(query, args)
-	var applied []uuid.UUID
+	var applied []Applied
 	err := d.sendChange(ctx, b, messagesOfRecipientIDs(rows.ids), func(br pgx.BatchResults) error {
 		if _, err := br.Exec(); err != nil {
 			return err
 		}
 		r, _ := br.Query()
 		var err error
-		applied, err = pgx.CollectRows(r, pgx.RowTo[uuid.UUID])
+		applied, err = pgx.CollectRows(r, func(row pgx.CollectableRow) (Applied, error) {
+			var a Applied
+			err := row.Scan(&a.RecipientID, &a.Status, &a.Earlier)
+			return a, err
+		})
 		return err
 	})
 	if err != nil {
@@ -873,13 +937,14 @@ WITH upd AS (
         message_id, id AS recipient_id, status AS type, $3::jsonb AS details
     FROM upd WHERE status = 'canceled'
 ), ` + writeEventsCTE + `
-SELECT 1`
+SELECT count(*) FROM upd WHERE status = 'canceled'`
 
 // ReleaseLeases gives back the leases owner holds on the given recipients
 // without an attempt, as on shutdown: they become queued again (canceled if
 // a cancel was requested), due as before, their attempt count unchanged.
-// Rows no longer leased to owner are left alone.
-func (d *DB) ReleaseLeases(ctx context.Context, owner string, ids []uuid.UUID) error {
+// Rows no longer leased to owner are left alone. It returns how many
+// recipients it ended canceled: nothing else counts them as ended.
+func (d *DB) ReleaseLeases(ctx context.Context, owner string, ids []uuid.UUID) (canceled int, err error) {
 	return d.ReleaseLeasesUntil(ctx, owner, ids, time.Time{})
 }
 
@@ -887,22 +952,28 @@ func (d *DB) ReleaseLeases(ctx context.Context, owner string, ids []uuid.UUID) e
 // are due no earlier than until (the zero time keeps when they were due).
 // Delivery uses it for recipients a provider's limits held back, which
 // were not attempted.
-func (d *DB) ReleaseLeasesUntil(ctx context.Context, owner string, ids []uuid.UUID, until time.Time) error {
+func (d *DB) ReleaseLeasesUntil(ctx context.Context, owner string, ids []uuid.UUID, until time.Time) (canceled int, err error) {
 	if len(ids) == 0 {
-		return nil
+		return 0, nil
 	}
 	if owner == "" {
-		return errors.New("release leases: owner is required")
+		return 0, errors.New("release leases: owner is required")
 	}
-	canceled, err := encodePayload(EventPayload{})
+	payload, err := encodePayload(EventPayload{})
 	if err != nil {
-		return fmt.Errorf("release leases of %s: %w", owner, err)
+		return 0, fmt.Errorf("release leases of %s: %w", owner, err)
 	}
 	b := &pgx.Batch{}
 	b.Queue(lockRecipientsSQL, ids)
-	b.Queue(releaseSQL, owner, ids, canceled, nowParam(until))
-	if err := d.sendChange(ctx, b, messagesOfRecipientIDs(ids), nil); err != nil {
-		return fmt.Errorf("release leases of %s: %w", owner, mapError(err))
+	b.Queue(releaseSQL, owner, ids, payload, nowParam(until))
+	err = d.sendChange(ctx, b, messagesOfRecipientIDs(ids), func(br pgx.BatchResults) error {
+		if _, err := br.Exec(); err != nil {
+			return err
+		}
+		return br.QueryRow().Scan(&canceled)
+	})
+	if err != nil {
+		return 0, fmt.Errorf("release leases of %s: %w", owner, mapError(err))
 	}
-	return nil
+	return canceled, nil
 }

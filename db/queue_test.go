@@ -365,11 +365,10 @@ func TestRecordOutcomes(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	sortIDs(applied)
-	want := []uuid.UUID{r0.ID, r1.ID, r2.ID}
-	sortIDs(want)
-	if !slices.Equal(applied, want) {
-		t.Fatalf("applied %v, want %v", applied, want)
+	wantApplied := []db.Applied{{RecipientID: r0.ID, Status: db.StatusDelivered},
+		{RecipientID: r1.ID, Status: db.StatusDeferred}, {RecipientID: r2.ID, Status: db.StatusBounced}}
+	if !sameApplied(applied, wantApplied) {
+		t.Fatalf("applied %v, want %v", applied, wantApplied)
 	}
 
 	got := get(t, b.db, m.ID)
@@ -516,9 +515,9 @@ func TestRecordOutcomesFencing(t *testing.T) {
 		t.Fatalf("claim A = %v, %v", claimA, err)
 	}
 	// A's lease runs out; the rescuer hands the row to B.
-	n, err := b.db.RescueExpiredLeases(ctx, t0.Add(2*time.Minute))
-	if err != nil || n != 1 {
-		t.Fatalf("RescueExpiredLeases = %d, %v", n, err)
+	rescued, err := b.db.RescueExpiredLeases(ctx, t0.Add(2*time.Minute))
+	if err != nil || rescued != (db.Rescued{Recipients: 1}) {
+		t.Fatalf("RescueExpiredLeases = %+v, %v", rescued, err)
 	}
 	claimB, err := b.db.ClaimRecipients(ctx, db.ClaimParams{Owner: "B", Limit: 1, LeaseFor: time.Minute, Now: t0.Add(2 * time.Minute)})
 	if err != nil || len(claimB) != 1 || claimB[0].ID != claimA[0].ID {
@@ -591,9 +590,11 @@ func TestRecordOutcomesRepeatedWrite(t *testing.T) {
 		Attempts: []db.NewAttempt{{ID: attemptID, StartedAt: time.Now(), MXHost: "mx.example.test", Code: 250}},
 	}
 	for i := range 2 {
+		// The second write finds the first: applied earlier, delivered.
+		want := db.Applied{RecipientID: claimed[0].ID, Status: db.StatusDelivered, Earlier: i == 1}
 		applied, err := b.db.RecordOutcomes(ctx, []db.Outcome{out})
-		if err != nil || len(applied) != 1 || applied[0] != claimed[0].ID {
-			t.Fatalf("write %d: applied %v, %v; want the recipient", i+1, applied, err)
+		if err != nil || len(applied) != 1 || applied[0] != want {
+			t.Fatalf("write %d: applied %v, %v; want %+v", i+1, applied, err, want)
 		}
 	}
 	got := get(t, b.db, m.ID)
@@ -611,6 +612,75 @@ func TestRecordOutcomesRepeatedWrite(t *testing.T) {
 	applied, err := b.db.RecordOutcomes(ctx, []db.Outcome{out})
 	if err != nil || len(applied) != 0 {
 		t.Errorf("new attempt on a final row: applied %v, %v; want none", applied, err)
+	}
+}
+
+// Outcomes of recipients whose message was canceled while they were being
+// sent: a deferred or failed one is stored canceled, and RecordOutcomes says
+// so, as it does when the same outcomes are written again after a lost
+// answer; a delivery stands.
+func TestRecordOutcomesCanceledInFlight(t *testing.T) {
+	t.Parallel()
+	b := setup(t)
+	ctx := context.Background()
+	m := newMessage(t, 3)
+	insert(t, b.db, m)
+	claimed := claimAll(t, b.db, time.Time{})
+	if len(claimed) != 3 {
+		t.Fatalf("claimed %d", len(claimed))
+	}
+	if _, n, err := b.db.CancelMessage(ctx, db.DefaultProjectID(), m.ID); err != nil || n != 0 {
+		t.Fatalf("cancel = %d canceled, %v; want none canceled yet, all in flight", n, err)
+	}
+	now := time.Now()
+	statuses := []string{db.StatusFailed, db.StatusDeferred, db.StatusDelivered}
+	outs := make([]db.Outcome, len(claimed))
+	for i, c := range claimed {
+		id, err := db.NewAttemptID()
+		if err != nil {
+			t.Fatal(err)
+		}
+		outs[i] = db.Outcome{RecipientID: c.ID, LeaseOwner: c.LeaseOwner, Status: statuses[i],
+			NextAttemptAt: now.Add(time.Hour), Code: 451, Text: "later",
+			Attempts: []db.NewAttempt{{ID: id, StartedAt: now, MXHost: "mx.example.test", Code: 451}}}
+	}
+	outs[2].Code = 250
+	applied, err := b.db.RecordOutcomes(ctx, outs)
+	want := []db.Applied{
+		{RecipientID: claimed[0].ID, Status: db.StatusCanceled},
+		{RecipientID: claimed[1].ID, Status: db.StatusCanceled},
+		{RecipientID: claimed[2].ID, Status: db.StatusDelivered},
+	}
+	if err != nil || !sameApplied(applied, want) {
+		t.Fatalf("RecordOutcomes = %+v, %v; want %+v", applied, err, want)
+	}
+	for _, a := range applied {
+		if !a.Final() {
+			t.Errorf("%+v is not final", a)
+		}
+	}
+	got := get(t, b.db, m.ID)
+	for _, r := range got.Recipients {
+		wantStatus := db.StatusCanceled
+		if r.ID == claimed[2].ID {
+			wantStatus = db.StatusDelivered
+		}
+		if r.Status != wantStatus {
+			t.Errorf("recipient %s = %q, want %q", r.ID, r.Status, wantStatus)
+		}
+	}
+
+	// Written again, as after a commit whose answer was lost: each is
+	// applied earlier, with the status stored then, but for the deferred
+	// one, canceled now for a reason that can no longer be told.
+	applied, err = b.db.RecordOutcomes(ctx, outs)
+	want = []db.Applied{
+		{RecipientID: claimed[0].ID, Status: db.StatusCanceled, Earlier: true},
+		{RecipientID: claimed[1].ID, Earlier: true},
+		{RecipientID: claimed[2].ID, Status: db.StatusDelivered, Earlier: true},
+	}
+	if err != nil || !sameApplied(applied, want) {
+		t.Fatalf("RecordOutcomes again = %+v, %v; want %+v", applied, err, want)
 	}
 }
 
@@ -665,13 +735,14 @@ func TestRescueExpiredLeases(t *testing.T) {
 	}
 
 	for _, now := range []time.Time{{}, t0.Add(30 * time.Second), t0.Add(time.Minute)} {
-		if n, err := b.db.RescueExpiredLeases(ctx, now); err != nil || n != 0 {
-			t.Fatalf("rescue at %v (lease still valid) = %d, %v", now, n, err)
+		if r, err := b.db.RescueExpiredLeases(ctx, now); err != nil || r != (db.Rescued{}) {
+			t.Fatalf("rescue at %v (lease still valid) = %+v, %v", now, r, err)
 		}
 	}
-	n, err := b.db.RescueExpiredLeases(ctx, t0.Add(time.Minute+time.Microsecond))
-	if err != nil || n != 3 {
-		t.Fatalf("rescue after expiry = %d, %v; want 3", n, err)
+	// The cancel-requested one ends canceled, and is reported so.
+	rescued, err := b.db.RescueExpiredLeases(ctx, t0.Add(time.Minute+time.Microsecond))
+	if err != nil || rescued != (db.Rescued{Recipients: 3, Canceled: 1}) {
+		t.Fatalf("rescue after expiry = %+v, %v; want 3, 1 of them canceled", rescued, err)
 	}
 	got := get(t, b.db, keep.ID)
 	if got.Status != db.StatusQueued || !slices.Equal(recipientStatuses(got), []string{"queued", "queued"}) {
@@ -688,8 +759,8 @@ func TestRescueExpiredLeases(t *testing.T) {
 	if got := eventTypes(t, b.raw, cancel.ID); !slices.Equal(got, []string{"accepted", "canceled"}) {
 		t.Errorf("events = %v", got)
 	}
-	if n, err := b.db.RescueExpiredLeases(ctx, t0.Add(time.Hour)); err != nil || n != 0 {
-		t.Errorf("second rescue = %d, %v", n, err)
+	if r, err := b.db.RescueExpiredLeases(ctx, t0.Add(time.Hour)); err != nil || r != (db.Rescued{}) {
+		t.Errorf("second rescue = %+v, %v", r, err)
 	}
 	if again := claimAll(t, b.db, time.Time{}); len(again) != 2 {
 		t.Errorf("reclaimed %d rescued rows, want 2", len(again))
@@ -716,15 +787,16 @@ func TestReleaseLeases(t *testing.T) {
 		t.Fatal(err)
 	}
 
-	if err := b.db.ReleaseLeases(ctx, "someone-else", ids); err != nil {
-		t.Fatal(err)
+	if n, err := b.db.ReleaseLeases(ctx, "someone-else", ids); err != nil || n != 0 {
+		t.Fatalf("release by another owner = %d, %v", n, err)
 	}
 	if got := get(t, b.db, m.ID); got.Status != db.StatusSending {
 		t.Fatalf("another owner released the lease: %q", got.Status)
 	}
 
-	if err := b.db.ReleaseLeases(ctx, "me", ids); err != nil {
-		t.Fatal(err)
+	// The cancel-requested one ends canceled, and is reported so.
+	if n, err := b.db.ReleaseLeases(ctx, "me", ids); err != nil || n != 1 {
+		t.Fatalf("release = %d canceled, %v; want 1", n, err)
 	}
 	got := get(t, b.db, m.ID)
 	if got.Status != db.StatusQueued {

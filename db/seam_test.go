@@ -210,7 +210,10 @@ func TestStatusAfterEachChange(t *testing.T) {
 			})
 			check("outcomes", m.ID, db.StatusSending)
 
-			run(func(d *db.DB) error { return d.ReleaseLeases(ctx, "w1", []uuid.UUID{claimed[2].ID}) })
+			run(func(d *db.DB) error {
+				_, err := d.ReleaseLeases(ctx, "w1", []uuid.UUID{claimed[2].ID})
+				return err
+			})
 			check("release", m.ID, db.StatusDeferred)
 
 			run(func(d *db.DB) error {
@@ -248,7 +251,7 @@ func TestInTxComposesChangesOfOneMessage(t *testing.T) {
 		}}); err != nil {
 			return err
 		}
-		if err := tx.ReleaseLeases(ctx, claimed[1].LeaseOwner, []uuid.UUID{claimed[1].ID}); err != nil {
+		if _, err := tx.ReleaseLeases(ctx, claimed[1].LeaseOwner, []uuid.UUID{claimed[1].ID}); err != nil {
 			return err
 		}
 		_, _, err := tx.CancelMessage(ctx, db.DefaultProjectID(), m.ID)

@@ -53,7 +53,10 @@ func everyCall(t *testing.T, msgID uuid.UUID, ids []uuid.UUID) []call {
 			_, err := d.RecordOutcomes(ctx, []db.Outcome{{RecipientID: ids[0], LeaseOwner: "w", Status: db.StatusDelivered, Code: 250}})
 			return err
 		}},
-		{"ReleaseLeases", func(ctx context.Context, d *db.DB) error { return d.ReleaseLeases(ctx, "w", ids) }},
+		{"ReleaseLeases", func(ctx context.Context, d *db.DB) error {
+			_, err := d.ReleaseLeases(ctx, "w", ids)
+			return err
+		}},
 		{"RescueExpiredLeases", func(ctx context.Context, d *db.DB) error {
 			_, err := d.RescueExpiredLeases(ctx, time.Time{})
 			return err

@@ -316,6 +316,15 @@ type job struct {
 	rcpts  []db.ClaimedRecipient
 }
 
+// accepted is when j's message was accepted, zero for a job without
+// recipients.
+func (j *job) accepted() time.Time {
+	if len(j.rcpts) == 0 {
+		return time.Time{}
+	}
+	return j.rcpts[0].MessageCreatedAt
+}
+
 func (j *job) ids() []uuid.UUID {
 	ids := make([]uuid.UUID, len(j.rcpts))
 	for i, r := range j.rcpts {
@@ -471,10 +480,12 @@ func (d *Dispatcher) hold(j *job, held *heldError) {
 		"domain", j.domain, "provider", held.Provider, "why", held.Why, "for", held.After)
 	ctx, cancel := context.WithTimeout(d.dbCtx, dbTimeout)
 	defer cancel()
-	if err := d.store.ReleaseLeasesUntil(ctx, j.owner, j.ids(), time.Now().Add(held.After)); err != nil {
+	canceled, err := d.store.ReleaseLeasesUntil(ctx, j.owner, j.ids(), time.Now().Add(held.After))
+	if err != nil {
 		// The rescuer returns them once the lease runs out.
 		d.log.Error("delivery: release held leases", "owner", j.owner, "err", err)
 	}
+	d.observeCanceled(canceled, j.accepted())
 }
 
 // attempt makes the SMTP attempt of j and returns its outcomes. The attempt
@@ -680,7 +691,7 @@ func (d *Dispatcher) recordOutcomes(j *job, lease *leaseWatch, outs []db.Outcome
 		applied, err := d.tryRecord(lease, outs)
 		if err == nil {
 			d.logOutcomes(j.owner, j.msg.ID, outs, applied)
-			d.observeFinal(j, outs, applied)
+			d.observeFinal(j.accepted(), outs, applied)
 			return false
 		}
 		switch {
@@ -713,7 +724,7 @@ func (d *Dispatcher) recordOutcomes(j *job, lease *leaseWatch, outs []db.Outcome
 // of is cancelled), so the outcome can be kept for later; one that starts
 // past it (an attempt cut off by the lease) still gets a short try of its
 // own.
-func (d *Dispatcher) tryRecord(lease *leaseWatch, outs []db.Outcome) ([]uuid.UUID, error) {
+func (d *Dispatcher) tryRecord(lease *leaseWatch, outs []db.Outcome) ([]db.Applied, error) {
 	if lease.ctx.Err() != nil {
 		ctx, cancel := context.WithTimeout(d.dbCtx, maxRecordWait)
 		defer cancel()
@@ -745,10 +756,12 @@ func assignAttemptIDs(outs []db.Outcome) error {
 func (d *Dispatcher) releaseLeases(j *job) {
 	ctx, cancel := context.WithTimeout(d.dbCtx, dbTimeout)
 	defer cancel()
-	if err := d.store.ReleaseLeases(ctx, j.owner, j.ids()); err != nil {
+	canceled, err := d.store.ReleaseLeases(ctx, j.owner, j.ids())
+	if err != nil {
 		// The rescuer returns them once the lease runs out.
 		d.log.Error("delivery: release leases", "owner", j.owner, "err", err)
 	}
+	d.observeCanceled(canceled, j.accepted())
 }
 
 // failMissing fails recipients whose message could not be loaded, which
@@ -761,9 +774,11 @@ func (d *Dispatcher) failMissing(owner string, rcpts []db.ClaimedRecipient) {
 	}
 	ctx, cancel := context.WithTimeout(d.dbCtx, dbTimeout)
 	defer cancel()
-	if _, err := d.store.RecordOutcomes(ctx, outs); err != nil {
+	applied, err := d.store.RecordOutcomes(ctx, outs)
+	if err != nil {
 		d.log.Error("delivery: record outcomes", "owner", owner, "err", err)
 	}
+	d.observeFinal(time.Time{}, outs, applied)
 }
 
 // listen wakes the claim loop on every outbox notification, reconnecting
@@ -803,7 +818,7 @@ func (d *Dispatcher) rescue(ctx context.Context) {
 	ticker := time.NewTicker(d.cfg.RescueInterval)
 	defer ticker.Stop()
 	for {
-		var n int
+		var res db.Rescued
 		err := d.guard("rescue", func() error {
 			if err := d.flushPending(ctx); err != nil {
 				return fmt.Errorf("before rescuing: %w", err)
@@ -811,14 +826,17 @@ func (d *Dispatcher) rescue(ctx context.Context) {
 			qctx, cancel := context.WithTimeout(ctx, dbTimeout)
 			defer cancel()
 			var err error
-			n, err = d.store.RescueExpiredLeases(qctx, time.Time{})
+			res, err = d.store.RescueExpiredLeases(qctx, time.Time{})
 			return err
 		})
+		// The rescue does not say when the messages were accepted; the
+		// observer needs that only for deliveries.
+		d.observeCanceled(res.Canceled, time.Time{})
 		switch {
 		case err != nil && ctx.Err() == nil:
 			d.log.Error("delivery: rescue expired leases", "err", err)
-		case n > 0:
-			d.log.Warn("delivery: rescued expired leases", "recipients", n)
+		case res.Recipients > 0:
+			d.log.Warn("delivery: rescued expired leases", "recipients", res.Recipients, "canceled", res.Canceled)
 			d.Wake()
 		}
 		select {

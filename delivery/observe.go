@@ -8,7 +8,6 @@ import (
 	"sync"
 	"time"
 
-	"github.com/google/uuid"
 	"go.opentelemetry.io/otel/attribute"
 	"go.opentelemetry.io/otel/codes"
 	"go.opentelemetry.io/otel/trace"
@@ -27,8 +26,9 @@ type Observer interface {
 	// ambiguous, local.
 	SMTPAttempt(result string)
 	// RecipientFinal counts a recipient reaching a final status
-	// (delivered, bounced, failed) with its bounce class ("" for none);
-	// accepted is when its message was accepted.
+	// (delivered, bounced, failed, or canceled when a cancel requested
+	// while it was leased ended it) with its bounce class ("" for none);
+	// accepted is when its message was accepted, zero when not known.
 	RecipientFinal(status, class string, accepted time.Time)
 	// SessionStep times one step of an SMTP session: connect, ehlo (the
 	// greeting and EHLO, read together), starttls (the handshake and the
@@ -109,25 +109,38 @@ func (d *Dispatcher) observeAttempt(res attemptResult) {
 	}
 }
 
-// observeFinal reports the applied outcomes that end a recipient.
-func (d *Dispatcher) observeFinal(j *job, outs []db.Outcome, applied []uuid.UUID) {
+// observeFinal reports the applied outcomes that end a recipient, by the
+// status each was stored with: an outcome that a cancel requested during
+// the attempt turned into canceled counts as canceled, with no class.
+// accepted is when the outcomes' message was accepted, zero if unknown.
+func (d *Dispatcher) observeFinal(accepted time.Time, outs []db.Outcome, applied []db.Applied) {
 	obs := d.cfg.Observer
 	if obs == nil {
 		return
 	}
-	done := make(map[uuid.UUID]bool, len(applied))
-	for _, id := range applied {
-		done[id] = true
-	}
-	for i, o := range outs {
-		if !done[o.RecipientID] || o.Status == db.StatusDeferred {
+	done := appliedByID(applied)
+	for _, o := range outs {
+		a, ok := done[o.RecipientID]
+		if !ok || !a.Final() {
 			continue
 		}
-		var accepted time.Time
-		if i < len(j.rcpts) {
-			accepted = j.rcpts[i].MessageCreatedAt
+		class := o.Class
+		if a.Status != o.Status {
+			class = ""
 		}
-		obs.RecipientFinal(o.Status, o.Class, accepted)
+		obs.RecipientFinal(a.Status, class, accepted)
+	}
+}
+
+// observeCanceled reports n recipients ended canceled without an outcome
+// of theirs: leases given back after a cancel was requested.
+func (d *Dispatcher) observeCanceled(n int, accepted time.Time) {
+	obs := d.cfg.Observer
+	if obs == nil {
+		return
+	}
+	for range n {
+		obs.RecipientFinal(db.StatusCanceled, "", accepted)
 	}
 }
 

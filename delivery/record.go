@@ -29,8 +29,10 @@ const (
 type unwrittenOutcomes struct {
 	owner     string
 	messageID uuid.UUID
-	outs      []db.Outcome
-	since     time.Time
+	// accepted is when the message was accepted, for the observer.
+	accepted time.Time
+	outs     []db.Outcome
+	since    time.Time
 }
 
 // keepUnwritten keeps j's outcomes for flushPending.
@@ -39,7 +41,8 @@ func (d *Dispatcher) keepUnwritten(j *job, outs []db.Outcome, err error) {
 		"message_id", j.msg.ID, "recipients", len(outs), "err", err)
 	d.unwrittenMu.Lock()
 	defer d.unwrittenMu.Unlock()
-	d.unwritten = append(d.unwritten, unwrittenOutcomes{owner: j.owner, messageID: j.msg.ID, outs: outs, since: time.Now()})
+	d.unwritten = append(d.unwritten, unwrittenOutcomes{owner: j.owner, messageID: j.msg.ID, accepted: j.accepted(),
+		outs: outs, since: time.Now()})
 }
 
 // pendingOutcomes counts the outcomes kept for the database, for tests.
@@ -85,6 +88,7 @@ func (d *Dispatcher) flushPending(ctx context.Context) error {
 		d.log.Info("delivery: kept outcomes written", "owner", u.owner, "message_id", u.messageID,
 			"recipients", len(u.outs), "kept_for", time.Since(u.since).Round(time.Millisecond))
 		d.logOutcomes(u.owner, u.messageID, u.outs, applied)
+		d.observeFinal(u.accepted, u.outs, applied)
 		d.leases.release(u.owner)
 	}
 	return nil
@@ -113,16 +117,15 @@ func (d *Dispatcher) logUnwritten(owner string, outs []db.Outcome, err error) {
 }
 
 // logOutcomes logs each applied outcome at info level, final or deferred, so
-// that the default log level shows what became of every attempt; outcomes
-// fenced off because the lease was lost are reported as such.
-func (d *Dispatcher) logOutcomes(owner string, messageID uuid.UUID, outs []db.Outcome, applied []uuid.UUID) {
-	done := make(map[uuid.UUID]bool, len(applied))
-	for _, id := range applied {
-		done[id] = true
-	}
+// that the default log level shows what became of every attempt, under the
+// status it was stored with (canceled for an outcome a cancel overrode);
+// outcomes fenced off because the lease was lost are reported as such.
+func (d *Dispatcher) logOutcomes(owner string, messageID uuid.UUID, outs []db.Outcome, applied []db.Applied) {
+	done := appliedByID(applied)
 	skipped := 0
 	for _, o := range outs {
-		if !done[o.RecipientID] {
+		a, ok := done[o.RecipientID]
+		if !ok {
 			skipped++
 			continue
 		}
@@ -130,12 +133,21 @@ func (d *Dispatcher) logOutcomes(owner string, messageID uuid.UUID, outs []db.Ou
 		if n := len(o.Attempts); n > 0 {
 			mxHost = o.Attempts[n-1].MXHost
 		}
-		attrs := []any{"message_id", messageID, "recipient_id", o.RecipientID, "status", o.Status,
+		status := a.Status
+		if status == "" {
+			// Applied earlier, to a status no longer known: the outcome's
+			// own is the best there is.
+			status = o.Status
+		}
+		attrs := []any{"message_id", messageID, "recipient_id", o.RecipientID, "status", status,
 			"mx_host", mxHost, "code", o.Code, "enhanced_code", o.EnhancedCode, "text", o.Text}
-		if o.Status == db.StatusDeferred {
+		if status == db.StatusDeferred {
 			attrs = append(attrs, "next_attempt_at", o.NextAttemptAt)
 		}
-		d.log.Info("delivery: "+o.Status, attrs...)
+		if a.Earlier {
+			attrs = append(attrs, "applied_earlier", true)
+		}
+		d.log.Info("delivery: "+status, attrs...)
 	}
 	if skipped > 0 {
 		// The lease was lost (rescued and claimed elsewhere): that

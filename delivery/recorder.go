@@ -38,7 +38,7 @@ var errRecorderStopped = errors.New("outcome recorder stopped")
 // gathering changes which transaction writes an outcome, never whether it
 // applies.
 type recorder struct {
-	write func(context.Context, []db.Outcome) ([]uuid.UUID, error)
+	write func(context.Context, []db.Outcome) ([]db.Applied, error)
 	// dbCtx ends when the dispatcher's database calls must stop.
 	dbCtx context.Context
 
@@ -61,18 +61,18 @@ type recordRequest struct {
 }
 
 type recordResult struct {
-	applied []uuid.UUID
+	applied []db.Applied
 	err     error
 }
 
-func newRecorder(dbCtx context.Context, write func(context.Context, []db.Outcome) ([]uuid.UUID, error)) *recorder {
+func newRecorder(dbCtx context.Context, write func(context.Context, []db.Outcome) ([]db.Applied, error)) *recorder {
 	return &recorder{write: write, dbCtx: dbCtx, reqs: make(chan *recordRequest, recordQueue),
 		stop: make(chan struct{}), done: make(chan struct{})}
 }
 
-// record writes outs in the next commit and returns the recipient ids it
+// record writes outs in the next commit and returns the recipients it
 // applied, or why it could not, once that commit ended or ctx did.
-func (r *recorder) record(ctx context.Context, outs []db.Outcome) ([]uuid.UUID, error) {
+func (r *recorder) record(ctx context.Context, outs []db.Outcome) ([]db.Applied, error) {
 	req := &recordRequest{ctx: ctx, outs: outs, res: make(chan recordResult, 1)}
 	select {
 	case r.reqs <- req:
@@ -207,18 +207,24 @@ func (r *recorder) try(batch []*recordRequest) error {
 		batch[0].res <- recordResult{applied: applied}
 		return nil
 	}
-	done := make(map[uuid.UUID]bool, len(applied))
-	for _, id := range applied {
-		done[id] = true
-	}
+	done := appliedByID(applied)
 	for _, req := range batch {
-		var mine []uuid.UUID
+		var mine []db.Applied
 		for _, o := range req.outs {
-			if done[o.RecipientID] {
-				mine = append(mine, o.RecipientID)
+			if a, ok := done[o.RecipientID]; ok {
+				mine = append(mine, a)
 			}
 		}
 		req.res <- recordResult{applied: mine}
 	}
 	return nil
+}
+
+// appliedByID indexes what RecordOutcomes applied by recipient.
+func appliedByID(applied []db.Applied) map[uuid.UUID]db.Applied {
+	m := make(map[uuid.UUID]db.Applied, len(applied))
+	for _, a := range applied {
+		m[a.RecipientID] = a
+	}
+	return m
 }

@@ -17,7 +17,7 @@ import (
 // gatedWrite is a recorder write function whose first call waits for open,
 // so that a test can queue requests behind a commit in flight.
 type gatedWrite struct {
-	next    func(context.Context, []db.Outcome) ([]uuid.UUID, error)
+	next    func(context.Context, []db.Outcome) ([]db.Applied, error)
 	started chan struct{} // closed when the first call begins
 	open    chan struct{} // the first call goes on once this is closed
 
@@ -25,11 +25,11 @@ type gatedWrite struct {
 	calls [][]db.Outcome
 }
 
-func newGatedWrite(next func(context.Context, []db.Outcome) ([]uuid.UUID, error)) *gatedWrite {
+func newGatedWrite(next func(context.Context, []db.Outcome) ([]db.Applied, error)) *gatedWrite {
 	return &gatedWrite{next: next, started: make(chan struct{}), open: make(chan struct{})}
 }
 
-func (g *gatedWrite) write(ctx context.Context, outs []db.Outcome) ([]uuid.UUID, error) {
+func (g *gatedWrite) write(ctx context.Context, outs []db.Outcome) ([]db.Applied, error) {
 	g.mu.Lock()
 	g.calls = append(g.calls, slices.Clone(outs))
 	first := len(g.calls) == 1
@@ -52,7 +52,7 @@ func (g *gatedWrite) callSizes() []int {
 }
 
 // startRecorder runs a recorder over write until the test ends.
-func startRecorder(t *testing.T, write func(context.Context, []db.Outcome) ([]uuid.UUID, error)) *recorder {
+func startRecorder(t *testing.T, write func(context.Context, []db.Outcome) ([]db.Applied, error)) *recorder {
 	t.Helper()
 	r := newRecorder(context.Background(), write)
 	var wg sync.WaitGroup
@@ -91,12 +91,12 @@ func fakeOutcomes(owner string, n int) []db.Outcome {
 
 func TestRecorderCommitsConcurrentOutcomesTogether(t *testing.T) {
 	t.Parallel()
-	g := newGatedWrite(func(_ context.Context, outs []db.Outcome) ([]uuid.UUID, error) {
-		ids := make([]uuid.UUID, len(outs))
+	g := newGatedWrite(func(_ context.Context, outs []db.Outcome) ([]db.Applied, error) {
+		applied := make([]db.Applied, len(outs))
 		for i, o := range outs {
-			ids[i] = o.RecipientID
+			applied[i] = db.Applied{RecipientID: o.RecipientID, Status: o.Status}
 		}
-		return ids, nil
+		return applied, nil
 	})
 	r := startRecorder(t, g.write)
 
@@ -123,9 +123,9 @@ func TestRecorderCommitsConcurrentOutcomesTogether(t *testing.T) {
 			t.Fatalf("request %d: %v", i, res.err)
 		}
 		// Each job is told about its own recipients only.
-		want := make([]uuid.UUID, len(outs[i]))
+		want := make([]db.Applied, len(outs[i]))
 		for k, o := range outs[i] {
-			want[k] = o.RecipientID
+			want[k] = db.Applied{RecipientID: o.RecipientID, Status: o.Status}
 		}
 		if !slices.Equal(res.applied, want) {
 			t.Fatalf("request %d applied %v, want %v", i, res.applied, want)
@@ -172,7 +172,7 @@ func TestRecorderKeepsEachOutcomesFence(t *testing.T) {
 	if res := <-blocker; res.err != nil || len(res.applied) != 0 {
 		t.Fatalf("blocker: %+v", res)
 	}
-	if res := <-goodRes; res.err != nil || !slices.Equal(res.applied, []uuid.UUID{good.RecipientID}) {
+	if res := <-goodRes; res.err != nil || !slices.Equal(res.applied, []db.Applied{{RecipientID: good.RecipientID, Status: good.Status}}) {
 		t.Fatalf("good outcome: %+v", res)
 	}
 	if res := <-staleRes; res.err != nil || len(res.applied) != 0 {
@@ -227,7 +227,7 @@ func TestRecorderWritesRefusedBatchOneByOne(t *testing.T) {
 
 func TestRecorderCancelledWaitLeavesCommitToOthers(t *testing.T) {
 	t.Parallel()
-	g := newGatedWrite(func(ctx context.Context, outs []db.Outcome) ([]uuid.UUID, error) {
+	g := newGatedWrite(func(ctx context.Context, outs []db.Outcome) ([]db.Applied, error) {
 		return nil, ctx.Err()
 	})
 	r := startRecorder(t, g.write)
@@ -255,7 +255,7 @@ func TestRecorderCancelledWaitLeavesCommitToOthers(t *testing.T) {
 
 func TestRecorderAfterClose(t *testing.T) {
 	t.Parallel()
-	r := newRecorder(context.Background(), func(context.Context, []db.Outcome) ([]uuid.UUID, error) {
+	r := newRecorder(context.Background(), func(context.Context, []db.Outcome) ([]db.Applied, error) {
 		return nil, nil
 	})
 	var wg sync.WaitGroup

@@ -36,8 +36,8 @@ func (a *App) startMetricsServer(m *metrics.Metrics) error {
 		ReadHeaderTimeout: 10 * time.Second,
 		ReadTimeout:       30 * time.Second,
 		// Long enough for a CPU profile of the default 30 seconds.
-		WriteTimeout:      time.Minute,
-		ErrorLog:          slog.NewLogLogger(a.log.With("component", "metrics").Handler(), slog.LevelWarn),
+		WriteTimeout: time.Minute,
+		ErrorLog:     slog.NewLogLogger(a.log.With("component", "metrics").Handler(), slog.LevelWarn),
 	}
 	a.wg.Add(1)
 	go func() {

@@ -7,12 +7,14 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"maps"
 	"net/http"
 	"regexp"
 	"strings"
 	"testing"
 	"time"
 
+	"github.com/emersion/go-smtp"
 	"github.com/jackc/pgx/v5"
 	dto "github.com/prometheus/client_model/go"
 	"github.com/prometheus/common/expfmt"
@@ -396,5 +398,79 @@ func TestProfiling(t *testing.T) {
 	bad.Profiling = true
 	if _, err := app.New(bad); err == nil || !strings.Contains(err.Error(), "Profiling") {
 		t.Errorf("Profiling without MetricsAddr: %v, want an error naming Profiling", err)
+	}
+}
+
+// TestCanceledWhileSendingCounted cancels a message through the API while
+// the MX holds its DATA, then has the MX answer 451: the recipient ends
+// canceled, and the outcome counter counts it once as canceled, not as
+// deferred or failed.
+func TestCanceledWhileSendingCounted(t *testing.T) {
+	t.Parallel()
+	entered := make(chan struct{}, 1)
+	gate := make(chan struct{})
+	b := setup(t, testenv.WithDataReply(func(string, []string, []byte) *smtp.SMTPError {
+		select {
+		case entered <- struct{}{}:
+		default:
+		}
+		<-gate
+		return &smtp.SMTPError{Code: 451, EnhancedCode: smtp.EnhancedCode{4, 3, 0}, Message: "try later"}
+	}))
+	released := false
+	defer func() {
+		if !released {
+			close(gate)
+		}
+	}()
+	finals := func() map[string]float64 {
+		families := scrape(t, b.base+"/metrics")
+		out := map[string]float64{}
+		for _, outcome := range []string{"delivered", "bounced", "failed", "suppressed", "canceled"} {
+			out[outcome] = max(sample(families, "posthaste_recipients_final_total", map[string]string{"outcome": outcome}), 0)
+		}
+		return out
+	}
+
+	code, sent := b.do(t, http.MethodPost, "/v1/messages", map[string]any{
+		"from": map[string]any{"address": "sender@posthaste.test"},
+		"to":   []any{map[string]any{"address": "held@example.test"}}, "subject": "s", "text": "t",
+	})
+	if code != http.StatusAccepted {
+		t.Fatalf("send: %d %v", code, sent)
+	}
+	id := sent["id"].(string)
+	select {
+	case <-entered:
+	case <-time.After(20 * time.Second):
+		t.Fatal("the message never reached DATA")
+	}
+	before := finals()
+	if code, resp := b.do(t, http.MethodPost, "/v1/messages/"+id+":cancel", map[string]any{}); code != http.StatusOK {
+		t.Fatalf("cancel: %d %v", code, resp)
+	}
+	// The cancel only marks a recipient in flight: nothing is counted yet.
+	if got := finals(); got["canceled"] != before["canceled"] {
+		t.Fatalf("counted canceled before the attempt ended: %v, before %v", got, before)
+	}
+	close(gate)
+	released = true
+
+	msg := b.waitStatus(t, id, "canceled")
+	if rec := msg["recipients"].([]any)[0].(map[string]any); rec["status"] != "canceled" {
+		t.Fatalf("recipient after the 451: %v", rec)
+	}
+	// Counted once the outcome's commit has returned, which can be just
+	// after the status shows.
+	deadline := time.Now().Add(10 * time.Second)
+	got := finals()
+	for got["canceled"] < before["canceled"]+1 && time.Now().Before(deadline) {
+		time.Sleep(20 * time.Millisecond)
+		got = finals()
+	}
+	want := maps.Clone(before)
+	want["canceled"]++
+	if !maps.Equal(got, want) {
+		t.Fatalf("final outcomes counted %v, want %v (before %v)", got, want, before)
 	}
 }
