@@ -16,6 +16,7 @@ import (
 	"github.com/posthaste/posthaste/internal/app"
 	"github.com/posthaste/posthaste/internal/netguard"
 	"github.com/posthaste/posthaste/internal/retention"
+	"github.com/posthaste/posthaste/internal/statskeeper"
 	"github.com/posthaste/posthaste/service"
 )
 
@@ -126,6 +127,7 @@ func serve(ctx context.Context, args []string, stdout, stderr io.Writer, printOn
 	fs.DurationVar(&cfg.Retention.BodyRetention, "retain-bodies", retention.DefaultBodyRetention, "empty a message's raw body this long after every recipient is final (delivered, bounced, failed, canceled); negative keeps bodies")
 	fs.DurationVar(&cfg.Retention.MessageRetention, "retain-messages", retention.DefaultMessageRetention, "delete a final message with its recipients, attempts and events this long after it became final; negative keeps them")
 	fs.DurationVar(&cfg.Retention.Interval, "retention-interval", retention.DefaultInterval, "how often one instance runs retention")
+	fs.DurationVar(&cfg.Statistics.Interval, "analyze-interval", statskeeper.DefaultInterval, "how often to check whether the outbox tables need an ANALYZE that autovacuum has not done yet; negative: never")
 	fs.IntVar(&cfg.Retention.BatchSize, "retention-batch-size", retention.DefaultBatchSize, "most rows retention purges or deletes in one transaction")
 	fs.IntVar(&cfg.DatabaseMaxConns, "database-max-conns", app.DefaultDatabaseMaxConns(), "most connections to the database at once")
 	fs.DurationVar(&cfg.DatabaseWait, "database-wait", app.DefaultDatabaseWait, "how long to keep trying a database that does not accept connections yet; 0 tries once")
@@ -306,6 +308,7 @@ var configFlags = map[string]string{
 	"Retention.MessageRetention":     "retain-messages",
 	"Retention.Interval":             "retention-interval",
 	"Retention.BatchSize":            "retention-batch-size",
+	"Statistics.Interval":            "analyze-interval",
 }
 
 // goName matches a Go field name inside a problem's text, such as the

@@ -35,6 +35,7 @@ import (
 	"github.com/posthaste/posthaste/internal/metrics"
 	"github.com/posthaste/posthaste/internal/netguard"
 	"github.com/posthaste/posthaste/internal/retention"
+	"github.com/posthaste/posthaste/internal/statskeeper"
 	"github.com/posthaste/posthaste/internal/telemetry"
 	"github.com/posthaste/posthaste/service"
 	"github.com/posthaste/posthaste/service/gateway"
@@ -87,6 +88,10 @@ type Config struct {
 	// the janitor that removes them. Defaults to retention.Config's
 	// defaults.
 	Retention retention.Config
+	// Statistics configures the keeper that analyzes the outbox tables
+	// when their planner statistics are missing or stale (see
+	// internal/statskeeper). Defaults to statskeeper.Config's.
+	Statistics statskeeper.Config
 	// SandboxServer configures the sandbox SMTP server. Defaults to
 	// sandbox.Config's defaults; its ReportAddr is set to the bounce
 	// listener's address.
@@ -361,6 +366,9 @@ func (cfg Config) validate() error {
 	if err := cfg.Retention.WithDefaults().Validate(); err != nil {
 		return fieldError("Retention", err)
 	}
+	if err := cfg.Statistics.Validate(); err != nil {
+		return fieldError("Statistics", err)
+	}
 	return nil
 }
 
@@ -467,6 +475,7 @@ type App struct {
 	fanOut     *webhook.FanOut
 	sender     *webhook.Sender
 	janitor    *retention.Janitor
+	stats      *statskeeper.Keeper
 	grpcServer *grpc.Server
 	grpcLis    net.Listener
 	gatewayLis *gateway.PipeListener
@@ -654,6 +663,16 @@ func (a *App) Start(ctx context.Context) (err error) {
 		return err // "retention config: ..."
 	}
 	a.janitor.Start(runCtx)
+
+	statsCfg := a.cfg.Statistics
+	if statsCfg.Logger == nil {
+		statsCfg.Logger = a.log.With("component", "statistics")
+	}
+	a.stats, err = statskeeper.New(statsCfg, a.store)
+	if err != nil {
+		return err // "statistics keeper config: ..."
+	}
+	a.stats.Start(runCtx)
 
 	a.notifier = db.NewOutboxNotifier(a.store, 0, a.log.With("component", "notify"))
 	a.notifier.Start(runCtx)
@@ -953,6 +972,9 @@ func (a *App) stop(ctx context.Context) error {
 	// A batch in flight is rolled back and done again by a later run.
 	if a.janitor != nil {
 		a.janitor.Stop()
+	}
+	if a.stats != nil {
+		a.stats.Stop()
 	}
 	if a.cancel != nil {
 		a.cancel()
