@@ -153,6 +153,7 @@ func Open(ctx context.Context, url string, opts ...OpenOption) (*DB, error) {
 		opt(cfg)
 	}
 	boundConnect(cfg.ConnConfig)
+	fastUUIDs(cfg)
 	pool, err := pgxpool.NewWithConfig(ctx, cfg)
 	if err != nil {
 		return nil, fmt.Errorf("open database: %w", mapError(err))
