@@ -7,14 +7,19 @@ import (
 	"github.com/jackc/pgx/v5"
 )
 
-// analyzeLockID is the key of the transaction advisory lock under which one
-// instance at a time analyzes a table; the others skip it.
-const analyzeLockID int64 = 0x706f7374616e6c7a // "postanlz"
+// analyzeLockClass is the first key of the transaction advisory locks under
+// which one instance at a time analyzes a table; the second is the table's
+// name hashed, so instances skip only the table another one is analyzing.
+const analyzeLockClass int32 = 0x616e6c7a // "anlz"
 
 // staleTablesSQL finds the tables every message writes whose statistics are
 // missing or old: changed rows since the last ANALYZE of at least $1, and
 // of at least the fraction $2 of the rows the statistics counted (reltuples
-// is -1 before the first ANALYZE, so then $1 alone decides).
+// is -1 before the first ANALYZE, so then $1 alone decides). It leaves a
+// table to autovacuum unless autovacuum cannot be counted on for it: the
+// table was never analyzed (a fresh install, before autovacuum's first
+// visit), autovacuum is off (for the server or the table), or its last
+// ANALYZE is older than three of autovacuum's rounds.
 //
 // $1 minimum changed rows, $2 fraction.
 const staleTablesSQL = `
@@ -24,13 +29,20 @@ JOIN pg_class c ON c.oid = s.relid
 WHERE s.schemaname = current_schema()
   AND s.relname IN ('messages', 'recipients', 'attempts', 'events')
   AND s.n_mod_since_analyze >= greatest($1::bigint, $2::float8 * c.reltuples)
+  AND (greatest(s.last_analyze, s.last_autoanalyze) IS NULL
+       OR NOT current_setting('autovacuum')::boolean
+       OR coalesce(c.reloptions, '{}') @> ARRAY['autovacuum_enabled=false']
+       OR greatest(s.last_analyze, s.last_autoanalyze)
+          < now() - 3 * current_setting('autovacuum_naptime')::interval)
 ORDER BY s.relname`
 
 // AnalyzeStale runs ANALYZE on each of the tables every message writes
 // (messages, recipients, attempts, events) whose statistics are missing or
 // stale: at least minChanged rows inserted, updated or deleted since its
-// last ANALYZE, and at least fraction of the rows counted then. It returns
-// the tables it analyzed. A table another instance is analyzing is skipped.
+// last ANALYZE, and at least fraction of the rows counted then, where
+// autovacuum cannot be counted on to analyze it (see staleTablesSQL). It
+// returns the tables it analyzed. A table another instance is analyzing,
+// or autovacuum is working on, is skipped.
 //
 // Why: PostgreSQL keeps the plan of a prepared statement that it made
 // without the parameters' values (a generic plan) until the statistics of
@@ -50,10 +62,14 @@ func (d *DB) AnalyzeStale(ctx context.Context, minChanged int64, fraction float6
 	for _, table := range stale {
 		done := false
 		err := d.inTx(ctx, func(tx pgx.Tx) error {
-			if err := tx.QueryRow(ctx, "SELECT pg_try_advisory_xact_lock($1)", analyzeLockID).Scan(&done); err != nil || !done {
+			err := tx.QueryRow(ctx, "SELECT pg_try_advisory_xact_lock($1, hashtext($2))", analyzeLockClass, table).Scan(&done)
+			if err != nil || !done {
 				return err
 			}
-			_, err := tx.Exec(ctx, "ANALYZE "+pgx.Identifier{table}.Sanitize())
+			// SKIP_LOCKED: a table autovacuum is working on is left for
+			// the next check. A plain ANALYZE would wait for its lock and,
+			// after deadlock_timeout, have PostgreSQL cancel the vacuum.
+			_, err = tx.Exec(ctx, "ANALYZE (SKIP_LOCKED) "+pgx.Identifier{table}.Sanitize())
 			return err
 		})
 		if err != nil {

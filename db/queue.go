@@ -192,7 +192,7 @@ func nowParam(t time.Time) pgtype.Timestamptz {
 // share one cannot fill goes to the other. A backlog of due retries (a
 // provider that defers everything for an hour) thus never holds new mail
 // back behind it, nor new mail the retries. The rows of the two lists that
-// picked leaves out stay locked only until this statement commits.
+// picked leaves out stay locked until the claim's transaction commits.
 //
 // $1 owner, $2 limit, $3 lease length in microseconds, $4 now or NULL.
 const claimSQL = `
@@ -270,8 +270,8 @@ type Claim struct {
 }
 
 // ClaimWithContents is ClaimRecipients that also returns the messages to
-// send, read in the same round trip and transaction as the claim, each once
-// however many of its recipients were claimed.
+// send, read in the same transaction as the claim, each once however many
+// of its recipients were claimed.
 func (d *DB) ClaimWithContents(ctx context.Context, p ClaimParams) (Claim, error) {
 	return d.claim(ctx, p, true)
 }
@@ -292,10 +292,11 @@ func (d *DB) claim(ctx context.Context, p ClaimParams, withContents bool) (Claim
 	// start before the first one's outcome is written. A durable claim keeps
 	// them leased until that outcome, kept in memory meanwhile, is written.
 	//
-	// Two round trips in one transaction: the claim, then, by the ids it
-	// returned, the status of its messages and their contents. Finding
-	// those messages again in the same round trip would mean looking up the
-	// owner's leased rows, whose partial indexes hold an entry for every
+	// One transaction: the claim, then, by the ids it returned, the status
+	// of its messages and their contents; four round trips with BEGIN and
+	// COMMIT, for up to Limit recipients. Finding those messages again in
+	// the claim's own round trip would mean looking up the owner's leased
+	// rows, whose partial indexes hold an entry for every
 	// row leased since the last vacuum, so that lookup grew with the
 	// throughput; by id it costs one probe per message.
 	var c Claim

@@ -15,6 +15,9 @@ func TestUUIDParameters(t *testing.T) {
 	b := setup(t)
 	ctx := context.Background()
 	a, c := newID(t), newID(t)
+	if direct, err := b.db.EncodesUUIDsDirectly(ctx); err != nil || !direct {
+		t.Errorf("uuids are not encoded by the direct plans (%v)", err)
+	}
 
 	var text string
 	if err := b.db.QueryRow(ctx, "SELECT $1::uuid::text", a).Scan(&text); err != nil || text != a.String() {

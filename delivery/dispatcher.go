@@ -344,8 +344,8 @@ func (d *Dispatcher) claim(sessionCtx context.Context) (int, error) {
 	// The lease is measured on the local clock from before the query, so
 	// it ends no later than the database's, whatever the clocks say.
 	leaseEnd := time.Now().Add(d.cfg.LeaseDuration)
-	// The messages' bytes come back with the claim, in the same round
-	// trip: each message once, however many of its recipients were taken.
+	// The messages' bytes come back with the claim, in its transaction:
+	// each message once, however many of its recipients were taken.
 	began := time.Now()
 	c, err := d.store.ClaimWithContents(qctx, db.ClaimParams{
 		Owner: owner, Limit: d.cfg.BatchSize, LeaseFor: d.cfg.LeaseDuration,

@@ -94,7 +94,7 @@ func New() *Metrics {
 		}, []string{"step"}),
 		claim: prometheus.NewHistogram(prometheus.HistogramOpts{
 			Name: "posthaste_delivery_claim_seconds",
-			Help: "Duration of the delivery claim round trip (lease due recipients, load their messages), empty claims included.",
+			Help: "Duration of the delivery claim transaction (lease due recipients, mark their messages sending, load them), empty claims included.",
 			// Fine below 50ms, where a healthy queue's claims are; 0.02
 			// is a bound of its own so a 20ms target can be checked.
 			Buckets: []float64{0.001, 0.002, 0.005, 0.01, 0.015, 0.02, 0.03, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5},

@@ -18,8 +18,10 @@ const (
 	DefaultInterval   = 10 * time.Second
 	DefaultMinChanged = 1000
 	// DefaultFraction is twice the share at which autovacuum analyzes these
-	// tables (migration 00016 sets 5%): with autovacuum working, the keeper
-	// finds nothing to do once a table has grown past a few thousand rows.
+	// tables (migration 00016 sets 5%). It applies only where autovacuum
+	// cannot be counted on (see db.AnalyzeStale): with autovacuum on, the
+	// keeper analyzes a table once, before autovacuum's first visit, and
+	// afterwards only if autovacuum falls three rounds behind.
 	DefaultFraction = 0.1
 )
 

@@ -96,15 +96,17 @@ func (m *jsonMarshaler) NewDecoder(r io.Reader) runtime.Decoder {
 func (m *jsonMarshaler) decode(r io.Reader, v any) error {
 	// Almost every body is one well-formed JSON object of valid UTF-8 that
 	// protojson takes as it is (it refuses trailing data itself), so that
-	// is tried first, in one pass. Only a body it refuses
-	// goes the long way below, which finds what exactly is wrong and
-	// where; the answer is the same either way.
+	// is tried first. json.Valid, a scan that allocates nothing, comes
+	// first because protojson is more lenient than JSON in one place (it
+	// reads 1e as 1). Only a body one of them refuses goes the long way
+	// below, which finds what exactly is wrong and where; the answer is
+	// the same either way.
 	body, err := io.ReadAll(r)
 	if err != nil {
 		return err
 	}
 	pm, isMessage := v.(proto.Message)
-	if first := bytes.TrimLeft(body, " \t\r\n"); isMessage && len(first) > 0 && first[0] == '{' && utf8.Valid(body) {
+	if first := bytes.TrimLeft(body, " \t\r\n"); isMessage && len(first) > 0 && first[0] == '{' && utf8.Valid(body) && json.Valid(body) {
 		// protojson itself, not JSONPb.Unmarshal: that one scans the body
 		// with encoding/json first and ignores what follows the first value.
 		if err := m.UnmarshalOptions.Unmarshal(body, pm); err == nil {
