@@ -25,7 +25,7 @@ import (
 
 // TestBinary builds the binary with the image's build command and checks
 // the deployment files against it: its version stamp, its settings, its
-// ports, and a running sandbox server for the probes and the README's
+// ports, and a running sandbox server for the probes and the documents'
 // examples.
 func TestBinary(t *testing.T) {
 	if testing.Short() {
@@ -119,7 +119,6 @@ func TestBinary(t *testing.T) {
 	t.Run("sandbox", func(t *testing.T) {
 		s := startSandbox(t, bin)
 		t.Run("probes", func(t *testing.T) { checkProbes(t, s) })
-		t.Run("readme", func(t *testing.T) { runReadmeExamples(t, s) })
 		t.Run("docs", func(t *testing.T) { runDocExamples(t, s, bin) })
 	})
 }
@@ -153,16 +152,17 @@ func serveFlags(t *testing.T, bin string) map[string]string {
 type sandbox struct {
 	http, grpc string
 	key        string
+	db         string // the database's URL, for the commands that use it directly
 }
 
 // startSandbox runs posthaste serve --sandbox on free loopback ports
 // against a fresh database, stopped with SIGTERM at the end of the test.
 func startSandbox(t *testing.T, bin string) sandbox {
 	t.Helper()
-	s := sandbox{key: "ph_deploytest_0123456789abcdef"}
+	s := sandbox{key: "ph_deploytest_0123456789abcdef", db: testenv.Database(t)}
 	cmd := exec.Command(bin, "serve", "--sandbox",
 		"--http-addr", "127.0.0.1:0", "--grpc-addr", "127.0.0.1:0",
-		"--database-url", testenv.Database(t), "--data-dir", t.TempDir(),
+		"--database-url", s.db, "--data-dir", t.TempDir(),
 		"--bootstrap-api-key", s.key,
 		"--retry-initial", "1s", "--poll-interval", "200ms",
 		// The documents' webhook examples use an endpoint of the test's.

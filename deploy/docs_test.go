@@ -1,10 +1,9 @@
 package deploy_test
 
 import (
-	"encoding/json"
-	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 )
@@ -84,43 +83,33 @@ func TestDocsShellSyntax(t *testing.T) {
 	}
 }
 
-// runReadmeExamples runs the curl commands of the README's "Try it"
-// section, as written, against the sandbox server: the first sends a
-// message, the rest use its id.
-func runReadmeExamples(t *testing.T, s sandbox) {
-	var curls []string
-	for _, cmd := range shellCommands(section(readFile(t, "../README.md"), "## Try it")) {
-		if strings.HasPrefix(cmd, "curl ") {
-			curls = append(curls, cmd)
-		}
+// TestReadmeTryIt checks that the README's "Try it" section, which a new
+// user copies first, has the send and the status commands, and that they
+// are run with the other examples (see runnableDocs) rather than skipped.
+func TestReadmeTryIt(t *testing.T) {
+	t.Parallel()
+	exs, err := examples("README.md", section(readFile(t, "../README.md"), "## Try it"))
+	if err != nil {
+		t.Fatal(err)
 	}
-	if len(curls) < 4 {
-		t.Fatalf("README's Try it section has %d curl commands, want the send and the status commands", len(curls))
-	}
-	id := ""
-	for i, cmd := range curls {
-		// Fail on an HTTP error status; the README leaves that out for
-		// brevity.
-		script := `curl() { command curl --fail-with-body --show-error --max-time 30 "$@"; }` + "\n" +
-			strings.ReplaceAll(cmd, "localhost:8080", s.http)
-		c := exec.Command("bash", "-c", script)
-		c.Env = append(os.Environ(), "KEY="+s.key, "ID="+id)
-		out, err := c.CombinedOutput()
-		// The sandbox delivers at once, so the message is usually final
-		// before the cancel example runs; that answer is a documented 409.
-		if err != nil && strings.Contains(cmd, ":cancel") && strings.Contains(string(out), `"NOTHING_TO_CANCEL"`) {
-			err = nil
-		}
-		if err != nil {
-			t.Errorf("README example failed: %v\n%s\n%s", err, cmd, out)
+	var run []string
+	for _, ex := range exs {
+		if ex.skip != "" {
 			continue
 		}
-		if i == 0 {
-			var resp struct{ ID string }
-			if err := json.Unmarshal(out, &resp); err != nil || resp.ID == "" {
-				t.Fatalf("README send example: no message id in %q (%v)", out, err)
+		for _, cmd := range shellCommands("```sh\n" + ex.body + "```\n") {
+			if strings.HasPrefix(cmd, "curl ") {
+				run = append(run, cmd)
 			}
-			id = resp.ID
 		}
+	}
+	all := strings.Join(run, "\n")
+	for _, want := range []string{"localhost:8080/v1/messages \\", "/v1/messages/$ID ", "/v1/messages?", "$ID:cancel", "$ID/raw"} {
+		if !strings.Contains(all, want) {
+			t.Errorf("README's Try it section runs no curl command with %q; it has:\n%s", want, all)
+		}
+	}
+	if !slices.Contains(runnableDocs, "../README.md") {
+		t.Error("README.md is not one of runnableDocs")
 	}
 }

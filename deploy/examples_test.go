@@ -11,6 +11,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"regexp"
+	"slices"
 	"strconv"
 	"strings"
 	"testing"
@@ -32,9 +33,13 @@ import (
 //	<!-- not run: needs a real MX -->
 //
 // The examples are run as written, with localhost:8080 and localhost:9090
-// replaced by the server's addresses and the variables they use (see
-// exampleEnv) set; "posthaste" is the binary under test.
-var runnableDocs = []string{"../docs/api.md", "../docs/troubleshooting.md", "../docs/operations.md"}
+// replaced by the server's addresses, the README's webhook endpoint by one
+// of the test's, and the variables they use (see exampleEnv) set;
+// "posthaste" is the binary under test.
+var runnableDocs = []string{"../docs/api.md", "../docs/troubleshooting.md", "../docs/operations.md", "../README.md"}
+
+// readmeHook is the webhook endpoint the README registers.
+const readmeHook = "https://example.com/hooks/posthaste"
 
 // example is one ```sh block of a document.
 type example struct {
@@ -149,7 +154,7 @@ var failedLine = regexp.MustCompile(`example failed at its line (\d+)`)
 // runDocExamples runs the examples of runnableDocs against the sandbox,
 // with bin as the posthaste command.
 func runDocExamples(t *testing.T, s sandbox, bin string) {
-	env := exampleEnv(t, s, bin)
+	setup := exampleEnv(t, s, bin)
 	dir := t.TempDir()
 	for _, path := range runnableDocs {
 		exs, err := examples(path, readFile(t, path))
@@ -162,10 +167,15 @@ func runDocExamples(t *testing.T, s sandbox, bin string) {
 				continue
 			}
 			ran++
-			script := strings.NewReplacer("localhost:8080", s.http, "localhost:9090", s.grpc).Replace(ex.body)
+			script := strings.NewReplacer("localhost:8080", s.http, "localhost:9090", s.grpc,
+				readmeHook, setup.hook).Replace(ex.body)
 			c := exec.Command("bash", "-c", examplePrelude+script)
 			c.Dir = dir
-			c.Env = env
+			c.Env = setup.env
+			if path == "../README.md" {
+				// exec keeps the last of two values of a variable.
+				c.Env = append(slices.Clip(setup.env), "ID="+setup.readmeID)
+			}
 			out, err := c.CombinedOutput()
 			if err != nil {
 				where := ex.line
@@ -183,17 +193,31 @@ func runDocExamples(t *testing.T, s sandbox, bin string) {
 	}
 }
 
+// exampleSetup is what the examples run with.
+type exampleSetup struct {
+	env  []string
+	hook string // a webhook endpoint of the test's
+	// readmeID is the README's ID: a scheduled message of its own, since
+	// its Try it section cancels the message, as docs/api.md does its ID.
+	readmeID string
+}
+
 // exampleEnv prepares what the examples refer to and returns their
 // environment:
 //
 //	KEY, POSTHASTE_API_KEY  an API key with every scope
+//	ADMIN_KEY               the same key, which has the admin scope
+//	KEY_ID                  another key of the project, for the README to
+//	                        revoke: the key in use must stay
 //	POSTHASTE_SERVER        the gRPC address, for the client commands
+//	POSTHASTE_DATABASE_URL  the database, for the commands that use it
+//	                        directly (keys, projects)
 //	ID                      a message scheduled for later, so that there is
 //	                        something to cancel, with a bounced one before it
 //	WH, DELIVERY            a webhook endpoint and one of its deliveries
 //	PATH                    starts with the directory of bin, after that
 //	                        of a curl that fails on an HTTP error status
-func exampleEnv(t *testing.T, s sandbox, bin string) []string {
+func exampleEnv(t *testing.T, s sandbox, bin string) exampleSetup {
 	t.Helper()
 	hooks := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		_, _ = io.Copy(io.Discard, r.Body)
@@ -248,12 +272,18 @@ func exampleEnv(t *testing.T, s sandbox, bin string) []string {
 		}
 		return delivery != ""
 	})
-	scheduled := api(http.MethodPost, "/v1/messages", map[string]any{
-		"from":    map[string]any{"address": "shop@example.com"},
-		"to":      []any{map[string]any{"address": "someone@example.com"}, map[string]any{"address": "ada@example.com"}},
-		"subject": "later", "text": "t",
-		"send_at": time.Now().Add(time.Hour).UTC().Format(time.RFC3339),
-	})["id"].(string)
+	schedule := func() string {
+		return api(http.MethodPost, "/v1/messages", map[string]any{
+			"from":    map[string]any{"address": "shop@example.com"},
+			"to":      []any{map[string]any{"address": "someone@example.com"}, map[string]any{"address": "ada@example.com"}},
+			"subject": "later", "text": "t",
+			"send_at": time.Now().Add(time.Hour).UTC().Format(time.RFC3339),
+		})["id"].(string)
+	}
+	scheduled, readmeID := schedule(), schedule()
+	keyID := api(http.MethodPost, "/v1/keys", map[string]any{
+		"name": "revoked-by-the-readme", "scopes": []string{"read"},
+	})["api_key"].(map[string]any)["id"].(string)
 
 	// curl fails on an HTTP error status, which the documents leave out
 	// for brevity: a curl of the test's comes first on the PATH.
@@ -272,11 +302,13 @@ func exampleEnv(t *testing.T, s sandbox, bin string) []string {
 			env = append(env, kv)
 		}
 	}
-	return append(env,
+	env = append(env,
 		"PATH="+strings.Join([]string{tools, filepath.Dir(bin), os.Getenv("PATH")}, string(os.PathListSeparator)),
-		"KEY="+s.key, "POSTHASTE_API_KEY="+s.key, "POSTHASTE_SERVER="+s.grpc,
+		"KEY="+s.key, "POSTHASTE_API_KEY="+s.key, "ADMIN_KEY="+s.key, "KEY_ID="+keyID,
+		"POSTHASTE_SERVER="+s.grpc, "POSTHASTE_DATABASE_URL="+s.db,
 		"ID="+scheduled, "WH="+wh, "DELIVERY="+delivery,
 	)
+	return exampleSetup{env: env, hook: hooks.URL + "/hooks/posthaste", readmeID: readmeID}
 }
 
 // TestGrpcurlExamples checks the grpcurl examples of the README and docs/,
