@@ -164,31 +164,19 @@ func (s *Server) listMessages(ctx context.Context, req *posthastev1.ListMessages
 	p.Tags = listTags(&v, "tags", req.GetTags(), p.Tags)
 	p.CreatedAfter = optionalTime(&v, "created_after", req.GetCreatedAfter())
 	p.CreatedBefore = optionalTime(&v, "created_before", req.GetCreatedBefore())
-	if tok := req.GetPageToken(); tok != "" {
-		c, err := decodePageToken(tok)
-		if err != nil {
-			v.add("page_token", "is not a page token from this API")
-		}
-		p.After = c
-	}
+	p.After = pageAfter(&v, req.GetPageToken())
 	if err := v.err(); err != nil {
 		return nil, err
 	}
 
-	// One row more than asked tells whether another page follows, without a
-	// count query.
 	want := p.Limit
-	p.Limit++
+	p.Limit++ // see cutPage
 	ms, err := s.store.ListMessages(ctx, p)
 	if err != nil {
 		return nil, fmt.Errorf("list messages: %w", err)
 	}
 	resp := &posthastev1.ListMessagesResponse{}
-	if len(ms) > want {
-		ms = ms[:want]
-		last := ms[len(ms)-1]
-		resp.NextPageToken = encodePageToken(db.Cursor{CreatedAt: last.CreatedAt, ID: last.ID})
-	}
+	ms, resp.NextPageToken = cutPage(ms, want, func(m db.Message) db.Cursor { return db.Cursor{CreatedAt: m.CreatedAt, ID: m.ID} })
 	for _, m := range ms {
 		resp.Messages = append(resp.Messages, messageToProto(m))
 	}
@@ -266,6 +254,33 @@ const (
 	pageTokenV1  = 1
 	pageTokenLen = 1 + 8 + 16
 )
+
+// pageAfter reads the page token of a list call: the position to go on
+// after, nil for the first page. A token this API did not make is a
+// violation of page_token.
+func pageAfter(v *violations, token string) *db.Cursor {
+	if token == "" {
+		return nil
+	}
+	c, err := decodePageToken(token)
+	if err != nil {
+		v.add("page_token", "is not a page token from this API")
+		return nil
+	}
+	return c
+}
+
+// cutPage takes the rows of a list call that asked the database for one
+// row more than the page holds, which tells whether another page follows
+// without a count query. It returns the page and the next page's token,
+// "" after the last page.
+func cutPage[T any](rows []T, size int, position func(T) db.Cursor) ([]T, string) {
+	if len(rows) <= size {
+		return rows, ""
+	}
+	rows = rows[:size]
+	return rows, encodePageToken(position(rows[size-1]))
+}
 
 func encodePageToken(c db.Cursor) string {
 	b := make([]byte, 0, pageTokenLen)

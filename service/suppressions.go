@@ -176,29 +176,18 @@ func (s *Server) listSuppressions(ctx context.Context, req *posthastev1.ListSupp
 	}
 	p.CreatedAfter = optionalTime(&v, "created_after", req.GetCreatedAfter())
 	p.CreatedBefore = optionalTime(&v, "created_before", req.GetCreatedBefore())
-	if tok := req.GetPageToken(); tok != "" {
-		c, err := decodePageToken(tok)
-		if err != nil {
-			v.add("page_token", "is not a page token from this API")
-		}
-		p.After = c
-	}
+	p.After = pageAfter(&v, req.GetPageToken())
 	if err := v.err(); err != nil {
 		return nil, err
 	}
-	// One row more than asked tells whether another page follows.
 	want := p.Limit
-	p.Limit++
+	p.Limit++ // see cutPage
 	list, err := s.store.ListSuppressions(ctx, p)
 	if err != nil {
 		return nil, fmt.Errorf("list suppressions: %w", err)
 	}
 	resp := &posthastev1.ListSuppressionsResponse{}
-	if len(list) > want {
-		list = list[:want]
-		last := list[len(list)-1]
-		resp.NextPageToken = encodePageToken(db.Cursor{CreatedAt: last.CreatedAt, ID: last.ID})
-	}
+	list, resp.NextPageToken = cutPage(list, want, func(e db.Suppression) db.Cursor { return db.Cursor{CreatedAt: e.CreatedAt, ID: e.ID} })
 	for _, e := range list {
 		resp.Suppressions = append(resp.Suppressions, suppressionToProto(e))
 	}

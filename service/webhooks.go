@@ -257,13 +257,8 @@ func (s *Server) listWebhookDeliveries(ctx context.Context, req *posthastev1.Lis
 		v.add("state", "must be pending, sending, delivered or failed")
 	}
 	var before *db.WebhookDeliveryCursor
-	if tok := req.GetPageToken(); tok != "" {
-		c, err := decodePageToken(tok)
-		if err != nil {
-			v.add("page_token", "is not a token this call returned")
-		} else {
-			before = &db.WebhookDeliveryCursor{CreatedAt: c.CreatedAt, ID: c.ID}
-		}
+	if c := pageAfter(&v, req.GetPageToken()); c != nil {
+		before = &db.WebhookDeliveryCursor{CreatedAt: c.CreatedAt, ID: c.ID}
 	}
 	// The scope and the endpoint come first: a caller without the scope, or
 	// asking about another project's endpoint, learns nothing more.
@@ -281,11 +276,7 @@ func (s *Server) listWebhookDeliveries(ctx context.Context, req *posthastev1.Lis
 		return nil, fmt.Errorf("list webhook deliveries: %w", err)
 	}
 	resp := &posthastev1.ListWebhookDeliveriesResponse{}
-	if len(ds) > size {
-		ds = ds[:size]
-		last := ds[size-1]
-		resp.NextPageToken = encodePageToken(db.Cursor{CreatedAt: last.CreatedAt, ID: last.ID})
-	}
+	ds, resp.NextPageToken = cutPage(ds, size, func(d db.WebhookDelivery) db.Cursor { return db.Cursor{CreatedAt: d.CreatedAt, ID: d.ID} })
 	for _, d := range ds {
 		resp.Deliveries = append(resp.Deliveries, webhookDeliveryToProto(d))
 	}

@@ -148,13 +148,11 @@ type Listener struct {
 	ctx    context.Context
 	cancel context.CancelFunc
 
-	mu        sync.Mutex
-	started   bool
-	stopped   bool
-	srv       *smtp.Server
-	ln        *smtpserve.Listener
-	serveDone chan struct{}
-	stopOnce  sync.Once
+	mu       sync.Mutex
+	started  bool
+	stopped  bool
+	running  *smtpserve.Running
+	stopOnce sync.Once
 }
 
 // New returns a listener for cfg; zero fields take their defaults. Start
@@ -199,15 +197,7 @@ func (l *Listener) Start(ctx context.Context) error {
 
 	l.ctx, l.cancel = context.WithCancel(context.WithoutCancel(ctx))
 	l.started = true
-	l.srv = srv
-	l.ln = ln
-	l.serveDone = make(chan struct{})
-	go func() {
-		defer close(l.serveDone)
-		if err := srv.Serve(ln); err != nil && !errors.Is(err, net.ErrClosed) {
-			l.log.Error("bounce listener stopped", "err", err)
-		}
-	}()
+	l.running = smtpserve.Serve(srv, ln, l.log, "bounce listener")
 	l.log.Info("bounce listener listening", "addr", ln.Addr().String(), "domain", l.cfg.VERP.Domain())
 	return nil
 }
@@ -217,10 +207,10 @@ func (l *Listener) Start(ctx context.Context) error {
 func (l *Listener) Addr() string {
 	l.mu.Lock()
 	defer l.mu.Unlock()
-	if l.ln == nil {
+	if l.running == nil {
 		return ""
 	}
-	return l.ln.Addr().String()
+	return l.running.Addr()
 }
 
 // Stop closes the listener and every connection, cancels the Handler calls
@@ -231,21 +221,12 @@ func (l *Listener) Stop() {
 	l.stopOnce.Do(func() {
 		l.mu.Lock()
 		l.stopped = true
-		srv, ln, serveDone, cancel := l.srv, l.ln, l.serveDone, l.cancel
+		running, cancel := l.running, l.cancel
 		l.mu.Unlock()
-		if srv == nil {
+		if running == nil {
 			return
 		}
-		// Closing our listener first ends Serve, so no connection is
-		// accepted after the open ones are closed below.
-		_ = ln.Close()
-		<-serveDone
-		cancel()
-		ln.CloseConns()
-		// Shutdown waits for the connection handlers; its error only
-		// repeats that the listener is already closed.
-		_ = srv.Shutdown(context.Background())
-		ln.Wait()
+		running.Stop(cancel)
 	})
 }
 

@@ -133,15 +133,13 @@ type Server struct {
 	cancelReports context.CancelFunc
 	reports       sync.WaitGroup
 
-	mu        sync.Mutex
-	started   bool
-	stopped   bool
-	smtp      *smtp.Server
-	ln        *smtpserve.Listener
-	serveDone chan struct{}
-	received  []Received // ring buffer, next holds the oldest entry once full
-	next      int
-	defers    pendingDefers
+	mu       sync.Mutex
+	started  bool
+	stopped  bool
+	running  *smtpserve.Running
+	received []Received // ring buffer, next holds the oldest entry once full
+	next     int
+	defers   pendingDefers
 }
 
 // New returns a server for cfg; zero fields take their defaults. Start
@@ -192,15 +190,7 @@ func (s *Server) Start(ctx context.Context) error {
 	srv.ErrorLog = smtpserve.ErrorLog{Log: s.log, Prefix: "sandbox smtp: "}
 
 	s.started = true
-	s.smtp = srv
-	s.ln = ln
-	s.serveDone = make(chan struct{})
-	go func() {
-		defer close(s.serveDone)
-		if err := srv.Serve(ln); err != nil && !errors.Is(err, net.ErrClosed) {
-			s.log.Error("sandbox smtp server stopped", "err", err)
-		}
-	}()
+	s.running = smtpserve.Serve(srv, ln, s.log, "sandbox smtp server")
 	s.log.Info("sandbox smtp server listening", "addr", ln.Addr().String())
 	return nil
 }
@@ -210,10 +200,10 @@ func (s *Server) Start(ctx context.Context) error {
 func (s *Server) Addr() string {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	if s.ln == nil {
+	if s.running == nil {
 		return ""
 	}
-	return s.ln.Addr().String()
+	return s.running.Addr()
 }
 
 // Stop closes the listener and every connection, and returns once all of the
@@ -227,19 +217,12 @@ func (s *Server) Stop() {
 		defer s.reports.Wait()
 		s.mu.Lock()
 		s.stopped = true
-		srv, ln, serveDone := s.smtp, s.ln, s.serveDone
+		running := s.running
 		s.mu.Unlock()
-		if srv == nil {
+		if running == nil {
 			return
 		}
-		// Closing our listener first ends Serve, so no connection can be
-		// accepted after the open ones are closed below.
-		_ = ln.Close()
-		<-serveDone
-		ln.CloseConns()
-		// Shutdown waits for the connection handlers; its error only repeats
-		// that the listener is already closed.
-		_ = srv.Shutdown(context.Background())
+		running.Stop(nil)
 	})
 }
 

@@ -80,6 +80,12 @@ func (f *FanOut) Wake() {
 }
 
 func (f *FanOut) run(ctx context.Context) {
+	poll(ctx, f.wake, f.cfg.PollInterval, f.once)
+}
+
+// poll runs step at once, then again at once while it reports that more
+// work may be waiting, else after interval or when woken, until ctx ends.
+func poll(ctx context.Context, wake <-chan struct{}, interval time.Duration, step func(context.Context) bool) {
 	t := time.NewTimer(0)
 	defer t.Stop()
 	for {
@@ -87,13 +93,12 @@ func (f *FanOut) run(ctx context.Context) {
 		case <-ctx.Done():
 			return
 		case <-t.C:
-		case <-f.wake:
+		case <-wake:
 		}
-		more := f.once(ctx)
-		if more {
+		if step(ctx) {
 			t.Reset(0)
 		} else {
-			t.Reset(f.cfg.PollInterval)
+			t.Reset(interval)
 		}
 	}
 }

@@ -127,22 +127,7 @@ func (s *Sender) Wake() {
 }
 
 func (s *Sender) run(ctx context.Context) {
-	t := time.NewTimer(0)
-	defer t.Stop()
-	for {
-		select {
-		case <-ctx.Done():
-			return
-		case <-t.C:
-		case <-s.wake:
-		}
-		more := s.claimAndSend(ctx)
-		if more {
-			t.Reset(0)
-		} else {
-			t.Reset(s.cfg.PollInterval)
-		}
-	}
+	poll(ctx, s.wake, s.cfg.PollInterval, s.claimAndSend)
 }
 
 // claimAndSend claims as many deliveries as there are free slots (waiting

@@ -2,14 +2,19 @@
 // the bounce listener) share around go-smtp's server: a listener that
 // remembers its connections, so that Stop can close them (go-smtp's
 // Shutdown waits only for idle ones), and can cap how many are served at
-// once; and an adapter of go-smtp's error log to slog.
+// once; an adapter of go-smtp's error log to slog; and the running of a
+// server on such a listener, with the order its stop must follow.
 package smtpserve
 
 import (
+	"context"
+	"errors"
 	"fmt"
 	"log/slog"
 	"net"
 	"sync"
+
+	"github.com/emersion/go-smtp"
 )
 
 // Listener wraps a net.Listener. Build it with NewListener.
@@ -120,4 +125,45 @@ func (e ErrorLog) Printf(format string, v ...any) {
 // Println logs a report.
 func (e ErrorLog) Println(v ...any) {
 	e.Log.Warn(e.Prefix + fmt.Sprint(v...))
+}
+
+// Running is a go-smtp server serving on a Listener, in the background.
+type Running struct {
+	srv  *smtp.Server
+	ln   *Listener
+	done chan struct{}
+}
+
+// Serve runs srv on ln until Stop. An error that ends Serve other than the
+// listener's closing is logged to log as "<what> stopped".
+func Serve(srv *smtp.Server, ln *Listener, log *slog.Logger, what string) *Running {
+	r := &Running{srv: srv, ln: ln, done: make(chan struct{})}
+	go func() {
+		defer close(r.done)
+		if err := srv.Serve(ln); err != nil && !errors.Is(err, net.ErrClosed) {
+			log.Error(what+" stopped", "err", err)
+		}
+	}()
+	return r
+}
+
+// Addr is the address the server listens on, as "host:port".
+func (r *Running) Addr() string { return r.ln.Addr().String() }
+
+// Stop stops the server and returns once its goroutines are done: it
+// closes the listener first, so that no connection is accepted after the
+// open ones are closed; then calls interrupt, when not nil, to cut short
+// the work of the sessions in progress; closes every connection; and waits
+// for the sessions and for connections being refused.
+func (r *Running) Stop(interrupt func()) {
+	_ = r.ln.Close()
+	<-r.done
+	if interrupt != nil {
+		interrupt()
+	}
+	r.ln.CloseConns()
+	// Shutdown waits for the connection handlers; its error only repeats
+	// that the listener is already closed.
+	_ = r.srv.Shutdown(context.Background())
+	r.ln.Wait()
 }
